@@ -1,0 +1,20 @@
+//! Provider-agnostic core of vz-kubelet.
+//!
+//! This crate holds the interface between the generic node runtime (node and pod
+//! controllers, kubelet HTTP API) and whatever actually runs pods (the VM provider in
+//! production, in-test doubles in tests). It knows nothing of VMs.
+//!
+//! * [`provider`]: the [`Provider`] trait family a runtime backend implements.
+//! * [`streams`]: the I/O handed to exec/attach/port-forward/logs.
+//! * [`stats`]: the kubelet `stats/v1alpha1` Summary types served on `/stats/summary`.
+//! * [`error`]: the typed [`ProviderError`].
+
+pub mod error;
+pub mod provider;
+pub mod stats;
+pub mod streams;
+
+pub use error::ProviderError;
+pub use provider::{
+    NodeProvider, PodKey, PodLifecycle, PodNotifier, PodStatusUpdate, Provider, StreamingRuntime,
+};

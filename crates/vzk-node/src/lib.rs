@@ -1,0 +1,1 @@
+//! The provider-agnostic node runtime (work in progress).

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command (see README): unit and integration tests against the real
+# components (kube-apiserver + etcd from KUBEBUILDER_ASSETS, kubectl, dockerd, the
+# registry, QEMU). Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -x ../shared/k8s/kube-apiserver ]; then
+  KUBEBUILDER_ASSETS=$(cd ../shared/k8s && pwd)
+  export KUBEBUILDER_ASSETS
+fi
+# kubectl 1.37 from PyPI must win over any older kubectl on PATH.
+pybin=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)
+[ -n "$pybin" ] && export PATH="$pybin:$PATH"
+exec cargo test --workspace --locked "$@"
