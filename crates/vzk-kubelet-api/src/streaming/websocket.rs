@@ -1,0 +1,476 @@
+//! The WebSocket forms of exec/attach and port-forward (what a 1.36+ API server sends
+//! a node declaring `ExtendWebSocketsToKubelet`, and what direct clients use).
+//!
+//! * remotecommand: sub-protocols `v5.channel.k8s.io`, `v4.channel.k8s.io`,
+//!   `v4.base64.channel.k8s.io`, `channel.k8s.io`, `base64.channel.k8s.io` (none offered
+//!   = binary v1). Each message is `[channel][payload]` (0 stdin, 1 stdout, 2 stderr,
+//!   3 error, 4 resize); base64 variants send text `'0'+channel` then base64. An empty
+//!   message on the first writable channel signals readiness. v5 adds the close signal
+//!   `[255, channel]` (the client half-closes stdin with `[255, 0]`; we send
+//!   `[255, 1]`/`[255, 2]` when output ends). v4+ end with the Status JSON on channel 3.
+//! * port-forward: `SPDY/3.1+portforward.k8s.io` carries a SPDY session in binary
+//!   messages (boundaries arbitrary), served by [`super::portforward`]; otherwise the
+//!   channel protocol: `?port=` list, data channel `2i`, error channel `2i+1`, each first
+//!   carrying the port as u16 little-endian.
+
+use axum::extract::FromRequestParts;
+use axum::extract::Request;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info_span};
+use vzk_core::PodKey;
+use vzk_core::streams::{AttachIo, BoxReader, BoxWriter, TermSize};
+
+use super::status;
+use super::{ExecRequest, remotecommand};
+use crate::metrics::StreamKind;
+use crate::query;
+use crate::server::AppState;
+
+/// remotecommand sub-protocols we speak, newest first.
+pub(crate) const REMOTECOMMAND_WS_PROTOCOLS: [&str; 5] = [
+    "v5.channel.k8s.io",
+    "v4.channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+    "channel.k8s.io",
+    "base64.channel.k8s.io",
+];
+/// The SPDY-in-WebSocket port-forward tunnel.
+pub(crate) const PORTFORWARD_TUNNEL: &str = "SPDY/3.1+portforward.k8s.io";
+/// Channel-protocol port-forward sub-protocols.
+const PORTFORWARD_WS_PROTOCOLS: [&str; 3] = [
+    "v4.channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+    "portforward.k8s.io",
+];
+const BUF: usize = 64 * 1024;
+
+fn offered(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The first protocol the client offers that we support; `Ok(None)` if it offered none.
+fn choose(headers: &HeaderMap, ours: &[&'static str]) -> Result<Option<&'static str>, Response> {
+    let offered = offered(headers);
+    if offered.is_empty() {
+        return Ok(None);
+    }
+    match offered.iter().find_map(|o| ours.iter().find(|s| **s == o.as_str())) {
+        Some(p) => Ok(Some(*p)),
+        None => Err((
+            StatusCode::FORBIDDEN,
+            format!("unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports {ours:?}\n"),
+        )
+            .into_response()),
+    }
+}
+
+async fn ws_upgrade(req: Request) -> Result<WebSocketUpgrade, Response> {
+    let (mut parts, _body) = req.into_parts();
+    WebSocketUpgrade::from_request_parts(&mut parts, &())
+        .await
+        .map_err(IntoResponse::into_response)
+}
+
+/// Framing of one negotiated channel protocol.
+#[derive(Debug, Clone, Copy)]
+struct Framing {
+    base64: bool,
+}
+
+impl Framing {
+    fn encode(self, channel: u8, data: &[u8]) -> Message {
+        if self.base64 {
+            let mut s = String::with_capacity(1 + data.len().div_ceil(3) * 4);
+            s.push(char::from(b'0' + channel));
+            B64.encode_string(data, &mut s);
+            Message::Text(s.into())
+        } else {
+            let mut v = Vec::with_capacity(1 + data.len());
+            v.push(channel);
+            v.extend_from_slice(data);
+            Message::Binary(v.into())
+        }
+    }
+
+    /// `(channel, payload)` of a client message; `None` for control or malformed ones.
+    fn decode(self, msg: Message) -> Option<(u8, Bytes)> {
+        match msg {
+            Message::Binary(b) if !b.is_empty() => Some((b[0], b.slice(1..))),
+            Message::Text(t) if self.base64 && !t.is_empty() => {
+                let s = t.as_str();
+                let ch = s.as_bytes()[0].checked_sub(b'0')?;
+                B64.decode(&s[1..]).ok().map(|d| (ch, Bytes::from(d)))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Copies a reader into `channel` messages until EOF; with `close_signal`, then
+/// sends `[255, channel]`.
+async fn pump_out<R: AsyncRead + Unpin>(
+    mut r: R,
+    channel: u8,
+    f: Framing,
+    tx: mpsc::Sender<Message>,
+    close_signal: bool,
+) {
+    let mut buf = vec![0u8; BUF];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx.send(f.encode(channel, &buf[..n])).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    if close_signal {
+        let _ = tx
+            .send(Message::Binary(Bytes::from(vec![255, channel])))
+            .await;
+    }
+}
+
+fn normal_close() -> Message {
+    Message::Close(Some(CloseFrame {
+        code: 1000,
+        reason: "".into(),
+    }))
+}
+
+/// Upgrades an exec/attach request to WebSocket.
+pub(crate) async fn remote_command(st: AppState, req_info: ExecRequest, req: Request) -> Response {
+    let protocol = match choose(req.headers(), &REMOTECOMMAND_WS_PROTOCOLS) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    let ws = match ws_upgrade(req).await {
+        Ok(ws) => ws,
+        Err(resp) => return resp,
+    };
+    let ws = match protocol {
+        Some(p) => ws.protocols([p]),
+        None => ws,
+    };
+    let span = info_span!("remotecommand_ws", op = ?req_info.op, pod.ns = %req_info.target.namespace, pod.name = %req_info.target.pod, protocol);
+    ws.on_upgrade(move |socket| {
+        serve_remote_command(socket, st, req_info, protocol.unwrap_or("channel.k8s.io"))
+            .instrument(span)
+    })
+}
+
+async fn serve_remote_command(
+    socket: WebSocket,
+    st: AppState,
+    req: ExecRequest,
+    protocol: &'static str,
+) {
+    let _open = st.metrics.session(match req.op {
+        super::Op::Exec => StreamKind::Exec,
+        super::Op::Attach => StreamKind::Attach,
+    });
+    let f = Framing {
+        base64: protocol.contains("base64"),
+    };
+    let v5 = protocol == "v5.channel.k8s.io";
+    let v4plus = v5 || protocol.starts_with("v4.");
+    let (mut sink, mut stream) = socket.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(32);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            let closing = matches!(m, Message::Close(_));
+            if sink.send(m).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let ready = if req.stdout {
+        1
+    } else if req.stderr {
+        2
+    } else {
+        3
+    };
+    let _ = out_tx.send(f.encode(ready, &[])).await;
+
+    let (stdin_w, stdin_r) = if req.stdin {
+        let (a, b) = tokio::io::duplex(BUF);
+        (Some(a), Some(b))
+    } else {
+        (None, None)
+    };
+    let (resize_tx, resize_rx) = mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        let mut stdin_w = stdin_w;
+        while let Some(Ok(msg)) = stream.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+            let Some((ch, payload)) = f.decode(msg) else {
+                continue;
+            };
+            match ch {
+                0 => {
+                    if let Some(w) = stdin_w.as_mut()
+                        && w.write_all(&payload).await.is_err()
+                    {
+                        stdin_w = None;
+                    }
+                }
+                4 => {
+                    let sizes: Vec<TermSize> = serde_json::Deserializer::from_slice(&payload)
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    for size in sizes {
+                        let _ = resize_tx.send(size).await;
+                    }
+                }
+                255 if v5 && payload.first() == Some(&0) => stdin_w = None,
+                other => debug!(
+                    channel = other,
+                    "remotecommand_ws: message on an ignored channel"
+                ),
+            }
+        }
+    });
+    let mut pumps = Vec::new();
+    let mut out_writer = |want: bool, channel: u8| -> Option<BoxWriter> {
+        want.then(|| {
+            let (w, r) = tokio::io::duplex(BUF);
+            pumps.push(tokio::spawn(pump_out(r, channel, f, out_tx.clone(), v5)));
+            Box::pin(w) as BoxWriter
+        })
+    };
+    let stdout = out_writer(req.stdout, 1);
+    let stderr = out_writer(req.stderr && !req.tty, 2);
+    let io = AttachIo {
+        stdin: stdin_r.map(|r| Box::pin(r) as BoxReader),
+        stdout,
+        stderr,
+        tty: req.tty,
+        resize: req.tty.then_some(resize_rx),
+    };
+    let outcome = remotecommand::run_provider(&st, &req, io).await;
+    for p in pumps {
+        let _ = p.await;
+    }
+    let msg = if v4plus {
+        Some(status::v4_status(&outcome))
+    } else {
+        status::legacy_status(&outcome)
+    };
+    if let Some(msg) = msg {
+        let _ = out_tx.send(f.encode(3, msg.as_bytes())).await;
+    }
+    let _ = out_tx.send(normal_close()).await;
+    drop(out_tx);
+    let _ = writer.await;
+    reader.abort();
+}
+
+/// Upgrades a port-forward request to WebSocket (tunnel or channel protocol).
+pub(crate) async fn port_forward(st: AppState, pod: PodKey, req: Request) -> Response {
+    let mut ours = vec![PORTFORWARD_TUNNEL];
+    ours.extend(PORTFORWARD_WS_PROTOCOLS);
+    let protocol = match choose(req.headers(), &ours) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    let ports = if protocol == Some(PORTFORWARD_TUNNEL) {
+        Vec::new()
+    } else {
+        match parse_ports(req.uri().query()) {
+            Ok(p) => p,
+            Err(resp) => return resp,
+        }
+    };
+    let ws = match ws_upgrade(req).await {
+        Ok(ws) => ws,
+        Err(resp) => return resp,
+    };
+    let ws = match protocol {
+        Some(p) => ws.protocols([p]),
+        None => ws,
+    };
+    let span =
+        info_span!("portforward_ws", pod.ns = %pod.namespace, pod.name = %pod.name, protocol);
+    ws.on_upgrade(move |socket| {
+        async move {
+            if protocol == Some(PORTFORWARD_TUNNEL) {
+                let (ours, theirs) = tokio::io::duplex(BUF);
+                let bridge = tokio::spawn(bridge_bytes(socket, ours));
+                super::portforward::serve(theirs, st, pod).await;
+                let _ = bridge.await;
+            } else {
+                let f = Framing {
+                    base64: protocol.is_some_and(|p| p.contains("base64")),
+                };
+                serve_port_channels(socket, st, pod, ports, f).await;
+            }
+        }
+        .instrument(span)
+    })
+}
+
+fn parse_ports(raw: Option<&str>) -> Result<Vec<u16>, Response> {
+    let q = query::pairs(raw).map_err(IntoResponse::into_response)?;
+    let mut ports = Vec::new();
+    for v in query::all(&q, "port") {
+        for p in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match p.parse::<u16>() {
+                Ok(n) if n > 0 => ports.push(n),
+                _ => {
+                    return Err(
+                        (StatusCode::BAD_REQUEST, format!("invalid port {p:?}\n")).into_response()
+                    );
+                }
+            }
+        }
+    }
+    if ports.is_empty() {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "query parameter \"port\" is required\n",
+        )
+            .into_response());
+    }
+    Ok(ports)
+}
+
+/// Joins a WebSocket's binary payloads into a byte stream (both ways).
+async fn bridge_bytes(socket: WebSocket, io: DuplexStream) {
+    let (mut sink, mut stream) = socket.split();
+    let (mut r, mut w) = tokio::io::split(io);
+    let inbound = async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            match msg {
+                Message::Binary(b) => {
+                    if w.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = w.shutdown().await;
+    };
+    let outbound = async move {
+        let mut buf = vec![0u8; BUF];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if sink
+                        .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = sink.send(normal_close()).await;
+        let _ = sink.close().await;
+    };
+    let inbound = tokio::spawn(inbound);
+    outbound.await;
+    inbound.abort();
+}
+
+async fn serve_port_channels(
+    socket: WebSocket,
+    st: AppState,
+    pod: PodKey,
+    ports: Vec<u16>,
+    f: Framing,
+) {
+    let _open = st.metrics.session(StreamKind::PortForward);
+    let (mut sink, mut stream) = socket.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(32);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            if sink.send(m).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let mut inputs = Vec::new();
+    let mut forwards = Vec::new();
+    for (i, port) in ports.iter().copied().enumerate() {
+        let Ok(i) = u8::try_from(i) else { break };
+        let (data_ch, err_ch) = (i.saturating_mul(2), i.saturating_mul(2).saturating_add(1));
+        for ch in [data_ch, err_ch] {
+            let _ = out_tx.send(f.encode(ch, &port.to_le_bytes())).await;
+        }
+        let (ours, theirs) = tokio::io::duplex(BUF);
+        let (r, w) = tokio::io::split(ours);
+        inputs.push(Some(w));
+        let (st, pod, tx) = (st.clone(), pod.clone(), out_tx.clone());
+        forwards.push(tokio::spawn(async move {
+            let pump = tokio::spawn(pump_out(r, data_ch, f, tx.clone(), false));
+            if let Err(e) = st.runtime.port_forward(&pod, port, Box::pin(theirs)).await {
+                let msg = super::portforward::error_message(&pod, port, &e);
+                let _ = tx.send(f.encode(err_ch, msg.as_bytes())).await;
+            }
+            let _ = pump.await;
+        }));
+    }
+    drop(out_tx);
+    let reader = async {
+        while let Some(Ok(msg)) = stream.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+            let Some((ch, payload)) = f.decode(msg) else {
+                continue;
+            };
+            if ch % 2 == 1 {
+                continue;
+            }
+            if let Some(slot) = inputs.get_mut(usize::from(ch / 2))
+                && let Some(w) = slot.as_mut()
+                && w.write_all(&payload).await.is_err()
+            {
+                *slot = None;
+            }
+        }
+        for w in inputs.iter_mut().flatten() {
+            let _ = w.shutdown().await;
+        }
+    };
+    let aborts: Vec<_> = forwards
+        .iter()
+        .map(tokio::task::JoinHandle::abort_handle)
+        .collect();
+    let all_done = futures::future::join_all(forwards);
+    tokio::pin!(all_done);
+    tokio::select! {
+        () = reader => { let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut all_done).await; }
+        _ = &mut all_done => {}
+        () = st.shutdown.cancelled() => {}
+    }
+    aborts.iter().for_each(tokio::task::AbortHandle::abort);
+    let _ = writer.await;
+}
