@@ -1,0 +1,417 @@
+//! Streaming one blob from the registry into a file region, verified on the way.
+//!
+//! ```text
+//!  async download task ──Bytes──▶ BlobReader (blocking thread: sha256 + size of the blob)
+//!   (resumes with Range                │ decoder (gzip / zstd / Apple LZ4 / none)
+//!    after a dropped connection)       ▼
+//!                            4 MiB buffers ──▶ writer thread: sha256 of the content,
+//!                                              pwrite of non-zero 64 KiB blocks only
+//! ```
+//!
+//! Nothing is held in memory beyond a few buffers. The blob digest and size, and the
+//! content digest and size, are checked as the bytes flow; a part is only reported
+//! successful when all four match. Content larger than declared stops at once
+//! ([`ImageError::DecompressionBomb`]).
+
+use std::fs::File;
+use std::io::{BufRead, Read};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc as smpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+
+use crate::error::{ImageError, Result};
+use crate::manifest::Part;
+use crate::media_types::Encoding;
+use crate::progress::Progress;
+use crate::registry::{Registry, error_chain};
+
+/// Blocks of this size that are all zero are not written (they stay holes).
+pub(crate) const SPARSE_BLOCK: usize = 64 << 10;
+const BUF: usize = 4 << 20;
+const MAX_RESUMES: u32 = 8;
+
+/// Download a blob, resuming with `Range` after transport errors, into a channel.
+pub(crate) async fn download(
+    reg: Arc<Registry>,
+    digest: String,
+    size: u64,
+    tx: mpsc::Sender<Result<Bytes>>,
+    progress: Arc<dyn Progress>,
+) {
+    let mut offset = 0u64;
+    let mut failures = 0u32;
+    loop {
+        let attempt = async {
+            let (resp, partial) = reg.get_blob(&digest, offset).await?;
+            let mut skip = if partial { 0 } else { offset };
+            let mut stream = resp.bytes_stream();
+            while let Some(item) = stream.next().await {
+                let mut chunk = item.map_err(|e| ImageError::Registry {
+                    registry: reg.registry().to_string(),
+                    what: format!("GET blob {digest}"),
+                    detail: error_chain(&e),
+                })?;
+                if skip > 0 {
+                    let n = skip.min(chunk.len() as u64);
+                    skip -= n;
+                    chunk = chunk.slice(n as usize..);
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                }
+                let n = chunk.len() as u64;
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return Ok(true); // the consumer gave up (it has its own error)
+                }
+                offset += n;
+                progress.advance(n);
+            }
+            Ok::<bool, ImageError>(offset >= size)
+        };
+        match attempt.await {
+            Ok(true) => return,
+            Ok(false) => {
+                // The body ended early without a transport error: resume as well.
+                failures += 1;
+                if failures > MAX_RESUMES {
+                    let _ = tx
+                        .send(Err(ImageError::DigestMismatch {
+                            digest: digest.clone(),
+                            file: "blob".into(),
+                            reason: format!("the registry keeps ending the blob at {offset} of {size} bytes"),
+                        }))
+                        .await;
+                    return;
+                }
+            }
+            Err(e @ (ImageError::NotFound { .. } | ImageError::Unauthorized { .. })) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                if failures > MAX_RESUMES {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                tracing::warn!(%digest, offset, attempt = failures, error = %e, "blob download interrupted; resuming");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10)))).await;
+    }
+}
+
+/// The compressed side: reads the channel, hashes and counts the blob.
+pub(crate) struct BlobReader {
+    rx: mpsc::Receiver<Result<Bytes>>,
+    cur: Bytes,
+    hasher: Sha256,
+    count: u64,
+    size: u64,
+    digest: String,
+    file: String,
+    eof: bool,
+    failure: Option<ImageError>,
+}
+
+impl BlobReader {
+    pub(crate) fn new(rx: mpsc::Receiver<Result<Bytes>>, digest: &str, size: u64, file: &str) -> BlobReader {
+        BlobReader {
+            rx,
+            cur: Bytes::new(),
+            hasher: Sha256::new(),
+            count: 0,
+            size,
+            digest: digest.to_string(),
+            file: file.to_string(),
+            eof: false,
+            failure: None,
+        }
+    }
+
+    fn mismatch(&self, reason: String) -> ImageError {
+        ImageError::DigestMismatch { digest: self.digest.clone(), file: self.file.clone(), reason }
+    }
+
+    /// Pull the next network chunk; checks the size limit and, at the end, the digest.
+    fn next_chunk(&mut self) -> std::io::Result<()> {
+        if self.eof || self.failure.is_some() {
+            return Ok(());
+        }
+        match self.rx.blocking_recv() {
+            Some(Ok(b)) => {
+                self.count += b.len() as u64;
+                if self.count > self.size {
+                    return Err(self.fail(self.mismatch(format!("blob is longer than its declared {} bytes", self.size))));
+                }
+                self.hasher.update(&b);
+                self.cur = b;
+                Ok(())
+            }
+            Some(Err(e)) => Err(self.fail(e)),
+            None => {
+                self.eof = true;
+                if self.count != self.size {
+                    return Err(self.fail(self.mismatch(format!("got {} bytes, expected {}", self.count, self.size))));
+                }
+                let got = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+                if got != self.digest {
+                    return Err(self.fail(self.mismatch(format!("content hashes to {got}"))));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn fail(&mut self, e: ImageError) -> std::io::Error {
+        let msg = e.to_string();
+        self.failure = Some(e);
+        std::io::Error::other(msg)
+    }
+
+    /// Read to the end and verify; returns the first failure seen, if any.
+    pub(crate) fn finish(&mut self) -> Result<()> {
+        while !self.eof && self.failure.is_none() {
+            self.cur = Bytes::new();
+            let _ = self.next_chunk();
+        }
+        match self.failure.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Take the recorded failure (the real cause behind a decoder error).
+    pub(crate) fn take_failure(&mut self) -> Option<ImageError> {
+        self.failure.take()
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(out.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for BlobReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.cur.is_empty() && !self.eof {
+            if let Some(e) = &self.failure {
+                return Err(std::io::Error::other(e.to_string()));
+            }
+            self.next_chunk()?;
+        }
+        Ok(&self.cur)
+    }
+
+    fn consume(&mut self, amt: usize) {
+        let _ = self.cur.split_to(amt);
+    }
+}
+
+/// True if every byte is zero.
+pub fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(64);
+    for c in &mut chunks {
+        // A fixed-size OR-fold vectorises; the early exit is per 64 bytes.
+        if c.iter().fold(0u8, |a, &x| a | x) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&x| x == 0)
+}
+
+/// Where a part's decoded bytes go.
+pub(crate) struct Target {
+    pub(crate) file: Arc<File>,
+    pub(crate) name: String,
+}
+
+/// Decode one part from `reader` into `target` at `part.offset`, verifying everything.
+pub(crate) fn decode_part(mut reader: BlobReader, part: &Part, target: &Target) -> Result<()> {
+    let result = match part.encoding {
+        Encoding::Raw => copy_out(&mut reader, part, target),
+        Encoding::Gzip => copy_out(&mut flate2::bufread::MultiGzDecoder::new(&mut reader), part, target),
+        Encoding::ZstdChunk => match zstd::stream::read::Decoder::with_buffer(&mut reader) {
+            Ok(mut d) => copy_out(&mut d, part, target),
+            Err(e) => Err(ImageError::Decompress {
+                digest: part.desc.digest.clone(),
+                file: target.name.clone(),
+                detail: e.to_string(),
+            }),
+        },
+        Encoding::AppleLz4Chunk => copy_out(&mut crate::tart::AppleLz4Reader::new(&mut reader), part, target),
+    };
+    match result {
+        Ok(()) => reader.finish(),
+        Err(e) => {
+            // A blob-level failure (wrong digest, network) is the real cause of a decoder error.
+            if let Some(f) = reader.take_failure() {
+                return Err(f);
+            }
+            if matches!(e, ImageError::Decompress { .. }) && reader.finish().is_err_and(|f| {
+                matches!(f, ImageError::DigestMismatch { .. })
+            }) {
+                return Err(ImageError::DigestMismatch {
+                    digest: part.desc.digest.clone(),
+                    file: target.name.clone(),
+                    reason: "content does not match the digest".into(),
+                });
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Read decoded bytes, hand them to a writer thread (content hash + sparse pwrite).
+fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
+    let declared = part.size;
+    let (full_tx, full_rx) = smpsc::sync_channel::<(Vec<u8>, usize, u64)>(2);
+    let (empty_tx, empty_rx) = smpsc::channel::<Vec<u8>>();
+    for _ in 0..3 {
+        let _ = empty_tx.send(vec![0u8; BUF]);
+    }
+    let file = target.file.clone();
+    let name = target.name.clone();
+    let base = part.offset;
+    let writer = std::thread::spawn(move || -> std::io::Result<Sha256> {
+        let mut h = Sha256::new();
+        for (buf, len, pos) in full_rx {
+            let data = &buf[..len];
+            h.update(data);
+            let mut at = 0usize;
+            while at < len {
+                let end = (at + SPARSE_BLOCK).min(len);
+                // Runs of non-zero blocks are written with one call.
+                if !is_zero(&data[at..end]) {
+                    let mut run_end = end;
+                    while run_end < len {
+                        let e2 = (run_end + SPARSE_BLOCK).min(len);
+                        if is_zero(&data[run_end..e2]) {
+                            break;
+                        }
+                        run_end = e2;
+                    }
+                    file.write_all_at(&data[at..run_end], base + pos + at as u64)?;
+                    at = run_end;
+                } else {
+                    at = end;
+                }
+            }
+            let _ = empty_tx.send(buf);
+        }
+        Ok(h)
+    });
+    let decompress_err = |e: std::io::Error| ImageError::Decompress {
+        digest: part.desc.digest.clone(),
+        file: name.clone(),
+        detail: e.to_string(),
+    };
+    let mut total = 0u64;
+    let mut read_err = None;
+    'outer: while let Ok(mut buf) = empty_rx.recv() {
+        let mut len = 0usize;
+        while len < BUF {
+            match dec.read(&mut buf[len..]) {
+                Ok(0) => {
+                    if len > 0 {
+                        let _ = full_tx.send((buf, len, total));
+                        total += len as u64;
+                    }
+                    break 'outer;
+                }
+                Ok(n) => {
+                    len += n;
+                    if total + len as u64 > declared {
+                        read_err = Some(ImageError::DecompressionBomb {
+                            digest: part.desc.digest.clone(),
+                            file: name.clone(),
+                            declared,
+                        });
+                        break 'outer;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    read_err = Some(decompress_err(e));
+                    break 'outer;
+                }
+            }
+        }
+        let _ = full_tx.send((buf, len, total));
+        total += len as u64;
+    }
+    drop(full_tx);
+    let hasher = writer.join().map_err(|_| decompress_err(std::io::Error::other("writer thread panicked")))?;
+    if let Some(e) = read_err {
+        return Err(e);
+    }
+    let hasher = hasher.map_err(|source| ImageError::Io { op: "write", path: name.clone().into(), source })?;
+    if total != declared {
+        return Err(ImageError::DigestMismatch {
+            digest: part.desc.digest.clone(),
+            file: name,
+            reason: format!("decompresses to {total} bytes, the manifest declares {declared}"),
+        });
+    }
+    let got = format!("sha256:{}", hex::encode(hasher.finalize()));
+    if got != part.digest {
+        return Err(ImageError::DigestMismatch {
+            digest: part.desc.digest.clone(),
+            file: name,
+            reason: format!("uncompressed content hashes to {got}, the manifest declares {}", part.digest),
+        });
+    }
+    Ok(())
+}
+
+/// Fetch a small blob (config) into memory, verified. `limit` bounds its size.
+pub(crate) async fn fetch_small(reg: &Registry, digest: &str, size: u64, limit: u64) -> Result<Vec<u8>> {
+    if size > limit {
+        return Err(ImageError::DigestMismatch {
+            digest: digest.into(),
+            file: "config".into(),
+            reason: format!("{size} bytes is more than the {limit} allowed"),
+        });
+    }
+    let (mut resp, _) = reg.get_blob(digest, 0).await?;
+    let mut buf = Vec::with_capacity(size as usize);
+    while let Some(c) = resp.chunk().await.map_err(|e| ImageError::Registry {
+        registry: reg.registry().to_string(),
+        what: format!("GET blob {digest}"),
+        detail: error_chain(&e),
+    })? {
+        buf.extend_from_slice(&c);
+        if buf.len() as u64 > size {
+            break;
+        }
+    }
+    let got = crate::registry::sha256_digest(&buf);
+    if buf.len() as u64 != size || got != digest {
+        return Err(ImageError::DigestMismatch {
+            digest: digest.into(),
+            file: "config".into(),
+            reason: format!("got {} bytes hashing to {got}", buf.len()),
+        });
+    }
+    Ok(buf)
+}
+
+/// Open a file for a pulled image and make it `size` bytes long (sparse).
+pub(crate) fn create_sparse(path: &Path, size: u64) -> Result<File> {
+    use crate::error::IoContext as _;
+    let f = File::options().create(true).write(true).read(true).truncate(true).open(path).io("create", path)?;
+    f.set_len(size).io("truncate", path)?;
+    Ok(f)
+}

@@ -1,0 +1,95 @@
+//! Pulling an image's files into a directory: config first, then every part of every
+//! file in parallel (bounded), each streamed, decoded and verified by [`crate::fetch`].
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::TryStreamExt as _;
+use tokio::sync::mpsc;
+
+use crate::config::VmConfig;
+use crate::error::{ImageError, IoContext as _, Result};
+use crate::fetch::{self, BlobReader, Target};
+use crate::manifest::{Format, MAX_CONFIG_BYTES, Plan};
+use crate::progress::Progress;
+use crate::registry::Registry;
+
+/// Bytes of network data buffered per part (in ~16-64 KiB frames).
+const CHANNEL_FRAMES: usize = 64;
+
+/// Download, decode and verify every file of `plan` into `dir` (which must exist).
+/// Writes `config.json`; returns the parsed config. Files are fsynced.
+pub(crate) async fn pull_into(
+    reg: Arc<Registry>,
+    plan: &Plan,
+    dir: &Path,
+    concurrency: usize,
+    progress: Arc<dyn Progress>,
+) -> Result<VmConfig> {
+    let config_bytes = fetch::fetch_small(&reg, &plan.config.digest, plan.config.size, MAX_CONFIG_BYTES).await?;
+    progress.advance(plan.config.size);
+    let config: VmConfig = match plan.format {
+        Format::Tart => {
+            std::fs::write(dir.join("tart-config.json"), &config_bytes).io("write", dir.join("tart-config.json"))?;
+            crate::tart::convert_config(&config_bytes).map_err(|reason| ImageError::InvalidManifest {
+                reference: reg.registry().to_string(),
+                reason,
+            })?
+        }
+        _ => serde_json::from_slice(&config_bytes).map_err(|e| ImageError::InvalidManifest {
+            reference: reg.registry().to_string(),
+            reason: format!("config.json: {e}"),
+        })?,
+    };
+    let config_path = dir.join("config.json");
+    if plan.format == Format::Tart {
+        let text = serde_json::to_vec_pretty(&config).map_err(|e| ImageError::InvalidManifest {
+            reference: reg.registry().to_string(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&config_path, text).io("write", &config_path)?;
+    } else {
+        std::fs::write(&config_path, &config_bytes).io("write", &config_path)?;
+    }
+
+    let mut targets = HashMap::new();
+    for f in &plan.files {
+        let path = dir.join(f.role.file_name());
+        let file = fetch::create_sparse(&path, f.size)?;
+        targets.insert(f.role, Arc::new(Target { file: Arc::new(file), name: f.role.file_name().to_string() }));
+    }
+    // Largest parts first, so the long tail is short.
+    let mut jobs: Vec<_> = plan
+        .files
+        .iter()
+        .flat_map(|f| f.parts.iter().map(move |p| (f.role, p.clone())))
+        .collect();
+    jobs.sort_by_key(|(_, p)| std::cmp::Reverse(p.desc.size));
+    futures::stream::iter(jobs.into_iter().map(Ok::<_, ImageError>))
+        .try_for_each_concurrent(concurrency.max(1), |(role, part)| {
+            let reg = reg.clone();
+            let target = targets[&role].clone();
+            let progress = progress.clone();
+            async move {
+                let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
+                let dl = tokio::spawn(fetch::download(reg, part.desc.digest.clone(), part.desc.size, tx, progress));
+                let reader = BlobReader::new(rx, &part.desc.digest, part.desc.size, &target.name);
+                let res = tokio::task::spawn_blocking(move || fetch::decode_part(reader, &part, &target))
+                    .await
+                    .map_err(|e| ImageError::Io { op: "decode", path: "part".into(), source: std::io::Error::other(e) })?;
+                dl.abort();
+                res
+            }
+        })
+        .await?;
+    for (role, t) in &targets {
+        t.file.sync_all().io("fsync", dir.join(role.file_name()))?;
+    }
+    Ok(config)
+}
+
+/// Parts downloaded at once unless the caller says otherwise.
+pub(crate) fn default_concurrency() -> usize {
+    4
+}

@@ -1,0 +1,481 @@
+//! Packing an image directory and pushing it: compress in parallel, upload only the
+//! blobs the registry lacks, then the manifest.
+//!
+//! * agoda format: `disk.img` and `aux.img` as gzip (a series of gzip members
+//!   compressed in parallel), `config.json` as is; manifest layout A (empty config,
+//!   layers disk, aux, config; as `oras-macos-vz push`) or B (config.json as the config).
+//! * vzk format: every file in fixed-size chunks, each an independent zstd stream.
+//!
+//! Compressed blobs go to temporary files (never whole into memory), are uploaded as
+//! soon as they are ready, and are deleted after upload.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use sha2::{Digest as _, Sha256};
+
+use crate::config::{GuestOs, VmConfig};
+use crate::error::{ImageError, IoContext as _, Result};
+use crate::manifest::{Descriptor, Format, Manifest, Platform};
+use crate::media_types::{self as mt, Role};
+use crate::progress::{NoProgress, Progress};
+use crate::reference::Reference;
+use crate::registry::{Registry, RegistryOptions, sha256_digest};
+
+/// The two agoda manifest layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AgodaLayout {
+    /// `oras-macos-vz push`: empty config with platform, layers disk, aux, config.json.
+    #[default]
+    EmptyConfig,
+    /// The e2e helper: config.json is the manifest config, layers aux, disk.
+    ConfigAsConfig,
+}
+
+/// How to push.
+#[derive(Clone)]
+pub struct PushOptions {
+    /// agoda or vzk (Tart is read-only).
+    pub format: Format,
+    /// agoda manifest layout.
+    pub agoda_layout: AgodaLayout,
+    /// vzk chunk size in bytes.
+    pub chunk_size: u64,
+    /// Blobs compressed/uploaded at once.
+    pub concurrency: usize,
+    /// gzip level (agoda).
+    pub gzip_level: u32,
+    /// zstd level (vzk).
+    pub zstd_level: i32,
+    /// Registry access.
+    pub registry: RegistryOptions,
+    /// Where compressed blobs are staged (default: the system temp dir).
+    pub work_dir: Option<PathBuf>,
+    /// More tags to point at the same manifest.
+    pub extra_tags: Vec<String>,
+    /// Progress (uncompressed bytes processed).
+    pub progress: Option<Arc<dyn Progress>>,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        PushOptions {
+            format: Format::Vzk,
+            agoda_layout: AgodaLayout::default(),
+            chunk_size: mt::DEFAULT_CHUNK_SIZE,
+            concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2) + 1,
+            gzip_level: 6,
+            zstd_level: 3,
+            registry: RegistryOptions::default(),
+            work_dir: None,
+            extra_tags: Vec::new(),
+            progress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for PushOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushOptions")
+            .field("format", &self.format)
+            .field("chunk_size", &self.chunk_size)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a push did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PushReport {
+    /// Manifest digest.
+    pub digest: String,
+    /// Manifest bytes as pushed.
+    #[serde(skip)]
+    pub manifest: Vec<u8>,
+    /// Blobs uploaded.
+    pub uploaded_blobs: usize,
+    /// Blobs the registry already had (or duplicates within the image).
+    pub skipped_blobs: usize,
+    /// Compressed bytes uploaded.
+    pub uploaded_bytes: u64,
+    /// Bytes of all files.
+    pub uncompressed_bytes: u64,
+    /// Compressed bytes of all layers.
+    pub compressed_bytes: u64,
+}
+
+struct Job {
+    idx: usize,
+    role: Role,
+    path: PathBuf,
+    offset: u64,
+    len: u64,
+    file_size: u64,
+}
+
+struct Prepared {
+    path: PathBuf,
+    digest: String,
+    size: u64,
+    udigest: String,
+}
+
+/// Push the image directory `dir` to `reference`.
+pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Result<PushReport> {
+    let bad = |reason: String| ImageError::InvalidImageDir { path: dir.to_path_buf(), reason };
+    let cfg_path = dir.join("config.json");
+    let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| bad(format!("config.json: {e}")))?;
+    let config: VmConfig = serde_json::from_slice(&cfg_bytes).map_err(|e| bad(format!("config.json: {e}")))?;
+    let mut files = Vec::new();
+    for role in [Role::Kernel, Role::Initrd, Role::Disk, Role::Aux] {
+        let p = dir.join(role.file_name());
+        if let Ok(m) = std::fs::metadata(&p) {
+            if !m.is_file() {
+                return Err(bad(format!("{} is not a regular file", role.file_name())));
+            }
+            files.push((role, p, m.len()));
+        }
+    }
+    let has = |r: Role| files.iter().any(|f| f.0 == r);
+    if !has(Role::Disk) {
+        return Err(bad("no disk.img".into()));
+    }
+    match opts.format {
+        Format::Agoda => {
+            if !has(Role::Aux) || has(Role::Kernel) || has(Role::Initrd) || config.os != GuestOs::Darwin {
+                return Err(bad("the agoda format carries a macOS image: disk.img, aux.img, config.json".into()));
+            }
+        }
+        Format::Vzk => {
+            if config.os == GuestOs::Darwin && !has(Role::Aux) {
+                return Err(bad("a macOS image needs aux.img".into()));
+            }
+        }
+        Format::Tart => return Err(bad("pushing the Tart format is not supported".into())),
+    }
+    if opts.format == Format::Agoda {
+        // agoda lists disk first, then aux.
+        files.sort_by_key(|f| if f.0 == Role::Disk { 0 } else { 1 });
+    }
+    let total: u64 = files.iter().map(|f| f.2).sum();
+    let progress: Arc<dyn Progress> = opts.progress.clone().unwrap_or_else(|| Arc::new(NoProgress));
+    progress.begin(&format!("push {reference}"), total);
+
+    let mut jobs = Vec::new();
+    for (role, path, size) in &files {
+        let chunk = if opts.format == Format::Agoda { (*size).max(1) } else { opts.chunk_size.max(4096) };
+        let mut off = 0u64;
+        loop {
+            let len = chunk.min(size - off);
+            jobs.push(Job { idx: jobs.len(), role: *role, path: path.clone(), offset: off, len, file_size: *size });
+            off += len;
+            if off >= *size {
+                break;
+            }
+        }
+    }
+
+    let reg = Arc::new(Registry::new(reference, &opts.registry, true)?);
+    let work = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let work = work.join(format!("vzk-push-{}", rand::random::<u32>()));
+    std::fs::create_dir_all(&work).io("create", &work)?;
+    let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let stats = Arc::new(Mutex::new((0usize, 0usize, 0u64)));
+    let format = opts.format;
+    let (gz, zs) = (opts.gzip_level, opts.zstd_level);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+
+    let result = futures::stream::iter(jobs)
+        .map(|job| {
+            let reg = reg.clone();
+            let work = work.clone();
+            let seen = seen.clone();
+            let stats = stats.clone();
+            let progress = progress.clone();
+            async move {
+                let out = work.join(format!("blob-{}", job.idx));
+                let (role, offset, len, file_size, idx) = (job.role, job.offset, job.len, job.file_size, job.idx);
+                let p = progress.clone();
+                let prepared = tokio::task::spawn_blocking(move || match format {
+                    Format::Agoda => gzip_file(&job.path, &out, gz, threads, &*p),
+                    _ => zstd_chunk(&job.path, job.offset, job.len, &out, zs, &*p),
+                })
+                .await
+                .map_err(|_| ImageError::Cancelled)??;
+                let res = upload(&reg, &prepared, &seen, &stats).await;
+                let _ = std::fs::remove_file(&prepared.path);
+                res?;
+                let desc = layer_descriptor(format, role, &prepared, offset, len, file_size);
+                Ok::<_, ImageError>((idx, desc))
+            }
+        })
+        .buffer_unordered(opts.concurrency.max(1))
+        .try_collect::<Vec<_>>()
+        .await;
+    let _ = std::fs::remove_dir_all(&work);
+    progress.finish();
+    let mut layers = result?;
+    layers.sort_by_key(|(i, _)| *i);
+    let mut layers: Vec<Descriptor> = layers.into_iter().map(|(_, d)| d).collect();
+
+    // config.json
+    let cfg_media = if format == Format::Agoda { mt::AGODA_CONFIG } else { mt::VZK_CONFIG };
+    let cfg_desc = Descriptor {
+        media_type: cfg_media.to_string(),
+        digest: sha256_digest(&cfg_bytes),
+        size: cfg_bytes.len() as u64,
+        data: None,
+        platform: None,
+        annotations: Some(BTreeMap::from([(mt::ANNOTATION_TITLE.to_string(), "config.json".to_string())])),
+    };
+    let cfg_prepared = Prepared {
+        path: cfg_path.clone(),
+        digest: cfg_desc.digest.clone(),
+        size: cfg_desc.size,
+        udigest: cfg_desc.digest.clone(),
+    };
+    upload(&reg, &cfg_prepared, &seen, &stats).await?;
+    let platform = Platform { architecture: config.arch_or_default().to_string(), os: config.os.as_str().to_string() };
+    let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let manifest = match (format, opts.agoda_layout) {
+        (Format::Agoda, AgodaLayout::EmptyConfig) => {
+            layers.push(cfg_desc);
+            Manifest {
+                schema_version: 2,
+                media_type: Some(mt::OCI_MANIFEST.to_string()),
+                artifact_type: Some(mt::AGODA_ARTIFACT.to_string()),
+                config: Descriptor::empty_config(platform),
+                layers,
+                annotations: Some(BTreeMap::from([(mt::ANNOTATION_CREATED.to_string(), created)])),
+            }
+        }
+        (Format::Agoda, AgodaLayout::ConfigAsConfig) => {
+            layers.reverse(); // aux, disk
+            Manifest {
+                schema_version: 2,
+                media_type: Some(mt::OCI_MANIFEST.to_string()),
+                artifact_type: None,
+                config: cfg_desc,
+                layers,
+                annotations: Some(BTreeMap::from([(mt::ANNOTATION_CREATED.to_string(), created)])),
+            }
+        }
+        _ => {
+            layers.insert(0, cfg_desc);
+            // The empty config blob must exist for clients that fetch it.
+            Manifest {
+                schema_version: 2,
+                media_type: Some(mt::OCI_MANIFEST.to_string()),
+                artifact_type: Some(mt::VZK_ARTIFACT.to_string()),
+                config: Descriptor::empty_config(platform),
+                layers,
+                annotations: Some(BTreeMap::from([
+                    (mt::ANNOTATION_CREATED.to_string(), created),
+                    (mt::VZK_OS.to_string(), config.os.as_str().to_string()),
+                ])),
+            }
+        }
+    };
+    if manifest.config.media_type == mt::OCI_EMPTY && !reg.has_blob(mt::OCI_EMPTY_DIGEST).await? {
+        reg.put_blob(mt::OCI_EMPTY_DIGEST, 2, || reqwest::Body::from(&b"{}"[..])).await?;
+    }
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| bad(format!("serialise manifest: {e}")))?;
+    let tag = reference.tag.clone().unwrap_or_else(|| "latest".into());
+    let digest = reg.put_manifest(&tag, &bytes, mt::OCI_MANIFEST).await?;
+    for t in &opts.extra_tags {
+        reg.put_manifest(t, &bytes, mt::OCI_MANIFEST).await?;
+    }
+    let (uploaded_blobs, skipped_blobs, uploaded_bytes) = *stats.lock().map_err(|_| ImageError::Cancelled)?;
+    let compressed_bytes = manifest.layers.iter().map(|l| l.size).sum();
+    Ok(PushReport {
+        digest,
+        manifest: bytes,
+        uploaded_blobs,
+        skipped_blobs,
+        uploaded_bytes,
+        uncompressed_bytes: total,
+        compressed_bytes,
+    })
+}
+
+fn layer_descriptor(format: Format, role: Role, p: &Prepared, offset: u64, len: u64, file_size: u64) -> Descriptor {
+    let mut ann = BTreeMap::new();
+    ann.insert(mt::ANNOTATION_TITLE.to_string(), role.file_name().to_string());
+    let media_type = match format {
+        Format::Agoda => {
+            ann.insert(mt::AGODA_UNCOMPRESSED_DIGEST.to_string(), p.udigest.clone());
+            ann.insert(mt::AGODA_UNCOMPRESSED_SIZE.to_string(), len.to_string());
+            if role == Role::Disk { mt::AGODA_DISK } else { mt::AGODA_AUX }
+        }
+        _ => {
+            ann.insert(mt::VZK_CHUNK_OFFSET.to_string(), offset.to_string());
+            ann.insert(mt::VZK_UNCOMPRESSED_SIZE.to_string(), len.to_string());
+            ann.insert(mt::VZK_UNCOMPRESSED_DIGEST.to_string(), p.udigest.clone());
+            ann.insert(mt::VZK_FILE_SIZE.to_string(), file_size.to_string());
+            role.vzk_media_type()
+        }
+    };
+    Descriptor {
+        media_type: media_type.to_string(),
+        digest: p.digest.clone(),
+        size: p.size,
+        data: None,
+        platform: None,
+        annotations: Some(ann),
+    }
+}
+
+async fn upload(
+    reg: &Registry,
+    p: &Prepared,
+    seen: &Mutex<HashSet<String>>,
+    stats: &Mutex<(usize, usize, u64)>,
+) -> Result<()> {
+    let first = seen.lock().map_err(|_| ImageError::Cancelled)?.insert(p.digest.clone());
+    if !first || reg.has_blob(&p.digest).await? {
+        if let Ok(mut s) = stats.lock() {
+            s.1 += 1;
+        }
+        return Ok(());
+    }
+    let file = tokio::fs::File::open(&p.path).await.io("open", &p.path)?;
+    reg.put_blob(&p.digest, p.size, move || {
+        reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20))
+    })
+    .await?;
+    if let Ok(mut s) = stats.lock() {
+        s.0 += 1;
+        s.2 += p.size;
+    }
+    Ok(())
+}
+
+/// A writer that hashes and counts what passes through.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+const READ_BLOCK: usize = 4 << 20;
+
+/// Compress one chunk of a file with zstd into `out`.
+fn zstd_chunk(path: &Path, offset: u64, len: u64, out: &Path, level: i32, progress: &dyn Progress) -> Result<Prepared> {
+    let src = File::open(path).io("open", path)?;
+    let dst = File::create(out).io("create", out)?;
+    let hw = HashingWriter { inner: BufWriter::with_capacity(1 << 20, dst), hasher: Sha256::new(), count: 0 };
+    let mut enc = zstd::stream::write::Encoder::new(hw, level).io("compress", path)?;
+    let _ = enc.include_checksum(false);
+    let mut uh = Sha256::new();
+    let mut buf = vec![0u8; READ_BLOCK];
+    let mut pos = 0u64;
+    while pos < len {
+        let n = (len - pos).min(READ_BLOCK as u64) as usize;
+        src.read_exact_at(&mut buf[..n], offset + pos).io("read", path)?;
+        uh.update(&buf[..n]);
+        enc.write_all(&buf[..n]).io("compress", path)?;
+        pos += n as u64;
+        progress.advance(n as u64);
+    }
+    let mut hw = enc.finish().io("compress", path)?;
+    hw.flush().io("write", out)?;
+    Ok(Prepared {
+        path: out.to_path_buf(),
+        digest: format!("sha256:{}", hex::encode(hw.hasher.finalize())),
+        size: hw.count,
+        udigest: format!("sha256:{}", hex::encode(uh.finalize())),
+    })
+}
+
+/// Gzip a whole file as a series of members compressed on `threads` threads.
+fn gzip_file(path: &Path, out: &Path, level: u32, threads: usize, progress: &dyn Progress) -> Result<Prepared> {
+    const MEMBER: usize = 4 << 20;
+    let src = File::open(path).io("open", path)?;
+    let size = src.metadata().io("stat", path)?.len();
+    let dst = File::create(out).io("create", out)?;
+    let mut hw = HashingWriter { inner: BufWriter::with_capacity(1 << 20, dst), hasher: Sha256::new(), count: 0 };
+    let mut uh = Sha256::new();
+    let batch = threads.max(1) * 2;
+    let mut inputs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; MEMBER]).collect();
+    let mut pos = 0u64;
+    loop {
+        // Read a batch of members.
+        let mut lens = Vec::with_capacity(batch);
+        for b in inputs.iter_mut() {
+            if pos >= size {
+                break;
+            }
+            let n = (size - pos).min(MEMBER as u64) as usize;
+            src.read_exact_at(&mut b[..n], pos).io("read", path)?;
+            pos += n as u64;
+            lens.push(n);
+        }
+        if lens.is_empty() && hw.count > 0 {
+            break;
+        }
+        // Compress in parallel while this thread hashes the input.
+        let outputs: Vec<std::io::Result<Vec<u8>>> = std::thread::scope(|s| {
+            let per = lens.len().div_ceil(threads.max(1)).max(1);
+            let handles: Vec<_> = inputs[..lens.len()]
+                .chunks(per)
+                .zip(lens.chunks(per))
+                .map(|(ins, ls)| {
+                    s.spawn(move || {
+                        ins.iter()
+                            .zip(ls)
+                            .map(|(b, &n)| {
+                                let mut e = flate2::write::GzEncoder::new(
+                                    Vec::with_capacity(n / 2 + 64),
+                                    flate2::Compression::new(level),
+                                );
+                                e.write_all(&b[..n])?;
+                                e.finish()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for (b, &n) in inputs.iter().zip(&lens) {
+                uh.update(&b[..n]);
+            }
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| vec![Err(std::io::Error::other("compressor panicked"))])).collect()
+        });
+        if lens.is_empty() {
+            // Empty file: one empty gzip member.
+            let e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+            hw.write_all(&e.finish().io("compress", path)?).io("write", out)?;
+            break;
+        }
+        for (o, &n) in outputs.into_iter().zip(&lens) {
+            hw.write_all(&o.io("compress", path)?).io("write", out)?;
+            progress.advance(n as u64);
+        }
+        if pos >= size {
+            break;
+        }
+    }
+    hw.flush().io("write", out)?;
+    Ok(Prepared {
+        path: out.to_path_buf(),
+        digest: format!("sha256:{}", hex::encode(hw.hasher.finalize())),
+        size: hw.count,
+        udigest: format!("sha256:{}", hex::encode(uh.finalize())),
+    })
+}

@@ -1,0 +1,188 @@
+//! Tart's formats: the Apple `COMPRESSION_LZ4` block framing of `tart.disk.v2` layers,
+//! and Tart's `config.json`, converted to ours.
+//!
+//! Framing: a sequence of blocks, each starting with a 4-byte tag:
+//! `bv41` + u32le decoded size + u32le encoded size + raw LZ4 block (which may refer
+//! back into the previous block's decoded bytes); `bv4-` + u32le size + stored bytes;
+//! `bv4$` ends the stream.
+
+use std::io::{BufRead, Read};
+
+use crate::config::{GuestOs, VmConfig};
+
+const TAG_LZ4: &[u8; 4] = b"bv41";
+const TAG_RAW: &[u8; 4] = b"bv4-";
+const TAG_END: &[u8; 4] = b"bv4$";
+/// Largest block we accept (Apple writes 64 KiB blocks).
+const MAX_BLOCK: u32 = 16 << 20;
+/// LZ4 looks back at most 64 KiB.
+const WINDOW: usize = 64 << 10;
+
+/// Decodes Apple LZ4 framing.
+pub struct AppleLz4Reader<R> {
+    inner: R,
+    out: Vec<u8>,
+    pos: usize,
+    dict: Vec<u8>,
+    enc: Vec<u8>,
+    done: bool,
+}
+
+impl<R: BufRead> AppleLz4Reader<R> {
+    /// Wrap a reader of framed data.
+    pub fn new(inner: R) -> Self {
+        AppleLz4Reader { inner, out: Vec::new(), pos: 0, dict: Vec::new(), enc: Vec::new(), done: false }
+    }
+
+    fn u32(&mut self) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.inner.read_exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn next_block(&mut self) -> std::io::Result<()> {
+        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        let mut tag = [0u8; 4];
+        self.inner.read_exact(&mut tag).map_err(|e| bad(format!("truncated Apple LZ4 stream: {e}")))?;
+        // The previous block's output becomes the dictionary of the next block.
+        if !self.out.is_empty() {
+            let keep = self.out.len().min(WINDOW);
+            self.dict.clear();
+            self.dict.extend_from_slice(&self.out[self.out.len() - keep..]);
+        }
+        self.out.clear();
+        self.pos = 0;
+        match &tag {
+            TAG_LZ4 => {
+                let decoded = self.u32()?;
+                let encoded = self.u32()?;
+                if decoded > MAX_BLOCK || encoded > MAX_BLOCK {
+                    return Err(bad(format!("Apple LZ4 block of {decoded}/{encoded} bytes is too large")));
+                }
+                self.enc.resize(encoded as usize, 0);
+                self.inner.read_exact(&mut self.enc)?;
+                self.out.resize(decoded as usize, 0);
+                let n = lz4_flex::block::decompress_into_with_dict(&self.enc, &mut self.out, &self.dict)
+                    .map_err(|e| bad(format!("bad LZ4 block: {e}")))?;
+                if n != decoded as usize {
+                    return Err(bad(format!("LZ4 block decoded to {n} bytes, header says {decoded}")));
+                }
+            }
+            TAG_RAW => {
+                let size = self.u32()?;
+                if size > MAX_BLOCK {
+                    return Err(bad(format!("stored block of {size} bytes is too large")));
+                }
+                self.out.resize(size as usize, 0);
+                self.inner.read_exact(&mut self.out)?;
+            }
+            TAG_END => self.done = true,
+            other => return Err(bad(format!("unknown Apple LZ4 block tag {other:?}"))),
+        }
+        Ok(())
+    }
+}
+
+impl<R: BufRead> Read for AppleLz4Reader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.out.len() {
+            if self.done {
+                return Ok(0);
+            }
+            self.next_block()?;
+        }
+        let n = (self.out.len() - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.out[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Encode `data` in Apple LZ4 framing with `block`-sized blocks, each compressed with
+/// the previous block as its dictionary (as Apple's streaming encoder does).
+pub fn apple_lz4_encode(data: &[u8], block: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut prev: &[u8] = &[];
+    for chunk in data.chunks(block.max(1)) {
+        let dict = &prev[prev.len().saturating_sub(WINDOW)..];
+        let enc = lz4_flex::block::compress_with_dict(chunk, dict);
+        if enc.len() < chunk.len() {
+            out.extend_from_slice(TAG_LZ4);
+            out.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(enc.len() as u32).to_le_bytes());
+            out.extend_from_slice(&enc);
+        } else {
+            out.extend_from_slice(TAG_RAW);
+            out.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+            out.extend_from_slice(chunk);
+        }
+        prev = chunk;
+    }
+    out.extend_from_slice(TAG_END);
+    out
+}
+
+/// Convert Tart's `config.json` to ours (`ecid` → `machineIdData`, `hardwareModel` →
+/// `hardwareModelData`, `cpuCount` → `cpus`, `memorySize` → `memoryBytes`).
+pub fn convert_config(bytes: &[u8]) -> Result<VmConfig, String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("Tart config.json: {e}"))?;
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    let os = match s("os").as_deref() {
+        None | Some("darwin") => GuestOs::Darwin,
+        Some("linux") => GuestOs::Linux,
+        Some(o) => return Err(format!("Tart config.json: unknown os {o:?}")),
+    };
+    Ok(VmConfig {
+        mediatype: crate::media_types::TART_CONFIG.to_string(),
+        os,
+        arch: s("arch"),
+        hardware_model_data: s("hardwareModel"),
+        machine_id_data: s("ecid"),
+        kernel_cmdline: None,
+        cpus: v.get("cpuCount").and_then(|x| x.as_u64()).map(|c| c as u32),
+        memory_bytes: v.get("memorySize").and_then(|x| x.as_u64()),
+        storage: Vec::new(),
+        extra: Default::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_with_back_references_across_blocks() {
+        // Block 2 repeats block 1, so its LZ4 data refers back into block 1's output.
+        let mut data = Vec::new();
+        let text: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        data.extend_from_slice(&text[..65536]);
+        data.extend_from_slice(&text[..65536]);
+        data.extend((0..1000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)); // stored-ish tail
+        let enc = apple_lz4_encode(&data, 65536);
+        assert_eq!(&enc[..4], b"bv41");
+        // The second block must be tiny: it is all back-references into block 1.
+        let second = 12 + u32::from_le_bytes(enc[8..12].try_into().expect("4")) as usize;
+        assert_eq!(&enc[second..second + 4], b"bv41");
+        let second_len = u32::from_le_bytes(enc[second + 8..second + 12].try_into().expect("4"));
+        assert!(second_len < 1024, "second block uses the dictionary ({second_len} bytes)");
+        let mut out = Vec::new();
+        AppleLz4Reader::new(&enc[..]).read_to_end(&mut out).expect("decodes");
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn rejects_garbage_and_truncation() {
+        let mut out = Vec::new();
+        assert!(AppleLz4Reader::new(&b"xxxx"[..]).read_to_end(&mut out).is_err());
+        let enc = apple_lz4_encode(b"hello hello hello hello", 8);
+        assert!(AppleLz4Reader::new(&enc[..enc.len() - 4]).read_to_end(&mut out).is_err());
+    }
+
+    #[test]
+    fn converts_tart_config() {
+        let c = convert_config(br#"{"version":1,"os":"linux","arch":"arm64","cpuCount":4,"memorySize":4294967296,"ecid":"AA=="}"#)
+            .expect("converts");
+        assert_eq!((c.os, c.cpus, c.memory_bytes), (GuestOs::Linux, Some(4), Some(4 << 30)));
+        assert_eq!(c.machine_id_data.as_deref(), Some("AA=="));
+    }
+}
