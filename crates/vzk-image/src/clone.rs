@@ -54,15 +54,20 @@ impl Cloner {
         let reflink = reflink_copy::reflink(&src, &dst);
         let _ = std::fs::remove_file(&src);
         let _ = std::fs::remove_file(&dst);
-        let qemu_img = PathBuf::from(std::env::var_os("VZK_QEMU_IMG").unwrap_or_else(|| "qemu-img".into()));
+        let qemu_img =
+            PathBuf::from(std::env::var_os("VZK_QEMU_IMG").unwrap_or_else(|| "qemu-img".into()));
         match reflink {
-            Ok(()) => Ok(Cloner { kind: CloneKind::Reflink, qemu_img }),
+            Ok(()) => Ok(Cloner {
+                kind: CloneKind::Reflink,
+                qemu_img,
+            }),
             Err(reflink_err) => {
                 let qemu = Command::new(&qemu_img).arg("--version").output();
                 match qemu {
-                    Ok(o) if o.status.success() && !cfg!(target_os = "macos") => {
-                        Ok(Cloner { kind: CloneKind::Qcow2Overlay, qemu_img })
-                    }
+                    Ok(o) if o.status.success() && !cfg!(target_os = "macos") => Ok(Cloner {
+                        kind: CloneKind::Qcow2Overlay,
+                        qemu_img,
+                    }),
                     other => Err(ImageError::CloneUnsupported {
                         path: dir.to_path_buf(),
                         reason: format!(
@@ -80,7 +85,10 @@ impl Cloner {
 
     /// A cloner of a given kind, without probing (tests; callers that know).
     pub fn with_kind(kind: CloneKind) -> Cloner {
-        Cloner { kind, qemu_img: "qemu-img".into() }
+        Cloner {
+            kind,
+            qemu_img: "qemu-img".into(),
+        }
     }
 
     /// The mechanism in use.

@@ -139,6 +139,10 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn io(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| ImageError::Io { op, path: path.into(), source })
+        self.map_err(|source| ImageError::Io {
+            op,
+            path: path.into(),
+            source,
+        })
     }
 }

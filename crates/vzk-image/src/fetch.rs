@@ -85,7 +85,9 @@ pub(crate) async fn download(
                         .send(Err(ImageError::DigestMismatch {
                             digest: digest.clone(),
                             file: "blob".into(),
-                            reason: format!("the registry keeps ending the blob at {offset} of {size} bytes"),
+                            reason: format!(
+                                "the registry keeps ending the blob at {offset} of {size} bytes"
+                            ),
                         }))
                         .await;
                     return;
@@ -122,7 +124,12 @@ pub(crate) struct BlobReader {
 }
 
 impl BlobReader {
-    pub(crate) fn new(rx: mpsc::Receiver<Result<Bytes>>, digest: &str, size: u64, file: &str) -> BlobReader {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Result<Bytes>>,
+        digest: &str,
+        size: u64,
+        file: &str,
+    ) -> BlobReader {
         BlobReader {
             rx,
             cur: Bytes::new(),
@@ -137,7 +144,11 @@ impl BlobReader {
     }
 
     fn mismatch(&self, reason: String) -> ImageError {
-        ImageError::DigestMismatch { digest: self.digest.clone(), file: self.file.clone(), reason }
+        ImageError::DigestMismatch {
+            digest: self.digest.clone(),
+            file: self.file.clone(),
+            reason,
+        }
     }
 
     /// Pull the next network chunk; checks the size limit and, at the end, the digest.
@@ -149,7 +160,10 @@ impl BlobReader {
             Some(Ok(b)) => {
                 self.count += b.len() as u64;
                 if self.count > self.size {
-                    return Err(self.fail(self.mismatch(format!("blob is longer than its declared {} bytes", self.size))));
+                    return Err(self.fail(self.mismatch(format!(
+                        "blob is longer than its declared {} bytes",
+                        self.size
+                    ))));
                 }
                 self.hasher.update(&b);
                 self.cur = b;
@@ -159,7 +173,9 @@ impl BlobReader {
             None => {
                 self.eof = true;
                 if self.count != self.size {
-                    return Err(self.fail(self.mismatch(format!("got {} bytes, expected {}", self.count, self.size))));
+                    return Err(self.fail(
+                        self.mismatch(format!("got {} bytes, expected {}", self.count, self.size)),
+                    ));
                 }
                 let got = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
                 if got != self.digest {
@@ -242,7 +258,11 @@ pub(crate) struct Target {
 pub(crate) fn decode_part(mut reader: BlobReader, part: &Part, target: &Target) -> Result<()> {
     let result = match part.encoding {
         Encoding::Raw => copy_out(&mut reader, part, target),
-        Encoding::Gzip => copy_out(&mut flate2::bufread::MultiGzDecoder::new(&mut reader), part, target),
+        Encoding::Gzip => copy_out(
+            &mut flate2::bufread::MultiGzDecoder::new(&mut reader),
+            part,
+            target,
+        ),
         Encoding::ZstdChunk => match zstd::stream::read::Decoder::with_buffer(&mut reader) {
             Ok(mut d) => copy_out(&mut d, part, target),
             Err(e) => Err(ImageError::Decompress {
@@ -251,7 +271,11 @@ pub(crate) fn decode_part(mut reader: BlobReader, part: &Part, target: &Target) 
                 detail: e.to_string(),
             }),
         },
-        Encoding::AppleLz4Chunk => copy_out(&mut crate::tart::AppleLz4Reader::new(&mut reader), part, target),
+        Encoding::AppleLz4Chunk => copy_out(
+            &mut crate::tart::AppleLz4Reader::new(&mut reader),
+            part,
+            target,
+        ),
     };
     match result {
         Ok(()) => reader.finish(),
@@ -260,9 +284,11 @@ pub(crate) fn decode_part(mut reader: BlobReader, part: &Part, target: &Target) 
             if let Some(f) = reader.take_failure() {
                 return Err(f);
             }
-            if matches!(e, ImageError::Decompress { .. }) && reader.finish().is_err_and(|f| {
-                matches!(f, ImageError::DigestMismatch { .. })
-            }) {
+            if matches!(e, ImageError::Decompress { .. })
+                && reader
+                    .finish()
+                    .is_err_and(|f| matches!(f, ImageError::DigestMismatch { .. }))
+            {
                 return Err(ImageError::DigestMismatch {
                     digest: part.desc.digest.clone(),
                     file: target.name.clone(),
@@ -353,11 +379,17 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
         total += len as u64;
     }
     drop(full_tx);
-    let hasher = writer.join().map_err(|_| decompress_err(std::io::Error::other("writer thread panicked")))?;
+    let hasher = writer
+        .join()
+        .map_err(|_| decompress_err(std::io::Error::other("writer thread panicked")))?;
     if let Some(e) = read_err {
         return Err(e);
     }
-    let hasher = hasher.map_err(|source| ImageError::Io { op: "write", path: name.clone().into(), source })?;
+    let hasher = hasher.map_err(|source| ImageError::Io {
+        op: "write",
+        path: name.clone().into(),
+        source,
+    })?;
     if total != declared {
         return Err(ImageError::DigestMismatch {
             digest: part.desc.digest.clone(),
@@ -370,14 +402,22 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
         return Err(ImageError::DigestMismatch {
             digest: part.desc.digest.clone(),
             file: name,
-            reason: format!("uncompressed content hashes to {got}, the manifest declares {}", part.digest),
+            reason: format!(
+                "uncompressed content hashes to {got}, the manifest declares {}",
+                part.digest
+            ),
         });
     }
     Ok(())
 }
 
 /// Fetch a small blob (config) into memory, verified. `limit` bounds its size.
-pub(crate) async fn fetch_small(reg: &Registry, digest: &str, size: u64, limit: u64) -> Result<Vec<u8>> {
+pub(crate) async fn fetch_small(
+    reg: &Registry,
+    digest: &str,
+    size: u64,
+    limit: u64,
+) -> Result<Vec<u8>> {
     if size > limit {
         return Err(ImageError::DigestMismatch {
             digest: digest.into(),
@@ -411,7 +451,13 @@ pub(crate) async fn fetch_small(reg: &Registry, digest: &str, size: u64, limit: 
 /// Open a file for a pulled image and make it `size` bytes long (sparse).
 pub(crate) fn create_sparse(path: &Path, size: u64) -> Result<File> {
     use crate::error::IoContext as _;
-    let f = File::options().create(true).write(true).read(true).truncate(true).open(path).io("create", path)?;
+    let f = File::options()
+        .create(true)
+        .write(true)
+        .read(true)
+        .truncate(true)
+        .open(path)
+        .io("create", path)?;
     f.set_len(size).io("truncate", path)?;
     Ok(f)
 }

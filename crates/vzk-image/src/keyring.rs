@@ -31,7 +31,11 @@ pub struct Credentials {
 impl Credentials {
     /// Username and password.
     pub fn basic(username: impl Into<String>, password: impl Into<String>) -> Credentials {
-        Credentials { username: username.into(), password: password.into(), identity_token: None }
+        Credentials {
+            username: username.into(),
+            password: password.into(),
+            identity_token: None,
+        }
     }
 }
 
@@ -39,8 +43,18 @@ impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
             .field("username", &self.username)
-            .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
-            .field("identity_token", &self.identity_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "password",
+                &if self.password.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field(
+                "identity_token",
+                &self.identity_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -109,7 +123,9 @@ impl Keyring {
         };
         let (hostport, path) = stripped.split_once('/').unwrap_or((stripped, ""));
         let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p.to_string())),
+            Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+                (h, Some(p.to_string()))
+            }
             _ => (hostport, None),
         };
         self.entries.push(Entry {
@@ -125,7 +141,8 @@ impl Keyring {
 
     /// Parse a docker `config.json` / `.dockerconfigjson` (`{"auths": {...}}`) into this keyring.
     pub fn add_docker_config_json(&mut self, bytes: &[u8], source: &str) -> Result<()> {
-        let cfg: DockerConfigJson = serde_json::from_slice(bytes).map_err(|e| bad_secret(source, e.to_string()))?;
+        let cfg: DockerConfigJson =
+            serde_json::from_slice(bytes).map_err(|e| bad_secret(source, e.to_string()))?;
         self.add_auths(cfg.auths, source)
     }
 
@@ -143,17 +160,25 @@ impl Keyring {
                 let decoded = base64::engine::general_purpose::STANDARD
                     .decode(e.auth.trim())
                     .map_err(|err| bad_secret(source, format!("auth of {key}: {err}")))?;
-                let text = String::from_utf8(decoded).map_err(|_| bad_secret(source, format!("auth of {key} is not UTF-8")))?;
-                let (u, p) = text
-                    .split_once(':')
-                    .ok_or_else(|| bad_secret(source, format!("auth of {key} is not user:password")))?;
+                let text = String::from_utf8(decoded)
+                    .map_err(|_| bad_secret(source, format!("auth of {key} is not UTF-8")))?;
+                let (u, p) = text.split_once(':').ok_or_else(|| {
+                    bad_secret(source, format!("auth of {key} is not user:password"))
+                })?;
                 (user, pass) = (u.to_string(), p.to_string());
             }
             let token = (!e.identitytoken.is_empty()).then_some(e.identitytoken);
             if user.is_empty() && pass.is_empty() && token.is_none() {
                 continue;
             }
-            self.add(&key, Credentials { username: user, password: pass, identity_token: token });
+            self.add(
+                &key,
+                Credentials {
+                    username: user,
+                    password: pass,
+                    identity_token: token,
+                },
+            );
         }
         Ok(())
     }
@@ -161,7 +186,9 @@ impl Keyring {
     /// Build a keyring from pull secrets, in order (pod secrets first, then the service account's).
     ///
     /// Secrets of other types are skipped with a warning; malformed ones are an error.
-    pub fn from_pull_secrets<'a>(secrets: impl IntoIterator<Item = &'a PullSecret>) -> Result<Keyring> {
+    pub fn from_pull_secrets<'a>(
+        secrets: impl IntoIterator<Item = &'a PullSecret>,
+    ) -> Result<Keyring> {
         let mut k = Keyring::new();
         for s in secrets {
             let source = format!("secret {}", s.name);
@@ -177,12 +204,16 @@ impl Keyring {
                     if let Some(data) = s.data.get(".dockerconfigjson") {
                         k.add_docker_config_json(data, &source)?;
                     } else {
-                        let data =
-                            s.data.get(".dockercfg").ok_or_else(|| bad_secret(&source, "no .dockercfg key".into()))?;
+                        let data = s
+                            .data
+                            .get(".dockercfg")
+                            .ok_or_else(|| bad_secret(&source, "no .dockercfg key".into()))?;
                         k.add_dockercfg(data, &source)?;
                     }
                 }
-                other => tracing::warn!(secret = %s.name, r#type = other, "ignoring image pull secret of unsupported type"),
+                other => {
+                    tracing::warn!(secret = %s.name, r#type = other, "ignoring image pull secret of unsupported type")
+                }
             }
         }
         Ok(k)
@@ -210,7 +241,9 @@ impl Keyring {
     /// All credentials matching an image, most specific first.
     pub fn lookup(&self, image: &Reference) -> Vec<Credentials> {
         let (host, port) = match image.registry.rsplit_once(':') {
-            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h.to_ascii_lowercase(), Some(p)),
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => {
+                (h.to_ascii_lowercase(), Some(p))
+            }
             _ => (image.registry.to_ascii_lowercase(), None),
         };
         self.entries
@@ -233,14 +266,21 @@ impl Keyring {
 }
 
 fn bad_secret(source: &str, reason: String) -> ImageError {
-    ImageError::InvalidReference { reference: source.to_string(), reason: format!("invalid docker credentials: {reason}") }
+    ImageError::InvalidReference {
+        reference: source.to_string(),
+        reason: format!("invalid docker credentials: {reason}"),
+    }
 }
 
 /// Dot-separated host match; each key segment may be a glob with `*`.
 fn host_matches(pattern: &str, host: &str) -> bool {
     let ps: Vec<&str> = pattern.split('.').collect();
     let hs: Vec<&str> = host.split('.').collect();
-    ps.len() == hs.len() && ps.iter().zip(&hs).all(|(p, h)| glob(p.as_bytes(), h.as_bytes()))
+    ps.len() == hs.len()
+        && ps
+            .iter()
+            .zip(&hs)
+            .all(|(p, h)| glob(p.as_bytes(), h.as_bytes()))
 }
 
 fn glob(p: &[u8], s: &[u8]) -> bool {
@@ -275,16 +315,30 @@ mod tests {
             data: [(".dockerconfigjson".to_string(), json.to_vec())].into(),
         };
         let k = Keyring::from_pull_secrets([&secret]).expect("parses");
-        let users = |img: &str| k.lookup(&r(img)).into_iter().map(|c| c.username).collect::<Vec<_>>();
+        let users = |img: &str| {
+            k.lookup(&r(img))
+                .into_iter()
+                .map(|c| c.username)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(users("registry.example.com/team/vm:1"), ["b", "a"]);
         assert_eq!(users("registry.example.com/teamx/vm:1"), ["a"]);
         assert_eq!(users("reg.corp.io:5000/vm"), ["c"]);
         assert!(users("reg.corp.io/vm").is_empty(), "port must match");
-        assert!(users("a.b.corp.io:5000/vm").is_empty(), "glob is per segment");
+        assert!(
+            users("a.b.corp.io:5000/vm").is_empty(),
+            "glob is per segment"
+        );
         assert_eq!(users("ubuntu"), ["d"]);
-        assert_eq!(k.lookup(&r("ubuntu"))[0].identity_token.as_deref(), Some("tok"));
+        assert_eq!(
+            k.lookup(&r("ubuntu"))[0].identity_token.as_deref(),
+            Some("tok")
+        );
         assert!(users("empty.io/x").is_empty());
-        assert!(!format!("{:?}", k.lookup(&r("ubuntu"))).contains('4'), "Debug redacts");
+        assert!(
+            !format!("{:?}", k.lookup(&r("ubuntu"))).contains('4'),
+            "Debug redacts"
+        );
     }
 
     #[test]
@@ -292,11 +346,18 @@ mod tests {
         let secret = PullSecret {
             name: "old".into(),
             type_: "kubernetes.io/dockercfg".into(),
-            data: [(".dockercfg".to_string(), br#"{"r.io":{"auth":"dTpw"}}"#.to_vec())].into(),
+            data: [(
+                ".dockercfg".to_string(),
+                br#"{"r.io":{"auth":"dTpw"}}"#.to_vec(),
+            )]
+            .into(),
         };
         let k = Keyring::from_pull_secrets([&secret]).expect("parses");
         assert_eq!(k.lookup(&r("r.io/x"))[0], Credentials::basic("u", "p"));
-        let bad = PullSecret { data: [(".dockercfg".to_string(), b"{".to_vec())].into(), ..secret };
+        let bad = PullSecret {
+            data: [(".dockercfg".to_string(), b"{".to_vec())].into(),
+            ..secret
+        };
         let err = Keyring::from_pull_secrets([&bad]).expect_err("bad json");
         assert!(err.to_string().contains("secret old"), "{err}");
     }

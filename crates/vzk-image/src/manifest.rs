@@ -161,7 +161,13 @@ pub struct Plan {
 impl Plan {
     /// Sum of compressed blob sizes (what a pull downloads at most).
     pub fn compressed_size(&self) -> u64 {
-        self.config.size + self.files.iter().flat_map(|f| &f.parts).map(|p| p.desc.size).sum::<u64>()
+        self.config.size
+            + self
+                .files
+                .iter()
+                .flat_map(|f| &f.parts)
+                .map(|p| p.desc.size)
+                .sum::<u64>()
     }
 
     /// Sum of file sizes.
@@ -177,16 +183,24 @@ impl Plan {
 
 /// Parse manifest bytes, refusing anything that is not an OCI image manifest.
 pub fn parse_manifest(bytes: &[u8], reference: &str) -> Result<Manifest> {
-    let invalid = |reason: String| ImageError::InvalidManifest { reference: reference.to_string(), reason };
+    let invalid = |reason: String| ImageError::InvalidManifest {
+        reference: reference.to_string(),
+        reason,
+    };
     let m: Manifest =
         serde_json::from_slice(bytes).map_err(|e| invalid(format!("not a valid manifest: {e}")))?;
     if m.schema_version != 2 {
-        return Err(invalid(format!("schemaVersion {} (want 2)", m.schema_version)));
+        return Err(invalid(format!(
+            "schemaVersion {} (want 2)",
+            m.schema_version
+        )));
     }
     match m.media_type.as_deref() {
         None | Some(mt::OCI_MANIFEST) => {}
         Some(other) => {
-            return Err(invalid(format!("manifest media type {other:?} is not an OCI image manifest")));
+            return Err(invalid(format!(
+                "manifest media type {other:?} is not an OCI image manifest"
+            )));
         }
     }
     Ok(m)
@@ -209,12 +223,16 @@ fn parse_u64(d: &Descriptor, key: &str) -> std::result::Result<u64, String> {
     let v = d
         .annotation(key)
         .ok_or_else(|| format!("layer {} lacks the annotation {key}", d.digest))?;
-    v.parse::<u64>().map_err(|_| format!("layer {}: annotation {key}={v:?} is not a number", d.digest))
+    v.parse::<u64>()
+        .map_err(|_| format!("layer {}: annotation {key}={v:?} is not a number", d.digest))
 }
 
 /// Check a manifest and derive the pull plan.
 pub fn plan(m: &Manifest, reference: &str) -> Result<Plan> {
-    let invalid = |reason: String| ImageError::InvalidManifest { reference: reference.to_string(), reason };
+    let invalid = |reason: String| ImageError::InvalidManifest {
+        reference: reference.to_string(),
+        reason,
+    };
     if m.layers.len() > 100_000 {
         return Err(invalid(format!("{} layers is too many", m.layers.len())));
     }
@@ -238,10 +256,11 @@ pub fn plan(m: &Manifest, reference: &str) -> Result<Plan> {
     }
     let mut by_role: BTreeMap<Role, Vec<(Encoding, &Descriptor)>> = BTreeMap::new();
     for d in &m.layers {
-        let (role, enc) = mt::classify(&d.media_type).ok_or_else(|| ImageError::UnsupportedMediaType {
-            reference: reference.to_string(),
-            media_type: d.media_type.clone(),
-        })?;
+        let (role, enc) =
+            mt::classify(&d.media_type).ok_or_else(|| ImageError::UnsupportedMediaType {
+                reference: reference.to_string(),
+                media_type: d.media_type.clone(),
+            })?;
         let family = if d.media_type.starts_with("application/vnd.agoda.") {
             Format::Agoda
         } else if d.media_type.starts_with("application/vnd.vz-kubelet.") {
@@ -272,7 +291,10 @@ pub fn plan(m: &Manifest, reference: &str) -> Result<Plan> {
     let format = format.ok_or_else(|| invalid("no VM image layers".into()))?;
     let config = config.ok_or_else(|| invalid("no config.json layer".into()))?;
     if config.size > MAX_CONFIG_BYTES {
-        return Err(invalid(format!("config.json of {} bytes is too large", config.size)));
+        return Err(invalid(format!(
+            "config.json of {} bytes is too large",
+            config.size
+        )));
     }
     let mut files = Vec::new();
     for (role, layers) in by_role {
@@ -282,7 +304,11 @@ pub fn plan(m: &Manifest, reference: &str) -> Result<Plan> {
             Format::Tart => tart_file(role, &layers).map_err(&invalid)?,
         };
         if file.size > MAX_FILE_BYTES {
-            return Err(invalid(format!("{} of {} bytes is too large", role.file_name(), file.size)));
+            return Err(invalid(format!(
+                "{} of {} bytes is too large",
+                role.file_name(),
+                file.size
+            )));
         }
         files.push(file);
     }
@@ -292,12 +318,23 @@ pub fn plan(m: &Manifest, reference: &str) -> Result<Plan> {
     if format == Format::Agoda && !files.iter().any(|f| f.role == Role::Aux) {
         return Err(invalid("no aux.img layer".into()));
     }
-    Ok(Plan { format, config, files })
+    Ok(Plan {
+        format,
+        config,
+        files,
+    })
 }
 
-fn agoda_file(role: Role, layers: &[(Encoding, &Descriptor)]) -> std::result::Result<FilePlan, String> {
+fn agoda_file(
+    role: Role,
+    layers: &[(Encoding, &Descriptor)],
+) -> std::result::Result<FilePlan, String> {
     let [(enc, d)] = layers else {
-        return Err(format!("{} layers for {} (want one)", layers.len(), role.file_name()));
+        return Err(format!(
+            "{} layers for {} (want one)",
+            layers.len(),
+            role.file_name()
+        ));
     };
     let digest = d.annotation(mt::AGODA_UNCOMPRESSED_DIGEST);
     let size = d.annotation(mt::AGODA_UNCOMPRESSED_SIZE);
@@ -305,7 +342,13 @@ fn agoda_file(role: Role, layers: &[(Encoding, &Descriptor)]) -> std::result::Re
         (Some(digest), Some(_)) => {
             validate_digest(digest)?;
             let size = parse_u64(d, mt::AGODA_UNCOMPRESSED_SIZE)?;
-            Part { desc: (*d).clone(), encoding: *enc, offset: 0, size, digest: digest.to_string() }
+            Part {
+                desc: (*d).clone(),
+                encoding: *enc,
+                offset: 0,
+                size,
+                digest: digest.to_string(),
+            }
         }
         // macOS-vz-kubelet's "plain path": a blob without the annotations is the file itself.
         (None, None) => Part {
@@ -315,19 +358,34 @@ fn agoda_file(role: Role, layers: &[(Encoding, &Descriptor)]) -> std::result::Re
             size: d.size,
             digest: d.digest.clone(),
         },
-        _ => return Err(format!("layer {} has only one of the uncompressed-* annotations", d.digest)),
+        _ => {
+            return Err(format!(
+                "layer {} has only one of the uncompressed-* annotations",
+                d.digest
+            ));
+        }
     };
-    Ok(FilePlan { role, size: part.size, parts: vec![part] })
+    Ok(FilePlan {
+        role,
+        size: part.size,
+        parts: vec![part],
+    })
 }
 
-fn vzk_file(role: Role, layers: &[(Encoding, &Descriptor)]) -> std::result::Result<FilePlan, String> {
+fn vzk_file(
+    role: Role,
+    layers: &[(Encoding, &Descriptor)],
+) -> std::result::Result<FilePlan, String> {
     let name = role.file_name();
     let mut parts = Vec::with_capacity(layers.len());
     let mut file_size = None;
     let mut next = 0u64;
     for (enc, d) in layers {
         if d.annotation(mt::ANNOTATION_TITLE) != Some(name) {
-            return Err(format!("chunk {} of {name} must have the title {name:?}", d.digest));
+            return Err(format!(
+                "chunk {} of {name} must have the title {name:?}",
+                d.digest
+            ));
         }
         let fs = parse_u64(d, mt::VZK_FILE_SIZE)?;
         if *file_size.get_or_insert(fs) != fs {
@@ -340,42 +398,75 @@ fn vzk_file(role: Role, layers: &[(Encoding, &Descriptor)]) -> std::result::Resu
             .ok_or_else(|| format!("chunk {} lacks {}", d.digest, mt::VZK_UNCOMPRESSED_DIGEST))?;
         validate_digest(digest)?;
         if offset != next {
-            return Err(format!("chunk of {name} at offset {offset}, expected {next} (chunks must be contiguous, in order)"));
+            return Err(format!(
+                "chunk of {name} at offset {offset}, expected {next} (chunks must be contiguous, in order)"
+            ));
         }
         next = offset.checked_add(size).ok_or("chunk offset overflows")?;
-        parts.push(Part { desc: (*d).clone(), encoding: *enc, offset, size, digest: digest.to_string() });
+        parts.push(Part {
+            desc: (*d).clone(),
+            encoding: *enc,
+            offset,
+            size,
+            digest: digest.to_string(),
+        });
     }
     let size = file_size.unwrap_or(0);
     if next != size {
-        return Err(format!("chunks of {name} cover {next} bytes, the file has {size}"));
+        return Err(format!(
+            "chunks of {name} cover {next} bytes, the file has {size}"
+        ));
     }
     Ok(FilePlan { role, size, parts })
 }
 
-fn tart_file(role: Role, layers: &[(Encoding, &Descriptor)]) -> std::result::Result<FilePlan, String> {
+fn tart_file(
+    role: Role,
+    layers: &[(Encoding, &Descriptor)],
+) -> std::result::Result<FilePlan, String> {
     let mut parts = Vec::with_capacity(layers.len());
     let mut offset = 0u64;
     for (enc, d) in layers {
         let part = match enc {
             Encoding::AppleLz4Chunk => {
                 let size = parse_u64(d, mt::TART_UNCOMPRESSED_SIZE)?;
-                let digest = d
-                    .annotation(mt::TART_UNCOMPRESSED_DIGEST)
-                    .ok_or_else(|| format!("disk layer {} lacks {}", d.digest, mt::TART_UNCOMPRESSED_DIGEST))?;
+                let digest = d.annotation(mt::TART_UNCOMPRESSED_DIGEST).ok_or_else(|| {
+                    format!(
+                        "disk layer {} lacks {}",
+                        d.digest,
+                        mt::TART_UNCOMPRESSED_DIGEST
+                    )
+                })?;
                 validate_digest(digest)?;
-                Part { desc: (*d).clone(), encoding: *enc, offset, size, digest: digest.to_string() }
+                Part {
+                    desc: (*d).clone(),
+                    encoding: *enc,
+                    offset,
+                    size,
+                    digest: digest.to_string(),
+                }
             }
             _ => {
                 if layers.len() != 1 {
                     return Err(format!("{} layers for {}", layers.len(), role.file_name()));
                 }
-                Part { desc: (*d).clone(), encoding: *enc, offset, size: d.size, digest: d.digest.clone() }
+                Part {
+                    desc: (*d).clone(),
+                    encoding: *enc,
+                    offset,
+                    size: d.size,
+                    digest: d.digest.clone(),
+                }
             }
         };
         offset = offset.checked_add(part.size).ok_or("disk size overflows")?;
         parts.push(part);
     }
-    Ok(FilePlan { role, size: offset, parts })
+    Ok(FilePlan {
+        role,
+        size: offset,
+        parts,
+    })
 }
 
 #[cfg(test)]
@@ -445,13 +536,23 @@ mod tests {
     fn refuses_bad_manifests() {
         let cases: &[(&str, &str, &str)] = &[
             ("disk.img\"", "../disk.img\"", "not a plain file name"),
-            ("application/vnd.agoda.macosvz.aux.image.v1", "application/x-unknown", "unsupported layer media type"),
-            ("\"schemaVersion\": 2", "\"schemaVersion\": 1", "schemaVersion 1"),
+            (
+                "application/vnd.agoda.macosvz.aux.image.v1",
+                "application/x-unknown",
+                "unsupported layer media type",
+            ),
+            (
+                "\"schemaVersion\": 2",
+                "\"schemaVersion\": 1",
+                "schemaVersion 1",
+            ),
             ("\"137438953472\"", "\"lots\"", "is not a number"),
         ];
         for (from, to, want) in cases {
             let text = AGODA_EXAMPLE.replacen(from, to, 1);
-            let err = parse_manifest(text.as_bytes(), "ex").and_then(|m| plan(&m, "ex")).expect_err(to);
+            let err = parse_manifest(text.as_bytes(), "ex")
+                .and_then(|m| plan(&m, "ex"))
+                .expect_err(to);
             assert!(err.to_string().contains(want), "{to}: {err}");
         }
         let truncated = &AGODA_EXAMPLE[..AGODA_EXAMPLE.len() / 2];

@@ -207,9 +207,15 @@ impl Role {
 
     /// The role of a file name in an image directory, if it is one.
     pub fn from_file_name(name: &str) -> Option<Role> {
-        [Role::Config, Role::Disk, Role::Aux, Role::Kernel, Role::Initrd]
-            .into_iter()
-            .find(|r| r.file_name() == name)
+        [
+            Role::Config,
+            Role::Disk,
+            Role::Aux,
+            Role::Kernel,
+            Role::Initrd,
+        ]
+        .into_iter()
+        .find(|r| r.file_name() == name)
     }
 }
 
@@ -251,7 +257,10 @@ mod tests {
     #[test]
     fn every_vzk_role_round_trips() {
         for role in [Role::Disk, Role::Aux, Role::Kernel, Role::Initrd] {
-            assert_eq!(classify(role.vzk_media_type()), Some((role, Encoding::ZstdChunk)));
+            assert_eq!(
+                classify(role.vzk_media_type()),
+                Some((role, Encoding::ZstdChunk))
+            );
             assert_eq!(Role::from_file_name(role.file_name()), Some(role));
         }
         assert_eq!(classify("application/octet-stream"), None);

@@ -73,7 +73,9 @@ pub struct BarProgress {
 impl BarProgress {
     /// A hidden bar until `begin`.
     pub fn new() -> BarProgress {
-        BarProgress { bar: indicatif::ProgressBar::hidden() }
+        BarProgress {
+            bar: indicatif::ProgressBar::hidden(),
+        }
     }
 }
 
@@ -87,7 +89,8 @@ impl Default for BarProgress {
 #[cfg(feature = "cli")]
 impl Progress for BarProgress {
     fn begin(&self, label: &str, total: u64) {
-        self.bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        self.bar
+            .set_draw_target(indicatif::ProgressDrawTarget::stderr());
         self.bar.set_length(total);
         self.bar.set_position(0);
         if let Ok(style) = indicatif::ProgressStyle::with_template(

@@ -27,14 +27,23 @@ pub(crate) async fn pull_into(
     concurrency: usize,
     progress: Arc<dyn Progress>,
 ) -> Result<VmConfig> {
-    let config_bytes = fetch::fetch_small(&reg, &plan.config.digest, plan.config.size, MAX_CONFIG_BYTES).await?;
+    let config_bytes = fetch::fetch_small(
+        &reg,
+        &plan.config.digest,
+        plan.config.size,
+        MAX_CONFIG_BYTES,
+    )
+    .await?;
     progress.advance(plan.config.size);
     let config: VmConfig = match plan.format {
         Format::Tart => {
-            std::fs::write(dir.join("tart-config.json"), &config_bytes).io("write", dir.join("tart-config.json"))?;
-            crate::tart::convert_config(&config_bytes).map_err(|reason| ImageError::InvalidManifest {
-                reference: reg.registry().to_string(),
-                reason,
+            std::fs::write(dir.join("tart-config.json"), &config_bytes)
+                .io("write", dir.join("tart-config.json"))?;
+            crate::tart::convert_config(&config_bytes).map_err(|reason| {
+                ImageError::InvalidManifest {
+                    reference: reg.registry().to_string(),
+                    reason,
+                }
             })?
         }
         _ => serde_json::from_slice(&config_bytes).map_err(|e| ImageError::InvalidManifest {
@@ -57,7 +66,13 @@ pub(crate) async fn pull_into(
     for f in &plan.files {
         let path = dir.join(f.role.file_name());
         let file = fetch::create_sparse(&path, f.size)?;
-        targets.insert(f.role, Arc::new(Target { file: Arc::new(file), name: f.role.file_name().to_string() }));
+        targets.insert(
+            f.role,
+            Arc::new(Target {
+                file: Arc::new(file),
+                name: f.role.file_name().to_string(),
+            }),
+        );
     }
     // Largest parts first, so the long tail is short.
     let mut jobs: Vec<_> = plan
@@ -73,11 +88,22 @@ pub(crate) async fn pull_into(
             let progress = progress.clone();
             async move {
                 let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
-                let dl = tokio::spawn(fetch::download(reg, part.desc.digest.clone(), part.desc.size, tx, progress));
+                let dl = tokio::spawn(fetch::download(
+                    reg,
+                    part.desc.digest.clone(),
+                    part.desc.size,
+                    tx,
+                    progress,
+                ));
                 let reader = BlobReader::new(rx, &part.desc.digest, part.desc.size, &target.name);
-                let res = tokio::task::spawn_blocking(move || fetch::decode_part(reader, &part, &target))
-                    .await
-                    .map_err(|e| ImageError::Io { op: "decode", path: "part".into(), source: std::io::Error::other(e) })?;
+                let res =
+                    tokio::task::spawn_blocking(move || fetch::decode_part(reader, &part, &target))
+                        .await
+                        .map_err(|e| ImageError::Io {
+                            op: "decode",
+                            path: "part".into(),
+                            source: std::io::Error::other(e),
+                        })?;
                 dl.abort();
                 res
             }

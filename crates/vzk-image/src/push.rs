@@ -68,7 +68,10 @@ impl Default for PushOptions {
             format: Format::Vzk,
             agoda_layout: AgodaLayout::default(),
             chunk_size: mt::DEFAULT_CHUNK_SIZE,
-            concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2) + 1,
+            concurrency: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .max(2)
+                + 1,
             gzip_level: 6,
             zstd_level: 3,
             registry: RegistryOptions::default(),
@@ -127,10 +130,14 @@ struct Prepared {
 
 /// Push the image directory `dir` to `reference`.
 pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Result<PushReport> {
-    let bad = |reason: String| ImageError::InvalidImageDir { path: dir.to_path_buf(), reason };
+    let bad = |reason: String| ImageError::InvalidImageDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
     let cfg_path = dir.join("config.json");
     let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| bad(format!("config.json: {e}")))?;
-    let config: VmConfig = serde_json::from_slice(&cfg_bytes).map_err(|e| bad(format!("config.json: {e}")))?;
+    let config: VmConfig =
+        serde_json::from_slice(&cfg_bytes).map_err(|e| bad(format!("config.json: {e}")))?;
     let mut files = Vec::new();
     for role in [Role::Kernel, Role::Initrd, Role::Disk, Role::Aux] {
         let p = dir.join(role.file_name());
@@ -147,8 +154,14 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
     }
     match opts.format {
         Format::Agoda => {
-            if !has(Role::Aux) || has(Role::Kernel) || has(Role::Initrd) || config.os != GuestOs::Darwin {
-                return Err(bad("the agoda format carries a macOS image: disk.img, aux.img, config.json".into()));
+            if !has(Role::Aux)
+                || has(Role::Kernel)
+                || has(Role::Initrd)
+                || config.os != GuestOs::Darwin
+            {
+                return Err(bad(
+                    "the agoda format carries a macOS image: disk.img, aux.img, config.json".into(),
+                ));
             }
         }
         Format::Vzk => {
@@ -163,16 +176,30 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
         files.sort_by_key(|f| if f.0 == Role::Disk { 0 } else { 1 });
     }
     let total: u64 = files.iter().map(|f| f.2).sum();
-    let progress: Arc<dyn Progress> = opts.progress.clone().unwrap_or_else(|| Arc::new(NoProgress));
+    let progress: Arc<dyn Progress> = opts
+        .progress
+        .clone()
+        .unwrap_or_else(|| Arc::new(NoProgress));
     progress.begin(&format!("push {reference}"), total);
 
     let mut jobs = Vec::new();
     for (role, path, size) in &files {
-        let chunk = if opts.format == Format::Agoda { (*size).max(1) } else { opts.chunk_size.max(4096) };
+        let chunk = if opts.format == Format::Agoda {
+            (*size).max(1)
+        } else {
+            opts.chunk_size.max(4096)
+        };
         let mut off = 0u64;
         loop {
             let len = chunk.min(size - off);
-            jobs.push(Job { idx: jobs.len(), role: *role, path: path.clone(), offset: off, len, file_size: *size });
+            jobs.push(Job {
+                idx: jobs.len(),
+                role: *role,
+                path: path.clone(),
+                offset: off,
+                len,
+                file_size: *size,
+            });
             off += len;
             if off >= *size {
                 break;
@@ -199,7 +226,8 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
             let progress = progress.clone();
             async move {
                 let out = work.join(format!("blob-{}", job.idx));
-                let (role, offset, len, file_size, idx) = (job.role, job.offset, job.len, job.file_size, job.idx);
+                let (role, offset, len, file_size, idx) =
+                    (job.role, job.offset, job.len, job.file_size, job.idx);
                 let p = progress.clone();
                 let prepared = tokio::task::spawn_blocking(move || match format {
                     Format::Agoda => gzip_file(&job.path, &out, gz, threads, &*p),
@@ -224,14 +252,21 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
     let mut layers: Vec<Descriptor> = layers.into_iter().map(|(_, d)| d).collect();
 
     // config.json
-    let cfg_media = if format == Format::Agoda { mt::AGODA_CONFIG } else { mt::VZK_CONFIG };
+    let cfg_media = if format == Format::Agoda {
+        mt::AGODA_CONFIG
+    } else {
+        mt::VZK_CONFIG
+    };
     let cfg_desc = Descriptor {
         media_type: cfg_media.to_string(),
         digest: sha256_digest(&cfg_bytes),
         size: cfg_bytes.len() as u64,
         data: None,
         platform: None,
-        annotations: Some(BTreeMap::from([(mt::ANNOTATION_TITLE.to_string(), "config.json".to_string())])),
+        annotations: Some(BTreeMap::from([(
+            mt::ANNOTATION_TITLE.to_string(),
+            "config.json".to_string(),
+        )])),
     };
     let cfg_prepared = Prepared {
         path: cfg_path.clone(),
@@ -240,7 +275,10 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
         udigest: cfg_desc.digest.clone(),
     };
     upload(&reg, &cfg_prepared, &seen, &stats).await?;
-    let platform = Platform { architecture: config.arch_or_default().to_string(), os: config.os.as_str().to_string() };
+    let platform = Platform {
+        architecture: config.arch_or_default().to_string(),
+        os: config.os.as_str().to_string(),
+    };
     let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let manifest = match (format, opts.agoda_layout) {
         (Format::Agoda, AgodaLayout::EmptyConfig) => {
@@ -251,7 +289,10 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
                 artifact_type: Some(mt::AGODA_ARTIFACT.to_string()),
                 config: Descriptor::empty_config(platform),
                 layers,
-                annotations: Some(BTreeMap::from([(mt::ANNOTATION_CREATED.to_string(), created)])),
+                annotations: Some(BTreeMap::from([(
+                    mt::ANNOTATION_CREATED.to_string(),
+                    created,
+                )])),
             }
         }
         (Format::Agoda, AgodaLayout::ConfigAsConfig) => {
@@ -262,7 +303,10 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
                 artifact_type: None,
                 config: cfg_desc,
                 layers,
-                annotations: Some(BTreeMap::from([(mt::ANNOTATION_CREATED.to_string(), created)])),
+                annotations: Some(BTreeMap::from([(
+                    mt::ANNOTATION_CREATED.to_string(),
+                    created,
+                )])),
             }
         }
         _ => {
@@ -282,15 +326,18 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
         }
     };
     if manifest.config.media_type == mt::OCI_EMPTY && !reg.has_blob(mt::OCI_EMPTY_DIGEST).await? {
-        reg.put_blob(mt::OCI_EMPTY_DIGEST, 2, || reqwest::Body::from(&b"{}"[..])).await?;
+        reg.put_blob(mt::OCI_EMPTY_DIGEST, 2, || reqwest::Body::from(&b"{}"[..]))
+            .await?;
     }
-    let bytes = serde_json::to_vec(&manifest).map_err(|e| bad(format!("serialise manifest: {e}")))?;
+    let bytes =
+        serde_json::to_vec(&manifest).map_err(|e| bad(format!("serialise manifest: {e}")))?;
     let tag = reference.tag.clone().unwrap_or_else(|| "latest".into());
     let digest = reg.put_manifest(&tag, &bytes, mt::OCI_MANIFEST).await?;
     for t in &opts.extra_tags {
         reg.put_manifest(t, &bytes, mt::OCI_MANIFEST).await?;
     }
-    let (uploaded_blobs, skipped_blobs, uploaded_bytes) = *stats.lock().map_err(|_| ImageError::Cancelled)?;
+    let (uploaded_blobs, skipped_blobs, uploaded_bytes) =
+        *stats.lock().map_err(|_| ImageError::Cancelled)?;
     let compressed_bytes = manifest.layers.iter().map(|l| l.size).sum();
     Ok(PushReport {
         digest,
@@ -303,14 +350,28 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
     })
 }
 
-fn layer_descriptor(format: Format, role: Role, p: &Prepared, offset: u64, len: u64, file_size: u64) -> Descriptor {
+fn layer_descriptor(
+    format: Format,
+    role: Role,
+    p: &Prepared,
+    offset: u64,
+    len: u64,
+    file_size: u64,
+) -> Descriptor {
     let mut ann = BTreeMap::new();
-    ann.insert(mt::ANNOTATION_TITLE.to_string(), role.file_name().to_string());
+    ann.insert(
+        mt::ANNOTATION_TITLE.to_string(),
+        role.file_name().to_string(),
+    );
     let media_type = match format {
         Format::Agoda => {
             ann.insert(mt::AGODA_UNCOMPRESSED_DIGEST.to_string(), p.udigest.clone());
             ann.insert(mt::AGODA_UNCOMPRESSED_SIZE.to_string(), len.to_string());
-            if role == Role::Disk { mt::AGODA_DISK } else { mt::AGODA_AUX }
+            if role == Role::Disk {
+                mt::AGODA_DISK
+            } else {
+                mt::AGODA_AUX
+            }
         }
         _ => {
             ann.insert(mt::VZK_CHUNK_OFFSET.to_string(), offset.to_string());
@@ -336,7 +397,10 @@ async fn upload(
     seen: &Mutex<HashSet<String>>,
     stats: &Mutex<(usize, usize, u64)>,
 ) -> Result<()> {
-    let first = seen.lock().map_err(|_| ImageError::Cancelled)?.insert(p.digest.clone());
+    let first = seen
+        .lock()
+        .map_err(|_| ImageError::Cancelled)?
+        .insert(p.digest.clone());
     if !first || reg.has_blob(&p.digest).await? {
         if let Ok(mut s) = stats.lock() {
             s.1 += 1;
@@ -377,10 +441,21 @@ impl<W: Write> Write for HashingWriter<W> {
 const READ_BLOCK: usize = 4 << 20;
 
 /// Compress one chunk of a file with zstd into `out`.
-fn zstd_chunk(path: &Path, offset: u64, len: u64, out: &Path, level: i32, progress: &dyn Progress) -> Result<Prepared> {
+fn zstd_chunk(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    out: &Path,
+    level: i32,
+    progress: &dyn Progress,
+) -> Result<Prepared> {
     let src = File::open(path).io("open", path)?;
     let dst = File::create(out).io("create", out)?;
-    let hw = HashingWriter { inner: BufWriter::with_capacity(1 << 20, dst), hasher: Sha256::new(), count: 0 };
+    let hw = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, dst),
+        hasher: Sha256::new(),
+        count: 0,
+    };
     let mut enc = zstd::stream::write::Encoder::new(hw, level).io("compress", path)?;
     let _ = enc.include_checksum(false);
     let mut uh = Sha256::new();
@@ -388,7 +463,8 @@ fn zstd_chunk(path: &Path, offset: u64, len: u64, out: &Path, level: i32, progre
     let mut pos = 0u64;
     while pos < len {
         let n = (len - pos).min(READ_BLOCK as u64) as usize;
-        src.read_exact_at(&mut buf[..n], offset + pos).io("read", path)?;
+        src.read_exact_at(&mut buf[..n], offset + pos)
+            .io("read", path)?;
         uh.update(&buf[..n]);
         enc.write_all(&buf[..n]).io("compress", path)?;
         pos += n as u64;
@@ -405,12 +481,22 @@ fn zstd_chunk(path: &Path, offset: u64, len: u64, out: &Path, level: i32, progre
 }
 
 /// Gzip a whole file as a series of members compressed on `threads` threads.
-fn gzip_file(path: &Path, out: &Path, level: u32, threads: usize, progress: &dyn Progress) -> Result<Prepared> {
+fn gzip_file(
+    path: &Path,
+    out: &Path,
+    level: u32,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<Prepared> {
     const MEMBER: usize = 4 << 20;
     let src = File::open(path).io("open", path)?;
     let size = src.metadata().io("stat", path)?.len();
     let dst = File::create(out).io("create", out)?;
-    let mut hw = HashingWriter { inner: BufWriter::with_capacity(1 << 20, dst), hasher: Sha256::new(), count: 0 };
+    let mut hw = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, dst),
+        hasher: Sha256::new(),
+        count: 0,
+    };
     let mut uh = Sha256::new();
     let batch = threads.max(1) * 2;
     let mut inputs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; MEMBER]).collect();
@@ -455,12 +541,19 @@ fn gzip_file(path: &Path, out: &Path, level: u32, threads: usize, progress: &dyn
             for (b, &n) in inputs.iter().zip(&lens) {
                 uh.update(&b[..n]);
             }
-            handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| vec![Err(std::io::Error::other("compressor panicked"))])).collect()
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| vec![Err(std::io::Error::other("compressor panicked"))])
+                })
+                .collect()
         });
         if lens.is_empty() {
             // Empty file: one empty gzip member.
             let e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
-            hw.write_all(&e.finish().io("compress", path)?).io("write", out)?;
+            hw.write_all(&e.finish().io("compress", path)?)
+                .io("write", out)?;
             break;
         }
         for (o, &n) in outputs.into_iter().zip(&lens) {

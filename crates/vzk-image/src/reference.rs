@@ -42,13 +42,17 @@ impl Reference {
         };
         let last_slash = name.rfind('/').map_or(0, |i| i + 1);
         let (name, tag) = match name[last_slash..].rfind(':') {
-            Some(i) => (&name[..last_slash + i], Some(name[last_slash + i + 1..].to_string())),
+            Some(i) => (
+                &name[..last_slash + i],
+                Some(name[last_slash + i + 1..].to_string()),
+            ),
             None => (name, None),
         };
         if let Some(t) = &tag {
             let ok = !t.is_empty()
                 && t.len() <= 128
-                && t.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
                 && !t.starts_with(['.', '-']);
             if !ok {
                 return Err(bad("invalid tag"));
@@ -62,7 +66,11 @@ impl Reference {
             }
             _ => (DOCKER_HUB.to_string(), name.to_string()),
         };
-        let registry = if registry == "index.docker.io" { DOCKER_HUB.to_string() } else { registry };
+        let registry = if registry == "index.docker.io" {
+            DOCKER_HUB.to_string()
+        } else {
+            registry
+        };
         let repository = if registry == DOCKER_HUB && !repository.contains('/') {
             format!("library/{repository}")
         } else {
@@ -78,25 +86,46 @@ impl Reference {
                     })
             })
         {
-            return Err(bad("invalid repository name (lower-case letters, digits, . _ - and /)"));
+            return Err(bad(
+                "invalid repository name (lower-case letters, digits, . _ - and /)",
+            ));
         }
-        let tag = if tag.is_none() && digest.is_none() { Some("latest".to_string()) } else { tag };
-        Ok(Reference { registry, repository, tag, digest })
+        let tag = if tag.is_none() && digest.is_none() {
+            Some("latest".to_string())
+        } else {
+            tag
+        };
+        Ok(Reference {
+            registry,
+            repository,
+            tag,
+            digest,
+        })
     }
 
     /// The host to talk HTTP to (`registry-1.docker.io` for Docker Hub).
     pub fn api_host(&self) -> &str {
-        if self.registry == DOCKER_HUB { DOCKER_HUB_API } else { &self.registry }
+        if self.registry == DOCKER_HUB {
+            DOCKER_HUB_API
+        } else {
+            &self.registry
+        }
     }
 
     /// The tag or digest to fetch the manifest by (the digest wins).
     pub fn manifest_ref(&self) -> &str {
-        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
+        self.digest
+            .as_deref()
+            .or(self.tag.as_deref())
+            .unwrap_or("latest")
     }
 
     /// Same repository, another digest.
     pub fn with_digest(&self, digest: &str) -> Reference {
-        Reference { digest: Some(digest.to_string()), ..self.clone() }
+        Reference {
+            digest: Some(digest.to_string()),
+            ..self.clone()
+        }
     }
 
     /// `registry/repository`, without tag or digest.
@@ -128,10 +157,17 @@ impl std::str::FromStr for Reference {
 /// Check `sha256:<64 lower-case hex>`; the only algorithm we accept.
 pub fn validate_digest(d: &str) -> std::result::Result<(), String> {
     match d.strip_prefix("sha256:") {
-        Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) => {
+        Some(hex)
+            if hex.len() == 64
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+        {
             Ok(())
         }
-        _ => Err(format!("invalid digest {d:?} (want sha256:<64 hex digits>)")),
+        _ => Err(format!(
+            "invalid digest {d:?} (want sha256:<64 hex digits>)"
+        )),
     }
 }
 
@@ -146,14 +182,23 @@ mod tests {
     #[test]
     fn normalises_like_docker() {
         let r = p("ubuntu");
-        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("docker.io", "library/ubuntu"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("docker.io", "library/ubuntu")
+        );
         assert_eq!(r.tag.as_deref(), Some("latest"));
         assert_eq!(r.api_host(), "registry-1.docker.io");
         let r = p("127.0.0.1:5000/macos:sonoma");
-        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("127.0.0.1:5000", "macos"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("127.0.0.1:5000", "macos")
+        );
         assert_eq!(r.tag.as_deref(), Some("sonoma"));
         let r = p("localhost/a/b");
-        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("localhost", "a/b"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("localhost", "a/b")
+        );
         let d = format!("sha256:{}", "a".repeat(64));
         let r = p(&format!("ghcr.io/org/img:1.0@{d}"));
         assert_eq!(r.manifest_ref(), d);
@@ -164,7 +209,15 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "UPPER/case", "a/../b", "r.io/x:", "r.io/x@sha256:zz", "r.io/x:-t", "r.io//x"] {
+        for bad in [
+            "",
+            "UPPER/case",
+            "a/../b",
+            "r.io/x:",
+            "r.io/x@sha256:zz",
+            "r.io/x:-t",
+            "r.io//x",
+        ] {
             assert!(Reference::parse(bad).is_err(), "{bad:?} should fail");
         }
     }

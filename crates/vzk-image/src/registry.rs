@@ -8,7 +8,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE,
+};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Mutex;
@@ -107,7 +109,11 @@ impl Registry {
     }
 
     fn err(&self, what: impl Into<String>, detail: impl Into<String>) -> ImageError {
-        ImageError::Registry { registry: self.registry.clone(), what: what.into(), detail: detail.into() }
+        ImageError::Registry {
+            registry: self.registry.clone(),
+            what: what.into(),
+            detail: detail.into(),
+        }
     }
 
     fn unauthorized(&self, detail: impl Into<String>) -> ImageError {
@@ -130,7 +136,10 @@ impl Registry {
             if let Some(h) = &header {
                 rb = rb.header(AUTHORIZATION, h);
             }
-            let resp = rb.send().await.map_err(|e| self.err(what, error_chain(&e)))?;
+            let resp = rb
+                .send()
+                .await
+                .map_err(|e| self.err(what, error_chain(&e)))?;
             if resp.status() != StatusCode::UNAUTHORIZED {
                 return Ok(resp);
             }
@@ -147,12 +156,16 @@ impl Registry {
             }
             if st.header.is_some() {
                 // Our authorization was refused. A token may simply have expired; else try the next credential.
-                let fresh = st.obtained.is_some_and(|t| t.elapsed() < Duration::from_secs(30));
+                let fresh = st
+                    .obtained
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(30));
                 if fresh {
                     st.cred_idx += 1;
                 }
                 if st.cred_idx >= self.creds.len().max(1) {
-                    return Err(self.unauthorized(format!("{what}: credentials refused: {}", short(&body))));
+                    return Err(
+                        self.unauthorized(format!("{what}: credentials refused: {}", short(&body)))
+                    );
                 }
             }
             let cred = self.creds.get(st.cred_idx);
@@ -163,32 +176,51 @@ impl Registry {
         Err(self.unauthorized(format!("{what}: still unauthorized after authenticating")))
     }
 
-    async fn answer_challenge(&self, challenge: &str, cred: Option<&Credentials>, what: &str) -> Result<String> {
+    async fn answer_challenge(
+        &self,
+        challenge: &str,
+        cred: Option<&Credentials>,
+        what: &str,
+    ) -> Result<String> {
         let (scheme, params) = parse_challenge(challenge);
         match scheme.to_ascii_lowercase().as_str() {
             "basic" => {
-                let c = cred.ok_or_else(|| self.unauthorized(format!("{what}: the registry requires credentials")))?;
+                let c = cred.ok_or_else(|| {
+                    self.unauthorized(format!("{what}: the registry requires credentials"))
+                })?;
                 use base64::Engine as _;
                 let raw = format!("{}:{}", c.username, c.password);
-                Ok(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw)))
+                Ok(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(raw)
+                ))
             }
             "bearer" => {
                 let realm = params
                     .iter()
                     .find(|(k, _)| k == "realm")
                     .map(|(_, v)| v.clone())
-                    .ok_or_else(|| self.unauthorized(format!("{what}: bearer challenge without realm")))?;
-                let service = params.iter().find(|(k, _)| k == "service").map(|(_, v)| v.clone());
+                    .ok_or_else(|| {
+                        self.unauthorized(format!("{what}: bearer challenge without realm"))
+                    })?;
+                let service = params
+                    .iter()
+                    .find(|(k, _)| k == "service")
+                    .map(|(_, v)| v.clone());
                 let actions = if self.push { "pull,push" } else { "pull" };
                 let scope = params
                     .iter()
                     .find(|(k, _)| k == "scope")
                     .map(|(_, v)| v.clone())
                     .unwrap_or_else(|| format!("repository:{}:{actions}", self.repository));
-                let token = self.fetch_token(&realm, service.as_deref(), &scope, cred).await?;
+                let token = self
+                    .fetch_token(&realm, service.as_deref(), &scope, cred)
+                    .await?;
                 Ok(format!("Bearer {token}"))
             }
-            _ => Err(self.unauthorized(format!("{what}: unsupported auth challenge {challenge:?}"))),
+            _ => {
+                Err(self.unauthorized(format!("{what}: unsupported auth challenge {challenge:?}")))
+            }
         }
     }
 
@@ -228,7 +260,11 @@ impl Registry {
                 if let Some(s) = service {
                     q.push(("service", s));
                 }
-                let query = q.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect::<Vec<_>>().join("&");
+                let query = q
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", urlencode(v)))
+                    .collect::<Vec<_>>()
+                    .join("&");
                 let sep = if realm.contains('?') { '&' } else { '?' };
                 let mut rb = self.http.get(format!("{realm}{sep}{query}"));
                 if let Some(c) = cred {
@@ -239,20 +275,33 @@ impl Registry {
         }
         .map_err(|e| self.err(&what, error_chain(&e)))?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| self.err(&what, error_chain(&e)))?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| self.err(&what, error_chain(&e)))?;
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(self.unauthorized(format!("token endpoint said {status}: {}", short(&String::from_utf8_lossy(&body)))));
+            return Err(self.unauthorized(format!(
+                "token endpoint said {status}: {}",
+                short(&String::from_utf8_lossy(&body))
+            )));
         }
         if !status.is_success() {
-            return Err(self.err(&what, format!("{status}: {}", short(&String::from_utf8_lossy(&body)))));
+            return Err(self.err(
+                &what,
+                format!("{status}: {}", short(&String::from_utf8_lossy(&body))),
+            ));
         }
         #[derive(serde::Deserialize)]
         struct Tok {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let t: Tok = serde_json::from_slice(&body).map_err(|e| self.err(&what, format!("bad token response: {e}")))?;
-        t.token.or(t.access_token).filter(|t| !t.is_empty()).ok_or_else(|| self.err(&what, "no token in response"))
+        let t: Tok = serde_json::from_slice(&body)
+            .map_err(|e| self.err(&what, format!("bad token response: {e}")))?;
+        t.token
+            .or(t.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| self.err(&what, "no token in response"))
     }
 
     async fn check(&self, what: &str, resp: Response) -> Result<Response> {
@@ -261,7 +310,10 @@ impl Registry {
             return Ok(resp);
         }
         if status == StatusCode::NOT_FOUND {
-            return Err(ImageError::NotFound { registry: self.registry.clone(), what: what.to_string() });
+            return Err(ImageError::NotFound {
+                registry: self.registry.clone(),
+                what: what.to_string(),
+            });
         }
         if status == StatusCode::FORBIDDEN {
             let body = resp.text().await.unwrap_or_default();
@@ -275,10 +327,21 @@ impl Registry {
     pub async fn get_manifest(&self, reference: &str) -> Result<FetchedManifest> {
         let what = format!("GET manifest {}:{reference}", self.repository);
         let url = self.url(&format!("manifests/{reference}"));
-        let accept = [mt::OCI_MANIFEST, mt::OCI_INDEX, mt::DOCKER_MANIFEST, mt::DOCKER_MANIFEST_LIST].join(", ");
-        let resp = self.send(&what, &|| self.http.get(&url).header(ACCEPT, &accept)).await?;
+        let accept = [
+            mt::OCI_MANIFEST,
+            mt::OCI_INDEX,
+            mt::DOCKER_MANIFEST,
+            mt::DOCKER_MANIFEST_LIST,
+        ]
+        .join(", ");
+        let resp = self
+            .send(&what, &|| self.http.get(&url).header(ACCEPT, &accept))
+            .await?;
         let mut resp = self.check(&what, resp).await?;
-        if resp.content_length().is_some_and(|l| l > MAX_MANIFEST_BYTES) {
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_MANIFEST_BYTES)
+        {
             return Err(self.err(&what, "manifest larger than 4 MiB"));
         }
         let media_type = resp
@@ -288,7 +351,11 @@ impl Registry {
             .unwrap_or("")
             .to_string();
         let mut buf = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| self.err(&what, error_chain(&e)))? {
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| self.err(&what, error_chain(&e)))?
+        {
             buf.extend_from_slice(&chunk);
             if buf.len() as u64 > MAX_MANIFEST_BYTES {
                 return Err(self.err(&what, "manifest larger than 4 MiB"));
@@ -302,7 +369,11 @@ impl Registry {
                 reason: format!("the registry sent a manifest whose digest is {digest}"),
             });
         }
-        Ok(FetchedManifest { bytes: buf.into(), digest, media_type })
+        Ok(FetchedManifest {
+            bytes: buf.into(),
+            digest,
+            media_type,
+        })
     }
 
     /// Resolve a tag to its manifest digest without downloading the manifest (HEAD).
@@ -310,7 +381,9 @@ impl Registry {
         let what = format!("HEAD manifest {}:{reference}", self.repository);
         let url = self.url(&format!("manifests/{reference}"));
         let accept = [mt::OCI_MANIFEST, mt::OCI_INDEX].join(", ");
-        let resp = self.send(&what, &|| self.http.head(&url).header(ACCEPT, &accept)).await?;
+        let resp = self
+            .send(&what, &|| self.http.head(&url).header(ACCEPT, &accept))
+            .await?;
         let resp = self.check(&what, resp).await?;
         Ok(resp
             .headers()
@@ -327,7 +400,11 @@ impl Registry {
         let resp = self
             .send(&what, &|| {
                 let rb = self.http.get(&url);
-                if offset > 0 { rb.header(RANGE, format!("bytes={offset}-")) } else { rb }
+                if offset > 0 {
+                    rb.header(RANGE, format!("bytes={offset}-"))
+                } else {
+                    rb
+                }
             })
             .await?;
         let resp = self.check(&what, resp).await?;
@@ -341,7 +418,12 @@ impl Registry {
                 .and_then(|v| v.split('-').next())
                 .and_then(|v| v.parse::<u64>().ok());
             if start != Some(offset) {
-                return Err(self.err(&what, format!("asked for bytes from {offset}, got Content-Range starting at {start:?}")));
+                return Err(self.err(
+                    &what,
+                    format!(
+                        "asked for bytes from {offset}, got Content-Range starting at {start:?}"
+                    ),
+                ));
             }
         }
         Ok((resp, partial))
@@ -375,7 +457,11 @@ impl Registry {
             .get(LOCATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| self.err(&what, "no Location in the upload response"))?;
-        let location = if location.starts_with('/') { format!("{}{location}", self.base) } else { location.to_string() };
+        let location = if location.starts_with('/') {
+            format!("{}{location}", self.base)
+        } else {
+            location.to_string()
+        };
         let sep = if location.contains('?') { '&' } else { '?' };
         let put_url = format!("{location}{sep}digest={}", urlencode(digest));
         let header = self.auth.lock().await.header.clone();
@@ -388,17 +474,30 @@ impl Registry {
         if let Some(h) = header {
             rb = rb.header(AUTHORIZATION, h);
         }
-        let resp = rb.send().await.map_err(|e| self.err(&what, error_chain(&e)))?;
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| self.err(&what, error_chain(&e)))?;
         self.check(&what, resp).await.map(|_| ())
     }
 
     /// Upload a manifest under a tag (or digest); returns its digest.
-    pub async fn put_manifest(&self, reference: &str, bytes: &[u8], media_type: &str) -> Result<String> {
+    pub async fn put_manifest(
+        &self,
+        reference: &str,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<String> {
         let what = format!("PUT manifest {}:{reference}", self.repository);
         let url = self.url(&format!("manifests/{reference}"));
         let body = Bytes::copy_from_slice(bytes);
         let resp = self
-            .send(&what, &|| self.http.put(&url).header(CONTENT_TYPE, media_type).body(body.clone()))
+            .send(&what, &|| {
+                self.http
+                    .put(&url)
+                    .header(CONTENT_TYPE, media_type)
+                    .body(body.clone())
+            })
             .await?;
         self.check(&what, resp).await?;
         Ok(sha256_digest(bytes))
@@ -420,7 +519,11 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 
 fn short(s: &str) -> String {
     let s = s.trim();
-    if s.len() > 300 { format!("{}…", &s[..s.floor_char_boundary(300)]) } else { s.to_string() }
+    if s.len() > 300 {
+        format!("{}…", &s[..s.floor_char_boundary(300)])
+    } else {
+        s.to_string()
+    }
 }
 
 fn urlencode(s: &str) -> String {
@@ -445,7 +548,12 @@ pub(crate) fn parse_challenge(h: &str) -> (String, Vec<(String, String)>) {
         while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
             chars.next();
         }
-        let key: String = chars.by_ref().take_while(|c| *c != '=').collect::<String>().trim().to_string();
+        let key: String = chars
+            .by_ref()
+            .take_while(|c| *c != '=')
+            .collect::<String>()
+            .trim()
+            .to_string();
         if key.is_empty() {
             break;
         }
@@ -483,7 +591,10 @@ mod tests {
             r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:a/b:pull,push""#,
         );
         assert_eq!(s, "Bearer");
-        assert_eq!(p[0], ("realm".into(), "https://auth.docker.io/token".into()));
+        assert_eq!(
+            p[0],
+            ("realm".into(), "https://auth.docker.io/token".into())
+        );
         assert_eq!(p[2], ("scope".into(), "repository:a/b:pull,push".into()));
         let (s, p) = parse_challenge(r#"Basic realm="Registry Realm""#);
         assert_eq!((s.as_str(), p[0].1.as_str()), ("Basic", "Registry Realm"));

@@ -61,7 +61,9 @@ impl PullPolicy {
             Some("Always") => PullPolicy::Always,
             Some("Never") => PullPolicy::Never,
             Some("IfNotPresent") => PullPolicy::IfNotPresent,
-            _ if reference.digest.is_none() && reference.tag.as_deref().is_none_or(|t| t == "latest") => {
+            _ if reference.digest.is_none()
+                && reference.tag.as_deref().is_none_or(|t| t == "latest") =>
+            {
                 PullPolicy::Always
             }
             _ => PullPolicy::IfNotPresent,
@@ -100,7 +102,11 @@ impl std::fmt::Debug for PullOptions {
 
 impl PullOptions {
     fn registry_options(&self) -> RegistryOptions {
-        RegistryOptions { credentials: self.credentials.clone(), plain_http: self.plain_http, insecure: self.insecure }
+        RegistryOptions {
+            credentials: self.credentials.clone(),
+            plain_http: self.plain_http,
+            insecure: self.insecure,
+        }
     }
 }
 
@@ -195,7 +201,10 @@ pub struct ImageStore {
 
 impl std::fmt::Debug for ImageStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImageStore").field("root", &self.inner.root).field("budget", &self.inner.budget).finish()
+        f.debug_struct("ImageStore")
+            .field("root", &self.inner.root)
+            .field("budget", &self.inner.budget)
+            .finish()
     }
 }
 
@@ -251,7 +260,14 @@ impl ImageStore {
 
     fn ref_path(&self, r: &Reference) -> Option<PathBuf> {
         let tag = r.tag.as_ref()?;
-        Some(self.inner.root.join("refs").join(&r.registry).join(&r.repository).join(tag))
+        Some(
+            self.inner
+                .root
+                .join("refs")
+                .join(&r.registry)
+                .join(&r.repository)
+                .join(tag),
+        )
     }
 
     /// Delete everything in `tmp/` not locked by a live pull.
@@ -284,7 +300,10 @@ impl ImageStore {
     pub fn get(&self, reference: &Reference) -> Result<Option<LocalImage>> {
         let digest = match &reference.digest {
             Some(d) => d.clone(),
-            None => match self.ref_path(reference).map(|p| std::fs::read_to_string(&p)) {
+            None => match self
+                .ref_path(reference)
+                .map(|p| std::fs::read_to_string(&p))
+            {
                 Some(Ok(d)) => d.trim().to_string(),
                 _ => return Ok(None),
             },
@@ -308,10 +327,26 @@ impl ImageStore {
             Err(e) => return Err(e).io("read", meta_path),
         };
         let cfg_path = dir.join("config.json");
-        let config: VmConfig = serde_json::from_slice(&std::fs::read(&cfg_path).io("read", &cfg_path)?)
-            .map_err(|e| ImageError::Io { op: "parse", path: cfg_path, source: std::io::Error::other(e) })?;
-        let reference = if reference.is_empty() { meta.reference } else { reference.to_string() };
-        Ok(Some(LocalImage { digest: digest.to_string(), reference, dir, format: meta.format, config }))
+        let config: VmConfig = serde_json::from_slice(
+            &std::fs::read(&cfg_path).io("read", &cfg_path)?,
+        )
+        .map_err(|e| ImageError::Io {
+            op: "parse",
+            path: cfg_path,
+            source: std::io::Error::other(e),
+        })?;
+        let reference = if reference.is_empty() {
+            meta.reference
+        } else {
+            reference.to_string()
+        };
+        Ok(Some(LocalImage {
+            digest: digest.to_string(),
+            reference,
+            dir,
+            format: meta.format,
+            config,
+        }))
     }
 
     /// Pull (or find) an image according to `opts.policy`; returns a verified directory.
@@ -326,15 +361,24 @@ impl ImageStore {
             return Ok(img);
         }
         if opts.policy == PullPolicy::Never {
-            return Err(ImageError::NotPresent { reference: reference.to_string() });
+            return Err(ImageError::NotPresent {
+                reference: reference.to_string(),
+            });
         }
         let key = reference.to_string();
         let (id, fut) = {
-            let mut map = self.inner.inflight.lock().map_err(|_| ImageError::Cancelled)?;
+            let mut map = self
+                .inner
+                .inflight
+                .lock()
+                .map_err(|_| ImageError::Cancelled)?;
             if let Some((id, f)) = map.get(&key) {
                 (*id, f.clone())
             } else {
-                let id = self.inner.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let id = self
+                    .inner
+                    .next_id
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let store = self.clone();
                 let r = reference.clone();
                 let o = opts.clone();
@@ -364,7 +408,10 @@ impl ImageStore {
     }
 
     async fn pull_now(&self, reference: &Reference, opts: &PullOptions) -> Result<LocalImage> {
-        let progress: Arc<dyn Progress> = opts.progress.clone().unwrap_or_else(|| Arc::new(NoProgress));
+        let progress: Arc<dyn Progress> = opts
+            .progress
+            .clone()
+            .unwrap_or_else(|| Arc::new(NoProgress));
         let reg = Arc::new(Registry::new(reference, &opts.registry_options(), false)?);
         let name = reference.to_string();
         let mut fetched = reg.get_manifest(reference.manifest_ref()).await?;
@@ -373,14 +420,17 @@ impl ImageStore {
             || serde_json::from_slice::<serde_json::Value>(&fetched.bytes)
                 .is_ok_and(|v| v.get("manifests").is_some());
         if is_index {
-            let index: Index = serde_json::from_slice(&fetched.bytes).map_err(|e| ImageError::InvalidManifest {
-                reference: name.clone(),
-                reason: format!("not a valid index: {e}"),
+            let index: Index = serde_json::from_slice(&fetched.bytes).map_err(|e| {
+                ImageError::InvalidManifest {
+                    reference: name.clone(),
+                    reason: format!("not a valid index: {e}"),
+                }
             })?;
-            let chosen = pick_platform(&index.manifests).ok_or_else(|| ImageError::InvalidManifest {
-                reference: name.clone(),
-                reason: "the index lists no manifest for a VM platform".into(),
-            })?;
+            let chosen =
+                pick_platform(&index.manifests).ok_or_else(|| ImageError::InvalidManifest {
+                    reference: name.clone(),
+                    reason: "the index lists no manifest for a VM platform".into(),
+                })?;
             fetched = reg.get_manifest(&chosen.digest).await?;
         }
         let digest = fetched.digest.clone();
@@ -398,7 +448,12 @@ impl ImageStore {
         // One pull per manifest across processes.
         let hex = digest.trim_start_matches("sha256:").to_string();
         let lock_path = self.tmp().join(format!("{hex}.lock"));
-        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).io("create", &lock_path)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .io("create", &lock_path)?;
         let lock = tokio::task::spawn_blocking(move || lock.lock().map(|_| lock))
             .await
             .map_err(|_| ImageError::Cancelled)?
@@ -417,7 +472,11 @@ impl ImageStore {
             reg,
             &plan,
             &work,
-            if opts.concurrency == 0 { crate::pull::default_concurrency() } else { opts.concurrency },
+            if opts.concurrency == 0 {
+                crate::pull::default_concurrency()
+            } else {
+                opts.concurrency
+            },
             progress.clone(),
         )
         .await;
@@ -430,23 +489,35 @@ impl ImageStore {
             }
         };
         let install = || -> Result<()> {
-            std::fs::write(work.join("manifest.json"), &fetched.bytes).io("write", work.join("manifest.json"))?;
-            let meta = Meta { reference: name.clone(), format: plan.format, pulled_at: chrono::Utc::now().to_rfc3339() };
+            std::fs::write(work.join("manifest.json"), &fetched.bytes)
+                .io("write", work.join("manifest.json"))?;
+            let meta = Meta {
+                reference: name.clone(),
+                format: plan.format,
+                pulled_at: chrono::Utc::now().to_rfc3339(),
+            };
             let meta_bytes = serde_json::to_vec_pretty(&meta).map_err(|e| ImageError::Io {
                 op: "serialise",
                 path: work.join("meta.json"),
                 source: std::io::Error::other(e),
             })?;
-            std::fs::write(work.join("meta.json"), meta_bytes).io("write", work.join("meta.json"))?;
+            std::fs::write(work.join("meta.json"), meta_bytes)
+                .io("write", work.join("meta.json"))?;
             File::create(work.join(".pin")).io("create", work.join(".pin"))?;
             for f in ["config.json", "manifest.json", "meta.json"] {
-                File::open(work.join(f)).and_then(|f| f.sync_all()).io("fsync", work.join(f))?;
+                File::open(work.join(f))
+                    .and_then(|f| f.sync_all())
+                    .io("fsync", work.join(f))?;
             }
-            File::open(&work).and_then(|f| f.sync_all()).io("fsync", &work)?;
+            File::open(&work)
+                .and_then(|f| f.sync_all())
+                .io("fsync", &work)?;
             let dest = self.image_dir(&digest);
             std::fs::rename(&work, &dest).io("install", &dest)?;
             let parent = dest.parent().unwrap_or(&dest);
-            File::open(parent).and_then(|f| f.sync_all()).io("fsync", parent)?;
+            File::open(parent)
+                .and_then(|f| f.sync_all())
+                .io("fsync", parent)?;
             Ok(())
         };
         if let Err(e) = install() {
@@ -467,14 +538,26 @@ impl ImageStore {
         );
         let dir = self.image_dir(&digest);
         touch(&dir);
-        Ok(LocalImage { digest, reference: name, dir, format: plan.format, config })
+        Ok(LocalImage {
+            digest,
+            reference: name,
+            dir,
+            format: plan.format,
+            config,
+        })
     }
 
     fn write_ref(&self, reference: &Reference, digest: &str) -> Result<()> {
-        let Some(path) = self.ref_path(reference) else { return Ok(()) };
+        let Some(path) = self.ref_path(reference) else {
+            return Ok(());
+        };
         let parent = path.parent().unwrap_or(&path).to_path_buf();
         std::fs::create_dir_all(&parent).io("create", &parent)?;
-        let tmp = parent.join(format!(".{}.tmp{}", reference.tag.as_deref().unwrap_or("x"), rand::random::<u32>()));
+        let tmp = parent.join(format!(
+            ".{}.tmp{}",
+            reference.tag.as_deref().unwrap_or("x"),
+            rand::random::<u32>()
+        ));
         std::fs::write(&tmp, digest).io("write", &tmp)?;
         std::fs::rename(&tmp, &path).io("write", &path)
     }
@@ -485,7 +568,8 @@ impl ImageStore {
         let f = File::open(&path).io("pin", &path)?;
         f.lock_shared().io("pin", &path)?;
         // A GC may have moved the directory away between open and lock.
-        let same = std::fs::metadata(&path).is_ok_and(|m| f.metadata().is_ok_and(|o| o.ino() == m.ino()));
+        let same =
+            std::fs::metadata(&path).is_ok_and(|m| f.metadata().is_ok_and(|o| o.ino() == m.ino()));
         if !same {
             return Err(ImageError::Io {
                 op: "pin",
@@ -494,7 +578,10 @@ impl ImageStore {
             });
         }
         touch(&image.dir);
-        Ok(PinGuard { _file: f, digest: image.digest.clone() })
+        Ok(PinGuard {
+            _file: f,
+            digest: image.digest.clone(),
+        })
     }
 
     fn refs(&self) -> Result<Vec<(String, PathBuf, String)>> {
@@ -511,9 +598,16 @@ impl ImageStore {
                 if p.is_dir() {
                     stack.push(p);
                 } else if !e.file_name().to_string_lossy().starts_with('.') {
-                    let rel = p.strip_prefix(&root).unwrap_or(&p).to_string_lossy().to_string();
+                    let rel = p
+                        .strip_prefix(&root)
+                        .unwrap_or(&p)
+                        .to_string_lossy()
+                        .to_string();
                     let (name, tag) = rel.rsplit_once('/').unwrap_or(("", &rel));
-                    let digest = std::fs::read_to_string(&p).unwrap_or_default().trim().to_string();
+                    let digest = std::fs::read_to_string(&p)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string();
                     out.push((format!("{name}:{tag}"), p, digest));
                 }
             }
@@ -529,10 +623,16 @@ impl ImageStore {
         let mut out = Vec::new();
         for e in std::fs::read_dir(&dir).io("list", &dir)?.flatten() {
             let digest = format!("sha256:{}", e.file_name().to_string_lossy());
-            let Some(img) = self.load(&digest, "")? else { continue };
+            let Some(img) = self.load(&digest, "")? else {
+                continue;
+            };
             let (disk_usage, size) = usage(&img.dir);
             out.push(ImageInfo {
-                references: refs.iter().filter(|r| r.2 == digest).map(|r| r.0.clone()).collect(),
+                references: refs
+                    .iter()
+                    .filter(|r| r.2 == digest)
+                    .map(|r| r.0.clone())
+                    .collect(),
                 digest,
                 format: img.format,
                 disk_usage,
@@ -552,14 +652,19 @@ impl ImageStore {
             Some(d) => Some(d.clone()),
             None => match self.ref_path(reference) {
                 Some(p) if p.exists() => {
-                    let d = std::fs::read_to_string(&p).io("read", &p)?.trim().to_string();
+                    let d = std::fs::read_to_string(&p)
+                        .io("read", &p)?
+                        .trim()
+                        .to_string();
                     std::fs::remove_file(&p).io("remove", &p)?;
                     Some(d)
                 }
                 _ => None,
             },
         };
-        let Some(digest) = digest else { return Ok(false) };
+        let Some(digest) = digest else {
+            return Ok(false);
+        };
         let still_tagged = self.refs()?.iter().any(|r| r.2 == digest);
         if !still_tagged || reference.digest.is_some() {
             self.delete_image(&digest)?;
@@ -632,15 +737,25 @@ impl ImageStore {
 }
 
 fn pick_platform(ms: &[Descriptor]) -> Option<&Descriptor> {
-    let host_arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
-    let host_os = if cfg!(target_os = "macos") { "darwin" } else { "linux" };
+    let host_arch = if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    let host_os = if cfg!(target_os = "macos") {
+        "darwin"
+    } else {
+        "linux"
+    };
     let score = |d: &Descriptor| match &d.platform {
         Some(p) if p.os == host_os && p.architecture == host_arch => 3,
         Some(p) if p.os == "darwin" && p.architecture == "arm64" => 2,
         Some(p) if p.architecture == host_arch => 1,
         _ => 0,
     };
-    ms.iter().max_by_key(|d| score(d)).filter(|_| !ms.is_empty())
+    ms.iter()
+        .max_by_key(|d| score(d))
+        .filter(|_| !ms.is_empty())
 }
 
 fn touch(dir: &Path) {

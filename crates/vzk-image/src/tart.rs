@@ -31,7 +31,14 @@ pub struct AppleLz4Reader<R> {
 impl<R: BufRead> AppleLz4Reader<R> {
     /// Wrap a reader of framed data.
     pub fn new(inner: R) -> Self {
-        AppleLz4Reader { inner, out: Vec::new(), pos: 0, dict: Vec::new(), enc: Vec::new(), done: false }
+        AppleLz4Reader {
+            inner,
+            out: Vec::new(),
+            pos: 0,
+            dict: Vec::new(),
+            enc: Vec::new(),
+            done: false,
+        }
     }
 
     fn u32(&mut self) -> std::io::Result<u32> {
@@ -43,12 +50,15 @@ impl<R: BufRead> AppleLz4Reader<R> {
     fn next_block(&mut self) -> std::io::Result<()> {
         let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
         let mut tag = [0u8; 4];
-        self.inner.read_exact(&mut tag).map_err(|e| bad(format!("truncated Apple LZ4 stream: {e}")))?;
+        self.inner
+            .read_exact(&mut tag)
+            .map_err(|e| bad(format!("truncated Apple LZ4 stream: {e}")))?;
         // The previous block's output becomes the dictionary of the next block.
         if !self.out.is_empty() {
             let keep = self.out.len().min(WINDOW);
             self.dict.clear();
-            self.dict.extend_from_slice(&self.out[self.out.len() - keep..]);
+            self.dict
+                .extend_from_slice(&self.out[self.out.len() - keep..]);
         }
         self.out.clear();
         self.pos = 0;
@@ -57,15 +67,23 @@ impl<R: BufRead> AppleLz4Reader<R> {
                 let decoded = self.u32()?;
                 let encoded = self.u32()?;
                 if decoded > MAX_BLOCK || encoded > MAX_BLOCK {
-                    return Err(bad(format!("Apple LZ4 block of {decoded}/{encoded} bytes is too large")));
+                    return Err(bad(format!(
+                        "Apple LZ4 block of {decoded}/{encoded} bytes is too large"
+                    )));
                 }
                 self.enc.resize(encoded as usize, 0);
                 self.inner.read_exact(&mut self.enc)?;
                 self.out.resize(decoded as usize, 0);
-                let n = lz4_flex::block::decompress_into_with_dict(&self.enc, &mut self.out, &self.dict)
-                    .map_err(|e| bad(format!("bad LZ4 block: {e}")))?;
+                let n = lz4_flex::block::decompress_into_with_dict(
+                    &self.enc,
+                    &mut self.out,
+                    &self.dict,
+                )
+                .map_err(|e| bad(format!("bad LZ4 block: {e}")))?;
                 if n != decoded as usize {
-                    return Err(bad(format!("LZ4 block decoded to {n} bytes, header says {decoded}")));
+                    return Err(bad(format!(
+                        "LZ4 block decoded to {n} bytes, header says {decoded}"
+                    )));
                 }
             }
             TAG_RAW => {
@@ -125,7 +143,8 @@ pub fn apple_lz4_encode(data: &[u8], block: usize) -> Vec<u8> {
 /// Convert Tart's `config.json` to ours (`ecid` → `machineIdData`, `hardwareModel` →
 /// `hardwareModelData`, `cpuCount` → `cpus`, `memorySize` → `memoryBytes`).
 pub fn convert_config(bytes: &[u8]) -> Result<VmConfig, String> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("Tart config.json: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("Tart config.json: {e}"))?;
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
     let os = match s("os").as_deref() {
         None | Some("darwin") => GuestOs::Darwin,
@@ -164,25 +183,41 @@ mod tests {
         let second = 12 + u32::from_le_bytes(enc[8..12].try_into().expect("4")) as usize;
         assert_eq!(&enc[second..second + 4], b"bv41");
         let second_len = u32::from_le_bytes(enc[second + 8..second + 12].try_into().expect("4"));
-        assert!(second_len < 1024, "second block uses the dictionary ({second_len} bytes)");
+        assert!(
+            second_len < 1024,
+            "second block uses the dictionary ({second_len} bytes)"
+        );
         let mut out = Vec::new();
-        AppleLz4Reader::new(&enc[..]).read_to_end(&mut out).expect("decodes");
+        AppleLz4Reader::new(&enc[..])
+            .read_to_end(&mut out)
+            .expect("decodes");
         assert_eq!(out, data);
     }
 
     #[test]
     fn rejects_garbage_and_truncation() {
         let mut out = Vec::new();
-        assert!(AppleLz4Reader::new(&b"xxxx"[..]).read_to_end(&mut out).is_err());
+        assert!(
+            AppleLz4Reader::new(&b"xxxx"[..])
+                .read_to_end(&mut out)
+                .is_err()
+        );
         let enc = apple_lz4_encode(b"hello hello hello hello", 8);
-        assert!(AppleLz4Reader::new(&enc[..enc.len() - 4]).read_to_end(&mut out).is_err());
+        assert!(
+            AppleLz4Reader::new(&enc[..enc.len() - 4])
+                .read_to_end(&mut out)
+                .is_err()
+        );
     }
 
     #[test]
     fn converts_tart_config() {
         let c = convert_config(br#"{"version":1,"os":"linux","arch":"arm64","cpuCount":4,"memorySize":4294967296,"ecid":"AA=="}"#)
             .expect("converts");
-        assert_eq!((c.os, c.cpus, c.memory_bytes), (GuestOs::Linux, Some(4), Some(4 << 30)));
+        assert_eq!(
+            (c.os, c.cpus, c.memory_bytes),
+            (GuestOs::Linux, Some(4), Some(4 << 30))
+        );
         assert_eq!(c.machine_id_data.as_deref(), Some("AA=="));
     }
 }

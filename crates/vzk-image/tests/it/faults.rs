@@ -1,0 +1,273 @@
+//! Faults: corrupt blobs, dropped connections, bombs, bad manifests. Nothing bad is cached.
+
+use std::path::Path;
+
+use vzk_image::manifest::Manifest;
+use vzk_image::media_types as mt;
+use vzk_image::registry::{Registry, RegistryOptions};
+use vzk_image::{ImageError, ImageStore, PullOptions, PushOptions, Reference, push};
+
+use crate::support::*;
+
+fn plain() -> RegistryOptions {
+    RegistryOptions {
+        plain_http: true,
+        ..Default::default()
+    }
+}
+
+fn pull_opts() -> PullOptions {
+    PullOptions {
+        plain_http: true,
+        ..Default::default()
+    }
+}
+
+/// The cache holds no image and no leftovers.
+fn assert_nothing_cached(root: &Path) {
+    let images: Vec<_> = std::fs::read_dir(root.join("images/sha256"))
+        .expect("ls")
+        .flatten()
+        .collect();
+    assert!(images.is_empty(), "no image installed: {images:?}");
+    let tmp: Vec<_> = std::fs::read_dir(root.join("tmp"))
+        .expect("ls")
+        .flatten()
+        .filter(|e| e.path().extension().is_none_or(|x| x != "lock"))
+        .collect();
+    assert!(tmp.is_empty(), "no leftovers: {tmp:?}");
+}
+
+async fn pushed(reg: &TestRegistry, src: &Path, tag: &str) -> (Reference, Manifest) {
+    let r = Reference::parse(&format!("{}/vm/f:{tag}", reg.addr)).expect("ref");
+    let rep = push(
+        src,
+        &r,
+        &PushOptions {
+            chunk_size: 2 << 20,
+            registry: plain(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("push");
+    (r, serde_json::from_slice(&rep.manifest).expect("manifest"))
+}
+
+async fn put_variant(reg: &TestRegistry, m: &Manifest, tag: &str) -> Reference {
+    let r = Reference::parse(&format!("{}/vm/f:{tag}", reg.addr)).expect("ref");
+    let client = Registry::new(&r, &plain(), true).expect("client");
+    client
+        .put_manifest(tag, &serde_json::to_vec(m).expect("json"), mt::OCI_MANIFEST)
+        .await
+        .expect("put manifest");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_blob_is_rejected_and_nothing_cached() {
+    let reg = TestRegistry::start(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 6 << 20);
+    let (r, m) = pushed(&reg, &src, "good").await;
+    // Flip bytes in the middle of the largest disk chunk, in the registry's storage.
+    let victim = m
+        .layers
+        .iter()
+        .filter(|l| l.media_type == mt::VZK_DISK)
+        .max_by_key(|l| l.size)
+        .expect("chunk");
+    let path = reg.blob_path(&victim.digest);
+    let mut bytes = std::fs::read(&path).expect("blob");
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&path, bytes).expect("corrupt");
+    let root = tmp.path().join("cache");
+    let store = ImageStore::open(&root, u64::MAX).expect("store");
+    let err = store
+        .pull(&r, &pull_opts())
+        .await
+        .expect_err("corrupt blob");
+    assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err:?}");
+    assert!(err.to_string().contains(&victim.digest), "{err}");
+    assert_nothing_cached(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connection_mid_blob_resumes() {
+    let reg = TestRegistry::start(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    // One big incompressible chunk so the cut lands inside a blob body.
+    std::fs::write(src.join("disk.img"), random_bytes(11, 8 << 20)).expect("disk");
+    std::fs::write(src.join("kernel"), random_bytes(12, 1000)).expect("kernel");
+    std::fs::write(
+        src.join("config.json"),
+        r#"{"os":"linux","kernelCmdline":"console=ttyS0"}"#,
+    )
+    .expect("cfg");
+    let proxy = DropProxy::start(reg.addr.clone(), Some(3 << 20)).await;
+    let r = Reference::parse(&format!("{}/vm/resume:1", proxy.addr)).expect("ref");
+    // Push directly (not through the cutting proxy).
+    let direct = Reference::parse(&format!("{}/vm/resume:1", reg.addr)).expect("ref");
+    push(
+        &src,
+        &direct,
+        &PushOptions {
+            chunk_size: 16 << 20,
+            registry: plain(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("push");
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    let img = store.pull(&r, &pull_opts()).await.expect("pull resumes");
+    assert_eq!(
+        proxy.cuts.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the proxy cut one connection"
+    );
+    assert_same_file(&src.join("disk.img"), &img.disk());
+    // The resume fetched the rest, not the whole blob again.
+    let moved = proxy
+        .response_bytes
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        moved < (8 << 20) + (4 << 20),
+        "resumed with Range: {moved} bytes moved"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bombs_unknown_types_and_bad_titles_are_refused() {
+    let reg = TestRegistry::start(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 5 << 20);
+    let (_, m) = pushed(&reg, &src, "good").await;
+    let root = tmp.path().join("cache");
+    let store = ImageStore::open(&root, u64::MAX).expect("store");
+
+    // Decompression bomb: the last disk chunk declares fewer bytes than it holds.
+    let mut bomb = m.clone();
+    let disk: Vec<usize> = (0..bomb.layers.len())
+        .filter(|&i| bomb.layers[i].media_type == mt::VZK_DISK)
+        .collect();
+    let last = *disk.last().expect("disk chunks");
+    for &i in &disk {
+        let a = bomb.layers[i].annotations.as_mut().expect("ann");
+        let fs: u64 = a[mt::VZK_FILE_SIZE].parse().expect("n");
+        a.insert(mt::VZK_FILE_SIZE.into(), (fs - 1000).to_string());
+        if i == last {
+            let us: u64 = a[mt::VZK_UNCOMPRESSED_SIZE].parse().expect("n");
+            a.insert(mt::VZK_UNCOMPRESSED_SIZE.into(), (us - 1000).to_string());
+        }
+    }
+    let r = put_variant(&reg, &bomb, "bomb").await;
+    let err = store.pull(&r, &pull_opts()).await.expect_err("bomb");
+    assert!(
+        matches!(err, ImageError::DecompressionBomb { .. }),
+        "{err:?}"
+    );
+
+    // Unknown layer media type.
+    let mut unknown = m.clone();
+    unknown.layers[1].media_type = "application/vnd.example.mystery.v1".into();
+    let r = put_variant(&reg, &unknown, "unknown").await;
+    let err = store.pull(&r, &pull_opts()).await.expect_err("unknown");
+    assert!(
+        err.to_string()
+            .contains("application/vnd.example.mystery.v1"),
+        "{err}"
+    );
+
+    // A title that escapes the directory.
+    let mut evil = m.clone();
+    evil.layers[0]
+        .annotations
+        .as_mut()
+        .expect("ann")
+        .insert(mt::ANNOTATION_TITLE.into(), "../config.json".into());
+    let r = put_variant(&reg, &evil, "evil").await;
+    let err = store.pull(&r, &pull_opts()).await.expect_err("evil");
+    assert!(
+        err.to_string().contains("../config.json") && err.to_string().contains("plain file name"),
+        "{err}"
+    );
+    assert_nothing_cached(&root);
+    assert!(!tmp.path().join("config.json").exists());
+}
+
+/// A one-route HTTP server answering every request with the same manifest bytes.
+async fn fake_registry(body: &'static [u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+                        mt::OCI_MANIFEST,
+                        body.len()
+                    );
+                    if s.write_all(head.as_bytes()).await.is_err()
+                        || s.write_all(body).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_and_malformed_manifests_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = tmp.path().join("cache");
+    let store = ImageStore::open(&root, u64::MAX).expect("store");
+    for (body, want) in [
+        (&br#"{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": {"#[..], "not a valid manifest"),
+        (&br#"{"schemaVersion": 2, "config": {"mediaType": "x", "digest": "sha256:00", "size": 1}, "layers": []}"#[..], "invalid digest"),
+        (&b"\x00\x01garbage"[..], "not a valid manifest"),
+    ] {
+        let addr = fake_registry(body).await;
+        let r = Reference::parse(&format!("{addr}/vm/x:1")).expect("ref");
+        let err = store.pull(&r, &pull_opts()).await.expect_err("bad manifest");
+        assert!(matches!(err, ImageError::InvalidManifest { .. }), "{err:?}");
+        assert!(err.to_string().contains(want), "{err}");
+    }
+    assert_nothing_cached(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_pull_leftovers_are_never_trusted() {
+    // What a kill -9 mid-pull leaves: an unlocked work directory with partial files.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = tmp.path().join("cache");
+    drop(ImageStore::open(&root, u64::MAX).expect("store"));
+    let work = root.join("tmp").join(format!("{}.123", "ab".repeat(32)));
+    std::fs::create_dir_all(&work).expect("mkdir");
+    std::fs::write(work.join("disk.img"), b"partial").expect("partial");
+    std::fs::write(work.join(".lock"), b"").expect("lock");
+    let store = ImageStore::open(&root, u64::MAX).expect("reopen");
+    assert!(!work.exists(), "leftover removed on open");
+    assert!(store.list().expect("list").is_empty());
+}

@@ -1,0 +1,463 @@
+//! Push → pull round trips per format, the reference agoda manifest, auth, skopeo.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use vzk_image::manifest::{Descriptor, Manifest, Platform};
+use vzk_image::media_types as mt;
+use vzk_image::push::AgodaLayout;
+use vzk_image::registry::{Registry, RegistryOptions, sha256_digest};
+use vzk_image::{
+    Credentials, Format, GuestOs, ImageError, ImageStore, PullOptions, PullPolicy, PushOptions,
+    Reference, push,
+};
+
+use crate::support::*;
+
+fn plain() -> RegistryOptions {
+    RegistryOptions {
+        plain_http: true,
+        ..Default::default()
+    }
+}
+
+fn pull_opts() -> PullOptions {
+    PullOptions {
+        plain_http: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vzk_linux_image_round_trips_bit_identical() {
+    let reg = TestRegistry::start(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, (9 << 20) + 12345);
+    let r = Reference::parse(&format!("{}/vm/linux:v1", reg.addr)).expect("ref");
+    let opts = PushOptions {
+        chunk_size: 2 << 20,
+        registry: plain(),
+        ..Default::default()
+    };
+    let report = push(&src, &r, &opts).await.expect("push");
+    assert!(report.uploaded_blobs >= 5, "{report:?}");
+    // Pushing again uploads nothing.
+    let again = push(&src, &r, &opts).await.expect("push again");
+    assert_eq!(again.uploaded_blobs, 0, "{again:?}");
+
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    let img = store.pull(&r, &pull_opts()).await.expect("pull");
+    assert_eq!(img.format, Format::Vzk);
+    assert_eq!(img.digest, report.digest);
+    assert_eq!(img.config.os, GuestOs::Linux);
+    assert_eq!(
+        img.config.kernel_cmdline.as_deref(),
+        Some("console=ttyS0 root=/dev/vda rw")
+    );
+    for f in ["kernel", "initrd", "disk.img", "config.json"] {
+        assert_same_file(&src.join(f), &img.dir.join(f));
+    }
+    // Zero blocks stay holes.
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(img.disk()).expect("stat");
+    assert!(
+        m.blocks() * 512 < m.len() * 8 / 10,
+        "disk.img is sparse: {} of {}",
+        m.blocks() * 512,
+        m.len()
+    );
+    // IfNotPresent with the registry gone still works; Never too.
+    drop(reg);
+    let again = store
+        .pull(
+            &r,
+            &PullOptions {
+                policy: PullPolicy::Never,
+                ..pull_opts()
+            },
+        )
+        .await
+        .expect("never");
+    assert_eq!(again.dir, img.dir);
+    let again = store.pull(&r, &pull_opts()).await.expect("if-not-present");
+    assert_eq!(again.digest, img.digest);
+    let err = store
+        .pull(
+            &r,
+            &PullOptions {
+                policy: PullPolicy::Always,
+                ..pull_opts()
+            },
+        )
+        .await
+        .expect_err("always");
+    assert!(err.to_string().contains(&r.registry), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agoda_both_layouts_round_trip_with_auth() {
+    let reg = TestRegistry::start(true);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    macos_image(&src, 6 << 20);
+    let creds = vec![Credentials::basic(USER, PASS)];
+    let regopts = RegistryOptions {
+        credentials: creds.clone(),
+        ..plain()
+    };
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    for (tag, layout) in [
+        ("a", AgodaLayout::EmptyConfig),
+        ("b", AgodaLayout::ConfigAsConfig),
+    ] {
+        let r = Reference::parse(&format!("{}/macos:{tag}", reg.addr)).expect("ref");
+        let opts = PushOptions {
+            format: Format::Agoda,
+            agoda_layout: layout,
+            registry: regopts.clone(),
+            ..Default::default()
+        };
+        let rep = push(&src, &r, &opts).await.expect("push");
+        let m: Manifest = serde_json::from_slice(&rep.manifest).expect("manifest");
+        match layout {
+            AgodaLayout::EmptyConfig => {
+                assert_eq!(m.artifact_type.as_deref(), Some(mt::AGODA_ARTIFACT));
+                assert_eq!(m.config.digest, mt::OCI_EMPTY_DIGEST);
+                let types: Vec<_> = m.layers.iter().map(|l| l.media_type.as_str()).collect();
+                assert_eq!(types, [mt::AGODA_DISK, mt::AGODA_AUX, mt::AGODA_CONFIG]);
+                let disk = &m.layers[0];
+                assert_eq!(
+                    disk.annotation(mt::AGODA_UNCOMPRESSED_SIZE),
+                    Some("6291456")
+                );
+                assert_eq!(
+                    disk.annotation(mt::AGODA_UNCOMPRESSED_DIGEST)
+                        .map(str::to_string),
+                    Some(format!("sha256:{}", sha256_file(&src.join("disk.img"))))
+                );
+            }
+            AgodaLayout::ConfigAsConfig => {
+                assert_eq!(m.config.media_type, mt::AGODA_CONFIG);
+                assert_eq!(m.layers.len(), 2);
+            }
+        }
+        // The disk blob is a plain gzip stream any gzip reads.
+        let blob = reg.blob_path(
+            &m.layers
+                .iter()
+                .find(|l| l.media_type == mt::AGODA_DISK)
+                .expect("disk")
+                .digest,
+        );
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("gzip -dc < {} | sha256sum", blob.display()))
+            .output()
+            .expect("gzip");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).starts_with(&sha256_file(&src.join("disk.img")))
+        );
+        let img = store
+            .pull(
+                &r,
+                &PullOptions {
+                    credentials: creds.clone(),
+                    ..pull_opts()
+                },
+            )
+            .await
+            .expect("pull");
+        assert_eq!(img.format, Format::Agoda);
+        for f in ["disk.img", "aux.img", "config.json"] {
+            assert_same_file(&src.join(f), &img.dir.join(f));
+        }
+        assert!(img.config.hardware_model_data.is_some());
+    }
+    // Wrong credentials: a clear error naming the registry.
+    let r = Reference::parse(&format!("{}/macos:a", reg.addr)).expect("ref");
+    let store2 = ImageStore::open(tmp.path().join("cache2"), u64::MAX).expect("store");
+    let err = store2
+        .pull(
+            &r,
+            &PullOptions {
+                credentials: vec![Credentials::basic(USER, "wrong")],
+                ..pull_opts()
+            },
+        )
+        .await
+        .expect_err("wrong password");
+    assert!(matches!(err, ImageError::Unauthorized { .. }), "{err:?}");
+    assert!(err.to_string().contains(&reg.addr), "{err}");
+    let err = store2.pull(&r, &pull_opts()).await.expect_err("anonymous");
+    assert!(
+        err.to_string().contains(&reg.addr) && err.to_string().contains("credentials"),
+        "{err}"
+    );
+}
+
+/// Build a manifest exactly like the reference example (same media types, annotations,
+/// config descriptor, layer order, created annotation) around small blobs, and pull it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_example_manifest_is_pulled_and_laid_out() {
+    let reg = TestRegistry::start(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let r = Reference::parse(&format!("{}/macos:example", reg.addr)).expect("ref");
+    let client = Registry::new(&r, &plain(), true).expect("client");
+    let disk = [
+        random_bytes(4, 1 << 20),
+        vec![0u8; 3 << 20],
+        text_bytes(1 << 20),
+    ]
+    .concat();
+    let aux = [random_bytes(5, 8192), vec![0u8; 33570816 - 8192]].concat();
+    let gz = |data: &[u8]| {
+        use std::io::Write as _;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).expect("gz");
+        e.finish().expect("gz")
+    };
+    let mut layers = Vec::new();
+    for (media, title, data) in [
+        (mt::AGODA_DISK, "disk.img", &disk),
+        (mt::AGODA_AUX, "aux.img", &aux),
+    ] {
+        let blob = gz(data);
+        let d = sha256_digest(&blob);
+        let size = blob.len() as u64;
+        client
+            .put_blob(&d, size, move || blob.into())
+            .await
+            .expect("blob");
+        layers.push(Descriptor {
+            media_type: media.into(),
+            digest: d,
+            size,
+            data: None,
+            platform: None,
+            annotations: Some(BTreeMap::from([
+                (mt::AGODA_UNCOMPRESSED_DIGEST.into(), sha256_digest(data)),
+                (mt::AGODA_UNCOMPRESSED_SIZE.into(), data.len().to_string()),
+                (mt::ANNOTATION_TITLE.into(), title.into()),
+            ])),
+        });
+    }
+    let cfg = MACOS_CONFIG.as_bytes().to_vec();
+    let cd = sha256_digest(&cfg);
+    let cl = cfg.len() as u64;
+    client
+        .put_blob(&cd, cl, move || cfg.into())
+        .await
+        .expect("config blob");
+    client
+        .put_blob(mt::OCI_EMPTY_DIGEST, 2, || (&b"{}"[..]).into())
+        .await
+        .expect("empty");
+    layers.push(Descriptor {
+        media_type: mt::AGODA_CONFIG.into(),
+        digest: cd,
+        size: cl,
+        data: None,
+        platform: None,
+        annotations: Some(BTreeMap::from([(
+            mt::ANNOTATION_TITLE.into(),
+            "config.json".into(),
+        )])),
+    });
+    let m = Manifest {
+        schema_version: 2,
+        media_type: Some(mt::OCI_MANIFEST.into()),
+        artifact_type: Some(mt::AGODA_ARTIFACT.into()),
+        config: Descriptor::empty_config(Platform {
+            architecture: "arm64".into(),
+            os: "darwin".into(),
+        }),
+        layers,
+        annotations: Some(BTreeMap::from([(
+            mt::ANNOTATION_CREATED.into(),
+            "2024-04-26T11:30:28Z".into(),
+        )])),
+    };
+    let text = serde_json::to_string_pretty(&m).expect("json");
+    client
+        .put_manifest("example", text.as_bytes(), mt::OCI_MANIFEST)
+        .await
+        .expect("manifest");
+
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    let img = store.pull(&r, &pull_opts()).await.expect("pull");
+    let mut names: Vec<_> = std::fs::read_dir(&img.dir)
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "aux.img",
+            "config.json",
+            "disk.img",
+            "manifest.json",
+            "meta.json"
+        ]
+    );
+    assert_eq!(std::fs::read(img.disk()).expect("disk"), disk);
+    assert_eq!(std::fs::read(img.aux().expect("aux")).expect("aux"), aux);
+    assert_eq!(
+        std::fs::read_to_string(img.dir.join("config.json")).expect("cfg"),
+        MACOS_CONFIG
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_accepts_what_we_push() {
+    let reg = TestRegistry::start(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 3 << 20);
+    macos_image(&tmp.path().join("mac"), 2 << 20);
+    for (tag, format, dir) in [
+        ("vzk", Format::Vzk, src.clone()),
+        ("agoda", Format::Agoda, tmp.path().join("mac")),
+    ] {
+        let r = Reference::parse(&format!("{}/vm/img:{tag}", reg.addr)).expect("ref");
+        let rep = push(
+            &dir,
+            &r,
+            &PushOptions {
+                format,
+                chunk_size: 1 << 20,
+                registry: plain(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("push");
+        let out = Command::new("skopeo")
+            .args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{r}"),
+            ])
+            .output()
+            .expect("skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo inspect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            out.stdout, rep.manifest,
+            "skopeo sees the manifest we pushed"
+        );
+        let dest = tmp.path().join(format!("oci-{tag}"));
+        let out = Command::new("skopeo")
+            .args([
+                "copy",
+                "--src-tls-verify=false",
+                &format!("docker://{r}"),
+                &format!("oci:{}", dest.display()),
+            ])
+            .output()
+            .expect("skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo copy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m: Manifest = serde_json::from_slice(&rep.manifest).expect("m");
+        for l in &m.layers {
+            let p = dest
+                .join("blobs/sha256")
+                .join(l.digest.trim_start_matches("sha256:"));
+            assert_eq!(std::fs::metadata(&p).expect("blob copied").len(), l.size);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_share_one_download_and_gc_keeps_pinned() {
+    let reg = TestRegistry::start(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 8 << 20);
+    let proxy = DropProxy::start(reg.addr.clone(), None).await;
+    let r1 = Reference::parse(&format!("{}/vm/a:1", proxy.addr)).expect("ref");
+    let rep = push(
+        &src,
+        &r1,
+        &PushOptions {
+            chunk_size: 1 << 20,
+            registry: plain(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("push");
+    std::fs::write(src.join("kernel"), random_bytes(77, 400_000)).expect("kernel2");
+    let r2 = Reference::parse(&format!("{}/vm/a:2", proxy.addr)).expect("ref");
+    push(
+        &src,
+        &r2,
+        &PushOptions {
+            chunk_size: 1 << 20,
+            registry: plain(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("push 2");
+
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    let before = proxy
+        .response_bytes
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let o = pull_opts();
+    let (a, b) = tokio::join!(store.pull(&r1, &o), store.pull(&r1, &o));
+    let (a, b) = (a.expect("a"), b.expect("b"));
+    assert_eq!(a.dir, b.dir);
+    let moved = proxy
+        .response_bytes
+        .load(std::sync::atomic::Ordering::SeqCst)
+        - before;
+    let m: Manifest = serde_json::from_slice(&rep.manifest).expect("m");
+    let unique: std::collections::BTreeSet<_> =
+        m.layers.iter().map(|l| (&l.digest, l.size)).collect();
+    let once: u64 = unique.iter().map(|(_, s)| *s).sum();
+    assert!(
+        moved < once * 3 / 2 + 200_000,
+        "one download: moved {moved}, image {once}"
+    );
+
+    // GC never removes a pinned image.
+    let pin = store.pin(&a).expect("pin");
+    let img_b = store.pull(&r2, &pull_opts()).await.expect("pull b");
+    let rep = store.gc_to(1).expect("gc");
+    assert_eq!(
+        rep.removed,
+        vec![img_b.digest.clone()],
+        "only the unpinned image goes"
+    );
+    assert!(a.disk().exists());
+    // LRU: with room for one image, the least recently used one goes.
+    let img_b = store.pull(&r2, &pull_opts()).await.expect("pull b again");
+    drop(pin);
+    let usage_b = store
+        .list()
+        .expect("list")
+        .iter()
+        .find(|i| i.digest == img_b.digest)
+        .expect("b")
+        .disk_usage;
+    let rep = store.gc_to(usage_b + 4096).expect("gc");
+    assert_eq!(rep.removed, vec![a.digest.clone()]);
+    assert!(!a.dir.exists());
+    assert!(img_b.disk().exists());
+    assert!(store.get(&r1).expect("get").is_none());
+    let listed = store.list().expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].references, vec![format!("{}/vm/a:2", proxy.addr)]);
+}
