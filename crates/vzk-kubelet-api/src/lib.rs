@@ -46,7 +46,7 @@ pub const EXTEND_WEBSOCKETS_TO_KUBELET: &str = "ExtendWebSocketsToKubelet";
 /// Whether this crate's WebSocket path (v5/v4 exec and attach, the port-forward
 /// `SPDY/3.1+portforward.k8s.io` tunnel) is implemented and tested, i.e. whether the
 /// node may declare [`EXTEND_WEBSOCKETS_TO_KUBELET`].
-pub const WEBSOCKETS_SUPPORTED: bool = false;
+pub const WEBSOCKETS_SUPPORTED: bool = true;
 
 /// Formats an error with its `source()` chain, `a: b: c`.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

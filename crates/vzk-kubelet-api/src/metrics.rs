@@ -13,6 +13,16 @@ pub struct ApiMetrics {
     exec: AtomicI64,
     attach: AtomicI64,
     port_forward: AtomicI64,
+    sessions_total: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+/// The wire a streaming session uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// SPDY/3.1 directly on the upgraded connection.
+    Spdy,
+    /// WebSocket, including the `SPDY/3.1+portforward.k8s.io` tunnel.
+    WebSocket,
 }
 
 /// A streaming session kind.
@@ -44,13 +54,20 @@ impl ApiMetrics {
         }
     }
 
-    /// Marks a streaming session open until the guard drops.
-    pub fn session(&self, kind: StreamKind) -> SessionGuard<'_> {
-        let g = match kind {
-            StreamKind::Exec => &self.exec,
-            StreamKind::Attach => &self.attach,
-            StreamKind::PortForward => &self.port_forward,
+    /// Counts a streaming session and marks it open until the guard drops.
+    pub fn session(&self, kind: StreamKind, transport: Transport) -> SessionGuard<'_> {
+        let (g, k) = match kind {
+            StreamKind::Exec => (&self.exec, "exec"),
+            StreamKind::Attach => (&self.attach, "attach"),
+            StreamKind::PortForward => (&self.port_forward, "portforward"),
         };
+        let t = match transport {
+            Transport::Spdy => "spdy",
+            Transport::WebSocket => "websocket",
+        };
+        if let Ok(mut m) = self.sessions_total.lock() {
+            *m.entry((k, t)).or_default() += 1;
+        }
         g.fetch_add(1, Ordering::Relaxed);
         SessionGuard(g)
     }
@@ -83,6 +100,16 @@ impl ApiMetrics {
                 g.load(Ordering::Relaxed)
             );
         }
+        out.push_str("# HELP vzk_kubelet_api_streaming_sessions_total Streaming sessions started, by kind and transport.\n");
+        out.push_str("# TYPE vzk_kubelet_api_streaming_sessions_total counter\n");
+        if let Ok(m) = self.sessions_total.lock() {
+            for ((kind, transport), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "vzk_kubelet_api_streaming_sessions_total{{kind=\"{kind}\",transport=\"{transport}\"}} {n}"
+                );
+            }
+        }
         out
     }
 }
@@ -97,7 +124,7 @@ mod tests {
         m.request("healthz", 200);
         m.request("healthz", 200);
         m.request("exec", 403);
-        let g = m.session(StreamKind::Exec);
+        let g = m.session(StreamKind::Exec, Transport::WebSocket);
         let text = m.render();
         assert!(
             text.contains("vzk_kubelet_api_requests_total{route=\"healthz\",code=\"200\"} 2"),
@@ -105,6 +132,9 @@ mod tests {
         );
         assert!(text.contains("vzk_kubelet_api_requests_total{route=\"exec\",code=\"403\"} 1"));
         assert!(text.contains("vzk_kubelet_api_streaming_sessions{kind=\"exec\"} 1"));
+        assert!(text.contains(
+            "vzk_kubelet_api_streaming_sessions_total{kind=\"exec\",transport=\"websocket\"} 1"
+        ));
         drop(g);
         assert!(
             m.render()

@@ -173,7 +173,15 @@ pub(crate) async fn port_forward(
             tokio::spawn(
                 async move {
                     match on_upgrade.await {
-                        Ok(up) => portforward::serve(TokioIo::new(up), st, pod).await,
+                        Ok(up) => {
+                            portforward::serve(
+                                TokioIo::new(up),
+                                st,
+                                pod,
+                                crate::metrics::Transport::Spdy,
+                            )
+                            .await
+                        }
                         Err(error) => debug!(%error, "portforward: upgrade failed"),
                     }
                 }

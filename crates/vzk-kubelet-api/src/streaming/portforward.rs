@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 use vzk_core::PodKey;
 use vzk_core::ProviderError;
 
-use crate::metrics::StreamKind;
+use crate::metrics::{StreamKind, Transport};
 use crate::server::AppState;
 use crate::spdy::frame::rst;
 use crate::spdy::{IncomingStream, Session, SessionConfig, SpdyStream};
@@ -80,11 +80,11 @@ fn classify(incoming: &IncomingStream) -> Result<(bool, u16, String), &'static s
 }
 
 /// Serves one port-forward SPDY session on `io`.
-pub(crate) async fn serve<T>(io: T, st: AppState, pod: PodKey)
+pub(crate) async fn serve<T>(io: T, st: AppState, pod: PodKey, transport: Transport)
 where
     T: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let _open = st.metrics.session(StreamKind::PortForward);
+    let _open = st.metrics.session(StreamKind::PortForward, transport);
     let mut session = match Session::start(io, SessionConfig::default()) {
         Ok(s) => s,
         Err(error) => {

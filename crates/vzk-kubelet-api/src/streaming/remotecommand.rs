@@ -17,7 +17,7 @@ use vzk_core::streams::{AttachIo, BoxReader, BoxWriter, TermSize};
 
 use super::status::{self, Outcome};
 use super::{ExecRequest, Op};
-use crate::metrics::StreamKind;
+use crate::metrics::{StreamKind, Transport};
 use crate::server::AppState;
 use crate::spdy::{Session, SessionConfig, SpdyStream};
 
@@ -164,7 +164,7 @@ where
         Op::Exec => StreamKind::Exec,
         Op::Attach => StreamKind::Attach,
     };
-    let _open = st.metrics.session(kind);
+    let _open = st.metrics.session(kind, Transport::Spdy);
     let v = Version::of(protocol);
     let mut session = match Session::start(io, SessionConfig::default()) {
         Ok(s) => s,

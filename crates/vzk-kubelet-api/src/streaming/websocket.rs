@@ -30,7 +30,7 @@ use vzk_core::streams::{AttachIo, BoxReader, BoxWriter, TermSize};
 
 use super::status;
 use super::{ExecRequest, remotecommand};
-use crate::metrics::StreamKind;
+use crate::metrics::{StreamKind, Transport};
 use crate::query;
 use crate::server::AppState;
 
@@ -182,10 +182,11 @@ async fn serve_remote_command(
     req: ExecRequest,
     protocol: &'static str,
 ) {
-    let _open = st.metrics.session(match req.op {
+    let kind = match req.op {
         super::Op::Exec => StreamKind::Exec,
         super::Op::Attach => StreamKind::Attach,
-    });
+    };
+    let _open = st.metrics.session(kind, Transport::WebSocket);
     let f = Framing {
         base64: protocol.contains("base64"),
     };
@@ -318,7 +319,7 @@ pub(crate) async fn port_forward(st: AppState, pod: PodKey, req: Request) -> Res
             if protocol == Some(PORTFORWARD_TUNNEL) {
                 let (ours, theirs) = tokio::io::duplex(BUF);
                 let bridge = tokio::spawn(bridge_bytes(socket, ours));
-                super::portforward::serve(theirs, st, pod).await;
+                super::portforward::serve(theirs, st, pod, Transport::WebSocket).await;
                 let _ = bridge.await;
             } else {
                 let f = Framing {
@@ -405,7 +406,9 @@ async fn serve_port_channels(
     ports: Vec<u16>,
     f: Framing,
 ) {
-    let _open = st.metrics.session(StreamKind::PortForward);
+    let _open = st
+        .metrics
+        .session(StreamKind::PortForward, Transport::WebSocket);
     let (mut sink, mut stream) = socket.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(32);
     let writer = tokio::spawn(async move {

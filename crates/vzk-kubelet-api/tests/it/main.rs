@@ -1,0 +1,8 @@
+//! Integration tests of the kubelet API against the real kube-apiserver (from
+//! `vzk-testenv`) and real kubectl, in front of a provider double whose containers are
+//! local processes.
+
+mod direct;
+mod kubectl;
+mod runtime;
+mod support;
