@@ -37,6 +37,10 @@ pub mod registry;
 pub mod store;
 pub mod tart;
 
+/// Re-exported for the CLI's JSON output.
+#[doc(hidden)]
+pub use serde_json;
+
 pub use clone::{CloneKind, Cloner};
 pub use config::{GuestOs, VmConfig};
 pub use error::{ImageError, Result};

@@ -1,0 +1,304 @@
+//! `vzk-image-bench`: push a 2 GiB macOS-style image (40% zero extents, 30% random,
+//! 30% compressible text) to a local `docker-registry` in both formats, then time:
+//!
+//! * (a) our agoda (gzip) pull into a verified raw disk vs
+//!   `curl blob | gzip -dc | tee disk | sha256sum`;
+//! * (b) our vzk (chunked zstd) pull vs `skopeo copy docker://… oci:DIR`;
+//! * (c) `curl` of the blobs to /dev/null, the transfer floor;
+//!
+//! and print one table. Run: `cargo run --release -p vzk-image-bench [-- --size-mib N]`.
+
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use sha2::Digest as _;
+use vzk_image::manifest::Manifest;
+use vzk_image::media_types as mt;
+use vzk_image::{Format, ImageStore, PullOptions, PushOptions, Reference, RegistryOptions};
+
+struct Registry {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry(dir: &Path) -> anyhow::Result<Registry> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr = format!("127.0.0.1:{port}");
+    let cfg = format!(
+        "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+        dir.join("data").display()
+    );
+    std::fs::write(dir.join("config.yml"), cfg)?;
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(dir.join("config.yml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start docker-registry")?;
+    let reg = Registry { child, addr };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&reg.addr).is_err() {
+        ensure!(Instant::now() < deadline, "docker-registry did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(reg)
+}
+
+/// xorshift bytes.
+fn fill_random(buf: &mut [u8], seed: &mut u64) {
+    for c in buf.chunks_mut(8) {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let b = seed.to_le_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
+}
+
+fn fill_text(buf: &mut [u8], seed: &mut u64) {
+    const WORDS: [&str; 16] = [
+        "the ", "kernel ", "virtual ", "machine ", "image ", "disk ", "Library/", "System/", "Frameworks/",
+        "xcode ", "swift ", "0x7fff ", "/usr/lib/", "error: ", "warning ", "\n",
+    ];
+    let mut i = 0;
+    while i < buf.len() {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let w = WORDS[(*seed % 16) as usize].as_bytes();
+        let n = w.len().min(buf.len() - i);
+        buf[i..i + n].copy_from_slice(&w[..n]);
+        i += n;
+    }
+}
+
+/// A disk of `size` bytes made of extents of 1–16 MiB: 40% zero, 30% random, 30% text.
+fn make_disk(path: &Path, size: u64) -> anyhow::Result<(u64, u64, u64)> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    let (mut z, mut r, mut t) = (0u64, 0u64, 0u64);
+    let mut buf = vec![0u8; 16 << 20];
+    let mut off = 0u64;
+    while off < size {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let len = ((1 + seed % 16) << 20).min(size - off);
+        let n = len as usize;
+        // Keep the running mix close to 40/30/30.
+        let total = (z + r + t).max(1) as f64;
+        let kind = if (z as f64) / total < 0.4 {
+            0
+        } else if (r as f64) / total < 0.3 {
+            1
+        } else {
+            2
+        };
+        match kind {
+            0 => z += len,
+            1 => {
+                fill_random(&mut buf[..n], &mut seed);
+                f.write_all_at(&buf[..n], off)?;
+                r += len;
+            }
+            _ => {
+                fill_text(&mut buf[..n], &mut seed);
+                f.write_all_at(&buf[..n], off)?;
+                t += len;
+            }
+        }
+        off += len;
+    }
+    f.sync_all()?;
+    Ok((z, r, t))
+}
+
+fn sha256_file(p: &Path) -> anyhow::Result<String> {
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(p)?, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+fn sh(cmd: &str) -> anyhow::Result<(f64, String)> {
+    let t = Instant::now();
+    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
+    let secs = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((secs, String::from_utf8_lossy(&out.stdout).to_string()))
+}
+
+struct Row {
+    what: String,
+    bytes_in: u64,
+    bytes_out: u64,
+    secs: f64,
+    note: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut size_mib = 2048u64;
+    let mut work: Option<PathBuf> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--size-mib" => size_mib = args.next().context("--size-mib N")?.parse()?,
+            "--work-dir" => work = Some(args.next().context("--work-dir DIR")?.into()),
+            other => bail!("unknown argument {other:?} (use --size-mib N, --work-dir DIR)"),
+        }
+    }
+    let tmp = match &work {
+        Some(w) => {
+            std::fs::create_dir_all(w)?;
+            tempfile::tempdir_in(w)?
+        }
+        None => tempfile::Builder::new().prefix("vzk-bench").tempdir_in("/var/tmp")?,
+    };
+    let root = tmp.path();
+    let src = root.join("src");
+    std::fs::create_dir_all(&src)?;
+    let size = size_mib << 20;
+    eprintln!("generating a {size_mib} MiB disk in {}", src.display());
+    let (z, r, t) = make_disk(&src.join("disk.img"), size)?;
+    let mut aux = vec![0u8; 32 << 20];
+    fill_random(&mut aux[..1 << 20], &mut 7u64);
+    std::fs::write(src.join("aux.img"), &aux)?;
+    std::fs::write(
+        src.join("config.json"),
+        r#"{"mediatype":"application/vnd.agoda.macosvz.config.v1+json","os":"darwin","hardwareModelData":"YnBsaXN0MDA=","machineIdData":"YnBsaXN0MDA=","storage":[]}"#,
+    )?;
+    let disk_sha = sha256_file(&src.join("disk.img"))?;
+    let reg_dir = root.join("registry");
+    std::fs::create_dir_all(&reg_dir)?;
+    let reg = start_registry(&reg_dir)?;
+    let plain = RegistryOptions { plain_http: true, ..Default::default() };
+    let mut rows = Vec::new();
+
+    // Pushes.
+    let mut manifests = Vec::new();
+    for (tag, format) in [("agoda", Format::Agoda), ("vzk", Format::Vzk)] {
+        let reference = Reference::parse(&format!("{}/bench/macos:{tag}", reg.addr))?;
+        let opts = PushOptions { format, registry: plain.clone(), work_dir: Some(root.to_path_buf()), ..Default::default() };
+        let t0 = Instant::now();
+        let rep = vzk_image::push(&src, &reference, &opts).await?;
+        let secs = t0.elapsed().as_secs_f64();
+        rows.push(Row {
+            what: format!("push {tag} (compress + upload)"),
+            bytes_in: rep.uncompressed_bytes,
+            bytes_out: rep.compressed_bytes,
+            secs,
+            note: format!("{} blobs", rep.uploaded_blobs + rep.skipped_blobs),
+        });
+        let m: Manifest = vzk_image::serde_json::from_slice(&rep.manifest)?;
+        manifests.push((tag, reference, m));
+    }
+    let (_, agoda_ref, agoda_m) = &manifests[0];
+    let (_, vzk_ref, vzk_m) = &manifests[1];
+    let blob_url = |d: &str| format!("http://{}/v2/bench/macos/blobs/{d}", reg.addr);
+    let disk_blob = agoda_m.layers.iter().find(|l| l.media_type == mt::AGODA_DISK).context("disk layer")?;
+    let agoda_total: u64 = agoda_m.layers.iter().map(|l| l.size).sum();
+    let vzk_total: u64 = vzk_m.layers.iter().map(|l| l.size).sum();
+
+    // (c) transfer floor.
+    let (secs, _) = sh(&format!("curl -sf -o /dev/null {}", blob_url(&disk_blob.digest)))?;
+    rows.push(Row { what: "curl agoda disk blob > /dev/null".into(), bytes_in: disk_blob.size, bytes_out: 0, secs, note: "floor (a)".into() });
+    let urls: Vec<String> = vzk_m.layers.iter().map(|l| format!("-o /dev/null {}", blob_url(&l.digest))).collect();
+    let (secs, _) = sh(&format!("curl -sf {}", urls.join(" ")))?;
+    rows.push(Row { what: "curl vzk blobs > /dev/null".into(), bytes_in: vzk_total, bytes_out: 0, secs, note: "floor (b)".into() });
+
+    // (a) naive gzip pipeline vs our agoda pull.
+    let naive_out = root.join("naive-disk.img");
+    let (naive_secs, out) = sh(&format!(
+        "curl -sf {} | gzip -dc | tee {} | sha256sum",
+        blob_url(&disk_blob.digest),
+        naive_out.display()
+    ))?;
+    ensure!(out.starts_with(&disk_sha), "naive pipeline produced a different disk");
+    std::fs::remove_file(&naive_out)?;
+    rows.push(Row { what: "naive: curl | gzip -dc | tee | sha256sum".into(), bytes_in: disk_blob.size, bytes_out: size, secs: naive_secs, note: "baseline (a)".into() });
+
+    let store = ImageStore::open(root.join("cache-agoda"), u64::MAX)?;
+    let t0 = Instant::now();
+    let img = store.pull(agoda_ref, &PullOptions { plain_http: true, ..Default::default() }).await?;
+    let agoda_secs = t0.elapsed().as_secs_f64();
+    ensure!(sha256_file(&img.disk())? == disk_sha, "agoda pull produced a different disk");
+    rows.push(Row {
+        what: "vz-kubelet pull agoda (gzip)".into(),
+        bytes_in: agoda_total,
+        bytes_out: size + aux.len() as u64,
+        secs: agoda_secs,
+        note: format!("{:.2}x naive time, {:.1}x faster", agoda_secs / naive_secs, naive_secs / agoda_secs),
+    });
+    drop(store);
+    std::fs::remove_dir_all(root.join("cache-agoda"))?;
+
+    // (b) skopeo vs our vzk pull.
+    let oci = root.join("oci");
+    let (skopeo_secs, _) = sh(&format!("skopeo copy -q --src-tls-verify=false docker://{vzk_ref} oci:{}", oci.display()))?;
+    std::fs::remove_dir_all(&oci)?;
+    rows.push(Row { what: "skopeo copy docker:// oci: (vzk image)".into(), bytes_in: vzk_total, bytes_out: 0, secs: skopeo_secs, note: "baseline (b)".into() });
+    let store = ImageStore::open(root.join("cache-vzk"), u64::MAX)?;
+    let t0 = Instant::now();
+    let img = store.pull(vzk_ref, &PullOptions { plain_http: true, ..Default::default() }).await?;
+    let vzk_secs = t0.elapsed().as_secs_f64();
+    ensure!(sha256_file(&img.disk())? == disk_sha, "vzk pull produced a different disk");
+    rows.push(Row {
+        what: "vz-kubelet pull vzk (zstd chunks)".into(),
+        bytes_in: vzk_total,
+        bytes_out: size + aux.len() as u64,
+        secs: vzk_secs,
+        note: format!("{:.2}x skopeo time, {:.1}x faster", vzk_secs / skopeo_secs, skopeo_secs / vzk_secs),
+    });
+
+    println!(
+        "\ndisk: {} MiB ({:.0}% zero, {:.0}% random, {:.0}% text); aux 32 MiB; {} CPUs",
+        size_mib,
+        100.0 * z as f64 / size as f64,
+        100.0 * r as f64 / size as f64,
+        100.0 * t as f64 / size as f64,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!("\n| what | compressed MB | raw MB | seconds | MB/s compressed | MB/s raw | note |");
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    for row in &rows {
+        let raw = if row.what.starts_with("push") { row.bytes_in } else { row.bytes_out };
+        let comp = if row.what.starts_with("push") { row.bytes_out } else { row.bytes_in };
+        println!(
+            "| {} | {:.0} | {} | {:.2} | {:.0} | {} | {} |",
+            row.what,
+            comp as f64 / 1e6,
+            if raw > 0 { format!("{:.0}", raw as f64 / 1e6) } else { "-".into() },
+            row.secs,
+            comp as f64 / 1e6 / row.secs,
+            if raw > 0 { format!("{:.0}", raw as f64 / 1e6 / row.secs) } else { "-".into() },
+            row.note
+        );
+    }
+    println!(
+        "\n(a) agoda pull: {:.2} s vs naive {:.2} s = {:.2}x the time (goal <= 0.25x, i.e. >= 4x faster)",
+        agoda_secs,
+        naive_secs,
+        agoda_secs / naive_secs
+    );
+    println!(
+        "(b) vzk pull: {:.2} s vs skopeo {:.2} s = {:.2}x the time (goal: >= 1.5x faster)",
+        vzk_secs,
+        skopeo_secs,
+        vzk_secs / skopeo_secs
+    );
+    Ok(())
+}
