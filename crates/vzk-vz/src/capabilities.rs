@@ -1,0 +1,105 @@
+//! What the Virtualization.framework backend tells the VM runtime it can do.
+//!
+//! Contract: [`capabilities`] is a pure function of the framework's [`Bounds`] and of
+//! whether the host is Apple Silicon (macOS guests need it). The running-VM cap is the
+//! macOS license limit of two concurrent macOS VMs per host, which the reference also
+//! applies to every VM. VMs do not outlive the agent: they run inside its process.
+
+use vzk_vm::{BackendKind, BootKind, Capabilities, DiskFormat};
+
+use crate::limits::Bounds;
+
+/// Concurrent macOS VMs a host may run (macOS license, enforced by the framework).
+pub const MAX_MACOS_VMS: u32 = 2;
+
+/// The backend's capabilities on a host with `bounds`.
+pub fn capabilities(bounds: &Bounds, apple_silicon: bool) -> Capabilities {
+    let clamp_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    let mut boot_kinds = vec![BootKind::LinuxKernel, BootKind::Efi];
+    if apple_silicon {
+        boot_kinds.insert(0, BootKind::MacOs);
+    }
+    Capabilities {
+        backend: BackendKind::Vz,
+        accelerator: "vz".into(),
+        hardware_accelerated: true,
+        cpus: (clamp_u32(bounds.min_cpus), clamp_u32(bounds.max_cpus)),
+        memory_bytes: (bounds.min_memory, bounds.max_memory),
+        boot_kinds,
+        disk_formats: vec![DiskFormat::Raw],
+        nat: true,
+        bridged: true,
+        shared_dirs: true,
+        max_running_vms: Some(MAX_MACOS_VMS),
+        vms_outlive_agent: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vzk_vm::{BootSpec, DiskSpec, HypervisorError, VmSpec};
+
+    use super::*;
+    use crate::limits::MIB;
+
+    const BOUNDS: Bounds = Bounds {
+        min_cpus: 1,
+        max_cpus: 10,
+        min_memory: 128 * MIB,
+        max_memory: 32 << 30,
+    };
+
+    fn spec(boot: BootSpec, format: DiskFormat) -> VmSpec {
+        VmSpec {
+            id: "vm-1".into(),
+            cpus: 2,
+            memory_bytes: 1 << 30,
+            boot,
+            disks: vec![DiskSpec {
+                path: "/d.img".into(),
+                read_only: false,
+                format,
+            }],
+            nics: vec![],
+            shared_dirs: vec![],
+            console_log: None,
+        }
+    }
+
+    #[test]
+    fn apple_silicon_runs_macos_intel_does_not() {
+        let mac_boot = BootSpec::MacOs {
+            aux_storage: "/aux.img".into(),
+            hardware_model: vec![1],
+            machine_id: vec![1],
+        };
+        let arm = capabilities(&BOUNDS, true);
+        assert!(arm.check(&spec(mac_boot.clone(), DiskFormat::Raw)).is_ok());
+        let intel = capabilities(&BOUNDS, false);
+        assert!(matches!(
+            intel.check(&spec(mac_boot, DiskFormat::Raw)),
+            Err(HypervisorError::Unsupported {
+                backend: BackendKind::Vz,
+                ..
+            })
+        ));
+        assert_eq!(arm.cpus, (1, 10));
+        assert_eq!(arm.max_running_vms, Some(2));
+        assert!(!arm.vms_outlive_agent);
+    }
+
+    #[test]
+    fn qcow2_is_unsupported() {
+        let caps = capabilities(&BOUNDS, true);
+        let efi = BootSpec::Efi {
+            variable_store: "/vars".into(),
+        };
+        assert!(matches!(
+            caps.check(&spec(efi, DiskFormat::Qcow2)),
+            Err(HypervisorError::Unsupported {
+                backend: BackendKind::Vz,
+                ..
+            })
+        ));
+    }
+}

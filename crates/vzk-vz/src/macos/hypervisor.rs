@@ -1,0 +1,114 @@
+//! [`VzHypervisor`]: the [`Hypervisor`] of macOS hosts.
+//!
+//! Contract: [`VzHypervisor::new`] fails with [`HypervisorError::Unavailable`] when
+//! the framework says virtualization is not supported here (no entitlement, nested
+//! virtualization, old OS). [`Hypervisor::create`] checks the spec against the
+//! [`Capabilities`] and [`derive`]s the machine (errors become
+//! [`HypervisorError::InvalidSpec`]), then builds and validates it on the VM's queue
+//! (framework errors become [`HypervisorError::Create`]). VMs run inside the agent
+//! process, so [`Hypervisor::adopt_existing`] finds none.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use objc2_virtualization::VZVirtualMachine;
+use vzk_vm::{BackendKind, Capabilities, Hypervisor, HypervisorError, ProbeReport, Vm, VmSpec};
+
+use super::build::host_bounds;
+use super::vm::VzVm;
+use crate::capabilities::capabilities;
+use crate::config::{VzOptions, derive};
+use crate::discovery::watch::Sources;
+use crate::limits::Bounds;
+
+/// The Virtualization.framework backend.
+#[derive(Debug)]
+pub struct VzHypervisor {
+    capabilities: Capabilities,
+    bounds: Bounds,
+    options: VzOptions,
+    discovery: Sources,
+}
+
+fn supported() -> bool {
+    // SAFETY: class property without preconditions.
+    unsafe { VZVirtualMachine::isSupported() }
+}
+
+impl VzHypervisor {
+    /// The backend, if this host supports virtualization.
+    pub fn new(options: VzOptions) -> Result<Self, HypervisorError> {
+        if !supported() {
+            return Err(HypervisorError::Unavailable {
+                backend: BackendKind::Vz,
+                detail: "VZVirtualMachine.isSupported is false".into(),
+            });
+        }
+        let bounds = host_bounds();
+        Ok(Self {
+            capabilities: capabilities(&bounds, cfg!(target_arch = "aarch64")),
+            bounds,
+            options,
+            discovery: Sources::macos(),
+        })
+    }
+
+    /// Whether the backend can run here, and why.
+    pub fn probe() -> ProbeReport {
+        let available = supported();
+        let detail = if available {
+            let b = host_bounds();
+            format!(
+                "Virtualization.framework: {}-{} CPUs, {}-{} bytes per VM",
+                b.min_cpus, b.max_cpus, b.min_memory, b.max_memory
+            )
+        } else {
+            "VZVirtualMachine.isSupported is false".into()
+        };
+        ProbeReport {
+            backend: BackendKind::Vz,
+            available,
+            detail,
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[async_trait]
+impl Hypervisor for VzHypervisor {
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    async fn create(&self, spec: VmSpec) -> Result<Arc<dyn Vm>, HypervisorError> {
+        self.capabilities.check(&spec)?;
+        let id = spec.id.clone();
+        let config = derive(&spec, &self.options, &self.bounds).map_err(|e| {
+            HypervisorError::InvalidSpec {
+                id: id.clone(),
+                message: chain(&e),
+            }
+        })?;
+        let vm = VzVm::create(spec, config, self.discovery.clone())
+            .await
+            .map_err(|e| HypervisorError::Create {
+                id,
+                source: Box::new(e),
+            })?;
+        Ok(vm)
+    }
+
+    async fn adopt_existing(&self) -> Result<Vec<Arc<dyn Vm>>, HypervisorError> {
+        Ok(Vec::new())
+    }
+}
