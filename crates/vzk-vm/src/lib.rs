@@ -4,9 +4,13 @@
 //!   [`Capabilities`] and the stop/wait helpers. `vzk-vz` (macOS) implements them too.
 //! * [`spec`]: [`VmSpec`], the data every backend accepts.
 //! * [`mac`]: random locally-administered [`MacAddr`]esses.
+//! * [`qemu`]: the QEMU backend for Linux hosts (KVM when it really works, else TCG).
+//! * [`net`]: TAPs, the NAT network (bridge + dnsmasq + masquerade), IP discovery.
 
 pub mod hypervisor;
 pub mod mac;
+pub mod net;
+pub mod qemu;
 pub mod spec;
 
 pub use hypervisor::{

@@ -1,0 +1,319 @@
+//! The `nat` network: an agent-owned bridge with a private subnet, DHCP by a managed
+//! `dnsmasq`, and masquerading of outbound traffic (nftables).
+//!
+//! # Contract
+//! * [`NatNetwork::start`] is idempotent across agent restarts: it (re)creates the bridge
+//!   and its gateway address if missing, replaces a `dnsmasq` left by a previous agent
+//!   (found by its pid file) with a fresh one reading the same lease file (so guests keep
+//!   their addresses), and (re)installs the nftables table `ip vzk_<bridge>`.
+//! * `dnsmasq` is a child of the agent, killed when the [`NatNetwork`] is dropped. VMs do
+//!   not need it after their lease, so the agent's absence only delays renewals.
+//! * Everything happens in the network namespace of the calling thread.
+//!
+//! # Caveats
+//! Masquerading needs forwarding: `net.ipv4.ip_forward` is set to 1. A host firewall
+//! that drops forwarded traffic (e.g. Docker's `FORWARD` policy) still wins.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, Command};
+
+use super::link::{self, LinkError};
+
+/// Settings of the NAT network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatConfig {
+    /// The bridge to own (created if missing).
+    pub bridge: String,
+    /// The host's address on the bridge (the guests' gateway and DNS).
+    pub gateway: Ipv4Addr,
+    /// Prefix length of the subnet.
+    pub prefix_len: u8,
+    /// First and last address DHCP hands out.
+    pub dhcp_range: (Ipv4Addr, Ipv4Addr),
+    /// Lease time.
+    pub lease: Duration,
+    /// Install the masquerade rule and enable forwarding.
+    pub masquerade: bool,
+    /// The dnsmasq binary.
+    pub dnsmasq: PathBuf,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        Self {
+            bridge: "vzkbr0".into(),
+            gateway: Ipv4Addr::new(10, 213, 0, 1),
+            prefix_len: 24,
+            dhcp_range: (
+                Ipv4Addr::new(10, 213, 0, 10),
+                Ipv4Addr::new(10, 213, 0, 250),
+            ),
+            lease: Duration::from_secs(3600),
+            masquerade: true,
+            dnsmasq: "dnsmasq".into(),
+        }
+    }
+}
+
+impl NatConfig {
+    /// The subnet's network address.
+    pub fn network(&self) -> Ipv4Addr {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
+        Ipv4Addr::from(u32::from(self.gateway) & mask)
+    }
+
+    /// The dotted netmask.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(
+            u32::MAX
+                .checked_shl(32 - u32::from(self.prefix_len))
+                .unwrap_or(0),
+        )
+    }
+
+    /// The dnsmasq arguments for this network, with its files under `dir`.
+    pub fn dnsmasq_args(&self, dir: &Path) -> Vec<String> {
+        let (lo, hi) = self.dhcp_range;
+        vec![
+            "--keep-in-foreground".into(),
+            "--conf-file=/dev/null".into(),
+            "--no-hosts".into(),
+            "--bind-interfaces".into(),
+            format!("--interface={}", self.bridge),
+            "--except-interface=lo".into(),
+            format!("--listen-address={}", self.gateway),
+            format!(
+                "--dhcp-range={lo},{hi},{},{}s",
+                self.netmask(),
+                self.lease.as_secs().max(120)
+            ),
+            format!("--dhcp-option=option:router,{}", self.gateway),
+            "--dhcp-authoritative".into(),
+            format!("--dhcp-leasefile={}", dir.join("dnsmasq.leases").display()),
+            format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
+            "--user=root".into(),
+            "--log-facility=-".into(),
+            "--log-dhcp".into(),
+        ]
+    }
+
+    /// The nftables script installing the masquerade table.
+    pub fn nft_script(&self) -> String {
+        let table = format!("vzk_{}", self.bridge.replace(['-', '.'], "_"));
+        let net = format!("{}/{}", self.network(), self.prefix_len);
+        format!(
+            "table ip {table} {{}}\nflush table ip {table}\n\
+             table ip {table} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
+             ip saddr {net} ip daddr != {net} masquerade\n  }}\n}}\n"
+        )
+    }
+}
+
+/// Errors setting up the NAT network.
+#[derive(Debug, thiserror::Error)]
+pub enum NatError {
+    /// Creating the bridge or its address failed.
+    #[error("setting up bridge {bridge} failed")]
+    Bridge {
+        /// The bridge.
+        bridge: String,
+        /// The cause.
+        #[source]
+        source: LinkError,
+    },
+    /// Creating the state directory failed.
+    #[error("creating {path} failed")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// dnsmasq could not be started.
+    #[error("starting dnsmasq failed")]
+    SpawnDnsmasq(#[source] std::io::Error),
+    /// dnsmasq exited right after starting.
+    #[error("dnsmasq exited at start ({status}); see {log}")]
+    DnsmasqExited {
+        /// Its exit status.
+        status: String,
+        /// Its log file.
+        log: PathBuf,
+    },
+    /// Installing the masquerade rule or enabling forwarding failed.
+    #[error("setting up masquerading failed: {0}")]
+    Masquerade(String),
+}
+
+/// A running NAT network. Dropping it stops its dnsmasq (the bridge stays).
+#[derive(Debug)]
+pub struct NatNetwork {
+    config: NatConfig,
+    dnsmasq: Child,
+}
+
+impl NatNetwork {
+    /// Sets up (or takes over) the network; `dir` holds dnsmasq's pid, lease and log files.
+    pub async fn start(config: NatConfig, dir: &Path) -> Result<Self, NatError> {
+        std::fs::create_dir_all(dir).map_err(|source| NatError::StateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let bridge_err = |source| NatError::Bridge {
+            bridge: config.bridge.clone(),
+            source,
+        };
+        link::ensure_bridge(&config.bridge)
+            .await
+            .map_err(bridge_err)?;
+        link::ensure_address(&config.bridge, config.gateway, config.prefix_len)
+            .await
+            .map_err(bridge_err)?;
+        if config.masquerade {
+            install_masquerade(&config).await?;
+        }
+        kill_stale_dnsmasq(&dir.join("dnsmasq.pid")).await;
+        let log_path = dir.join("dnsmasq.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|source| NatError::StateDir {
+                path: log_path.clone(),
+                source,
+            })?;
+        let log2 = log.try_clone().map_err(|source| NatError::StateDir {
+            path: log_path.clone(),
+            source,
+        })?;
+        let mut child = Command::new(&config.dnsmasq)
+            .args(config.dnsmasq_args(dir))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(NatError::SpawnDnsmasq)?;
+        // dnsmasq fails fast on bad arguments or a busy port; give it a moment to say so.
+        if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_millis(300), child.wait()).await
+        {
+            return Err(NatError::DnsmasqExited {
+                status: status.to_string(),
+                log: log_path,
+            });
+        }
+        tracing::info!(bridge = %config.bridge, gateway = %config.gateway, pid = child.id(), "NAT network up");
+        Ok(Self {
+            config,
+            dnsmasq: child,
+        })
+    }
+
+    /// The network's settings.
+    pub fn config(&self) -> &NatConfig {
+        &self.config
+    }
+
+    /// The bridge VMs' TAPs join.
+    pub fn bridge(&self) -> &str {
+        &self.config.bridge
+    }
+
+    /// dnsmasq's pid (while running).
+    pub fn dnsmasq_pid(&self) -> Option<u32> {
+        self.dnsmasq.id()
+    }
+}
+
+async fn install_masquerade(config: &NatConfig) -> Result<(), NatError> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+        .map_err(|e| NatError::Masquerade(format!("enabling ip_forward: {e}")))?;
+    let mut nft = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| NatError::Masquerade(format!("running nft: {e}")))?;
+    if let Some(mut stdin) = nft.stdin.take() {
+        stdin
+            .write_all(config.nft_script().as_bytes())
+            .await
+            .map_err(|e| NatError::Masquerade(format!("writing to nft: {e}")))?;
+    }
+    let out = nft
+        .wait_with_output()
+        .await
+        .map_err(|e| NatError::Masquerade(format!("running nft: {e}")))?;
+    if !out.status.success() {
+        return Err(NatError::Masquerade(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Kills a dnsmasq a previous agent left behind (pid file + matching command line).
+async fn kill_stale_dnsmasq(pid_file: &Path) {
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let pid_file_arg = format!("--pid-file={}", pid_file.display());
+    if !String::from_utf8_lossy(&cmdline)
+        .split('\0')
+        .any(|a| a == pid_file_arg)
+    {
+        return;
+    }
+    tracing::info!(pid, "replacing the dnsmasq of a previous agent");
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    for _ in 0..50 {
+        if nix::sys::signal::kill(pid, None).is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_addresses_and_rules() {
+        let c = NatConfig {
+            gateway: Ipv4Addr::new(10, 9, 8, 1),
+            prefix_len: 24,
+            bridge: "br-x".into(),
+            ..NatConfig::default()
+        };
+        assert_eq!(c.network(), Ipv4Addr::new(10, 9, 8, 0));
+        assert_eq!(c.netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        let nft = c.nft_script();
+        assert!(nft.contains("table ip vzk_br_x"), "{nft}");
+        assert!(
+            nft.contains("ip saddr 10.9.8.0/24 ip daddr != 10.9.8.0/24 masquerade"),
+            "{nft}"
+        );
+        let args = c.dnsmasq_args(Path::new("/s"));
+        assert!(args.contains(&"--dhcp-leasefile=/s/dnsmasq.leases".to_string()));
+        assert!(
+            args.iter()
+                .any(|a| a.starts_with("--dhcp-range=10.213.0.10,10.213.0.250,255.255.255.0,"))
+        );
+    }
+}

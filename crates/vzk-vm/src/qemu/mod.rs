@@ -1,0 +1,290 @@
+//! The QEMU backend (Linux hosts): [`QemuBackend`] implements [`Hypervisor`].
+//!
+//! * [`probe`]: binary, version and the KVM-really-works probe (TCG otherwise).
+//! * [`command`]: spec → command line.
+//! * [`qmp`]: the QMP client.
+//! * [`statedir`]: the per-VM state directory used for re-adoption.
+//! * [`vm`]: [`QemuVm`], the supervised VM.
+//!
+//! # Guarantees
+//! * VMs outlive the agent: each QEMU runs in its own process group, logs to its state
+//!   dir and holds its TAP; [`Hypervisor::adopt_existing`] finds them again.
+//! * With a [`NatConfig`], the backend owns the NAT network (bridge, dnsmasq,
+//!   masquerade) for as long as it lives.
+//!
+//! # Assumptions
+//! Runs as root (or with `CAP_NET_ADMIN` and access to `/dev/net/tun`); `ip`, `nft`
+//! (NAT), `dnsmasq` (NAT) and `qemu-system-x86_64` are installed.
+
+pub mod command;
+pub mod probe;
+pub mod qmp;
+pub mod statedir;
+pub mod vm;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use async_trait::async_trait;
+
+pub use probe::{Accel, AccelChoice};
+pub use vm::QemuVm;
+
+use crate::hypervisor::{
+    BackendKind, Capabilities, Hypervisor, HypervisorError, ProbeReport, Vm, VmState,
+};
+use crate::net::nat::{NatConfig, NatNetwork};
+use crate::spec::{BootKind, BootSpec, DiskFormat, NetworkAttachment, VmSpec};
+use statedir::StateDir;
+
+/// Settings of the QEMU backend.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// Root of the backend's state (`vms/<id>/`, `nat/`).
+    pub state_dir: PathBuf,
+    /// The QEMU binary.
+    pub binary: PathBuf,
+    /// Accelerator selection.
+    pub accel: AccelChoice,
+    /// The NAT network to own; `None`: only bridged NICs are supported.
+    pub nat: Option<NatConfig>,
+    /// Upper bound on vCPUs per VM.
+    pub max_cpus: u32,
+    /// Upper bound on memory per VM, in bytes.
+    pub max_memory_bytes: u64,
+}
+
+impl QemuConfig {
+    /// Defaults under `state_dir`: `qemu-system-x86_64` from `PATH`, accelerator probed,
+    /// the default NAT network.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            binary: "qemu-system-x86_64".into(),
+            accel: AccelChoice::Auto,
+            nat: Some(NatConfig::default()),
+            max_cpus: 64,
+            max_memory_bytes: 256 << 30,
+        }
+    }
+}
+
+/// What every VM of one backend shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) binary: PathBuf,
+    pub(crate) accel: Accel,
+    pub(crate) nat_bridge: Option<String>,
+    pub(crate) ovmf_code: Option<PathBuf>,
+}
+
+/// The QEMU backend.
+#[derive(Debug)]
+pub struct QemuBackend {
+    root: PathBuf,
+    shared: Arc<Shared>,
+    caps: Capabilities,
+    nat: Option<NatNetwork>,
+    vms: Mutex<HashMap<String, Weak<QemuVm>>>,
+}
+
+const OVMF_CANDIDATES: &[&str] = &[
+    "/usr/share/OVMF/OVMF_CODE.fd",
+    "/usr/share/ovmf/OVMF.fd",
+    "/usr/share/qemu/OVMF.fd",
+];
+
+impl QemuBackend {
+    /// Checks whether QEMU can run here, and with which accelerator.
+    pub async fn probe(binary: &Path) -> ProbeReport {
+        match probe::qemu_version(binary).await {
+            Err(e) => ProbeReport {
+                backend: BackendKind::Qemu,
+                available: false,
+                detail: e.to_string(),
+            },
+            Ok(version) => {
+                let accel = probe::select_accel(binary, AccelChoice::Auto)
+                    .await
+                    .unwrap_or(Accel::Tcg);
+                ProbeReport {
+                    backend: BackendKind::Qemu,
+                    available: true,
+                    detail: format!("{version}; accelerator {}", accel.as_str()),
+                }
+            }
+        }
+    }
+
+    /// Probes the accelerator, creates the state root and brings up the NAT network.
+    pub async fn new(config: QemuConfig) -> Result<Self, HypervisorError> {
+        let unavailable = |detail: String| HypervisorError::Unavailable {
+            backend: BackendKind::Qemu,
+            detail,
+        };
+        let version = probe::qemu_version(&config.binary)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let accel = probe::select_accel(&config.binary, config.accel)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        std::fs::create_dir_all(config.state_dir.join("vms"))
+            .map_err(|e| unavailable(format!("creating {}: {e}", config.state_dir.display())))?;
+        let nat = match config.nat.clone() {
+            Some(c) => Some(
+                NatNetwork::start(c, &config.state_dir.join("nat"))
+                    .await
+                    .map_err(|e| HypervisorError::Create {
+                        id: "<nat network>".into(),
+                        source: Box::new(e),
+                    })?,
+            ),
+            None => None,
+        };
+        let ovmf_code = OVMF_CANDIDATES
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists());
+        let mut boot_kinds = vec![BootKind::LinuxKernel];
+        if ovmf_code.is_some() {
+            boot_kinds.push(BootKind::Efi);
+        }
+        let caps = Capabilities {
+            backend: BackendKind::Qemu,
+            accelerator: accel.as_str().into(),
+            hardware_accelerated: accel == Accel::Kvm,
+            cpus: (1, config.max_cpus),
+            memory_bytes: (32 << 20, config.max_memory_bytes),
+            boot_kinds,
+            disk_formats: vec![DiskFormat::Raw, DiskFormat::Qcow2],
+            nat: nat.is_some(),
+            bridged: true,
+            shared_dirs: true,
+            max_running_vms: None,
+            vms_outlive_agent: true,
+        };
+        tracing::info!(backend = "qemu", version = %version, accel = accel.as_str(), nat = nat.is_some(), "hypervisor ready");
+        let shared = Arc::new(Shared {
+            binary: config.binary.clone(),
+            accel,
+            nat_bridge: nat.as_ref().map(|n| n.bridge().to_owned()),
+            ovmf_code,
+        });
+        Ok(Self {
+            root: config.state_dir,
+            shared,
+            caps,
+            nat,
+            vms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The accelerator in use.
+    pub fn accel(&self) -> Accel {
+        self.shared.accel
+    }
+
+    /// The NAT network, if configured.
+    pub fn nat(&self) -> Option<&NatNetwork> {
+        self.nat.as_ref()
+    }
+
+    fn remember(&self, vm: &Arc<QemuVm>) {
+        if let Ok(mut m) = self.vms.lock() {
+            m.retain(|_, w| w.strong_count() > 0);
+            m.insert(vm.spec().id.clone(), Arc::downgrade(vm));
+        }
+    }
+
+    fn known(&self, id: &str) -> bool {
+        self.vms
+            .lock()
+            .map(|m| m.get(id).is_some_and(|w| w.strong_count() > 0))
+            .unwrap_or(false)
+    }
+
+    fn check_files(spec: &VmSpec) -> Result<(), HypervisorError> {
+        let mut files: Vec<&Path> = spec.disks.iter().map(|d| d.path.as_path()).collect();
+        if let BootSpec::LinuxKernel { kernel, initrd, .. } = &spec.boot {
+            files.push(kernel);
+            files.extend(initrd.as_deref());
+        }
+        files.extend(spec.shared_dirs.iter().map(|s| s.host_path.as_path()));
+        match files.into_iter().find(|p| !p.exists()) {
+            Some(p) => Err(HypervisorError::InvalidSpec {
+                id: spec.id.clone(),
+                message: format!("{} does not exist", p.display()),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for QemuBackend {
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    async fn create(&self, spec: VmSpec) -> Result<Arc<dyn Vm>, HypervisorError> {
+        self.caps.check(&spec)?;
+        if spec
+            .nics
+            .iter()
+            .any(|n| n.attachment == NetworkAttachment::Nat)
+            && self.nat.is_none()
+        {
+            return Err(HypervisorError::Unsupported {
+                backend: BackendKind::Qemu,
+                feature: "nat without a configured NAT network".into(),
+            });
+        }
+        Self::check_files(&spec)?;
+        let dir = StateDir::new(&self.root, &spec.id);
+        if self.known(&spec.id) || dir.path().exists() {
+            return Err(HypervisorError::AlreadyExists { id: spec.id });
+        }
+        dir.create(&spec).map_err(|e| HypervisorError::Create {
+            id: spec.id.clone(),
+            source: Box::new(e),
+        })?;
+        let vm = Arc::new(QemuVm::new(
+            spec,
+            dir,
+            self.shared.clone(),
+            VmState::Created,
+        ));
+        self.remember(&vm);
+        Ok(vm)
+    }
+
+    async fn adopt_existing(&self) -> Result<Vec<Arc<dyn Vm>>, HypervisorError> {
+        let entries = match std::fs::read_dir(self.root.join("vms")) {
+            Ok(e) => e,
+            Err(e) => {
+                return Err(HypervisorError::Adopt {
+                    source: Box::new(e),
+                });
+            }
+        };
+        let mut out: Vec<Arc<dyn Vm>> = Vec::new();
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if self.known(&id) || !entry.path().join("spec.json").exists() {
+                continue;
+            }
+            match QemuVm::adopt(StateDir::at(entry.path()), self.shared.clone()).await {
+                Ok(vm) => {
+                    let vm = Arc::new(vm);
+                    self.remember(&vm);
+                    out.push(vm);
+                }
+                Err(e) => {
+                    tracing::warn!(vm.id = %id, error = %e, "skipping unreadable VM state dir")
+                }
+            }
+        }
+        Ok(out)
+    }
+}

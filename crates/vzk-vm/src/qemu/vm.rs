@@ -1,0 +1,550 @@
+//! One QEMU VM: launch, supervision through QMP, stop, and re-adoption.
+//!
+//! # Lifecycle
+//! * [`QemuVm::start`] creates the NICs' TAPs (joined to their bridge), spawns
+//!   `qemu-system-x86_64` in its own process group with stdout/stderr to `qemu.log` in
+//!   the state dir (so it survives the agent), connects QMP, and spawns two tasks: the
+//!   monitor (QMP events + process exit → states) and IP discovery on the first TAP.
+//! * States: `Starting` until QMP reports `running`, then `Running`; `Stopping` on a stop
+//!   request or the guest's `POWERDOWN`; at process exit `Stopped` if QEMU reported a
+//!   clean `SHUTDOWN` (guest power-off, `quit`) or the agent asked for the stop, else
+//!   `Failed` with the exit status and the tail of `qemu.log`.
+//! * [`QemuVm::adopt`] rebuilds a handle from a state dir: a live QEMU (pid file + its
+//!   command line naming this dir) is reattached over QMP with its recorded IP; a dead
+//!   one is reported `Failed` with a reason (or `Stopped` if the agent had asked for it).
+//! * Dropping the handle stops watching (aborts its tasks) but never the VM: VMs outlive
+//!   the agent by design.
+
+use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use command_fds::{CommandFdExt, FdMapping};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::Shared;
+use super::command::{QemuPaths, TAP_FD_BASE, qemu_args};
+use super::qmp::{QmpClient, QmpEvent};
+use super::statedir::StateDir;
+use crate::hypervisor::{BackendKind, BoxError, Vm, VmError, VmState};
+use crate::net::{discovery, link, tap};
+use crate::spec::{NetworkAttachment, VmSpec};
+
+/// How long QEMU may take to open its QMP socket.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `quit` / SIGKILL may take to end the process.
+const FORCE_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// A QEMU VM handle.
+pub struct QemuVm {
+    spec: VmSpec,
+    dir: StateDir,
+    shared: Arc<Shared>,
+    state: watch::Sender<VmState>,
+    ip: watch::Sender<Option<Ipv4Addr>>,
+    qmp: Mutex<Option<Arc<QmpClient>>>,
+    pid: Mutex<Option<i32>>,
+    start_lock: tokio::sync::Mutex<()>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for QemuVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuVm")
+            .field("id", &self.spec.id)
+            .field("state", &*self.state.borrow())
+            .finish()
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.tasks.lock() {
+            for t in tasks.iter() {
+                t.abort();
+            }
+        }
+    }
+}
+
+fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> BoxError {
+    Box::new(e)
+}
+
+fn msg(s: String) -> BoxError {
+    s.into()
+}
+
+impl QemuVm {
+    pub(super) fn new(spec: VmSpec, dir: StateDir, shared: Arc<Shared>, state: VmState) -> Self {
+        Self {
+            spec,
+            dir,
+            shared,
+            state: watch::channel(state).0,
+            ip: watch::channel(None).0,
+            qmp: Mutex::new(None),
+            pid: Mutex::new(None),
+            start_lock: tokio::sync::Mutex::new(()),
+            tasks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The VM's state directory.
+    pub fn state_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// QEMU's pid once launched (or adopted).
+    pub fn pid(&self) -> Option<i32> {
+        self.pid.lock().ok().and_then(|p| *p)
+    }
+
+    /// The QMP client, for raw commands (`None` before start or after exit).
+    pub fn qmp(&self) -> Option<Arc<QmpClient>> {
+        self.qmp.lock().ok().and_then(|q| q.clone())
+    }
+
+    fn set_state(&self, s: VmState) {
+        set_state(&self.state, &self.spec.id, s);
+    }
+
+    fn track(&self, t: JoinHandle<()>) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.push(t);
+        }
+    }
+
+    fn fail_start(&self, reason: String) -> VmError {
+        self.set_state(VmState::Failed {
+            reason: reason.clone(),
+        });
+        VmError::Start {
+            id: self.spec.id.clone(),
+            source: msg(reason),
+        }
+    }
+
+    /// Creates and plugs the TAPs; returns their fds in NIC order.
+    async fn plug_nics(&self) -> Result<Vec<OwnedFd>, VmError> {
+        let mut fds = Vec::new();
+        let mut names = Vec::new();
+        for (i, nic) in self.spec.nics.iter().enumerate() {
+            let name = tap::tap_name(&self.spec.id, i);
+            let bridge = match &nic.attachment {
+                NetworkAttachment::Nat => self.shared.nat_bridge.clone().ok_or_else(|| {
+                    self.fail_start("the nat network is not configured on this backend".into())
+                })?,
+                NetworkAttachment::Bridged { interface } => interface.clone(),
+            };
+            let fd = tap::create_tap(&name).map_err(|e| self.fail_start(chain(&e)))?;
+            link::attach_to_bridge(&name, &bridge)
+                .await
+                .map_err(|e| self.fail_start(format!("plugging {name} into {bridge}: {e}")))?;
+            fds.push(fd);
+            names.push(name);
+        }
+        self.dir
+            .write_taps(&names)
+            .map_err(|e| self.fail_start(format!("writing the state dir: {e}")))?;
+        Ok(fds)
+    }
+
+    /// Reattaches to (or reports the death of) the VM in `dir`.
+    pub(super) async fn adopt(dir: StateDir, shared: Arc<Shared>) -> std::io::Result<Self> {
+        let spec = dir.read_spec()?;
+        let id = spec.id.clone();
+        let alive_pid = dir.read_pid().filter(|&p| dir.is_our_qemu(p));
+        let Some(pid) = alive_pid else {
+            let state = if dir.stop_requested() {
+                VmState::Stopped
+            } else {
+                let tail = dir.qemu_log_tail(300);
+                VmState::Failed {
+                    reason: format!(
+                        "the QEMU process{} exited while the agent was not running{}",
+                        dir.read_pid()
+                            .map(|p| format!(" (pid {p})"))
+                            .unwrap_or_default(),
+                        if tail.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; qemu.log: {tail}")
+                        }
+                    ),
+                }
+            };
+            tracing::warn!(vm.id = %id, ?state, "VM found dead on adoption");
+            return Ok(Self::new(spec, dir, shared, state));
+        };
+        let vm = Self::new(spec, dir, shared, VmState::Starting);
+        *vm.pid
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))? = Some(pid);
+        if let Some(ip) = vm.dir.read_ip() {
+            vm.ip.send_replace(Some(ip));
+        }
+        match QmpClient::connect(&vm.dir.qmp_socket()).await {
+            Ok((qmp, events)) => {
+                let qmp = Arc::new(qmp);
+                let status = qmp
+                    .query_status()
+                    .await
+                    .unwrap_or_else(|_| "unknown".into());
+                vm.set_state(match status.as_str() {
+                    "running" => VmState::Running,
+                    "shutdown" => VmState::Stopping,
+                    _ => VmState::Starting,
+                });
+                if let Ok(mut q) = vm.qmp.lock() {
+                    *q = Some(qmp);
+                }
+                vm.spawn_tasks(None, pid, events);
+                tracing::info!(vm.id = %id, pid, status = %status, "re-adopted running VM");
+            }
+            Err(e) => {
+                vm.set_state(VmState::Failed {
+                    reason: format!("cannot reattach to QEMU pid {pid}: {e}"),
+                });
+            }
+        }
+        Ok(vm)
+    }
+
+    fn spawn_tasks(
+        &self,
+        child: Option<Child>,
+        pid: i32,
+        events: mpsc::UnboundedReceiver<QmpEvent>,
+    ) {
+        let monitor = Monitor {
+            id: self.spec.id.clone(),
+            dir: self.dir.clone(),
+            state: self.state.clone(),
+            child,
+            pid,
+        };
+        self.track(tokio::spawn(monitor.run(events)));
+        if let (Some(nic), Some(tap)) = (
+            self.spec.nics.first(),
+            self.dir.read_taps().into_iter().next(),
+        ) {
+            let dir = self.dir.clone();
+            self.track(discovery::spawn_discovery(
+                tap,
+                nic.mac,
+                self.ip.clone(),
+                move |ip| {
+                    if let Err(e) = dir.write_ip(ip) {
+                        tracing::warn!(error = %e, "recording the VM address failed");
+                    }
+                },
+            ));
+        }
+    }
+}
+
+/// An error and its causes, `: `-joined.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+fn set_state(tx: &watch::Sender<VmState>, id: &str, s: VmState) {
+    tx.send_if_modified(|cur| {
+        if cur.is_final() || *cur == s {
+            return false;
+        }
+        tracing::info!(vm.id = %id, from = ?cur, to = ?s, "VM state");
+        *cur = s;
+        true
+    });
+}
+
+/// Watches QMP events and the process; turns them into states.
+struct Monitor {
+    id: String,
+    dir: StateDir,
+    state: watch::Sender<VmState>,
+    child: Option<Child>,
+    pid: i32,
+}
+
+impl Monitor {
+    async fn run(mut self, mut events: mpsc::UnboundedReceiver<QmpEvent>) {
+        let mut shutdown: Option<String> = None;
+        while let Some(ev) = events.recv().await {
+            tracing::debug!(vm.id = %self.id, event = %ev.name, data = %ev.data, "QMP event");
+            match ev.name.as_str() {
+                "SHUTDOWN" => {
+                    let reason = ev
+                        .data
+                        .get("reason")
+                        .and_then(|r| r.as_str())
+                        .unwrap_or("unknown");
+                    shutdown = Some(reason.to_owned());
+                    if reason != "guest-panic" {
+                        set_state(&self.state, &self.id, VmState::Stopping);
+                    }
+                }
+                "POWERDOWN" => set_state(&self.state, &self.id, VmState::Stopping),
+                "RESUME" => set_state(&self.state, &self.id, VmState::Running),
+                _ => {}
+            }
+        }
+        // QMP closed: QEMU is exiting. Reap it (our child) or wait for the pid to vanish.
+        let status = match self.child.as_mut() {
+            Some(c) => c.wait().await.ok().map(|s| s.to_string()),
+            None => {
+                let deadline = Instant::now() + FORCE_STOP_WAIT;
+                while self.dir.is_our_qemu(self.pid) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                None
+            }
+        };
+        let clean = matches!(
+            shutdown.as_deref(),
+            Some("guest-shutdown" | "host-qmp-quit" | "host-signal" | "host-ui")
+        );
+        let final_state = if clean || self.dir.stop_requested() {
+            VmState::Stopped
+        } else {
+            let tail = self.dir.qemu_log_tail(300);
+            VmState::Failed {
+                reason: format!(
+                    "QEMU exited unexpectedly ({}{}){}",
+                    status.unwrap_or_else(|| "not our child; exit status unknown".into()),
+                    shutdown
+                        .map(|r| format!(", shutdown reason {r}"))
+                        .unwrap_or_default(),
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; qemu.log: {tail}")
+                    }
+                ),
+            }
+        };
+        set_state(&self.state, &self.id, final_state);
+    }
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+
+    fn state(&self) -> watch::Receiver<VmState> {
+        self.state.subscribe()
+    }
+
+    fn ip_address(&self) -> watch::Receiver<Option<Ipv4Addr>> {
+        self.ip.subscribe()
+    }
+
+    async fn start(&self) -> Result<(), VmError> {
+        let _guard = self.start_lock.lock().await;
+        let current = self.state.borrow().clone();
+        if current != VmState::Created {
+            return Err(VmError::InvalidState {
+                id: self.spec.id.clone(),
+                operation: "start",
+                state: current,
+            });
+        }
+        self.set_state(VmState::Starting);
+        let started = Instant::now();
+        let fds = self.plug_nics().await?;
+        let paths = QemuPaths {
+            qmp_socket: self.dir.qmp_socket(),
+            pid_file: self.dir.pid_file(),
+            ovmf_code: self.shared.ovmf_code.clone(),
+        };
+        let args = qemu_args(&self.spec, self.shared.accel, &paths)
+            .map_err(|e| self.fail_start(e.to_string()))?;
+        let _ = std::fs::remove_file(paths.qmp_socket.as_path());
+        let _ = std::fs::remove_file(paths.pid_file.as_path());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.qemu_log())
+            .map_err(|e| self.fail_start(format!("opening qemu.log: {e}")))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| self.fail_start(format!("opening qemu.log: {e}")))?;
+        let mut cmd = Command::new(&self.shared.binary);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .kill_on_drop(false);
+        let mappings = fds
+            .into_iter()
+            .zip(TAP_FD_BASE..)
+            .map(|(parent_fd, child_fd)| FdMapping {
+                parent_fd,
+                child_fd,
+            })
+            .collect();
+        cmd.fd_mappings(mappings)
+            .map_err(|e| self.fail_start(e.to_string()))?;
+        let spawned = cmd.spawn();
+        // Our copies of the TAP fds close with the command; QEMU holds its own.
+        drop(cmd);
+        let mut child = spawned.map_err(|e| {
+            self.fail_start(format!("spawning {}: {e}", self.shared.binary.display()))
+        })?;
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .unwrap_or_default();
+        if let Ok(mut p) = self.pid.lock() {
+            *p = Some(pid);
+        }
+        let (qmp, events) = match connect_qmp(&self.dir, &mut child).await {
+            Ok(x) => x,
+            Err(reason) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(self.fail_start(format!(
+                    "{reason}; qemu.log: {}",
+                    self.dir.qemu_log_tail(500)
+                )));
+            }
+        };
+        let qmp = Arc::new(qmp);
+        if let Ok(mut q) = self.qmp.lock() {
+            *q = Some(qmp.clone());
+        }
+        self.spawn_tasks(Some(child), pid, events);
+        if qmp.query_status().await.is_ok_and(|s| s == "running") {
+            self.set_state(VmState::Running);
+        }
+        tracing::info!(vm.id = %self.spec.id, pid, accel = self.shared.accel.as_str(), elapsed_ms = started.elapsed().as_millis() as u64, "VM started");
+        Ok(())
+    }
+
+    async fn request_stop(&self) -> Result<(), VmError> {
+        let state = self.state.borrow().clone();
+        if state.is_final() || state == VmState::Created {
+            return Err(VmError::InvalidState {
+                id: self.spec.id.clone(),
+                operation: "request stop",
+                state,
+            });
+        }
+        let qmp = self.qmp().ok_or_else(|| VmError::RequestStop {
+            id: self.spec.id.clone(),
+            source: msg("no QMP connection".into()),
+        })?;
+        let _ = self.dir.mark_stop_requested();
+        qmp.system_powerdown()
+            .await
+            .map_err(|e| VmError::RequestStop {
+                id: self.spec.id.clone(),
+                source: boxed(e),
+            })?;
+        self.set_state(VmState::Stopping);
+        Ok(())
+    }
+
+    async fn force_stop(&self) -> Result<(), VmError> {
+        if self.state.borrow().is_final() {
+            return Ok(());
+        }
+        if *self.state.borrow() == VmState::Created {
+            self.set_state(VmState::Stopped);
+            return Ok(());
+        }
+        let _ = self.dir.mark_stop_requested();
+        self.set_state(VmState::Stopping);
+        let mut rx = self.state.subscribe();
+        let ended = |rx: &mut watch::Receiver<VmState>| {
+            let mut rx = rx.clone();
+            async move { rx.wait_for(VmState::is_final).await.is_ok() }
+        };
+        if let Some(qmp) = self.qmp() {
+            if let Err(e) = qmp.quit().await {
+                tracing::warn!(vm.id = %self.spec.id, error = %e, "QMP quit failed; killing");
+            }
+            if tokio::time::timeout(FORCE_STOP_WAIT, ended(&mut rx))
+                .await
+                .is_ok_and(|ok| ok)
+            {
+                return Ok(());
+            }
+        }
+        if let Some(pid) = self.pid() {
+            // The process group is QEMU's own (process_group(0) at spawn).
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if tokio::time::timeout(FORCE_STOP_WAIT, ended(&mut rx))
+            .await
+            .is_ok_and(|ok| ok)
+        {
+            return Ok(());
+        }
+        Err(VmError::ForceStop {
+            id: self.spec.id.clone(),
+            source: msg("QEMU did not exit after SIGKILL".into()),
+        })
+    }
+
+    async fn remove(&self) -> Result<(), VmError> {
+        let state = self.state.borrow().clone();
+        if !state.is_final() && state != VmState::Created {
+            return Err(VmError::InvalidState {
+                id: self.spec.id.clone(),
+                operation: "remove",
+                state,
+            });
+        }
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for t in tasks.drain(..) {
+                t.abort();
+            }
+        }
+        self.dir.remove().map_err(|e| VmError::Remove {
+            id: self.spec.id.clone(),
+            source: boxed(e),
+        })
+    }
+}
+
+/// Waits for QEMU's QMP socket and negotiates; fails early if QEMU exits.
+async fn connect_qmp(
+    dir: &StateDir,
+    child: &mut Child,
+) -> Result<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>), String> {
+    let deadline = Instant::now() + QMP_CONNECT_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("QEMU exited at start ({status})"));
+        }
+        match QmpClient::connect(&dir.qmp_socket()).await {
+            Ok(x) => return Ok(x),
+            Err(e) if Instant::now() > deadline => return Err(format!("QMP not reachable: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// The backend kind of these handles (for `Unsupported` errors).
+pub const BACKEND: BackendKind = BackendKind::Qemu;
