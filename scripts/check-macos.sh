@@ -37,6 +37,18 @@ tar -C "$root" --exclude=./target --exclude='*/target' -cf - Cargo.toml Cargo.lo
 log "fetching crates"
 (cd "$work/ws" && cargo fetch --quiet)
 
+# Without the feature, a non-Apple build must not even compile the objc2 stack.
+host=$(rustc -vV | sed -n 's/^host: //p')
+case "$host" in
+  *-apple-*) ;;
+  *)
+    if (cd "$work/ws" && cargo tree -q -p vzk-vz -e normal --target "$host" --prefix none) | grep -q '^objc2'; then
+      echo "check-macos: a plain $host build of vzk-vz pulls in objc2" >&2
+      exit 1
+    fi
+    ;;
+esac
+
 version=$(awk '$0 == "name = \"objc2-virtualization\"" {getline; gsub(/version = |"/, ""); print; exit}' "$work/ws/Cargo.lock")
 if [ -z "$version" ]; then
   echo "check-macos: objc2-virtualization is not in Cargo.lock" >&2

@@ -1,7 +1,9 @@
 //! The thin `unsafe` layer over Virtualization.framework (`objc2-virtualization`).
 //!
 //! * [`hypervisor`]: [`VzHypervisor`], the [`vzk_vm::Hypervisor`] of macOS hosts.
-//! * [`vm`]: [`VzVm`], the `Send` handle of one VM, an actor over its dispatch queue.
+//! * [`vm`]: [`VzVm`], the `Send` handle of one VM ([`vzk_vm::Vm`]).
+//! * [`actor`]: the per-VM serial dispatch queue that owns the framework objects and
+//!   executes commands.
 //! * [`build`]: [`VzConfig`](crate::config::VzConfig) → `VZVirtualMachineConfiguration`.
 //! * [`delegate`]: the `VZVirtualMachineDelegate` that reports guest stops and errors.
 //! * [`ns`]: Foundation helpers (`NSURL` from paths, `NSError` → [`ns::FrameworkError`]).
@@ -17,6 +19,7 @@
 //! `scripts/check-macos.sh`). All logic that does not need the framework lives in the
 //! platform-independent modules of this crate.
 
+pub mod actor;
 pub mod build;
 pub mod delegate;
 pub mod hypervisor;

@@ -1,0 +1,248 @@
+//! The per-VM actor: a private serial dispatch queue that owns the framework objects
+//! and executes [`Command`]s sent from any thread.
+//!
+//! Contract:
+//! * The `VZVirtualMachine`, its configuration and its delegate are created by
+//!   [`Actor::build`] *on* the queue and only touched by closures running on it
+//!   ([`OnQueue`]); completion handlers and delegate callbacks also run there.
+//! * [`Actor::send`] submits a command and awaits its `oneshot` reply, which the
+//!   framework's completion handler sends for asynchronous operations. `None` means the
+//!   VM was already released.
+//! * State changes go to the shared [`StatePublisher`] as they are observed.
+//! * Dropping the actor releases the framework objects on their own queue.
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
+use block2::RcBlock;
+use dispatch2::{DispatchQueue, DispatchRetained};
+use objc2::AnyThread;
+use objc2::rc::Retained;
+use objc2::runtime::ProtocolObject;
+use objc2_foundation::NSError;
+use objc2_virtualization::VZVirtualMachine;
+use tokio::sync::oneshot;
+
+use super::build::{self, BuildError};
+use super::delegate::VmDelegate;
+use super::ns::FrameworkError;
+use crate::config::VzConfig;
+use crate::state::{StatePublisher, StateTracker, VzState};
+
+/// What the actor can be asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `startWithCompletionHandler:`.
+    Start,
+    /// `requestStopWithError:` (the guest's power button).
+    RequestStop,
+    /// `stopWithCompletionHandler:` (pull the plug).
+    ForceStop,
+    /// Drop the framework objects.
+    Release,
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The framework reported an error.
+    #[error("Virtualization.framework refused")]
+    Framework(#[source] FrameworkError),
+    /// The framework says the VM cannot do this in its current state.
+    #[error("the VM's framework state does not allow {0:?}")]
+    NotPossible(Command),
+}
+
+/// Why a VM could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// Building the configuration failed.
+    #[error("building the VM configuration failed")]
+    Build(#[source] BuildError),
+    /// The VM's queue went away before answering.
+    #[error("the VM's dispatch queue dropped the request")]
+    QueueGone,
+}
+
+type Reply = Result<(), CommandError>;
+
+/// Objects confined to one VM's serial dispatch queue.
+struct OnQueue<T>(T);
+
+// SAFETY: an `OnQueue` is only dereferenced inside closures submitted to the owning
+// actor's serial queue (`Actor::build`, `Actor::send`, `Drop for Actor`), so its
+// contents are never used from two threads at once; that confinement is exactly what
+// Virtualization.framework requires of a `VZVirtualMachine` and its delegate.
+unsafe impl<T> Send for OnQueue<T> {}
+// SAFETY: as above: shared references are only used on the owning queue.
+unsafe impl<T> Sync for OnQueue<T> {}
+
+/// The framework objects of a built VM.
+struct Machine {
+    vm: Retained<VZVirtualMachine>,
+    /// Retained here because the framework holds its delegate weakly.
+    _delegate: Retained<VmDelegate>,
+}
+
+type Slot = Arc<OnQueue<RefCell<Option<Machine>>>>;
+
+/// The handle on one VM's queue. `Send + Sync`.
+pub struct Actor {
+    queue: DispatchRetained<DispatchQueue>,
+    slot: Slot,
+    states: Arc<StatePublisher>,
+}
+
+impl Actor {
+    /// Creates the queue `io.vz-kubelet.vm.<id>` and builds the VM on it.
+    pub async fn build(
+        id: &str,
+        config: VzConfig,
+        states: Arc<StatePublisher>,
+    ) -> Result<Self, CreateError> {
+        let queue = DispatchQueue::new(&format!("io.vz-kubelet.vm.{id}"), None);
+        let slot: Slot = Arc::new(OnQueue(RefCell::new(None)));
+        let (tx, rx) = oneshot::channel::<Result<(), BuildError>>();
+        let (on_queue_slot, on_queue_states, vm_queue) =
+            (slot.clone(), states.clone(), queue.clone());
+        queue.exec_async(move || {
+            let result = build::configuration(&config).map(|cfg| {
+                // SAFETY: `initWithConfiguration:queue:` with a validated configuration
+                // and the serial queue this closure runs on; the VM is then only used
+                // on this queue.
+                let vm = unsafe {
+                    VZVirtualMachine::initWithConfiguration_queue(
+                        VZVirtualMachine::alloc(),
+                        &cfg,
+                        &vm_queue,
+                    )
+                };
+                let delegate = VmDelegate::new(on_queue_states);
+                // SAFETY: setter called on the VM's queue; `Machine` keeps the
+                // delegate alive as long as the VM.
+                unsafe { vm.setDelegate(Some(ProtocolObject::from_ref(&*delegate))) };
+                *on_queue_slot.0.borrow_mut() = Some(Machine {
+                    vm,
+                    _delegate: delegate,
+                });
+            });
+            let _ = tx.send(result);
+        });
+        rx.await
+            .map_err(|_| CreateError::QueueGone)?
+            .map_err(CreateError::Build)?;
+        Ok(Self {
+            queue,
+            slot,
+            states,
+        })
+    }
+
+    /// Executes `command` on the queue and awaits its outcome; `None` if the VM was
+    /// released.
+    pub async fn send(&self, command: Command) -> Option<Result<(), CommandError>> {
+        let (tx, rx) = oneshot::channel();
+        let (slot, states) = (self.slot.clone(), self.states.clone());
+        self.queue
+            .exec_async(move || execute(&slot, &states, command, tx));
+        rx.await.ok()
+    }
+}
+
+impl Drop for Actor {
+    fn drop(&mut self) {
+        let slot = self.slot.clone();
+        self.queue
+            .exec_async(move || drop(slot.0.borrow_mut().take()));
+    }
+}
+
+/// Runs on the VM's queue.
+fn execute(
+    slot: &Slot,
+    states: &Arc<StatePublisher>,
+    command: Command,
+    reply: oneshot::Sender<Reply>,
+) {
+    if command == Command::Release {
+        drop(slot.0.borrow_mut().take());
+        let _ = reply.send(Ok(()));
+        return;
+    }
+    let guard = slot.0.borrow();
+    let Some(machine) = guard.as_ref() else {
+        return;
+    };
+    let vm = &machine.vm;
+    // SAFETY (all blocks below): framework calls made on the VM's queue, with
+    // completion blocks of the declared `Fn(*mut NSError)` signature.
+    match command {
+        Command::Start => {
+            states.apply(StateTracker::start_requested);
+            let block = completion(vm, states, reply, StateTracker::start_failed);
+            // SAFETY: see above.
+            unsafe { vm.startWithCompletionHandler(&block) };
+        }
+        Command::RequestStop => {
+            // SAFETY: see above.
+            let outcome = if unsafe { vm.canRequestStop() } {
+                // SAFETY: see above.
+                unsafe { vm.requestStopWithError() }
+                    .map_err(|e| CommandError::Framework(FrameworkError::from_ns(&e)))
+            } else {
+                Err(CommandError::NotPossible(command))
+            };
+            if outcome.is_ok() {
+                states.apply(StateTracker::stop_requested);
+            }
+            let _ = reply.send(outcome);
+        }
+        Command::ForceStop => {
+            // SAFETY: see above.
+            if unsafe { vm.canStop() } {
+                states.apply(StateTracker::stop_requested);
+                // A failed stop keeps the state: the VM may still be running.
+                let block = completion(vm, states, reply, |_, _| None);
+                // SAFETY: see above.
+                unsafe { vm.stopWithCompletionHandler(&block) };
+            } else {
+                // Already stopped (or never started): record what the framework says.
+                // SAFETY: see above.
+                let raw = unsafe { vm.state() }.0;
+                states.apply(|t| t.observe(VzState::from_raw(raw)));
+                let _ = reply.send(Ok(()));
+            }
+        }
+        Command::Release => {}
+    }
+}
+
+/// A completion handler that records the outcome and replies once.
+fn completion(
+    vm: &Retained<VZVirtualMachine>,
+    states: &Arc<StatePublisher>,
+    reply: oneshot::Sender<Reply>,
+    on_error: fn(&mut StateTracker, String) -> Option<vzk_vm::VmState>,
+) -> RcBlock<dyn Fn(*mut NSError)> {
+    let (vm, states, reply) = (vm.clone(), states.clone(), Cell::new(Some(reply)));
+    RcBlock::new(move |error: *mut NSError| {
+        // SAFETY: the framework passes null or a valid `NSError` for the duration of
+        // the call.
+        let outcome = match unsafe { error.as_ref() } {
+            None => {
+                // SAFETY: completion handlers run on the VM's queue.
+                let raw = unsafe { vm.state() }.0;
+                states.apply(|t| t.observe(VzState::from_raw(raw)));
+                Ok(())
+            }
+            Some(e) => {
+                let e = FrameworkError::from_ns(e);
+                states.apply(|t| on_error(t, e.to_string()));
+                Err(CommandError::Framework(e))
+            }
+        };
+        if let Some(reply) = reply.take() {
+            let _ = reply.send(outcome);
+        }
+    })
+}
