@@ -127,7 +127,7 @@ async fn remote_command(
         Some(UpgradeKind::Spdy) => {
             let protocol = match negotiate::negotiate(req.headers(), &REMOTECOMMAND_PROTOCOLS) {
                 Ok(p) => p,
-                Err(resp) => return resp,
+                Err(refusal) => return refusal.into_response(),
             };
             let on_upgrade = hyper::upgrade::on(&mut req);
             let span = info_span!("remotecommand", op = ?parsed.op, pod.ns = %parsed.target.namespace, pod.name = %parsed.target.pod, container = %parsed.target.container, protocol);
@@ -166,7 +166,7 @@ pub(crate) async fn port_forward(
         Some(UpgradeKind::Spdy) => {
             let protocol = match negotiate::negotiate(req.headers(), &PORTFORWARD_PROTOCOLS) {
                 Ok(p) => p,
-                Err(resp) => return resp,
+                Err(refusal) => return refusal.into_response(),
             };
             let on_upgrade = hyper::upgrade::on(&mut req);
             let span = info_span!("portforward", pod.ns = %pod.namespace, pod.name = %pod.name);

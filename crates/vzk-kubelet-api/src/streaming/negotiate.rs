@@ -47,13 +47,44 @@ pub(crate) fn upgrade_kind(headers: &HeaderMap) -> Option<UpgradeKind> {
     }
 }
 
+/// A refused upgrade: status, message and (for 403) the protocols we accept.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    status: StatusCode,
+    message: String,
+    accepted: &'static [&'static str],
+}
+
+impl Refusal {
+    pub(crate) fn new(status: StatusCode, message: String) -> Self {
+        Self {
+            status,
+            message,
+            accepted: &[],
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, format!("{}\n", self.message)).into_response();
+        for p in self.accepted {
+            resp.headers_mut().append(
+                "x-accepted-stream-protocol-versions",
+                HeaderValue::from_static(p),
+            );
+        }
+        resp
+    }
+}
+
 /// Picks the first client protocol (in the client's order, all header lines split on
 /// `,`) that the server supports. `Err` is the response to send: 400 without the
 /// header, 403 listing ours when nothing matches.
 pub(crate) fn negotiate(
     headers: &HeaderMap,
-    ours: &[&'static str],
-) -> Result<&'static str, Response> {
+    ours: &'static [&'static str],
+) -> Result<&'static str, Refusal> {
     let offered: Vec<&str> = headers
         .get_all("x-stream-protocol-version")
         .iter()
@@ -63,27 +94,21 @@ pub(crate) fn negotiate(
         .filter(|v| !v.is_empty())
         .collect();
     if offered.is_empty() {
-        return Err((
+        return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
-            "unable to upgrade: X-Stream-Protocol-Version header is missing\n",
-        )
-            .into_response());
+            "unable to upgrade: X-Stream-Protocol-Version header is missing".into(),
+        ));
     }
     if let Some(p) = offered.iter().find_map(|o| ours.iter().find(|s| **s == *o)) {
         return Ok(p);
     }
-    let mut resp = (
-        StatusCode::FORBIDDEN,
-        format!("unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server accepts {ours:?}\n"),
-    )
-        .into_response();
-    for p in ours {
-        resp.headers_mut().append(
-            "x-accepted-stream-protocol-versions",
-            HeaderValue::from_static(p),
-        );
-    }
-    Err(resp)
+    Err(Refusal {
+        status: StatusCode::FORBIDDEN,
+        message: format!(
+            "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server accepts {ours:?}"
+        ),
+        accepted: ours,
+    })
 }
 
 /// The `101 Switching Protocols` answer to a SPDY upgrade.
@@ -149,14 +174,14 @@ mod tests {
         );
         let missing = negotiate(&headers(&[]), &REMOTECOMMAND_PROTOCOLS)
             .err()
-            .map(|r| r.status());
+            .map(|r| r.status);
         assert_eq!(missing, Some(StatusCode::BAD_REQUEST));
         let none = negotiate(
             &headers(&[("x-stream-protocol-version", "v9.channel.k8s.io")]),
             &REMOTECOMMAND_PROTOCOLS,
         )
-        .err()
-        .expect("no match");
+        .expect_err("no match")
+        .into_response();
         assert_eq!(none.status(), StatusCode::FORBIDDEN);
         assert_eq!(
             none.headers()

@@ -28,6 +28,7 @@ use tracing::{Instrument, debug, info_span};
 use vzk_core::PodKey;
 use vzk_core::streams::{AttachIo, BoxReader, BoxWriter, TermSize};
 
+use super::negotiate::Refusal;
 use super::status;
 use super::{ExecRequest, remotecommand};
 use crate::metrics::{StreamKind, Transport};
@@ -45,7 +46,8 @@ pub(crate) const REMOTECOMMAND_WS_PROTOCOLS: [&str; 5] = [
 /// The SPDY-in-WebSocket port-forward tunnel.
 pub(crate) const PORTFORWARD_TUNNEL: &str = "SPDY/3.1+portforward.k8s.io";
 /// Channel-protocol port-forward sub-protocols.
-const PORTFORWARD_WS_PROTOCOLS: [&str; 3] = [
+const PORTFORWARD_WS_PROTOCOLS: [&str; 4] = [
+    PORTFORWARD_TUNNEL,
     "v4.channel.k8s.io",
     "v4.base64.channel.k8s.io",
     "portforward.k8s.io",
@@ -64,26 +66,30 @@ fn offered(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// The first protocol the client offers that we support; `Ok(None)` if it offered none.
-fn choose(headers: &HeaderMap, ours: &[&'static str]) -> Result<Option<&'static str>, Response> {
+fn choose(headers: &HeaderMap, ours: &[&'static str]) -> Result<Option<&'static str>, Refusal> {
     let offered = offered(headers);
     if offered.is_empty() {
         return Ok(None);
     }
-    match offered.iter().find_map(|o| ours.iter().find(|s| **s == o.as_str())) {
+    match offered
+        .iter()
+        .find_map(|o| ours.iter().find(|s| **s == o.as_str()))
+    {
         Some(p) => Ok(Some(*p)),
-        None => Err((
+        None => Err(Refusal::new(
             StatusCode::FORBIDDEN,
-            format!("unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports {ours:?}\n"),
-        )
-            .into_response()),
+            format!(
+                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports {ours:?}"
+            ),
+        )),
     }
 }
 
-async fn ws_upgrade(req: Request) -> Result<WebSocketUpgrade, Response> {
+async fn ws_upgrade(req: Request) -> Result<WebSocketUpgrade, Box<Response>> {
     let (mut parts, _body) = req.into_parts();
     WebSocketUpgrade::from_request_parts(&mut parts, &())
         .await
-        .map_err(IntoResponse::into_response)
+        .map_err(|r| Box::new(r.into_response()))
 }
 
 /// Framing of one negotiated channel protocol.
@@ -159,11 +165,11 @@ fn normal_close() -> Message {
 pub(crate) async fn remote_command(st: AppState, req_info: ExecRequest, req: Request) -> Response {
     let protocol = match choose(req.headers(), &REMOTECOMMAND_WS_PROTOCOLS) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(refusal) => return refusal.into_response(),
     };
     let ws = match ws_upgrade(req).await {
         Ok(ws) => ws,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let ws = match protocol {
         Some(p) => ws.protocols([p]),
@@ -290,23 +296,21 @@ async fn serve_remote_command(
 
 /// Upgrades a port-forward request to WebSocket (tunnel or channel protocol).
 pub(crate) async fn port_forward(st: AppState, pod: PodKey, req: Request) -> Response {
-    let mut ours = vec![PORTFORWARD_TUNNEL];
-    ours.extend(PORTFORWARD_WS_PROTOCOLS);
-    let protocol = match choose(req.headers(), &ours) {
+    let protocol = match choose(req.headers(), &PORTFORWARD_WS_PROTOCOLS) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(refusal) => return refusal.into_response(),
     };
     let ports = if protocol == Some(PORTFORWARD_TUNNEL) {
         Vec::new()
     } else {
         match parse_ports(req.uri().query()) {
             Ok(p) => p,
-            Err(resp) => return resp,
+            Err(refusal) => return refusal.into_response(),
         }
     };
     let ws = match ws_upgrade(req).await {
         Ok(ws) => ws,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let ws = match protocol {
         Some(p) => ws.protocols([p]),
@@ -332,27 +336,20 @@ pub(crate) async fn port_forward(st: AppState, pod: PodKey, req: Request) -> Res
     })
 }
 
-fn parse_ports(raw: Option<&str>) -> Result<Vec<u16>, Response> {
-    let q = query::pairs(raw).map_err(IntoResponse::into_response)?;
+fn parse_ports(raw: Option<&str>) -> Result<Vec<u16>, Refusal> {
+    let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
+    let q = query::pairs(raw).map_err(|e| bad(e.to_string()))?;
     let mut ports = Vec::new();
     for v in query::all(&q, "port") {
         for p in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match p.parse::<u16>() {
                 Ok(n) if n > 0 => ports.push(n),
-                _ => {
-                    return Err(
-                        (StatusCode::BAD_REQUEST, format!("invalid port {p:?}\n")).into_response()
-                    );
-                }
+                _ => return Err(bad(format!("invalid port {p:?}"))),
             }
         }
     }
     if ports.is_empty() {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            "query parameter \"port\" is required\n",
-        )
-            .into_response());
+        return Err(bad("query parameter \"port\" is required".into()));
     }
     Ok(ports)
 }
@@ -364,11 +361,7 @@ async fn bridge_bytes(socket: WebSocket, io: DuplexStream) {
     let inbound = async move {
         while let Some(Ok(msg)) = stream.next().await {
             match msg {
-                Message::Binary(b) => {
-                    if w.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
+                Message::Binary(b) if w.write_all(&b).await.is_err() => break,
                 Message::Close(_) => break,
                 _ => {}
             }
