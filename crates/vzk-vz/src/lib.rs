@@ -4,7 +4,8 @@
 //!
 //! * [`config`]: a [`vzk_vm::VmSpec`] → [`config::VzConfig`], the machine the framework
 //!   will be asked to build, with every check that needs no framework.
-//! * [`limits`]: CPU and memory against the framework's bounds.
+//! * [`limits`]: CPU and memory against the framework's bounds; [`quantity`] turns the
+//!   pod's Kubernetes quantities into the millicores and bytes it checks.
 //! * [`image_config`]: the macOS image's `config.json` (hardware model, machine id).
 //! * [`state`]: framework states and delegate callbacks → [`vzk_vm::VmState`].
 //! * [`discovery`]: `/var/db/dhcpd_leases` and `arp -an` parsers for IP discovery.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod discovery;
 pub mod image_config;
 pub mod limits;
+pub mod quantity;
 pub mod state;
 
 #[cfg(any(target_os = "macos", feature = "typecheck"))]

@@ -10,12 +10,23 @@
 //! that is not a whole CPU is rejected, never rounded. Memory arrives in bytes and is
 //! never rounded either (rounding would silently give the guest a different size).
 
+use crate::quantity::{self, QuantityError};
+
 /// One MiB, the granularity of VM memory.
 pub const MIB: u64 = 1 << 20;
 
 /// An out-of-bounds or malformed CPU/memory request.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LimitsError {
+    /// A request is not a usable Kubernetes quantity.
+    #[error("the {resource} request is not usable")]
+    Quantity {
+        /// `cpu` or `memory`.
+        resource: &'static str,
+        /// Why.
+        #[source]
+        source: QuantityError,
+    },
     /// The CPU request is not a whole number of CPUs.
     #[error(
         "{millicpus}m CPU is not a whole number of CPUs: Virtualization.framework VMs take integer CPU counts"
@@ -87,6 +98,19 @@ impl Bounds {
             cpus: self.check_cpus(millicpus)?,
             memory_bytes: self.check_memory(memory_bytes)?,
         })
+    }
+
+    /// Checks container 0's requests given as Kubernetes quantities (`"2"`, `"4Gi"`).
+    pub fn check_quantities(&self, cpu: &str, memory: &str) -> Result<Resources, LimitsError> {
+        let millicpus = quantity::cpu_millis(cpu).map_err(|source| LimitsError::Quantity {
+            resource: "cpu",
+            source,
+        })?;
+        let bytes = quantity::bytes(memory).map_err(|source| LimitsError::Quantity {
+            resource: "memory",
+            source,
+        })?;
+        self.check(millicpus, bytes)
     }
 
     /// The whole CPU count of `millicpus`, within bounds.
@@ -230,6 +254,46 @@ mod tests {
         assert!(matches!(
             M1.check(1000, 1),
             Err(LimitsError::MemoryNotMibMultiple { .. })
+        ));
+    }
+
+    #[test]
+    fn kubernetes_quantities_are_checked() {
+        assert_eq!(
+            M1.check_quantities("2", "4Gi"),
+            Ok(Resources {
+                cpus: 2,
+                memory_bytes: 4 << 30
+            })
+        );
+        assert_eq!(
+            M1.check_quantities("2000m", "4096Mi"),
+            Ok(Resources {
+                cpus: 2,
+                memory_bytes: 4 << 30
+            })
+        );
+        assert_eq!(
+            M1.check_quantities("1.5", "4Gi"),
+            Err(LimitsError::FractionalCpu { millicpus: 1500 })
+        );
+        assert!(matches!(
+            M1.check_quantities("2", "4G"),
+            Err(LimitsError::MemoryNotMibMultiple { .. })
+        ));
+        assert!(matches!(
+            M1.check_quantities("two", "4Gi"),
+            Err(LimitsError::Quantity {
+                resource: "cpu",
+                source: QuantityError::Parse { .. }
+            })
+        ));
+        assert!(matches!(
+            M1.check_quantities("2", "-4Gi"),
+            Err(LimitsError::Quantity {
+                resource: "memory",
+                ..
+            })
         ));
     }
 }
