@@ -6,15 +6,20 @@
 //!   "storage": [ { "mediatype": "...disk.image.v1", "file": "disk.img" } ] }
 //! ```
 //!
-//! Contract: [`MacImageConfig::parse`] needs `hardwareModelData` and `machineIdData`,
-//! decodes them from standard base64 and checks that each is an Apple binary property
-//! list (`bplist00` magic) — what `VZMacHardwareModel(dataRepresentation:)` and
-//! `VZMacMachineIdentifier(dataRepresentation:)` take. `os`, when present, must be
-//! `darwin`. `storage` and unknown fields are ignored (the runtime finds disk and aux by
-//! layer media type, as the reference does).
+//! Contract: [`MacImageConfig::from_base64`] (the two fields as already read, e.g. by
+//! `vzk-image`'s `VmConfig`) and [`MacImageConfig::parse`] (the raw file) need
+//! `hardwareModelData` and `machineIdData`, decode them from standard base64 and check
+//! that each is an Apple binary property list (`bplist00` magic) — what
+//! `VZMacHardwareModel(dataRepresentation:)` and
+//! `VZMacMachineIdentifier(dataRepresentation:)` take. `parse` also requires `os`, when
+//! present, to be `darwin`, and ignores `storage` and unknown fields (the runtime finds
+//! disk and aux by layer media type, as the reference does).
+
+use std::path::PathBuf;
 
 use base64::Engine as _;
 use serde::Deserialize;
+use vzk_vm::BootSpec;
 
 /// The magic of an Apple binary property list.
 const BPLIST_MAGIC: &[u8] = b"bplist00";
@@ -78,14 +83,34 @@ impl MacImageConfig {
         if let Some(os) = raw.os.filter(|os| os != "darwin") {
             return Err(ImageConfigError::WrongOs { os });
         }
+        Self::from_base64(
+            raw.hardware_model_data.as_deref(),
+            raw.machine_id_data.as_deref(),
+        )
+    }
+
+    /// Decodes and checks the two base64 fields.
+    pub fn from_base64(
+        hardware_model_data: Option<&str>,
+        machine_id_data: Option<&str>,
+    ) -> Result<Self, ImageConfigError> {
         Ok(Self {
-            hardware_model: decode_plist("hardwareModelData", raw.hardware_model_data)?,
-            machine_identifier: decode_plist("machineIdData", raw.machine_id_data)?,
+            hardware_model: decode_plist("hardwareModelData", hardware_model_data)?,
+            machine_identifier: decode_plist("machineIdData", machine_id_data)?,
         })
+    }
+
+    /// The [`BootSpec`] of a VM booting this image from the cloned `aux_storage`.
+    pub fn boot_spec(self, aux_storage: PathBuf) -> BootSpec {
+        BootSpec::MacOs {
+            aux_storage,
+            hardware_model: self.hardware_model,
+            machine_id: self.machine_identifier,
+        }
     }
 }
 
-fn decode_plist(field: &'static str, value: Option<String>) -> Result<Vec<u8>, ImageConfigError> {
+fn decode_plist(field: &'static str, value: Option<&str>) -> Result<Vec<u8>, ImageConfigError> {
     let text = value
         .filter(|v| !v.is_empty())
         .ok_or(ImageConfigError::MissingField { field })?;
@@ -180,5 +205,20 @@ mod tests {
             MacImageConfig::parse(b"[1,2]"),
             Err(ImageConfigError::Parse(_))
         ));
+    }
+
+    #[test]
+    fn boot_spec_carries_the_decoded_data() {
+        let cfg = MacImageConfig::from_base64(Some("YnBsaXN0MDBB"), Some("YnBsaXN0MDBC"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let boot = cfg.boot_spec("/clones/uid/aux.img".into());
+        assert_eq!(
+            boot,
+            BootSpec::MacOs {
+                aux_storage: "/clones/uid/aux.img".into(),
+                hardware_model: b"bplist00A".to_vec(),
+                machine_id: b"bplist00B".to_vec(),
+            }
+        );
     }
 }
