@@ -6,8 +6,9 @@
 //!   = binary v1). Each message is `[channel][payload]` (0 stdin, 1 stdout, 2 stderr,
 //!   3 error, 4 resize); base64 variants send text `'0'+channel` then base64. An empty
 //!   message on the first writable channel signals readiness. v5 adds the close signal
-//!   `[255, channel]` (the client half-closes stdin with `[255, 0]`; we send
-//!   `[255, 1]`/`[255, 2]` when output ends). v4+ end with the Status JSON on channel 3.
+//!   `[255, channel]` (the client half-closes stdin with `[255, 0]`; we do not send it
+//!   for stdout/stderr, which kubectl 1.37 would log as an unknown stream). v4+ end with
+//!   the Status JSON on channel 3.
 //! * port-forward: `SPDY/3.1+portforward.k8s.io` carries a SPDY session in binary
 //!   messages (boundaries arbitrary), served by [`super::portforward`]; otherwise the
 //!   channel protocol: `?port=` list, data channel `2i`, error channel `2i+1`, each first
@@ -127,14 +128,12 @@ impl Framing {
     }
 }
 
-/// Copies a reader into `channel` messages until EOF; with `close_signal`, then
-/// sends `[255, channel]`.
+/// Copies a reader into `channel` messages until EOF.
 async fn pump_out<R: AsyncRead + Unpin>(
     mut r: R,
     channel: u8,
     f: Framing,
     tx: mpsc::Sender<Message>,
-    close_signal: bool,
 ) {
     let mut buf = vec![0u8; BUF];
     loop {
@@ -146,11 +145,6 @@ async fn pump_out<R: AsyncRead + Unpin>(
                 }
             }
         }
-    }
-    if close_signal {
-        let _ = tx
-            .send(Message::Binary(Bytes::from(vec![255, channel])))
-            .await;
     }
 }
 
@@ -263,7 +257,9 @@ async fn serve_remote_command(
     let mut out_writer = |want: bool, channel: u8| -> Option<BoxWriter> {
         want.then(|| {
             let (w, r) = tokio::io::duplex(BUF);
-            pumps.push(tokio::spawn(pump_out(r, channel, f, out_tx.clone(), v5)));
+            // No `[255, channel]` close signal: kubectl 1.37 logs it as an unknown stream;
+            // the end of output is implied by the status on channel 3.
+            pumps.push(tokio::spawn(pump_out(r, channel, f, out_tx.clone())));
             Box::pin(w) as BoxWriter
         })
     };
@@ -425,7 +421,7 @@ async fn serve_port_channels(
         inputs.push(Some(w));
         let (st, pod, tx) = (st.clone(), pod.clone(), out_tx.clone());
         forwards.push(tokio::spawn(async move {
-            let pump = tokio::spawn(pump_out(r, data_ch, f, tx.clone(), false));
+            let pump = tokio::spawn(pump_out(r, data_ch, f, tx.clone()));
             if let Err(e) = st.runtime.port_forward(&pod, port, Box::pin(theirs)).await {
                 let msg = super::portforward::error_message(&pod, port, &e);
                 let _ = tx.send(f.encode(err_ch, msg.as_bytes())).await;
