@@ -44,12 +44,18 @@ pub enum ProviderError {
 impl ProviderError {
     /// A permanent, user-caused error with a reason.
     pub fn invalid(reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Invalid { reason: reason.into(), message: message.into() }
+        Self::Invalid {
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
 
     /// A generic failure with a reason.
     pub fn failed(reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Failed { reason: reason.into(), message: message.into() }
+        Self::Failed {
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
 
     /// The CamelCase reason to record on the pod and in events.
@@ -77,9 +83,18 @@ mod tests {
         let e = ProviderError::invalid("InvalidCPU", "fractional CPUs are not supported");
         assert_eq!(e.reason(), "InvalidCPU");
         assert!(!e.is_retryable());
-        assert_eq!(e.to_string(), "invalid: InvalidCPU: fractional CPUs are not supported");
-        let e = ProviderError::Unavailable { message: "busy".into(), retry_after: None };
+        assert_eq!(
+            e.to_string(),
+            "invalid: InvalidCPU: fractional CPUs are not supported"
+        );
+        let e = ProviderError::Unavailable {
+            message: "busy".into(),
+            retry_after: None,
+        };
         assert!(e.is_retryable());
-        assert_eq!(ProviderError::NotFound("pod a/b".into()).reason(), "NotFound");
+        assert_eq!(
+            ProviderError::NotFound("pod a/b".into()).reason(),
+            "NotFound"
+        );
     }
 }

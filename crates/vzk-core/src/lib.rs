@@ -16,5 +16,6 @@ pub mod streams;
 
 pub use error::ProviderError;
 pub use provider::{
-    NodeProvider, PodKey, PodLifecycle, PodNotifier, PodStatusUpdate, Provider, StreamingRuntime,
+    NodeProvider, PodEvent, PodKey, PodLifecycle, PodNotifier, PodUpdate, Provider, RuntimeInfo,
+    StreamingRuntime,
 };

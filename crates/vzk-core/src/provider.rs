@@ -63,35 +63,86 @@ impl std::fmt::Display for PodKey {
     }
 }
 
-/// A status change pushed by a provider.
+/// A change a provider pushes to the runtime.
 #[derive(Debug, Clone)]
-pub struct PodStatusUpdate {
-    /// The pod the status belongs to.
-    pub key: PodKey,
-    /// The full pod status as the provider sees it. The runtime keeps the fields the
-    /// provider cannot know (e.g. the scheduler's `PodScheduled` condition) and patches
-    /// the API server only when the result differs from what it last wrote.
-    pub status: PodStatus,
+pub enum PodUpdate {
+    /// A new status for a pod.
+    Status {
+        /// The pod the status belongs to.
+        key: PodKey,
+        /// The full pod status as the provider sees it. The runtime keeps the fields
+        /// the provider cannot know (e.g. the scheduler's `PodScheduled` condition) and
+        /// patches the API server only when the result differs from what it last wrote.
+        status: Box<PodStatus>,
+    },
+    /// An event to record on a pod (Pulling, Pulled, Started, Unhealthy, ...).
+    Event {
+        /// The pod the event is about.
+        key: PodKey,
+        /// The event.
+        event: PodEvent,
+    },
 }
 
-/// The channel a provider uses to push pod status changes to the runtime.
+/// An event about a pod, recorded by the runtime as an `events.k8s.io/v1` Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodEvent {
+    /// `Warning` when true, `Normal` otherwise.
+    pub warning: bool,
+    /// CamelCase reason (`Pulling`, `Started`, `Failed`, ...).
+    pub reason: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl PodEvent {
+    /// A `Normal` event.
+    pub fn normal(reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            warning: false,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A `Warning` event.
+    pub fn warning(reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            warning: true,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The channel a provider uses to push pod status changes and events to the runtime.
 ///
-/// Cheap to clone; sending never blocks (the runtime coalesces updates per pod).
+/// Cheap to clone; sending never blocks (the runtime coalesces status updates per pod).
 #[derive(Debug, Clone)]
 pub struct PodNotifier {
-    tx: mpsc::UnboundedSender<PodStatusUpdate>,
+    tx: mpsc::UnboundedSender<PodUpdate>,
 }
 
 impl PodNotifier {
     /// Creates a notifier and the receiving end the runtime drains.
-    pub fn channel() -> (Self, mpsc::UnboundedReceiver<PodStatusUpdate>) {
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<PodUpdate>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Self { tx }, rx)
     }
 
     /// Reports a new status for `key`. Returns `false` if the runtime has shut down.
     pub fn notify(&self, key: PodKey, status: PodStatus) -> bool {
-        self.tx.send(PodStatusUpdate { key, status }).is_ok()
+        self.tx
+            .send(PodUpdate::Status {
+                key,
+                status: Box::new(status),
+            })
+            .is_ok()
+    }
+
+    /// Records an event on `key`. Returns `false` if the runtime has shut down.
+    pub fn event(&self, key: PodKey, event: PodEvent) -> bool {
+        self.tx.send(PodUpdate::Event { key, event }).is_ok()
     }
 }
 
@@ -157,8 +208,11 @@ pub trait NodeProvider: Send + Sync + 'static {
 pub trait StreamingRuntime: Send + Sync + 'static {
     /// Logs of one container. With `opts.follow` the stream stays open and yields new
     /// output as it is written, until the container stops or the reader goes away.
-    async fn logs(&self, target: &ContainerRef, opts: &LogOptions)
-    -> Result<LogStream, ProviderError>;
+    async fn logs(
+        &self,
+        target: &ContainerRef,
+        opts: &LogOptions,
+    ) -> Result<LogStream, ProviderError>;
 
     /// Runs `command` in a container. A non-zero exit is `Ok(ExitStatus)`, not an error.
     async fn exec(
@@ -169,8 +223,11 @@ pub trait StreamingRuntime: Send + Sync + 'static {
     ) -> Result<ExitStatus, ProviderError>;
 
     /// Attaches to the main process of a container.
-    async fn attach(&self, target: &ContainerRef, io: AttachIo)
-    -> Result<ExitStatus, ProviderError>;
+    async fn attach(
+        &self,
+        target: &ContainerRef,
+        io: AttachIo,
+    ) -> Result<ExitStatus, ProviderError>;
 
     /// Connects `stream` to TCP `port` of the pod and copies bytes both ways until
     /// either side closes.
@@ -215,13 +272,31 @@ mod tests {
     #[tokio::test]
     async fn notifier_delivers_in_order_and_reports_shutdown() {
         let (n, mut rx) = PodNotifier::channel();
-        let key = PodKey { namespace: "a".into(), name: "b".into(), uid: "c".into() };
+        let key = PodKey {
+            namespace: "a".into(),
+            name: "b".into(),
+            uid: "c".into(),
+        };
         for phase in ["Pending", "Running"] {
-            let status = PodStatus { phase: Some(phase.into()), ..Default::default() };
+            let status = PodStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            };
             assert!(n.notify(key.clone(), status));
         }
-        assert_eq!(rx.recv().await.and_then(|u| u.status.phase).as_deref(), Some("Pending"));
-        assert_eq!(rx.recv().await.and_then(|u| u.status.phase).as_deref(), Some("Running"));
+        let phase = |u: Option<PodUpdate>| match u {
+            Some(PodUpdate::Status { status, .. }) => status.phase,
+            _ => None,
+        };
+        assert_eq!(phase(rx.recv().await).as_deref(), Some("Pending"));
+        assert_eq!(phase(rx.recv().await).as_deref(), Some("Running"));
+        assert!(n.event(key.clone(), PodEvent::warning("Failed", "boom")));
+        match rx.recv().await {
+            Some(PodUpdate::Event { event, .. }) => {
+                assert!(event.warning && event.reason == "Failed")
+            }
+            other => panic!("expected an event, got {other:?}"),
+        }
         drop(rx);
         assert!(!n.notify(key, PodStatus::default()));
     }

@@ -183,12 +183,24 @@ mod tests {
         let s = Summary {
             node: NodeStats {
                 node_name: "n1".into(),
-                cpu: Some(CpuStats { time: t, usage_nano_cores: Some(5), ..Default::default() }),
+                cpu: Some(CpuStats {
+                    time: t,
+                    usage_nano_cores: Some(5),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             pods: vec![PodStats {
-                pod_ref: PodReference { name: "p".into(), namespace: "ns".into(), uid: "u".into() },
-                ephemeral_storage: Some(FsStats { time: t, used_bytes: Some(1), ..Default::default() }),
+                pod_ref: PodReference {
+                    name: "p".into(),
+                    namespace: "ns".into(),
+                    uid: "u".into(),
+                },
+                ephemeral_storage: Some(FsStats {
+                    time: t,
+                    used_bytes: Some(1),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }],
         };

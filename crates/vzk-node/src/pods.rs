@@ -1,0 +1,706 @@
+//! The pod controller: runs the pods bound to this node through a [`PodLifecycle`]
+//! provider and writes their status back.
+//!
+//! # Flow
+//! * One watch: pods with `spec.nodeName=<node>` (kube's watcher, with backoff; it
+//!   re-lists by itself after an outage).
+//! * One worker task per pod UID owns that pod's lifecycle: resolve env → `create_pod`
+//!   → `update_pod` on spec changes → on `deletionTimestamp`, `delete_pod(grace)` then
+//!   delete the API object with grace 0 and a UID precondition.
+//! * Status is pushed by the provider through a [`PodNotifier`]; one status task merges
+//!   it with what only the API server knows (the `PodScheduled` condition) and patches
+//!   `pods/status` only when the result differs from what was last written.
+//!
+//! # Guarantees
+//! * `create_pod` is called at most once per UID per agent process, and not at all for
+//!   pods the provider already lists at start-up (restarting the agent does not disturb
+//!   running pods). `delete_pod` is called once per UID.
+//! * After the first full list, provider pods unknown to the API server are deleted.
+//! * A provider or env error leaves the pod in a visible state (container `waiting`
+//!   reason + message, or phase Failed for permanent errors) with an Event.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodStatus,
+};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use kube::{Resource, ResourceExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+use vzk_core::{PodEvent, PodKey, PodLifecycle, PodNotifier, PodUpdate, ProviderError};
+
+use crate::env::{self, EnvError};
+use crate::node::error_chain;
+
+/// Settings of the pod controller.
+#[derive(Debug, Clone)]
+pub struct PodControllerConfig {
+    /// This node's name.
+    pub node_name: String,
+    /// The node's address, reported as `hostIP` when the provider gives none.
+    pub host_ip: String,
+    /// Node allocatable `cpu` (cores) and `memory` (bytes), for `resourceFieldRef`
+    /// `limits.*` of containers without limits.
+    pub allocatable: BTreeMap<String, f64>,
+    /// Delay before retrying a failed env resolution or a retryable provider error.
+    pub retry_delay: Duration,
+}
+
+impl PodControllerConfig {
+    /// Defaults for `node_name`.
+    pub fn new(node_name: impl Into<String>, host_ip: impl Into<String>) -> Self {
+        Self {
+            node_name: node_name.into(),
+            host_ip: host_ip.into(),
+            allocatable: BTreeMap::new(),
+            retry_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors that stop the pod controller.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// The provider could not list its pods at start-up.
+    #[error("listing the provider's pods")]
+    ListProvider(#[source] ProviderError),
+}
+
+#[derive(Default)]
+struct PodState {
+    /// Latest object seen from the API server.
+    latest: Option<Pod>,
+    /// Last status written (or seen) for this UID.
+    written: Option<PodStatus>,
+}
+
+struct Shared {
+    client: kube::Client,
+    config: PodControllerConfig,
+    provider: Arc<dyn PodLifecycle>,
+    recorder: Recorder,
+    state: Mutex<HashMap<String, PodState>>,
+}
+
+/// Runs the pods of one node.
+pub struct PodController {
+    shared: Arc<Shared>,
+}
+
+impl PodController {
+    /// A controller for `config.node_name` backed by `provider`.
+    pub fn new(
+        client: kube::Client,
+        config: PodControllerConfig,
+        provider: Arc<dyn PodLifecycle>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "vz-kubelet".into(),
+            instance: Some(config.node_name.clone()),
+        };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Self {
+            shared: Arc::new(Shared {
+                client,
+                config,
+                provider,
+                recorder,
+                state: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Runs until `shutdown`. Pods keep running in the provider when the controller stops.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), PodError> {
+        let shared = self.shared;
+        let (notifier, mut updates) = PodNotifier::channel();
+        shared.provider.set_notifier(notifier);
+        let known: HashSet<String> = loop {
+            match shared.provider.list_pods().await {
+                Ok(pods) => break pods.into_iter().map(|k| k.uid).collect(),
+                Err(e) if e.is_retryable() => {
+                    warn!(error = %e, "provider cannot list its pods yet; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Err(e) => return Err(PodError::ListProvider(e)),
+            }
+        };
+        let mut known_pending = Some(known.clone());
+        info!(provider_pods = known.len(), "pod controller starting");
+
+        let tracker = TaskTracker::new();
+        let mut workers: HashMap<String, watch::Sender<Option<Pod>>> = HashMap::new();
+        let mut finished: HashSet<String> = HashSet::new();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+
+        let api: Api<Pod> = Api::all(shared.client.clone());
+        let wc = watcher::Config::default()
+            .fields(&format!("spec.nodeName={}", shared.config.node_name));
+        let mut stream = watcher::watcher(api, wc).default_backoff().boxed();
+        let mut seen_in_list: HashSet<String> = HashSet::new();
+
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(uid) = done_rx.recv() => {
+                    workers.remove(&uid);
+                    finished.insert(uid);
+                }
+                Some(update) = updates.recv() => {
+                    handle_update(&shared, update).await;
+                }
+                ev = stream.try_next() => {
+                    let ev = match ev {
+                        Ok(Some(ev)) => ev,
+                        Ok(None) => break,
+                        Err(e) => {
+                            warn!(error = %error_chain(&e), "pod watch error; the watcher retries");
+                            continue;
+                        }
+                    };
+                    match ev {
+                        Event::Init => seen_in_list.clear(),
+                        Event::InitApply(pod) | Event::Apply(pod) => {
+                            let Some(uid) = pod.metadata.uid.clone() else { continue };
+                            seen_in_list.insert(uid.clone());
+                            if finished.contains(&uid) {
+                                continue;
+                            }
+                            if let Some(tx) = workers.get(&uid) {
+                                tx.send_replace(Some(pod));
+                            } else {
+                                let adopted = known.contains(&uid);
+                                let (tx, rx) = watch::channel(Some(pod));
+                                workers.insert(uid.clone(), tx);
+                                let shared = shared.clone();
+                                let done = done_tx.clone();
+                                let token = shutdown.clone();
+                                tracker.spawn(async move {
+                                    pod_worker(shared, rx, adopted, token).await;
+                                    let _ = done.send(uid);
+                                });
+                            }
+                        }
+                        Event::Delete(pod) => {
+                            let Some(uid) = pod.metadata.uid.clone() else { continue };
+                            finished.remove(&uid);
+                            if let Some(tx) = workers.get(&uid) {
+                                tx.send_replace(None);
+                            }
+                            forget(&shared, &uid);
+                        }
+                        Event::InitDone => {
+                            // Pods that vanished while the watch was down.
+                            for (uid, tx) in &workers {
+                                if !seen_in_list.contains(uid) {
+                                    tx.send_replace(None);
+                                }
+                            }
+                            finished.retain(|uid| seen_in_list.contains(uid));
+                            if let Some(known) = known_pending.take() {
+                                delete_orphans(&shared, &known, &seen_in_list).await;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+        info!("pod controller stopped");
+        Ok(())
+    }
+}
+
+fn forget(shared: &Shared, uid: &str) {
+    if let Ok(mut s) = shared.state.lock() {
+        s.remove(uid);
+    }
+}
+
+/// Provider pods whose UID the API server does not have: delete them.
+async fn delete_orphans(shared: &Shared, known: &HashSet<String>, in_api: &HashSet<String>) {
+    let Ok(pods) = shared.provider.list_pods().await else {
+        return;
+    };
+    for key in pods
+        .into_iter()
+        .filter(|k| known.contains(&k.uid) && !in_api.contains(&k.uid))
+    {
+        info!(pod = %key, uid = %key.uid, "deleting a pod the API server no longer has");
+        let pod = Pod {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some(key.namespace.clone()),
+                name: Some(key.name.clone()),
+                uid: Some(key.uid.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        if let Err(e) = shared.provider.delete_pod(&pod, Duration::ZERO).await
+            && !matches!(e, ProviderError::NotFound(_))
+        {
+            warn!(pod = %key, error = %e, "deleting an orphaned pod failed");
+        }
+    }
+}
+
+fn grace_of(pod: &Pod) -> Duration {
+    let secs = pod
+        .metadata
+        .deletion_grace_period_seconds
+        .or_else(|| {
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.termination_grace_period_seconds)
+        })
+        .unwrap_or(30);
+    Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+}
+
+fn is_terminal(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// What the worker is waiting for before it acts again.
+enum Next {
+    Change,
+    Retry,
+}
+
+async fn pod_worker(
+    shared: Arc<Shared>,
+    mut rx: watch::Receiver<Option<Pod>>,
+    adopted: bool,
+    shutdown: CancellationToken,
+) {
+    let first = rx.borrow().clone();
+    let Some(key) = first.as_ref().and_then(PodKey::of) else {
+        return;
+    };
+    let span = info_span!("pod", pod.ns = %key.namespace, pod.name = %key.name, pod.uid = %key.uid);
+    async move {
+        let mut created = adopted;
+        let mut applied_spec: Option<serde_json::Value> = None;
+        let mut last_pod: Option<Pod> = None;
+        if adopted {
+            debug!("adopting a pod the provider already runs");
+            if let Some(pod) = first.as_ref() {
+                applied_spec = serde_json::to_value(&pod.spec).ok();
+                if let Ok(Some(status)) = shared.provider.pod_status(&key).await {
+                    record_latest(&shared, pod);
+                    write_status(&shared, &key, status).await;
+                }
+            }
+        }
+        loop {
+            let current = rx.borrow_and_update().clone();
+            let next = match current {
+                None => {
+                    // Gone from the API server without us finishing it (force delete).
+                    if created {
+                        let pod = last_pod.clone().unwrap_or_default();
+                        info!("pod removed from the API server; deleting it");
+                        if let Err(e) = shared.provider.delete_pod(&pod, Duration::ZERO).await
+                            && !matches!(e, ProviderError::NotFound(_))
+                        {
+                            warn!(error = %e, "provider delete failed");
+                        }
+                    }
+                    return;
+                }
+                Some(pod) if pod.metadata.deletion_timestamp.is_some() => {
+                    record_latest(&shared, &pod);
+                    finish_deletion(&shared, &key, &pod, created).await;
+                    return;
+                }
+                Some(pod) => {
+                    record_latest(&shared, &pod);
+                    last_pod = Some(pod.clone());
+                    if !created && is_terminal(&pod) {
+                        Next::Change
+                    } else if !created {
+                        match create(&shared, &key, &pod).await {
+                            Ok(()) => {
+                                created = true;
+                                applied_spec = serde_json::to_value(&pod.spec).ok();
+                                Next::Change
+                            }
+                            Err(next) => next,
+                        }
+                    } else {
+                        let spec = serde_json::to_value(&pod.spec).ok();
+                        if spec != applied_spec {
+                            applied_spec = spec;
+                            update(&shared, &key, &pod).await;
+                        }
+                        Next::Change
+                    }
+                }
+            };
+            let retry = async {
+                match next {
+                    Next::Retry => tokio::time::sleep(shared.config.retry_delay).await,
+                    Next::Change => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+                () = retry => {}
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn create(shared: &Shared, key: &PodKey, pod: &Pod) -> Result<(), Next> {
+    let resolved = match env::resolve_pod_env(&shared.client, pod, &shared.config.allocatable).await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = error_chain(&e);
+            warn!(error = %msg, "cannot resolve the pod's environment");
+            publish(
+                shared,
+                pod,
+                PodEvent::warning("Failed", format!("Error: {msg}")),
+            )
+            .await;
+            let status = waiting_status(pod, "CreateContainerConfigError", &msg);
+            write_status(shared, key, status).await;
+            // A missing object may appear later; a refused one will not change by itself.
+            return Err(match e {
+                EnvError::UnsupportedField(_) | EnvError::Resource { .. } => Next::Change,
+                _ => Next::Retry,
+            });
+        }
+    };
+    match shared.provider.create_pod(&resolved).await {
+        Ok(()) => {
+            debug!("provider accepted the pod");
+            Ok(())
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            warn!(error = %msg, "provider failed to create the pod");
+            publish(
+                shared,
+                pod,
+                PodEvent::warning(e.reason().to_owned(), msg.clone()),
+            )
+            .await;
+            if e.is_retryable() {
+                write_status(shared, key, waiting_status(pod, e.reason(), &msg)).await;
+                Err(Next::Retry)
+            } else {
+                let mut status = waiting_status(pod, e.reason(), &msg);
+                status.phase = Some("Failed".into());
+                status.reason = Some(e.reason().to_owned());
+                status.message = Some(msg);
+                write_status(shared, key, status).await;
+                Err(Next::Change)
+            }
+        }
+    }
+}
+
+async fn update(shared: &Shared, key: &PodKey, pod: &Pod) {
+    let resolved = match env::resolve_pod_env(&shared.client, pod, &shared.config.allocatable).await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            publish(
+                shared,
+                pod,
+                PodEvent::warning("Failed", format!("Error: {}", error_chain(&e))),
+            )
+            .await;
+            return;
+        }
+    };
+    if let Err(e) = shared.provider.update_pod(&resolved).await {
+        warn!(pod = %key, error = %e, "provider could not apply the pod update");
+        publish(
+            shared,
+            pod,
+            PodEvent::warning(e.reason().to_owned(), e.to_string()),
+        )
+        .await;
+    }
+}
+
+async fn finish_deletion(shared: &Shared, key: &PodKey, pod: &Pod, created: bool) {
+    if created {
+        let grace = grace_of(pod);
+        publish(
+            shared,
+            pod,
+            PodEvent::normal(
+                "Killing",
+                format!("Stopping pod (grace period {}s)", grace.as_secs()),
+            ),
+        )
+        .await;
+        let mut attempts = 0;
+        loop {
+            match shared.provider.delete_pod(pod, grace).await {
+                Ok(()) | Err(ProviderError::NotFound(_)) => break,
+                Err(e) if e.is_retryable() && attempts < 5 => {
+                    attempts += 1;
+                    warn!(error = %e, attempts, "provider delete failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "provider delete failed; removing the pod object anyway");
+                    publish(
+                        shared,
+                        pod,
+                        PodEvent::warning("FailedKillPod", e.to_string()),
+                    )
+                    .await;
+                    break;
+                }
+            }
+        }
+    }
+    let api: Api<Pod> = Api::namespaced(shared.client.clone(), &key.namespace);
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: Some(key.uid.clone()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(&key.name, &dp).await {
+        Ok(_) => info!("pod deleted"),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => debug!("pod already gone"),
+        Err(e) => warn!(error = %error_chain(&e), "deleting the pod object failed"),
+    }
+}
+
+/// A Pending status whose containers all wait with `reason`.
+fn waiting_status(pod: &Pod, reason: &str, message: &str) -> PodStatus {
+    let mut status = pod.status.clone().unwrap_or_default();
+    status.phase = Some("Pending".into());
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.clone())
+        .unwrap_or_default();
+    status.container_statuses = Some(
+        containers
+            .iter()
+            .map(|c| ContainerStatus {
+                name: c.name.clone(),
+                image: c.image.clone().unwrap_or_default(),
+                ready: false,
+                started: Some(false),
+                state: Some(ContainerState {
+                    waiting: Some(ContainerStateWaiting {
+                        reason: Some(reason.to_owned()),
+                        message: Some(message.to_owned()),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect(),
+    );
+    status
+}
+
+fn record_latest(shared: &Shared, pod: &Pod) {
+    let Some(uid) = pod.metadata.uid.clone() else {
+        return;
+    };
+    if let Ok(mut s) = shared.state.lock() {
+        let entry = s.entry(uid).or_default();
+        if entry.written.is_none() {
+            entry.written = pod.status.clone();
+        }
+        entry.latest = Some(pod.clone());
+    }
+}
+
+async fn handle_update(shared: &Shared, update: PodUpdate) {
+    match update {
+        PodUpdate::Status { key, status } => write_status(shared, &key, *status).await,
+        PodUpdate::Event { key, event } => {
+            let pod = shared
+                .state
+                .lock()
+                .ok()
+                .and_then(|s| s.get(&key.uid).and_then(|p| p.latest.clone()));
+            match pod {
+                Some(pod) => publish(shared, &pod, event).await,
+                None => {
+                    debug!(pod = %key, reason = %event.reason, "event for an unknown pod dropped")
+                }
+            }
+        }
+    }
+}
+
+/// Merges what only the API server knows into the provider's status.
+fn merge_status(existing: Option<&PodStatus>, mut status: PodStatus, host_ip: &str) -> PodStatus {
+    let mut conditions = status.conditions.take().unwrap_or_default();
+    for c in existing
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if c.type_ == "PodScheduled"
+            && !conditions.iter().any(|x: &PodCondition| x.type_ == c.type_)
+        {
+            conditions.insert(0, c.clone());
+        }
+    }
+    if !conditions.is_empty() {
+        status.conditions = Some(conditions);
+    }
+    if status.host_ip.is_none() && !host_ip.is_empty() {
+        status.host_ip = Some(host_ip.to_owned());
+        status.host_ips = Some(vec![HostIP {
+            ip: host_ip.to_owned(),
+        }]);
+    }
+    if status.start_time.is_none() {
+        status.start_time = existing.and_then(|s| s.start_time.clone());
+    }
+    if status.qos_class.is_none() {
+        status.qos_class = existing.and_then(|s| s.qos_class.clone());
+    }
+    status
+}
+
+async fn write_status(shared: &Shared, key: &PodKey, status: PodStatus) {
+    let merged = {
+        let Ok(state) = shared.state.lock() else {
+            return;
+        };
+        let entry = state.get(&key.uid);
+        let existing = entry.and_then(|e| e.written.as_ref());
+        let merged = merge_status(existing, status, &shared.config.host_ip);
+        if existing == Some(&merged) {
+            return;
+        }
+        merged
+    };
+    let api: Api<Pod> = Api::namespaced(shared.client.clone(), &key.namespace);
+    // metadata.uid in the patch is a precondition: never write to a re-created pod.
+    let body = serde_json::json!({ "metadata": { "uid": key.uid }, "status": merged });
+    match api
+        .patch_status(&key.name, &PatchParams::default(), &Patch::Strategic(&body))
+        .await
+    {
+        Ok(pod) => {
+            debug!(pod = %key, phase = ?merged.phase, "pod status written");
+            if let Ok(mut s) = shared.state.lock() {
+                let entry = s.entry(key.uid.clone()).or_default();
+                entry.written = Some(merged);
+                entry.latest = Some(pod);
+            }
+        }
+        Err(e) => warn!(pod = %key, error = %error_chain(&e), "writing pod status failed"),
+    }
+}
+
+async fn publish(shared: &Shared, pod: &Pod, event: PodEvent) {
+    let ev = KubeEvent {
+        type_: if event.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: event.reason.clone(),
+        note: Some(truncate(&event.message, 1000)),
+        action: event.reason,
+        secondary: None,
+    };
+    if let Err(e) = shared.recorder.publish(&ev, &pod.object_ref(&())).await {
+        debug!(pod = %pod.name_any(), error = %e, "publishing an event failed");
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_keeps_scheduler_condition_and_host_ip() {
+        let existing = PodStatus {
+            conditions: Some(vec![PodCondition {
+                type_: "PodScheduled".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let provider = PodStatus {
+            phase: Some("Running".into()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let m = merge_status(Some(&existing), provider, "192.0.2.1");
+        let types: Vec<_> = m
+            .conditions
+            .iter()
+            .flatten()
+            .map(|c| c.type_.as_str())
+            .collect();
+        assert_eq!(types, ["PodScheduled", "Ready"]);
+        assert_eq!(m.host_ip.as_deref(), Some("192.0.2.1"));
+        assert_eq!(m.phase.as_deref(), Some("Running"));
+    }
+
+    #[test]
+    fn grace_prefers_the_deletion_grace_period() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [], "terminationGracePeriodSeconds": 12}
+        }))
+        .expect("valid pod");
+        assert_eq!(grace_of(&pod), Duration::from_secs(12));
+        pod.metadata.deletion_grace_period_seconds = Some(3);
+        assert_eq!(grace_of(&pod), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

@@ -1,0 +1,633 @@
+//! The node runtime against a real kube-apiserver (Node,RBAC + NodeRestriction), run as
+//! the node's own identity, with an in-test provider double.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use support::{Agent, Call, Double, cp, node_name, wait_for};
+
+const T: Duration = Duration::from_secs(30);
+
+fn pod_manifest(name: &str, node: &str, extra_container: serde_json::Value) -> Pod {
+    let mut container = serde_json::json!({ "name": "vm", "image": "example/vm:1" });
+    if let (Some(c), Some(extra)) = (container.as_object_mut(), extra_container.as_object()) {
+        for (k, v) in extra {
+            c.insert(k.clone(), v.clone());
+        }
+    }
+    match serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name },
+        "spec": { "nodeName": node, "containers": [container], "terminationGracePeriodSeconds": 7 }
+    })) {
+        Ok(p) => p,
+        Err(e) => panic!("bad test pod: {e}"),
+    }
+}
+
+async fn pod_phase(api: &Api<Pod>, name: &str) -> Option<String> {
+    api.get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|p| p.status)
+        .and_then(|s| s.phase)
+}
+
+#[tokio::test]
+async fn node_registers_ready_with_labels_taint_capacity_and_a_renewed_lease() {
+    let name = node_name("reg");
+    let id = cp().node_identity(&name);
+    let node_client = id.client().await;
+    // The agent really runs as the node: the API server says who we are.
+    let review = Api::<SelfSubjectReview>::all(node_client.clone())
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await;
+    let user = review
+        .ok()
+        .and_then(|r| r.status)
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username);
+    assert_eq!(
+        user.as_deref(),
+        Some(format!("system:node:{name}").as_str())
+    );
+
+    let double = Double::new();
+    let agent = Agent::start(&id, double, |c| c.kubelet_port = 10333).await;
+    let admin = cp().admin_client().await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let node = wait_for(T, "node Ready", || async {
+        let n = nodes.get_opt(&name).await.ok().flatten()?;
+        let ready = n
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(n)
+    })
+    .await;
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels.get("type").map(String::as_str),
+        Some("virtual-kubelet")
+    );
+    assert_eq!(
+        labels.get("kubernetes.io/os").map(String::as_str),
+        Some("linux")
+    );
+    assert_eq!(
+        labels.get("kubernetes.io/arch").map(String::as_str),
+        Some("amd64")
+    );
+    assert_eq!(labels.get("kubernetes.io/hostname"), Some(&name));
+    let taints = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    // (TaintNodesByCondition admission also adds node.kubernetes.io/not-ready at creation.)
+    let ours: Vec<_> = taints
+        .iter()
+        .filter(|t| t.key == "virtual-kubelet.io/provider")
+        .collect();
+    assert_eq!(ours.len(), 1, "{taints:?}");
+    assert_eq!(
+        (ours[0].value.as_deref(), ours[0].effect.as_str()),
+        (Some("vz"), "NoSchedule")
+    );
+    let status = node.status.clone().unwrap_or_default();
+    let cap = status.capacity.clone().unwrap_or_default();
+    assert_eq!(cap.get("cpu").map(|q| q.0.as_str()), Some("4"));
+    assert_eq!(cap.get("pods").map(|q| q.0.as_str()), Some("2"));
+    assert_eq!(status.allocatable, status.capacity);
+    let addrs: Vec<_> = status
+        .addresses
+        .iter()
+        .flatten()
+        .map(|a| (a.type_.as_str(), a.address.as_str()))
+        .collect();
+    assert!(addrs.contains(&("InternalIP", "127.0.0.1")), "{addrs:?}");
+    assert!(addrs.contains(&("Hostname", name.as_str())), "{addrs:?}");
+    let port = status
+        .daemon_endpoints
+        .and_then(|d| d.kubelet_endpoint)
+        .map(|e| e.port);
+    assert_eq!(port, Some(10333));
+    let info = status.node_info.unwrap_or_default();
+    assert_eq!(info.container_runtime_version, "double://1.0");
+    assert!(!info.kernel_version.is_empty());
+    let conds: BTreeMap<_, _> = status
+        .conditions
+        .iter()
+        .flatten()
+        .map(|c| (c.type_.clone(), c.status.clone()))
+        .collect();
+    for t in ["MemoryPressure", "DiskPressure", "PIDPressure"] {
+        assert!(conds.contains_key(t), "{t} missing: {conds:?}");
+    }
+
+    let leases: Api<Lease> = Api::namespaced(admin, "kube-node-lease");
+    let first = wait_for(T, "lease", || async {
+        leases.get_opt(&name).await.ok().flatten()
+    })
+    .await;
+    let spec = first.spec.clone().unwrap_or_default();
+    assert_eq!(spec.holder_identity.as_deref(), Some(name.as_str()));
+    assert_eq!(spec.lease_duration_seconds, Some(40));
+    let owner = first.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(
+        owner.first().map(|o| (o.kind.as_str(), o.name.as_str())),
+        Some(("Node", name.as_str()))
+    );
+    let t0 = spec.renew_time.map(|t| t.0);
+    wait_for(T, "lease renewTime to advance", || async {
+        let t = leases
+            .get_opt(&name)
+            .await
+            .ok()
+            .flatten()?
+            .spec?
+            .renew_time
+            .map(|t| t.0);
+        (t > t0).then_some(())
+    })
+    .await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn unhealthy_provider_stops_the_lease_and_turns_the_node_not_ready() {
+    let name = node_name("sick");
+    let id = cp().node_identity(&name);
+    let double = Double::new();
+    let agent = Agent::start(&id, double.clone(), |_| {}).await;
+    let admin = cp().admin_client().await;
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "kube-node-lease");
+    wait_for(T, "lease", || async {
+        leases.get_opt(&name).await.ok().flatten()
+    })
+    .await;
+    double.unhealthy.store(true, Ordering::SeqCst);
+    let nodes: Api<Node> = Api::all(admin);
+    let reason = wait_for(T, "Ready=False", || async {
+        let n = nodes.get_opt(&name).await.ok().flatten()?;
+        let c = n
+            .status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "Ready")?;
+        (c.status == "False").then_some(c.reason)
+    })
+    .await;
+    assert_eq!(reason.as_deref(), Some("ProviderUnhealthy"));
+    let before = leases
+        .get_opt(&name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec?.renew_time);
+    tokio::time::sleep(Duration::from_secs(5)).await; // > 2 renew intervals of this test
+    let after = leases
+        .get_opt(&name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec?.renew_time);
+    assert_eq!(
+        before, after,
+        "the lease must not be renewed while the provider is unhealthy"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn pod_runs_and_is_deleted_with_its_grace_period_exactly_once() {
+    let name = node_name("life");
+    let id = cp().node_identity(&name);
+    let double = Double::new();
+    let agent = Agent::start(&id, double.clone(), |_| {}).await;
+    let ns = cp().create_namespace("life").await;
+    let admin = cp().admin_client().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod_manifest("p1", &name, serde_json::json!({})),
+        )
+        .await;
+    let uid = created
+        .ok()
+        .and_then(|p| p.metadata.uid)
+        .unwrap_or_default();
+    let pod = wait_for(T, "pod Running", || async {
+        let p = pods.get_opt("p1").await.ok().flatten()?;
+        (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(p)
+    })
+    .await;
+    let status = pod.status.unwrap_or_default();
+    assert_eq!(status.host_ip.as_deref(), Some("127.0.0.1"));
+    let cs = status.container_statuses.unwrap_or_default();
+    assert_eq!(cs.len(), 1);
+    assert!(
+        cs[0].ready
+            && cs[0]
+                .state
+                .as_ref()
+                .and_then(|s| s.running.as_ref())
+                .is_some()
+    );
+    let types: Vec<_> = status
+        .conditions
+        .iter()
+        .flatten()
+        .map(|c| c.type_.clone())
+        .collect();
+    assert!(types.contains(&"Ready".to_owned()), "{types:?}");
+
+    // The provider's event was recorded on the pod.
+    let events: Api<Event> = Api::namespaced(admin, &ns);
+    wait_for(T, "Started event", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Started"))
+            .then_some(())
+    })
+    .await;
+
+    let dp = DeleteParams {
+        grace_period_seconds: Some(5),
+        ..Default::default()
+    };
+    assert!(pods.delete("p1", &dp).await.is_ok());
+    wait_for(T, "pod gone", || async {
+        pods.get_opt("p1").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(double.creates_of(&uid), 1, "{:?}", double.calls());
+    assert_eq!(
+        double.deletes_of(&uid),
+        vec![Duration::from_secs(5)],
+        "{:?}",
+        double.calls()
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn env_is_resolved_from_configmaps_secrets_and_the_downward_api() {
+    let name = node_name("env");
+    let id = cp().node_identity(&name);
+    let double = Double::new();
+    let agent = Agent::start(&id, double.clone(), |_| {}).await;
+    let ns = cp().create_namespace("env").await;
+    let admin = cp().admin_client().await;
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "settings"}, "data": {"color": "blue", "SIZE": "L"}
+    }))
+    .unwrap_or_default();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "creds"}, "stringData": {"token": "s3cret"}
+    }))
+    .unwrap_or_default();
+    assert!(
+        Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+            .create(&PostParams::default(), &cm)
+            .await
+            .is_ok()
+    );
+    assert!(
+        Api::<Secret>::namespaced(admin.clone(), &ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .is_ok()
+    );
+    let env = serde_json::json!({
+        "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CM_"}],
+        "env": [
+            {"name": "COLOR", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "color"}}},
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "MEM_MI", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+            {"name": "GREETING", "value": "$(POD) is $(COLOR)"},
+            {"name": "OPT", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "nope", "optional": true}}}
+        ],
+        "resources": {"limits": {"memory": "256Mi", "cpu": "2"}}
+    });
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    assert!(
+        pods.create(&PostParams::default(), &pod_manifest("envpod", &name, env))
+            .await
+            .is_ok()
+    );
+    let got = wait_for(T, "create with env", || async {
+        double.calls().into_iter().find_map(|c| match c {
+            Call::Create { key, env } if key.name == "envpod" => Some(env),
+            _ => None,
+        })
+    })
+    .await;
+    let want = [
+        ("CM_color", "blue"),
+        ("CM_SIZE", "L"),
+        ("COLOR", "blue"),
+        ("TOKEN", "s3cret"),
+        ("POD", "envpod"),
+        ("NODE", name.as_str()),
+        ("MEM_MI", "256"),
+        ("GREETING", "envpod is blue"),
+    ];
+    for (k, v) in want {
+        assert_eq!(got.get(k).map(String::as_str), Some(v), "{k} in {got:?}");
+    }
+    assert!(!got.contains_key("OPT"), "{got:?}");
+
+    // A missing key: clear container state and a Warning event, nothing created.
+    let missing = serde_json::json!({"env": [
+        {"name": "X", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "missing"}}}
+    ]});
+    assert!(
+        pods.create(
+            &PostParams::default(),
+            &pod_manifest("badenv", &name, missing)
+        )
+        .await
+        .is_ok()
+    );
+    let msg = wait_for(T, "CreateContainerConfigError", || async {
+        let p = pods.get_opt("badenv").await.ok().flatten()?;
+        let w = p
+            .status?
+            .container_statuses?
+            .first()?
+            .state
+            .clone()?
+            .waiting?;
+        (w.reason.as_deref() == Some("CreateContainerConfigError"))
+            .then_some(w.message.unwrap_or_default())
+    })
+    .await;
+    assert!(msg.contains("missing") && msg.contains("settings"), "{msg}");
+    let events: Api<Event> = Api::namespaced(admin, &ns);
+    wait_for(T, "Failed event", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.type_.as_deref() == Some("Warning")
+                    && e.note.as_deref().unwrap_or("").contains("missing")
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !double
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Create { key, .. } if key.name == "badenv"))
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn permanent_provider_error_fails_the_pod_with_a_reason_and_the_node_stays_ready() {
+    let name = node_name("reject");
+    let id = cp().node_identity(&name);
+    let double = Double::new();
+    if let Ok(mut r) = double.reject.lock() {
+        *r = Some((
+            "InvalidCPU".into(),
+            "fractional CPUs are not supported".into(),
+        ));
+    }
+    let agent = Agent::start(&id, double.clone(), |_| {}).await;
+    let ns = cp().create_namespace("reject").await;
+    let admin = cp().admin_client().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    assert!(
+        pods.create(
+            &PostParams::default(),
+            &pod_manifest("bad", &name, serde_json::json!({}))
+        )
+        .await
+        .is_ok()
+    );
+    let status = wait_for(T, "pod Failed", || async {
+        let s = pods.get_opt("bad").await.ok().flatten()?.status?;
+        (s.phase.as_deref() == Some("Failed")).then_some(s)
+    })
+    .await;
+    assert_eq!(status.reason.as_deref(), Some("InvalidCPU"));
+    assert!(status.message.unwrap_or_default().contains("fractional"));
+    let node = Api::<Node>::all(admin).get(&name).await.ok();
+    let ready = node.and_then(|n| {
+        n.status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+    });
+    assert_eq!(ready.map(|c| c.status).as_deref(), Some("True"));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn restarted_agent_reconciles_without_creating_twice_or_losing_pods() {
+    let name = node_name("restart");
+    let id = cp().node_identity(&name);
+    let double = Double::new();
+    let ns = cp().create_namespace("restart").await;
+    let admin = cp().admin_client().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+
+    let agent = Agent::start(&id, double.clone(), |_| {}).await;
+    for p in ["keep", "doomed"] {
+        assert!(
+            pods.create(
+                &PostParams::default(),
+                &pod_manifest(p, &name, serde_json::json!({}))
+            )
+            .await
+            .is_ok()
+        );
+    }
+    for p in ["keep", "doomed"] {
+        wait_for(T, "Running", || async {
+            (pod_phase(&pods, p).await.as_deref() == Some("Running")).then_some(())
+        })
+        .await;
+    }
+    let uid = |p: &'static str| {
+        let pods = pods.clone();
+        async move {
+            pods.get(p)
+                .await
+                .ok()
+                .and_then(|p| p.metadata.uid)
+                .unwrap_or_default()
+        }
+    };
+    let (keep_uid, doomed_uid) = (uid("keep").await, uid("doomed").await);
+    agent.stop().await; // "kill" the agent; the provider's pods keep running
+
+    // While it is down: one pod is deleted (gracefully), one new pod arrives, and the
+    // provider has a pod the API server never had.
+    let dp = DeleteParams {
+        grace_period_seconds: Some(30),
+        ..Default::default()
+    };
+    assert!(pods.delete("doomed", &dp).await.is_ok());
+    assert!(
+        pods.create(
+            &PostParams::default(),
+            &pod_manifest("late", &name, serde_json::json!({}))
+        )
+        .await
+        .is_ok()
+    );
+    let ghost: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "ghost", "namespace": ns, "uid": "ghost-uid"},
+        "spec": {"containers": [{"name": "c"}]}
+    }))
+    .unwrap_or_default();
+    if let Ok(mut r) = double.running.lock() {
+        let key = vzk_core::PodKey::of(&ghost).unwrap_or_else(|| panic!("ghost key"));
+        r.insert("ghost-uid".into(), (key, ghost));
+    }
+
+    let agent = Agent::start(&id, double.clone(), |_| {}).await;
+    wait_for(T, "late Running", || async {
+        (pod_phase(&pods, "late").await.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    wait_for(T, "doomed gone", || async {
+        pods.get_opt("doomed").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    wait_for(T, "ghost deleted", || async {
+        (!double.deletes_of("ghost-uid").is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(pod_phase(&pods, "keep").await.as_deref(), Some("Running"));
+    assert_eq!(
+        double.creates_of(&keep_uid),
+        1,
+        "keep created twice: {:?}",
+        double.calls()
+    );
+    assert_eq!(double.creates_of(&doomed_uid), 1);
+    assert_eq!(double.deletes_of(&doomed_uid).len(), 1);
+    assert!(
+        double.deletes_of(&keep_uid).is_empty(),
+        "keep must not be disturbed"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn the_node_cannot_read_a_secret_no_pod_of_its_own_references() {
+    let name = node_name("scope");
+    let id = cp().node_identity(&name);
+    let ns = cp().create_namespace("scope").await;
+    let admin = cp().admin_client().await;
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "unrelated"}, "stringData": {"k": "v"}
+    }))
+    .unwrap_or_default();
+    assert!(
+        Api::<Secret>::namespaced(admin, &ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .is_ok()
+    );
+    let node = id.client().await;
+    match Api::<Secret>::namespaced(node.clone(), &ns)
+        .get("unrelated")
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("expected 403, got {other:?}"),
+    }
+    match Api::<Secret>::namespaced(node, &ns)
+        .list(&ListParams::default())
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("expected 403 listing secrets, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn agent_recovers_by_itself_after_a_20_second_api_server_outage() {
+    let cp = match vzk_testenv::ControlPlane::start() {
+        Ok(cp) => cp,
+        Err(e) => panic!("private control plane: {}", vzk_testenv::error_chain(&e)),
+    };
+    let name = node_name("outage");
+    let id = cp.node_identity(&name);
+    let double = Double::new();
+    let agent = Agent::start(&id, double.clone(), |_| {}).await;
+    let admin = cp.admin_client().await;
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "kube-node-lease");
+    wait_for(T, "lease", || async {
+        leases.get_opt(&name).await.ok().flatten()
+    })
+    .await;
+
+    cp.stop_apiserver();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let restarted = tokio::task::spawn_blocking(move || cp.start_apiserver().map(|()| cp)).await;
+    let cp = match restarted {
+        Ok(Ok(cp)) => cp,
+        other => panic!(
+            "restarting kube-apiserver: {:?}",
+            other.map(|r| r.err().map(|e| e.to_string()))
+        ),
+    };
+    let back = k8s_openapi::jiff::Timestamp::now();
+    let admin = cp.admin_client().await;
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "kube-node-lease");
+    wait_for(
+        Duration::from_secs(60),
+        "lease renewed after the outage",
+        || async {
+            let t = leases
+                .get_opt(&name)
+                .await
+                .ok()
+                .flatten()?
+                .spec?
+                .renew_time?
+                .0;
+            (t > back).then_some(())
+        },
+    )
+    .await;
+    let ns = cp.create_namespace("outage").await;
+    let pods: Api<Pod> = Api::namespaced(admin, &ns);
+    assert!(
+        pods.create(
+            &PostParams::default(),
+            &pod_manifest("after", &name, serde_json::json!({}))
+        )
+        .await
+        .is_ok()
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "pod Running after the outage",
+        || async { (pod_phase(&pods, "after").await.as_deref() == Some("Running")).then_some(()) },
+    )
+    .await;
+    agent.stop().await;
+}
