@@ -177,6 +177,11 @@ fn execute(
     // SAFETY (all blocks below): framework calls made on the VM's queue, with
     // completion blocks of the declared `Fn(*mut NSError)` signature.
     match command {
+        // SAFETY: see above.
+        Command::Start if !unsafe { vm.canStart() } => {
+            // A second start must not fail the running VM: refuse it here.
+            let _ = reply.send(Err(CommandError::NotPossible(command)));
+        }
         Command::Start => {
             states.apply(StateTracker::start_requested);
             let block = completion(vm, states, reply, StateTracker::start_failed);
