@@ -54,10 +54,21 @@ if [ -z "$version" ]; then
   echo "check-macos: objc2-virtualization is not in Cargo.lock" >&2
   exit 1
 fi
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
 src=""
-for d in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/objc2-virtualization-"$version"; do
+for d in "$cargo_home"/registry/src/*/objc2-virtualization-"$version"; do
   [ -f "$d/Cargo.toml" ] && src=$d && break
 done
+if [ -z "$src" ]; then
+  # Downloaded but not unpacked: unpack the .crate ourselves.
+  for f in "$cargo_home"/registry/cache/*/objc2-virtualization-"$version".crate; do
+    [ -f "$f" ] || continue
+    mkdir -p "$work/unpacked"
+    tar -C "$work/unpacked" -xzf "$f"
+    src="$work/unpacked/objc2-virtualization-$version"
+    break
+  done
+fi
 if [ -z "$src" ]; then
   echo "check-macos: objc2-virtualization $version not found in the cargo registry" >&2
   exit 1
