@@ -2,6 +2,8 @@
 //! addresses, so stats and the authn/authz edge cases are tested here).
 
 use std::sync::atomic::Ordering;
+
+use rustls::pki_types::pem::PemObject;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -435,4 +437,126 @@ async fn spdy_port_forward_with_our_codec_as_client_pairs_streams_and_echoes_pin
             break;
         }
     }
+}
+
+#[tokio::test]
+async fn serving_certificate_files_are_hot_reloaded() {
+    let h = support::start(
+        "kapi-reload",
+        Opts {
+            fast_reload: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let served = |s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
+        s.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+            .expect("server cert")
+    };
+    let before = served(&h.tls(None).await);
+    let fresh = h.cp.issue_serving_cert(&["127.0.0.1"]);
+    // Key first, then the certificate: a reload between the two writes fails and keeps the old pair.
+    std::fs::write(h.dir.path().join("kubelet.key"), &fresh.key_pem).expect("write key");
+    std::fs::write(h.dir.path().join("kubelet.crt"), &fresh.cert_pem).expect("write cert");
+    let fresh_der = rustls::pki_types::CertificateDer::from_pem_slice(fresh.cert_pem.as_bytes())
+        .expect("pem")
+        .to_vec();
+    let mut now = before.clone();
+    for _ in 0..100 {
+        now = served(&h.tls(None).await);
+        if now != before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(now, fresh_der, "new connections get the new certificate");
+}
+
+#[tokio::test]
+async fn missing_streams_time_out_and_close_the_session() {
+    let h = support::start(
+        "kapi-timeout",
+        Opts {
+            short_stream_timeout: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let (mut s, _) = spdy_upgrade(
+        &h,
+        "/exec/ns/p/c?command=cat&input=1&output=1",
+        "v4.channel.k8s.io",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "session closed after the stream-creation timeout"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the timeout"
+    );
+}
+
+#[tokio::test]
+async fn port_forward_failure_is_reported_as_json_on_the_error_stream() {
+    let h = support::start("kapi-pferr", Opts::default()).await;
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let (s, leftover) = spdy_upgrade(&h, "/portForward/ns/p", "portforward.k8s.io").await;
+    let (rd, wr) = tokio::io::split(s);
+    let mut out = FramedWrite::new(wr, FrameEncoder::new().expect("encoder"));
+    let mut inp = FramedRead::new(rd, FrameDecoder::new());
+    inp.read_buffer_mut().extend_from_slice(&leftover);
+    let port = closed_port.to_string();
+    for (id, kind) in [(1u32, "error"), (3, "data")] {
+        let headers = Headers::new()
+            .with("streamType", kind)
+            .with("port", &port)
+            .with("requestID", "0");
+        out.send(Frame::SynStream {
+            stream_id: id,
+            assoc_stream_id: 0,
+            priority: 0,
+            flags: 0,
+            headers,
+        })
+        .await
+        .expect("syn");
+    }
+    let mut err = Vec::new();
+    loop {
+        let f = tokio::time::timeout(Duration::from_secs(10), inp.next())
+            .await
+            .expect("in time")
+            .expect("open")
+            .expect("valid");
+        if let Frame::Data {
+            stream_id: 1,
+            data,
+            fin,
+        } = f
+        {
+            err.extend_from_slice(&data);
+            if fin {
+                break;
+            }
+        }
+    }
+    let v: serde_json::Value = serde_json::from_slice(&err).expect("error stream carries JSON");
+    assert_eq!(v["closeConnection"], true);
+    let msg = v["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.starts_with(&format!("error forwarding port {closed_port} to pod ns/p")),
+        "{msg}"
+    );
 }

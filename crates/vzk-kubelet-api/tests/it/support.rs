@@ -44,7 +44,7 @@ pub(crate) struct Harness {
     pub(crate) ns: String,
     pub(crate) pod: String,
     pub(crate) runtime: Arc<ProcessRuntime>,
-    pub(crate) _dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -63,6 +63,10 @@ pub(crate) struct Opts {
     pub(crate) websocket: bool,
     /// Allow anonymous requests.
     pub(crate) anonymous: bool,
+    /// Check the certificate files every 100 ms.
+    pub(crate) fast_reload: bool,
+    /// A 1 s stream-creation timeout.
+    pub(crate) short_stream_timeout: bool,
 }
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
@@ -86,7 +90,14 @@ pub(crate) async fn start(prefix: &str, opts: Opts) -> Harness {
         .await
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let server = KubeletServer::builder()
+    let mut builder = KubeletServer::builder();
+    if opts.fast_reload {
+        builder = builder.reload_interval(std::time::Duration::from_millis(100));
+    }
+    if opts.short_stream_timeout {
+        builder = builder.stream_creation_timeout(std::time::Duration::from_secs(1));
+    }
+    let server = builder
         .provider(runtime.clone())
         .node_name(node.clone())
         .tls(cert, key, cp.ca_cert_path())
@@ -145,7 +156,7 @@ pub(crate) async fn start(prefix: &str, opts: Opts) -> Harness {
         ns,
         pod,
         runtime,
-        _dir: dir,
+        dir,
         stop: Some(stop),
     }
 }
