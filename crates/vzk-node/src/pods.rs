@@ -96,6 +96,21 @@ pub struct PodController {
     shared: Arc<Shared>,
 }
 
+/// A read-only view of the pods the controller knows (for the kubelet API's `/pods`).
+#[derive(Clone)]
+pub struct PodsView(Arc<Shared>);
+
+impl PodsView {
+    /// The latest object of every pod bound to this node that is still present.
+    pub fn pods(&self) -> Vec<Pod> {
+        self.0
+            .state
+            .lock()
+            .map(|s| s.values().filter_map(|p| p.latest.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
 impl PodController {
     /// A controller for `config.node_name` backed by `provider`.
     pub fn new(
@@ -117,6 +132,11 @@ impl PodController {
                 state: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// A view of the pods, usable while the controller runs.
+    pub fn view(&self) -> PodsView {
+        PodsView(self.shared.clone())
     }
 
     /// Runs until `shutdown`. Pods keep running in the provider when the controller stops.
