@@ -46,7 +46,7 @@ if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$key" ] \
   echo "test guest up to date in $out ($key)"
   exit 0
 fi
-start=$(date +%s.%N)
+start=$(date +%s%N)
 rm -f "$out/stamp"
 
 work=$(mktemp -d "$out/.build.XXXXXX")
@@ -121,4 +121,4 @@ mv "$out/initramfs.gz.new" "$out/initramfs.gz"
 mv "$out/disk.raw.new" "$out/disk.raw"
 mv "$out/id_ed25519.pub.new" "$out/id_ed25519.pub"
 echo "$key" >"$out/stamp"
-echo "test guest built in $out ($key) in $(echo "$(date +%s.%N) - $start" | bc 2>/dev/null || echo '?')s"
+echo "test guest built in $out ($key) in $(( ($(date +%s%N) - start) / 1000000 )) ms"
