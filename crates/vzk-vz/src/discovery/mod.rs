@@ -6,9 +6,13 @@
 //! is on parsed [`MacAddr`](vzk_vm::MacAddr) values, so `a:1:2:3:4:5` never matches
 //! `a:1:2:3:4:50` (the reference's substring match could).
 //!
-//! [`leases`] and [`arp`] are pure functions over text; [`watch`] is the loop that
+//! Bridged guests (whose DHCP server is elsewhere) are also found by sniffing the host
+//! interface through BPF: [`frames`] parses what a BPF device returns.
+//!
+//! [`leases`], [`arp`] and [`frames`] are pure functions; [`watch`] is the loop that
 //! re-reads the file when it changes and runs `arp`, until the MAC shows up.
 
 pub mod arp;
+pub mod frames;
 pub mod leases;
 pub mod watch;

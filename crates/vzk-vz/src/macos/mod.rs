@@ -6,6 +6,7 @@
 //!   executes commands.
 //! * [`build`]: [`VzConfig`](crate::config::VzConfig) → `VZVirtualMachineConfiguration`.
 //! * [`delegate`]: the `VZVirtualMachineDelegate` that reports guest stops and errors.
+//! * [`bpf`]: sniffing a host interface through `/dev/bpf*` (bridged guests' IP).
 //! * [`ns`]: Foundation helpers (`NSURL` from paths, `NSError` → [`ns::FrameworkError`]).
 //!
 //! # Threading contract
@@ -20,6 +21,7 @@
 //! platform-independent modules of this crate.
 
 pub mod actor;
+pub mod bpf;
 pub mod build;
 pub mod delegate;
 pub mod hypervisor;

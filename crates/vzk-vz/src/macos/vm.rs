@@ -2,11 +2,13 @@
 //! [`vzk_vm::Vm`].
 //!
 //! Operations go to the VM's [`Actor`] as [`Command`]s; states come from the shared
-//! [`StatePublisher`]; the guest IP from a discovery task started with the VM (see
-//! [`crate::discovery::watch`]: the bootpd lease file for NAT NICs, the ARP table for
-//! all), which ends when the VM reaches a final state.
+//! [`StatePublisher`]; the guest IP from a discovery task started with the VM, which
+//! ends when the VM reaches a final state: the bootpd lease file for NAT NICs, BPF
+//! sniffing of the host interface for bridged NICs ([`bpf`]), the ARP table for both
+//! ([`crate::discovery::watch`]).
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -15,6 +17,7 @@ use tokio::task::JoinHandle;
 use vzk_vm::{NetworkAttachment, VmError, VmSpec, VmState};
 
 use super::actor::{Actor, Command, CreateError};
+use super::bpf;
 use crate::config::VzConfig;
 use crate::discovery::watch::{Sources, discover};
 use crate::state::StatePublisher;
@@ -82,17 +85,49 @@ impl VzVm {
         };
         let mac = nic.mac;
         let mut sources = self.discovery.clone();
-        if !matches!(nic.attachment, NetworkAttachment::Nat) {
-            // bootpd serves only the NAT network; a bridged guest is found by ARP.
-            sources.leases_file = None;
-        }
+        let bridged = match &nic.attachment {
+            NetworkAttachment::Nat => None,
+            NetworkAttachment::Bridged { interface } => {
+                // bootpd serves only the NAT network: a bridged guest is found by
+                // sniffing its interface, with the ARP table as the fallback.
+                sources.leases_file = None;
+                Some(interface.clone())
+            }
+        };
         let (ip, id) = (self.ip.clone(), self.spec.id.clone());
         let mut states = self.states.subscribe();
         let task = tokio::spawn(async move {
             let ended = async move {
                 let _ = states.wait_for(VmState::is_final).await;
             };
-            if let Some(addr) = discover(mac, &sources, ended).await {
+            let table = discover(mac, &sources, ended);
+            tokio::pin!(table);
+            let stop = Arc::new(AtomicBool::new(false));
+            let found = match bridged {
+                None => table.await,
+                Some(interface) => {
+                    let stop = stop.clone();
+                    let sniffer =
+                        tokio::task::spawn_blocking(move || bpf::sniff(&interface, mac, &stop));
+                    tokio::select! {
+                        found = &mut table => found,
+                        sniffed = sniffer => match sniffed {
+                            Ok(Ok(Some(addr))) => Some(addr),
+                            Ok(Ok(None)) => table.await,
+                            Ok(Err(error)) => {
+                                tracing::warn!(vm.id = %id, error = %error, "BPF sniffing failed; using the ARP table");
+                                table.await
+                            }
+                            Err(error) => {
+                                tracing::warn!(vm.id = %id, error = %error, "BPF sniffer task failed; using the ARP table");
+                                table.await
+                            }
+                        },
+                    }
+                }
+            };
+            stop.store(true, Ordering::Relaxed);
+            if let Some(addr) = found {
                 tracing::info!(vm.id = %id, ip = %addr, "guest IP discovered");
                 ip.send_replace(Some(addr));
             }
