@@ -1,0 +1,153 @@
+//! The provider's command-line flags ([`ProviderArgs`]), flattened into
+//! `vz-kubelet run`. Every flag has a `VZK_*` environment variable; the SSH flags keep
+//! macos-vz-kubelet's `VZ_SSH_*` names.
+
+use std::path::PathBuf;
+
+use vzk_vm::NetworkAttachment;
+
+/// Flags of the VM provider.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProviderArgs {
+    /// Root of the provider's state: `images/` (cache), `pods/<uid>/` (disk clones,
+    /// console logs), `qemu/` (VM state dirs, NAT network).
+    #[arg(long, env = "VZK_DATA_DIR", default_value = "/var/lib/vz-kubelet")]
+    pub data_dir: PathBuf,
+
+    /// At most this many VMs at once (VM slots); extra pods wait Pending.
+    #[arg(long, env = "VZK_MAX_VMS", default_value_t = 2)]
+    pub max_vms: u32,
+
+    /// VM network: `nat` (agent-owned bridge + DHCP + masquerade) or
+    /// `bridged:<iface>` (join an existing bridge).
+    #[arg(long, env = "VZK_NETWORK", default_value = "nat", value_parser = parse_network)]
+    pub network: NetworkAttachment,
+
+    /// Run the VMs, their network and the agent's guest connections inside this
+    /// existing network namespace (`ip netns` name). Default: the agent's own.
+    #[arg(long, env = "VZK_VM_NETNS")]
+    pub vm_netns: Option<String>,
+
+    /// The QEMU binary.
+    #[arg(long, env = "VZK_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+
+    /// Image cache budget in bytes (least recently used unpinned images are evicted).
+    #[arg(long, env = "VZK_IMAGE_CACHE_BYTES", default_value_t = 200 << 30)]
+    pub image_cache_bytes: u64,
+
+    /// Registries (`host[:port]`) spoken to over plain HTTP.
+    #[arg(
+        long = "insecure-registry",
+        env = "VZK_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub insecure_registries: Vec<String>,
+
+    /// The node's docker `config.json` with registry credentials, tried after the
+    /// pod's `imagePullSecrets`.
+    #[arg(long, env = "VZK_DOCKER_CONFIG")]
+    pub docker_config: Option<PathBuf>,
+
+    /// Default guest SSH user (a pod's container 0 env `VZ_SSH_USER` overrides it).
+    #[arg(long, env = "VZ_SSH_USER")]
+    pub ssh_user: Option<String>,
+
+    /// Default guest SSH private key file.
+    #[arg(long, env = "VZ_SSH_PRIVATE_KEY_PATH")]
+    pub ssh_private_key_path: Option<PathBuf>,
+
+    /// Default guest SSH private key, base64 of its text.
+    #[arg(long, env = "VZ_SSH_PRIVATE_KEY_BASE64", hide_env_values = true)]
+    pub ssh_private_key_base64: Option<String>,
+
+    /// Default guest SSH password.
+    #[arg(long, env = "VZ_SSH_PASSWORD", hide_env_values = true)]
+    pub ssh_password: Option<String>,
+
+    /// How long a VM may take from launch to answering SSH before the pod fails.
+    #[arg(long, env = "VZK_READY_TIMEOUT_SECS", default_value_t = 300)]
+    pub ready_timeout_secs: u64,
+
+    /// vCPUs when neither the pod nor the image says.
+    #[arg(long, env = "VZK_DEFAULT_CPUS", default_value_t = 1)]
+    pub default_cpus: u32,
+
+    /// Memory in MiB when neither the pod nor the image says.
+    #[arg(long, env = "VZK_DEFAULT_MEMORY_MIB", default_value_t = 512)]
+    pub default_memory_mib: u64,
+}
+
+impl ProviderArgs {
+    /// Defaults with `data_dir`, as the flags would give them.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            max_vms: 2,
+            network: NetworkAttachment::Nat,
+            vm_netns: None,
+            qemu: "qemu-system-x86_64".into(),
+            image_cache_bytes: 200 << 30,
+            insecure_registries: Vec::new(),
+            docker_config: None,
+            ssh_user: None,
+            ssh_private_key_path: None,
+            ssh_private_key_base64: None,
+            ssh_password: None,
+            ready_timeout_secs: 300,
+            default_cpus: 1,
+            default_memory_mib: 512,
+        }
+    }
+}
+
+/// Parses `nat` or `bridged:<iface>`.
+pub fn parse_network(text: &str) -> Result<NetworkAttachment, String> {
+    match text.split_once(':') {
+        None if text == "nat" => Ok(NetworkAttachment::Nat),
+        Some(("bridged", iface)) if !iface.is_empty() => Ok(NetworkAttachment::Bridged {
+            interface: iface.to_owned(),
+        }),
+        _ => Err(format!("expected nat or bridged:<iface>, got {text:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ProviderArgs,
+    }
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--network",
+            "bridged:br0",
+            "--insecure-registry",
+            "127.0.0.1:5000,reg.local",
+        ]);
+        let args = cli.map(|c| c.args).map_err(|e| e.to_string());
+        let args = args.as_ref();
+        assert_eq!(args.map(|a| a.max_vms), Ok(2));
+        assert_eq!(
+            args.map(|a| a.network.clone()),
+            Ok(NetworkAttachment::Bridged {
+                interface: "br0".into()
+            })
+        );
+        assert_eq!(
+            args.map(|a| a.insecure_registries.len()),
+            Ok(2),
+            "comma-separated list"
+        );
+        assert!(parse_network("bridged:").is_err());
+        assert!(parse_network("host").is_err());
+    }
+}

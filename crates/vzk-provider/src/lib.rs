@@ -1,0 +1,32 @@
+//! The VM pod provider of vz-kubelet: container 0 of a pod runs as a VM.
+//!
+//! * [`VmProvider`] implements the node runtime's `PodLifecycle`, `NodeProvider` and
+//!   `StreamingRuntime` (see [`provider`] for the contract).
+//! * [`ProviderArgs`]: its flags, flattened into `vz-kubelet run`.
+//! * [`pod`]: one pod's lifecycle task (pull → slot → clone → boot → IP → SSH ready).
+//! * [`status`]: pod status from the VM's state (pure).
+//! * [`resources`]: vCPUs and memory from requests/limits within backend bounds (pure).
+//! * [`slots`]: the VM slot pool (at most N VMs).
+//! * [`logs`]: the serial console as `kubectl logs`.
+//! * [`hostinfo`]: capacity and per-VM usage from `/proc`.
+//! * [`record`]: the on-disk pod record used to re-adopt VMs after a restart.
+//! * [`vmexec`]: running VM work inside the VM network namespace.
+//!
+//! Not done in this version: Docker side-cars (containers 1..N are reported
+//! `waiting{SidecarNotRun}`), probes, volumes, VM restarts per `restartPolicy`.
+
+pub mod args;
+pub mod error;
+pub mod hostinfo;
+pub mod logs;
+pub mod pod;
+pub mod provider;
+pub mod record;
+pub mod resources;
+pub mod slots;
+pub mod status;
+pub mod vmexec;
+
+pub use args::ProviderArgs;
+pub use error::ProviderInitError;
+pub use provider::{VM_RESOURCE, VmProvider};

@@ -1,0 +1,222 @@
+//! `kubectl logs` of a VM: its serial console log file.
+//!
+//! # Contract
+//! * `tail_lines`: only the last N lines of what is in the file now.
+//! * `since_seconds`/`since_time`: the console has no per-line times; the existing
+//!   content counts as written at the file's modification time (all of it passes or
+//!   none does), lines that arrive while following are timed on arrival.
+//! * `timestamps`: each line is prefixed with an RFC 3339 time (the same rule).
+//! * `limit_bytes`: the stream ends after that many bytes (prefixes included).
+//! * `follow`: new output is streamed (checked every 100 ms) until `stop` fires (the
+//!   VM ended) or the reader goes away.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+use tokio_util::sync::CancellationToken;
+use vzk_core::streams::{LogOptions, LogStream};
+
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
+
+/// The cut-off time of `opts` (`since_time` wins over `since_seconds`).
+fn since(opts: &LogOptions, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    opts.since_time.or_else(|| {
+        opts.since_seconds
+            .and_then(|s| i64::try_from(s).ok())
+            .map(|s| now - chrono::Duration::seconds(s))
+    })
+}
+
+/// Applies tail and timestamps to existing text written at `written`.
+pub fn format_existing(text: &[u8], opts: &LogOptions, written: DateTime<Utc>) -> Vec<u8> {
+    if since(opts, Utc::now()).is_some_and(|s| written < s) {
+        return Vec::new();
+    }
+    let mut lines: Vec<&[u8]> = text.split_inclusive(|b| *b == b'\n').collect();
+    if let Some(n) = opts.tail_lines {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        let skip = lines.len().saturating_sub(n);
+        lines.drain(..skip);
+    }
+    prefix(&lines, opts.timestamps, written)
+}
+
+fn prefix(lines: &[&[u8]], timestamps: bool, at: DateTime<Utc>) -> Vec<u8> {
+    let stamp = at.to_rfc3339_opts(SecondsFormat::Nanos, true);
+    let mut out = Vec::new();
+    for l in lines {
+        if timestamps {
+            out.extend_from_slice(stamp.as_bytes());
+            out.push(b' ');
+        }
+        out.extend_from_slice(l);
+    }
+    out
+}
+
+/// Streams the console log at `path` according to `opts`.
+pub async fn console_logs(
+    path: PathBuf,
+    opts: LogOptions,
+    stop: CancellationToken,
+) -> std::io::Result<LogStream> {
+    let mut file = tokio::fs::File::open(&path).await?;
+    let meta = file.metadata().await?;
+    let written: DateTime<Utc> = meta
+        .modified()
+        .map(DateTime::from)
+        .unwrap_or_else(|_| Utc::now());
+    let mut text = Vec::new();
+    file.read_to_end(&mut text).await?;
+    let mut offset = u64::try_from(text.len()).unwrap_or(u64::MAX);
+    let first = format_existing(&text, &opts, written);
+    let mut budget = opts.limit_bytes.unwrap_or(u64::MAX);
+    let mut take = move |mut chunk: Vec<u8>| -> Option<Bytes> {
+        if budget == 0 {
+            return None;
+        }
+        let n = usize::try_from(budget)
+            .unwrap_or(usize::MAX)
+            .min(chunk.len());
+        chunk.truncate(n);
+        budget -= n as u64;
+        Some(Bytes::from(chunk))
+    };
+    let first = take(first);
+    let follow = opts.follow;
+    let stream = async_stream_follow(file, &mut offset, follow, opts.timestamps, stop);
+    let head = futures::stream::iter(first.into_iter().map(Ok));
+    let tail = stream
+        .map(move |r| r.map(|c| take(c)))
+        .take_while(|r| futures::future::ready(!matches!(r, Ok(None))));
+    let tail = tail.filter_map(|r| {
+        futures::future::ready(match r {
+            Ok(Some(b)) if b.is_empty() => None,
+            Ok(Some(b)) => Some(Ok(b)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        })
+    });
+    Ok(head.chain(tail).boxed())
+}
+
+/// New content of `file` from `offset` while following; empty when not following.
+fn async_stream_follow(
+    file: tokio::fs::File,
+    offset: &mut u64,
+    follow: bool,
+    timestamps: bool,
+    stop: CancellationToken,
+) -> futures::stream::BoxStream<'static, std::io::Result<Vec<u8>>> {
+    if !follow {
+        return futures::stream::empty().boxed();
+    }
+    let state = (file, *offset, Vec::<u8>::new(), stop, false);
+    futures::stream::unfold(
+        state,
+        move |(mut file, mut off, mut partial, stop, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let mut buf = Vec::new();
+                let read = async {
+                    file.seek(std::io::SeekFrom::Start(off)).await?;
+                    file.read_to_end(&mut buf).await
+                }
+                .await;
+                match read {
+                    Err(e) => return Some((Err(e), (file, off, partial, stop, true))),
+                    Ok(0) => {}
+                    Ok(n) => {
+                        off += n as u64;
+                        partial.extend_from_slice(&buf);
+                        // Emit complete lines; keep a partial line for the next round.
+                        if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
+                            let rest = partial.split_off(end + 1);
+                            let lines: Vec<&[u8]> =
+                                partial.split_inclusive(|b| *b == b'\n').collect();
+                            let out = prefix(&lines, timestamps, Utc::now());
+                            return Some((Ok(out), (file, off, rest, stop, false)));
+                        }
+                    }
+                }
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        let out = if partial.is_empty() {
+                            Vec::new()
+                        } else {
+                            prefix(&[partial.as_slice()], timestamps, Utc::now())
+                        };
+                        return Some((Ok(out), (file, off, Vec::new(), stop, true)));
+                    }
+                    () = tokio::time::sleep(FOLLOW_POLL) => {}
+                }
+            }
+        },
+    )
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_and_timestamps_apply_to_existing_text() {
+        let text = b"one\ntwo\nthree\n";
+        let at = Utc::now();
+        let opts = LogOptions {
+            tail_lines: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(format_existing(text, &opts, at), b"two\nthree\n");
+        let opts = LogOptions {
+            tail_lines: Some(1),
+            timestamps: true,
+            ..Default::default()
+        };
+        let out = String::from_utf8(format_existing(text, &opts, at)).unwrap_or_default();
+        assert!(out.ends_with("Z three\n"), "{out}");
+        let opts = LogOptions {
+            since_seconds: Some(10),
+            ..Default::default()
+        };
+        let old = at - chrono::Duration::seconds(60);
+        assert!(format_existing(text, &opts, old).is_empty());
+        assert_eq!(format_existing(text, &opts, at), text);
+    }
+
+    #[tokio::test]
+    async fn follow_streams_new_lines_until_stopped_within_the_limit() {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string());
+        let Ok(dir) = dir else { panic!("tempdir") };
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "boot\n").ok();
+        let stop = CancellationToken::new();
+        let opts = LogOptions {
+            follow: true,
+            limit_bytes: Some(12),
+            ..Default::default()
+        };
+        let mut s = match console_logs(path.clone(), opts, stop.clone()).await {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        let first = s.next().await.and_then(Result::ok);
+        assert_eq!(first.as_deref(), Some(&b"boot\n"[..]));
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).ok();
+        if let Some(f) = f.as_mut() {
+            f.write_all(b"login: ok\nmore\n").ok();
+        }
+        let next = s.next().await.and_then(Result::ok);
+        assert_eq!(next.as_deref(), Some(&b"login: "[..]), "cut at 12 bytes");
+        stop.cancel();
+        assert!(s.next().await.is_none());
+    }
+}

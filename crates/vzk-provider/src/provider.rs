@@ -1,0 +1,685 @@
+//! [`VmProvider`]: the pod backend that runs container 0 of each pod as a QEMU VM.
+//!
+//! # Contract
+//! * `create_pod` validates what can be validated without the image (container 0
+//!   exists, resources are whole vCPUs within the backend's bounds, SSH credentials
+//!   load) and returns `Invalid` otherwise; the rest runs in a per-pod task
+//!   ([`crate::pod`]) that reports through the notifier.
+//! * `delete_pod` cancels that task, runs the preStop exec hook over SSH (bounded by
+//!   the grace period), asks the guest to power off (ACPI), forces it off when the
+//!   grace is spent, removes the VM (state dir, TAP) and the pod directory (disk
+//!   clone, console log), and frees the VM slot.
+//! * At start-up the VMs of a previous agent are re-adopted (QEMU keeps running
+//!   across agent restarts) and listed by `list_pods`; VMs with our id prefix but no
+//!   pod record are stopped and removed (our leftovers only).
+//! * Streams: exec/attach/port-forward go over the guest's SSH (exit codes kept),
+//!   logs are the serial console, stats come from the QEMU process in `/proc`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use k8s_openapi::api::core::v1::{Pod, PodStatus, Secret};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use tracing::{info, warn};
+use vzk_core::stats::{ContainerStats, CpuStats, MemoryStats, PodReference, PodStats};
+use vzk_core::streams::{AttachIo, ContainerRef, ExitStatus, LogOptions, LogStream, PortStream};
+use vzk_core::{
+    NodeProvider, PodEvent, PodKey, PodLifecycle, PodNotifier, ProviderError, RuntimeInfo,
+    StreamingRuntime,
+};
+use vzk_guest::{CredentialSource, Credentials, GuestSession};
+use vzk_image::{Cloner, ImageStore, Keyring, PullSecret, Reference};
+use vzk_vm::qemu::statedir::StateDir;
+use vzk_vm::qemu::{QemuBackend, QemuConfig};
+use vzk_vm::{Hypervisor, Vm};
+
+use crate::args::ProviderArgs;
+use crate::error::ProviderInitError;
+use crate::hostinfo::{ProcUsage, fs_bytes, host_memory_bytes};
+use crate::pod::{self, PodEntry, error_chain, lock, uid_of};
+use crate::record::PodRecord;
+use crate::resources::{ResourcePolicy, vm_resources};
+use crate::slots::Slots;
+use crate::vmexec::VmExec;
+
+/// The extended resource counting VM slots.
+pub const VM_RESOURCE: &str = "vz-kubelet.io/vm";
+
+/// State shared by the provider and its pod tasks.
+pub(crate) struct Inner {
+    pub(crate) args: ProviderArgs,
+    pub(crate) client: kube::Client,
+    pub(crate) exec: VmExec,
+    pub(crate) hv: Arc<dyn Hypervisor>,
+    pub(crate) qemu_root: PathBuf,
+    pub(crate) pods_dir: PathBuf,
+    pub(crate) images: ImageStore,
+    pub(crate) cloner: Cloner,
+    pub(crate) slots: Slots,
+    pub(crate) policy: ResourcePolicy,
+    pub(crate) node_keyring: Keyring,
+    pub(crate) ready_timeout: Duration,
+    pub(crate) notifier: Mutex<Option<PodNotifier>>,
+    pub(crate) pods: Mutex<HashMap<String, Arc<PodEntry>>>,
+    cpu_samples: Mutex<HashMap<String, (Instant, u64)>>,
+    accelerator: String,
+}
+
+/// The VM pod provider. Implements `PodLifecycle`, `NodeProvider` and
+/// `StreamingRuntime`.
+pub struct VmProvider {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for VmProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmProvider")
+            .field("data_dir", &self.inner.args.data_dir)
+            .field("max_vms", &self.inner.slots.capacity())
+            .finish_non_exhaustive()
+    }
+}
+
+fn mkdir(path: PathBuf) -> Result<PathBuf, ProviderInitError> {
+    std::fs::create_dir_all(&path).map_err(|source| ProviderInitError::CreateDir {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+impl VmProvider {
+    /// Brings the provider up: image cache, clone mechanism, the QEMU backend and its
+    /// network (inside `--vm-netns` if given), and re-adopts VMs left running by a
+    /// previous agent. `client` is the node's own client, used only to read the
+    /// Secrets a pod references.
+    pub async fn new(
+        args: ProviderArgs,
+        node_name: &str,
+        node_ip: IpAddr,
+        client: kube::Client,
+    ) -> Result<Arc<VmProvider>, ProviderInitError> {
+        let data = mkdir(args.data_dir.clone())?;
+        let images_dir = mkdir(data.join("images"))?;
+        let pods_dir = mkdir(data.join("pods"))?;
+        let qemu_root = mkdir(data.join("qemu"))?;
+        let images = ImageStore::open(&images_dir, args.image_cache_bytes)
+            .map_err(ProviderInitError::OpenImageStore)?;
+        let cloner = Cloner::detect(&pods_dir).map_err(ProviderInitError::DetectCloner)?;
+        let node_keyring = match &args.docker_config {
+            Some(p) => {
+                Keyring::from_docker_config_file(p).map_err(ProviderInitError::ReadDockerConfig)?
+            }
+            None => Keyring::new(),
+        };
+        let exec = match &args.vm_netns {
+            Some(ns) => VmExec::in_netns(ns).map_err(ProviderInitError::VmExec)?,
+            None => VmExec::current(),
+        };
+        let mut qcfg = QemuConfig::new(&qemu_root);
+        qcfg.binary = args.qemu.clone();
+        let hv = exec
+            .run(async move { QemuBackend::new(qcfg).await })
+            .await
+            .map_err(ProviderInitError::Hypervisor)?;
+        let caps = hv.capabilities().clone();
+        let hv: Arc<dyn Hypervisor> = Arc::new(hv);
+        let policy = ResourcePolicy {
+            default_cpus: args.default_cpus,
+            default_memory_bytes: args.default_memory_mib << 20,
+            cpus: caps.cpus,
+            memory_bytes: caps.memory_bytes,
+        };
+        let slots = Slots::new(args.max_vms);
+        info!(node = node_name, node_ip = %node_ip, accel = %caps.accelerator, max_vms = args.max_vms, data_dir = %data.display(), "VM provider starting");
+        let inner = Arc::new(Inner {
+            ready_timeout: Duration::from_secs(args.ready_timeout_secs),
+            args,
+            client,
+            exec,
+            hv: hv.clone(),
+            qemu_root,
+            pods_dir,
+            images,
+            cloner,
+            slots,
+            policy,
+            node_keyring,
+            notifier: Mutex::new(None),
+            pods: Mutex::new(HashMap::new()),
+            cpu_samples: Mutex::new(HashMap::new()),
+            accelerator: caps.accelerator.clone(),
+        });
+        let h = hv.clone();
+        let adopted = inner
+            .exec
+            .run(async move { h.adopt_existing().await })
+            .await
+            .map_err(ProviderInitError::Adopt)?;
+        for vm in adopted {
+            inner.adopt(vm).await;
+        }
+        Ok(Arc::new(VmProvider { inner }))
+    }
+
+    fn entry(&self, target: &ContainerRef) -> Result<Arc<PodEntry>, ProviderError> {
+        let pods = lock(&self.inner.pods);
+        let e = pods
+            .values()
+            .find(|e| {
+                e.key.namespace == target.namespace
+                    && e.key.name == target.pod
+                    && target.uid.as_ref().is_none_or(|u| *u == e.key.uid)
+            })
+            .cloned()
+            .ok_or_else(|| {
+                ProviderError::NotFound(format!("pod {}/{}", target.namespace, target.pod))
+            })?;
+        if e.container != target.container {
+            return Err(ProviderError::NotFound(format!(
+                "container {:?} of pod {}: only the VM container {:?} is run by this provider",
+                target.container, e.key, e.container
+            )));
+        }
+        Ok(e)
+    }
+
+    fn session(e: &PodEntry) -> Result<GuestSession, ProviderError> {
+        e.session().ok_or_else(|| ProviderError::Unavailable {
+            message: format!("the VM of pod {} has no address yet", e.key),
+            retry_after: Some(Duration::from_secs(2)),
+        })
+    }
+}
+
+impl Inner {
+    /// SSH credentials for a pod: container 0's `VZ_SSH_*` env, then the flags.
+    fn credentials(&self, pod: &Pod) -> Result<Credentials, ProviderError> {
+        let env: BTreeMap<String, String> = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.env.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect();
+        let a = &self.args;
+        let flag = |name: &str| -> Option<String> {
+            match name {
+                "VZ_SSH_USER" => a.ssh_user.clone(),
+                "VZ_SSH_PRIVATE_KEY_PATH" => a
+                    .ssh_private_key_path
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+                "VZ_SSH_PRIVATE_KEY_BASE64" => a.ssh_private_key_base64.clone(),
+                "VZ_SSH_PASSWORD" => a.ssh_password.clone(),
+                _ => None,
+            }
+        };
+        let source = CredentialSource::from_lookup(|n| env.get(n).cloned().or_else(|| flag(n)));
+        Credentials::load(&source)
+            .map_err(|e| ProviderError::invalid("InvalidSSHCredentials", error_chain(&e)))
+    }
+
+    /// Registry credentials for `pod`'s image: its `imagePullSecrets`, then the node's.
+    pub(crate) async fn credentials_for(
+        &self,
+        pod: &Pod,
+        reference: &Reference,
+    ) -> Result<Vec<vzk_image::Credentials>, String> {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let mut secrets = Vec::new();
+        let mut errors = Vec::new();
+        for r in pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.image_pull_secrets.clone())
+            .unwrap_or_default()
+        {
+            match api.get(&r.name).await {
+                Ok(s) => secrets.push(PullSecret {
+                    name: r.name.clone(),
+                    type_: s.type_.unwrap_or_default(),
+                    data: s
+                        .data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0))
+                        .collect(),
+                }),
+                Err(e) => errors.push(format!("secret {ns}/{}: {e}", r.name)),
+            }
+        }
+        let mut ring = Keyring::from_pull_secrets(secrets.iter()).map_err(|e| error_chain(&e))?;
+        ring.extend(&self.node_keyring);
+        let creds = ring.lookup(reference);
+        if errors.is_empty() {
+            Ok(creds)
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Whether `reference`'s registry is spoken to over plain HTTP.
+    pub(crate) fn plain_http(&self, reference: &Reference) -> bool {
+        self.args
+            .insecure_registries
+            .iter()
+            .any(|h| h == reference.api_host() || h == &reference.registry)
+    }
+
+    /// Re-adopts a VM a previous agent left.
+    async fn adopt(self: &Arc<Self>, vm: Arc<dyn Vm>) {
+        let id = vm.id().to_owned();
+        let Some(uid) = uid_of(&id).map(str::to_owned) else {
+            return;
+        };
+        let dir = self.pods_dir.join(&uid);
+        let record = PodRecord::load(&dir.join("pod.json"));
+        let creds = record.as_ref().ok().map(|r| self.credentials(&r.pod));
+        let (record, creds) = match (record, creds) {
+            (Ok(r), Some(Ok(c))) if !vm.state().borrow().is_final() => (r, c),
+            (r, _) => {
+                warn!(vm.id = %id, has_record = r.is_ok(), "removing a leftover VM that cannot be re-adopted");
+                let v = vm.clone();
+                let _ = self
+                    .exec
+                    .run(async move {
+                        let _ = v.force_stop().await;
+                        v.remove().await
+                    })
+                    .await;
+                let _ = std::fs::remove_dir_all(&dir);
+                return;
+            }
+        };
+        let start = record
+            .start_time
+            .parse::<Timestamp>()
+            .map(Time)
+            .unwrap_or_else(|_| Time(Timestamp::now()));
+        let e = Arc::new(PodEntry::new(
+            record.key(),
+            record.pod.clone(),
+            dir,
+            start,
+            creds,
+        ));
+        *lock(&e.vm) = Some(vm.clone());
+        *lock(&e.slot) = self.slots.try_acquire();
+        info!(pod = %e.key, vm.id = %id, "re-adopted a running VM");
+        lock(&self.pods).insert(uid, e.clone());
+        let task = tokio::spawn(pod::run_adopted(self.clone(), e.clone(), vm));
+        *lock(&e.task) = Some(task);
+    }
+}
+
+#[async_trait]
+impl PodLifecycle for VmProvider {
+    async fn create_pod(&self, pod: &Pod) -> Result<(), ProviderError> {
+        let key = PodKey::of(pod).ok_or_else(|| {
+            ProviderError::invalid("InvalidPod", "pod lacks namespace, name or uid")
+        })?;
+        let c0 = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .ok_or_else(|| ProviderError::invalid("InvalidPod", "pod has no containers"))?;
+        // Check what the pod itself asks for now (image defaults cannot be wrong here).
+        if c0.resources.is_some() {
+            vm_resources(
+                c0.resources.as_ref(),
+                Some(self.inner.policy.default_cpus.max(self.inner.policy.cpus.0)),
+                Some(
+                    self.inner
+                        .policy
+                        .default_memory_bytes
+                        .max(self.inner.policy.memory_bytes.0),
+                ),
+                &self.inner.policy,
+            )
+            .map_err(|e| ProviderError::invalid(e.reason(), e.to_string()))?;
+        }
+        let creds = self.inner.credentials(pod)?;
+        if lock(&self.inner.pods).contains_key(&key.uid) {
+            return Ok(());
+        }
+        let dir = self.inner.pods_dir.join(&key.uid);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ProviderError::failed("CreatePodDirFailed", e.to_string()))?;
+        let start = Time(Timestamp::now());
+        PodRecord::new(&key, pod, start.0.to_string())
+            .save(&dir.join("pod.json"))
+            .map_err(|e| ProviderError::failed("CreatePodDirFailed", e.to_string()))?;
+        let e = Arc::new(PodEntry::new(key.clone(), pod.clone(), dir, start, creds));
+        lock(&self.inner.pods).insert(key.uid.clone(), e.clone());
+        self.inner.push_status(&e);
+        let task = tokio::spawn(pod::run_new(self.inner.clone(), e.clone()));
+        *lock(&e.task) = Some(task);
+        Ok(())
+    }
+
+    async fn update_pod(&self, _pod: &Pod) -> Result<(), ProviderError> {
+        // The only mutable fields of a running pod (image, activeDeadlineSeconds,
+        // tolerations) need no action for a VM; an image change takes effect on re-creation.
+        Ok(())
+    }
+
+    async fn delete_pod(&self, pod: &Pod, grace: Duration) -> Result<(), ProviderError> {
+        let key = PodKey::of(pod).ok_or_else(|| {
+            ProviderError::invalid("InvalidPod", "pod lacks namespace, name or uid")
+        })?;
+        let e = lock(&self.inner.pods)
+            .get(&key.uid)
+            .cloned()
+            .ok_or_else(|| ProviderError::NotFound(key.to_string()))?;
+        let deadline = tokio::time::Instant::now() + grace;
+        e.cancel.cancel();
+        let task = lock(&e.task).take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+        // Wait for a create in flight to finish storing its VM.
+        let _created = e.create_lock.lock().await;
+        if let Some(vm) = e.vm() {
+            self.inner.event(
+                &e,
+                PodEvent::normal(
+                    "Killing",
+                    format!("Stopping VM {} (grace {}s)", vm.id(), grace.as_secs()),
+                ),
+            );
+            let pre_stop = e
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.containers.first())
+                .and_then(|c| c.lifecycle.as_ref())
+                .and_then(|l| l.pre_stop.as_ref())
+                .and_then(|h| h.exec.as_ref())
+                .and_then(|x| x.command.clone());
+            if let (Some(cmd), Some(session)) = (pre_stop, e.session()) {
+                let s = session.clone();
+                let run = self.inner.exec.run(async move { s.output(&cmd).await });
+                match tokio::time::timeout_at(deadline, run).await {
+                    Ok(Ok(o)) if o.status.success() => {}
+                    Ok(Ok(o)) => self.inner.event(
+                        &e,
+                        PodEvent::warning(
+                            "FailedPreStopHook",
+                            format!("PreStopHook exited with {}", o.status.code),
+                        ),
+                    ),
+                    Ok(Err(err)) => self.inner.event(
+                        &e,
+                        PodEvent::warning(
+                            "FailedPreStopHook",
+                            vzk_guest::ErrorChain(&err).to_string(),
+                        ),
+                    ),
+                    Err(_) => self.inner.event(
+                        &e,
+                        PodEvent::warning(
+                            "FailedPreStopHook",
+                            "PreStopHook did not finish within the grace period",
+                        ),
+                    ),
+                }
+            }
+            if let Some(s) = e.session() {
+                s.close();
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let v = vm.clone();
+            let stopped = self
+                .inner
+                .exec
+                .run(async move {
+                    let outcome = vzk_vm::stop_gracefully(v.as_ref(), remaining).await;
+                    if outcome.is_err() {
+                        let _ = v.force_stop().await;
+                    }
+                    let _ = vzk_vm::wait_for_state(
+                        v.as_ref(),
+                        Duration::from_secs(10),
+                        "stop",
+                        vzk_vm::VmState::is_final,
+                    )
+                    .await;
+                    (outcome, v.remove().await)
+                })
+                .await;
+            match stopped {
+                (Ok(outcome), Ok(())) => info!(pod = %e.key, ?outcome, "VM stopped and removed"),
+                (outcome, removed) => {
+                    let msg = format!(
+                        "stopping/removing VM: {:?} / {:?}",
+                        outcome.err().map(|x| error_chain(&x)),
+                        removed.err().map(|x| error_chain(&x))
+                    );
+                    warn!(pod = %e.key, error = %msg, "VM cleanup incomplete");
+                    self.inner
+                        .event(&e, PodEvent::warning("FailedKillPod", msg));
+                }
+            }
+        }
+        e.ended.cancel();
+        lock(&e.slot).take();
+        lock(&e.pin).take();
+        if let Err(err) = std::fs::remove_dir_all(&e.dir) {
+            warn!(pod = %e.key, error = %err, "removing the pod directory");
+        }
+        lock(&self.inner.pods).remove(&key.uid);
+        lock(&self.inner.cpu_samples).remove(&key.uid);
+        Ok(())
+    }
+
+    async fn pod_status(&self, key: &PodKey) -> Result<Option<PodStatus>, ProviderError> {
+        Ok(lock(&self.inner.pods).get(&key.uid).map(|e| e.status()))
+    }
+
+    async fn list_pods(&self) -> Result<Vec<PodKey>, ProviderError> {
+        Ok(lock(&self.inner.pods)
+            .values()
+            .map(|e| e.key.clone())
+            .collect())
+    }
+
+    fn set_notifier(&self, notifier: PodNotifier) {
+        *lock(&self.inner.notifier) = Some(notifier);
+        let entries: Vec<_> = lock(&self.inner.pods).values().cloned().collect();
+        for e in entries {
+            self.inner.push_status(&e);
+        }
+    }
+}
+
+#[async_trait]
+impl NodeProvider for VmProvider {
+    async fn capacity(&self) -> Result<BTreeMap<String, Quantity>, ProviderError> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut m = BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpus.to_string())),
+            (
+                "pods".to_owned(),
+                Quantity(self.inner.slots.capacity().to_string()),
+            ),
+            (
+                VM_RESOURCE.to_owned(),
+                Quantity(self.inner.slots.capacity().to_string()),
+            ),
+        ]);
+        if let Some(mem) = host_memory_bytes() {
+            m.insert("memory".into(), Quantity(mem.to_string()));
+        }
+        if let Some((_, size)) = fs_bytes(&self.inner.args.data_dir) {
+            m.insert("ephemeral-storage".into(), Quantity(size.to_string()));
+        }
+        Ok(m)
+    }
+
+    async fn ping(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    fn runtime_info(&self) -> RuntimeInfo {
+        RuntimeInfo {
+            container_runtime_version: format!("qemu://{}", self.inner.accelerator),
+            os_image: None,
+        }
+    }
+}
+
+#[async_trait]
+impl StreamingRuntime for VmProvider {
+    async fn logs(
+        &self,
+        target: &ContainerRef,
+        opts: &LogOptions,
+    ) -> Result<LogStream, ProviderError> {
+        let e = self.entry(target)?;
+        if opts.previous {
+            return Err(ProviderError::NotFound(format!(
+                "previous instance of {}: VMs are not restarted",
+                e.key
+            )));
+        }
+        crate::logs::console_logs(e.console_log(), opts.clone(), e.ended.clone())
+            .await
+            .map_err(|err| match err.kind() {
+                std::io::ErrorKind::NotFound => ProviderError::NotFound(format!(
+                    "console log of {} (VM not started yet)",
+                    e.key
+                )),
+                _ => ProviderError::failed("ReadLogsFailed", err.to_string()),
+            })
+    }
+
+    async fn exec(
+        &self,
+        target: &ContainerRef,
+        command: Vec<String>,
+        io: AttachIo,
+    ) -> Result<ExitStatus, ProviderError> {
+        let e = self.entry(target)?;
+        let s = Self::session(&e)?;
+        self.inner
+            .exec
+            .run(async move { s.exec(&command, io).await })
+            .await
+            .map_err(vzk_guest::GuestError::into_provider_error)
+    }
+
+    async fn attach(
+        &self,
+        target: &ContainerRef,
+        io: AttachIo,
+    ) -> Result<ExitStatus, ProviderError> {
+        let e = self.entry(target)?;
+        let s = Self::session(&e)?;
+        self.inner
+            .exec
+            .run(async move { s.shell(&[], io).await })
+            .await
+            .map_err(vzk_guest::GuestError::into_provider_error)
+    }
+
+    async fn port_forward(
+        &self,
+        pod: &PodKey,
+        port: u16,
+        stream: PortStream,
+    ) -> Result<(), ProviderError> {
+        let e = lock(&self.inner.pods)
+            .values()
+            .find(|e| {
+                e.key.namespace == pod.namespace
+                    && e.key.name == pod.name
+                    && (pod.uid.is_empty() || pod.uid == e.key.uid)
+            })
+            .cloned()
+            .ok_or_else(|| ProviderError::NotFound(pod.to_string()))?;
+        let s = Self::session(&e)?;
+        self.inner
+            .exec
+            .run(async move { s.forward_tcp(port, stream).await })
+            .await
+            .map(|_| ())
+            .map_err(vzk_guest::GuestError::into_provider_error)
+    }
+
+    async fn pod_stats(&self) -> Result<Vec<PodStats>, ProviderError> {
+        let entries: Vec<_> = lock(&self.inner.pods).values().cloned().collect();
+        let now = Utc::now();
+        let mut out = Vec::new();
+        for e in entries {
+            let Some(vm) = e.vm() else { continue };
+            let Some(pid) = StateDir::new(&self.inner.qemu_root, vm.id()).read_pid() else {
+                continue;
+            };
+            let Some(u) = ProcUsage::read(pid) else {
+                continue;
+            };
+            let nano_cores = {
+                let mut samples = lock(&self.inner.cpu_samples);
+                let t = Instant::now();
+                let prev = samples.insert(e.key.uid.clone(), (t, u.cpu_ns));
+                prev.and_then(|(pt, pns)| {
+                    let dt = t.duration_since(pt).as_nanos();
+                    (dt > 0).then(|| {
+                        let used = u128::from(u.cpu_ns.saturating_sub(pns));
+                        u64::try_from(used * 1_000_000_000 / dt).unwrap_or(u64::MAX)
+                    })
+                })
+            };
+            let cpu = CpuStats {
+                time: now,
+                usage_nano_cores: nano_cores,
+                usage_core_nano_seconds: Some(u.cpu_ns),
+            };
+            let memory = MemoryStats {
+                time: now,
+                available_bytes: None,
+                usage_bytes: Some(u.rss_bytes),
+                working_set_bytes: Some(u.rss_bytes),
+                rss_bytes: Some(u.rss_bytes),
+                page_faults: None,
+                major_page_faults: None,
+            };
+            let start = chrono::DateTime::parse_from_rfc3339(&e.start_time.0.to_string())
+                .ok()
+                .map(|t| t.with_timezone(&Utc));
+            out.push(PodStats {
+                pod_ref: PodReference {
+                    name: e.key.name.clone(),
+                    namespace: e.key.namespace.clone(),
+                    uid: e.key.uid.clone(),
+                },
+                start_time: start,
+                containers: vec![ContainerStats {
+                    name: e.container.clone(),
+                    start_time: start,
+                    cpu: Some(cpu.clone()),
+                    memory: Some(memory.clone()),
+                    rootfs: None,
+                    logs: None,
+                }],
+                cpu: Some(cpu),
+                memory: Some(memory),
+                network: None,
+                ephemeral_storage: None,
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,137 @@
+//! The per-pod record on disk (`pods/<uid>/pod.json`, mode 0600): what a restarted
+//! agent needs to re-adopt a running VM as a pod (its key, spec and start time).
+//!
+//! Resolved env values can be secrets: the record keeps only container 0's `VZ_SSH_*`
+//! variables (needed to reach the guest again) and drops every other env value.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::{Deserialize, Serialize};
+use vzk_core::PodKey;
+
+/// What is persisted per pod.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodRecord {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+    /// The pod (env stripped as described above).
+    pub pod: Pod,
+    /// RFC 3339 time the provider accepted the pod.
+    pub start_time: String,
+}
+
+impl PodRecord {
+    /// A record of `pod` for `key`, with env stripped.
+    pub fn new(key: &PodKey, pod: &Pod, start_time: String) -> Self {
+        let mut pod = pod.clone();
+        if let Some(spec) = pod.spec.as_mut() {
+            for (i, c) in spec.containers.iter_mut().enumerate() {
+                c.env_from = None;
+                match c.env.as_mut() {
+                    Some(env) if i == 0 => env.retain(|e| e.name.starts_with("VZ_SSH_")),
+                    _ => c.env = None,
+                }
+            }
+        }
+        pod.metadata.managed_fields = None;
+        Self {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            uid: key.uid.clone(),
+            pod,
+            start_time,
+        }
+    }
+
+    /// The pod key.
+    pub fn key(&self) -> PodKey {
+        PodKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+        }
+    }
+
+    /// Writes the record to `path` (0600).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        f.write_all(&json)
+    }
+
+    /// Reads the record at `path`.
+    pub fn load(path: &Path) -> std::io::Result<Self> {
+        let bytes = std::fs::read(path)?;
+        serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec};
+
+    use super::*;
+
+    #[test]
+    fn records_keep_only_ssh_env_and_round_trip() {
+        let env = |n: &str| EnvVar {
+            name: n.into(),
+            value: Some("v".into()),
+            ..Default::default()
+        };
+        let pod = Pod {
+            spec: Some(PodSpec {
+                containers: vec![
+                    Container {
+                        name: "vm".into(),
+                        env: Some(vec![env("VZ_SSH_USER"), env("DB_PASSWORD")]),
+                        ..Default::default()
+                    },
+                    Container {
+                        name: "side".into(),
+                        env: Some(vec![env("VZ_SSH_USER")]),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let key = PodKey {
+            namespace: "ns".into(),
+            name: "p".into(),
+            uid: "u".into(),
+        };
+        let r = PodRecord::new(&key, &pod, "2026-01-01T00:00:00Z".into());
+        let dir = tempfile::tempdir().ok();
+        let path = dir.as_ref().map(|d| d.path().join("pod.json"));
+        let back = path
+            .as_deref()
+            .and_then(|p| r.save(p).ok().and_then(|()| PodRecord::load(p).ok()));
+        let back = back.map(|b| (b.key(), b.pod.spec.unwrap_or_default().containers));
+        let Some((k, cs)) = back else {
+            panic!("round trip failed")
+        };
+        assert_eq!(k, key);
+        let names: Vec<_> = cs[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(names, ["VZ_SSH_USER"]);
+        assert!(cs[1].env.is_none());
+    }
+}

@@ -1,0 +1,295 @@
+//! CPU and memory of a VM from container 0's `resources`, checked against the
+//! backend's bounds.
+//!
+//! # Contract
+//! * CPU: `limits.cpu` wins over `requests.cpu`; the value must be a whole number of
+//!   cores (`2`, `2000m`); a fractional value (`500m`, `1.5`) is rejected, because a VM
+//!   gets whole vCPUs and silently rounding would lie to the scheduler.
+//! * Memory: `limits.memory` wins over `requests.memory`, in bytes (binary and decimal
+//!   suffixes, rounded up to a whole byte like `Quantity.Value()`).
+//! * Missing values fall back to the image's `config.json` defaults, then to the
+//!   provider defaults.
+//! * The result must lie inside the backend's [`vzk_vm::Capabilities`] bounds; anything
+//!   else is a [`ResourceError`] that the provider reports as a permanent
+//!   `ProviderError::Invalid`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+/// Why container 0's resources cannot be given to a VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResourceError {
+    /// A quantity could not be parsed.
+    #[error("cannot parse {field} quantity {value:?}")]
+    ParseQuantity {
+        /// `cpu` or `memory`.
+        field: &'static str,
+        /// The text.
+        value: String,
+    },
+    /// The CPU count is not a whole number of cores.
+    #[error("a VM gets whole vCPUs; {value:?} is fractional")]
+    FractionalCpu {
+        /// The text.
+        value: String,
+    },
+    /// The CPU count is outside the backend's bounds.
+    #[error("{cpus} vCPUs is outside the backend's range [{min}, {max}]")]
+    CpuOutOfBounds {
+        /// Asked for.
+        cpus: u64,
+        /// Lowest allowed.
+        min: u32,
+        /// Highest allowed.
+        max: u32,
+    },
+    /// The memory size is outside the backend's bounds.
+    #[error("{bytes} bytes of memory is outside the backend's range [{min}, {max}]")]
+    MemoryOutOfBounds {
+        /// Asked for.
+        bytes: u64,
+        /// Lowest allowed.
+        min: u64,
+        /// Highest allowed.
+        max: u64,
+    },
+}
+
+impl ResourceError {
+    /// The CamelCase reason for status and events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::ParseQuantity { .. } => "InvalidResources",
+            Self::FractionalCpu { .. } | Self::CpuOutOfBounds { .. } => "InvalidCPU",
+            Self::MemoryOutOfBounds { .. } => "InvalidMemory",
+        }
+    }
+}
+
+/// What a VM gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmResources {
+    /// Whole vCPUs.
+    pub cpus: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// Defaults and bounds for [`vm_resources`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourcePolicy {
+    /// vCPUs when neither the pod nor the image says.
+    pub default_cpus: u32,
+    /// Memory when neither the pod nor the image says.
+    pub default_memory_bytes: u64,
+    /// Backend bounds (inclusive).
+    pub cpus: (u32, u32),
+    /// Backend bounds in bytes (inclusive).
+    pub memory_bytes: (u64, u64),
+}
+
+fn pick<'a>(res: Option<&'a ResourceRequirements>, name: &str) -> Option<&'a Quantity> {
+    let get = |m: Option<&'a BTreeMap<String, Quantity>>| m.and_then(|m| m.get(name));
+    get(res.and_then(|r| r.limits.as_ref())).or_else(|| get(res.and_then(|r| r.requests.as_ref())))
+}
+
+/// Splits a quantity into its number and suffix and returns the value as a rational
+/// `numerator / 10^scale` scaled by the suffix multiplier.
+fn parse_quantity(text: &str) -> Option<(u128, u128)> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if int.is_empty() && frac.is_empty() {
+        return None;
+    }
+    if frac.len() > 9 {
+        return None;
+    }
+    let digits = format!("{int}{frac}");
+    let mantissa: u128 = digits.parse().ok()?;
+    let mut denom: u128 = 10u128.pow(u32::try_from(frac.len()).ok()?);
+    let mult: u128 = match suffix {
+        "" => 1,
+        "m" => {
+            denom *= 1000;
+            1
+        }
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return None,
+    };
+    Some((mantissa.checked_mul(mult)?, denom))
+}
+
+/// Whole cores of a CPU quantity.
+pub fn parse_cpus(text: &str) -> Result<u64, ResourceError> {
+    let (n, d) = parse_quantity(text).ok_or_else(|| ResourceError::ParseQuantity {
+        field: "cpu",
+        value: text.to_owned(),
+    })?;
+    if n % d != 0 {
+        return Err(ResourceError::FractionalCpu {
+            value: text.to_owned(),
+        });
+    }
+    u64::try_from(n / d).map_err(|_| ResourceError::ParseQuantity {
+        field: "cpu",
+        value: text.to_owned(),
+    })
+}
+
+/// Bytes of a memory quantity, rounded up.
+pub fn parse_bytes(text: &str) -> Result<u64, ResourceError> {
+    let bad = || ResourceError::ParseQuantity {
+        field: "memory",
+        value: text.to_owned(),
+    };
+    let (n, d) = parse_quantity(text).ok_or_else(bad)?;
+    u64::try_from(n.div_ceil(d)).map_err(|_| bad())
+}
+
+/// The VM's resources for container 0 with `resources`, image defaults
+/// (`image_cpus`, `image_memory`) and `policy`.
+pub fn vm_resources(
+    resources: Option<&ResourceRequirements>,
+    image_cpus: Option<u32>,
+    image_memory: Option<u64>,
+    policy: &ResourcePolicy,
+) -> Result<VmResources, ResourceError> {
+    let cpus = match pick(resources, "cpu") {
+        Some(q) => parse_cpus(&q.0)?,
+        None => u64::from(image_cpus.unwrap_or(policy.default_cpus)),
+    };
+    let memory_bytes = match pick(resources, "memory") {
+        Some(q) => parse_bytes(&q.0)?,
+        None => image_memory.unwrap_or(policy.default_memory_bytes),
+    };
+    let (lo, hi) = policy.cpus;
+    if cpus < u64::from(lo) || cpus > u64::from(hi) {
+        return Err(ResourceError::CpuOutOfBounds {
+            cpus,
+            min: lo,
+            max: hi,
+        });
+    }
+    let (mlo, mhi) = policy.memory_bytes;
+    if memory_bytes < mlo || memory_bytes > mhi {
+        return Err(ResourceError::MemoryOutOfBounds {
+            bytes: memory_bytes,
+            min: mlo,
+            max: mhi,
+        });
+    }
+    Ok(VmResources {
+        cpus: u32::try_from(cpus).unwrap_or(u32::MAX),
+        memory_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> ResourcePolicy {
+        ResourcePolicy {
+            default_cpus: 1,
+            default_memory_bytes: 256 << 20,
+            cpus: (1, 4),
+            memory_bytes: (64 << 20, 4 << 30),
+        }
+    }
+
+    fn req(requests: &[(&str, &str)], limits: &[(&str, &str)]) -> ResourceRequirements {
+        let m = |kv: &[(&str, &str)]| {
+            (!kv.is_empty()).then(|| {
+                kv.iter()
+                    .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
+                    .collect()
+            })
+        };
+        ResourceRequirements {
+            requests: m(requests),
+            limits: m(limits),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn quantities_parse_like_kubernetes() {
+        assert_eq!(parse_cpus("2"), Ok(2));
+        assert_eq!(parse_cpus("3000m"), Ok(3));
+        assert_eq!(parse_cpus("1.0"), Ok(1));
+        assert!(matches!(
+            parse_cpus("500m"),
+            Err(ResourceError::FractionalCpu { .. })
+        ));
+        assert!(matches!(
+            parse_cpus("1.5"),
+            Err(ResourceError::FractionalCpu { .. })
+        ));
+        assert!(matches!(
+            parse_cpus("two"),
+            Err(ResourceError::ParseQuantity { .. })
+        ));
+        assert_eq!(parse_bytes("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_bytes("1.5Gi"), Ok(3 << 29));
+        assert_eq!(parse_bytes("1500m"), Ok(2), "rounded up");
+        assert!(parse_bytes("12Qi").is_err());
+    }
+
+    #[test]
+    fn limits_win_then_requests_then_image_then_defaults() {
+        let p = policy();
+        let r = req(&[("cpu", "1"), ("memory", "128Mi")], &[("cpu", "2")]);
+        assert_eq!(
+            vm_resources(Some(&r), Some(3), Some(1 << 30), &p),
+            Ok(VmResources {
+                cpus: 2,
+                memory_bytes: 128 << 20
+            })
+        );
+        assert_eq!(
+            vm_resources(None, Some(3), Some(1 << 30), &p),
+            Ok(VmResources {
+                cpus: 3,
+                memory_bytes: 1 << 30
+            })
+        );
+        assert_eq!(
+            vm_resources(None, None, None, &p),
+            Ok(VmResources {
+                cpus: 1,
+                memory_bytes: 256 << 20
+            })
+        );
+    }
+
+    #[test]
+    fn impossible_requests_name_the_reason() {
+        let p = policy();
+        let e = vm_resources(Some(&req(&[("cpu", "250m")], &[])), None, None, &p);
+        assert_eq!(e.as_ref().map_err(ResourceError::reason), Err("InvalidCPU"));
+        let e = vm_resources(Some(&req(&[("cpu", "16")], &[])), None, None, &p);
+        assert!(matches!(
+            e,
+            Err(ResourceError::CpuOutOfBounds { cpus: 16, .. })
+        ));
+        let e = vm_resources(Some(&req(&[], &[("memory", "1Mi")])), None, None, &p);
+        assert_eq!(
+            e.as_ref().map_err(ResourceError::reason),
+            Err("InvalidMemory")
+        );
+    }
+}
