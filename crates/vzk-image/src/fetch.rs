@@ -248,6 +248,25 @@ pub fn is_zero(b: &[u8]) -> bool {
     chunks.remainder().iter().all(|&x| x == 0)
 }
 
+/// Decode buffers are reused across parts: fresh 4 MiB allocations cost a page fault
+/// per 4 KiB.
+static POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+fn take_buf() -> Vec<u8> {
+    POOL.lock()
+        .ok()
+        .and_then(|mut p| p.pop())
+        .unwrap_or_else(|| vec![0u8; BUF])
+}
+
+fn give_buf(b: Vec<u8>) {
+    if let Ok(mut p) = POOL.lock()
+        && p.len() < 24
+    {
+        p.push(b);
+    }
+}
+
 /// Where a part's decoded bytes go.
 pub(crate) struct Target {
     pub(crate) file: Arc<File>,
@@ -306,7 +325,7 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
     let (full_tx, full_rx) = smpsc::sync_channel::<(Vec<u8>, usize, u64)>(2);
     let (empty_tx, empty_rx) = smpsc::channel::<Vec<u8>>();
     for _ in 0..3 {
-        let _ = empty_tx.send(vec![0u8; BUF]);
+        let _ = empty_tx.send(take_buf());
     }
     let file = target.file.clone();
     let name = target.name.clone();
@@ -379,9 +398,12 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
         total += len as u64;
     }
     drop(full_tx);
-    let hasher = writer
-        .join()
-        .map_err(|_| decompress_err(std::io::Error::other("writer thread panicked")))?;
+    let joined = writer.join();
+    while let Ok(b) = empty_rx.try_recv() {
+        give_buf(b);
+    }
+    let hasher =
+        joined.map_err(|_| decompress_err(std::io::Error::other("writer thread panicked")))?;
     if let Some(e) = read_err {
         return Err(e);
     }

@@ -12,6 +12,7 @@ use crate::config::VmConfig;
 use crate::error::{ImageError, IoContext as _, Result};
 use crate::fetch::{self, BlobReader, Target};
 use crate::manifest::{Format, MAX_CONFIG_BYTES, Plan};
+use crate::media_types::Encoding;
 use crate::progress::Progress;
 use crate::registry::Registry;
 
@@ -19,7 +20,7 @@ use crate::registry::Registry;
 const CHANNEL_FRAMES: usize = 64;
 
 /// Download, decode and verify every file of `plan` into `dir` (which must exist).
-/// Writes `config.json`; returns the parsed config. Files are fsynced.
+/// Writes `config.json`; returns the parsed config. Files are not fsynced.
 pub(crate) async fn pull_into(
     reg: Arc<Registry>,
     plan: &Plan,
@@ -81,12 +82,37 @@ pub(crate) async fn pull_into(
         .flat_map(|f| f.parts.iter().map(move |p| (f.role, p.clone())))
         .collect();
     jobs.sort_by_key(|(_, p)| std::cmp::Reverse(p.desc.size));
+    // A chunk whose declared content is all zeros needs no download: the sparse file
+    // already reads as zeros there, which is exactly the declared content.
+    let mut zero_digests: HashMap<u64, String> = HashMap::new();
+    let before = jobs.len();
+    jobs.retain(|(_, p)| {
+        if !matches!(p.encoding, Encoding::ZstdChunk | Encoding::AppleLz4Chunk) {
+            return true;
+        }
+        let zd = zero_digests
+            .entry(p.size)
+            .or_insert_with(|| zero_digest(p.size));
+        if *zd == p.digest {
+            progress.advance(p.desc.size);
+            false
+        } else {
+            true
+        }
+    });
+    if jobs.len() < before {
+        tracing::debug!(
+            skipped = before - jobs.len(),
+            "all-zero chunks need no download"
+        );
+    }
     futures::stream::iter(jobs.into_iter().map(Ok::<_, ImageError>))
         .try_for_each_concurrent(concurrency.max(1), |(role, part)| {
             let reg = reg.clone();
             let target = targets[&role].clone();
             let progress = progress.clone();
             async move {
+                let started = std::time::Instant::now();
                 let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
                 let dl = tokio::spawn(fetch::download(
                     reg,
@@ -96,6 +122,8 @@ pub(crate) async fn pull_into(
                     progress,
                 ));
                 let reader = BlobReader::new(rx, &part.desc.digest, part.desc.size, &target.name);
+                let (target_name, part_offset, part_size) =
+                    (target.name.clone(), part.offset, part.desc.size);
                 let res =
                     tokio::task::spawn_blocking(move || fetch::decode_part(reader, &part, &target))
                         .await
@@ -105,14 +133,34 @@ pub(crate) async fn pull_into(
                             source: std::io::Error::other(e),
                         })?;
                 dl.abort();
+                tracing::debug!(
+                    file = %target_name,
+                    offset = part_offset,
+                    compressed = part_size,
+                    ms = started.elapsed().as_millis() as u64,
+                    "part done"
+                );
                 res
             }
         })
         .await?;
-    for (role, t) in &targets {
-        t.file.sync_all().io("fsync", dir.join(role.file_name()))?;
-    }
+    // Durability is the store's business (see `store::persist`): fsync here would put
+    // the disk's write bandwidth on the pull's critical path.
     Ok(config)
+}
+
+/// `sha256:<hex>` of `n` zero bytes.
+fn zero_digest(n: u64) -> String {
+    use sha2::Digest as _;
+    let block = vec![0u8; 1 << 20];
+    let mut h = sha2::Sha256::new();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(block.len() as u64) as usize;
+        h.update(&block[..k]);
+        left -= k as u64;
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
 }
 
 /// Parts downloaded at once unless the caller says otherwise.

@@ -11,10 +11,15 @@
 //! ```
 //!
 //! # Guarantees
-//! * A directory under `images/` only ever appears by `rename` of a fully downloaded,
-//!   verified and fsynced pull directory, so a crash (even `kill -9`) mid-pull leaves
-//!   nothing that is later trusted: `tmp/` is emptied by [`ImageStore::open`] of
-//!   whatever no live process holds locked.
+//! * A directory under `images/` only ever appears by `rename` of a fully downloaded and
+//!   verified pull directory, so a crash (even `kill -9`) mid-pull leaves nothing that is
+//!   later trusted: `tmp/` is emptied by [`ImageStore::open`] of whatever no live process
+//!   holds locked.
+//! * Power loss: the pull does not wait for the disk (fsync would put the disk's write
+//!   bandwidth on the critical path); the installed files are fsynced in the background
+//!   and then marked `.synced`. An image found without `.synced` that was installed in an
+//!   earlier boot (Linux `boot_id`) may have lost data and is discarded by `open`. Where
+//!   no boot id exists (macOS), the fsync happens before the install.
 //! * Pulls of the same reference in one process share one download; pulls of the same
 //!   manifest in different processes serialise on a lock file and the second one finds
 //!   the image installed.
@@ -116,6 +121,9 @@ struct Meta {
     reference: String,
     format: Format,
     pulled_at: String,
+    /// The kernel boot in which the image was installed (Linux `boot_id`).
+    #[serde(default)]
+    boot_id: Option<String>,
 }
 
 /// A verified image directory in the cache.
@@ -172,7 +180,7 @@ pub struct ImageInfo {
     pub size: u64,
     /// Whether a pod uses it now.
     pub pinned: bool,
-    /// Last use (pull or pin), seconds since the epoch.
+    /// Last use (pull or pin), milliseconds since the epoch.
     pub last_used: u64,
 }
 
@@ -236,6 +244,7 @@ impl ImageStore {
             }),
         };
         store.clean_tmp()?;
+        store.discard_unsynced_from_earlier_boots()?;
         Ok(store)
     }
 
@@ -291,6 +300,28 @@ impl ImageStore {
                 } else {
                     std::fs::remove_file(&p).io("remove", &p)?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Images whose background fsync never finished before a reboot are not trusted.
+    fn discard_unsynced_from_earlier_boots(&self) -> Result<()> {
+        let Some(boot) = boot_id() else { return Ok(()) };
+        let dir = self.inner.root.join("images/sha256");
+        for e in std::fs::read_dir(&dir).io("list", &dir)?.flatten() {
+            let p = e.path();
+            if p.join(".synced").exists() {
+                continue;
+            }
+            let meta: Option<Meta> = std::fs::read(p.join("meta.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if meta.and_then(|m| m.boot_id).as_deref() != Some(boot.as_str()) {
+                tracing::warn!(path = %p.display(), "discarding an image whose data may not have reached the disk before a reboot");
+                let trash = self.tmp().join(format!("trash-{}", rand::random::<u64>()));
+                std::fs::rename(&p, &trash).io("remove", &p)?;
+                std::fs::remove_dir_all(&trash).io("remove", &trash)?;
             }
         }
         Ok(())
@@ -495,6 +526,7 @@ impl ImageStore {
                 reference: name.clone(),
                 format: plan.format,
                 pulled_at: chrono::Utc::now().to_rfc3339(),
+                boot_id: boot_id(),
             };
             let meta_bytes = serde_json::to_vec_pretty(&meta).map_err(|e| ImageError::Io {
                 op: "serialise",
@@ -504,20 +536,23 @@ impl ImageStore {
             std::fs::write(work.join("meta.json"), meta_bytes)
                 .io("write", work.join("meta.json"))?;
             File::create(work.join(".pin")).io("create", work.join(".pin"))?;
-            for f in ["config.json", "manifest.json", "meta.json"] {
-                File::open(work.join(f))
-                    .and_then(|f| f.sync_all())
-                    .io("fsync", work.join(f))?;
+            if boot_id().is_none() {
+                persist(&work)?;
             }
-            File::open(&work)
-                .and_then(|f| f.sync_all())
-                .io("fsync", &work)?;
             let dest = self.image_dir(&digest);
             std::fs::rename(&work, &dest).io("install", &dest)?;
             let parent = dest.parent().unwrap_or(&dest);
             File::open(parent)
                 .and_then(|f| f.sync_all())
                 .io("fsync", parent)?;
+            if boot_id().is_some() {
+                let dest = dest.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = persist(&dest) {
+                        tracing::warn!(path = %dest.display(), error = %e, "background fsync of a pulled image failed");
+                    }
+                });
+            }
             Ok(())
         };
         if let Err(e) = install() {
@@ -736,6 +771,27 @@ impl ImageStore {
     }
 }
 
+/// The current kernel boot's id (Linux), if there is one.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// fsync every file of an image directory, then mark it `.synced`.
+fn persist(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).io("list", dir)?.flatten() {
+        let p = e.path();
+        if p.is_file() {
+            File::open(&p).and_then(|f| f.sync_all()).io("fsync", &p)?;
+        }
+    }
+    File::create(dir.join(".synced"))
+        .and_then(|f| f.sync_all())
+        .io("fsync", dir.join(".synced"))?;
+    File::open(dir).and_then(|f| f.sync_all()).io("fsync", dir)
+}
+
 fn pick_platform(ms: &[Descriptor]) -> Option<&Descriptor> {
     let host_arch = if cfg!(target_arch = "aarch64") {
         "arm64"
@@ -768,7 +824,7 @@ fn last_used(dir: &Path) -> u64 {
         .and_then(|m| m.modified())
         .ok()
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn is_pinned(dir: &Path) -> bool {

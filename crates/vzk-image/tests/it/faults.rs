@@ -271,3 +271,102 @@ async fn interrupted_pull_leftovers_are_never_trusted() {
     assert!(!work.exists(), "leftover removed on open");
     assert!(store.list().expect("list").is_empty());
 }
+
+/// Run by `kill_9_mid_pull_leaves_nothing_trusted` in a child process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process of kill_9_mid_pull_leaves_nothing_trusted"]
+async fn helper_pull_in_child_process() {
+    let (Ok(root), Ok(r)) = (
+        std::env::var("VZK_HELPER_ROOT"),
+        std::env::var("VZK_HELPER_REF"),
+    ) else {
+        return;
+    };
+    let store = ImageStore::open(root, u64::MAX).expect("store");
+    let _ = store
+        .pull(&Reference::parse(&r).expect("ref"), &pull_opts())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_pull_leaves_nothing_trusted() {
+    let reg = TestRegistry::start(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("disk.img"), random_bytes(21, 24 << 20)).expect("disk");
+    std::fs::write(src.join("kernel"), random_bytes(22, 1000)).expect("kernel");
+    std::fs::write(src.join("config.json"), r#"{"os":"linux"}"#).expect("cfg");
+    let direct = Reference::parse(&format!("{}/vm/kill:1", reg.addr)).expect("ref");
+    push(
+        &src,
+        &direct,
+        &PushOptions {
+            chunk_size: 4 << 20,
+            registry: plain(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("push");
+    // A slow path to the registry (about 8 MB/s) so the child is mid-pull when killed.
+    let proxy = DropProxy::start_with(
+        reg.addr.clone(),
+        None,
+        Some(std::time::Duration::from_millis(2)),
+    )
+    .await;
+    let r = format!("{}/vm/kill:1", proxy.addr);
+    let root = tmp.path().join("cache");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "faults::helper_pull_in_child_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("VZK_HELPER_ROOT", &root)
+        .env("VZK_HELPER_REF", &r)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn helper");
+    // Wait until the child has written part of the disk, then kill -9.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let written = std::fs::read_dir(root.join("tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::metadata(e.path().join("disk.img")).ok())
+            .any(|m| {
+                use std::os::unix::fs::MetadataExt as _;
+                m.blocks() > 0
+            });
+        if written {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    // The leftovers are not trusted: reopening removes them, and the image is absent.
+    let store = ImageStore::open(&root, u64::MAX).expect("reopen");
+    assert_nothing_cached(&root);
+    assert!(
+        store
+            .get(&Reference::parse(&r).expect("ref"))
+            .expect("get")
+            .is_none()
+    );
+    // And a new pull completes.
+    let img = store
+        .pull(&Reference::parse(&r).expect("ref"), &pull_opts())
+        .await
+        .expect("pull after kill");
+    assert_same_file(&src.join("disk.img"), &img.disk());
+}

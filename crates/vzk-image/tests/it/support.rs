@@ -219,6 +219,15 @@ pub(crate) struct DropProxy {
 
 impl DropProxy {
     pub(crate) async fn start(upstream: String, cut_after: Option<u64>) -> DropProxy {
+        DropProxy::start_with(upstream, cut_after, None).await
+    }
+
+    /// Like `start`, sleeping `delay` after every 16 KiB of response (a slow network).
+    pub(crate) async fn start_with(
+        upstream: String,
+        cut_after: Option<u64>,
+        delay: Option<Duration>,
+    ) -> DropProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -255,6 +264,9 @@ impl DropProxy {
                                 return; // drop both sides mid-response
                             }
                             rb.fetch_add(n as u64, Ordering::SeqCst);
+                            if let Some(d) = delay {
+                                tokio::time::sleep(d).await;
+                            }
                             if cw.write_all(&buf[..n]).await.is_err() {
                                 return;
                             }
