@@ -200,6 +200,16 @@ impl VmProvider {
     }
 }
 
+impl Drop for VmProvider {
+    /// The agent is going away: stop watching the pods but leave their VMs running
+    /// (a new agent re-adopts them).
+    fn drop(&mut self) {
+        for e in lock(&self.inner.pods).values() {
+            e.cancel.cancel();
+        }
+    }
+}
+
 impl Inner {
     /// SSH credentials for a pod: container 0's `VZ_SSH_*` env, then the flags.
     fn credentials(&self, pod: &Pod) -> Result<Credentials, ProviderError> {

@@ -233,7 +233,7 @@ mod tests {
             "",
         );
         assert_eq!(s.phase.as_deref(), Some("Pending"));
-        let cs = &s.container_statuses.unwrap_or_default()[0];
+        let cs = &s.container_statuses.clone().unwrap_or_default()[0];
         let w = cs.state.as_ref().and_then(|s| s.waiting.as_ref());
         assert_eq!(
             w.and_then(|w| w.reason.as_deref()),
@@ -261,7 +261,7 @@ mod tests {
         let s = pod_status(&pod(1), &vm, &t, 2, "");
         assert_eq!(cond(&s, "ContainersReady"), "True");
         assert_eq!(cond(&s, "Ready"), "True");
-        let cs = &s.container_statuses.unwrap_or_default()[0];
+        let cs = &s.container_statuses.clone().unwrap_or_default()[0];
         assert!(cs.ready);
         assert_eq!(cs.restart_count, 2);
         // With a side-car that is not run, the pod is never Ready.
@@ -283,7 +283,7 @@ mod tests {
         assert_eq!(s.phase.as_deref(), Some("Succeeded"));
         let s = pod_status(&pod(1), &term(137), &t, 0, "");
         assert_eq!(s.phase.as_deref(), Some("Failed"));
-        let cs = &s.container_statuses.unwrap_or_default()[0];
+        let cs = &s.container_statuses.clone().unwrap_or_default()[0];
         let term = cs.state.as_ref().and_then(|s| s.terminated.as_ref());
         assert_eq!(term.map(|t| t.exit_code), Some(137));
         assert_eq!(cond(&s, "Ready"), "False");
