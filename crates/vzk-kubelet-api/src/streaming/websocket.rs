@@ -14,17 +14,24 @@
 //!   channel protocol: `?port=` list, data channel `2i`, error channel `2i+1`, each first
 //!   carrying the port as u16 little-endian.
 
-use axum::extract::FromRequestParts;
 use axum::extract::Request;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tracing::{Instrument, debug, info_span};
 use vzk_core::PodKey;
 use vzk_core::streams::{AttachIo, BoxReader, BoxWriter, TermSize};
@@ -86,11 +93,102 @@ fn choose(headers: &HeaderMap, ours: &[&'static str]) -> Result<Option<&'static 
     }
 }
 
-async fn ws_upgrade(req: Request) -> Result<WebSocketUpgrade, Box<Response>> {
-    let (mut parts, _body) = req.into_parts();
-    WebSocketUpgrade::from_request_parts(&mut parts, &())
-        .await
-        .map_err(|r| Box::new(r.into_response()))
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Sink = SplitSink<Socket, Message>;
+type Source = SplitStream<Socket>;
+
+/// Answers the RFC 6455 opening handshake (101 with the chosen sub-protocol) and
+/// returns the pending upgrade.
+fn ws_accept(
+    req: &mut Request,
+    protocol: Option<&'static str>,
+) -> Result<(Response, OnUpgrade), Refusal> {
+    let bad = |m: &str| Refusal::new(StatusCode::BAD_REQUEST, format!("websocket handshake: {m}"));
+    if req.method() != Method::GET {
+        return Err(bad("the request must be a GET"));
+    }
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return Err(bad("Sec-WebSocket-Version must be 13"));
+    }
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| bad("Sec-WebSocket-Key is missing"))?;
+    let accept = derive_accept_key(key.as_bytes());
+    let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).map_err(|_| bad("accept key"))?,
+    );
+    if let Some(p) = protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    Ok((resp, hyper::upgrade::on(req)))
+}
+
+/// Spawns `serve` on the upgraded socket once the 101 is sent.
+fn spawn_socket<F, Fut>(on: OnUpgrade, span: tracing::Span, serve: F)
+where
+    F: FnOnce(Socket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(
+        async move {
+            match on.await {
+                Ok(up) => {
+                    serve(
+                        WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None)
+                            .await,
+                    )
+                    .await
+                }
+                Err(error) => debug!(%error, "websocket: upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Ends a socket: the writer has sent our Close; wait (briefly) for the reader to see
+/// the client's Close, then shut the transport down (TLS close_notify).
+async fn finish(writer: JoinHandle<Sink>, reader: JoinHandle<Source>) {
+    let Ok(sink) = writer.await else { return };
+    let abort = reader.abort_handle();
+    match tokio::time::timeout(std::time::Duration::from_secs(2), reader).await {
+        Ok(Ok(stream)) => {
+            if let Ok(mut ws) = sink.reunite(stream) {
+                let _ = ws.get_mut().shutdown().await;
+            }
+        }
+        _ => abort.abort(),
+    }
+}
+
+/// Forwards queued messages until a Close has been sent or the queue ends (then
+/// sends Close itself); returns the sink for [`finish`].
+fn spawn_writer(mut sink: Sink, mut rx: mpsc::Receiver<Message>) -> JoinHandle<Sink> {
+    tokio::spawn(async move {
+        let mut closed = false;
+        while let Some(m) = rx.recv().await {
+            closed = matches!(m, Message::Close(_));
+            if sink.send(m).await.is_err() || closed {
+                break;
+            }
+        }
+        if !closed {
+            let _ = sink.send(normal_close()).await;
+        }
+        let _ = sink.flush().await;
+        sink
+    })
 }
 
 /// Framing of one negotiated channel protocol.
@@ -120,8 +218,8 @@ impl Framing {
             Message::Binary(b) if !b.is_empty() => Some((b[0], b.slice(1..))),
             Message::Text(t) if self.base64 && !t.is_empty() => {
                 let s = t.as_str();
-                let ch = s.as_bytes()[0].checked_sub(b'0')?;
-                B64.decode(&s[1..]).ok().map(|d| (ch, Bytes::from(d)))
+                let ch = s.as_bytes().first()?.checked_sub(b'0')?;
+                B64.decode(s.get(1..)?).ok().map(|d| (ch, Bytes::from(d)))
             }
             _ => None,
         }
@@ -150,34 +248,35 @@ async fn pump_out<R: AsyncRead + Unpin>(
 
 fn normal_close() -> Message {
     Message::Close(Some(CloseFrame {
-        code: 1000,
+        code: CloseCode::Normal,
         reason: "".into(),
     }))
 }
 
 /// Upgrades an exec/attach request to WebSocket.
-pub(crate) async fn remote_command(st: AppState, req_info: ExecRequest, req: Request) -> Response {
+pub(crate) async fn remote_command(
+    st: AppState,
+    req_info: ExecRequest,
+    mut req: Request,
+) -> Response {
     let protocol = match choose(req.headers(), &REMOTECOMMAND_WS_PROTOCOLS) {
         Ok(p) => p,
         Err(refusal) => return refusal.into_response(),
     };
-    let ws = match ws_upgrade(req).await {
-        Ok(ws) => ws,
-        Err(resp) => return *resp,
-    };
-    let ws = match protocol {
-        Some(p) => ws.protocols([p]),
-        None => ws,
+    let (resp, on) = match ws_accept(&mut req, protocol) {
+        Ok(r) => r,
+        Err(refusal) => return refusal.into_response(),
     };
     let span = info_span!("remotecommand_ws", op = ?req_info.op, pod.ns = %req_info.target.namespace, pod.name = %req_info.target.pod, protocol);
-    ws.on_upgrade(move |socket| {
-        serve_remote_command(socket, st, req_info, protocol.unwrap_or("channel.k8s.io"))
-            .instrument(span)
-    })
+    let protocol = protocol.unwrap_or("channel.k8s.io");
+    spawn_socket(on, span, move |socket| {
+        serve_remote_command(socket, st, req_info, protocol)
+    });
+    resp
 }
 
 async fn serve_remote_command(
-    socket: WebSocket,
+    socket: Socket,
     st: AppState,
     req: ExecRequest,
     protocol: &'static str,
@@ -192,17 +291,9 @@ async fn serve_remote_command(
     };
     let v5 = protocol == "v5.channel.k8s.io";
     let v4plus = v5 || protocol.starts_with("v4.");
-    let (mut sink, mut stream) = socket.split();
-    let (out_tx, mut out_rx) = mpsc::channel::<Message>(32);
-    let writer = tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
-            let closing = matches!(m, Message::Close(_));
-            if sink.send(m).await.is_err() || closing {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let (sink, mut stream) = socket.split();
+    let (out_tx, out_rx) = mpsc::channel::<Message>(32);
+    let writer = spawn_writer(sink, out_rx);
     let ready = if req.stdout {
         1
     } else if req.stderr {
@@ -252,6 +343,7 @@ async fn serve_remote_command(
                 ),
             }
         }
+        stream
     });
     let mut pumps = Vec::new();
     let mut out_writer = |want: bool, channel: u8| -> Option<BoxWriter> {
@@ -286,17 +378,17 @@ async fn serve_remote_command(
     }
     let _ = out_tx.send(normal_close()).await;
     drop(out_tx);
-    let _ = writer.await;
-    reader.abort();
+    finish(writer, reader).await;
 }
 
 /// Upgrades a port-forward request to WebSocket (tunnel or channel protocol).
-pub(crate) async fn port_forward(st: AppState, pod: PodKey, req: Request) -> Response {
+pub(crate) async fn port_forward(st: AppState, pod: PodKey, mut req: Request) -> Response {
     let protocol = match choose(req.headers(), &PORTFORWARD_WS_PROTOCOLS) {
         Ok(p) => p,
         Err(refusal) => return refusal.into_response(),
     };
-    let ports = if protocol == Some(PORTFORWARD_TUNNEL) {
+    let tunnel = protocol == Some(PORTFORWARD_TUNNEL);
+    let ports = if tunnel {
         Vec::new()
     } else {
         match parse_ports(req.uri().query()) {
@@ -304,32 +396,26 @@ pub(crate) async fn port_forward(st: AppState, pod: PodKey, req: Request) -> Res
             Err(refusal) => return refusal.into_response(),
         }
     };
-    let ws = match ws_upgrade(req).await {
-        Ok(ws) => ws,
-        Err(resp) => return *resp,
-    };
-    let ws = match protocol {
-        Some(p) => ws.protocols([p]),
-        None => ws,
+    let (resp, on) = match ws_accept(&mut req, protocol) {
+        Ok(r) => r,
+        Err(refusal) => return refusal.into_response(),
     };
     let span =
         info_span!("portforward_ws", pod.ns = %pod.namespace, pod.name = %pod.name, protocol);
-    ws.on_upgrade(move |socket| {
-        async move {
-            if protocol == Some(PORTFORWARD_TUNNEL) {
-                let (ours, theirs) = tokio::io::duplex(BUF);
-                let bridge = tokio::spawn(bridge_bytes(socket, ours));
-                super::portforward::serve(theirs, st, pod, Transport::WebSocket).await;
-                let _ = bridge.await;
-            } else {
-                let f = Framing {
-                    base64: protocol.is_some_and(|p| p.contains("base64")),
-                };
-                serve_port_channels(socket, st, pod, ports, f).await;
-            }
+    spawn_socket(on, span, move |socket| async move {
+        if tunnel {
+            let (ours, theirs) = tokio::io::duplex(BUF);
+            let bridge = tokio::spawn(bridge_bytes(socket, ours));
+            super::portforward::serve(theirs, st, pod, Transport::WebSocket).await;
+            let _ = bridge.await;
+        } else {
+            let f = Framing {
+                base64: protocol.is_some_and(|p| p.contains("base64")),
+            };
+            serve_port_channels(socket, st, pod, ports, f).await;
         }
-        .instrument(span)
-    })
+    });
+    resp
 }
 
 fn parse_ports(raw: Option<&str>) -> Result<Vec<u16>, Refusal> {
@@ -351,10 +437,12 @@ fn parse_ports(raw: Option<&str>) -> Result<Vec<u16>, Refusal> {
 }
 
 /// Joins a WebSocket's binary payloads into a byte stream (both ways).
-async fn bridge_bytes(socket: WebSocket, io: DuplexStream) {
-    let (mut sink, mut stream) = socket.split();
+async fn bridge_bytes(socket: Socket, io: DuplexStream) {
+    let (sink, mut stream) = socket.split();
     let (mut r, mut w) = tokio::io::split(io);
-    let inbound = async move {
+    let (tx, rx) = mpsc::channel::<Message>(8);
+    let writer = spawn_writer(sink, rx);
+    let reader = tokio::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
             match msg {
                 Message::Binary(b) if w.write_all(&b).await.is_err() => break,
@@ -363,33 +451,29 @@ async fn bridge_bytes(socket: WebSocket, io: DuplexStream) {
             }
         }
         let _ = w.shutdown().await;
-    };
-    let outbound = async move {
-        let mut buf = vec![0u8; BUF];
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if sink
-                        .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
+        stream
+    });
+    let mut buf = vec![0u8; BUF];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx
+                    .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
+                    break;
                 }
             }
         }
-        let _ = sink.send(normal_close()).await;
-        let _ = sink.close().await;
-    };
-    let inbound = tokio::spawn(inbound);
-    outbound.await;
-    inbound.abort();
+    }
+    drop(tx);
+    finish(writer, reader).await;
 }
 
 async fn serve_port_channels(
-    socket: WebSocket,
+    socket: Socket,
     st: AppState,
     pod: PodKey,
     ports: Vec<u16>,
@@ -398,16 +482,9 @@ async fn serve_port_channels(
     let _open = st
         .metrics
         .session(StreamKind::PortForward, Transport::WebSocket);
-    let (mut sink, mut stream) = socket.split();
-    let (out_tx, mut out_rx) = mpsc::channel::<Message>(32);
-    let writer = tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
-            if sink.send(m).await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let (sink, mut stream) = socket.split();
+    let (out_tx, out_rx) = mpsc::channel::<Message>(32);
+    let writer = spawn_writer(sink, out_rx);
     let mut inputs = Vec::new();
     let mut forwards = Vec::new();
     for (i, port) in ports.iter().copied().enumerate() {
@@ -430,7 +507,8 @@ async fn serve_port_channels(
         }));
     }
     drop(out_tx);
-    let reader = async {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
             if matches!(msg, Message::Close(_)) {
                 break;
@@ -451,18 +529,19 @@ async fn serve_port_channels(
         for w in inputs.iter_mut().flatten() {
             let _ = w.shutdown().await;
         }
-    };
-    let aborts: Vec<_> = forwards
-        .iter()
-        .map(tokio::task::JoinHandle::abort_handle)
-        .collect();
+        let _ = done_tx.send(());
+        stream
+    });
+    let aborts: Vec<_> = forwards.iter().map(JoinHandle::abort_handle).collect();
     let all_done = futures::future::join_all(forwards);
     tokio::pin!(all_done);
     tokio::select! {
-        () = reader => { let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut all_done).await; }
+        _ = done_rx => {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut all_done).await;
+        }
         _ = &mut all_done => {}
         () = st.shutdown.cancelled() => {}
     }
     aborts.iter().for_each(tokio::task::AbortHandle::abort);
-    let _ = writer.await;
+    finish(writer, reader).await;
 }

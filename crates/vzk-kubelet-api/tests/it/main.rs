@@ -6,3 +6,4 @@ mod direct;
 mod kubectl;
 mod runtime;
 mod support;
+mod websocket;
