@@ -52,6 +52,9 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
+    /// The server closed the channel without answering the exec/shell request.
+    #[error("the guest closed the session before starting the command")]
+    ClosedBeforeStart,
     /// The session ended without an exit status (connection lost or guest crashed).
     #[error("the session ended without an exit status (connection lost?)")]
     NoExitStatus,
@@ -66,31 +69,40 @@ pub(crate) enum Start {
     Shell(String),
 }
 
-/// Runs `start` on `channel` wired to `io`; returns the exit status.
-pub(crate) async fn run(
+/// A channel on which the server has accepted the exec/shell request.
+pub(crate) struct Started {
+    /// Cancels the remote process if the exec is dropped from here on.
+    guard: CancelGuard,
+    tx: Arc<ChannelWriteHalf<Msg>>,
+    /// Messages that arrived before the acceptance (normally none).
+    early: Vec<ChannelMsg>,
+    /// Shell preamble to write before stdin.
+    preamble: Option<String>,
+}
+
+/// Requests the PTY (if `pty` is set) and starts `start` on `channel`, waiting for
+/// the server to accept.
+///
+/// [`ExecError::ClosedBeforeStart`] means the server closed the channel without
+/// answering: the command did not run and nothing of the caller's I/O was used, so
+/// the caller may retry on a new channel. (dropbear does this to a channel opened
+/// while another session's process is being killed.)
+pub(crate) async fn start(
     channel: Channel<Msg>,
-    start: Start,
-    io: AttachIo,
+    start: &Start,
+    pty: Option<TermSize>,
     cfg: &GuestConfig,
-) -> Result<ExitStatus, ExecError> {
-    let AttachIo {
-        stdin,
-        mut stdout,
-        mut stderr,
-        tty,
-        resize,
-    } = io;
+) -> Result<Started, ExecError> {
     let (rx, tx) = channel.split();
     let tx = Arc::new(tx);
+    // Armed from the start: a caller dropped while waiting for the server's answer
+    // must not leave a process running.
     let mut guard = CancelGuard {
         rx: Some(rx),
         tx: Some(tx.clone()),
         grace: cfg.kill_grace,
     };
-    let mut resize = if tty { resize } else { None };
-
-    if tty {
-        let size = initial_size(resize.as_mut(), cfg).await;
+    if let Some(size) = pty {
         let modes = [
             (Pty::ECHO, 1),
             (Pty::TTY_OP_ISPEED, 14400),
@@ -110,21 +122,73 @@ pub(crate) async fn run(
     }
     let preamble = match start {
         Start::Exec(cmd) => {
-            tx.exec(true, cmd).await.map_err(ExecError::Start)?;
+            tx.exec(true, cmd.as_bytes())
+                .await
+                .map_err(ExecError::Start)?;
             None
         }
         Start::Shell(preamble) => {
             tx.request_shell(true).await.map_err(ExecError::Start)?;
-            (!preamble.is_empty()).then_some(preamble)
+            (!preamble.is_empty()).then(|| preamble.clone())
         }
     };
+    let mut early = Vec::new();
+    loop {
+        match guard.next().await {
+            Some(ChannelMsg::Success) => break,
+            Some(ChannelMsg::Failure) => {
+                guard.disarm();
+                let _ = tx.close().await;
+                return Err(ExecError::StartRefused);
+            }
+            Some(ChannelMsg::Close) | None => {
+                guard.disarm();
+                return Err(ExecError::ClosedBeforeStart);
+            }
+            Some(other) => early.push(other),
+        }
+    }
+    Ok(Started {
+        guard,
+        tx,
+        early,
+        preamble,
+    })
+}
 
+/// Wires a started channel to `io` until the remote process ends; returns its exit
+/// status. `io.resize` must no longer hold the event used for the initial size.
+pub(crate) async fn pump(started: Started, io: AttachIo) -> Result<ExitStatus, ExecError> {
+    let AttachIo {
+        stdin,
+        mut stdout,
+        mut stderr,
+        tty,
+        resize,
+    } = io;
+    let Started {
+        mut guard,
+        tx,
+        early,
+        preamble,
+    } = started;
     let _stdin_task = spawn_stdin(tx.clone(), stdin, preamble);
-    let _resize_task = resize.map(|rx| spawn_resize(tx.clone(), rx));
+    let _resize_task = if tty {
+        resize.map(|rx| spawn_resize(tx.clone(), rx))
+    } else {
+        None
+    };
 
     let mut status: Option<i32> = None;
-    let mut started = false;
-    while let Some(msg) = guard.next().await {
+    let mut early = early.into_iter();
+    loop {
+        let msg = match early.next() {
+            Some(m) => m,
+            None => match guard.next().await {
+                Some(m) => m,
+                None => break,
+            },
+        };
         match msg {
             ChannelMsg::Data { data } => {
                 if let Err(source) = write_out(stdout.as_mut(), &data).await {
@@ -156,18 +220,13 @@ pub(crate) async fn run(
                 debug!(signal = ?signal_name, core_dumped, "remote process killed by a signal");
                 status = Some(128 + n);
             }
-            ChannelMsg::Success => started = true,
-            ChannelMsg::Failure if !started => {
-                guard.disarm();
-                let _ = tx.close().await;
-                return Err(ExecError::StartRefused);
-            }
             ChannelMsg::Close => break,
             _ => {}
         }
     }
+    // The loop ends on the server's CLOSE (russh answers it) or a dead connection:
+    // either way there is nothing left to close.
     guard.disarm();
-    let _ = tx.close().await;
     for w in [stdout.as_mut(), stderr.as_mut()].into_iter().flatten() {
         if let Err(e) = w.flush().await {
             debug!(error = %e, "flushing exec output failed");
@@ -188,7 +247,7 @@ async fn write_out(
     }
 }
 
-async fn initial_size(
+pub(crate) async fn initial_size(
     resize: Option<&mut tokio::sync::mpsc::Receiver<TermSize>>,
     cfg: &GuestConfig,
 ) -> TermSize {
@@ -294,28 +353,39 @@ impl Drop for CancelGuard {
     }
 }
 
-/// `TERM`, wait up to `grace` for the channel to end, `KILL`, close.
+/// `TERM`; if the channel has not ended within `grace`, `KILL`; if it still has not
+/// ended after another `grace`, close it from our side.
+///
+/// The server closes the channel itself once the process is gone; we only send
+/// `CHANNEL_CLOSE` when it does not. (Closing first while the server is still
+/// tearing the session down races with channels opened meanwhile on some servers —
+/// dropbear 2022.83 then drops the *new* channel without an exit status.)
 async fn cancel_remote(mut rx: ChannelReadHalf, tx: Arc<ChannelWriteHalf<Msg>>, grace: Duration) {
     debug!("cancelling remote process");
-    if tx.signal(Sig::TERM).await.is_err() {
-        return; // connection already gone: nothing left to signal
+    for sig in [Sig::TERM, Sig::KILL] {
+        if tx.signal(sig.clone()).await.is_err() {
+            return; // connection already gone: nothing left to signal
+        }
+        if wait_closed(&mut rx, grace).await {
+            debug!(signal = ?sig, "remote process ended after cancel");
+            return;
+        }
     }
-    let ended = tokio::time::timeout(grace, async {
+    warn!("remote process survived TERM and KILL; closing the channel");
+    let _ = tx.close().await;
+}
+
+/// Waits up to `grace` for the server to close the channel.
+async fn wait_closed(rx: &mut ChannelReadHalf, grace: Duration) -> bool {
+    tokio::time::timeout(grace, async {
         while let Some(msg) = rx.wait().await {
-            if matches!(
-                msg,
-                ChannelMsg::ExitStatus { .. } | ChannelMsg::ExitSignal { .. }
-            ) {
+            if matches!(msg, ChannelMsg::Close) {
                 return;
             }
         }
     })
-    .await;
-    if ended.is_err() {
-        debug!("remote process survived TERM; sending KILL");
-        let _ = tx.signal(Sig::KILL).await;
-    }
-    let _ = tx.close().await;
+    .await
+    .is_ok()
 }
 
 /// The Linux number of an SSH signal name (RFC 4254 names, without `SIG`).

@@ -23,6 +23,19 @@
 //!
 //! The crypto backend is aws-lc-rs (russh without `ring`), like the rest of the
 //! workspace.
+//!
+//! # Caveats
+//! * A cancelled exec signals the session's process (`TERM`, then `KILL`). SSH can
+//!   only signal that one process: children it started and left behind (a shell
+//!   script's background jobs) survive unless they die with their parent. Under a
+//!   PTY the closing terminal also hangs up the whole foreground process group.
+//! * dropbear 2022.83 (the Linux test guest's sshd) closes every session channel
+//!   that has not started its command yet whenever any child of the connection
+//!   exits (`sesscheckclose` returns true for `pid == 0` when `SIGCHLD` is pending).
+//!   The session then ends with [`ExecError::ClosedBeforeStart`]: [`GuestSession::output`]
+//!   (idempotent agent commands) retries once; user execs return the error, which
+//!   maps to a retryable `Unavailable`, because dropbear may still have run the
+//!   command. OpenSSH (macOS guests) does not have this bug.
 
 mod capture;
 pub mod config;

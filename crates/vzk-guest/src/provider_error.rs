@@ -6,6 +6,7 @@ use std::time::Duration;
 use vzk_core::ProviderError;
 
 use crate::dial::DialError;
+use crate::exec::ExecError;
 use crate::session::{ErrorChain, GuestError};
 
 impl GuestError {
@@ -29,6 +30,13 @@ impl GuestError {
                 ProviderError::failed("GuestChannelRefused", message)
             }
             GuestError::Forward { .. } => ProviderError::failed("PortForwardFailed", message),
+            GuestError::Exec {
+                source: ExecError::ClosedBeforeStart | ExecError::NoExitStatus,
+                ..
+            } => ProviderError::Unavailable {
+                message,
+                retry_after: Some(Duration::from_secs(1)),
+            },
             GuestError::Exec { .. } => ProviderError::failed("GuestExecFailed", message),
             GuestError::Closed => ProviderError::NotFound(message),
             GuestError::OpenChannel { .. }

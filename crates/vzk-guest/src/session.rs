@@ -23,7 +23,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -156,6 +156,8 @@ struct Inner {
     config: GuestConfig,
     state: Mutex<State>,
     generations: AtomicU64,
+    /// Runtime the dial (and so the TCP socket) runs on; the caller's if unset.
+    dial_runtime: OnceLock<tokio::runtime::Handle>,
 }
 
 /// The SSH access to one VM. Cheap to clone; clones share the connection.
@@ -201,6 +203,7 @@ impl GuestSession {
                 config,
                 state: Mutex::new(State::Idle),
                 generations: AtomicU64::new(0),
+                dial_runtime: OnceLock::new(),
             }),
         }
     }
@@ -215,6 +218,13 @@ impl GuestSession {
         let session = Self::new(addr, creds, hostkeys, GuestConfig::default());
         session.connection().await?;
         Ok(session)
+    }
+
+    /// Makes every later dial run on `runtime`, e.g. one whose threads live in the
+    /// VMs' network namespace, so the SSH socket is created there whatever runtime
+    /// the operations are called from. Only the first call has an effect.
+    pub fn dial_on(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.inner.dial_runtime.set(runtime);
     }
 
     /// The guest's SSH address.
@@ -247,18 +257,9 @@ impl GuestSession {
         env: &[(String, String)],
         io: AttachIo,
     ) -> Result<ExitStatus, GuestError> {
-        if argv.is_empty() {
-            return Err(GuestError::InvalidCommand("empty argv".into()));
-        }
-        if argv.iter().any(|a| a.as_ref().contains('\0')) {
-            return Err(GuestError::InvalidCommand(
-                "argv contains a NUL byte".into(),
-            ));
-        }
-        check_env(env)?;
-        let cmd = quote::exec_command(argv, env);
+        let cmd = self.command(argv, env)?;
         let span = info_span!("guest_exec", guest.addr = %self.inner.addr, argv0 = argv[0].as_ref(), tty = io.tty);
-        self.run(Start::Exec(cmd), io).instrument(span).await
+        self.run(Start::Exec(cmd), io, false).instrument(span).await
     }
 
     /// Starts the user's interactive login shell (the `attach` of a VM), with `env`
@@ -274,12 +275,19 @@ impl GuestSession {
             preamble.push_str(&format!("export {name}={}\n", quote::quote_word(value)));
         }
         let span = info_span!("guest_shell", guest.addr = %self.inner.addr, tty = io.tty);
-        self.run(Start::Shell(preamble), io).instrument(span).await
+        self.run(Start::Shell(preamble), io, false)
+            .instrument(span)
+            .await
     }
 
     /// Runs `argv` without stdin and captures stdout and stderr (each capped at
     /// 16 MiB; beyond that the command is cancelled and an error returned).
+    ///
+    /// Meant for the agent's own idempotent commands (probes, stats scripts): if the
+    /// server drops the session before starting the command it is retried once,
+    /// which on dropbear can run it twice (see the crate docs).
     pub async fn output<S: AsRef<str>>(&self, argv: &[S]) -> Result<Output, GuestError> {
+        let cmd = self.command(argv, &[])?;
         let (out, out_buf) = crate::capture::CaptureWriter::new(CAPTURE_LIMIT);
         let (err, err_buf) = crate::capture::CaptureWriter::new(CAPTURE_LIMIT);
         let io = AttachIo {
@@ -289,7 +297,12 @@ impl GuestSession {
             tty: false,
             resize: None,
         };
-        let status = self.exec(argv, io).await?;
+        let span =
+            info_span!("guest_output", guest.addr = %self.inner.addr, argv0 = argv[0].as_ref());
+        let status = self
+            .run(Start::Exec(cmd), io, true)
+            .instrument(span)
+            .await?;
         Ok(Output {
             status,
             stdout: out_buf.take(),
@@ -367,6 +380,24 @@ impl GuestSession {
         }
     }
 
+    /// Validates `argv`/`env` and builds the exec request string.
+    fn command<S: AsRef<str>>(
+        &self,
+        argv: &[S],
+        env: &[(String, String)],
+    ) -> Result<String, GuestError> {
+        if argv.is_empty() {
+            return Err(GuestError::InvalidCommand("empty argv".into()));
+        }
+        if argv.iter().any(|a| a.as_ref().contains('\0')) {
+            return Err(GuestError::InvalidCommand(
+                "argv contains a NUL byte".into(),
+            ));
+        }
+        check_env(env)?;
+        Ok(quote::exec_command(argv, env))
+    }
+
     async fn probe(&self) -> Result<(), GuestError> {
         let bound = self.inner.config.dial_timeout + Duration::from_secs(10);
         match tokio::time::timeout(bound, self.output(&["true"])).await {
@@ -380,16 +411,45 @@ impl GuestSession {
         }
     }
 
-    async fn run(&self, start: Start, io: AttachIo) -> Result<ExitStatus, GuestError> {
-        let channel = self
-            .open_channel(|conn| async move { conn.handle.channel_open_session().await })
-            .await?;
-        let status = exec::run(channel, start, io, &self.inner.config)
+    /// Opens a session channel, starts `start` and pumps `io` until it exits.
+    ///
+    /// With `retry_unstarted`, a channel the server closes before accepting the
+    /// request is retried once on a new channel. dropbear (2022.83) closes every
+    /// session channel that has not started its command yet whenever *any* child of
+    /// the connection exits; our request may already be on its way then, and dropbear
+    /// runs it anyway with its output discarded. A retry can therefore run the
+    /// command twice, so only idempotent internal commands ([`Self::output`]) retry;
+    /// user execs report [`ExecError::ClosedBeforeStart`].
+    async fn run(
+        &self,
+        start: Start,
+        mut io: AttachIo,
+        retry_unstarted: bool,
+    ) -> Result<ExitStatus, GuestError> {
+        let addr = self.inner.addr;
+        let cfg = &self.inner.config;
+        let pty = if io.tty {
+            Some(exec::initial_size(io.resize.as_mut(), cfg).await)
+        } else {
+            None
+        };
+        let mut attempt = 0;
+        let started = loop {
+            attempt += 1;
+            let channel = self
+                .open_channel(|conn| async move { conn.handle.channel_open_session().await })
+                .await?;
+            match exec::start(channel, &start, pty, cfg).await {
+                Ok(started) => break started,
+                Err(ExecError::ClosedBeforeStart) if retry_unstarted && attempt == 1 => {
+                    warn!(guest.addr = %addr, "guest closed the session before starting the command; retrying once");
+                }
+                Err(source) => return Err(GuestError::Exec { addr, source }),
+            }
+        };
+        let status = exec::pump(started, io)
             .await
-            .map_err(|source| GuestError::Exec {
-                addr: self.inner.addr,
-                source,
-            })?;
+            .map_err(|source| GuestError::Exec { addr, source })?;
         debug!(code = status.code, "guest command exited");
         Ok(status)
     }
@@ -456,10 +516,12 @@ impl GuestSession {
             inner.config.clone(),
         );
         info!(guest.addr = %addr, generation, "dialling guest over SSH");
-        let task = tokio::spawn(
-            async move { dial(addr, &creds, &hostkeys, &config).await }
-                .instrument(info_span!("guest_dial", guest.addr = %addr, generation)),
-        );
+        let fut = async move { dial(addr, &creds, &hostkeys, &config).await }
+            .instrument(info_span!("guest_dial", guest.addr = %addr, generation));
+        let task = match inner.dial_runtime.get() {
+            Some(rt) => rt.spawn(fut),
+            None => tokio::spawn(fut),
+        };
         let abort = task.abort_handle();
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let result = async move {
