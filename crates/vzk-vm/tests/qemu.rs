@@ -76,7 +76,11 @@ fn nat_vm_boots_answers_ssh_survives_agent_restart_and_stops_gracefully() {
         // Where nested KVM hangs guests, the probe must pick TCG; either way, the boot below
         // would time out if the probe had picked an accelerator that does not run guests.
         eprintln!("accelerator: {}", backend.accel().as_str());
-        let spec = guest_spec("nat-vm", &state_path, NetworkAttachment::Nat, "");
+        let mut spec = guest_spec("nat-vm", &state_path, NetworkAttachment::Nat, "");
+        let share = state_path.join("share");
+        std::fs::create_dir_all(&share).unwrap();
+        std::fs::write(share.join("hello"), "from the host\n").unwrap();
+        spec.shared_dirs.push(vzk_vm::SharedDirSpec { tag: "share".into(), host_path: share, read_only: true });
         let mac = spec.nics[0].mac;
         let vm = backend.create(spec).await.unwrap();
         assert!(matches!(
@@ -133,6 +137,11 @@ fn nat_vm_boots_answers_ssh_survives_agent_restart_and_stops_gracefully() {
         // The guest sees its virtio-blk disk (16 MiB = 32768 sectors).
         let size = ssh(ip, "cat /sys/block/vda/size").await;
         assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), "32768");
+
+        // The shared directory (virtio-9p), read-only.
+        let out = ssh(ip, "mkdir -p /mnt/s && mount -t 9p -o trans=virtio,version=9p2000.L share /mnt/s && cat /mnt/s/hello && ! touch /mnt/s/new").await;
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "from the host\n");
 
         // Agent restart: drop every handle (QEMU keeps running), start a new backend.
         let pid = std::fs::read_to_string(state_path.join("vms/nat-vm/qemu.pid")).unwrap();
