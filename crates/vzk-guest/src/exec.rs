@@ -35,10 +35,10 @@ use crate::config::GuestConfig;
 pub enum ExecError {
     /// Sending the PTY request failed.
     #[error("requesting a PTY")]
-    RequestPty(#[source] russh::Error),
+    RequestPty(#[source] Box<russh::Error>),
     /// Sending the exec or shell request failed.
     #[error("starting the remote command")]
-    Start(#[source] russh::Error),
+    Start(#[source] Box<russh::Error>),
     /// The server refused the exec or shell request.
     #[error("the guest refused to start the command")]
     StartRefused,
@@ -118,17 +118,19 @@ pub(crate) async fn start(
             &modes,
         )
         .await
-        .map_err(ExecError::RequestPty)?;
+        .map_err(|e| ExecError::RequestPty(Box::new(e)))?;
     }
     let preamble = match start {
         Start::Exec(cmd) => {
             tx.exec(true, cmd.as_bytes())
                 .await
-                .map_err(ExecError::Start)?;
+                .map_err(|e| ExecError::Start(Box::new(e)))?;
             None
         }
         Start::Shell(preamble) => {
-            tx.request_shell(true).await.map_err(ExecError::Start)?;
+            tx.request_shell(true)
+                .await
+                .map_err(|e| ExecError::Start(Box::new(e)))?;
             (!preamble.is_empty()).then(|| preamble.clone())
         }
     };

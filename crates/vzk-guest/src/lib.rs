@@ -33,7 +33,7 @@
 //!   that has not started its command yet whenever any child of the connection
 //!   exits (`sesscheckclose` returns true for `pid == 0` when `SIGCHLD` is pending).
 //!   The session then ends with [`ExecError::ClosedBeforeStart`]: [`GuestSession::output`]
-//!   (idempotent agent commands) retries once; user execs return the error, which
+//!   (idempotent agent commands) retries (3 attempts); user execs return the error, which
 //!   maps to a retryable `Unavailable`, because dropbear may still have run the
 //!   command. OpenSSH (macOS guests) does not have this bug.
 

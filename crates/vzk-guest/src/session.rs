@@ -59,7 +59,7 @@ pub enum GuestError {
         addr: SocketAddr,
         /// The transport error.
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
     /// Opening a channel did not complete within the dial timeout, on a fresh
     /// connection too.
@@ -284,7 +284,8 @@ impl GuestSession {
     /// 16 MiB; beyond that the command is cancelled and an error returned).
     ///
     /// Meant for the agent's own idempotent commands (probes, stats scripts): if the
-    /// server drops the session before starting the command it is retried once,
+    /// server drops the session before starting the command it is retried (up to 3
+    /// attempts),
     /// which on dropbear can run it twice (see the crate docs).
     pub async fn output<S: AsRef<str>>(&self, argv: &[S]) -> Result<Output, GuestError> {
         let cmd = self.command(argv, &[])?;
@@ -414,7 +415,7 @@ impl GuestSession {
     /// Opens a session channel, starts `start` and pumps `io` until it exits.
     ///
     /// With `retry_unstarted`, a channel the server closes before accepting the
-    /// request is retried once on a new channel. dropbear (2022.83) closes every
+    /// request is retried on a new channel (up to 3 attempts, 20/40 ms apart). dropbear (2022.83) closes every
     /// session channel that has not started its command yet whenever *any* child of
     /// the connection exits; our request may already be on its way then, and dropbear
     /// runs it anyway with its output discarded. A retry can therefore run the
@@ -433,7 +434,7 @@ impl GuestSession {
         } else {
             None
         };
-        let mut attempt = 0;
+        let mut attempt: u64 = 0;
         let started = loop {
             attempt += 1;
             let channel = self
@@ -441,8 +442,11 @@ impl GuestSession {
                 .await?;
             match exec::start(channel, &start, pty, cfg).await {
                 Ok(started) => break started,
-                Err(ExecError::ClosedBeforeStart) if retry_unstarted && attempt == 1 => {
-                    warn!(guest.addr = %addr, "guest closed the session before starting the command; retrying once");
+                Err(ExecError::ClosedBeforeStart)
+                    if retry_unstarted && attempt < UNSTARTED_ATTEMPTS =>
+                {
+                    warn!(guest.addr = %addr, attempt, "guest closed the session before starting the command; retrying");
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
                 }
                 Err(source) => return Err(GuestError::Exec { addr, source }),
             }
@@ -483,7 +487,10 @@ impl GuestSession {
             Ok(Err(russh::Error::ChannelOpenFailure(reason))) => {
                 Err(GuestError::ChannelRefused { addr, reason })
             }
-            Ok(Err(source)) => Err(GuestError::OpenChannel { addr, source }),
+            Ok(Err(e)) => Err(GuestError::OpenChannel {
+                addr,
+                source: Box::new(e),
+            }),
             Err(_) => Err(GuestError::OpenChannelTimeout { addr, after: bound }),
         }
     }
@@ -566,6 +573,8 @@ impl GuestSession {
 }
 
 const CAPTURE_LIMIT: usize = 16 << 20;
+/// Attempts of an idempotent command whose session the server drops unstarted.
+const UNSTARTED_ATTEMPTS: u64 = 3;
 const READY_POLL: Duration = Duration::from_millis(250);
 
 fn check_env(env: &[(String, String)]) -> Result<(), GuestError> {

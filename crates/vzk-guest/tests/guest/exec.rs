@@ -317,7 +317,7 @@ async fn shell_attach_exports_env_and_reads_stdin() {
 
 /// Regression: dropbear closes a session opened while another session's process is
 /// being killed by our cancel, before answering its exec. The command never ran, so
-/// the session retries it once on a new channel instead of failing.
+/// `output()` retries it on a new channel instead of failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_started_while_a_cancel_lands_still_run() {
     let db = Dropbear::start();

@@ -105,16 +105,20 @@ async fn host_key_is_pinned_on_first_connect_and_a_change_is_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn closed_session_fails_fast_and_shared_dial_errors_are_shared() {
-    // Nothing listens on this port: every caller gets the same refused dial.
-    let db = Dropbear::start();
-    let addr = db.addr();
-    drop(db);
+async fn concurrent_callers_share_a_failing_dial_and_close_is_final() {
+    // A "guest" that accepts TCP but never speaks SSH: every dial hangs until the
+    // dial timeout, so both callers are certainly waiting on the same dial.
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let addr = blackhole.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let cfg = vzk_guest::GuestConfig {
+        dial_timeout: std::time::Duration::from_millis(1500),
+        ..test_config()
+    };
     let s = GuestSession::new(
         addr,
         vzk_guest::Credentials::with_password("root", "x"),
         HostKeyStore::in_memory(),
-        test_config(),
+        cfg,
     );
     let (a, b) = within(30, async {
         tokio::join!(s.output(&["true"]), s.output(&["true"]))
@@ -126,13 +130,25 @@ async fn closed_session_fails_fast_and_shared_dial_errors_are_shared() {
                 Arc::ptr_eq(sa, sb),
                 "concurrent callers must share one dial result"
             );
-            assert!(matches!(sa.as_ref(), DialError::Handshake(_)), "{sa:?}");
+            assert!(matches!(sa.as_ref(), DialError::Timeout(_)), "{sa:?}");
         }
         other => panic!("expected dial errors, got {other:?}"),
     }
     assert_eq!(s.dial_count(), 1);
+    // A failed dial is not cached: the next call dials again.
     assert!(!within(30, s.ready()).await);
+    assert_eq!(s.dial_count(), 2);
+    // close() aborts a dial in flight and is final.
+    let s2 = s.clone();
+    let pending = tokio::spawn(async move { s2.output(&["true"]).await });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     s.close();
     s.close();
+    let r = within(30, pending).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        matches!(&r, Err(GuestError::Dial { source, .. }) if matches!(source.as_ref(), DialError::Aborted)),
+        "{r:?}"
+    );
     assert!(matches!(s.output(&["true"]).await, Err(GuestError::Closed)));
+    drop(blackhole);
 }
