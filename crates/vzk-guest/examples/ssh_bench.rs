@@ -145,16 +145,16 @@ async fn main() {
         "operation", "p50", "p90", "p99"
     );
     println!("|{:-<40}|{:-<11}|{:-<11}|{:-<11}|", "", "", "", "");
-    row("new connection + `true` (dial per exec)", stats(dials));
+    row("fresh dial+auth + `true` per exec", stats(dials));
     row("`true` on the persistent connection", stats(execs));
     let mib = (size >> 20) as f64;
     println!(
-        "| {:<38} | {:>9.1} MiB/s |",
+        "| {:<38} | {:>9.1} MiB/s           |",
         "stdin -> cat -> stdout (64 MiB)",
         mib / cat_secs
     );
     println!(
-        "| {:<38} | {:>9.1} MiB/s |",
+        "| {:<38} | {:>9.1} MiB/s           |",
         "port-forward echo (64 MiB each way)",
         mib / fwd_secs
     );
