@@ -341,3 +341,68 @@ async fn commands_started_while_a_cancel_lands_still_run() {
     }
     assert_eq!(s.dial_count(), 1);
 }
+
+/// The client goes away by closing its end of stdout: the next write fails, the exec
+/// returns `WriteOutput` and the remote process is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_client_output_cancels_the_remote_process() {
+    let db = Dropbear::start();
+    let s = db.session();
+    let (out_w, out_r) = tokio::io::duplex(64);
+    let io = vzk_core::streams::AttachIo {
+        stdin: None,
+        stdout: Some(Box::pin(out_w)),
+        stderr: None,
+        tty: false,
+        resize: None,
+    };
+    let s2 = s.clone();
+    let exec = tokio::spawn(async move {
+        s2.exec(
+            &[
+                "sh",
+                "-c",
+                "echo $$ > \"$HOME/chatty.pid\"; while :; do echo spam; sleep 0.05; done",
+            ],
+            io,
+        )
+        .await
+    });
+    let pid_path = db.dir.path().join("home/chatty.pid");
+    let pid = within(20, async {
+        loop {
+            if let Ok(t) = std::fs::read_to_string(&pid_path)
+                && let Ok(pid) = t.trim().parse::<u32>()
+            {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop(out_r);
+    let r = within(20, exec).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        matches!(
+            &r,
+            Err(vzk_guest::GuestError::Exec {
+                source: vzk_guest::ExecError::WriteOutput {
+                    stream: "stdout",
+                    ..
+                },
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    within(20, async {
+        loop {
+            let out = s.output(&["kill", "-0", &pid.to_string()]).await;
+            if !out.unwrap_or_else(|e| panic!("{e:?}")).status.success() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
