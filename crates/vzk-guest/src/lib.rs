@@ -28,7 +28,8 @@
 //! * A cancelled exec signals the session's process (`TERM`, then `KILL`). SSH can
 //!   only signal that one process: children it started and left behind (a shell
 //!   script's background jobs) survive unless they die with their parent. Under a
-//!   PTY the closing terminal also hangs up the whole foreground process group.
+//!   PTY, the terminal closing normally hangs up its foreground process group too
+//!   (not covered by a test).
 //! * dropbear 2022.83 (the Linux test guest's sshd) closes every session channel
 //!   that has not started its command yet whenever any child of the connection
 //!   exits (`sesscheckclose` returns true for `pid == 0` when `SIGCHLD` is pending).
