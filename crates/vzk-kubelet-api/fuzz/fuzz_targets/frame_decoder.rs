@@ -9,7 +9,9 @@ use tokio_util::codec::Decoder;
 use vzk_kubelet_api::spdy::FrameDecoder;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&step, rest)) = data.split_first() else { return };
+    let Some((&step, rest)) = data.split_first() else {
+        return;
+    };
     let step = usize::from(step).max(1);
     let mut dec = FrameDecoder::new();
     let mut buf = BytesMut::new();
