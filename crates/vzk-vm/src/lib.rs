@@ -6,6 +6,15 @@
 //! * [`mac`]: random locally-administered [`MacAddr`]esses.
 //! * [`qemu`]: the QEMU backend for Linux hosts (KVM when it really works, else TCG).
 //! * [`net`]: TAPs, the NAT network (bridge + dnsmasq + masquerade), IP discovery.
+//!
+//! # Tests and benchmark
+//! `cargo test -p vzk-vm` runs unit tests anywhere and, as root, `tests/qemu.rs` against
+//! real QEMU (TCG unless KVM really works), dnsmasq and dropbear, each test inside a
+//! network namespace it creates and tears down. The test guest (Debian kernel, busybox,
+//! dropbear) is built and cached by `scripts/build-test-guest.sh`. Needs the Debian
+//! packages `qemu-system-x86 qemu-utils dnsmasq-base dropbear-bin busybox-static cpio
+//! iproute2 nftables` and network access to Debian's mirror on the first guest build.
+//! `cargo run -p vzk-vm --example boot_bench` prints the start → SSH-ready table.
 
 pub mod hypervisor;
 pub mod mac;

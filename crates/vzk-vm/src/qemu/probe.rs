@@ -8,8 +8,10 @@
 //! firmware reaches its boot stage ("Booting from" / "No bootable device") within
 //! [`KVM_PROBE_TIMEOUT`]. Otherwise TCG is used.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
@@ -82,15 +84,24 @@ pub async fn qemu_version(binary: &Path) -> Result<String, ProbeError> {
 
 /// Whether KVM runs a guest to its firmware's boot stage; `Err` only if QEMU cannot run.
 pub async fn kvm_works(binary: &Path) -> Result<bool, ProbeError> {
-    if std::fs::OpenOptions::new()
+    // Cached per binary for the life of the process: a failing probe costs
+    // KVM_PROBE_TIMEOUT, and every backend instance would pay it again.
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, bool>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Mutex::default);
+    if let Some(known) = cache.lock().ok().and_then(|c| c.get(binary).copied()) {
+        return Ok(known);
+    }
+    let works = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_err()
-    {
-        return Ok(false);
+        .is_ok()
+        && firmware_boots(binary, Accel::Kvm, KVM_PROBE_TIMEOUT).await?;
+    if let Ok(mut c) = cache.lock() {
+        c.insert(binary.to_owned(), works);
     }
-    firmware_boots(binary, Accel::Kvm, KVM_PROBE_TIMEOUT).await
+    tracing::info!(kvm = works, "KVM probe");
+    Ok(works)
 }
 
 /// Boots QEMU's firmware with no devices under `accel`; true if it reaches its boot stage.

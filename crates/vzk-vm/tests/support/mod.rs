@@ -234,6 +234,27 @@ pub async fn wait_ssh(ip: Ipv4Addr, timeout: Duration) -> Duration {
     }
 }
 
+/// Waits until TCP port 22 of `ip` accepts connections (sshd listening).
+pub async fn wait_port(ip: Ipv4Addr, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    let addr = std::net::SocketAddr::from((ip, 22));
+    loop {
+        assert!(
+            start.elapsed() < timeout,
+            "port 22 on {ip} not open after {timeout:?}"
+        );
+        if let Ok(Ok(_)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until `path` contains `needle`; returns the time it took.
 pub async fn wait_file_contains(path: &Path, needle: &str, timeout: Duration) -> Duration {
     let start = Instant::now();
