@@ -41,11 +41,26 @@ fn vm_pod(name: &str, node: &str, image: &str) -> Pod {
 }
 
 fn container(ns: &str, pod: &str) -> ContainerRef {
-    ContainerRef { namespace: ns.into(), pod: pod.into(), uid: None, container: "vm".into() }
+    ContainerRef {
+        namespace: ns.into(),
+        pod: pod.into(),
+        uid: None,
+        container: "vm".into(),
+    }
 }
 
 fn waiting_reason(p: &Pod) -> Option<String> {
-    p.status.as_ref()?.container_statuses.as_ref()?.first()?.state.as_ref()?.waiting.as_ref()?.reason.clone()
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?
+        .reason
+        .clone()
 }
 
 fn is_ready(p: &Pod) -> bool {
@@ -57,7 +72,13 @@ fn is_ready(p: &Pod) -> bool {
 
 async fn exec(provider: &VmProvider, ns: &str, pod: &str, script: &str) -> (i32, String) {
     let out = Capture::default();
-    let io = AttachIo { stdin: None, stdout: Some(Box::pin(out.clone())), stderr: None, tty: false, resize: None };
+    let io = AttachIo {
+        stdin: None,
+        stdout: Some(Box::pin(out.clone())),
+        stderr: None,
+        tty: false,
+        resize: None,
+    };
     let argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()];
     let status = provider.exec(&container(ns, pod), argv, io).await.unwrap();
     (status.code, out.text())
@@ -86,16 +107,29 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     guest_image_dir(&tmp.path().join("image"));
     let image = format!("{}/vzk/test-guest:v1", registry.addr);
     let reference = Reference::parse(&image).unwrap();
-    let push_opts = PushOptions { registry: RegistryOptions { plain_http: true, ..Default::default() }, ..Default::default() };
-    vzk_image::push(&tmp.path().join("image"), &reference, &push_opts).await.unwrap();
+    let push_opts = PushOptions {
+        registry: RegistryOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    vzk_image::push(&tmp.path().join("image"), &reference, &push_opts)
+        .await
+        .unwrap();
 
     let netns = Netns::new();
     let node = format!("vmp-{:06x}", std::process::id());
     let id = cp.node_identity(&node);
     let data = tmp.path().join("data");
-    let provider = VmProvider::new(args(&data, &netns.name, &registry.addr), &node, "127.0.0.1".parse().unwrap(), id.client().await)
-        .await
-        .unwrap();
+    let provider = VmProvider::new(
+        args(&data, &netns.name, &registry.addr),
+        &node,
+        "127.0.0.1".parse().unwrap(),
+        id.client().await,
+    )
+    .await
+    .unwrap();
     let cap = provider.capacity().await.unwrap();
     assert_eq!(cap.get("pods").map(|q| q.0.as_str()), Some("1"));
     assert_eq!(cap.get(VM_RESOURCE).map(|q| q.0.as_str()), Some("1"));
@@ -104,10 +138,17 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     let ns = cp.create_namespace("vmp").await;
     let admin = cp.admin_client().await;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
-    let a = pods.create(&PostParams::default(), &vm_pod("a", &node, &image)).await.unwrap();
+    let a = pods
+        .create(&PostParams::default(), &vm_pod("a", &node, &image))
+        .await
+        .unwrap();
     let a_uid = a.metadata.uid.clone().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    pods.create(&PostParams::default(), &vm_pod("b", &node, &image)).await.unwrap();
+    let b = pods
+        .create(&PostParams::default(), &vm_pod("b", &node, &image))
+        .await
+        .unwrap();
+    let b_uid = b.metadata.uid.clone().unwrap();
 
     // The second pod waits for the only VM slot, visibly.
     wait_for(Duration::from_secs(60), "b WaitingForVMSlot", || async {
@@ -125,9 +166,16 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     let st = a_pod.status.clone().unwrap();
     assert_eq!(st.phase.as_deref(), Some("Running"));
     let ip = st.pod_ip.clone().unwrap();
-    assert!(ip.starts_with("10.213.0."), "pod IP {ip} from the NAT network");
+    assert!(
+        ip.starts_with("10.213.0."),
+        "pod IP {ip} from the NAT network"
+    );
     let b = pods.get("b").await.unwrap();
-    assert_eq!(waiting_reason(&b).as_deref(), Some("WaitingForVMSlot"), "b still waits while a runs");
+    assert_eq!(
+        waiting_reason(&b).as_deref(),
+        Some("WaitingForVMSlot"),
+        "b still waits while a runs"
+    );
 
     // Events of the start.
     let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
@@ -139,7 +187,10 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
             .filter(|e| e.regarding.as_ref().and_then(|o| o.name.as_deref()) == Some("a"))
             .filter_map(|e| e.reason.clone())
             .collect();
-        ["Pulling", "Pulled", "Created", "Started"].iter().all(|x| r.iter().any(|y| y == x)).then_some(r)
+        ["Pulling", "Pulled", "Created", "Started"]
+            .iter()
+            .all(|x| r.iter().any(|y| y == x))
+            .then_some(r)
     })
     .await;
     assert!(!reasons.iter().any(|r| r == "Failed"), "{reasons:?}");
@@ -166,18 +217,34 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     };
     let console = read(LogOptions::default()).await;
     assert!(console.contains("VZK-SSHD-START"), "console: {console}");
-    let limited = read(LogOptions { limit_bytes: Some(10), ..Default::default() }).await;
+    let limited = read(LogOptions {
+        limit_bytes: Some(10),
+        ..Default::default()
+    })
+    .await;
     assert_eq!(limited.len(), 10);
-    let tail = read(LogOptions { tail_lines: Some(1), timestamps: true, ..Default::default() }).await;
+    let tail = read(LogOptions {
+        tail_lines: Some(1),
+        timestamps: true,
+        ..Default::default()
+    })
+    .await;
     assert_eq!(tail.lines().count(), 1, "{tail}");
 
     // port-forward to the guest's sshd.
     let (mut client, server) = tokio::io::duplex(4096);
-    let key = PodKey { namespace: ns.clone(), name: "a".into(), uid: a_uid.clone() };
+    let key = PodKey {
+        namespace: ns.clone(),
+        name: "a".into(),
+        uid: a_uid.clone(),
+    };
     let p = provider.clone();
     let fwd = tokio::spawn(async move { p.port_forward(&key, 22, Box::pin(server)).await });
     let mut banner = [0u8; 8];
-    tokio::time::timeout(Duration::from_secs(20), client.read_exact(&mut banner)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), client.read_exact(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&banner, b"SSH-2.0-");
     client.shutdown().await.unwrap();
     drop(client);
@@ -186,28 +253,59 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     // stats from the host side.
     let stats = provider.pod_stats().await.unwrap();
     let s = stats.iter().find(|s| s.pod_ref.uid == a_uid).unwrap();
-    assert!(s.memory.as_ref().and_then(|m| m.rss_bytes).unwrap_or(0) > 16 << 20, "QEMU RSS: {:?}", s.memory);
-    assert!(s.cpu.as_ref().and_then(|c| c.usage_core_nano_seconds).unwrap_or(0) > 0);
+    assert!(
+        s.memory.as_ref().and_then(|m| m.rss_bytes).unwrap_or(0) > 16 << 20,
+        "QEMU RSS: {:?}",
+        s.memory
+    );
+    assert!(
+        s.cpu
+            .as_ref()
+            .and_then(|c| c.usage_core_nano_seconds)
+            .unwrap_or(0)
+            > 0
+    );
 
     // Agent restart: the VM keeps running and is re-adopted.
     agent.stop().await;
     drop(provider);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let provider = VmProvider::new(args(&data, &netns.name, &registry.addr), &node, "127.0.0.1".parse().unwrap(), id.client().await)
-        .await
-        .unwrap();
+    let provider = VmProvider::new(
+        args(&data, &netns.name, &registry.addr),
+        &node,
+        "127.0.0.1".parse().unwrap(),
+        id.client().await,
+    )
+    .await
+    .unwrap();
     let listed = provider.list_pods().await.unwrap();
-    assert!(listed.iter().any(|k| k.uid == a_uid), "re-adopted: {listed:?}");
+    assert!(
+        listed.iter().any(|k| k.uid == a_uid),
+        "re-adopted: {listed:?}"
+    );
     let agent = Agent::start(&id, provider.clone()).await;
     wait_for(Duration::from_secs(60), "a exec after restart", || async {
         let out = Capture::default();
-        let io = AttachIo { stdin: None, stdout: Some(Box::pin(out.clone())), stderr: None, tty: false, resize: None };
-        let st = provider.exec(&container(&ns, "a"), vec!["hostname".into()], io).await.ok()?;
+        let io = AttachIo {
+            stdin: None,
+            stdout: Some(Box::pin(out.clone())),
+            stderr: None,
+            tty: false,
+            resize: None,
+        };
+        let st = provider
+            .exec(&container(&ns, "a"), vec!["hostname".into()], io)
+            .await
+            .ok()?;
         (st.code == 0).then_some(())
     })
     .await;
     let a_now = pods.get("a").await.unwrap();
-    assert_eq!(a_now.status.as_ref().and_then(|s| s.pod_ip.clone()), Some(ip.clone()), "same IP after restart");
+    assert_eq!(
+        a_now.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        Some(ip.clone()),
+        "same IP after restart"
+    );
     assert_eq!(a_now.metadata.uid.as_deref(), Some(a_uid.as_str()));
 
     // Deletion with grace: preStop, ACPI power-off, then nothing left behind.
@@ -215,12 +313,29 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     assert!(!pids_with(&vm_id).is_empty(), "QEMU of a runs");
     let tap = vzk_vm::net::tap::tap_name(&vm_id, 0);
     assert!(netns.has_link(&tap), "TAP {tap} exists while a runs");
-    pods.delete("a", &DeleteParams { grace_period_seconds: Some(20), ..Default::default() }).await.unwrap();
-    wait_for(Duration::from_secs(60), "a gone", || async { pods.get_opt("a").await.ok()?.is_none().then_some(()) }).await;
+    pods.delete(
+        "a",
+        &DeleteParams {
+            grace_period_seconds: Some(20),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    wait_for(Duration::from_secs(60), "a gone", || async {
+        pods.get_opt("a").await.ok()?.is_none().then_some(())
+    })
+    .await;
     assert!(pids_with(&vm_id).is_empty(), "no QEMU left for {vm_id}");
     assert!(!netns.has_link(&tap), "TAP {tap} removed");
-    assert!(!data.join("pods").join(&a_uid).exists(), "pod dir (disk clone, console) removed");
-    assert!(!data.join("qemu/vms").join(&vm_id).exists(), "VM state dir removed");
+    assert!(
+        !data.join("pods").join(&a_uid).exists(),
+        "pod dir (disk clone, console) removed"
+    );
+    assert!(
+        !data.join("qemu/vms").join(&vm_id).exists(),
+        "VM state dir removed"
+    );
     let list = events.list(&ListParams::default()).await.unwrap();
     let a_events: Vec<_> = list
         .items
@@ -229,7 +344,12 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
         .filter_map(|e| e.reason.clone())
         .collect();
     assert!(a_events.iter().any(|r| r == "Killing"), "{a_events:?}");
-    assert!(!a_events.iter().any(|r| r == "FailedPreStopHook" || r == "FailedKillPod"), "{a_events:?}");
+    assert!(
+        !a_events
+            .iter()
+            .any(|r| r == "FailedPreStopHook" || r == "FailedKillPod"),
+        "{a_events:?}"
+    );
 
     // The freed slot lets b start.
     wait_for(BOOT, "b Ready", || async {
@@ -237,9 +357,30 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
         is_ready(&p).then_some(())
     })
     .await;
-    pods.delete("b", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
-    wait_for(Duration::from_secs(60), "b gone", || async { pods.get_opt("b").await.ok()?.is_none().then_some(()) }).await;
-    assert!(provider.list_pods().await.unwrap().is_empty());
+    pods.delete(
+        "b",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    wait_for(Duration::from_secs(60), "b gone", || async {
+        pods.get_opt("b").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    // Grace 0 removes the object at once; the provider's cleanup follows.
+    wait_for(
+        Duration::from_secs(60),
+        "b released by the provider",
+        || async { provider.list_pods().await.ok()?.is_empty().then_some(()) },
+    )
+    .await;
+    assert!(
+        !data.join("pods").join(&b_uid).exists(),
+        "b's pod dir removed"
+    );
     agent.stop().await;
     drop(provider);
 }

@@ -28,10 +28,20 @@ pub fn guest() -> &'static Guest {
     static G: OnceLock<Guest> = OnceLock::new();
     G.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vzk-test-guest");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-test-guest.sh");
-        let out = Command::new("bash").arg(&script).arg(&dir).output().unwrap();
-        assert!(out.status.success(), "build-test-guest.sh: {}", String::from_utf8_lossy(&out.stderr));
-        let openssh_key = std::env::temp_dir().join(format!("vzk-provider-key-{}", std::process::id()));
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-test-guest.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "build-test-guest.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let openssh_key =
+            std::env::temp_dir().join(format!("vzk-provider-key-{}", std::process::id()));
         let _ = std::fs::remove_file(&openssh_key);
         let out = Command::new("dropbearconvert")
             .args(["dropbear", "openssh"])
@@ -39,7 +49,11 @@ pub fn guest() -> &'static Guest {
             .arg(&openssh_key)
             .output()
             .unwrap();
-        assert!(out.status.success(), "dropbearconvert: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "dropbearconvert: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Guest { dir, openssh_key }
     })
 }
@@ -48,7 +62,11 @@ pub fn guest() -> &'static Guest {
 pub fn guest_image_dir(dest: &Path) {
     let g = guest();
     std::fs::create_dir_all(dest).unwrap();
-    for (from, to) in [("vmlinuz", "kernel"), ("initramfs.gz", "initrd"), ("disk.raw", "disk.img")] {
+    for (from, to) in [
+        ("vmlinuz", "kernel"),
+        ("initramfs.gz", "initrd"),
+        ("disk.raw", "disk.img"),
+    ] {
         std::fs::copy(g.dir.join(from), dest.join(to)).unwrap();
     }
     let cmdline = std::fs::read_to_string(g.dir.join("cmdline")).unwrap();
@@ -62,7 +80,11 @@ pub fn guest_image_dir(dest: &Path) {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `docker-registry` on a free loopback port, killed on drop.
@@ -93,7 +115,11 @@ impl Registry {
             assert!(Instant::now() < deadline, "registry did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { child, addr, _dir: dir }
+        Self {
+            child,
+            addr,
+            _dir: dir,
+        }
     }
 }
 
@@ -112,8 +138,16 @@ pub struct Netns {
 impl Netns {
     pub fn new() -> Self {
         let name = format!("vzkp-{:08x}", rand_u32());
-        assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
-        let _ = Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]).status();
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let _ = Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status();
         Self { name }
     }
 
@@ -131,9 +165,16 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         for _ in 0..3 {
-            let out = Command::new("ip").args(["netns", "pids", &self.name]).output();
+            let out = Command::new("ip")
+                .args(["netns", "pids", &self.name])
+                .output();
             let pids: Vec<String> = out
-                .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_owned).collect())
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect()
+                })
                 .unwrap_or_default();
             if pids.is_empty() {
                 break;
@@ -143,7 +184,9 @@ impl Drop for Netns {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -158,7 +201,9 @@ fn rand_u32() -> u32 {
 pub fn pids_with(needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
             if String::from_utf8_lossy(&c).contains(needle) && pid != std::process::id() as i32 {
                 out.push(pid);
@@ -186,7 +231,10 @@ impl Agent {
         let node = NodeController::new(client.clone(), config.clone(), provider.clone());
         let mut pc = PodControllerConfig::new(&config.node_name, config.internal_ip.to_string());
         pc.retry_delay = Duration::from_secs(1);
-        pc.allocatable = BTreeMap::from([("cpu".into(), 2.0), ("memory".into(), 8.0 * (1u64 << 30) as f64)]);
+        pc.allocatable = BTreeMap::from([
+            ("cpu".into(), 2.0),
+            ("memory".into(), 8.0 * (1u64 << 30) as f64),
+        ]);
         let pods = PodController::new(client, pc, provider);
         let (t1, t2) = (token.clone(), token.clone());
         let tasks = vec![
@@ -220,7 +268,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -230,14 +281,24 @@ where
 pub struct Capture(pub Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl tokio::io::AsyncWrite for Capture {
-    fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         self.0.lock().unwrap().extend_from_slice(buf);
         std::task::Poll::Ready(Ok(buf.len()))
     }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
 }
