@@ -408,36 +408,43 @@ impl ControlPlane {
     /// If the API server refuses (a broken test environment).
     pub async fn create_namespace(&self, prefix: &str) -> String {
         let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+        if let Err(e) = self.prepare_namespace(&name).await {
+            panic!("vzk-testenv: preparing namespace {name}: {e}");
+        }
+        name
+    }
+
+    /// Makes sure namespace `name` exists with the `default` ServiceAccount and the
+    /// `kube-root-ca.crt` ConfigMap (what a controller-manager would create).
+    pub async fn prepare_namespace(&self, name: &str) -> Result<(), kube::Error> {
         let client = self.admin_client().await;
         let pp = PostParams::default();
+        let ignore_exists = |r: Result<(), kube::Error>| match r {
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            other => other,
+        };
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": { "name": name }
         }))
         .unwrap_or_default();
-        if let Err(e) = Api::<Namespace>::all(client.clone()).create(&pp, &ns).await {
-            panic!("vzk-testenv: creating namespace {name}: {e}");
-        }
+        ignore_exists(
+            Api::<Namespace>::all(client.clone())
+                .create(&pp, &ns)
+                .await
+                .map(drop),
+        )?;
         let sa: ServiceAccount =
             serde_json::from_value(serde_json::json!({ "metadata": { "name": "default" } }))
                 .unwrap_or_default();
-        if let Err(e) = Api::<ServiceAccount>::namespaced(client.clone(), &name)
-            .create(&pp, &sa)
-            .await
-        {
-            panic!("vzk-testenv: creating the default ServiceAccount in {name}: {e}");
-        }
+        let sas = Api::<ServiceAccount>::namespaced(client.clone(), name);
+        ignore_exists(sas.create(&pp, &sa).await.map(drop))?;
         let cm: ConfigMap = serde_json::from_value(serde_json::json!({
             "metadata": { "name": "kube-root-ca.crt" },
             "data": { "ca.crt": self.ca_pem }
         }))
         .unwrap_or_default();
-        if let Err(e) = Api::<ConfigMap>::namespaced(client, &name)
-            .create(&pp, &cm)
-            .await
-        {
-            panic!("vzk-testenv: creating kube-root-ca.crt in {name}: {e}");
-        }
-        name
+        let cms = Api::<ConfigMap>::namespaced(client, name);
+        ignore_exists(cms.create(&pp, &cm).await.map(drop))
     }
 
     /// A `kubectl` command using the admin kubeconfig (kubectl must be on PATH).
