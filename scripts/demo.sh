@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The local demo: a control plane (etcd + kube-apiserver from KUBEBUILDER_ASSETS, Node,RBAC +
+# NodeRestriction), a local OCI registry, the test guest built and pushed as a VM image, the node
+# (`vz-kubelet run` as system:node:demo-node) with its VMs in a network namespace of the demo's own,
+# then a VM pod applied with kubectl, waited for Ready, and `kubectl exec`/`logs` into the VM.
+# Everything is torn down at the end (or on Ctrl-C). Needs root (network namespace, TAP, QEMU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -x ../shared/k8s/kube-apiserver ]; then
+  KUBEBUILDER_ASSETS=$(cd ../shared/k8s && pwd); export KUBEBUILDER_ASSETS
+fi
+pybin=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)
+[ -n "$pybin" ] && export PATH="$pybin:$PATH"
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+work=$root/.work/demo
+rm -rf "$work"; mkdir -p "$work"
+netns=vzk-demo-$$
+pids=()
+cleanup() {
+  set +e
+  say "teardown"
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+  for p in $(ip netns pids "$netns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+  ip netns del "$netns" 2>/dev/null
+  echo "done"
+}
+trap cleanup EXIT
+
+say "build"
+cargo build -q -p vz-kubelet -p vzk-testenv --bins
+bin=$root/target/debug
+
+say "control plane"
+"$bin/vzk-cluster" --dir "$work" --node demo-node 2>"$work/cluster.log" & pids+=($!)
+for _ in $(seq 1 120); do [ -f "$work/cluster.env" ] && break; sleep 0.5; done
+[ -f "$work/cluster.env" ] || { cat "$work/cluster.log"; exit 1; }
+# shellcheck disable=SC1091
+. "$work/cluster.env"
+export KUBECONFIG=$ADMIN_KUBECONFIG
+kubectl version 2>/dev/null | sed 's/^/  /'
+
+say "registry"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p "$work/registry"
+cat >"$work/registry.yml" <<YML
+version: 0.1
+storage: { filesystem: { rootdirectory: $work/registry } }
+http: { addr: 127.0.0.1:$port }
+log: { level: error }
+YML
+docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 & pids+=($!)
+registry=127.0.0.1:$port
+for _ in $(seq 1 50); do curl -fs "http://$registry/v2/" >/dev/null && break; sleep 0.2; done
+
+say "test guest image"
+bash scripts/build-test-guest.sh "$root/target/vzk-test-guest" >/dev/null
+g=$root/target/vzk-test-guest
+img=$work/image; mkdir -p "$img"
+cp "$g/vmlinuz" "$img/kernel"; cp "$g/initramfs.gz" "$img/initrd"; cp "$g/disk.raw" "$img/disk.img"
+printf '{"mediatype":"application/vnd.vz-kubelet.vm.config.v1+json","os":"linux","arch":"amd64","kernelCmdline":"%s","cpus":1,"memoryBytes":268435456}\n' \
+  "$(cat "$g/cmdline")" >"$img/config.json"
+dropbearconvert dropbear openssh "$g/id_ed25519" "$work/id_ed25519" >/dev/null 2>&1
+"$bin/vz-kubelet" image push --root "$work/images" --plain-http "$img" "$registry/demo/test-guest:v1"
+
+say "node (vz-kubelet run as system:node:demo-node)"
+ip netns add "$netns"
+ip -n "$netns" link set lo up
+"$bin/vz-kubelet" run --kubeconfig "$NODE_KUBECONFIG" --node-name demo-node --node-ip 127.0.0.1 \
+  --client-ca-file "$CA_FILE" --kubelet-port 10250 --data-dir "$work/data" --vm-netns "$netns" \
+  --insecure-registry "$registry" --ssh-user root --ssh-private-key-path "$work/id_ed25519" \
+  >"$work/node.log" 2>&1 & pids+=($!)
+kubectl wait --for=condition=Ready node/demo-node --timeout=60s
+kubectl get nodes -o wide
+
+say "VM pod"
+sed "s#REGISTRY#$registry#" examples/demo-pod.yaml | kubectl apply -f -
+kubectl wait --for=condition=Ready pod/demo-vm --timeout=300s
+kubectl get pod demo-vm -o wide
+kubectl get events --field-selector involvedObject.name=demo-vm \
+  -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.note 2>/dev/null || true
+
+say "kubectl exec into the VM"
+kubectl exec demo-vm -c vm -- uname -a
+kubectl exec demo-vm -c vm -- sh -c 'echo "hello from the VM, uptime $(cut -d" " -f1 /proc/uptime)s"'
+set +e; kubectl exec demo-vm -c vm -- sh -c 'exit 3'; echo "exit code preserved: $?"; set -e
+
+say "kubectl logs (the VM's serial console, last lines)"
+kubectl logs demo-vm -c vm --tail=5
+
+say "delete with grace"
+kubectl delete pod demo-vm --grace-period=20 --wait=true
+kubectl get pods
