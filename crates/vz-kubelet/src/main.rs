@@ -24,7 +24,7 @@ enum Command {
     /// Run the node agent: register the node and run its pods.
     Run(Box<cmd::run::RunArgs>),
     /// Drive the VM runtime by hand: probe, run, list, stop VMs.
-    Vm(cmd::vm::VmArgs),
+    Vm(Box<cmd::vm::VmArgs>),
 }
 
 fn main() -> ExitCode {
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => cmd::run::run(*args).await,
-            Command::Vm(args) => cmd::vm::run(args).await,
+            Command::Vm(args) => cmd::vm::run(*args).await,
         }
     });
     match result {
