@@ -105,10 +105,10 @@ fn main() {
         rows
     });
     println!(
-        "| run | running | ip | sshd (console) | guest uptime at sshd | ssh ready | overhead |"
+        "| run | running | ip | sshd (console) | guest uptime at sshd | port | ssh ready | ours | handshake |"
     );
     println!(
-        "|----:|--------:|---:|---------------:|---------------------:|----------:|---------:|"
+        "|----:|--------:|---:|---------------:|---------------------:|-----:|----------:|-----:|----------:|"
     );
     for (i, r) in rows.iter().enumerate() {
         println!(
