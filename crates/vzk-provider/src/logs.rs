@@ -91,7 +91,7 @@ pub async fn console_logs(
     let stream = async_stream_follow(file, &mut offset, follow, opts.timestamps, stop);
     let head = futures::stream::iter(first.into_iter().map(Ok));
     let tail = stream
-        .map(move |r| r.map(|c| take(c)))
+        .map(move |r| r.map(&mut take))
         .take_while(|r| futures::future::ready(!matches!(r, Ok(None))));
     let tail = tail.filter_map(|r| {
         futures::future::ready(match r {

@@ -204,10 +204,11 @@ pub fn pids_with(needle: &str) -> Vec<i32> {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            if String::from_utf8_lossy(&c).contains(needle) && pid != std::process::id() as i32 {
-                out.push(pid);
-            }
+        if let Ok(c) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&c).contains(needle)
+            && pid != std::process::id() as i32
+        {
+            out.push(pid);
         }
     }
     out
