@@ -1,12 +1,27 @@
 //! VM images as OCI artifacts: formats, streaming verified pulls, a content-addressed
 //! cache, copy-on-write clones, and pushes.
 //!
-//! * [`media_types`]: every media type and annotation we read and write (agoda, vzk, Tart).
-//! * [`config`]: the VM `config.json` ([`VmConfig`]), macOS and Linux flavours.
-//! * [`store`]: [`ImageStore`], the cache, and [`ImageStore::pull`].
-//! * [`clone`]: [`Cloner`], per-pod copy-on-write disks.
-//! * [`push`]: packing an image directory and pushing it.
+//! * [`media_types`]: every media type and annotation we read and write: the
+//!   macOS-vz-kubelet ("agoda") format (read/write, byte-compatible), our chunked "vzk"
+//!   format with a macOS and a Linux flavour (read/write), and Tart's format (read).
+//! * [`config`]: the VM `config.json` ([`VmConfig`]).
+//! * [`store`]: [`ImageStore`], the cache, [`ImageStore::pull`] and pull policies.
+//! * [`clone`]: [`Cloner`], per-pod copy-on-write disks (reflink or qcow2 overlay).
+//! * [`push()`]: packing an image directory and pushing it.
 //! * [`keyring`]: credentials from `imagePullSecrets` and docker `config.json`.
+//! * [`registry`]: the OCI distribution client (auth, manifests, blobs with `Range`).
+//! * [`tart`]: Apple LZ4 framing and Tart's config.
+//!
+//! # How a pull works
+//!
+//! The manifest is fetched (and checked by [`manifest::plan`]: known media types,
+//! one format, safe titles, required annotations, contiguous chunks), then every blob
+//! is streamed — several at once — through a pipeline that hashes the compressed bytes,
+//! decompresses, hashes the content, and writes only non-zero 64 KiB blocks at the
+//! part's offset of a sparse file. Dropped connections resume with `Range`. Chunks
+//! whose declared content is all zeros are not downloaded. Nothing is kept in memory
+//! beyond a few 4 MiB buffers per blob, and nothing enters the cache before every
+//! digest matched (see [`store`] for the crash-safety guarantees).
 //!
 //! # Use from the provider
 //!

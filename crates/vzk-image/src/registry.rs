@@ -168,8 +168,17 @@ impl Registry {
                     );
                 }
             }
-            let cred = self.creds.get(st.cred_idx);
-            let h = self.answer_challenge(&challenge, cred, what).await?;
+            // A token endpoint that refuses one credential may accept the next.
+            let h = loop {
+                let cred = self.creds.get(st.cred_idx);
+                match self.answer_challenge(&challenge, cred, what).await {
+                    Ok(h) => break h,
+                    Err(ImageError::Unauthorized { .. }) if st.cred_idx + 1 < self.creds.len() => {
+                        st.cred_idx += 1
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             st.header = Some(h);
             st.obtained = Some(Instant::now());
         }

@@ -1,5 +1,6 @@
 //! Integration tests of vzk-image against a real `docker-registry` (one binary).
 
+mod auth;
 mod clone;
 mod faults;
 mod roundtrip;

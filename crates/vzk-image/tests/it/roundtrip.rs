@@ -464,3 +464,95 @@ async fn concurrent_pulls_share_one_download_and_gc_keeps_pinned() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].references, vec![format!("{}/vm/a:2", proxy.addr)]);
 }
+
+/// A Tart-format image (config, `disk.v2` chunks in Apple LZ4 framing, NVRAM), built the
+/// way `tart push` lays it out, is pulled into disk.img + aux.img + config.json.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tart_image_is_pulled() {
+    let reg = TestRegistry::start(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let r = Reference::parse(&format!("{}/tart/vm:1", reg.addr)).expect("ref");
+    let client = Registry::new(&r, &plain(), true).expect("client");
+    let disk = [
+        text_bytes(3 << 20),
+        vec![0u8; 2 << 20],
+        random_bytes(8, 1 << 20),
+        text_bytes(1 << 20),
+    ]
+    .concat();
+    let nvram = [random_bytes(9, 4096), vec![0u8; 60_000]].concat();
+    let config = br#"{"version":1,"os":"darwin","arch":"arm64","cpuCount":4,"memorySize":8589934592,"ecid":"YnBsaXN0MDA=","hardwareModel":"YnBsaXN0MDDT","macAddress":"7e:00:00:00:00:01","display":{"width":1024,"height":768}}"#;
+    async fn put(client: &Registry, bytes: Vec<u8>) -> (String, u64) {
+        let d = sha256_digest(&bytes);
+        let n = bytes.len() as u64;
+        client
+            .put_blob(&d, n, move || bytes.into())
+            .await
+            .expect("blob");
+        (d, n)
+    }
+    let desc = |media: &str, (digest, size): (String, u64), ann: Vec<(&str, String)>| Descriptor {
+        media_type: media.into(),
+        digest,
+        size,
+        data: None,
+        platform: None,
+        annotations: (!ann.is_empty())
+            .then(|| ann.into_iter().map(|(k, v)| (k.to_string(), v)).collect()),
+    };
+    let mut layers = vec![desc(
+        mt::TART_CONFIG,
+        put(&client, config.to_vec()).await,
+        vec![],
+    )];
+    // Tart cuts 512 MiB chunks; 3 MiB here, so one chunk ends mid-way through the zeros.
+    for chunk in disk.chunks(3 << 20) {
+        let blob = vzk_image::tart::apple_lz4_encode(chunk, 64 << 10);
+        layers.push(desc(
+            mt::TART_DISK_V2,
+            put(&client, blob).await,
+            vec![
+                (mt::TART_UNCOMPRESSED_SIZE, chunk.len().to_string()),
+                (mt::TART_UNCOMPRESSED_DIGEST, sha256_digest(chunk)),
+            ],
+        ));
+    }
+    layers.push(desc(
+        mt::TART_NVRAM,
+        put(&client, nvram.clone()).await,
+        vec![],
+    ));
+    let stub = br#"{"architecture":"arm64","os":"darwin","config":{"Labels":{"org.cirruslabs.tart.disk.format":"raw"}}}"#;
+    let m = Manifest {
+        schema_version: 2,
+        media_type: Some(mt::OCI_MANIFEST.into()),
+        artifact_type: None,
+        config: desc(
+            mt::OCI_IMAGE_CONFIG,
+            put(&client, stub.to_vec()).await,
+            vec![],
+        ),
+        layers,
+        annotations: Some(BTreeMap::from([(
+            mt::TART_UNCOMPRESSED_DISK_SIZE.into(),
+            disk.len().to_string(),
+        )])),
+    };
+    client
+        .put_manifest(
+            "1",
+            &serde_json::to_vec(&m).expect("json"),
+            mt::OCI_MANIFEST,
+        )
+        .await
+        .expect("manifest");
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    let img = store.pull(&r, &pull_opts()).await.expect("pull tart");
+    assert_eq!(img.format, Format::Tart);
+    assert_eq!(std::fs::read(img.disk()).expect("disk"), disk);
+    assert_eq!(std::fs::read(img.aux().expect("aux")).expect("aux"), nvram);
+    assert_eq!(img.config.os, GuestOs::Darwin);
+    assert_eq!(img.config.cpus, Some(4));
+    assert_eq!(img.config.machine_id_data.as_deref(), Some("YnBsaXN0MDA="));
+    assert!(img.dir.join("tart-config.json").exists());
+}
