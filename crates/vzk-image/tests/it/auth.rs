@@ -71,8 +71,9 @@ async fn token_registry() -> (String, Arc<Mutex<Vec<String>>>) {
                     // base64("alice:s3cret") = YWxpY2U6czNjcmV0
                     let ok =
                         auth == "Basic YWxpY2U6czNjcmV0" || body.contains("refresh_token=rt-1");
-                    if ok && line.contains("scope=repository%3Avm%2Fx%3Apull")
-                        || ok && body.contains("scope=repository%3Avm%2Fx%3Apull")
+                    if ok
+                        && (line.contains("scope=repository%3Avm%2Fx%3Apull")
+                            || body.contains("scope=repository%3Avm%2Fx%3Apull"))
                     {
                         (
                             "200 OK",
