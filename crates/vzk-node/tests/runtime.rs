@@ -644,18 +644,28 @@ fn audit_counts(
     let mut seen = std::collections::HashSet::new();
     let mut counts = BTreeMap::new();
     for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if v["user"]["username"] != user {
             continue;
         }
-        let Some(at) = v["requestReceivedTimestamp"].as_str().and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        let Some(at) = v["requestReceivedTimestamp"]
+            .as_str()
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
         else {
             continue;
         };
-        if at < from || at >= to || !seen.insert(v["auditID"].as_str().unwrap_or_default().to_owned()) {
+        if at < from
+            || at >= to
+            || !seen.insert(v["auditID"].as_str().unwrap_or_default().to_owned())
+        {
             continue;
         }
-        let mut resource = v["objectRef"]["resource"].as_str().unwrap_or("-").to_owned();
+        let mut resource = v["objectRef"]["resource"]
+            .as_str()
+            .unwrap_or("-")
+            .to_owned();
         if let Some(sub) = v["objectRef"]["subresource"].as_str() {
             resource = format!("{resource}/{sub}");
         }
@@ -680,7 +690,10 @@ async fn idle_node_makes_at_most_one_write_per_ten_seconds() {
     .await;
     let admin = cp().admin_client().await;
     let leases: Api<Lease> = Api::namespaced(admin, "kube-node-lease");
-    wait_for(T, "lease", || async { leases.get_opt(&name).await.ok().flatten() }).await;
+    wait_for(T, "lease", || async {
+        leases.get_opt(&name).await.ok().flatten()
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(12)).await; // past registration
     let from = k8s_openapi::jiff::Timestamp::now();
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -698,7 +711,16 @@ async fn idle_node_makes_at_most_one_write_per_ten_seconds() {
         .filter(|((verb, _), _)| matches!(verb.as_str(), "create" | "update" | "patch" | "delete"))
         .map(|(_, n)| n)
         .sum();
-    println!("writes: {writes} in 60 s = {:.2} per 10 s", writes as f64 / 6.0);
-    assert!(writes >= 5, "the lease must be renewed while idle: {counts:?}");
-    assert!(writes <= 7, "more than one write per 10 s while idle: {counts:?}");
+    println!(
+        "writes: {writes} in 60 s = {:.2} per 10 s",
+        writes as f64 / 6.0
+    );
+    assert!(
+        writes >= 5,
+        "the lease must be renewed while idle: {counts:?}"
+    );
+    assert!(
+        writes <= 7,
+        "more than one write per 10 s while idle: {counts:?}"
+    );
 }
