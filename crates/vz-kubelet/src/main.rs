@@ -25,6 +25,8 @@ enum Command {
     Run(Box<cmd::run::RunArgs>),
     /// Drive the VM runtime by hand: probe, run, list, stop VMs.
     Vm(Box<cmd::vm::VmArgs>),
+    /// VM images: push, pull, ls, inspect, rm, prune.
+    Image(Box<cmd::image::ImageArgs>),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => cmd::run::run(*args).await,
             Command::Vm(args) => cmd::vm::run(*args).await,
+            Command::Image(args) => cmd::image::run(*args).await,
         }
     });
     match result {

@@ -1,4 +1,5 @@
 //! One module per subcommand.
 
+pub(crate) mod image;
 pub(crate) mod run;
 pub(crate) mod vm;

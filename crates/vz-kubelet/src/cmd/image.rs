@@ -1,0 +1,360 @@
+//! `vz-kubelet image …`: push, pull, list, inspect, remove and prune VM images.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use vzk_image::manifest::{self, Format};
+use vzk_image::push::AgodaLayout;
+use vzk_image::registry::Registry;
+use vzk_image::serde_json;
+use vzk_image::{
+    Credentials, ImageStore, Keyring, LogProgress, Progress, PullOptions, PullPolicy, PushOptions, Reference,
+    RegistryOptions,
+};
+
+/// `vz-kubelet image` flags.
+#[derive(Debug, Args)]
+pub(crate) struct ImageArgs {
+    #[command(subcommand)]
+    command: ImageCommand,
+    /// The image cache directory.
+    #[arg(long, global = true, env = "VZK_IMAGE_ROOT")]
+    root: Option<PathBuf>,
+    /// Cache size budget, e.g. `200G` (least recently used, unpinned images go first).
+    #[arg(long, global = true, env = "VZK_IMAGE_BUDGET", value_parser = parse_size)]
+    budget: Option<u64>,
+    /// Talk plain HTTP to the registry (automatic for localhost and loopback addresses).
+    #[arg(long, global = true)]
+    plain_http: bool,
+    /// Accept any TLS certificate from the registry.
+    #[arg(long, global = true)]
+    insecure: bool,
+    /// Registry user name.
+    #[arg(long, global = true, env = "VZK_REGISTRY_USERNAME")]
+    username: Option<String>,
+    /// Registry password.
+    #[arg(long, global = true, env = "VZK_REGISTRY_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Docker config with registry credentials (default `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
+    #[arg(long, global = true)]
+    docker_config: Option<PathBuf>,
+    /// Output of `ls`, `inspect`, `push`, `pull`, `prune`.
+    #[arg(long, short, global = true, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum FormatArg {
+    /// vz-kubelet's chunked zstd format (parallel, resumable, sparse pulls).
+    Vzk,
+    /// macOS-vz-kubelet's format (one gzip layer per file).
+    Agoda,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum PolicyArg {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Push an image directory (config.json + disk.img [+ aux.img | kernel, initrd]).
+    Push {
+        /// The image directory.
+        dir: PathBuf,
+        /// Where to push, e.g. `registry:5000/macos:sonoma`.
+        reference: String,
+        /// Image format.
+        #[arg(long, value_enum, default_value = "vzk")]
+        format: FormatArg,
+        /// Chunk size in MiB (vzk format).
+        #[arg(long, default_value_t = 64)]
+        chunk_size_mib: u64,
+        /// Blobs compressed and uploaded at once.
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// agoda: put config.json in the manifest config (the e2e helper's layout) instead of a layer.
+        #[arg(long)]
+        config_as_config: bool,
+        /// Extra tags for the same manifest.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Pull an image into the cache and print its directory.
+    Pull {
+        /// Image reference.
+        reference: String,
+        /// Pull policy.
+        #[arg(long, value_enum, default_value = "always")]
+        policy: PolicyArg,
+        /// Parts downloaded at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
+    /// List cached images.
+    Ls,
+    /// Show an image: the cached copy, or the registry's manifest with `--remote`.
+    Inspect {
+        /// Image reference.
+        reference: String,
+        /// Ask the registry even if the image is cached.
+        #[arg(long)]
+        remote: bool,
+    },
+    /// Remove a tag from the cache (and the image when nothing else refers to it).
+    Rm {
+        /// Image reference.
+        reference: String,
+    },
+    /// Remove untagged images and garbage-collect to the budget.
+    Prune,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1u64 << 40,
+                u => return Err(format!("unknown unit {u:?}")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| format!("not a size: {s:?}"))?;
+    Ok((n * mult as f64) as u64)
+}
+
+fn default_root() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| {
+            let h = PathBuf::from(h);
+            if cfg!(target_os = "macos") { h.join("Library/Caches") } else { h.join(".cache") }
+        })
+    });
+    base.unwrap_or_else(std::env::temp_dir).join("vz-kubelet/images")
+}
+
+fn is_local(r: &Reference) -> bool {
+    let host = r.registry.rsplit_once(':').map_or(r.registry.as_str(), |(h, _)| h);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl ImageArgs {
+    fn credentials(&self, r: &Reference) -> anyhow::Result<Vec<Credentials>> {
+        if let Some(u) = &self.username {
+            return Ok(vec![Credentials::basic(u, self.password.clone().unwrap_or_default())]);
+        }
+        let path = match &self.docker_config {
+            Some(p) => p.clone(),
+            None => std::env::var_os("DOCKER_CONFIG")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))
+                .unwrap_or_default()
+                .join("config.json"),
+        };
+        Ok(Keyring::from_docker_config_file(&path)?.lookup(r))
+    }
+
+    fn registry_options(&self, r: &Reference) -> anyhow::Result<RegistryOptions> {
+        Ok(RegistryOptions {
+            credentials: self.credentials(r)?,
+            plain_http: self.plain_http || is_local(r),
+            insecure: self.insecure,
+        })
+    }
+
+    fn store(&self) -> anyhow::Result<ImageStore> {
+        let root = self.root.clone().unwrap_or_else(default_root);
+        ImageStore::open(&root, self.budget.unwrap_or(u64::MAX))
+            .with_context(|| format!("cannot open the image cache at {}", root.display()))
+    }
+}
+
+fn progress() -> Arc<dyn Progress> {
+    if std::io::stderr().is_terminal() {
+        Arc::new(vzk_image::progress::BarProgress::new())
+    } else {
+        Arc::new(LogProgress::default())
+    }
+}
+
+fn print_json(v: serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+/// Run `vz-kubelet image …`.
+pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
+    match &args.command {
+        ImageCommand::Push { dir, reference, format, chunk_size_mib, concurrency, config_as_config, tags } => {
+            let r = Reference::parse(reference)?;
+            let store_tmp = args.store()?.root().join("tmp");
+            let mut opts = PushOptions {
+                format: match format {
+                    FormatArg::Vzk => Format::Vzk,
+                    FormatArg::Agoda => Format::Agoda,
+                },
+                agoda_layout: if *config_as_config { AgodaLayout::ConfigAsConfig } else { AgodaLayout::EmptyConfig },
+                chunk_size: chunk_size_mib.max(&1) << 20,
+                registry: args.registry_options(&r)?,
+                work_dir: Some(store_tmp),
+                extra_tags: tags.clone(),
+                progress: Some(progress()),
+                ..Default::default()
+            };
+            if let Some(c) = concurrency {
+                opts.concurrency = *c;
+            }
+            let started = std::time::Instant::now();
+            let report = vzk_image::push(dir, &r, &opts).await.with_context(|| format!("push {r}"))?;
+            let secs = started.elapsed().as_secs_f64();
+            if args.output == Output::Json {
+                print_json(serde_json::to_value(&report)?)?;
+            } else {
+                println!(
+                    "pushed {r}@{} ({} in {} blobs, {} uploaded, {} already there) in {secs:.1}s, {:.0} MB/s",
+                    report.digest,
+                    human(report.compressed_bytes),
+                    report.uploaded_blobs + report.skipped_blobs,
+                    report.uploaded_blobs,
+                    report.skipped_blobs,
+                    report.uncompressed_bytes as f64 / secs / 1e6
+                );
+            }
+        }
+        ImageCommand::Pull { reference, policy, concurrency } => {
+            let r = Reference::parse(reference)?;
+            let store = args.store()?;
+            let reg = args.registry_options(&r)?;
+            let opts = PullOptions {
+                credentials: reg.credentials,
+                policy: match policy {
+                    PolicyArg::Always => PullPolicy::Always,
+                    PolicyArg::IfNotPresent => PullPolicy::IfNotPresent,
+                    PolicyArg::Never => PullPolicy::Never,
+                },
+                plain_http: reg.plain_http,
+                insecure: reg.insecure,
+                concurrency: *concurrency,
+                progress: Some(progress()),
+            };
+            let img = store.pull(&r, &opts).await.with_context(|| format!("pull {r}"))?;
+            if args.output == Output::Json {
+                print_json(serde_json::json!({
+                    "reference": img.reference, "digest": img.digest, "dir": img.dir,
+                    "format": img.format, "config": img.config,
+                }))?;
+            } else {
+                println!("{}", img.dir.display());
+            }
+        }
+        ImageCommand::Ls => {
+            let list = args.store()?.list()?;
+            if args.output == Output::Json {
+                return print_json(serde_json::to_value(&list)?);
+            }
+            println!("{:<50} {:<19} {:<6} {:>10} {:>10} PINNED", "REFERENCE", "DIGEST", "FORMAT", "SIZE", "ON DISK");
+            for i in list {
+                let refs = if i.references.is_empty() { vec!["<none>".to_string()] } else { i.references.clone() };
+                for r in refs {
+                    println!(
+                        "{:<50} {:<19} {:<6} {:>10} {:>10} {}",
+                        r,
+                        &i.digest[..i.digest.len().min(19)],
+                        i.format.as_str(),
+                        human(i.size),
+                        human(i.disk_usage),
+                        if i.pinned { "yes" } else { "" }
+                    );
+                }
+            }
+        }
+        ImageCommand::Inspect { reference, remote } => {
+            let r = Reference::parse(reference)?;
+            let store = args.store()?;
+            if !remote && let Some(img) = store.get(&r)? {
+                let m = std::fs::read(img.dir.join("manifest.json"))?;
+                let m: serde_json::Value = serde_json::from_slice(&m)?;
+                return print_json(serde_json::json!({
+                    "reference": img.reference, "digest": img.digest, "dir": img.dir,
+                    "format": img.format, "config": img.config, "manifest": m,
+                }));
+            }
+            let reg = Registry::new(&r, &args.registry_options(&r)?, false)?;
+            let fetched = reg.get_manifest(r.manifest_ref()).await?;
+            let m = manifest::parse_manifest(&fetched.bytes, &r.to_string())?;
+            let plan = manifest::plan(&m, &r.to_string())?;
+            let raw: serde_json::Value = serde_json::from_slice(&fetched.bytes)?;
+            print_json(serde_json::json!({
+                "reference": r.to_string(), "digest": fetched.digest, "format": plan.format,
+                "compressedSize": plan.compressed_size(), "uncompressedSize": plan.uncompressed_size(),
+                "files": plan.files.iter().map(|f| serde_json::json!({
+                    "file": f.role.file_name(), "size": f.size, "parts": f.parts.len()})).collect::<Vec<_>>(),
+                "manifest": raw,
+            }))?;
+        }
+        ImageCommand::Rm { reference } => {
+            let r = Reference::parse(reference)?;
+            if !args.store()?.remove(&r)? {
+                bail!("{r} is not in the cache");
+            }
+            if args.output == Output::Text {
+                println!("removed {r}");
+            }
+        }
+        ImageCommand::Prune => {
+            let report = args.store()?.prune()?;
+            if args.output == Output::Json {
+                return print_json(serde_json::to_value(&report)?);
+            }
+            println!(
+                "removed {} image(s), freed {}, {} in use",
+                report.removed.len(),
+                human(report.freed),
+                human(report.remaining)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("200G"), Ok(200 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("3X").is_err());
+    }
+}
