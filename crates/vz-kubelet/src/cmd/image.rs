@@ -11,8 +11,8 @@ use vzk_image::push::AgodaLayout;
 use vzk_image::registry::Registry;
 use vzk_image::serde_json;
 use vzk_image::{
-    Credentials, ImageStore, Keyring, LogProgress, Progress, PullOptions, PullPolicy, PushOptions, Reference,
-    RegistryOptions,
+    Credentials, ImageStore, Keyring, LogProgress, Progress, PullOptions, PullPolicy, PushOptions,
+    Reference, RegistryOptions,
 };
 
 /// `vz-kubelet image` flags.
@@ -36,7 +36,12 @@ pub(crate) struct ImageArgs {
     #[arg(long, global = true, env = "VZK_REGISTRY_USERNAME")]
     username: Option<String>,
     /// Registry password.
-    #[arg(long, global = true, env = "VZK_REGISTRY_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "VZK_REGISTRY_PASSWORD",
+        hide_env_values = true
+    )]
     password: Option<String>,
     /// Docker config with registry credentials (default `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
     #[arg(long, global = true)]
@@ -125,7 +130,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => {
-            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+            let m = match s[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
                 "" => 1,
                 "K" => 1 << 10,
                 "M" => 1 << 20,
@@ -137,29 +146,48 @@ fn parse_size(s: &str) -> Result<u64, String> {
         }
         None => (s, 1),
     };
-    let n: f64 = num.trim().parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size: {s:?}"))?;
     Ok((n * mult as f64) as u64)
 }
 
 fn default_root() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| {
-        std::env::var_os("HOME").map(|h| {
-            let h = PathBuf::from(h);
-            if cfg!(target_os = "macos") { h.join("Library/Caches") } else { h.join(".cache") }
-        })
-    });
-    base.unwrap_or_else(std::env::temp_dir).join("vz-kubelet/images")
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| {
+                let h = PathBuf::from(h);
+                if cfg!(target_os = "macos") {
+                    h.join("Library/Caches")
+                } else {
+                    h.join(".cache")
+                }
+            })
+        });
+    base.unwrap_or_else(std::env::temp_dir)
+        .join("vz-kubelet/images")
 }
 
 fn is_local(r: &Reference) -> bool {
-    let host = r.registry.rsplit_once(':').map_or(r.registry.as_str(), |(h, _)| h);
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    let host = r
+        .registry
+        .rsplit_once(':')
+        .map_or(r.registry.as_str(), |(h, _)| h);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl ImageArgs {
     fn credentials(&self, r: &Reference) -> anyhow::Result<Vec<Credentials>> {
         if let Some(u) = &self.username {
-            return Ok(vec![Credentials::basic(u, self.password.clone().unwrap_or_default())]);
+            return Ok(vec![Credentials::basic(
+                u,
+                self.password.clone().unwrap_or_default(),
+            )]);
         }
         let path = match &self.docker_config {
             Some(p) => p.clone(),
@@ -208,13 +236,25 @@ fn human(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 /// Run `vz-kubelet image …`.
 pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
     match &args.command {
-        ImageCommand::Push { dir, reference, format, chunk_size_mib, concurrency, config_as_config, tags } => {
+        ImageCommand::Push {
+            dir,
+            reference,
+            format,
+            chunk_size_mib,
+            concurrency,
+            config_as_config,
+            tags,
+        } => {
             let r = Reference::parse(reference)?;
             let store_tmp = args.store()?.root().join("tmp");
             let mut opts = PushOptions {
@@ -222,7 +262,11 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
                     FormatArg::Vzk => Format::Vzk,
                     FormatArg::Agoda => Format::Agoda,
                 },
-                agoda_layout: if *config_as_config { AgodaLayout::ConfigAsConfig } else { AgodaLayout::EmptyConfig },
+                agoda_layout: if *config_as_config {
+                    AgodaLayout::ConfigAsConfig
+                } else {
+                    AgodaLayout::EmptyConfig
+                },
                 chunk_size: chunk_size_mib.max(&1) << 20,
                 registry: args.registry_options(&r)?,
                 work_dir: Some(store_tmp),
@@ -234,7 +278,9 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
                 opts.concurrency = *c;
             }
             let started = std::time::Instant::now();
-            let report = vzk_image::push(dir, &r, &opts).await.with_context(|| format!("push {r}"))?;
+            let report = vzk_image::push(dir, &r, &opts)
+                .await
+                .with_context(|| format!("push {r}"))?;
             let secs = started.elapsed().as_secs_f64();
             if args.output == Output::Json {
                 print_json(serde_json::to_value(&report)?)?;
@@ -250,7 +296,11 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        ImageCommand::Pull { reference, policy, concurrency } => {
+        ImageCommand::Pull {
+            reference,
+            policy,
+            concurrency,
+        } => {
             let r = Reference::parse(reference)?;
             let store = args.store()?;
             let reg = args.registry_options(&r)?;
@@ -266,7 +316,10 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
                 concurrency: *concurrency,
                 progress: Some(progress()),
             };
-            let img = store.pull(&r, &opts).await.with_context(|| format!("pull {r}"))?;
+            let img = store
+                .pull(&r, &opts)
+                .await
+                .with_context(|| format!("pull {r}"))?;
             if args.output == Output::Json {
                 print_json(serde_json::json!({
                     "reference": img.reference, "digest": img.digest, "dir": img.dir,
@@ -281,9 +334,16 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
             if args.output == Output::Json {
                 return print_json(serde_json::to_value(&list)?);
             }
-            println!("{:<50} {:<19} {:<6} {:>10} {:>10} PINNED", "REFERENCE", "DIGEST", "FORMAT", "SIZE", "ON DISK");
+            println!(
+                "{:<50} {:<19} {:<6} {:>10} {:>10} PINNED",
+                "REFERENCE", "DIGEST", "FORMAT", "SIZE", "ON DISK"
+            );
             for i in list {
-                let refs = if i.references.is_empty() { vec!["<none>".to_string()] } else { i.references.clone() };
+                let refs = if i.references.is_empty() {
+                    vec!["<none>".to_string()]
+                } else {
+                    i.references.clone()
+                };
                 for r in refs {
                     println!(
                         "{:<50} {:<19} {:<6} {:>10} {:>10} {}",
