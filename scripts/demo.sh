@@ -69,15 +69,17 @@ say "node (vz-kubelet run as system:node:demo-node)"
 ip netns add "$netns"
 ip -n "$netns" link set lo up
 "$bin/vz-kubelet" run --kubeconfig "$NODE_KUBECONFIG" --node-name demo-node --node-ip 127.0.0.1 \
-  --client-ca-file "$CA_FILE" --kubelet-port 10250 --data-dir "$work/data" --vm-netns "$netns" \
+  --client-ca-file "$CA_FILE" --kubelet-port 10250 --data-dir "$work/data" --vm-netns "$netns" --accel "${VZK_ACCEL:-tcg}" \
   --insecure-registry "$registry" --ssh-user root --ssh-private-key-path "$work/id_ed25519" \
   >"$work/node.log" 2>&1 & pids+=($!)
-kubectl wait --for=condition=Ready node/demo-node --timeout=60s
+for _ in $(seq 1 120); do kubectl get node demo-node >/dev/null 2>&1 && break; sleep 0.5; done
+kubectl wait --for=condition=Ready node/demo-node --timeout=60s || { tail -20 "$work/node.log"; exit 1; }
 kubectl get nodes -o wide
 
 say "VM pod"
 sed "s#REGISTRY#$registry#" examples/demo-pod.yaml | kubectl apply -f -
-kubectl wait --for=condition=Ready pod/demo-vm --timeout=300s
+kubectl wait --for=condition=Ready pod/demo-vm --timeout=300s || {
+  kubectl describe pod demo-vm; tail -20 "$work/node.log"; exit 1; }
 kubectl get pod demo-vm -o wide
 kubectl get events --field-selector involvedObject.name=demo-vm \
   -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.note 2>/dev/null || true

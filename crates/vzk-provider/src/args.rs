@@ -32,6 +32,11 @@ pub struct ProviderArgs {
     #[arg(long, env = "VZK_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
 
+    /// QEMU accelerator: `auto` (KVM when a probe VM really runs on it, else TCG), `kvm`
+    /// or `tcg`. Force `tcg` where nested KVM passes the probe but crashes real guests.
+    #[arg(long, env = "VZK_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    pub accel: String,
+
     /// Image cache budget in bytes (least recently used unpinned images are evicted).
     #[arg(long, env = "VZK_IMAGE_CACHE_BYTES", default_value_t = 200 << 30)]
     pub image_cache_bytes: u64,
@@ -87,6 +92,7 @@ impl ProviderArgs {
             network: NetworkAttachment::Nat,
             vm_netns: None,
             qemu: "qemu-system-x86_64".into(),
+            accel: "auto".into(),
             image_cache_bytes: 200 << 30,
             insecure_registries: Vec::new(),
             docker_config: None,

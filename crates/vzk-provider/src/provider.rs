@@ -126,6 +126,11 @@ impl VmProvider {
         };
         let mut qcfg = QemuConfig::new(&qemu_root);
         qcfg.binary = args.qemu.clone();
+        qcfg.accel = match args.accel.as_str() {
+            "kvm" => vzk_vm::qemu::AccelChoice::Force(vzk_vm::qemu::Accel::Kvm),
+            "tcg" => vzk_vm::qemu::AccelChoice::Force(vzk_vm::qemu::Accel::Tcg),
+            _ => vzk_vm::qemu::AccelChoice::Auto,
+        };
         let hv = exec
             .run(async move { QemuBackend::new(qcfg).await })
             .await
