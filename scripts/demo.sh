@@ -82,7 +82,7 @@ kubectl wait --for=condition=Ready pod/demo-vm --timeout=300s || {
   kubectl describe pod demo-vm; tail -20 "$work/node.log"; exit 1; }
 kubectl get pod demo-vm -o wide
 kubectl get events --field-selector involvedObject.name=demo-vm \
-  -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.note 2>/dev/null || true
+  -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message 2>/dev/null || true
 
 say "kubectl exec into the VM"
 kubectl exec demo-vm -c vm -- uname -a
