@@ -11,4 +11,7 @@ fi
 # kubectl 1.37 from PyPI must win over any older kubectl on PATH.
 pybin=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)
 [ -n "$pybin" ] && export PATH="$pybin:$PATH"
+# Nested KVM on these machines can pass the accelerator probe and then crash real
+# guests: pin TCG for the tests (see vzk_vm::qemu::probe::select_accel).
+export VZK_ACCEL="${VZK_ACCEL:-tcg}"
 exec cargo test --workspace --locked "$@"

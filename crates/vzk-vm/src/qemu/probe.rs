@@ -160,9 +160,19 @@ pub async fn firmware_boots(
 }
 
 /// Picks the accelerator for `choice`.
+///
+/// With `Auto`, the environment variable `VZK_ACCEL=tcg` (or `kvm`) overrides the probe:
+/// on hosts with nested KVM the probe VM can run while real guests crash QEMU
+/// (`kvm_buf_set_msrs` assertion), so operators and the test suite pin TCG there.
 pub async fn select_accel(binary: &Path, choice: AccelChoice) -> Result<Accel, ProbeError> {
+    let from_env = match std::env::var("VZK_ACCEL").as_deref() {
+        Ok("tcg") => Some(Accel::Tcg),
+        Ok("kvm") => Some(Accel::Kvm),
+        _ => None,
+    };
     match choice {
         AccelChoice::Force(a) => Ok(a),
+        AccelChoice::Auto if from_env.is_some() => Ok(from_env.unwrap_or(Accel::Tcg)),
         AccelChoice::Auto => Ok(if kvm_works(binary).await? {
             Accel::Kvm
         } else {
