@@ -63,6 +63,51 @@ fn probe_finds_qemu_and_a_working_accelerator() {
     });
 }
 
+/// The KVM probe's payload is proven right under TCG (it must print every stage and the
+/// marker); under KVM the verdict is whatever this host gives, but the probe returns.
+#[test]
+fn kvm_probe_payload_reaches_long_mode_under_tcg_and_the_kvm_verdict_returns() {
+    use vzk_vm::qemu::probe::{PROBE_MARKER, payload_runs};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let qemu: &std::path::Path = "qemu-system-x86_64".as_ref();
+        let tcg = payload_runs(qemu, Accel::Tcg, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(tcg.works, "{tcg:?}");
+        assert_eq!(tcg.progress, format!("RPLG{PROBE_MARKER}"), "{tcg:?}");
+        assert!(tcg.detail.is_empty(), "{tcg:?}");
+
+        // A hang guard, not a timing assertion: the probe must come back on its own.
+        let kvm = tokio::time::timeout(
+            Duration::from_secs(120),
+            payload_runs(qemu, Accel::Kvm, vzk_vm::qemu::probe::KVM_PROBE_TIMEOUT),
+        )
+        .await
+        .expect("the KVM probe must not hang past its time limit")
+        .unwrap();
+        eprintln!("KVM verdict on this host: {kvm:?}");
+        if kvm.works {
+            assert_eq!(kvm.progress, format!("RPLG{PROBE_MARKER}"));
+        } else {
+            assert!(!kvm.progress.contains(PROBE_MARKER), "{kvm:?}");
+            assert!(!kvm.detail.is_empty(), "a failed verdict says why: {kvm:?}");
+        }
+
+        // The backend caches the verdict for this boot in its state dir.
+        let state = tempfile::tempdir().unwrap();
+        let file = state.path().join("kvm-probe.json");
+        let kvm_cached = vzk_vm::qemu::probe::kvm_works_cached(qemu, &file)
+            .await
+            .unwrap();
+        let cached: vzk_vm::qemu::probe::CachedVerdict =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(cached.kvm, kvm_cached);
+        assert_eq!(cached.kvm, kvm.works, "the cached verdict is the probe's");
+        assert_eq!(Some(cached.boot_id), vzk_vm::qemu::probe::boot_id());
+    });
+}
+
 /// Boot on `nat`, find the IP from DHCP, SSH in, re-adopt from a fresh backend (agent
 /// restart), SSH again, then stop gracefully within the grace period.
 #[test]

@@ -54,10 +54,7 @@ pub fn qemu_args(
 ) -> Result<Vec<String>, CommandError> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-    let cpu = match accel {
-        Accel::Kvm => "host",
-        Accel::Tcg => "max",
-    };
+    let cpu = accel.cpu_model();
     push(&["-name", &format!("vzk-{},process=vzk-{}", spec.id, spec.id)]);
     push(&[
         "-machine",

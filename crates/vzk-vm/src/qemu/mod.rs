@@ -126,11 +126,15 @@ impl QemuBackend {
         let version = probe::qemu_version(&config.binary)
             .await
             .map_err(|e| unavailable(e.to_string()))?;
-        let accel = probe::select_accel(&config.binary, config.accel)
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
         std::fs::create_dir_all(config.state_dir.join("vms"))
             .map_err(|e| unavailable(format!("creating {}: {e}", config.state_dir.display())))?;
+        let accel = probe::select_accel_cached(
+            &config.binary,
+            config.accel,
+            &config.state_dir.join("kvm-probe.json"),
+        )
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
         let nat = match config.nat.clone() {
             Some(c) => Some(
                 NatNetwork::start(c, &config.state_dir.join("nat"))
