@@ -98,3 +98,41 @@ mod tests {
         );
     }
 }
+
+/// Formats an error with its `source()` chain: `outer: cause: root cause`.
+///
+/// The one way every crate of vz-kubelet prints an error for a log line, an event or a
+/// status message.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// [`ErrorChain`] as a `String`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    ErrorChain(e).to_string()
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn chain_lists_every_source_in_order() {
+        let e = Outer(std::io::Error::other("disk on fire"));
+        assert_eq!(error_chain(&e), "outer: disk on fire");
+    }
+}

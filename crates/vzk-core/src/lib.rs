@@ -14,7 +14,7 @@ pub mod provider;
 pub mod stats;
 pub mod streams;
 
-pub use error::ProviderError;
+pub use error::{ErrorChain, ProviderError, error_chain};
 pub use provider::{
     NodeProvider, PodEvent, PodKey, PodLifecycle, PodNotifier, PodUpdate, Provider, RuntimeInfo,
     StreamingRuntime,

@@ -604,17 +604,4 @@ fn spawn_disconnect(conn: Arc<Conn>) {
     }
 }
 
-/// Formats an error with its `source()` chain, each level once.
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
-    }
-}
+pub use vzk_core::ErrorChain;

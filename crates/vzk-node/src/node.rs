@@ -551,16 +551,7 @@ fn disk_condition(disk: Option<host::DiskInfo>, min_free: f64) -> NodeCondition 
 }
 
 /// Formats an error and its sources on one line (for logs).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use vzk_core::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -555,13 +555,4 @@ async fn try_client_from(kubeconfig: &Path) -> Result<kube::Client, TestEnvError
 }
 
 /// Formats an error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use vzk_core::error_chain;
