@@ -81,6 +81,8 @@ struct PodState {
     latest: Option<Pod>,
     /// Last status written (or seen) for this UID.
     written: Option<PodStatus>,
+    /// The provider's latest status when writing it failed: retried until it lands.
+    unsent: Option<(PodKey, PodStatus)>,
 }
 
 struct Shared {
@@ -168,7 +170,11 @@ impl PodController {
         let api: Api<Pod> = Api::all(shared.client.clone());
         let wc = watcher::Config::default()
             .fields(&format!("spec.nodeName={}", shared.config.node_name));
-        let mut stream = watcher::watcher(api, wc).default_backoff().boxed();
+        let mut stream = watcher::watcher(api, wc)
+            .backoff(watch_backoff())
+            .boxed();
+        let mut retry_tick = tokio::time::interval(STATUS_RETRY);
+        retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen_in_list: HashSet<String> = HashSet::new();
 
         loop {
@@ -180,6 +186,9 @@ impl PodController {
                 }
                 Some(update) = updates.recv() => {
                     handle_update(&shared, update).await;
+                }
+                _ = retry_tick.tick() => {
+                    retry_unsent(&shared).await;
                 }
                 ev = stream.try_next() => {
                     let ev = match ev {
@@ -612,6 +621,7 @@ fn merge_status(existing: Option<&PodStatus>, mut status: PodStatus, host_ip: &s
 }
 
 async fn write_status(shared: &Shared, key: &PodKey, status: PodStatus) {
+    let raw = status.clone();
     let merged = {
         let Ok(state) = shared.state.lock() else {
             return;
@@ -637,9 +647,81 @@ async fn write_status(shared: &Shared, key: &PodKey, status: PodStatus) {
                 let entry = s.entry(key.uid.clone()).or_default();
                 entry.written = Some(merged);
                 entry.latest = Some(pod);
+                entry.unsent = None;
             }
         }
-        Err(e) => warn!(pod = %key, error = %error_chain(&e), "writing pod status failed"),
+        Err(e) => {
+            warn!(pod = %key, error = %error_chain(&e), "writing pod status failed; will retry");
+            if let Ok(mut s) = shared.state.lock()
+                && let Some(entry) = s.get_mut(&key.uid)
+            {
+                entry.unsent = Some((key.clone(), raw));
+            }
+        }
+    }
+}
+
+/// How often status writes that failed (API server down, conflict, timeout) are retried.
+const STATUS_RETRY: Duration = Duration::from_secs(3);
+
+/// Writes again every status whose last write failed. Costs nothing when none did.
+async fn retry_unsent(shared: &Shared) {
+    let pending: Vec<(PodKey, PodStatus)> = match shared.state.lock() {
+        Ok(mut s) => s.values_mut().filter_map(|e| e.unsent.take()).collect(),
+        Err(_) => return,
+    };
+    for (key, status) in pending {
+        write_status(shared, &key, status).await;
+    }
+}
+
+/// Watch re-connection back-off: 0.5 s doubling to 5 s, with jitter, reset after 60 s of
+/// health. kube's default grows to 30 s, which leaves a node blind for half a minute after
+/// a short API server outage.
+fn watch_backoff() -> kube::runtime::utils::ResetTimerBackoff<CappedBackoff> {
+    kube::runtime::utils::ResetTimerBackoff::new(
+        CappedBackoff::new(Duration::from_millis(500), Duration::from_secs(5)),
+        Duration::from_secs(60),
+    )
+}
+
+/// Exponential back-off with a cap and ±20 % jitter.
+pub(crate) struct CappedBackoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl CappedBackoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            next: min,
+        }
+    }
+}
+
+impl Iterator for CappedBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        // Jitter from the clock's sub-second nanoseconds: enough to spread a fleet.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let permille = 800 + u64::from(nanos % 401); // 0.8 ..= 1.2
+        let jittered = base.as_millis() as u64 * permille / 1000;
+        Some(Duration::from_millis(jittered))
+    }
+}
+
+impl kube::runtime::utils::Backoff for CappedBackoff {
+    fn reset(&mut self) {
+        self.next = self.min;
     }
 }
 
@@ -674,6 +756,21 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::runtime::utils::Backoff as _;
+
+    #[test]
+    fn watch_backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = CappedBackoff::new(Duration::from_millis(500), Duration::from_secs(5));
+        let d: Vec<Duration> = (0..8).filter_map(|_| b.next()).collect();
+        let within = |d: Duration, base: u64| {
+            d >= Duration::from_millis(base * 8 / 10) && d <= Duration::from_millis(base * 12 / 10)
+        };
+        for (d, base) in d.iter().zip([500, 1000, 2000, 4000, 5000, 5000, 5000, 5000]) {
+            assert!(within(*d, base), "{d:?} not within 20% of {base} ms");
+        }
+        b.reset();
+        assert!(within(b.next().unwrap_or_default(), 500));
+    }
 
     #[test]
     fn merge_keeps_scheduler_condition_and_host_ip() {

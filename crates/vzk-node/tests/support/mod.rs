@@ -247,6 +247,14 @@ impl Agent {
         provider: Arc<Double>,
         tweak: impl FnOnce(&mut NodeConfig),
     ) -> Agent {
+        // The agent's logs, shown for a failing test (RUST_LOG overrides the level).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info,vzk_node=debug".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let client = id.client().await;
         let mut config = NodeConfig::new(&id.node_name);
         config.kubelet_port = 10250;
