@@ -170,9 +170,7 @@ impl PodController {
         let api: Api<Pod> = Api::all(shared.client.clone());
         let wc = watcher::Config::default()
             .fields(&format!("spec.nodeName={}", shared.config.node_name));
-        let mut stream = watcher::watcher(api, wc)
-            .backoff(watch_backoff())
-            .boxed();
+        let mut stream = watcher::watcher(api, wc).backoff(watch_backoff()).boxed();
         let mut retry_tick = tokio::time::interval(STATUS_RETRY);
         retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen_in_list: HashSet<String> = HashSet::new();
@@ -765,7 +763,10 @@ mod tests {
         let within = |d: Duration, base: u64| {
             d >= Duration::from_millis(base * 8 / 10) && d <= Duration::from_millis(base * 12 / 10)
         };
-        for (d, base) in d.iter().zip([500, 1000, 2000, 4000, 5000, 5000, 5000, 5000]) {
+        for (d, base) in d
+            .iter()
+            .zip([500, 1000, 2000, 4000, 5000, 5000, 5000, 5000])
+        {
             assert!(within(*d, base), "{d:?} not within 20% of {base} ms");
         }
         b.reset();
