@@ -20,6 +20,7 @@ pub mod error;
 pub mod hostinfo;
 pub mod logs;
 pub mod pod;
+pub mod probes;
 pub mod provider;
 pub mod record;
 pub mod resources;
