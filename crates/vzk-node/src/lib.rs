@@ -4,6 +4,8 @@
 //! * [`pods::PodController`]: runs the pods bound to the node through a
 //!   [`vzk_core::PodLifecycle`] provider.
 //! * [`config::NodeConfig`]: validated configuration (NodeRestriction-safe labels).
+//! * [`volumes::VolumeManager`]: pod volumes on the host (emptyDir, hostPath, configMap,
+//!   secret, downwardAPI, projected service-account tokens), kept current.
 //!
 //! The runtime needs only the rights of `system:node:<name>` under the Node authorizer:
 //! it watches its own pods, its Node and Lease, and reads a Secret or ConfigMap only
@@ -16,6 +18,7 @@ pub mod labels;
 pub mod node;
 pub mod pods;
 pub mod quantity;
+pub mod volumes;
 
 pub use config::{NodeConfig, TaintSpec};
 pub use node::NodeController;
