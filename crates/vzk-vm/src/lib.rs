@@ -4,8 +4,12 @@
 //!   [`Capabilities`] and the stop/wait helpers. `vzk-vz` (macOS) implements them too.
 //! * [`spec`]: [`VmSpec`], the data every backend accepts.
 //! * [`mac`]: random locally-administered [`MacAddr`]esses.
-//! * [`qemu`]: the QEMU backend for Linux hosts (KVM when it really works, else TCG).
-//! * [`net`]: TAPs, the NAT network (bridge + dnsmasq + masquerade), IP discovery.
+//! * `qemu` (Linux only): the QEMU backend (KVM when it really works, else TCG).
+//! * `net` (Linux only): TAPs, the NAT network (bridge + dnsmasq + masquerade), IP discovery.
+//!
+//! On other targets (macOS, where `vzk-vz` implements the traits) only the
+//! backend-neutral modules are compiled; `scripts/check-macos.sh` type-checks that build
+//! for `aarch64-apple-darwin`.
 //!
 //! # Tests and benchmark
 //! `cargo test -p vzk-vm` runs unit tests anywhere and, as root, `tests/qemu.rs` against
@@ -18,7 +22,9 @@
 
 pub mod hypervisor;
 pub mod mac;
+#[cfg(target_os = "linux")]
 pub mod net;
+#[cfg(target_os = "linux")]
 pub mod qemu;
 pub mod spec;
 

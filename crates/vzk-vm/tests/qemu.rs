@@ -1,6 +1,7 @@
 //! The QEMU backend against real QEMU (TCG), real dnsmasq, real dropbear, each test in a
 //! network namespace it creates. Needs root; the test guest is built (and cached) by
 //! scripts/build-test-guest.sh on first use.
+#![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)]
 
 mod support;
