@@ -54,7 +54,7 @@ mod linux {
         ssh: f64,
     }
 
-    pub fn main() {
+    pub(super) fn main() {
         let runs: usize = std::env::args()
             .nth(1)
             .and_then(|a| a.parse().ok())
