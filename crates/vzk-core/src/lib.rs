@@ -7,10 +7,12 @@
 //! * [`provider`]: the [`Provider`] trait family a runtime backend implements.
 //! * [`streams`]: the I/O handed to exec/attach/port-forward/logs.
 //! * [`stats`]: the kubelet `stats/v1alpha1` Summary types served on `/stats/summary`.
-//! * [`error`]: the typed [`ProviderError`].
+//! * [`error`]: the typed [`ProviderError`] and [`ErrorChain`].
+//! * [`quantity`]: Kubernetes resource quantities as numbers.
 
 pub mod error;
 pub mod provider;
+pub mod quantity;
 pub mod stats;
 pub mod streams;
 

@@ -1,14 +1,12 @@
-//! Kubernetes resource quantities (`2`, `1500m`, `4Gi`, `4G`, `1e3`) as numbers.
-//!
-//! The pod → VM translation gets container 0's CPU and memory requests as quantity
-//! strings; this turns them into millicores and bytes for [`crate::limits`], which then
-//! rejects fractional CPUs and non-MiB memory with a clear error.
+//! Kubernetes resource quantities (`2`, `1500m`, `4Gi`, `4G`, `1e3`) as numbers: the one
+//! parser of the workspace (node capacity, env `resourceFieldRef`, downward API volumes,
+//! VM sizing for QEMU and Virtualization.framework).
 //!
 //! Contract: the grammar is Kubernetes' (`<number><suffix>`, suffix one of the binary
 //! `Ki Mi Gi Ti Pi Ei`, the decimal `n u m k M G T P E` or none, or an exponent
-//! `e<int>`/`E<int>`); negative values are rejected; a result with a fractional part
-//! is rounded **up**, as `Quantity.Value()`/`MilliValue()` do; values beyond `u64` are
-//! an error.
+//! `e<int>`/`E<int>`); negative values are rejected; an integer result with a
+//! fractional part is rounded **up**, as `Quantity.Value()`/`MilliValue()` do; values
+//! beyond `u64` are an error.
 
 /// A malformed or out-of-range quantity.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -43,8 +41,21 @@ pub fn bytes(text: &str) -> Result<u64, QuantityError> {
     value(text, 0)
 }
 
+/// The quantity as a float (cores for CPU, bytes for memory), exact to the nano unit.
+pub fn as_f64(text: &str) -> Result<f64, QuantityError> {
+    // Nano units as u128 cover every u64 byte count.
+    Ok(scaled(text, 9)? as f64 / 1e9)
+}
+
 /// `text × 10^extra_exp10`, rounded up.
 fn value(text: &str, extra_exp10: i32) -> Result<u64, QuantityError> {
+    u64::try_from(scaled(text, extra_exp10)?).map_err(|_| QuantityError::Overflow {
+        text: text.to_owned(),
+    })
+}
+
+/// `text × 10^extra_exp10`, rounded up, as `u128`.
+fn scaled(text: &str, extra_exp10: i32) -> Result<u128, QuantityError> {
     let parse = || QuantityError::Parse {
         text: text.to_owned(),
     };
@@ -113,12 +124,26 @@ fn value(text: &str, extra_exp10: i32) -> Result<u64, QuantityError> {
             None => 1, // smaller than one unit, rounded up
         }
     };
-    u64::try_from(result).map_err(|_| overflow())
+    Ok(result)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floats_for_ratios_and_display() {
+        for (text, want) in [
+            ("500m", 0.5),
+            ("1Gi", 1073741824.0),
+            ("129e6", 129e6),
+            ("1.5", 1.5),
+            ("64Ei", 64.0 * 1024f64.powi(6)),
+        ] {
+            assert_eq!(as_f64(text), Ok(want), "{text}");
+        }
+        assert!(as_f64("12Qi").is_err());
+    }
 
     #[test]
     fn cpu_quantities_in_millicores() {

@@ -95,68 +95,27 @@ fn pick<'a>(res: Option<&'a ResourceRequirements>, name: &str) -> Option<&'a Qua
     get(res.and_then(|r| r.limits.as_ref())).or_else(|| get(res.and_then(|r| r.requests.as_ref())))
 }
 
-/// Splits a quantity into its number and suffix and returns the value as a rational
-/// `numerator / 10^scale` scaled by the suffix multiplier.
-fn parse_quantity(text: &str) -> Option<(u128, u128)> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, suffix) = t.split_at(split);
-    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-    if int.is_empty() && frac.is_empty() {
-        return None;
-    }
-    if frac.len() > 9 {
-        return None;
-    }
-    let digits = format!("{int}{frac}");
-    let mantissa: u128 = digits.parse().ok()?;
-    let mut denom: u128 = 10u128.pow(u32::try_from(frac.len()).ok()?);
-    let mult: u128 = match suffix {
-        "" => 1,
-        "m" => {
-            denom *= 1000;
-            1
-        }
-        "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        _ => return None,
-    };
-    Some((mantissa.checked_mul(mult)?, denom))
-}
-
 /// Whole cores of a CPU quantity.
 pub fn parse_cpus(text: &str) -> Result<u64, ResourceError> {
-    let (n, d) = parse_quantity(text).ok_or_else(|| ResourceError::ParseQuantity {
+    let bad = || ResourceError::ParseQuantity {
         field: "cpu",
         value: text.to_owned(),
-    })?;
-    if n % d != 0 {
+    };
+    let millis = vzk_core::quantity::cpu_millis(text).map_err(|_| bad())?;
+    if millis % 1000 != 0 {
         return Err(ResourceError::FractionalCpu {
             value: text.to_owned(),
         });
     }
-    u64::try_from(n / d).map_err(|_| ResourceError::ParseQuantity {
-        field: "cpu",
-        value: text.to_owned(),
-    })
+    Ok(millis / 1000)
 }
 
 /// Bytes of a memory quantity, rounded up.
 pub fn parse_bytes(text: &str) -> Result<u64, ResourceError> {
-    let bad = || ResourceError::ParseQuantity {
+    vzk_core::quantity::bytes(text).map_err(|_| ResourceError::ParseQuantity {
         field: "memory",
         value: text.to_owned(),
-    };
-    let (n, d) = parse_quantity(text).ok_or_else(bad)?;
-    u64::try_from(n.div_ceil(d)).map_err(|_| bad())
+    })
 }
 
 /// The VM's resources for container 0 with `resources`, image defaults

@@ -20,7 +20,7 @@ pub mod config;
 pub mod discovery;
 pub mod image_config;
 pub mod limits;
-pub mod quantity;
+pub use vzk_core::quantity;
 pub mod state;
 
 #[cfg(any(target_os = "macos", feature = "typecheck"))]
