@@ -99,6 +99,23 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    /// The cache's filesystem ran out of space during a pull; nothing partial was kept.
+    #[error(
+        "no space left on device for image {reference} in {path}: {} free, the image is up to {needed} bytes uncompressed (sparse zeros take none); free space or lower the cache budget ({detail})",
+        available.map_or_else(|| "unknown bytes".to_string(), |a| format!("{a} bytes"))
+    )]
+    NoSpace {
+        /// The image reference.
+        reference: String,
+        /// The cache root.
+        path: PathBuf,
+        /// Uncompressed size of the image's files (an upper bound: zero blocks stay holes).
+        needed: u64,
+        /// Free bytes on the cache's filesystem after the failed pull was cleaned up.
+        available: Option<u64>,
+        /// The failed operation.
+        detail: String,
+    },
     /// `imagePullPolicy: Never` and the image is not in the cache.
     #[error("image {reference} is not present locally and the pull policy is Never")]
     NotPresent {
@@ -127,6 +144,30 @@ pub enum ImageError {
     /// The operation was cancelled.
     #[error("cancelled")]
     Cancelled,
+}
+
+impl ImageError {
+    /// True if this error (or the one it shares) is "no space left on device" (`ENOSPC`,
+    /// or `EDQUOT` for a quota).
+    pub fn is_no_space(&self) -> bool {
+        fn io_no_space(e: &std::io::Error) -> bool {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        }
+        match self {
+            Self::NoSpace { .. } => true,
+            Self::Io { source, .. } => {
+                io_no_space(source)
+                    || std::error::Error::source(source)
+                        .and_then(|s| s.downcast_ref::<std::io::Error>())
+                        .is_some_and(io_no_space)
+            }
+            Self::Shared(e) => e.is_no_space(),
+            _ => false,
+        }
+    }
 }
 
 /// Shorthand.

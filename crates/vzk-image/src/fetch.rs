@@ -271,6 +271,8 @@ fn give_buf(b: Vec<u8>) {
 pub(crate) struct Target {
     pub(crate) file: Arc<File>,
     pub(crate) name: String,
+    /// Set when another part of the pull failed: stop writing, the pull is lost anyway.
+    pub(crate) cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Decode one part from `reader` into `target` at `part.offset`, verifying everything.
@@ -366,6 +368,10 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
     let mut total = 0u64;
     let mut read_err = None;
     'outer: while let Ok(mut buf) = empty_rx.recv() {
+        if target.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            read_err = Some(ImageError::Cancelled);
+            break 'outer;
+        }
         let mut len = 0usize;
         while len < BUF {
             match dec.read(&mut buf[len..]) {

@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use futures::TryStreamExt as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::StreamExt as _;
 use tokio::sync::mpsc;
 
 use crate::config::VmConfig;
@@ -63,6 +66,7 @@ pub(crate) async fn pull_into(
         std::fs::write(&config_path, &config_bytes).io("write", &config_path)?;
     }
 
+    let cancel = Arc::new(AtomicBool::new(false));
     let mut targets = HashMap::new();
     for f in &plan.files {
         let path = dir.join(f.role.file_name());
@@ -72,6 +76,7 @@ pub(crate) async fn pull_into(
             Arc::new(Target {
                 file: Arc::new(file),
                 name: f.role.file_name().to_string(),
+                cancel: cancel.clone(),
             }),
         );
     }
@@ -106,44 +111,70 @@ pub(crate) async fn pull_into(
             "all-zero chunks need no download"
         );
     }
-    futures::stream::iter(jobs.into_iter().map(Ok::<_, ImageError>))
-        .try_for_each_concurrent(concurrency.max(1), |(role, part)| {
+    // Every started part runs to its end (or notices `cancel`) before this returns, so a
+    // failed pull leaves no thread writing into files the caller is about to delete, and
+    // the space they held is free when the error is reported.
+    let first_error: Mutex<Option<ImageError>> = Mutex::new(None);
+    futures::stream::iter(jobs)
+        .for_each_concurrent(concurrency.max(1), |(role, part)| {
             let reg = reg.clone();
             let target = targets[&role].clone();
             let progress = progress.clone();
+            let cancel = cancel.clone();
+            let first_error = &first_error;
             async move {
-                let started = std::time::Instant::now();
-                let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
-                let dl = tokio::spawn(fetch::download(
-                    reg,
-                    part.desc.digest.clone(),
-                    part.desc.size,
-                    tx,
-                    progress,
-                ));
-                let reader = BlobReader::new(rx, &part.desc.digest, part.desc.size, &target.name);
-                let (target_name, part_offset, part_size) =
-                    (target.name.clone(), part.offset, part.desc.size);
-                let res =
-                    tokio::task::spawn_blocking(move || fetch::decode_part(reader, &part, &target))
-                        .await
-                        .map_err(|e| ImageError::Io {
-                            op: "decode",
-                            path: "part".into(),
-                            source: std::io::Error::other(e),
-                        })?;
-                dl.abort();
-                tracing::debug!(
-                    file = %target_name,
-                    offset = part_offset,
-                    compressed = part_size,
-                    ms = started.elapsed().as_millis() as u64,
-                    "part done"
-                );
-                res
+                if cancel.load(Ordering::Relaxed) {
+                    return;
+                }
+                let res: Result<()> = async move {
+                    let started = std::time::Instant::now();
+                    let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
+                    let dl = tokio::spawn(fetch::download(
+                        reg,
+                        part.desc.digest.clone(),
+                        part.desc.size,
+                        tx,
+                        progress,
+                    ));
+                    let reader =
+                        BlobReader::new(rx, &part.desc.digest, part.desc.size, &target.name);
+                    let (target_name, part_offset, part_size) =
+                        (target.name.clone(), part.offset, part.desc.size);
+                    let res = tokio::task::spawn_blocking(move || {
+                        fetch::decode_part(reader, &part, &target)
+                    })
+                    .await
+                    .map_err(|e| ImageError::Io {
+                        op: "decode",
+                        path: "part".into(),
+                        source: std::io::Error::other(e),
+                    })?;
+                    dl.abort();
+                    tracing::debug!(
+                        file = %target_name,
+                        offset = part_offset,
+                        compressed = part_size,
+                        ms = started.elapsed().as_millis() as u64,
+                        "part done"
+                    );
+                    res
+                }
+                .await;
+                if let Err(e) = res {
+                    cancel.store(true, Ordering::Relaxed);
+                    if let Ok(mut first) = first_error.lock()
+                        && (first.is_none()
+                            || matches!(first.as_ref(), Some(ImageError::Cancelled)))
+                    {
+                        *first = Some(e);
+                    }
+                }
             }
         })
-        .await?;
+        .await;
+    if let Some(e) = first_error.into_inner().ok().flatten() {
+        return Err(e);
+    }
     // Durability is the store's business (see `store::persist`): fsync here would put
     // the disk's write bandwidth on the pull's critical path.
     Ok(config)

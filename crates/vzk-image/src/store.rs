@@ -279,6 +279,26 @@ impl ImageStore {
         )
     }
 
+    /// Turns a "no space left on device" anywhere in `e` into [`ImageError::NoSpace`]
+    /// (with the free space of the cache's filesystem); other errors pass unchanged.
+    fn no_space(&self, e: ImageError, reference: &str, needed: u64) -> ImageError {
+        if !e.is_no_space() {
+            return e;
+        }
+        let root = self.inner.root.clone();
+        let available = nix::sys::statvfs::statvfs(&root)
+            .ok()
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()));
+        tracing::warn!(%reference, path = %root.display(), needed, ?available, "image pull ran out of disk space; partial files removed");
+        ImageError::NoSpace {
+            reference: reference.to_owned(),
+            path: root,
+            needed,
+            available,
+            detail: e.to_string(),
+        }
+    }
+
     /// Delete everything in `tmp/` not locked by a live pull.
     fn clean_tmp(&self) -> Result<()> {
         let tmp = self.tmp();
@@ -516,7 +536,7 @@ impl ImageStore {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&work);
-                return Err(e);
+                return Err(self.no_space(e, &name, plan.uncompressed_size()));
             }
         };
         let install = || -> Result<()> {
@@ -557,7 +577,7 @@ impl ImageStore {
         };
         if let Err(e) = install() {
             let _ = std::fs::remove_dir_all(&work);
-            return Err(e);
+            return Err(self.no_space(e, &name, plan.uncompressed_size()));
         }
         drop(work_lock);
         drop(lock);

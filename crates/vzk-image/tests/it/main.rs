@@ -2,6 +2,7 @@
 
 mod auth;
 mod clone;
+mod diskfull;
 mod faults;
 mod roundtrip;
 mod support;
