@@ -11,6 +11,8 @@
 //! * [`hostinfo`]: capacity and per-VM usage from `/proc`.
 //! * [`record`]: the on-disk pod record used to re-adopt VMs after a restart.
 //! * [`vmexec`]: running VM work inside the VM network namespace.
+//! * [`volumes`]: pod volumes as VM shares (9p, mounted at `mountPath` over SSH) and
+//!   side-car binds.
 //!
 //! Not done in this version: Docker side-cars (containers 1..N are reported
 //! `waiting{SidecarNotRun}`), probes, volumes, VM restarts per `restartPolicy`.
@@ -27,6 +29,7 @@ pub mod resources;
 pub mod slots;
 pub mod status;
 pub mod vmexec;
+pub mod volumes;
 
 pub use args::ProviderArgs;
 pub use error::ProviderInitError;

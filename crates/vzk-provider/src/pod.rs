@@ -311,6 +311,9 @@ async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         }
     };
 
+    // 2b. Volumes (FailedMount events and retries, like the kubelet).
+    let shared_dirs = crate::volumes::prepare_with_retry(&inner, &e).await;
+
     // 3. A VM slot.
     let slot = match inner.slots.try_acquire() {
         Some(s) => s,
@@ -374,7 +377,7 @@ async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             mac: MacAddr::random(),
             attachment: inner.args.network.clone(),
         }],
-        shared_dirs: vec![],
+        shared_dirs,
         console_log: Some(e.console_log()),
     };
 
@@ -497,6 +500,11 @@ async fn watch_vm(
                     ),
                 ),
             );
+            return std::future::pending::<()>().await;
+        }
+        // Volumes at their mountPath before postStart and readiness.
+        if let Err(msg) = crate::volumes::mount_in_guest(&inner, &e, &session).await {
+            inner.event(&e, PodEvent::warning("FailedMount", msg));
             return std::future::pending::<()>().await;
         }
         if let Some(cmd) = post_start.and_then(|h| h.exec).and_then(|x| x.command) {

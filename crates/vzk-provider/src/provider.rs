@@ -68,6 +68,8 @@ pub(crate) struct Inner {
     pub(crate) node_keyring: Keyring,
     pub(crate) ready_timeout: Duration,
     pub(crate) notifier: Mutex<Option<PodNotifier>>,
+    /// Pod volumes (host side, refresh) and each pod's guest mounts.
+    pub(crate) volumes: crate::volumes::VmVolumes,
     pub(crate) pods: Mutex<HashMap<String, Arc<PodEntry>>>,
     cpu_samples: Mutex<HashMap<String, (Instant, u64)>>,
     accelerator: String,
@@ -145,6 +147,7 @@ impl VmProvider {
         };
         let slots = Slots::new(args.max_vms);
         info!(node = node_name, node_ip = %node_ip, accel = %caps.accelerator, max_vms = args.max_vms, data_dir = %data.display(), "VM provider starting");
+        let volumes = crate::volumes::VmVolumes::new(client.clone(), &pods_dir);
         let inner = Arc::new(Inner {
             ready_timeout: Duration::from_secs(args.ready_timeout_secs),
             args,
@@ -159,6 +162,7 @@ impl VmProvider {
             policy,
             node_keyring,
             notifier: Mutex::new(None),
+            volumes,
             pods: Mutex::new(HashMap::new()),
             cpu_samples: Mutex::new(HashMap::new()),
             accelerator: caps.accelerator.clone(),
@@ -332,6 +336,7 @@ impl Inner {
         ));
         *lock(&e.vm) = Some(vm.clone());
         *lock(&e.slot) = self.slots.try_acquire();
+        crate::volumes::readopt(self, &e.pod).await;
         info!(pod = %e.key, vm.id = %id, "re-adopted a running VM");
         lock(&self.pods).insert(uid, e.clone());
         let task = tokio::spawn(pod::run_adopted(self.clone(), e.clone(), vm));
@@ -489,6 +494,8 @@ impl PodLifecycle for VmProvider {
             }
         }
         e.ended.cancel();
+        // The VM is gone: stop refreshing its volumes and remove them.
+        self.inner.volumes.teardown(&key.uid).await;
         lock(&e.slot).take();
         lock(&e.pin).take();
         if let Err(err) = std::fs::remove_dir_all(&e.dir) {

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod support;
+mod volumes;
 
 use std::time::Duration;
 

@@ -1,0 +1,183 @@
+//! Volumes end to end: a VM pod created WITHOUT a token volume gets the
+//! `kube-api-access-*` projected volume from ServiceAccount admission; with a configMap
+//! volume it reaches Ready, and inside the VM the token, `ca.crt` and `namespace` are
+//! at `/var/run/secrets/kubernetes.io/serviceaccount`, the token authenticates as the
+//! pod's service account, the configMap is at its mountPath, read-only; deletion
+//! removes the volumes.
+
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, DeleteParams, PostParams};
+use vzk_image::{PushOptions, Reference, RegistryOptions};
+use vzk_provider::VmProvider;
+use vzk_testenv::ControlPlane;
+
+use super::support::*;
+use super::{BOOT, args, exec, is_ready};
+
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_api_access_and_config_map_volumes_inside_the_vm() {
+    let cp = ControlPlane::shared();
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    guest_image_dir(&tmp.path().join("image"));
+    let image = format!("{}/vzk/test-guest:v1", registry.addr);
+    let reference = Reference::parse(&image).unwrap();
+    let push_opts = PushOptions {
+        registry: RegistryOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    vzk_image::push(&tmp.path().join("image"), &reference, &push_opts)
+        .await
+        .unwrap();
+
+    let netns = Netns::new();
+    let node = format!("vmvol-{:06x}", std::process::id());
+    let id = cp.node_identity(&node);
+    let data = tmp.path().join("data");
+    let provider = VmProvider::new(
+        args(&data, &netns.name, &registry.addr),
+        &node,
+        "127.0.0.1".parse().unwrap(),
+        id.client().await,
+    )
+    .await
+    .unwrap();
+    let agent = Agent::start(&id, provider.clone()).await;
+
+    let ns = cp.create_namespace("vmvol").await;
+    let admin = cp.admin_client().await;
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "app"},
+        "data": {"greeting": "hello from a configmap\n"}
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "vol"},
+        "spec": {
+            "nodeName": node,
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [{
+                "name": "vm", "image": image, "imagePullPolicy": "IfNotPresent",
+                "resources": {"requests": {"cpu": "1", "memory": "256Mi"}},
+                "volumeMounts": [{"name": "cfg", "mountPath": "/etc/app"}]
+            }],
+            "volumes": [{"name": "cfg", "configMap": {"name": "app"}}]
+        }
+    }))
+    .unwrap();
+    let created = pods.create(&PostParams::default(), &pod).await.unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+
+    // ServiceAccount admission added the projected volume and its mount.
+    let spec = created.spec.clone().unwrap();
+    let ka = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name.starts_with("kube-api-access-"))
+        .expect("admission adds kube-api-access-*");
+    let sources = ka.projected.as_ref().unwrap().sources.clone().unwrap();
+    assert!(sources.iter().any(|s| s.service_account_token.is_some()));
+    assert!(
+        spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == SA_DIR && m.name == ka.name)
+    );
+
+    wait_for(BOOT, "pod Ready", || async {
+        let p = pods.get("vol").await.ok()?;
+        is_ready(&p).then_some(())
+    })
+    .await;
+
+    // Inside the VM: the service-account files and the configMap at their mountPaths.
+    let (code, token) = exec(&provider, &ns, "vol", &format!("cat {SA_DIR}/token")).await;
+    assert_eq!(code, 0, "{token}");
+    assert!(token.split('.').count() == 3, "a JWT: {token}");
+    let (code, ca) = exec(&provider, &ns, "vol", &format!("cat {SA_DIR}/ca.crt")).await;
+    assert_eq!((code, ca.as_str()), (0, cp.ca_cert_pem()));
+    let (code, got_ns) = exec(&provider, &ns, "vol", &format!("cat {SA_DIR}/namespace")).await;
+    assert_eq!((code, got_ns.as_str()), (0, ns.as_str()));
+    let (code, greeting) = exec(&provider, &ns, "vol", "cat /etc/app/greeting").await;
+    assert_eq!((code, greeting.as_str()), (0, "hello from a configmap\n"));
+    // Mounted with 9p, read-only.
+    let (code, mounts) = exec(&provider, &ns, "vol", "cat /proc/mounts").await;
+    assert_eq!(code, 0);
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(" /etc/app "))
+        .unwrap_or_else(|| panic!("/etc/app not mounted: {mounts}"));
+    assert!(line.contains(" 9p ") && line.contains("ro,"), "{line}");
+    let (code, _) = exec(&provider, &ns, "vol", "touch /etc/app/x 2>/dev/null").await;
+    assert_ne!(code, 0, "the configMap volume is read-only");
+
+    // The token authenticates as the pod's service account.
+    let review = Api::<TokenReview>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(token.trim().to_owned()),
+                    audiences: None,
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let status = review.status.unwrap();
+    assert_eq!(status.authenticated, Some(true), "{status:?}");
+    let user = status.user.unwrap();
+    assert_eq!(
+        user.username.as_deref(),
+        Some(format!("system:serviceaccount:{ns}:default").as_str())
+    );
+    // Bound to this pod.
+    let extra = user.extra.unwrap_or_default();
+    assert_eq!(
+        extra
+            .get("authentication.kubernetes.io/pod-uid")
+            .and_then(|v| v.first())
+            .map(String::as_str),
+        Some(uid.as_str()),
+        "{extra:?}"
+    );
+
+    // Deletion removes the VM and the volumes on the host.
+    let vol_dir = data.join("pods").join(&uid).join("volumes");
+    assert!(vol_dir.join(&ka.name).join("token").exists());
+    pods.delete(
+        "vol",
+        &DeleteParams {
+            grace_period_seconds: Some(10),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    wait_for(Duration::from_secs(60), "pod gone", || async {
+        pods.get_opt("vol").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(30), "pod dir removed", || async {
+        (!data.join("pods").join(&uid).exists()).then_some(())
+    })
+    .await;
+    agent.stop().await;
+    drop(provider);
+}
