@@ -432,6 +432,21 @@ impl SidecarRuntime {
                 Err(bollard::errors::Error::DockerResponseServerError {
                     status_code: 409, ..
                 }) if round == 0 => {
+                    // Only a container of ours (this node's labels) is removed.
+                    let theirs = self
+                        .docker
+                        .inspect_container(&name, None)
+                        .await
+                        .map_err(|e| DockerError::api("inspect", &name, e))?;
+                    let node = theirs
+                        .config
+                        .and_then(|c| c.labels)
+                        .and_then(|l| l.get(spec::LABEL_NODE).cloned());
+                    if node.as_deref() != Some(self.node.as_str()) {
+                        return Err(DockerError::InvalidSpec(format!(
+                            "container name {name} is taken by a container that is not this node's"
+                        )));
+                    }
                     warn!(container = %name, "removing a leftover container with our name");
                     self.remove(&name).await?;
                 }
