@@ -18,6 +18,7 @@
 //! [`ControlPlane::start`] gives a private control plane (for tests that stop the API
 //! server); dropping it stops its daemons and removes its directory.
 
+pub mod fixtures;
 mod pki;
 mod process;
 
@@ -31,6 +32,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+pub use fixtures::{Guest, Netns, Registry, free_port, guest};
 pub use pki::CertPair;
 
 /// The environment variable naming the folder with `etcd` and `kube-apiserver`.

@@ -1,0 +1,206 @@
+//! Real components for end-to-end tests beside the control plane: the cached test guest
+//! (scripts/build-test-guest.sh) laid out as a Linux VM image, a `docker-registry` on
+//! loopback, and a network namespace owned by one test. Test support: failures panic
+//! with a message saying what is missing.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The test guest (kernel, initramfs, raw disk, dropbear root key) plus an OpenSSH copy
+/// of its root key.
+#[derive(Debug)]
+pub struct Guest {
+    /// Output directory of `build-test-guest.sh`.
+    pub dir: PathBuf,
+    /// The guest's root key in OpenSSH format (for `VZ_SSH_PRIVATE_KEY_PATH`).
+    pub openssh_key: PathBuf,
+}
+
+/// Builds (or finds cached under `cache_dir/vzk-test-guest`) the test guest once per
+/// process. Pass `env!("CARGO_TARGET_TMPDIR")` so every test binary shares one cache.
+pub fn guest(cache_dir: &Path) -> &'static Guest {
+    static G: OnceLock<Guest> = OnceLock::new();
+    G.get_or_init(|| {
+        let dir = cache_dir.join("vzk-test-guest");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-test-guest.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "build-test-guest.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let openssh_key =
+            std::env::temp_dir().join(format!("vzk-guest-key-{}", std::process::id()));
+        let _ = std::fs::remove_file(&openssh_key);
+        let out = Command::new("dropbearconvert")
+            .args(["dropbear", "openssh"])
+            .arg(dir.join("id_ed25519"))
+            .arg(&openssh_key)
+            .output()
+            .unwrap_or_else(|e| panic!("dropbearconvert (Debian dropbear-bin): {e}"));
+        assert!(
+            out.status.success(),
+            "dropbearconvert: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Guest { dir, openssh_key }
+    })
+}
+
+impl Guest {
+    /// Lays the guest out as a Linux VM image directory (`kernel`, `initrd`, `disk.img`,
+    /// `config.json`) ready for `vz-kubelet image push`.
+    pub fn image_dir(&self, dest: &Path) {
+        std::fs::create_dir_all(dest).unwrap_or_else(|e| panic!("{}: {e}", dest.display()));
+        for (from, to) in [
+            ("vmlinuz", "kernel"),
+            ("initramfs.gz", "initrd"),
+            ("disk.raw", "disk.img"),
+        ] {
+            std::fs::copy(self.dir.join(from), dest.join(to))
+                .unwrap_or_else(|e| panic!("copying {from}: {e}"));
+        }
+        let cmdline = std::fs::read_to_string(self.dir.join("cmdline"))
+            .unwrap_or_else(|e| panic!("guest cmdline: {e}"));
+        let config = serde_json::json!({
+            "mediatype": "application/vnd.vz-kubelet.vm.config.v1+json",
+            "os": "linux", "arch": "amd64",
+            "kernelCmdline": cmdline.trim(),
+            "cpus": 1, "memoryBytes": 256u64 << 20,
+        });
+        std::fs::write(dest.join("config.json"), config.to_string())
+            .unwrap_or_else(|e| panic!("config.json: {e}"));
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+/// A `docker-registry` (Debian's distribution v2) on a free loopback port, killed on drop.
+#[derive(Debug)]
+pub struct Registry {
+    child: Child,
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts it and waits until it accepts connections.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let addr = format!("127.0.0.1:{}", free_port());
+        let cfg = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), cfg)
+            .unwrap_or_else(|e| panic!("registry config: {e}"));
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("docker-registry (Debian package docker-registry): {e}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not start on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A network namespace owned by one test. Drop kills every process in it, then deletes it.
+#[derive(Debug)]
+pub struct Netns {
+    /// Its name (`ip netns` name).
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `vzkt-<random>` with `lo` up.
+    pub fn new() -> Self {
+        let name = format!("vzkt-{:08x}", rand::random::<u32>());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name} (needs root and iproute2)");
+        let _ = Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status();
+        Self { name }
+    }
+
+    /// Whether a link named `dev` exists in the namespace.
+    pub fn has_link(&self, dev: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.name, "link", "show", dev])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Default for Netns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for _ in 0..3 {
+            let pids: Vec<String> = Command::new("ip")
+                .args(["netns", "pids", &self.name])
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if pids.is_empty() {
+                break;
+            }
+            for p in &pids {
+                let _ = Command::new("kill").args(["-9", p]).status();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
