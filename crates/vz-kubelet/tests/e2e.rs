@@ -105,87 +105,181 @@ fn pids_with(needle: &str) -> Vec<u32> {
     pids
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_runs_a_vm_pod_with_kubectl_apply_exec_logs_port_forward_and_delete() {
-    let cp = ControlPlane::shared();
-    let ns = cp.create_namespace("e2e").await;
-    let node = format!("e2e-bin-{:06x}", rand_u24());
-    let id = cp.node_identity(&node);
-    let registry = Registry::start();
+/// A node under test: the guest image in a registry, the agent binary running as
+/// `system:node:<node>` with its VMs in a network namespace of the test's own.
+struct Node {
+    cp: &'static ControlPlane,
+    ns: String,
+    node: String,
+    image: String,
+    registry: Registry,
+    data: PathBuf,
+    agent: Agent,
+    /// Held for its drop: the VMs' namespace goes after the agent.
+    _netns: Netns,
+    work: tempfile::TempDir,
+}
+
+impl Node {
+    async fn start(prefix: &str) -> Node {
+        Self::start_with(prefix, &[]).await
+    }
+
+    /// With extra `vz-kubelet run` arguments.
+    async fn start_with(prefix: &str, extra: &[&str]) -> Node {
+        let cp = ControlPlane::shared();
+        let ns = cp.create_namespace(prefix).await;
+        let node = format!("{prefix}-{:06x}", rand_u24());
+        let id = cp.node_identity(&node);
+        let registry = Registry::start();
+        let g = guest(Path::new(env!("CARGO_TARGET_TMPDIR")));
+        let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let image = format!("{}/e2e/guest:v1", registry.addr);
+        push_guest(work.path(), &image, &[]);
+        let netns = Netns::new();
+        let data = work.path().join("data");
+        let log = work.path().join("agent.log");
+        let logf = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let child = vz_kubelet()
+            .args([
+                "run",
+                "--node-name",
+                &node,
+                "--node-ip",
+                "127.0.0.1",
+                "--accel",
+                "tcg",
+            ])
+            .arg("--kubeconfig")
+            .arg(&id.kubeconfig)
+            .arg("--client-ca-file")
+            .arg(cp.ca_cert_path())
+            .args([
+                "--kubelet-port",
+                &free_port().to_string(),
+                "--listen-address",
+                "127.0.0.1",
+            ])
+            .arg("--data-dir")
+            .arg(&data)
+            .args([
+                "--vm-netns",
+                &netns.name,
+                "--insecure-registry",
+                &registry.addr,
+            ])
+            .args(["--ssh-user", "root"])
+            .arg("--ssh-private-key-path")
+            .arg(&g.openssh_key)
+            .args(extra)
+            .env(
+                "VZK_LOG",
+                std::env::var("VZK_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting vz-kubelet: {e}"));
+        let n = Node {
+            cp,
+            ns,
+            node,
+            image,
+            registry,
+            data,
+            agent: Agent { child, log },
+            _netns: netns,
+            work,
+        };
+        wait_until(Duration::from_secs(60), "the node object", || {
+            n.kubectl(&["get", "node", &n.node]).status.success()
+        });
+        let out = n.kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            &format!("node/{}", n.node),
+            "--timeout=60s",
+        ]);
+        assert!(out.status.success(), "node Ready: {}", text(&out.stderr));
+        n
+    }
+
+    /// kubectl as the admin, in the test's namespace.
+    fn kubectl(&self, args: &[&str]) -> Output {
+        let mut c = self.cp.kubectl();
+        c.args(["-n", &self.ns]).args(args);
+        run(c)
+    }
+
+    fn apply(&self, manifest: &serde_json::Value) {
+        let mut c = self.cp.kubectl();
+        c.args(["-n", &self.ns, "apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap_or_else(|e| panic!("kubectl apply: {e}"));
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write as _;
+            stdin
+                .write_all(manifest.to_string().as_bytes())
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.status.success(), "kubectl apply: {}", text(&out.stderr));
+    }
+
+    fn jsonpath(&self, what: &str, path: &str) -> String {
+        text(
+            &self
+                .kubectl(&["get", what, "-o", &format!("jsonpath={path}")])
+                .stdout,
+        )
+    }
+
+    /// `reason: message` of the pod's events, one per line.
+    fn events(&self, pod: &str) -> String {
+        text(
+            &self
+                .kubectl(&[
+                    "get",
+                    "events",
+                    "--field-selector",
+                    &format!("involvedObject.name={pod}"),
+                    "-o",
+                    "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+                ])
+                .stdout,
+        )
+    }
+}
+
+/// Pushes the test guest as `image` with extra `vz-kubelet image push` arguments.
+fn push_guest(work: &Path, image: &str, extra: &[&str]) {
     let g = guest(Path::new(env!("CARGO_TARGET_TMPDIR")));
-    let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let img = work.path().join("image");
-    g.image_dir(&img);
-    let image = format!("{}/e2e/guest:v1", registry.addr);
+    let img = work.join("image");
+    if !img.join("config.json").exists() {
+        g.image_dir(&img);
+    }
     let mut push = vz_kubelet();
     push.args(["image", "push", "--root"])
-        .arg(work.path().join("push-cache"))
+        .arg(work.join("push-cache"))
         .arg("--plain-http")
+        .args(extra)
         .arg(&img)
-        .arg(&image);
+        .arg(image);
     let out = run(push);
-    assert!(out.status.success(), "image push: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "image push {image}: {}",
+        text(&out.stderr)
+    );
+}
 
-    let netns = Netns::new();
-    let data = work.path().join("data");
-    let log = work.path().join("agent.log");
-    let logf = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
-    let child = vz_kubelet()
-        .args([
-            "run",
-            "--node-name",
-            &node,
-            "--node-ip",
-            "127.0.0.1",
-            "--accel",
-            "tcg",
-        ])
-        .arg("--kubeconfig")
-        .arg(&id.kubeconfig)
-        .arg("--client-ca-file")
-        .arg(cp.ca_cert_path())
-        .args([
-            "--kubelet-port",
-            &free_port().to_string(),
-            "--listen-address",
-            "127.0.0.1",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .args([
-            "--vm-netns",
-            &netns.name,
-            "--insecure-registry",
-            &registry.addr,
-        ])
-        .args(["--ssh-user", "root"])
-        .arg("--ssh-private-key-path")
-        .arg(&g.openssh_key)
-        .env(
-            "VZK_LOG",
-            std::env::var("VZK_E2E_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(logf)
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting vz-kubelet: {e}"));
-    let mut agent = Agent { child, log };
-
-    let kubectl = |args: &[&str]| -> Output {
-        let mut c = cp.kubectl();
-        c.args(["-n", &ns]).args(args);
-        run(c)
-    };
-    wait_until(Duration::from_secs(60), "the node object", || {
-        kubectl(&["get", "node", &node]).status.success()
-    });
-    let out = kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        &format!("node/{node}"),
-        "--timeout=60s",
-    ]);
-    assert!(out.status.success(), "node Ready: {}", text(&out.stderr));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_runs_a_vm_pod_with_kubectl_apply_exec_logs_port_forward_and_delete() {
+    let n = Node::start("e2e").await;
+    let (cp, ns, node, image, data) = (n.cp, &n.ns, &n.node, &n.image, &n.data);
+    let kubectl = |args: &[&str]| n.kubectl(args);
 
     // kubectl apply, then Pending → Running and Ready with the VM's IP.
     let manifest = serde_json::json!({
@@ -203,23 +297,7 @@ async fn a_user_runs_a_vm_pod_with_kubectl_apply_exec_logs_port_forward_and_dele
             }]
         }
     });
-    let mut apply = cp.kubectl();
-    apply
-        .args(["-n", &ns, "apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = apply
-        .spawn()
-        .unwrap_or_else(|e| panic!("kubectl apply: {e}"));
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write as _;
-        stdin
-            .write_all(manifest.to_string().as_bytes())
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.status.success(), "kubectl apply: {}", text(&out.stderr));
+    n.apply(&manifest);
     let out = kubectl(&["wait", "--for=condition=Ready", "pod/ci", "--timeout=300s"]);
     assert!(
         out.status.success(),
@@ -399,9 +477,13 @@ async fn a_user_runs_a_vm_pod_with_kubectl_apply_exec_logs_port_forward_and_dele
     );
 
     // The node agent stops cleanly on SIGTERM.
-    let status = agent.stop();
-    assert!(status.success(), "agent exit: {status:?}\n{}", agent.log());
-    drop(netns);
+    let mut n = n;
+    let status = n.agent.stop();
+    assert!(
+        status.success(),
+        "agent exit: {status:?}\n{}",
+        n.agent.log()
+    );
 }
 
 fn rand_u24() -> u32 {
@@ -409,4 +491,157 @@ fn rand_u24() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos() & 0xff_ffff)
         .unwrap_or(0)
+}
+
+/// Waits until container 0 of `pod` waits with one of `reasons`; returns its message.
+fn waiting_with(n: &Node, pod: &str, reasons: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let state = n.jsonpath(
+            &format!("pod/{pod}"),
+            "{.status.containerStatuses[0].state.waiting.reason}|{.status.containerStatuses[0].state.waiting.message}",
+        );
+        if let Some((reason, message)) = state.split_once('|')
+            && reasons.contains(&reason)
+        {
+            return message.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pod}: waiting for {reasons:?}, last state {state:?}\nevents:\n{}",
+            n.events(pod)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn vm_pod(n: &Node, name: &str, image: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name },
+        "spec": {
+            "nodeName": n.node,
+            "tolerations": [{ "operator": "Exists" }],
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "vm", "image": image,
+                "resources": { "requests": { "cpu": "1", "memory": "256Mi" } }
+            }]
+        }
+    });
+    if let (Some(spec), Some(extra)) = (pod["spec"].as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            spec.insert(k.clone(), v.clone());
+        }
+    }
+    pod
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_pods_end_in_clear_states_with_events_and_the_node_stays_ready() {
+    let private = Registry::with_auth("alice", "right-password");
+    let n = Node::start_with("e2e-bad", &["--insecure-registry", &private.addr]).await;
+
+    // A VM image that does not exist.
+    let missing = format!("{}/e2e/no-such-image:v1", n.registry.addr);
+    n.apply(&vm_pod(&n, "missing", &missing, serde_json::json!({})));
+
+    // An image behind auth, with a pull secret holding the wrong password.
+    let private_image = format!("{}/e2e/guest:v1", private.addr);
+    push_guest(
+        n.work.path(),
+        &private_image,
+        &["--username", "alice", "--password", "right-password"],
+    );
+    let auth = base64_encode(b"alice:wrong-password");
+    let dockercfg = serde_json::json!({ "auths": { private.addr.clone(): { "auth": auth } } });
+    n.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": { "name": "wrong-creds" },
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": { ".dockerconfigjson": base64_encode(dockercfg.to_string().as_bytes()) }
+    }));
+    n.apply(&vm_pod(
+        &n,
+        "bad-secret",
+        &private_image,
+        serde_json::json!({ "imagePullSecrets": [{ "name": "wrong-creds" }] }),
+    ));
+
+    // A CPU request a VM cannot have.
+    let mut fractional = vm_pod(&n, "fractional", &n.image, serde_json::json!({}));
+    fractional["spec"]["containers"][0]["resources"]["requests"]["cpu"] = "1500m".into();
+    n.apply(&fractional);
+
+    // A postStart hook that fails, with restartPolicy Never: the VM is killed, the pod fails.
+    let mut hook = vm_pod(
+        &n,
+        "hook",
+        &n.image,
+        serde_json::json!({ "restartPolicy": "Never" }),
+    );
+    hook["spec"]["containers"][0]["lifecycle"] = serde_json::json!({ "postStart": { "exec": { "command": ["sh", "-c", "echo no-way >&2; exit 4"] } } });
+    n.apply(&hook);
+
+    let msg = waiting_with(&n, "missing", &["ErrImagePull", "ImagePullBackOff"]);
+    assert!(
+        msg.contains("no-such-image"),
+        "message names the image: {msg}"
+    );
+    let msg = waiting_with(&n, "bad-secret", &["ErrImagePull", "ImagePullBackOff"]);
+    assert!(
+        msg.to_lowercase().contains("unauthorized")
+            || msg.contains("401")
+            || msg.contains("denied"),
+        "message says the credentials were refused: {msg}"
+    );
+    let msg = waiting_with(&n, "fractional", &["InvalidCPU"]);
+    assert!(msg.contains("1500m"), "message names the request: {msg}");
+    assert!(
+        n.events("fractional").contains("1500m"),
+        "{}",
+        n.events("fractional")
+    );
+    for pod in ["missing", "bad-secret"] {
+        let ev = n.events(pod);
+        assert!(
+            ev.lines().any(|l| l.starts_with("Failed: ")),
+            "{pod} events:\n{ev}"
+        );
+    }
+
+    wait_until(
+        Duration::from_secs(240),
+        "the postStart pod to fail",
+        || n.jsonpath("pod/hook", "{.status.phase}") == "Failed",
+    );
+    let ev = n.events("hook");
+    assert!(
+        ev.contains("FailedPostStartHook: ") && ev.contains("no-way"),
+        "hook events:\n{ev}"
+    );
+    let terminated = n.jsonpath(
+        "pod/hook",
+        "{.status.containerStatuses[0].state.terminated.reason}",
+    );
+    assert!(
+        !terminated.is_empty(),
+        "container 0 terminated with a reason"
+    );
+
+    // None of it hurt the node.
+    let ready = n.jsonpath(
+        &format!("node/{}", n.node),
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+    );
+    assert_eq!(ready, "True");
+    for pod in ["missing", "bad-secret", "fractional", "hook"] {
+        let out = n.kubectl(&["delete", "pod", pod, "--wait=true", "--timeout=60s"]);
+        assert!(out.status.success(), "delete {pod}: {}", text(&out.stderr));
+    }
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
 }

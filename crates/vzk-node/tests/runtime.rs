@@ -632,48 +632,6 @@ async fn agent_recovers_by_itself_after_a_20_second_api_server_outage() {
     agent.stop().await;
 }
 
-/// Counts the node's own API requests, by verb and resource, in the audit log between
-/// two instants (unique audit IDs).
-fn audit_counts(
-    path: &std::path::Path,
-    user: &str,
-    from: k8s_openapi::jiff::Timestamp,
-    to: k8s_openapi::jiff::Timestamp,
-) -> BTreeMap<(String, String), usize> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut seen = std::collections::HashSet::new();
-    let mut counts = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if v["user"]["username"] != user {
-            continue;
-        }
-        let Some(at) = v["requestReceivedTimestamp"]
-            .as_str()
-            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-        else {
-            continue;
-        };
-        if at < from
-            || at >= to
-            || !seen.insert(v["auditID"].as_str().unwrap_or_default().to_owned())
-        {
-            continue;
-        }
-        let mut resource = v["objectRef"]["resource"]
-            .as_str()
-            .unwrap_or("-")
-            .to_owned();
-        if let Some(sub) = v["objectRef"]["subresource"].as_str() {
-            resource = format!("{resource}/{sub}");
-        }
-        let verb = v["verb"].as_str().unwrap_or("-").to_owned();
-        *counts.entry((verb, resource)).or_insert(0) += 1;
-    }
-    counts
-}
 
 /// Steady-state API traffic of an idle node with the production intervals (lease every
 /// 10 s, status every 10 s but written only on change). Prints the table by verb and
@@ -700,7 +658,7 @@ async fn idle_node_makes_at_most_one_write_per_ten_seconds() {
     let to = k8s_openapi::jiff::Timestamp::now();
     agent.stop().await;
     tokio::time::sleep(Duration::from_secs(1)).await; // let the audit log flush
-    let counts = audit_counts(&cp().audit_log_path(), &id.user, from, to);
+    let counts = cp().audit_counts(&id.user, from, to);
     println!("API requests by {} over 60 s idle:", id.user);
     println!("{:<8} {:<28} {:>5}", "verb", "resource", "count");
     for ((verb, res), n) in &counts {

@@ -90,45 +90,87 @@ pub fn free_port() -> u16 {
 }
 
 /// A `docker-registry` (Debian's distribution v2) on a free loopback port, killed on drop.
+/// Deletion is enabled; with [`Registry::with_auth`] it asks for htpasswd basic auth.
 #[derive(Debug)]
 pub struct Registry {
     child: Child,
     /// `127.0.0.1:<port>`.
     pub addr: String,
-    _dir: tempfile::TempDir,
+    /// Its working directory (config, storage under `data/`, `registry.log`).
+    pub dir: tempfile::TempDir,
 }
 
 impl Registry {
-    /// Starts it and waits until it accepts connections.
+    /// Starts an anonymous registry and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::spawn(None)
+    }
+
+    /// Starts a registry that requires `user`/`password` (bcrypt htpasswd, made with
+    /// `htpasswd` from Debian's apache2-utils).
+    pub fn with_auth(user: &str, password: &str) -> Self {
+        Self::spawn(Some((user, password)))
+    }
+
+    fn spawn(auth: Option<(&str, &str)>) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let addr = format!("127.0.0.1:{}", free_port());
+        let mut auth_cfg = String::new();
+        if let Some((user, password)) = auth {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .unwrap_or_else(|e| panic!("htpasswd (Debian package apache2-utils): {e}"));
+            assert!(out.status.success(), "htpasswd failed");
+            let path = dir.path().join("htpasswd");
+            std::fs::write(&path, &out.stdout).unwrap_or_else(|e| panic!("htpasswd file: {e}"));
+            auth_cfg = format!(
+                "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
+                path.display()
+            );
+        }
         let cfg = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_cfg}",
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("config.yml"), cfg)
             .unwrap_or_else(|e| panic!("registry config: {e}"));
-        let child = Command::new("docker-registry")
+        let log = std::fs::File::create(dir.path().join("registry.log"))
+            .unwrap_or_else(|e| panic!("registry log: {e}"));
+        let bin = std::env::var("VZK_DOCKER_REGISTRY").unwrap_or_else(|_| "docker-registry".into());
+        let child = Command::new(&bin)
             .arg("serve")
             .arg(dir.path().join("config.yml"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("docker-registry (Debian package docker-registry): {e}"));
+            .unwrap_or_else(|e| panic!("{bin} (Debian package docker-registry): {e}"));
+        let reg = Self { child, addr, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
+        while std::net::TcpStream::connect(&reg.addr).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "docker-registry did not start on {addr}"
+                "docker-registry did not start on {}: {}",
+                reg.addr,
+                reg.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self {
-            child,
-            addr,
-            _dir: dir,
-        }
+        reg
+    }
+
+    /// What the registry logged (errors only).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Path of a blob's data file in the registry's storage (`sha256:<hex>`).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        let prefix = hex.get(..2).unwrap_or(hex);
+        self.dir.path().join(format!(
+            "data/docker/registry/v2/blobs/sha256/{prefix}/{hex}/data"
+        ))
     }
 }
 

@@ -349,6 +349,49 @@ impl ControlPlane {
         self.dir.join("audit.log")
     }
 
+    /// Counts `user`'s API requests in the audit log received in `[from, to)`, by
+    /// `(verb, resource[/subresource])`, each request once (unique audit ID).
+    pub fn audit_counts(
+        &self,
+        user: &str,
+        from: k8s_openapi::jiff::Timestamp,
+        to: k8s_openapi::jiff::Timestamp,
+    ) -> std::collections::BTreeMap<(String, String), usize> {
+        let text = std::fs::read_to_string(self.audit_log_path()).unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        let mut counts = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if v["user"]["username"] != user {
+                continue;
+            }
+            let Some(at) = v["requestReceivedTimestamp"]
+                .as_str()
+                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            else {
+                continue;
+            };
+            if at < from
+                || at >= to
+                || !seen.insert(v["auditID"].as_str().unwrap_or_default().to_owned())
+            {
+                continue;
+            }
+            let mut resource = v["objectRef"]["resource"]
+                .as_str()
+                .unwrap_or("-")
+                .to_owned();
+            if let Some(sub) = v["objectRef"]["subresource"].as_str() {
+                resource = format!("{resource}/{sub}");
+            }
+            let verb = v["verb"].as_str().unwrap_or("-").to_owned();
+            *counts.entry((verb, resource)).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// This control plane's working directory (certificates, logs).
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -1,0 +1,361 @@
+//! Pod start-up and idle-cost benchmark (not a test): prints a table.
+//!
+//! Runs the real `vz-kubelet run` binary as `system:node:<name>` against a private
+//! kube-apiserver (with an audit log), a local `docker-registry` holding the test guest,
+//! and QEMU VMs in a network namespace of its own (TCG unless `VZK_ACCEL` says otherwise).
+//!
+//! * Pod create → Ready with a warm image cache, split into phases from the pod's events
+//!   (`eventTime`, µs), the host-side console (the guest prints `VZK-SSHD-START` when its
+//!   sshd starts) and the pod status as the API server serves it (polled every 20 ms).
+//!   The agent's share is everything except the guest's own boot (VM started → sshd up).
+//! * Agent RSS idle with no pod and with two VM pods (QEMU processes not counted), agent
+//!   CPU while idle, and the node's API requests per 10 s while idle (from the audit log).
+//!
+//! `cargo bench -p vz-kubelet --bench pod_startup` (root; needs what the tests need).
+//! `VZK_BENCH_RUNS` (default 5) sets the number of measured pods.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use vzk_testenv::{ControlPlane, Netns, Registry, free_port, guest};
+
+fn die(msg: impl std::fmt::Display) -> ! {
+    eprintln!("pod_startup: {msg}");
+    std::process::exit(1)
+}
+
+fn secs(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn proc_field(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// utime + stime of `pid` in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+fn pod(name: &str, node: &str, image: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name },
+        "spec": {
+            "nodeName": node,
+            "tolerations": [{ "operator": "Exists" }],
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "vm", "image": image,
+                "resources": { "requests": { "cpu": "1", "memory": "256Mi" } }
+            }]
+        }
+    }))
+    .unwrap_or_else(|e| die(e))
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+#[derive(Default, Clone)]
+struct Phases {
+    apply: f64,
+    pulling: f64,
+    pulled: f64,
+    created: f64,
+    started: f64,
+    ip: f64,
+    sshd: f64,
+    ready: f64,
+}
+
+async fn start_pod(
+    pods: &Api<Pod>,
+    events: &Api<Event>,
+    name: &str,
+    node: &str,
+    image: &str,
+    data: &Path,
+) -> Phases {
+    let mut ph = Phases {
+        apply: secs(SystemTime::now()),
+        ..Default::default()
+    };
+    let created = pods
+        .create(&PostParams::default(), &pod(name, node, image))
+        .await
+        .unwrap_or_else(|e| die(format!("create {name}: {e}")));
+    let uid = created.metadata.uid.unwrap_or_default();
+    let console = data.join("pods").join(&uid).join("console.log");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if Instant::now() > deadline {
+            die(format!("{name} not Ready in 300 s"));
+        }
+        if ph.sshd == 0.0
+            && std::fs::read_to_string(&console).is_ok_and(|c| c.contains("VZK-SSHD-START"))
+        {
+            ph.sshd = secs(SystemTime::now());
+        }
+        if let Ok(p) = pods.get(name).await {
+            let now = secs(SystemTime::now());
+            if ph.ip == 0.0 && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some() {
+                ph.ip = now;
+            }
+            if is_ready(&p) {
+                ph.ready = now;
+                if ph.sshd == 0.0 {
+                    ph.sshd = now;
+                }
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let list = events
+        .list(&ListParams::default().fields(&format!("regarding.name={name}")))
+        .await
+        .unwrap_or_else(|e| die(format!("events: {e}")));
+    for ev in list.items {
+        let Some(t) = ev
+            .event_time
+            .as_ref()
+            .map(|t| t.0.as_millisecond() as f64 / 1000.0)
+        else {
+            continue;
+        };
+        match ev.reason.as_deref() {
+            Some("Pulling") => ph.pulling = t,
+            Some("Pulled") => ph.pulled = t,
+            Some("Created") => ph.created = t,
+            Some("Started") if ph.started == 0.0 => ph.started = t,
+            _ => {}
+        }
+    }
+    ph
+}
+
+async fn delete_and_wait(pods: &Api<Pod>, name: &str) {
+    let _ = pods
+        .delete(name, &DeleteParams::default().grace_period(5))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pods.get_opt(name).await.ok().flatten().is_some() {
+        if Instant::now() > deadline {
+            die(format!("{name} not deleted in 120 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct AgentProc(Child);
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+#[tokio::main]
+async fn main() {
+    rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .ok();
+    let runs: usize = std::env::var("VZK_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let cp = ControlPlane::start().unwrap_or_else(|e| die(vzk_testenv::error_chain(&e)));
+    let node = "bench-node";
+    let id = cp.node_identity(node);
+    let registry = Registry::start();
+    let target_tmp = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/tmp");
+    let g = guest(&target_tmp);
+    let work = tempfile::tempdir().unwrap_or_else(|e| die(e));
+    let img = work.path().join("image");
+    g.image_dir(&img);
+    let image = format!("{}/bench/guest:v1", registry.addr);
+    let bin = env!("CARGO_BIN_EXE_vz-kubelet");
+    let st = Command::new(bin)
+        .args(["image", "push", "--root"])
+        .arg(work.path().join("push-cache"))
+        .arg("--plain-http")
+        .arg(&img)
+        .arg(&image)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| die(e));
+    if !st.success() {
+        die("image push failed");
+    }
+    let netns = Netns::new();
+    let data = work.path().join("data");
+    let accel = std::env::var("VZK_ACCEL").unwrap_or_else(|_| "tcg".into());
+    let child = Command::new(bin)
+        .args([
+            "run",
+            "--node-name",
+            node,
+            "--node-ip",
+            "127.0.0.1",
+            "--accel",
+            &accel,
+        ])
+        .arg("--kubeconfig")
+        .arg(&id.kubeconfig)
+        .arg("--client-ca-file")
+        .arg(cp.ca_cert_path())
+        .args([
+            "--kubelet-port",
+            &free_port().to_string(),
+            "--listen-address",
+            "127.0.0.1",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--vm-netns",
+            &netns.name,
+            "--insecure-registry",
+            &registry.addr,
+        ])
+        .args(["--ssh-user", "root", "--max-vms", "2"])
+        .arg("--ssh-private-key-path")
+        .arg(&g.openssh_key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| die(e));
+    let agent = AgentProc(child);
+    let pid = agent.0.id();
+
+    let admin = cp.admin_client().await;
+    let ns = cp.create_namespace("bench").await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nodes.get_opt(node).await.ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            die("node did not register");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Idle with no pod: settle, then RSS, CPU and API writes over 60 s.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let idle_from = k8s_openapi::jiff::Timestamp::now();
+    let cpu0 = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let idle_cpu_pct = (cpu_seconds(pid) - cpu0) / 60.0 * 100.0;
+    let idle_to = k8s_openapi::jiff::Timestamp::now();
+    let rss_idle = proc_field(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+    let counts = cp.audit_counts(&id.user, idle_from, idle_to);
+    let writes: usize = counts
+        .iter()
+        .filter(|((verb, _), _)| matches!(verb.as_str(), "create" | "update" | "patch" | "delete"))
+        .map(|(_, n)| n)
+        .sum();
+    let all: usize = counts.values().sum();
+
+    // Warm the image cache, then measure.
+    let _ = start_pod(&pods, &events, "warm", node, &image, &data).await;
+    delete_and_wait(&pods, "warm").await;
+    let mut rows = Vec::new();
+    for i in 0..runs {
+        let name = format!("run-{i}");
+        rows.push(start_pod(&pods, &events, &name, node, &image, &data).await);
+        delete_and_wait(&pods, &name).await;
+    }
+
+    // Two VM pods at once: the agent's RSS.
+    let _ = start_pod(&pods, &events, "pair-a", node, &image, &data).await;
+    let _ = start_pod(&pods, &events, "pair-b", node, &image, &data).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_two = proc_field(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+    let hwm = proc_field(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    delete_and_wait(&pods, "pair-a").await;
+    delete_and_wait(&pods, "pair-b").await;
+
+    let col = |f: &dyn Fn(&Phases) -> f64| median(rows.iter().map(f).collect());
+    let admit = col(&|p| p.pulling - p.apply);
+    let pull = col(&|p| p.pulled - p.pulling);
+    let clone = col(&|p| p.created - p.pulled);
+    let launch = col(&|p| p.started - p.created);
+    let boot_ip = col(&|p| p.ip - p.started);
+    let boot_sshd = col(&|p| p.sshd - p.started);
+    let ssh_ready = col(&|p| p.ready - p.sshd);
+    let total = col(&|p| p.ready - p.apply);
+    let agent_share = col(&|p| (p.ready - p.apply) - (p.sshd - p.started));
+
+    println!("\n## vz-kubelet pod start-up (warm cache, accel={accel}, median of {runs})\n");
+    println!("| phase | seconds |");
+    println!("|---|---|");
+    println!("| API create → Pulling event (watch, admission to provider) | {admit:.3} |");
+    println!("| Pulling → Pulled (cache hit, digest check) | {pull:.3} |");
+    println!("| Pulled → Created (volumes, CoW clone, VM config) | {clone:.3} |");
+    println!("| Created → Started (QEMU spawn + QMP) | {launch:.3} |");
+    println!(
+        "| Started → pod IP in the API (guest DHCP, agent discovery, status write) | {boot_ip:.3} |"
+    );
+    println!("| Started → guest sshd up (the guest's own boot) | {boot_sshd:.3} |");
+    println!(
+        "| guest sshd up → Ready in the API (SSH, volume mounts, status write) | {ssh_ready:.3} |"
+    );
+    println!("| **total create → Ready** | {total:.3} |");
+    println!("| **agent's share (total − guest boot)**, goal ≤ 0.5 | {agent_share:.3} |");
+    println!("\n## vz-kubelet agent cost\n");
+    println!("| measure | vz-kubelet | virtual-kubelet (field) | goal |");
+    println!("|---|---|---|---|");
+    println!("| RSS idle, no pod (MiB) | {rss_idle:.1} | ~60 | ≤ 15 |");
+    println!("| RSS with two VM pods (MiB, QEMU not counted) | {rss_two:.1} | — | — |");
+    println!("| RSS high-water mark over the run (MiB) | {hwm:.1} | — | — |");
+    println!("| CPU while idle (% of one core, 60 s) | {idle_cpu_pct:.2} | — | — |");
+    println!(
+        "| API writes per 10 s while idle | {:.2} | 1.17 | ≤ 1 |",
+        writes as f64 / 6.0
+    );
+    println!(
+        "| API requests per 10 s while idle (all verbs) | {:.2} | — | — |",
+        all as f64 / 6.0
+    );
+    println!("\nidle requests by verb/resource over 60 s: {counts:?}");
+    drop(agent);
+    drop(netns);
+}
