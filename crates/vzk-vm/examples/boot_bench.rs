@@ -15,6 +15,13 @@
 //!   lag plus readiness polling).
 //! * `handshake`: `ssh - port`: the SSH handshake and command, mostly guest-side crypto
 //!   (and dropbear's first-connection host key generation) under emulation.
+//!
+//! A second table splits the agent's own cost, in milliseconds (the guest's boot is not
+//! in it): `backend` (`QemuBackend::new`: probe, NAT bridge, nft, dnsmasq; once per agent,
+//! shown on run 0), then per VM from `QemuBackend::start_timings`: `create` (state dir),
+//! `plug` (TAPs on the bridge), `spawn` (fork/exec), `qmp` (QEMU start-up to a negotiated
+//! QMP), `run` (query-status), `start` (all of `start()`), and `ip lag`: the IP known
+//! minus dnsmasq's lease-file write for that ACK.
 #![allow(clippy::unwrap_used)]
 
 #[cfg(not(target_os = "linux"))]
@@ -37,7 +44,7 @@ mod linux {
 
     use std::time::{Duration, Instant};
 
-    use vzk_vm::qemu::{AccelChoice, QemuBackend, QemuConfig};
+    use vzk_vm::qemu::{AccelChoice, QemuBackend, QemuConfig, StartTimings};
     use vzk_vm::{
         Hypervisor, NetworkAttachment, VmState, stop_gracefully, wait_for_ip, wait_for_state,
     };
@@ -54,6 +61,17 @@ mod linux {
         ssh: f64,
     }
 
+    #[derive(Debug, Clone, Copy)]
+    struct Agent {
+        create: f64,
+        t: StartTimings,
+        ip_lag: f64,
+    }
+
+    fn ms(d: Duration) -> f64 {
+        d.as_secs_f64() * 1e3
+    }
+
     pub(super) fn main() {
         let runs: usize = std::env::args()
             .nth(1)
@@ -63,14 +81,18 @@ mod linux {
         let ns = support::Netns::new();
         let state = tempfile::tempdir().expect("tempdir");
         let state_path = state.path().to_owned();
-        let rows = ns.run(move || async move {
+        let (backend_ms, rows, agent) = ns.run(move || async move {
             let config = QemuConfig {
                 accel: AccelChoice::Auto,
                 ..QemuConfig::new(&state_path)
             };
+            let b0 = Instant::now();
             let backend = QemuBackend::new(config).await.expect("backend");
+            let backend_ms = ms(b0.elapsed());
             eprintln!("accelerator: {}", backend.accel().as_str());
+            let leases = state_path.join("nat/dnsmasq.leases");
             let mut rows = Vec::new();
+            let mut agent = Vec::new();
             for i in 0..runs {
                 let spec = support::guest_spec(
                     &format!("bench-{i}"),
@@ -79,7 +101,9 @@ mod linux {
                     "",
                 );
                 let console = spec.console_log.clone().expect("console");
+                let c0 = Instant::now();
                 let vm = backend.create(spec).await.expect("create");
+                let create = ms(c0.elapsed());
                 let t0 = Instant::now();
                 vm.start().await.expect("start");
                 wait_for_state(vm.as_ref(), TIMEOUT, "running", |s| *s == VmState::Running)
@@ -88,13 +112,24 @@ mod linux {
                 let running = t0.elapsed();
                 let ip_fut = async {
                     let ip = wait_for_ip(vm.as_ref(), TIMEOUT).await.expect("ip");
-                    (ip, t0.elapsed())
+                    let known = std::time::SystemTime::now();
+                    let acked = std::fs::metadata(&leases).and_then(|m| m.modified());
+                    let lag = acked
+                        .ok()
+                        .and_then(|a| known.duration_since(a).ok())
+                        .map_or(f64::NAN, ms);
+                    (ip, t0.elapsed(), lag)
                 };
                 let sshd_fut = async {
                     support::wait_file_contains(&console, "VZK-SSHD-START", TIMEOUT).await;
                     t0.elapsed()
                 };
-                let ((ip, t_ip), t_sshd) = tokio::join!(ip_fut, sshd_fut);
+                let ((ip, t_ip, ip_lag), t_sshd) = tokio::join!(ip_fut, sshd_fut);
+                agent.push(Agent {
+                    create,
+                    t: backend.start_timings(vm.id()).expect("timings"),
+                    ip_lag,
+                });
                 support::wait_port(ip, TIMEOUT).await;
                 let t_port = t0.elapsed();
                 support::wait_ssh(ip, TIMEOUT).await;
@@ -116,7 +151,7 @@ mod linux {
                 let _ = stop_gracefully(vm.as_ref(), Duration::ZERO).await;
                 let _ = vm.remove().await;
             }
-            rows
+            (backend_ms, rows, agent)
         });
         println!(
             "| run | running | ip | sshd (console) | guest uptime at sshd | port | ssh ready | ours | handshake |"
@@ -137,5 +172,33 @@ mod linux {
                 r.ssh - r.port
             );
         }
+        println!();
+        println!("| run | backend | create | plug | spawn | qmp | run | start | ip lag |");
+        println!("|----:|--------:|-------:|-----:|------:|----:|----:|------:|-------:|");
+        for (i, a) in agent.iter().enumerate() {
+            let backend = if i == 0 {
+                format!("{backend_ms:.0}")
+            } else {
+                "-".into()
+            };
+            println!(
+                "| {i} | {backend} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                a.create,
+                ms(a.t.plug_nics),
+                ms(a.t.spawn),
+                ms(a.t.qmp_connect),
+                ms(a.t.running),
+                ms(a.t.total),
+                a.ip_lag
+            );
+        }
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!(
+            "(milliseconds; load average {})",
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
 }

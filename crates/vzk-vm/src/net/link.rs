@@ -1,4 +1,5 @@
-//! Link plumbing through iproute2's `ip` command: bridges, addresses, enslaving TAPs.
+//! Link plumbing: bridges, addresses and enslaving TAPs, through iproute2's `ip` command
+//! (enslaving by ioctl first, see [`attach_to_bridge`]).
 //!
 //! Runs `ip` as a child process, so it acts in the network namespace of the calling
 //! thread. Each helper is idempotent where the operation allows it ("already exists" is
@@ -86,11 +87,19 @@ pub async fn ensure_address(dev: &str, addr: Ipv4Addr, prefix: u8) -> Result<(),
     ip(&["addr", "add", &cidr, "dev", dev]).await.map(drop)
 }
 
-/// Enslaves `port` to `bridge` and brings it up.
+/// Enslaves `port` to `bridge` and brings it up: by ioctl (no process spawn on the VM
+/// start path), falling back to `ip link set` if the kernel refuses the ioctl (e.g. a
+/// bridge that is not a Linux bridge), so the error then is iproute2's own.
 pub async fn attach_to_bridge(port: &str, bridge: &str) -> Result<(), LinkError> {
-    ip(&["link", "set", "dev", port, "master", bridge, "up"])
-        .await
-        .map(drop)
+    match super::tap::enslave_and_up(port, bridge) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::debug!(port, bridge, error = %e, "bridge ioctl refused; using ip link");
+            ip(&["link", "set", "dev", port, "master", bridge, "up"])
+                .await
+                .map(drop)
+        }
+    }
 }
 
 /// Deletes interface `name`; a missing interface is success.

@@ -160,6 +160,9 @@ pub struct NatNetwork {
     dnsmasq: Child,
 }
 
+/// How long dnsmasq may take to bind its sockets (write its pid file).
+const DNSMASQ_READY_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl NatNetwork {
     /// Sets up (or takes over) the network; `dir` holds dnsmasq's pid, lease and log files.
     pub async fn start(config: NatConfig, dir: &Path) -> Result<Self, NatError> {
@@ -194,6 +197,8 @@ impl NatNetwork {
             path: log_path.clone(),
             source,
         })?;
+        let pid_file = dir.join("dnsmasq.pid");
+        let _ = std::fs::remove_file(&pid_file);
         let mut child = Command::new(&config.dnsmasq)
             .args(config.dnsmasq_args(dir))
             .stdin(Stdio::null())
@@ -202,13 +207,32 @@ impl NatNetwork {
             .kill_on_drop(true)
             .spawn()
             .map_err(NatError::SpawnDnsmasq)?;
-        // dnsmasq fails fast on bad arguments or a busy port; give it a moment to say so.
-        if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_millis(300), child.wait()).await
-        {
-            return Err(NatError::DnsmasqExited {
-                status: status.to_string(),
-                log: log_path,
-            });
+        // dnsmasq fails fast on bad arguments or a busy port, and writes its pid file only
+        // once its sockets are bound: wait for whichever comes first (at most
+        // DNSMASQ_READY_TIMEOUT, then go on as before: a later death is still logged).
+        let pid = child.id();
+        let ready = async {
+            loop {
+                let written = std::fs::read_to_string(&pid_file)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok());
+                if written.is_some() && written == pid {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::select! {
+            status = child.wait() => {
+                return Err(NatError::DnsmasqExited {
+                    status: status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                    log: log_path,
+                });
+            }
+            () = ready => {}
+            () = tokio::time::sleep(DNSMASQ_READY_TIMEOUT) => {
+                tracing::warn!(pid_file = %pid_file.display(), "dnsmasq wrote no pid file in time; going on");
+            }
         }
         tracing::info!(bridge = %config.bridge, gateway = %config.gateway, pid = child.id(), "NAT network up");
         Ok(Self {

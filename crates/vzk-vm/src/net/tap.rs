@@ -81,6 +81,71 @@ pub fn create_tap(name: &str) -> Result<OwnedFd, TapError> {
     Ok(file.into())
 }
 
+/// `SIOCBRADDIF` (linux/sockios.h): add the interface `ifr_ifindex` to the bridge named
+/// in `ifr_name`.
+const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+
+/// `struct ifreq` with the `ifr_ifindex` member (SIOCBRADDIF).
+#[repr(C)]
+struct IfReqIndex {
+    name: [u8; libc::IFNAMSIZ],
+    index: libc::c_int,
+    _pad: [u8; 20],
+}
+
+nix::ioctl_write_ptr_bad!(br_add_if, SIOCBRADDIF, IfReqIndex);
+nix::ioctl_read_bad!(get_if_flags, libc::SIOCGIFFLAGS, IfReqFlags);
+nix::ioctl_write_ptr_bad!(set_if_flags, libc::SIOCSIFFLAGS, IfReqFlags);
+
+fn ifname(name: &str) -> io::Result<[u8; libc::IFNAMSIZ]> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid interface name {name:?}"),
+        ));
+    }
+    let mut out = [0u8; libc::IFNAMSIZ];
+    out[..bytes.len()].copy_from_slice(bytes);
+    Ok(out)
+}
+
+/// Enslaves `port` to `bridge` and sets it up with two ioctls on a datagram socket (what
+/// `brctl addif` + `ip link set up` do), in the network namespace of the calling thread:
+/// no `ip` process per VM start.
+pub(crate) fn enslave_and_up(port: &str, bridge: &str) -> io::Result<()> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    let index = nix::net::if_::if_nametoindex(port).map_err(io::Error::from)?;
+    let add = IfReqIndex {
+        name: ifname(bridge)?,
+        index: libc::c_int::try_from(index)
+            .map_err(|_| io::Error::other(format!("interface index {index} out of range")))?,
+        _pad: [0; 20],
+    };
+    // SAFETY: `sock` is an open socket for the whole call; `add` is a fully initialised
+    // 40-byte `struct ifreq` (name + ifindex) that outlives the call and is only read.
+    unsafe { br_add_if(sock.as_raw_fd(), &add) }.map_err(io::Error::from)?;
+    let mut req = IfReqFlags {
+        name: ifname(port)?,
+        flags: 0,
+        _pad: [0; 22],
+    };
+    // SAFETY: as above; SIOCGIFFLAGS writes `ifr_flags` into `req`, which is valid and
+    // exclusively borrowed for the call.
+    unsafe { get_if_flags(sock.as_raw_fd(), &mut req) }.map_err(io::Error::from)?;
+    req.flags |= libc::IFF_UP as libc::c_short;
+    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+    unsafe { set_if_flags(sock.as_raw_fd(), &req) }.map_err(io::Error::from)?;
+    Ok(())
+}
+
 /// A deterministic TAP name for NIC `index` of VM `id` (`vzk` + 8 hex + `n` + index).
 pub fn tap_name(id: &str, index: usize) -> String {
     // FNV-1a: stable across versions and processes (unlike `DefaultHasher`).

@@ -18,6 +18,9 @@ pub const TAP_FD_BASE: i32 = 3;
 pub struct QemuPaths {
     /// The QMP socket.
     pub qmp_socket: PathBuf,
+    /// If set, QEMU's fd number of a socket already bound at `qmp_socket` and listening
+    /// (the agent's pre-bound listener); else QEMU binds `qmp_socket` itself.
+    pub qmp_fd: Option<i32>,
     /// The pid file QEMU writes.
     pub pid_file: PathBuf,
     /// UEFI firmware code (for [`BootSpec::Efi`]), if available.
@@ -76,10 +79,19 @@ pub fn qemu_args(
         "-vga",
         "none",
     ]);
-    push(&[
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", opt_path(&paths.qmp_socket)?),
-    ]);
+    match paths.qmp_fd {
+        // A socket the agent bound and listens on: it can connect before QEMU is up.
+        Some(fd) => push(&[
+            "-chardev",
+            &format!("socket,id=qmp,fd={fd},server=on,wait=off"),
+            "-mon",
+            "chardev=qmp,mode=control",
+        ]),
+        None => push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", opt_path(&paths.qmp_socket)?),
+        ]),
+    }
     push(&["-pidfile", &opt_path(&paths.pid_file)?]);
     match &spec.console_log {
         Some(log) => push(&[
@@ -170,9 +182,28 @@ mod tests {
     fn paths() -> QemuPaths {
         QemuPaths {
             qmp_socket: "/s/qmp.sock".into(),
+            qmp_fd: None,
             pid_file: "/s/qemu.pid".into(),
             ovmf_code: None,
         }
+    }
+
+    #[test]
+    fn a_pre_bound_qmp_socket_is_passed_by_fd() {
+        let p = QemuPaths {
+            qmp_fd: Some(5),
+            ..paths()
+        };
+        let a = qemu_args(&spec(), Accel::Tcg, &p)
+            .unwrap_or_default()
+            .join(" ");
+        assert!(
+            a.contains(
+                "-chardev socket,id=qmp,fd=5,server=on,wait=off -mon chardev=qmp,mode=control"
+            ),
+            "{a}"
+        );
+        assert!(!a.contains("-qmp"), "{a}");
     }
 
     fn spec() -> VmSpec {

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, Weak};
 use async_trait::async_trait;
 
 pub use probe::{Accel, AccelChoice};
-pub use vm::QemuVm;
+pub use vm::{QemuVm, StartTimings};
 
 use crate::hypervisor::{
     BackendKind, Capabilities, Hypervisor, HypervisorError, ProbeReport, Vm, VmState,
@@ -123,29 +123,28 @@ impl QemuBackend {
             backend: BackendKind::Qemu,
             detail,
         };
-        let version = probe::qemu_version(&config.binary)
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
         std::fs::create_dir_all(config.state_dir.join("vms"))
             .map_err(|e| unavailable(format!("creating {}: {e}", config.state_dir.display())))?;
-        let accel = probe::select_accel_cached(
-            &config.binary,
-            config.accel,
-            &config.state_dir.join("kvm-probe.json"),
-        )
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
-        let nat = match config.nat.clone() {
-            Some(c) => Some(
-                NatNetwork::start(c, &config.state_dir.join("nat"))
-                    .await
-                    .map_err(|e| HypervisorError::Create {
-                        id: "<nat network>".into(),
-                        source: Box::new(e),
-                    })?,
-            ),
-            None => None,
-        };
+        // The three are independent and each waits on child processes (QEMU's start-up,
+        // `ip`/`nft`/dnsmasq): run them at once.
+        let probe_file = config.state_dir.join("kvm-probe.json");
+        let nat_dir = config.state_dir.join("nat");
+        let (version, accel, nat) = tokio::join!(
+            probe::qemu_version(&config.binary),
+            probe::select_accel_cached(&config.binary, config.accel, &probe_file),
+            async {
+                match config.nat.clone() {
+                    Some(c) => NatNetwork::start(c, &nat_dir).await.map(Some),
+                    None => Ok(None),
+                }
+            }
+        );
+        let version = version.map_err(|e| unavailable(e.to_string()))?;
+        let accel = accel.map_err(|e| unavailable(e.to_string()))?;
+        let nat = nat.map_err(|e| HypervisorError::Create {
+            id: "<nat network>".into(),
+            source: Box::new(e),
+        })?;
         let ovmf_code = OVMF_CANDIDATES
             .iter()
             .map(PathBuf::from)
@@ -187,6 +186,13 @@ impl QemuBackend {
     /// The accelerator in use.
     pub fn accel(&self) -> Accel {
         self.shared.accel
+    }
+
+    /// Where the last [`Vm::start`] of VM `id` (created or adopted by this backend and
+    /// still alive) spent its time.
+    pub fn start_timings(&self, id: &str) -> Option<StartTimings> {
+        let vm = self.vms.lock().ok()?.get(id)?.upgrade()?;
+        vm.start_timings()
     }
 
     /// The NAT network, if configured.

@@ -40,6 +40,22 @@ const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long `quit` / SIGKILL may take to end the process.
 const FORCE_STOP_WAIT: Duration = Duration::from_secs(5);
 
+/// Where [`Vm::start`] spent its time (the agent's side of a VM start; the guest's boot
+/// runs in parallel once QEMU is spawned). See `examples/boot_bench.rs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StartTimings {
+    /// Creating the TAPs and joining them to their bridges.
+    pub plug_nics: Duration,
+    /// Building the command line and `fork`/`exec` of QEMU.
+    pub spawn: Duration,
+    /// From the spawn to a negotiated QMP connection (QEMU's own start-up included).
+    pub qmp_connect: Duration,
+    /// `query-status` and the state change to `Running`.
+    pub running: Duration,
+    /// All of `start()`.
+    pub total: Duration,
+}
+
 /// A QEMU VM handle.
 pub struct QemuVm {
     spec: VmSpec,
@@ -51,6 +67,7 @@ pub struct QemuVm {
     pid: Mutex<Option<i32>>,
     start_lock: tokio::sync::Mutex<()>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    timings: Mutex<Option<StartTimings>>,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -92,7 +109,13 @@ impl QemuVm {
             pid: Mutex::new(None),
             start_lock: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
+            timings: Mutex::new(None),
         }
+    }
+
+    /// Where the last successful [`Vm::start`] of this handle spent its time.
+    pub fn start_timings(&self) -> Option<StartTimings> {
+        self.timings.lock().ok().and_then(|t| *t)
     }
 
     /// The VM's state directory.
@@ -368,14 +391,23 @@ impl Vm for QemuVm {
         self.set_state(VmState::Starting);
         let started = Instant::now();
         let fds = self.plug_nics().await?;
+        let plugged = Instant::now();
+        // The QMP socket is bound here and handed to QEMU: the connection below is
+        // queued at once and answered as soon as QEMU's main loop runs (no polling for
+        // the socket file).
+        let qmp_socket = self.dir.qmp_socket();
+        let _ = std::fs::remove_file(&qmp_socket);
+        let listener = std::os::unix::net::UnixListener::bind(&qmp_socket)
+            .map_err(|e| self.fail_start(format!("binding {}: {e}", qmp_socket.display())))?;
+        let qmp_fd = TAP_FD_BASE + i32::try_from(fds.len()).unwrap_or(0);
         let paths = QemuPaths {
-            qmp_socket: self.dir.qmp_socket(),
+            qmp_socket,
+            qmp_fd: Some(qmp_fd),
             pid_file: self.dir.pid_file(),
             ovmf_code: self.shared.ovmf_code.clone(),
         };
         let args = qemu_args(&self.spec, self.shared.accel, &paths)
             .map_err(|e| self.fail_start(e.to_string()))?;
-        let _ = std::fs::remove_file(paths.qmp_socket.as_path());
         let _ = std::fs::remove_file(paths.pid_file.as_path());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -394,6 +426,7 @@ impl Vm for QemuVm {
             .kill_on_drop(false);
         let mappings = fds
             .into_iter()
+            .chain(std::iter::once(OwnedFd::from(listener)))
             .zip(TAP_FD_BASE..)
             .map(|(parent_fd, child_fd)| FdMapping {
                 parent_fd,
@@ -403,7 +436,8 @@ impl Vm for QemuVm {
         cmd.fd_mappings(mappings)
             .map_err(|e| self.fail_start(e.to_string()))?;
         let spawned = cmd.spawn();
-        // Our copies of the TAP fds close with the command; QEMU holds its own.
+        // Our copies of the TAP fds and the QMP listener close with the command; QEMU
+        // holds its own.
         drop(cmd);
         let mut child = spawned.map_err(|e| {
             self.fail_start(format!("spawning {}: {e}", self.shared.binary.display()))
@@ -415,6 +449,7 @@ impl Vm for QemuVm {
         if let Ok(mut p) = self.pid.lock() {
             *p = Some(pid);
         }
+        let spawned_at = Instant::now();
         let (qmp, events) = match connect_qmp(&self.dir, &mut child).await {
             Ok(x) => x,
             Err(reason) => {
@@ -426,6 +461,7 @@ impl Vm for QemuVm {
                 )));
             }
         };
+        let connected = Instant::now();
         let qmp = Arc::new(qmp);
         if let Ok(mut q) = self.qmp.lock() {
             *q = Some(qmp.clone());
@@ -434,7 +470,27 @@ impl Vm for QemuVm {
         if qmp.query_status().await.is_ok_and(|s| s == "running") {
             self.set_state(VmState::Running);
         }
-        tracing::info!(vm.id = %self.spec.id, pid, accel = self.shared.accel.as_str(), elapsed_ms = started.elapsed().as_millis() as u64, "VM started");
+        let done = Instant::now();
+        let timings = StartTimings {
+            plug_nics: plugged - started,
+            spawn: spawned_at - plugged,
+            qmp_connect: connected - spawned_at,
+            running: done - connected,
+            total: done - started,
+        };
+        if let Ok(mut t) = self.timings.lock() {
+            *t = Some(timings);
+        }
+        tracing::info!(
+            vm.id = %self.spec.id,
+            pid,
+            accel = self.shared.accel.as_str(),
+            elapsed_ms = timings.total.as_millis() as u64,
+            plug_nics_ms = timings.plug_nics.as_millis() as u64,
+            spawn_ms = timings.spawn.as_millis() as u64,
+            qmp_ms = timings.qmp_connect.as_millis() as u64,
+            "VM started"
+        );
         Ok(())
     }
 
