@@ -13,24 +13,29 @@
 //!   task can be cancelled again, so deletion always finds a VM it must stop.
 //! * A VM that ends frees its slot at once; the overlay stays until deletion.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use vzk_core::streams::AttachIo;
 use vzk_core::{PodEvent, PodKey};
 use vzk_guest::{GuestConfig, GuestSession, HostKeyStore};
 use vzk_image::{PinGuard, PullOptions, PullPolicy, Reference};
 use vzk_vm::{BootSpec, DiskFormat, DiskSpec, MacAddr, NicSpec, Vm, VmSpec, VmState};
 
+use crate::probes::{
+    self, ContainerProbes, ExecOutcome, OutputBuf, ProbeTarget, ProbeUpdate, RestartBackoff,
+};
 use crate::provider::Inner;
 use crate::resources::vm_resources;
 use crate::slots::Slot;
-use crate::status::{VmPhase, pod_status};
+use crate::status::{VmHistory, VmPhase, apply_vm_history, pod_status, should_restart};
 
 /// Why side-cars are not run (reported on their container statuses).
 pub(crate) const SIDECAR_REASON: &str =
@@ -65,6 +70,8 @@ pub(crate) struct PodEntry {
     pub(crate) create_lock: Arc<tokio::sync::Mutex<()>>,
     pub(crate) slot: Mutex<Option<Slot>>,
     pub(crate) pin: Mutex<Option<PinGuard>>,
+    /// Restarts, last state and `started` of container 0.
+    pub(crate) history: Mutex<VmHistory>,
 }
 
 impl PodEntry {
@@ -100,12 +107,22 @@ impl PodEntry {
             create_lock: Arc::new(tokio::sync::Mutex::new(())),
             slot: Mutex::new(None),
             pin: Mutex::new(None),
+            history: Mutex::new(VmHistory::default()),
         }
     }
 
     pub(crate) fn status(&self) -> PodStatus {
         let phase = lock(&self.phase).clone();
-        pod_status(&self.pod, &phase, &self.start_time, 0, SIDECAR_REASON)
+        let history = lock(&self.history).clone();
+        let mut status = pod_status(
+            &self.pod,
+            &phase,
+            &self.start_time,
+            history.restart_count,
+            SIDECAR_REASON,
+        );
+        apply_vm_history(&mut status, &history);
+        status
     }
 
     pub(crate) fn vm(&self) -> Option<Arc<dyn Vm>> {
@@ -437,155 +454,545 @@ async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     watch_vm(inner, e, vm, c0.lifecycle.and_then(|l| l.post_start)).await;
 }
 
-/// From a started (or adopted) VM: IP → SSH ready → postStart, then wait for the end.
+/// How one VM run ended.
+enum RunEnd {
+    /// The VM reached a final state on its own (guest power-off, QEMU crash).
+    Exited(VmState),
+    /// The agent must stop it: liveness/startup probe or postStart hook failed.
+    Kill {
+        /// Event text, e.g. `Container vm failed liveness probe`.
+        why: String,
+        /// Details for `lastState.terminated.message`.
+        message: String,
+        /// The grace for the stop.
+        grace: Duration,
+    },
+}
+
+/// The pod's `terminationGracePeriodSeconds` (default 30 s).
+fn pod_grace(pod: &Pod) -> Duration {
+    Duration::from_secs(
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(30),
+    )
+}
+
+/// From a started (or adopted) VM: IP → SSH ready → postStart → probes, until the VM
+/// ends; then, per `restartPolicy`, boot it again from the same disk clone (with the
+/// kubelet's back-off) or record it as terminated.
+///
+/// VM "exit codes" (container 0's `terminated.exitCode`): 0 when the guest powered off
+/// on its own (reason `Completed`), 1 when QEMU failed or crashed (`Error`), 143 when
+/// the agent stopped it gracefully after a failed liveness/startup probe or postStart
+/// hook (ACPI or SSH `poweroff`), 137 when it had to force it off (`Error`).
 async fn watch_vm(
     inner: Arc<Inner>,
     e: Arc<PodEntry>,
-    vm: Arc<dyn Vm>,
+    mut vm: Arc<dyn Vm>,
     post_start: Option<k8s_openapi::api::core::v1::LifecycleHandler>,
 ) {
-    let started_at = now();
-    inner.set_phase(
-        &e,
-        VmPhase::Running {
-            started_at: started_at.clone(),
-            ip: None,
-            ready: false,
-        },
-    );
-    let ended = watch_end(&inner, &e, vm.clone(), started_at.clone());
-    let ready = async {
-        let ip = match vzk_vm::wait_for_ip(vm.as_ref(), inner.ready_timeout).await {
-            Ok(ip) => ip,
-            Err(err) => {
-                inner.event(
-                    &e,
-                    PodEvent::warning(
-                        "Unhealthy",
-                        format!("VM address not found: {}", error_chain(&err)),
-                    ),
-                );
-                return std::future::pending::<()>().await;
-            }
-        };
+    let probes = match e.container0().map(ContainerProbes::from_container) {
+        Some(Ok(p)) => p,
+        Some(Err(err)) => {
+            warn!(pod = %e.key, error = %err, "probes not run");
+            ContainerProbes::default()
+        }
+        None => ContainerProbes::default(),
+    };
+    let policy = e.pod.spec.as_ref().and_then(|s| s.restart_policy.clone());
+    let mut backoff = RestartBackoff::default();
+    loop {
+        let started_at = now();
+        let ran_since = tokio::time::Instant::now();
+        lock(&e.history).started = probes.startup.is_none();
         inner.set_phase(
             &e,
             VmPhase::Running {
                 started_at: started_at.clone(),
-                ip: Some(ip.to_string()),
+                ip: None,
                 ready: false,
             },
         );
-        let session = GuestSession::new(
-            std::net::SocketAddr::from((ip, 22)),
-            e.creds.clone(),
-            HostKeyStore::file(e.dir.join("ssh_host_key")),
-            GuestConfig::from_env(),
-        );
-        *lock(&e.session) = Some(session.clone());
-        let timeout = inner.ready_timeout;
-        let s = session.clone();
-        if let Err(err) = inner
-            .exec
-            .run(async move { s.wait_ready(timeout).await })
-            .await
-        {
+        let end = tokio::select! {
+            s = final_state(vm.clone()) => RunEnd::Exited(s),
+            k = guest(&inner, &e, &vm, post_start.clone(), &started_at, ran_since, &probes) => k,
+        };
+        let (exit_code, reason, message) = match end {
+            RunEnd::Exited(VmState::Failed { reason }) => {
+                inner.event(
+                    &e,
+                    PodEvent::warning("Failed", format!("VM ended: {reason}")),
+                );
+                (1, "Error".to_owned(), Some(reason))
+            }
+            RunEnd::Exited(_) => (
+                0,
+                "Completed".to_owned(),
+                Some("the guest powered off".to_owned()),
+            ),
+            RunEnd::Kill {
+                why,
+                message,
+                grace,
+            } => {
+                let restart = should_restart(policy.as_deref(), 137);
+                inner.event(
+                    &e,
+                    PodEvent::normal(
+                        "Killing",
+                        if restart {
+                            format!("{why}, will be restarted")
+                        } else {
+                            why.clone()
+                        },
+                    ),
+                );
+                let path = stop_vm(&inner, &e, vm.clone(), grace).await;
+                if let Some(s) = e.session() {
+                    s.close();
+                }
+                let code = if path == StopPath::Forced { 137 } else { 143 };
+                (code, "Error".to_owned(), Some(format!("{why}: {message}")))
+            }
+        };
+        let finished_at = now();
+        let terminated = ContainerStateTerminated {
+            exit_code,
+            reason: Some(reason.clone()),
+            message: message.clone(),
+            started_at: Some(started_at.clone()),
+            finished_at: Some(finished_at.clone()),
+            ..Default::default()
+        };
+        if !should_restart(policy.as_deref(), exit_code) {
+            inner.set_phase(
+                &e,
+                VmPhase::Terminated {
+                    exit_code,
+                    reason,
+                    message,
+                    started_at: Some(started_at),
+                    finished_at,
+                },
+            );
+            lock(&e.slot).take();
+            e.ended.cancel();
+            return;
+        }
+        lock(&e.history).last_state = Some(terminated);
+        let delay = backoff.next_delay(ran_since.elapsed());
+        if !delay.is_zero() {
             inner.event(
                 &e,
                 PodEvent::warning(
-                    "Unhealthy",
+                    "BackOff",
                     format!(
-                        "Readiness probe failed: guest SSH did not answer: {}",
-                        vzk_guest::ErrorChain(&err)
+                        "Back-off restarting failed container {} in pod {}_{}({})",
+                        e.container, e.key.name, e.key.namespace, e.key.uid
                     ),
                 ),
             );
-            return std::future::pending::<()>().await;
+            inner.waiting(
+                &e,
+                "CrashLoopBackOff",
+                format!(
+                    "back-off {}s restarting failed container={} pod={}_{}({})",
+                    delay.as_secs(),
+                    e.container,
+                    e.key.name,
+                    e.key.namespace,
+                    e.key.uid
+                ),
+            );
+            tokio::time::sleep(delay).await;
+        } else {
+            inner.waiting(&e, "ContainerCreating", "");
         }
-        // Volumes at their mountPath before postStart and readiness.
-        if let Err(msg) = crate::volumes::mount_in_guest(&inner, &e, &session).await {
-            inner.event(&e, PodEvent::warning("FailedMount", msg));
-            return std::future::pending::<()>().await;
-        }
-        if let Some(cmd) = post_start.and_then(|h| h.exec).and_then(|x| x.command) {
-            let s = session.clone();
-            let out = inner.exec.run(async move { s.output(&cmd).await }).await;
-            let failure = match out {
-                Ok(o) if o.status.success() => None,
-                Ok(o) => Some(format!(
-                    "PostStartHook exited with {}: {}",
-                    o.status.code,
-                    String::from_utf8_lossy(&o.stderr).trim()
-                )),
-                Err(err) => Some(format!(
-                    "PostStartHook failed: {}",
-                    vzk_guest::ErrorChain(&err)
-                )),
-            };
-            if let Some(msg) = failure {
-                inner.event(&e, PodEvent::warning("FailedPostStartHook", msg));
-                let v = vm.clone();
-                let _ = inner.exec.run(async move { v.force_stop().await }).await;
-                return std::future::pending::<()>().await;
+        // Our handle must be the last one: the backend re-creates the VM under its id.
+        let spec = vm.spec().clone();
+        drop(vm);
+        vm = loop {
+            match reboot(&inner, &e, spec.clone()).await {
+                Ok(v) => break v,
+                Err((reason, msg)) => {
+                    inner.event(&e, PodEvent::warning("Failed", format!("Error: {msg}")));
+                    inner.waiting(&e, reason, msg);
+                    tokio::time::sleep(backoff.next_delay(Duration::ZERO)).await;
+                }
             }
-        }
-        inner.set_phase(
+        };
+        lock(&e.history).restart_count += 1;
+        inner.event(
             &e,
-            VmPhase::Running {
-                started_at: started_at.clone(),
-                ip: Some(ip.to_string()),
-                ready: true,
-            },
+            PodEvent::normal("Started", format!("Started VM {} again", vm.id())),
         );
-        std::future::pending::<()>().await
-    };
-    tokio::select! {
-        () = ended => {}
-        () = ready => {}
     }
 }
 
-/// Waits for the VM to reach a final state, then records it and frees the slot.
-async fn watch_end(inner: &Arc<Inner>, e: &Arc<PodEntry>, vm: Arc<dyn Vm>, started_at: Time) {
+/// The final state of `vm`.
+async fn final_state(vm: Arc<dyn Vm>) -> VmState {
     let mut rx = vm.state();
-    let state = loop {
+    loop {
         let s = rx.borrow_and_update().clone();
         if s.is_final() {
-            break s;
+            return s;
         }
         if rx.changed().await.is_err() {
-            break rx.borrow().clone();
+            return rx.borrow().clone();
+        }
+    }
+}
+
+/// Boots the pod's VM again from `spec` (same disk clone, same MAC): removes the
+/// ended VM, creates and starts a new one under the create lock (so deletion always
+/// sees the current handle). The caller must hold no other handle on the old VM. The
+/// guest's host key pin is reset: a new boot may generate a new host key (a guest whose
+/// keys live in its initramfs does).
+async fn reboot(
+    inner: &Arc<Inner>,
+    e: &Arc<PodEntry>,
+    spec: VmSpec,
+) -> Result<Arc<dyn Vm>, (&'static str, String)> {
+    if let Some(s) = lock(&e.session).take() {
+        s.close();
+    }
+    let _ = std::fs::remove_file(e.dir.join("ssh_host_key"));
+    let guard = e.create_lock.clone().lock_owned().await;
+    let hv = inner.hv.clone();
+    let entry = e.clone();
+    inner
+        .exec
+        .run(async move {
+            let _guard = guard;
+            let old = lock(&entry.vm).take();
+            if let Some(old) = old {
+                if !old.state().borrow().is_final() {
+                    let _ = old.force_stop().await;
+                }
+                if let Err(err) = old.remove().await {
+                    *lock(&entry.vm) = Some(old);
+                    return Err(("CreateContainerError", error_chain(&err)));
+                }
+            }
+            let vm = hv
+                .create(spec)
+                .await
+                .map_err(|err| ("CreateContainerError", error_chain(&err)))?;
+            *lock(&entry.vm) = Some(vm.clone());
+            vm.start()
+                .await
+                .map_err(|err| ("RunContainerError", error_chain(&err)))?;
+            Ok(vm)
+        })
+        .await
+}
+
+/// The guest side of one VM run: IP → SSH ready → postStart → probes. Returns only
+/// when the VM must be killed (failed liveness/startup probe or postStart hook).
+async fn guest(
+    inner: &Arc<Inner>,
+    e: &Arc<PodEntry>,
+    vm: &Arc<dyn Vm>,
+    post_start: Option<k8s_openapi::api::core::v1::LifecycleHandler>,
+    started_at: &Time,
+    ran_since: tokio::time::Instant,
+    probes: &ContainerProbes,
+) -> RunEnd {
+    let ip = match vzk_vm::wait_for_ip(vm.as_ref(), inner.ready_timeout).await {
+        Ok(ip) => ip,
+        Err(err) => {
+            inner.event(
+                e,
+                PodEvent::warning(
+                    "Unhealthy",
+                    format!("VM address not found: {}", error_chain(&err)),
+                ),
+            );
+            return std::future::pending().await;
         }
     };
-    let (exit_code, reason, message) = match state {
-        VmState::Failed { reason } => (1, "Error".to_owned(), Some(reason)),
-        _ => (
-            0,
-            "Completed".to_owned(),
-            Some("the guest powered off".to_owned()),
-        ),
+    let running = |ready: bool| VmPhase::Running {
+        started_at: started_at.clone(),
+        ip: Some(ip.to_string()),
+        ready,
     };
-    if exit_code != 0 {
+    inner.set_phase(e, running(false));
+    let session = GuestSession::new(
+        std::net::SocketAddr::from((ip, 22)),
+        e.creds.clone(),
+        HostKeyStore::file(e.dir.join("ssh_host_key")),
+        GuestConfig::from_env(),
+    );
+    *lock(&e.session) = Some(session.clone());
+    let timeout = inner.ready_timeout;
+    let s = session.clone();
+    if let Err(err) = inner
+        .exec
+        .run(async move { s.wait_ready(timeout).await })
+        .await
+    {
         inner.event(
             e,
             PodEvent::warning(
-                "Failed",
-                format!("VM ended: {}", message.clone().unwrap_or_default()),
+                "Unhealthy",
+                format!(
+                    "Readiness probe failed: guest SSH did not answer: {}",
+                    vzk_guest::ErrorChain(&err)
+                ),
             ),
         );
+        return std::future::pending().await;
     }
-    inner.set_phase(
+    // Volumes at their mountPath before postStart and readiness.
+    if let Err(msg) = crate::volumes::mount_in_guest(inner, e, &session).await {
+        inner.event(e, PodEvent::warning("FailedMount", msg));
+        return std::future::pending().await;
+    }
+    if let Some(cmd) = post_start.and_then(|h| h.exec).and_then(|x| x.command) {
+        let s = session.clone();
+        let out = inner.exec.run(async move { s.output(&cmd).await }).await;
+        let failure = match out {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!(
+                "PostStartHook exited with {}: {}",
+                o.status.code,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(err) => Some(format!(
+                "PostStartHook failed: {}",
+                vzk_guest::ErrorChain(&err)
+            )),
+        };
+        if let Some(msg) = failure {
+            inner.event(e, PodEvent::warning("FailedPostStartHook", msg.clone()));
+            return RunEnd::Kill {
+                why: format!("Container {} failed its postStart hook", e.container),
+                message: msg,
+                grace: pod_grace(&e.pod),
+            };
+        }
+    }
+    if probes.is_empty() {
+        lock(&e.history).started = true;
+        inner.set_phase(e, running(true));
+        return std::future::pending().await;
+    }
+    let target = Arc::new(VmProbeTarget {
+        inner: inner.clone(),
+        session,
+        ip: IpAddr::V4(ip),
+        env: probe_env(e.container0()),
+    });
+    let req = probes::run(target, probes.clone(), ran_since, |u| match u {
+        ProbeUpdate::Started => {
+            lock(&e.history).started = true;
+            inner.push_status(e);
+        }
+        ProbeUpdate::Ready(r) => inner.set_phase(e, running(r)),
+        ProbeUpdate::Unhealthy { message, .. } => {
+            inner.event(e, PodEvent::warning("Unhealthy", message));
+        }
+    })
+    .await;
+    inner.set_phase(e, running(false));
+    RunEnd::Kill {
+        why: format!(
+            "Container {} failed {} probe",
+            e.container,
+            req.kind.as_str().to_lowercase()
+        ),
+        message: req.message,
+        grace: req.grace.unwrap_or_else(|| pod_grace(&e.pod)),
+    }
+}
+
+/// Container 0's env for exec probes: the values the node resolved, without the SSH
+/// credentials and names a shell cannot export.
+fn probe_env(c: Option<&k8s_openapi::api::core::v1::Container>) -> Vec<(String, String)> {
+    c.and_then(|c| c.env.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|v| !v.name.starts_with("VZ_SSH_") && vzk_guest::quote::is_env_name(&v.name))
+        .filter_map(|v| Some((v.name.clone(), v.value.clone()?)))
+        .collect()
+}
+
+/// Aborts a task of the VM runtime when dropped (a probe's timeout cancels its work).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Probes against the VM: exec over the guest's SSH (the remote command is signalled
+/// when the probe times out), sockets opened in the VM network namespace.
+struct VmProbeTarget {
+    inner: Arc<Inner>,
+    session: GuestSession,
+    ip: IpAddr,
+    env: Vec<(String, String)>,
+}
+
+#[async_trait::async_trait]
+impl ProbeTarget for VmProbeTarget {
+    async fn exec(&self, argv: &[String]) -> Result<ExecOutcome, String> {
+        let s = self.session.clone();
+        let argv = argv.to_vec();
+        let env = self.env.clone();
+        let out = OutputBuf::default();
+        let io = AttachIo {
+            stdin: None,
+            stdout: Some(Box::pin(out.clone())),
+            stderr: Some(Box::pin(out.clone())),
+            tty: false,
+            resize: None,
+        };
+        let mut task = AbortOnDrop(
+            self.inner
+                .exec
+                .spawn(async move { s.exec_with_env(&argv, &env, io).await }),
+        );
+        let status = (&mut task.0)
+            .await
+            .map_err(|e| format!("probe task: {e}"))?
+            .map_err(|e| vzk_guest::ErrorChain(&e).to_string())?;
+        Ok(ExecOutcome {
+            code: status.code,
+            output: out.take(),
+        })
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        let mut task = AbortOnDrop(
+            self.inner
+                .exec
+                .spawn(async move { tokio::net::TcpStream::connect(addr).await }),
+        );
+        (&mut task.0).await.map_err(std::io::Error::other)?
+    }
+
+    fn pod_ip(&self) -> Option<IpAddr> {
+        Some(self.ip)
+    }
+}
+
+/// Which path stopped a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopPath {
+    /// It had already ended.
+    AlreadyStopped,
+    /// The guest powered off on the ACPI power button.
+    Acpi,
+    /// The guest ignored ACPI and powered off on the SSH shutdown command.
+    Ssh,
+    /// Forced off at the deadline.
+    Forced,
+}
+
+/// The annotation naming the guest's shutdown command (run with `sh -c` over SSH when
+/// ACPI does not stop the VM); default `poweroff`.
+pub const SHUTDOWN_COMMAND_ANNOTATION: &str = "vz-kubelet.io/shutdown-command";
+
+/// How long ACPI alone gets out of `grace`: half of it, at least 5 s (or all of a
+/// shorter grace). The rest is for the SSH shutdown command, then the VM is forced.
+pub(crate) fn acpi_share(grace: Duration) -> Duration {
+    (grace / 2).max(grace.min(Duration::from_secs(5)))
+}
+
+/// Stops `vm` within `grace`: ACPI power button; if the guest has not powered off
+/// after [`acpi_share`], the shutdown command over SSH (the guest's session, if any);
+/// forced off at the deadline. Logs and records an event naming the path taken.
+pub(crate) async fn stop_vm(
+    inner: &Arc<Inner>,
+    e: &Arc<PodEntry>,
+    vm: Arc<dyn Vm>,
+    grace: Duration,
+) -> StopPath {
+    let deadline = tokio::time::Instant::now() + grace;
+    let is_final = |v: &Arc<dyn Vm>| v.state().borrow().is_final();
+    if is_final(&vm) {
+        return StopPath::AlreadyStopped;
+    }
+    let wait_end = |v: Arc<dyn Vm>, d: Duration| async move {
+        vzk_vm::wait_for_state(v.as_ref(), d, "power-off", VmState::is_final)
+            .await
+            .is_ok()
+    };
+    let mut path = StopPath::Forced;
+    let acpi = acpi_share(grace);
+    if !acpi.is_zero() {
+        let v = vm.clone();
+        let requested = inner.exec.run(async move { v.request_stop().await }).await;
+        match requested {
+            Ok(()) if wait_end(vm.clone(), acpi).await => path = StopPath::Acpi,
+            Ok(()) => {}
+            Err(err) => {
+                warn!(pod = %e.key, error = %error_chain(&err), "ACPI power-off request failed")
+            }
+        }
+    }
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if path == StopPath::Forced
+        && !remaining.is_zero()
+        && let Some(session) = e.session()
+    {
+        let cmd: Vec<String> = match e
+            .pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SHUTDOWN_COMMAND_ANNOTATION))
+        {
+            Some(c) => vec!["sh".into(), "-c".into(), c.clone()],
+            None => vec!["poweroff".into()],
+        };
+        info!(pod = %e.key, ?cmd, "the guest ignored ACPI power-off; shutting it down over SSH");
+        let run = inner.exec.spawn(async move { session.output(&cmd).await });
+        let run = AbortOnDrop(run);
+        // The command may never answer (the guest goes down under it): bounded.
+        let _ = tokio::time::timeout(remaining.min(Duration::from_secs(5)), async {
+            let mut r = run;
+            (&mut r.0).await
+        })
+        .await;
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if wait_end(vm.clone(), remaining).await {
+            path = StopPath::Ssh;
+        }
+    }
+    if path == StopPath::Forced {
+        let v = vm.clone();
+        if let Err(err) = inner.exec.run(async move { v.force_stop().await }).await {
+            warn!(pod = %e.key, error = %error_chain(&err), "force stop failed");
+        }
+    }
+    let msg = match path {
+        StopPath::AlreadyStopped => "the VM had already stopped".to_owned(),
+        StopPath::Acpi => "the guest powered off on the ACPI power button".to_owned(),
+        StopPath::Ssh => format!(
+            "the guest ignored the ACPI power button for {}s and powered off on the shutdown command over SSH",
+            acpi.as_secs()
+        ),
+        StopPath::Forced => format!(
+            "the guest did not power off within the grace period ({}s); the VM was forced off",
+            grace.as_secs()
+        ),
+    };
+    info!(pod = %e.key, ?path, "VM stopped: {msg}");
+    inner.event(
         e,
-        VmPhase::Terminated {
-            exit_code,
-            reason,
-            message,
-            started_at: Some(started_at),
-            finished_at: now(),
+        if path == StopPath::Forced {
+            PodEvent::warning("VMStopped", msg)
+        } else {
+            PodEvent::normal("VMStopped", msg)
         },
     );
-    lock(&e.slot).take();
-    e.ended.cancel();
+    path
 }
 
 /// `a: b: c` of an error and its sources.

@@ -370,6 +370,8 @@ impl PodLifecycle for VmProvider {
             )
             .map_err(|e| ProviderError::invalid(e.reason(), e.to_string()))?;
         }
+        crate::probes::ContainerProbes::from_container(c0)
+            .map_err(|e| ProviderError::invalid("InvalidProbe", e.to_string()))?;
         let creds = self.inner.credentials(pod)?;
         if lock(&self.inner.pods).contains_key(&key.uid) {
             return Ok(());
@@ -456,19 +458,17 @@ impl PodLifecycle for VmProvider {
                     ),
                 }
             }
+            // ACPI, then the shutdown command over SSH, then force (issue 5).
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let path = pod::stop_vm(&self.inner, &e, vm.clone(), remaining).await;
             if let Some(s) = e.session() {
                 s.close();
             }
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let v = vm.clone();
-            let stopped = self
+            let removed = self
                 .inner
                 .exec
                 .run(async move {
-                    let outcome = vzk_vm::stop_gracefully(v.as_ref(), remaining).await;
-                    if outcome.is_err() {
-                        let _ = v.force_stop().await;
-                    }
                     let _ = vzk_vm::wait_for_state(
                         v.as_ref(),
                         Duration::from_secs(10),
@@ -476,17 +476,13 @@ impl PodLifecycle for VmProvider {
                         vzk_vm::VmState::is_final,
                     )
                     .await;
-                    (outcome, v.remove().await)
+                    v.remove().await
                 })
                 .await;
-            match stopped {
-                (Ok(outcome), Ok(())) => info!(pod = %e.key, ?outcome, "VM stopped and removed"),
-                (outcome, removed) => {
-                    let msg = format!(
-                        "stopping/removing VM: {:?} / {:?}",
-                        outcome.err().map(|x| error_chain(&x)),
-                        removed.err().map(|x| error_chain(&x))
-                    );
+            match removed {
+                Ok(()) => info!(pod = %e.key, ?path, "VM stopped and removed"),
+                Err(err) => {
+                    let msg = format!("removing VM: {}", error_chain(&err));
                     warn!(pod = %e.key, error = %msg, "VM cleanup incomplete");
                     self.inner
                         .event(&e, PodEvent::warning("FailedKillPod", msg));

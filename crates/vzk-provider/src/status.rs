@@ -187,6 +187,55 @@ pub fn pod_status(
     }
 }
 
+/// What container 0 carries across VM restarts (merged by [`apply_vm_history`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VmHistory {
+    /// How many times the VM was booted again.
+    pub restart_count: i32,
+    /// How the previous VM run ended (`lastState.terminated`).
+    pub last_state: Option<ContainerStateTerminated>,
+    /// Whether the startup probe passed (true at once without one).
+    pub started: bool,
+}
+
+/// Whether a VM that ended with `exit_code` is booted again under the pod's
+/// `restartPolicy` (default `Always`): `Always` yes, `OnFailure` only for a non-zero
+/// exit code, `Never` no. VM exit codes: 0 = the guest powered off on its own, 1 = QEMU
+/// failed or crashed, 143 = stopped by the agent gracefully, 137 = forced off.
+pub fn should_restart(restart_policy: Option<&str>, exit_code: i32) -> bool {
+    match restart_policy.unwrap_or("Always") {
+        "Never" => false,
+        "OnFailure" => exit_code != 0,
+        _ => true,
+    }
+}
+
+/// Merges `history` into a status made by [`pod_status`]: container 0's
+/// `restartCount`, `lastState` and `started`; a VM waiting to be restarted (it has a
+/// `lastState`) keeps the pod `Running`, as the kubelet's phase rules say for a
+/// container that is restarting.
+pub fn apply_vm_history(status: &mut PodStatus, history: &VmHistory) {
+    let Some(cs) = status
+        .container_statuses
+        .as_mut()
+        .and_then(|c| c.first_mut())
+    else {
+        return;
+    };
+    cs.restart_count = history.restart_count;
+    cs.last_state = history.last_state.clone().map(|t| ContainerState {
+        terminated: Some(t),
+        ..Default::default()
+    });
+    let state = cs.state.as_ref();
+    if state.is_some_and(|s| s.running.is_some()) {
+        cs.started = Some(history.started);
+    }
+    if state.is_some_and(|s| s.waiting.is_some()) && history.last_state.is_some() {
+        status.phase = Some("Running".into());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::core::v1::{Container, PodSpec};
@@ -287,5 +336,58 @@ mod tests {
         let term = cs.state.as_ref().and_then(|s| s.terminated.as_ref());
         assert_eq!(term.map(|t| t.exit_code), Some(137));
         assert_eq!(cond(&s, "Ready"), "False");
+    }
+
+    #[test]
+    fn restart_policies_decide_by_exit_code() {
+        assert!(should_restart(None, 0));
+        assert!(should_restart(Some("Always"), 0));
+        assert!(should_restart(Some("Always"), 1));
+        assert!(!should_restart(Some("OnFailure"), 0));
+        assert!(should_restart(Some("OnFailure"), 137));
+        assert!(!should_restart(Some("Never"), 1));
+        assert!(!should_restart(Some("Never"), 0));
+    }
+
+    #[test]
+    fn history_sets_restarts_last_state_started_and_keeps_a_restarting_pod_running() {
+        let t = Time(Timestamp::now());
+        let last = ContainerStateTerminated {
+            exit_code: 143,
+            reason: Some("Error".into()),
+            ..Default::default()
+        };
+        let h = VmHistory {
+            restart_count: 2,
+            last_state: Some(last.clone()),
+            started: false,
+        };
+        let running = VmPhase::Running {
+            started_at: t.clone(),
+            ip: None,
+            ready: false,
+        };
+        let mut s = pod_status(&pod(1), &running, &t, 2, "");
+        apply_vm_history(&mut s, &h);
+        let cs = &s.container_statuses.clone().unwrap_or_default()[0];
+        assert_eq!(cs.restart_count, 2);
+        assert_eq!(cs.started, Some(false), "startup probe not passed yet");
+        assert_eq!(
+            cs.last_state.as_ref().and_then(|l| l.terminated.clone()),
+            Some(last)
+        );
+        let backoff = VmPhase::Waiting {
+            reason: "CrashLoopBackOff".into(),
+            message: "back-off 10s".into(),
+        };
+        let mut s = pod_status(&pod(1), &backoff, &t, 2, "");
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        apply_vm_history(&mut s, &h);
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert_eq!(cond(&s, "Ready"), "False");
+        // A first start (no history) stays Pending.
+        let mut s = pod_status(&pod(1), &backoff, &t, 0, "");
+        apply_vm_history(&mut s, &VmHistory::default());
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
     }
 }

@@ -4,6 +4,7 @@
 //! lives in a namespace the test creates.
 #![allow(clippy::unwrap_used)]
 
+mod probes;
 mod support;
 mod volumes;
 

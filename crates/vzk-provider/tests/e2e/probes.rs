@@ -1,0 +1,371 @@
+//! Probes, restartPolicy and the graceful-stop fallback, end to end: two VM pods at a
+//! time (2 slots), real kube-apiserver, real registry, QEMU (TCG) in the test's netns.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use vzk_core::PodLifecycle as _;
+use vzk_image::{PushOptions, Reference, RegistryOptions};
+use vzk_provider::VmProvider;
+use vzk_testenv::ControlPlane;
+
+use super::support::*;
+use super::{BOOT, args, exec, is_ready};
+
+/// Pushes the test guest as `name:v1`, with `extra_cmdline` appended to its kernel
+/// command line.
+async fn push_guest(
+    registry: &Registry,
+    dir: &std::path::Path,
+    name: &str,
+    extra_cmdline: &str,
+) -> String {
+    guest_image_dir(dir);
+    if !extra_cmdline.is_empty() {
+        let p = dir.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let cmdline = format!("{} {extra_cmdline}", cfg["kernelCmdline"].as_str().unwrap());
+        cfg["kernelCmdline"] = cmdline.into();
+        std::fs::write(&p, cfg.to_string()).unwrap();
+    }
+    let image = format!("{}/vzk/{name}:v1", registry.addr);
+    let opts = PushOptions {
+        registry: RegistryOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    vzk_image::push(dir, &Reference::parse(&image).unwrap(), &opts)
+        .await
+        .unwrap();
+    image
+}
+
+fn pod(name: &str, node: &str, image: &str, extra: serde_json::Value) -> Pod {
+    let mut v = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name },
+        "spec": {
+            "nodeName": node,
+            "tolerations": [{ "operator": "Exists" }],
+            "containers": [{
+                "name": "vm", "image": image, "imagePullPolicy": "IfNotPresent",
+                "resources": { "requests": { "cpu": "1", "memory": "256Mi" } }
+            }]
+        }
+    });
+    for (k, val) in extra.as_object().unwrap() {
+        if k == "restartPolicy" {
+            v["spec"][k] = val.clone();
+        } else {
+            v["spec"]["containers"][0][k] = val.clone();
+        }
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+fn c0(p: &Pod) -> Option<ContainerStatus> {
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()
+        .cloned()
+}
+
+/// `(reason, message)` of the events about the pod with `uid`.
+async fn events_of(events: &Api<Event>, uid: &str) -> Vec<(String, String)> {
+    let list = events.list(&ListParams::default()).await.unwrap();
+    list.items
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|o| o.uid.as_deref()) == Some(uid))
+        .map(|e| {
+            (
+                e.reason.clone().unwrap_or_default(),
+                e.note.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+struct Env {
+    _cp: &'static ControlPlane,
+    registry: Registry,
+    netns: Netns,
+    tmp: tempfile::TempDir,
+    node: String,
+    provider: std::sync::Arc<VmProvider>,
+    agent: Agent,
+    pods: Api<Pod>,
+    events: Api<Event>,
+    ns: String,
+}
+
+async fn setup(tag: &str) -> Env {
+    let cp = ControlPlane::shared();
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let netns = Netns::new();
+    let node = format!("{tag}-{:06x}", std::process::id());
+    let id = cp.node_identity(&node);
+    let mut a = args(&tmp.path().join("data"), &netns.name, &registry.addr);
+    a.max_vms = 2;
+    let provider = VmProvider::new(a, &node, "127.0.0.1".parse().unwrap(), id.client().await)
+        .await
+        .unwrap();
+    let agent = Agent::start(&id, provider.clone()).await;
+    let ns = cp.create_namespace(tag).await;
+    let admin = cp.admin_client().await;
+    Env {
+        _cp: cp,
+        registry,
+        netns,
+        tmp,
+        node,
+        provider,
+        agent,
+        pods: Api::namespaced(admin.clone(), &ns),
+        events: Api::namespaced(admin, &ns),
+        ns,
+    }
+}
+
+async fn delete_now(env: &Env, name: &str) {
+    env.pods
+        .delete(
+            name,
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+/// A readiness probe `test -f /tmp/ready` keeps one pod not Ready until the file is
+/// created; a liveness tcpSocket probe on a closed port gets the other pod's VM killed
+/// and booted again (restartCount, lastState, Killing/Unhealthy events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_probe_gates_ready_and_failing_liveness_restarts_the_vm() {
+    let env = setup("prb").await;
+    let image = push_guest(&env.registry, &env.tmp.path().join("img"), "guest", "").await;
+    let gated = env
+        .pods
+        .create(
+            &PostParams::default(),
+            &pod(
+                "gated",
+                &env.node,
+                &image,
+                serde_json::json!({
+                    "readinessProbe": { "exec": { "command": ["test", "-f", "/tmp/ready"] }, "periodSeconds": 1 },
+                    "livenessProbe": { "tcpSocket": { "port": 22 }, "periodSeconds": 5 },
+                }),
+            ),
+        )
+        .await
+        .unwrap();
+    let crashy = env
+        .pods
+        .create(
+            &PostParams::default(),
+            &pod(
+                "crashy",
+                &env.node,
+                &image,
+                serde_json::json!({
+                    "ports": [{ "name": "app", "containerPort": 8080 }],
+                    "livenessProbe": {
+                        "tcpSocket": { "port": "app" }, "periodSeconds": 2, "failureThreshold": 2,
+                        "terminationGracePeriodSeconds": 10
+                    },
+                }),
+            ),
+        )
+        .await
+        .unwrap();
+    let gated_uid = gated.metadata.uid.unwrap();
+    let crashy_uid = crashy.metadata.uid.unwrap();
+
+    // gated: the readiness probe runs (the guest answers SSH) and fails: not Ready.
+    let msg = wait_for(BOOT, "gated readiness failure event", || async {
+        events_of(&env.events, &gated_uid)
+            .await
+            .into_iter()
+            .find(|(r, m)| r == "Unhealthy" && m.starts_with("Readiness probe failed:"))
+            .map(|(_, m)| m)
+    })
+    .await;
+    assert!(msg.contains("test -f /tmp/ready"), "{msg}");
+    let p = env.pods.get("gated").await.unwrap();
+    assert!(!is_ready(&p), "not Ready while /tmp/ready is missing");
+    let cs = c0(&p).unwrap();
+    assert!(!cs.ready);
+    assert_eq!(cs.started, Some(true), "no startup probe: started");
+    assert_eq!(p.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
+
+    let (code, _) = exec(&env.provider, &env.ns, "gated", "touch /tmp/ready").await;
+    assert_eq!(code, 0);
+    wait_for(Duration::from_secs(60), "gated Ready", || async {
+        let p = env.pods.get("gated").await.ok()?;
+        is_ready(&p).then_some(())
+    })
+    .await;
+
+    // crashy: killed by its liveness probe and booted again.
+    let cs = wait_for(BOOT * 2, "crashy restarted", || async {
+        let p = env.pods.get("crashy").await.ok()?;
+        c0(&p).filter(|c| c.restart_count >= 1)
+    })
+    .await;
+    let last = cs.last_state.and_then(|s| s.terminated).unwrap();
+    assert!(
+        [137, 143].contains(&last.exit_code),
+        "killed by the agent: {last:?}"
+    );
+    assert_eq!(last.reason.as_deref(), Some("Error"));
+    assert!(
+        last.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("failed liveness probe"),
+        "{last:?}"
+    );
+    let ev = events_of(&env.events, &crashy_uid).await;
+    assert!(
+        ev.iter()
+            .any(|(r, m)| r == "Killing"
+                && m == "Container vm failed liveness probe, will be restarted"),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|(r, m)| r == "Unhealthy"
+            && m.starts_with("Liveness probe failed: dial tcp ")
+            && m.ends_with(":8080: connect: connection refused")),
+        "{ev:?}"
+    );
+    // The new VM runs (from the same disk clone).
+    wait_for(BOOT, "crashy running again", || async {
+        let p = env.pods.get("crashy").await.ok()?;
+        let c = c0(&p)?;
+        (c.restart_count >= 1 && c.state?.running.is_some()).then_some(())
+    })
+    .await;
+    // gated, meanwhile, was never restarted.
+    let p = env.pods.get("gated").await.unwrap();
+    assert_eq!(c0(&p).unwrap().restart_count, 0);
+
+    for name in ["gated", "crashy"] {
+        delete_now(&env, name).await;
+    }
+    let provider = env.provider.clone();
+    wait_for(Duration::from_secs(90), "pods released", || async {
+        provider.list_pods().await.ok()?.is_empty().then_some(())
+    })
+    .await;
+    assert!(pids_with(&format!("vzk-{crashy_uid}")).is_empty());
+    env.agent.stop().await;
+    drop(env.netns);
+}
+
+/// restartPolicy Never + the guest powering off → terminated with exit code 0, phase
+/// Succeeded, no restart. A guest that ignores the ACPI power button is stopped on
+/// delete by `poweroff` over SSH before the grace period ends (issue 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_policy_poweroff_succeeds_and_ssh_poweroff_backs_up_acpi() {
+    let env = setup("rpn").await;
+    let image = push_guest(&env.registry, &env.tmp.path().join("img"), "guest", "").await;
+    let deaf_image = push_guest(
+        &env.registry,
+        &env.tmp.path().join("deaf"),
+        "deaf",
+        "vzk.ignore_acpi=1",
+    )
+    .await;
+    env.pods
+        .create(
+            &PostParams::default(),
+            &pod(
+                "oneshot",
+                &env.node,
+                &image,
+                serde_json::json!({ "restartPolicy": "Never" }),
+            ),
+        )
+        .await
+        .unwrap();
+    let deaf = env
+        .pods
+        .create(
+            &PostParams::default(),
+            &pod("deaf", &env.node, &deaf_image, serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    let deaf_uid = deaf.metadata.uid.unwrap();
+
+    for name in ["oneshot", "deaf"] {
+        wait_for(BOOT, "Ready", || async {
+            let p = env.pods.get(name).await.ok()?;
+            is_ready(&p).then_some(())
+        })
+        .await;
+    }
+
+    // The guest powers itself off: Never → terminated 0, Succeeded.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(20),
+        exec(&env.provider, &env.ns, "oneshot", "poweroff"),
+    )
+    .await;
+    let p = wait_for(Duration::from_secs(60), "oneshot Succeeded", || async {
+        let p = env.pods.get("oneshot").await.ok()?;
+        (p.status.as_ref()?.phase.as_deref() == Some("Succeeded")).then_some(p)
+    })
+    .await;
+    let cs = c0(&p).unwrap();
+    let t = cs.state.and_then(|s| s.terminated).unwrap();
+    assert_eq!((t.exit_code, t.reason.as_deref()), (0, Some("Completed")));
+    assert_eq!(cs.restart_count, 0);
+    assert!(!is_ready(&p));
+
+    // Delete with grace 16 s: ACPI gets half of what is left and is ignored, then
+    // `poweroff` over SSH.
+    env.pods
+        .delete(
+            "deaf",
+            &DeleteParams {
+                grace_period_seconds: Some(16),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(90), "deaf gone", || async {
+        env.pods.get_opt("deaf").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let ev = events_of(&env.events, &deaf_uid).await;
+    let stopped: Vec<_> = ev.iter().filter(|(r, _)| r == "VMStopped").collect();
+    assert_eq!(stopped.len(), 1, "{ev:?}");
+    assert!(
+        stopped[0].1.contains("ignored the ACPI power button for ")
+            && stopped[0].1.contains("over SSH"),
+        "{ev:?}"
+    );
+    assert!(pids_with(&format!("vzk-{deaf_uid}")).is_empty());
+
+    delete_now(&env, "oneshot").await;
+    let provider = env.provider.clone();
+    wait_for(Duration::from_secs(60), "pods released", || async {
+        provider.list_pods().await.ok()?.is_empty().then_some(())
+    })
+    .await;
+    env.agent.stop().await;
+    drop(env.netns);
+}
