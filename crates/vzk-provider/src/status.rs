@@ -5,13 +5,19 @@
 //! [`pod_status`] is a pure function of the pod spec and a [`VmPhase`]:
 //! * `Waiting` (pulling, waiting for a VM slot, booting before the VM runs, a failure
 //!   we keep retrying) → phase `Pending`, container 0 `waiting{reason, message}`.
-//! * `Running` → phase `Running`, container 0 `running{startedAt}`, `ready` as the
-//!   guest readiness (SSH answering) says; `ContainersReady`/`Ready` follow it.
+//! * `Running` → phase `Running`, container 0 `running{startedAt}`, `ready` when the
+//!   guest answers SSH and the readiness probe (if any) passes;
+//!   `ContainersReady`/`Ready` follow it.
 //! * `Terminated` → phase `Succeeded` for exit code 0, else `Failed`;
 //!   container 0 `terminated{exitCode, reason, message, startedAt, finishedAt}`.
 //! * `Initialized` is `True` from the start (no init containers are run).
 //! * The `PodScheduled` condition and `hostIP` are merged by the node runtime.
 //! * Other containers (side-cars) are reported `waiting` with the reason given.
+//! * [`apply_vm_history`] adds what survives VM restarts: `restartCount`,
+//!   `lastState.terminated`, `started` (startup probe), and keeps a pod whose VM waits
+//!   to be restarted (`CrashLoopBackOff`) `Running`; [`should_restart`] is the
+//!   `restartPolicy` decision for a VM exit code (0 guest power-off, 1 QEMU failure,
+//!   143 stopped by the agent, 137 forced).
 
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
