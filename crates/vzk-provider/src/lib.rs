@@ -11,11 +11,13 @@
 //! * [`hostinfo`]: capacity and per-VM usage from `/proc`.
 //! * [`record`]: the on-disk pod record used to re-adopt VMs after a restart.
 //! * [`vmexec`]: running VM work inside the VM network namespace.
+//! * [`sidecars`]: containers 1..N as Docker side-cars (pull, run, restart, streams, stats).
 //! * [`volumes`]: pod volumes as VM shares (9p, mounted at `mountPath` over SSH) and
 //!   side-car binds.
 //!
-//! Not done in this version: Docker side-cars (containers 1..N are reported
-//! `waiting{SidecarNotRun}`), probes, volumes, VM restarts per `restartPolicy`.
+//! Not done in this version: probes of side-cars (they are ready while they run); a
+//! side-car re-created after an agent restart lacks its env (the pod record keeps no
+//! env values of containers 1..N, which may be secrets).
 
 pub mod args;
 pub mod error;
@@ -26,6 +28,7 @@ pub mod probes;
 pub mod provider;
 pub mod record;
 pub mod resources;
+pub mod sidecars;
 pub mod slots;
 pub mod status;
 pub mod vmexec;

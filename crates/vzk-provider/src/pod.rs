@@ -72,6 +72,8 @@ pub(crate) struct PodEntry {
     pub(crate) pin: Mutex<Option<PinGuard>>,
     /// Restarts, last state and `started` of container 0.
     pub(crate) history: Mutex<VmHistory>,
+    /// Containers 1..N (Docker side-cars).
+    pub(crate) sidecars: crate::sidecars::PodSidecars,
 }
 
 impl PodEntry {
@@ -88,6 +90,12 @@ impl PodEntry {
             .and_then(|s| s.containers.first())
             .map(|c| c.name.clone())
             .unwrap_or_default();
+        let sidecars = crate::sidecars::PodSidecars::new(
+            pod.spec
+                .as_ref()
+                .map(|s| s.containers.as_slice())
+                .unwrap_or_default(),
+        );
         Self {
             key,
             pod,
@@ -108,6 +116,7 @@ impl PodEntry {
             slot: Mutex::new(None),
             pin: Mutex::new(None),
             history: Mutex::new(VmHistory::default()),
+            sidecars,
         }
     }
 
@@ -122,6 +131,12 @@ impl PodEntry {
             SIDECAR_REASON,
         );
         apply_vm_history(&mut status, &history);
+        let restart_policy = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.as_deref());
+        self.sidecars.merge_into(&mut status, restart_policy);
         status
     }
 

@@ -73,6 +73,8 @@ pub(crate) struct Inner {
     pub(crate) pods: Mutex<HashMap<String, Arc<PodEntry>>>,
     cpu_samples: Mutex<HashMap<String, (Instant, u64)>>,
     accelerator: String,
+    /// Docker side-cars (containers 1..N).
+    pub(crate) sidecars: crate::sidecars::Sidecars,
 }
 
 /// The VM pod provider. Implements `PodLifecycle`, `NodeProvider` and
@@ -148,6 +150,7 @@ impl VmProvider {
         let slots = Slots::new(args.max_vms);
         info!(node = node_name, node_ip = %node_ip, accel = %caps.accelerator, max_vms = args.max_vms, data_dir = %data.display(), "VM provider starting");
         let volumes = crate::volumes::VmVolumes::new(client.clone(), &pods_dir);
+        let sidecars = crate::sidecars::Sidecars::connect(node_name).await;
         let inner = Arc::new(Inner {
             ready_timeout: Duration::from_secs(args.ready_timeout_secs),
             args,
@@ -166,6 +169,7 @@ impl VmProvider {
             pods: Mutex::new(HashMap::new()),
             cpu_samples: Mutex::new(HashMap::new()),
             accelerator: caps.accelerator.clone(),
+            sidecars,
         });
         let h = hv.clone();
         let adopted = inner
@@ -176,6 +180,8 @@ impl VmProvider {
         for vm in adopted {
             inner.adopt(vm).await;
         }
+        // Side-cars of pods no re-adopted VM belongs to are leftovers.
+        crate::sidecars::cleanup_leftovers(&inner).await;
         Ok(Arc::new(VmProvider { inner }))
     }
 
@@ -199,6 +205,19 @@ impl VmProvider {
             )));
         }
         Ok(e)
+    }
+
+    /// The pod of `target` when `target.container` is one of its side-cars.
+    fn sidecar_entry(&self, target: &ContainerRef) -> Option<Arc<PodEntry>> {
+        lock(&self.inner.pods)
+            .values()
+            .find(|e| {
+                e.key.namespace == target.namespace
+                    && e.key.name == target.pod
+                    && target.uid.as_ref().is_none_or(|u| *u == e.key.uid)
+            })
+            .filter(|e| crate::sidecars::is_sidecar(e, &target.container))
+            .cloned()
     }
 
     fn session(e: &PodEntry) -> Result<GuestSession, ProviderError> {
@@ -341,6 +360,7 @@ impl Inner {
         lock(&self.pods).insert(uid, e.clone());
         let task = tokio::spawn(pod::run_adopted(self.clone(), e.clone(), vm));
         *lock(&e.task) = Some(task);
+        crate::sidecars::start(self, &e, true);
     }
 }
 
@@ -388,6 +408,7 @@ impl PodLifecycle for VmProvider {
         self.inner.push_status(&e);
         let task = tokio::spawn(pod::run_new(self.inner.clone(), e.clone()));
         *lock(&e.task) = Some(task);
+        crate::sidecars::start(&self.inner, &e, false);
         Ok(())
     }
 
@@ -407,6 +428,12 @@ impl PodLifecycle for VmProvider {
             .ok_or_else(|| ProviderError::NotFound(key.to_string()))?;
         let deadline = tokio::time::Instant::now() + grace;
         e.cancel.cancel();
+        // Side-cars stop in parallel with the VM, within the same grace period.
+        let sidecars = tokio::spawn(crate::sidecars::stop_all(
+            self.inner.clone(),
+            e.clone(),
+            deadline,
+        ));
         let task = lock(&e.task).take();
         if let Some(t) = task {
             let _ = t.await;
@@ -489,6 +516,7 @@ impl PodLifecycle for VmProvider {
                 }
             }
         }
+        let _ = sidecars.await;
         e.ended.cancel();
         // The VM is gone: stop refreshing its volumes and remove them.
         self.inner.volumes.teardown(&key.uid).await;
@@ -565,6 +593,9 @@ impl StreamingRuntime for VmProvider {
         target: &ContainerRef,
         opts: &LogOptions,
     ) -> Result<LogStream, ProviderError> {
+        if let Some(e) = self.sidecar_entry(target) {
+            return crate::sidecars::logs(&self.inner, &e, &target.container, opts).await;
+        }
         let e = self.entry(target)?;
         if opts.previous {
             return Err(ProviderError::NotFound(format!(
@@ -589,6 +620,9 @@ impl StreamingRuntime for VmProvider {
         command: Vec<String>,
         io: AttachIo,
     ) -> Result<ExitStatus, ProviderError> {
+        if let Some(e) = self.sidecar_entry(target) {
+            return crate::sidecars::exec(&self.inner, &e, &target.container, command, io).await;
+        }
         let e = self.entry(target)?;
         let s = Self::session(&e)?;
         self.inner
@@ -603,6 +637,9 @@ impl StreamingRuntime for VmProvider {
         target: &ContainerRef,
         io: AttachIo,
     ) -> Result<ExitStatus, ProviderError> {
+        if let Some(e) = self.sidecar_entry(target) {
+            return crate::sidecars::attach(&self.inner, &e, &target.container, io).await;
+        }
         let e = self.entry(target)?;
         let s = Self::session(&e)?;
         self.inner
@@ -627,6 +664,10 @@ impl StreamingRuntime for VmProvider {
             })
             .cloned()
             .ok_or_else(|| ProviderError::NotFound(pod.to_string()))?;
+        // VM first; a port only a side-car declares goes to that side-car.
+        if let Some(name) = crate::sidecars::port_owner(&e, port) {
+            return crate::sidecars::port_forward(&self.inner, &e, &name, port, stream).await;
+        }
         let s = Self::session(&e)?;
         self.inner
             .exec
@@ -640,7 +681,7 @@ impl StreamingRuntime for VmProvider {
         let entries: Vec<_> = lock(&self.inner.pods).values().cloned().collect();
         let now = Utc::now();
         let mut out = Vec::new();
-        for e in entries {
+        for e in entries.iter().cloned() {
             let Some(vm) = e.vm() else { continue };
             let Some(pid) = StateDir::new(&self.inner.qemu_root, vm.id()).read_pid() else {
                 continue;
@@ -698,6 +739,7 @@ impl StreamingRuntime for VmProvider {
                 ephemeral_storage: None,
             });
         }
+        crate::sidecars::add_stats(&self.inner, &entries, &mut out).await;
         Ok(out)
     }
 }

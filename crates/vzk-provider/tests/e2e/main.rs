@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod probes;
+mod sidecars;
 mod support;
 mod volumes;
 

@@ -1,0 +1,378 @@
+//! Docker side-cars end to end: a hybrid pod (VM + busybox side-car pulled from the
+//! local registry by the real dockerd) reaches Ready; the side-car's logs, exec (exit
+//! code kept), port-forward (to a port only the side-car declares) and stats work; a
+//! side-car that exits is restarted per `restartPolicy: Always` with its previous
+//! logs kept; an agent restart re-adopts the running side-car; deletion removes every
+//! container labelled with the pod's UID.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use vzk_core::streams::{AttachIo, ContainerRef, LogOptions};
+use vzk_core::{PodKey, StreamingRuntime as _};
+use vzk_image::{PushOptions, Reference, RegistryOptions};
+use vzk_provider::VmProvider;
+use vzk_testenv::ControlPlane;
+
+use super::support::*;
+use super::{BOOT, args, exec, is_ready};
+
+fn side(ns: &str, pod: &str) -> ContainerRef {
+    ContainerRef {
+        namespace: ns.into(),
+        pod: pod.into(),
+        uid: None,
+        container: "side".into(),
+    }
+}
+
+async fn side_exec(provider: &VmProvider, ns: &str, pod: &str, script: &str) -> (i32, String) {
+    let out = Capture::default();
+    let io = AttachIo {
+        stdin: None,
+        stdout: Some(Box::pin(out.clone())),
+        stderr: None,
+        tty: false,
+        resize: None,
+    };
+    let argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()];
+    let status = provider.exec(&side(ns, pod), argv, io).await.unwrap();
+    (status.code, out.text())
+}
+
+async fn side_logs(provider: &VmProvider, ns: &str, pod: &str, opts: LogOptions) -> String {
+    let mut s = provider.logs(&side(ns, pod), &opts).await.unwrap();
+    let mut all = Vec::new();
+    while let Some(c) = s.next().await {
+        all.extend_from_slice(&c.unwrap());
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+fn side_status(p: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == "side")
+        .cloned()
+}
+
+/// Ids of Docker containers (running or not) labelled with the pod UID.
+fn docker_ids(uid: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter"])
+        .arg(format!("label=vz-kubelet.io/pod-uid={uid}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_pod_with_a_docker_sidecar() {
+    let cp = ControlPlane::shared();
+    let registry = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    guest_image_dir(&tmp.path().join("image"));
+    let image = format!("{}/vzk/test-guest:v1", registry.addr);
+    let push_opts = PushOptions {
+        registry: RegistryOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    vzk_image::push(
+        &tmp.path().join("image"),
+        &Reference::parse(&image).unwrap(),
+        &push_opts,
+    )
+    .await
+    .unwrap();
+    // The side-car image: busybox imported locally, pushed to the registry, and
+    // removed locally so the node has to pull it.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-sidecar-image.sh");
+    let tag = format!("vzk/bb-e2e:{:06x}", std::process::id());
+    let out = Command::new("bash")
+        .arg(&script)
+        .args([&tag, &registry.addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let side_image = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(side_image, format!("{}/{tag}", registry.addr));
+    let _ = Command::new("docker").args(["rmi", &side_image]).output();
+
+    let netns = Netns::new();
+    let node = format!("vmsc-{:06x}", std::process::id());
+    let id = cp.node_identity(&node);
+    let data = tmp.path().join("data");
+    let provider = VmProvider::new(
+        args(&data, &netns.name, &registry.addr),
+        &node,
+        "127.0.0.1".parse().unwrap(),
+        id.client().await,
+    )
+    .await
+    .unwrap();
+    let agent = Agent::start(&id, provider.clone()).await;
+
+    let ns = cp.create_namespace("vmsc").await;
+    let admin = cp.admin_client().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "hybrid"},
+        "spec": {
+            "nodeName": node,
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [
+                {
+                    "name": "vm", "image": image, "imagePullPolicy": "IfNotPresent",
+                    "resources": {"requests": {"cpu": "1", "memory": "256Mi"}}
+                },
+                {
+                    "name": "side", "image": side_image, "imagePullPolicy": "IfNotPresent",
+                    "command": ["sh", "-c"],
+                    "args": ["mkdir -p /www && echo pong-$(GREETING) > /www/ping && httpd -p 127.0.0.1:8080 -h /www; echo hello-from-sidecar; trap 'exit 0' TERM; while true; do sleep 1; done"],
+                    "env": [{"name": "GREETING", "value": "sidecar"}],
+                    "ports": [{"containerPort": 8080}]
+                }
+            ]
+        }
+    }))
+    .unwrap();
+    let created = pods.create(&PostParams::default(), &pod).await.unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+
+    // Ready: the VM answers SSH and the side-car runs.
+    let ready = wait_for(BOOT, "hybrid Ready", || async {
+        let p = pods.get("hybrid").await.ok()?;
+        is_ready(&p).then_some(p)
+    })
+    .await;
+    let st = ready.status.clone().unwrap();
+    assert_eq!(st.phase.as_deref(), Some("Running"));
+    assert!(st.pod_ip.is_some(), "the VM's IP is the pod IP");
+    let s = side_status(&ready).unwrap();
+    assert!(
+        s.ready && s.state.as_ref().unwrap().running.is_some(),
+        "{s:?}"
+    );
+    assert!(s.container_id.unwrap().starts_with("docker://"));
+    assert!(s.image_id.starts_with("sha256:"), "{}", s.image_id);
+    assert_eq!(docker_ids(&uid).len(), 1);
+
+    // Events of the side-car's start. The node's event recorder folds events with the
+    // same reason for the same pod into one series (the note is the first one's), so
+    // the VM's and the side-car's Created/Started share an Event: either its note
+    // names the side-car or its series counts both.
+    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
+    wait_for(Duration::from_secs(30), "side-car events", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        let mine: Vec<&Event> = list
+            .items
+            .iter()
+            .filter(|e| e.regarding.as_ref().and_then(|o| o.uid.as_deref()) == Some(uid.as_str()))
+            .collect();
+        let both = |reason: &str| {
+            mine.iter().any(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && (e
+                        .note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("container side"))
+                        || e.series.as_ref().is_some_and(|s| s.count >= 2))
+            })
+        };
+        let has = |reason: &str| mine.iter().any(|e| e.reason.as_deref() == Some(reason));
+        (has("Pulling") && has("Pulled") && both("Created") && both("Started")).then_some(())
+    })
+    .await;
+
+    // logs, exec with its exit code, and the VM still answers too.
+    let logs = wait_for(Duration::from_secs(20), "side-car logs", || async {
+        let l = side_logs(&provider, &ns, "hybrid", LogOptions::default()).await;
+        l.contains("hello-from-sidecar").then_some(l)
+    })
+    .await;
+    assert!(!logs.contains("TERM"), "{logs}");
+    let (code, out) = side_exec(&provider, &ns, "hybrid", "echo in-sidecar; exit 3").await;
+    assert_eq!((code, out.trim()), (3, "in-sidecar"));
+    let (code, out) = exec(&provider, &ns, "hybrid", "echo in-vm; exit 7").await;
+    assert_eq!((code, out.trim()), (7, "in-vm"));
+
+    // port-forward: 8080 is declared only by the side-car (its loopback).
+    let (mut client, server) = tokio::io::duplex(4096);
+    let key = PodKey {
+        namespace: ns.clone(),
+        name: "hybrid".into(),
+        uid: uid.clone(),
+    };
+    let p = provider.clone();
+    let fwd = tokio::spawn(async move { p.port_forward(&key, 8080, Box::pin(server)).await });
+    client
+        .write_all(b"GET /ping HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    drop(client);
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.contains("pong-sidecar"), "{resp}");
+    tokio::time::timeout(Duration::from_secs(10), fwd)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // stats include the side-car.
+    let stats = provider.pod_stats().await.unwrap();
+    let ps = stats.iter().find(|s| s.pod_ref.uid == uid).unwrap();
+    let sc = ps.containers.iter().find(|c| c.name == "side").unwrap();
+    assert!(
+        sc.memory
+            .as_ref()
+            .and_then(|m| m.working_set_bytes)
+            .unwrap_or(0)
+            > 0,
+        "{sc:?}"
+    );
+    assert!(ps.containers.iter().any(|c| c.name == "vm"));
+
+    // The main process exits (0, on SIGTERM): restartPolicy Always restarts it as a new
+    // container; the previous one's logs stay readable.
+    let (code, _) = side_exec(&provider, &ns, "hybrid", "kill -TERM 1").await;
+    assert_eq!(code, 0);
+    let restarted = wait_for(Duration::from_secs(60), "side-car restarted", || async {
+        let p = pods.get("hybrid").await.ok()?;
+        let s = side_status(&p)?;
+        (s.restart_count == 1 && s.ready).then_some(s)
+    })
+    .await;
+    let last = restarted.last_state.unwrap().terminated.unwrap();
+    assert_eq!(last.exit_code, 0);
+    assert_eq!(last.reason.as_deref(), Some("Completed"));
+    let previous = side_logs(
+        &provider,
+        &ns,
+        "hybrid",
+        LogOptions {
+            previous: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(previous.contains("hello-from-sidecar"), "{previous}");
+    assert_eq!(docker_ids(&uid).len(), 2, "current and previous attempt");
+
+    // Agent restart: the side-car keeps running and is re-adopted, not re-created.
+    let before = docker_ids(&uid);
+    agent.stop().await;
+    drop(provider);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let provider = VmProvider::new(
+        args(&data, &netns.name, &registry.addr),
+        &node,
+        "127.0.0.1".parse().unwrap(),
+        id.client().await,
+    )
+    .await
+    .unwrap();
+    let agent = Agent::start(&id, provider.clone()).await;
+    let (code, out) = wait_for(
+        Duration::from_secs(60),
+        "side-car exec after restart",
+        || async {
+            let out = Capture::default();
+            let io = AttachIo {
+                stdin: None,
+                stdout: Some(Box::pin(out.clone())),
+                stderr: None,
+                tty: false,
+                resize: None,
+            };
+            let argv = vec!["sh".into(), "-c".into(), "echo again; exit 4".into()];
+            let st = provider.exec(&side(&ns, "hybrid"), argv, io).await.ok()?;
+            Some((st.code, out.text()))
+        },
+    )
+    .await;
+    assert_eq!((code, out.trim()), (4, "again"));
+    let mut after = docker_ids(&uid);
+    let mut b = before.clone();
+    after.sort();
+    b.sort();
+    assert_eq!(after, b, "no container created or removed by the restart");
+    wait_for(
+        Duration::from_secs(30),
+        "hybrid Ready after restart",
+        || async {
+            let p = pods.get("hybrid").await.ok()?;
+            let s = side_status(&p)?;
+            (is_ready(&p) && s.restart_count == 1).then_some(())
+        },
+    )
+    .await;
+
+    // Deletion with grace: the side-car stops (SIGTERM → exit 0) and every container
+    // labelled with the pod's UID is removed.
+    pods.delete(
+        "hybrid",
+        &DeleteParams {
+            grace_period_seconds: Some(20),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    wait_for(Duration::from_secs(90), "hybrid gone", || async {
+        pods.get_opt("hybrid").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(docker_ids(&uid).is_empty(), "no container left for {uid}");
+    let list = events.list(&ListParams::default()).await.unwrap();
+    let reasons: Vec<String> = list
+        .items
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|o| o.uid.as_deref()) == Some(uid.as_str()))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e.reason.clone().unwrap_or_default(),
+                e.note.clone().unwrap_or_default()
+            )
+        })
+        .collect();
+    // (Killing of the side-car folds into the pod's Killing series; see above.)
+    assert!(
+        reasons.iter().any(|r| r.starts_with("Killing")),
+        "{reasons:?}"
+    );
+    assert!(
+        !reasons
+            .iter()
+            .any(|r| r.starts_with("FailedKillPod") || r.starts_with("Failed ")),
+        "{reasons:?}"
+    );
+    agent.stop().await;
+    drop(provider);
+    let _ = Command::new("docker").args(["rmi", &side_image]).output();
+}
