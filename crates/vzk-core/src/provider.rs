@@ -93,15 +93,25 @@ pub struct PodEvent {
     pub reason: String,
     /// Human-readable message.
     pub message: String,
+    /// The container it is about (`regarding.fieldPath` = `spec.containers{name}`), or
+    /// the pod as a whole.
+    pub container: Option<String>,
 }
 
 impl PodEvent {
+    /// The same event, about container `name`.
+    pub fn in_container(mut self, name: impl Into<String>) -> Self {
+        self.container = Some(name.into());
+        self
+    }
+
     /// A `Normal` event.
     pub fn normal(reason: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             warning: false,
             reason: reason.into(),
             message: message.into(),
+            container: None,
         }
     }
 
@@ -111,6 +121,7 @@ impl PodEvent {
             warning: true,
             reason: reason.into(),
             message: message.into(),
+            container: None,
         }
     }
 }

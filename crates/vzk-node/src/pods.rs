@@ -735,7 +735,11 @@ async fn publish(shared: &Shared, pod: &Pod, event: PodEvent) {
         action: event.reason,
         secondary: None,
     };
-    if let Err(e) = shared.recorder.publish(&ev, &pod.object_ref(&())).await {
+    let mut regarding = pod.object_ref(&());
+    // As the kubelet does: events about one container name it, so the VM's and a
+    // side-car's "Started" are separate events, not one series.
+    regarding.field_path = event.container.map(|c| format!("spec.containers{{{c}}}"));
+    if let Err(e) = shared.recorder.publish(&ev, &regarding).await {
         debug!(pod = %pod.name_any(), error = %e, "publishing an event failed");
     }
 }

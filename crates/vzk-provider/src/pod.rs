@@ -178,7 +178,16 @@ impl Inner {
         }
     }
 
-    pub(crate) fn event(&self, e: &PodEntry, ev: PodEvent) {
+    /// An event about side-car `container`.
+    pub(crate) fn container_event(&self, e: &PodEntry, container: &str, ev: PodEvent) {
+        self.event(e, ev.in_container(container));
+    }
+
+    /// An event about container 0 (the VM) unless `ev` names another container.
+    pub(crate) fn event(&self, e: &PodEntry, mut ev: PodEvent) {
+        if ev.container.is_none() {
+            ev.container = Some(e.container.clone());
+        }
         info!(pod = %e.key, reason = %ev.reason, warning = ev.warning, message = %ev.message, "pod event");
         if let Some(n) = lock(&self.notifier).clone() {
             n.event(e.key.clone(), ev);

@@ -394,8 +394,9 @@ async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bool) {
             return;
         }
         if code != 0 {
-            inner.event(
+            inner.container_event(
                 &e,
+                &c.name,
                 PodEvent::warning(
                     "BackOff",
                     format!(
@@ -467,7 +468,11 @@ async fn create_and_start(
             Ok(r) => match inner.credentials_for(&e.pod, &r).await {
                 Ok(c) => c,
                 Err(msg) => {
-                    inner.event(e, PodEvent::warning("FailedToRetrieveImagePullSecret", msg));
+                    inner.container_event(
+                        e,
+                        &c.name,
+                        PodEvent::warning("FailedToRetrieveImagePullSecret", msg),
+                    );
                     Vec::new()
                 }
             },
@@ -485,21 +490,24 @@ async fn create_and_start(
             || (policy == PullPolicy::IfNotPresent
                 && !rt.image_present(&image).await.unwrap_or(false));
         if will_pull {
-            inner.event(
+            inner.container_event(
                 e,
+                &c.name,
                 PodEvent::normal("Pulling", format!("Pulling image \"{image}\"")),
             );
         }
         match rt.ensure_image(&image, policy, &auths).await {
-            Ok(PullOutcome::AlreadyPresent) => inner.event(
+            Ok(PullOutcome::AlreadyPresent) => inner.container_event(
                 e,
+                &c.name,
                 PodEvent::normal(
                     "Pulled",
                     format!("Container image \"{image}\" already present on machine"),
                 ),
             ),
-            Ok(PullOutcome::Pulled { elapsed }) => inner.event(
+            Ok(PullOutcome::Pulled { elapsed }) => inner.container_event(
                 e,
+                &c.name,
                 PodEvent::normal(
                     "Pulled",
                     format!(
@@ -510,21 +518,26 @@ async fn create_and_start(
             ),
             Err(err @ (DockerError::InvalidImage { .. } | DockerError::InvalidSpec(_))) => {
                 let msg = error_chain(&err);
-                inner.event(e, PodEvent::warning("Failed", format!("Error: {msg}")));
+                inner.container_event(
+                    e,
+                    &c.name,
+                    PodEvent::warning("Failed", format!("Error: {msg}")),
+                );
                 set_waiting(err.reason(), msg);
                 return None;
             }
             Err(err) => {
                 let msg = format!("Failed to pull image \"{image}\": {}", error_chain(&err));
                 warn!(pod = %e.key, container = %c.name, error = %msg, "side-car pull failed");
-                inner.event(e, PodEvent::warning("Failed", msg.clone()));
+                inner.container_event(e, &c.name, PodEvent::warning("Failed", msg.clone()));
                 set_waiting(err.reason(), msg.clone());
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let reason = if matches!(err, DockerError::ImageNeverPull { .. }) {
                     "ErrImageNeverPull"
                 } else {
-                    inner.event(
+                    inner.container_event(
                         e,
+                        &c.name,
                         PodEvent::normal("BackOff", format!("Back-off pulling image \"{image}\"")),
                     );
                     "ImagePullBackOff"
@@ -570,7 +583,11 @@ async fn create_and_start(
             Ok(id) => id,
             Err(err) => {
                 let msg = error_chain(&err);
-                inner.event(e, PodEvent::warning("Failed", format!("Error: {msg}")));
+                inner.container_event(
+                    e,
+                    &c.name,
+                    PodEvent::warning("Failed", format!("Error: {msg}")),
+                );
                 set_waiting(err.reason(), msg);
                 if matches!(err, DockerError::InvalidSpec(_)) {
                     return None;
@@ -600,18 +617,24 @@ async fn create_and_start(
                 let _ = rt.remove(&old.id).await;
             }
         }
-        inner.event(
+        inner.container_event(
             e,
+            &c.name,
             PodEvent::normal("Created", format!("Created container {}", c.name)),
         );
         if let Err(err) = rt.start(&created).await {
             let msg = error_chain(&err);
-            inner.event(e, PodEvent::warning("Failed", format!("Error: {msg}")));
+            inner.container_event(
+                e,
+                &c.name,
+                PodEvent::warning("Failed", format!("Error: {msg}")),
+            );
             // Docker leaves a container that could not start as exited (code 128).
             return Some(created);
         }
-        inner.event(
+        inner.container_event(
             e,
+            &c.name,
             PodEvent::normal("Started", format!("Started container {}", c.name)),
         );
         // 4. postStart.
@@ -647,9 +670,14 @@ async fn create_and_start(
                 Err(err) => Some(format!("PostStartHook failed: {}", error_chain(&err))),
             };
             if let Some(msg) = failure {
-                inner.event(e, PodEvent::warning("FailedPostStartHook", msg.clone()));
-                inner.event(
+                inner.container_event(
                     e,
+                    &c.name,
+                    PodEvent::warning("FailedPostStartHook", msg.clone()),
+                );
+                inner.container_event(
+                    e,
+                    &c.name,
                     PodEvent::normal(
                         "Killing",
                         format!("FailedPostStartHook: stopping container {}", c.name),
@@ -702,7 +730,7 @@ pub(crate) async fn stop_all(inner: Arc<Inner>, e: Arc<PodEntry>, deadline: toki
                 Ok(st) if st.is_running() => {}
                 _ => return,
             }
-            inner.event(&e, PodEvent::normal("Killing", format!("Stopping container {}", c.name)));
+            inner.container_event(&e, &c.name, PodEvent::normal("Killing", format!("Stopping container {}", c.name)));
             if let Some(cmd) = c
                 .lifecycle
                 .as_ref()
@@ -719,16 +747,13 @@ pub(crate) async fn stop_all(inner: Arc<Inner>, e: Arc<PodEntry>, deadline: toki
                 };
                 match tokio::time::timeout_at(deadline, rt.exec(&id, cmd, sink)).await {
                     Ok(Ok(st)) if st.success() => {}
-                    Ok(Ok(st)) => inner.event(
-                        &e,
+                    Ok(Ok(st)) => inner.container_event(&e, &c.name,
                         PodEvent::warning("FailedPreStopHook", format!("PreStopHook of {} exited with {}", c.name, st.code)),
                     ),
-                    Ok(Err(err)) => inner.event(
-                        &e,
+                    Ok(Err(err)) => inner.container_event(&e, &c.name,
                         PodEvent::warning("FailedPreStopHook", format!("PreStopHook of {}: {}", c.name, error_chain(&err))),
                     ),
-                    Err(_) => inner.event(
-                        &e,
+                    Err(_) => inner.container_event(&e, &c.name,
                         PodEvent::warning("FailedPreStopHook", format!("PreStopHook of {} did not finish within the grace period", c.name)),
                     ),
                 }
@@ -753,7 +778,7 @@ async fn remove_all(inner: &Inner, e: &PodEntry) {
                 if let Err(err) = rt.remove(&c.id).await {
                     let msg = format!("removing container {}: {}", c.name, error_chain(&err));
                     warn!(pod = %e.key, error = %msg, "side-car cleanup incomplete");
-                    inner.event(e, PodEvent::warning("FailedKillPod", msg));
+                    inner.container_event(e, &c.name, PodEvent::warning("FailedKillPod", msg));
                 }
             }
         }

@@ -177,10 +177,8 @@ async fn hybrid_pod_with_a_docker_sidecar() {
     assert!(s.image_id.starts_with("sha256:"), "{}", s.image_id);
     assert_eq!(docker_ids(&uid).len(), 1);
 
-    // Events of the side-car's start. The node's event recorder folds events with the
-    // same reason for the same pod into one series (the note is the first one's), so
-    // the VM's and the side-car's Created/Started share an Event: either its note
-    // names the side-car or its series counts both.
+    // Events of the side-car's start, each naming its container like the kubelet's
+    // (`regarding.fieldPath`), so the VM's and the side-car's are separate events.
     let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
     wait_for(Duration::from_secs(30), "side-car events", || async {
         let list = events.list(&ListParams::default()).await.ok()?;
@@ -189,16 +187,15 @@ async fn hybrid_pod_with_a_docker_sidecar() {
             .iter()
             .filter(|e| e.regarding.as_ref().and_then(|o| o.uid.as_deref()) == Some(uid.as_str()))
             .collect();
-        let both = |reason: &str| {
+        let about = |reason: &str, container: &str| {
+            let path = format!("spec.containers{{{container}}}");
             mine.iter().any(|e| {
                 e.reason.as_deref() == Some(reason)
-                    && (e
-                        .note
-                        .as_deref()
-                        .is_some_and(|n| n.contains("container side"))
-                        || e.series.as_ref().is_some_and(|s| s.count >= 2))
+                    && e.regarding.as_ref().and_then(|o| o.field_path.as_deref())
+                        == Some(path.as_str())
             })
         };
+        let both = |reason: &str| about(reason, "vm") && about(reason, "side");
         let has = |reason: &str| mine.iter().any(|e| e.reason.as_deref() == Some(reason));
         (has("Pulling") && has("Pulled") && both("Created") && both("Started")).then_some(())
     })
@@ -361,7 +358,6 @@ async fn hybrid_pod_with_a_docker_sidecar() {
             )
         })
         .collect();
-    // (Killing of the side-car folds into the pod's Killing series; see above.)
     assert!(
         reasons.iter().any(|r| r.starts_with("Killing")),
         "{reasons:?}"
