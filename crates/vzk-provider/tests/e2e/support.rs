@@ -4,10 +4,8 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
@@ -17,184 +15,17 @@ use vzk_node::{NodeConfig, NodeController, PodController};
 use vzk_provider::VmProvider;
 use vzk_testenv::NodeIdentity;
 
-/// The test guest (scripts/build-test-guest.sh, cached by input hash and shared with
-/// the vzk-vm tests) plus an OpenSSH copy of its root key.
-pub struct Guest {
-    pub dir: PathBuf,
-    pub openssh_key: PathBuf,
-}
+pub use vzk_testenv::{Guest, Netns, Registry};
 
+/// The test guest (scripts/build-test-guest.sh, cached by input hash under the shared
+/// target tmp dir, so every test binary builds it once).
 pub fn guest() -> &'static Guest {
-    static G: OnceLock<Guest> = OnceLock::new();
-    G.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vzk-test-guest");
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-test-guest.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "build-test-guest.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let openssh_key =
-            std::env::temp_dir().join(format!("vzk-provider-key-{}", std::process::id()));
-        let _ = std::fs::remove_file(&openssh_key);
-        let out = Command::new("dropbearconvert")
-            .args(["dropbear", "openssh"])
-            .arg(dir.join("id_ed25519"))
-            .arg(&openssh_key)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "dropbearconvert: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Guest { dir, openssh_key }
-    })
+    vzk_testenv::guest(Path::new(env!("CARGO_TARGET_TMPDIR")))
 }
 
 /// Lays the guest out as a Linux VM image directory (kernel, initrd, disk.img, config.json).
 pub fn guest_image_dir(dest: &Path) {
-    let g = guest();
-    std::fs::create_dir_all(dest).unwrap();
-    for (from, to) in [
-        ("vmlinuz", "kernel"),
-        ("initramfs.gz", "initrd"),
-        ("disk.raw", "disk.img"),
-    ] {
-        std::fs::copy(g.dir.join(from), dest.join(to)).unwrap();
-    }
-    let cmdline = std::fs::read_to_string(g.dir.join("cmdline")).unwrap();
-    let config = serde_json::json!({
-        "mediatype": "application/vnd.vz-kubelet.vm.config.v1+json",
-        "os": "linux", "arch": "amd64",
-        "kernelCmdline": cmdline.trim(),
-        "cpus": 1, "memoryBytes": 256u64 << 20,
-    });
-    std::fs::write(dest.join("config.json"), config.to_string()).unwrap();
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `docker-registry` on a free loopback port, killed on drop.
-pub struct Registry {
-    child: Child,
-    pub addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Registry {
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let cfg = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.path().join("data").display()
-        );
-        std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.path().join("config.yml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker-registry (Debian package docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A network namespace owned by one test. Drop kills every process in it, then deletes it.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new() -> Self {
-        let name = format!("vzkp-{:08x}", rand_u32());
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let _ = Command::new("ip")
-            .args(["-n", &name, "link", "set", "lo", "up"])
-            .status();
-        Self { name }
-    }
-
-    /// Whether a link named `dev` exists in the namespace.
-    pub fn has_link(&self, dev: &str) -> bool {
-        Command::new("ip")
-            .args(["-n", &self.name, "link", "show", dev])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for _ in 0..3 {
-            let out = Command::new("ip")
-                .args(["netns", "pids", &self.name])
-                .output();
-            let pids: Vec<String> = out
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .split_whitespace()
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default();
-            if pids.is_empty() {
-                break;
-            }
-            for p in &pids {
-                let _ = Command::new("kill").args(["-9", p]).status();
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn rand_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    h.finish() as u32
+    guest().image_dir(dest);
 }
 
 /// Pids of processes whose command line contains `needle`.
