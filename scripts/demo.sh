@@ -2,7 +2,8 @@
 # The local demo: a control plane (etcd + kube-apiserver from KUBEBUILDER_ASSETS, Node,RBAC +
 # NodeRestriction), a local OCI registry, the test guest built and pushed as a VM image, the node
 # (`vz-kubelet run` as system:node:demo-node) with its VMs in a network namespace of the demo's own,
-# then a VM pod applied with kubectl, waited for Ready, and `kubectl exec`/`logs` into the VM.
+# then a hybrid pod (VM + busybox side-car in Docker) applied with kubectl, waited for Ready, and
+# `kubectl exec`/`logs`/`port-forward` into the VM and the side-car.
 # Everything is torn down at the end (or on Ctrl-C). Needs root (network namespace, TAP, QEMU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +66,10 @@ printf '{"mediatype":"application/vnd.vz-kubelet.vm.config.v1+json","os":"linux"
 dropbearconvert dropbear openssh "$g/id_ed25519" "$work/id_ed25519" >/dev/null 2>&1
 "$bin/vz-kubelet" image push --root "$work/images" --plain-http "$img" "$registry/demo/test-guest:v1"
 
+say "side-car image (busybox-static + docker import, pushed to the local registry)"
+sidecar=$(bash scripts/build-sidecar-image.sh demo/busybox:v1 "$registry" | tail -1)
+echo "  $sidecar"
+
 say "node (vz-kubelet run as system:node:demo-node)"
 ip netns add "$netns"
 ip -n "$netns" link set lo up
@@ -76,7 +81,7 @@ for _ in $(seq 1 120); do kubectl get node demo-node >/dev/null 2>&1 && break; s
 kubectl wait --for=condition=Ready node/demo-node --timeout=60s || { tail -20 "$work/node.log"; exit 1; }
 kubectl get nodes -o wide
 
-say "VM pod"
+say "hybrid pod: VM + side-car"
 sed "s#REGISTRY#$registry#" examples/demo-pod.yaml | kubectl apply -f -
 kubectl wait --for=condition=Ready pod/demo-vm --timeout=300s || {
   kubectl describe pod demo-vm; tail -20 "$work/node.log"; exit 1; }
@@ -87,11 +92,24 @@ kubectl get events --field-selector involvedObject.name=demo-vm \
 say "kubectl exec into the VM"
 kubectl exec demo-vm -c vm -- uname -a
 kubectl exec demo-vm -c vm -- sh -c 'echo "hello from the VM, uptime $(cut -d" " -f1 /proc/uptime)s"'
+kubectl exec demo-vm -c vm -- sh -c 'echo "service account token: $(wc -c < /var/run/secrets/kubernetes.io/serviceaccount/token) bytes"'
 set +e; kubectl exec demo-vm -c vm -- sh -c 'exit 3'; echo "exit code preserved: $?"; set -e
 
-say "kubectl logs (the VM's serial console, last lines)"
+say "kubectl exec into the side-car"
+kubectl exec demo-vm -c sidecar -- sh -c 'echo "hello from the side-car ($(uname -n))"'
+set +e; kubectl exec demo-vm -c sidecar -- sh -c 'exit 5'; echo "exit code preserved: $?"; set -e
+
+say "kubectl logs (the VM's serial console, then the side-car)"
 kubectl logs demo-vm -c vm --tail=5
+kubectl logs demo-vm -c sidecar --tail=3
+
+say "kubectl port-forward to the VM's SSH port"
+kubectl port-forward pod/demo-vm 2222:22 >"$work/pf.log" 2>&1 & pf=$!
+for _ in $(seq 1 50); do grep -q Forwarding "$work/pf.log" && break; sleep 0.2; done
+python3 -c 'import socket; s=socket.create_connection(("127.0.0.1",2222),10); print("  banner:", s.recv(256).split(b"\r\n")[0].decode())'
+kill $pf; wait $pf 2>/dev/null || true
 
 say "delete with grace"
 kubectl delete pod demo-vm --grace-period=20 --wait=true
 kubectl get pods
+echo "  side-car containers left: $(docker ps -aq --filter label=vz-kubelet.io/pod=demo-vm | wc -l)"
