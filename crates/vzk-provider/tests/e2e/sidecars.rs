@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -212,6 +213,43 @@ async fn hybrid_pod_with_a_docker_sidecar() {
     assert_eq!((code, out.trim()), (3, "in-sidecar"));
     let (code, out) = exec(&provider, &ns, "hybrid", "echo in-vm; exit 7").await;
     assert_eq!((code, out.trim()), (7, "in-vm"));
+
+    // The kube-api-access volume ServiceAccount admission added reaches the side-car
+    // too (a read-only bind), and its token authenticates as the pod's service account.
+    let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let (code, out) = side_exec(&provider, &ns, "hybrid", &format!("cat {sa}/namespace")).await;
+    assert_eq!((code, out.trim()), (0, ns.as_str()));
+    let (code, out) = side_exec(
+        &provider,
+        &ns,
+        "hybrid",
+        &format!("grep -c BEGIN {sa}/ca.crt"),
+    )
+    .await;
+    assert_eq!((code, out.trim()), (0, "1"));
+    let (code, token) = side_exec(&provider, &ns, "hybrid", &format!("cat {sa}/token")).await;
+    assert_eq!(code, 0);
+    let review = Api::<TokenReview>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(token.trim().to_owned()),
+                    audiences: None,
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let status = review.status.unwrap();
+    assert_eq!(status.authenticated, Some(true), "{status:?}");
+    assert_eq!(
+        status.user.and_then(|u| u.username).as_deref(),
+        Some(format!("system:serviceaccount:{ns}:default").as_str())
+    );
+    let (code, _) = side_exec(&provider, &ns, "hybrid", &format!("touch {sa}/x")).await;
+    assert_ne!(code, 0, "the token volume is read-only in the side-car");
 
     // port-forward: 8080 is declared only by the side-car (its loopback).
     let (mut client, server) = tokio::io::duplex(4096);
