@@ -71,10 +71,16 @@ pub(crate) async fn pull_into(
     for f in &plan.files {
         let path = dir.join(f.role.file_name());
         let file = fetch::create_sparse(&path, f.size)?;
+        let direct = if opts_direct() {
+            fetch::open_direct(&path).map(Arc::new)
+        } else {
+            None
+        };
         targets.insert(
             f.role,
             Arc::new(Target {
                 file: Arc::new(file),
+                direct,
                 name: f.role.file_name().to_string(),
                 cancel: cancel.clone(),
             }),
@@ -178,6 +184,12 @@ pub(crate) async fn pull_into(
     // Durability is the store's business (see `store::persist`): fsync here would put
     // the disk's write bandwidth on the pull's critical path.
     Ok(config)
+}
+
+/// Whether pulls write through `O_DIRECT` (default yes; `VZK_PULL_DIRECT=0` turns it
+/// off, for comparing in the benchmark).
+fn opts_direct() -> bool {
+    std::env::var("VZK_PULL_DIRECT").map_or(true, |v| v != "0")
 }
 
 /// `sha256:<hex>` of `n` zero bytes.
