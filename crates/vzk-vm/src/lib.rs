@@ -18,7 +18,8 @@
 //! dropbear) is built and cached by `scripts/build-test-guest.sh`. Needs the Debian
 //! packages `qemu-system-x86 qemu-utils dnsmasq-base dropbear-bin busybox-static cpio
 //! iproute2 nftables` and network access to Debian's mirror on the first guest build.
-//! `cargo run -p vzk-vm --example boot_bench` prints the start → SSH-ready table.
+//! `cargo run -p vzk-vm --example boot_bench` prints the start → SSH-ready table and the
+//! agent-side split of a VM start (backend set-up, TAP, spawn, QMP, IP-discovery lag).
 
 pub mod hypervisor;
 pub mod mac;
