@@ -625,6 +625,28 @@ impl SidecarRuntime {
         command: Vec<String>,
         io: AttachIo,
     ) -> Result<ExitStatus, DockerError> {
+        self.exec_inner(id, command, io, false).await
+    }
+
+    /// Like [`Self::exec`], for probes: if the returned future is dropped before the
+    /// process ends (the probe's timeout), the process is killed (`SIGKILL` to the host
+    /// PID Docker reports for the exec), so a timed-out probe leaves nothing running.
+    pub async fn exec_probe(
+        &self,
+        id: &str,
+        command: Vec<String>,
+        io: AttachIo,
+    ) -> Result<ExitStatus, DockerError> {
+        self.exec_inner(id, command, io, true).await
+    }
+
+    async fn exec_inner(
+        &self,
+        id: &str,
+        command: Vec<String>,
+        io: AttachIo,
+        kill_on_drop: bool,
+    ) -> Result<ExitStatus, DockerError> {
         if command.is_empty() {
             return Err(DockerError::InvalidSpec("exec: empty command".into()));
         }
@@ -649,6 +671,10 @@ impl SidecarRuntime {
             .await
             .map_err(|e| DockerError::api("exec", id, e))?;
         let exec_id = created.id;
+        let mut guard = kill_on_drop.then(|| KillExecOnDrop {
+            docker: self.docker.clone(),
+            exec_id: exec_id.clone(),
+        });
         let started = self
             .docker
             .start_exec(
@@ -722,6 +748,9 @@ impl SidecarRuntime {
                 .await
                 .map_err(|e| DockerError::api("exec inspect", id, e))?;
             if r.running != Some(true) {
+                if let Some(g) = guard.as_mut() {
+                    g.exec_id.clear();
+                }
                 let code = r.exit_code.unwrap_or(0);
                 return Ok(ExitStatus {
                     code: i32::try_from(code).unwrap_or(255),
@@ -862,7 +891,12 @@ impl SidecarRuntime {
             .and_then(|s| s.pid)
             .filter(|p| *p > 0)
             .ok_or_else(|| DockerError::NotRunning(id.to_owned()))?;
-        let sock = connect_in_netns(pid, port).await?;
+        let sock = connect_in_netns(
+            pid,
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(10),
+        )
+        .await?;
         let mut tcp = tokio::net::TcpStream::from_std(sock).map_err(|source| DockerError::Io {
             what: "registering the port-forward socket".into(),
             source,
@@ -973,10 +1007,84 @@ impl SidecarRuntime {
     }
 }
 
-/// Opens a TCP connection to `127.0.0.1:port` in the network namespace of process
-/// `pid`. Runs on a thread of its own that enters the namespace and then exits, so no
-/// pooled thread ever changes namespace; the socket keeps its namespace afterwards.
-async fn connect_in_netns(pid: i64, port: u16) -> Result<std::net::TcpStream, DockerError> {
+/// Kills a probe's exec process when its future is dropped before the process ended.
+struct KillExecOnDrop {
+    docker: Docker,
+    exec_id: String,
+}
+
+impl Drop for KillExecOnDrop {
+    fn drop(&mut self) {
+        if self.exec_id.is_empty() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (docker, exec_id) = (self.docker.clone(), std::mem::take(&mut self.exec_id));
+        handle.spawn(async move {
+            let pid = match docker.inspect_exec(&exec_id).await {
+                Ok(r) if r.running == Some(true) => r.pid.and_then(|p| i32::try_from(p).ok()),
+                Ok(_) => None,
+                Err(e) => {
+                    debug!(exec = %exec_id, error = %e, "inspecting a timed-out exec");
+                    None
+                }
+            };
+            if let Some(pid) = pid.filter(|p| *p > 1) {
+                match nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                ) {
+                    Ok(()) => debug!(exec = %exec_id, pid, "killed a timed-out exec"),
+                    Err(e) => {
+                        warn!(exec = %exec_id, pid, error = %e, "could not kill a timed-out exec")
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl SidecarRuntime {
+    /// Opens a TCP connection to `addr` from inside the network namespace of the running
+    /// container `id` (probes of a side-car dial `127.0.0.1` there). Errors keep the
+    /// [`std::io::ErrorKind`] of the connect (e.g. `ConnectionRefused`) in
+    /// [`DockerError::Io`].
+    pub async fn connect_in(
+        &self,
+        id: &str,
+        addr: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> Result<tokio::net::TcpStream, DockerError> {
+        let r = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| DockerError::api("inspect", id, e))?;
+        let pid = r
+            .state
+            .as_ref()
+            .filter(|s| s.running == Some(true))
+            .and_then(|s| s.pid)
+            .filter(|p| *p > 0)
+            .ok_or_else(|| DockerError::NotRunning(id.to_owned()))?;
+        let sock = connect_in_netns(pid, addr, timeout).await?;
+        tokio::net::TcpStream::from_std(sock).map_err(|source| DockerError::Io {
+            what: "registering a socket".into(),
+            source,
+        })
+    }
+}
+
+/// Opens a TCP connection to `addr` in the network namespace of process `pid`. Runs on
+/// a thread of its own that enters the namespace and then exits, so no pooled thread
+/// ever changes namespace; the socket keeps its namespace afterwards.
+async fn connect_in_netns(
+    pid: i64,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<std::net::TcpStream, DockerError> {
     let path = format!("/proc/{pid}/ns/net");
     let (tx, rx) = tokio::sync::oneshot::channel();
     let p = path.clone();
@@ -987,10 +1095,7 @@ async fn connect_in_netns(pid: i64, port: u16) -> Result<std::net::TcpStream, Do
                 let ns = std::fs::File::open(&p)?;
                 nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(std::io::Error::from)?;
-                let s = std::net::TcpStream::connect_timeout(
-                    &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-                    Duration::from_secs(10),
-                )?;
+                let s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
                 s.set_nonblocking(true)?;
                 Ok::<_, std::io::Error>(s)
             })();
@@ -1006,7 +1111,7 @@ async fn connect_in_netns(pid: i64, port: u16) -> Result<std::net::TcpStream, Do
             source: std::io::Error::other("thread ended without an answer"),
         })?
         .map_err(|source| DockerError::Io {
-            what: format!("connecting to 127.0.0.1:{port} in {path}"),
+            what: format!("connecting to {addr} in {path}"),
             source,
         })
 }

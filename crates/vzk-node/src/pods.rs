@@ -6,7 +6,10 @@
 //!   re-lists by itself after an outage).
 //! * One worker task per pod UID owns that pod's lifecycle: resolve env → `create_pod`
 //!   → `update_pod` on spec changes → on `deletionTimestamp`, `delete_pod(grace)` then
-//!   delete the API object with grace 0 and a UID precondition.
+//!   delete the API object with grace 0 and a UID precondition. A pod the provider
+//!   already runs at start-up gets one `update_pod` with its env resolved again (a
+//!   provider keeps no secret env values on disk, but needs them to re-create a
+//!   container).
 //! * Status is pushed by the provider through a [`PodNotifier`]; one status task merges
 //!   it with what only the API server knows (the `PodScheduled` condition) and patches
 //!   `pods/status` only when the result differs from what was last written.
@@ -332,6 +335,9 @@ async fn pod_worker(
                 if let Ok(Some(status)) = shared.provider.pod_status(&key).await {
                     record_latest(&shared, pod);
                     write_status(&shared, &key, status).await;
+                }
+                if pod.metadata.deletion_timestamp.is_none() && !is_terminal(pod) {
+                    update(&shared, &key, pod).await;
                 }
             }
         }

@@ -392,6 +392,7 @@ impl PodLifecycle for VmProvider {
         }
         crate::probes::ContainerProbes::from_container(c0)
             .map_err(|e| ProviderError::invalid("InvalidProbe", e.to_string()))?;
+        crate::sidecars::validate(pod)?;
         let creds = self.inner.credentials(pod)?;
         if lock(&self.inner.pods).contains_key(&key.uid) {
             return Ok(());
@@ -412,9 +413,11 @@ impl PodLifecycle for VmProvider {
         Ok(())
     }
 
-    async fn update_pod(&self, _pod: &Pod) -> Result<(), ProviderError> {
+    async fn update_pod(&self, pod: &Pod) -> Result<(), ProviderError> {
         // The only mutable fields of a running pod (image, activeDeadlineSeconds,
         // tolerations) need no action for a VM; an image change takes effect on re-creation.
+        // Side-cars keep the resolved spec (env) in memory for their re-creations.
+        crate::sidecars::set_resolved(&self.inner, pod);
         Ok(())
     }
 

@@ -16,10 +16,29 @@
 //!   of running; `BackOff` event, `waiting{CrashLoopBackOff}` with `lastState`). Each
 //!   restart is a new Docker container (attempt + 1); the previous one is kept for
 //!   `kubectl logs --previous`, older ones are removed.
-//! * A side-car is `ready` while it runs (after its postStart hook). The pod's
-//!   `ContainersReady`/`Ready` need every container ready; the phase follows the
-//!   kubelet's rules over all containers (a side-car that exits 0 under `OnFailure`
+//! * Probes ([`crate::probes`], the VM's runner): without any, a side-car is `ready`
+//!   while it runs (after its postStart hook). A startup probe gates `started` and the
+//!   other two; a readiness probe gates `ready`; a liveness (or startup) failure kills
+//!   the container (`Killing` "Container <name> failed liveness probe, will be
+//!   restarted", grace = the probe's `terminationGracePeriodSeconds` or the pod's) and
+//!   `restartPolicy` decides on the exit code Docker records. Each failure is an
+//!   `Unhealthy` event on the container. `exec` probes run through `docker exec` (a
+//!   timed-out one is killed); `tcpSocket`/`httpGet` dial inside the side-car's own
+//!   network namespace, at `127.0.0.1` by default. A probe `host` is honoured only when
+//!   it is loopback (`127.0.0.0/8`, `::1`, `localhost`): any other host is refused at
+//!   create time with `InvalidProbe` (nothing but the side-car's loopback is reachable
+//!   from its namespace without leaving the node). Invalid probes fail the pod at
+//!   create time with `InvalidProbe`, as for container 0.
+//! * The pod's `ContainersReady`/`Ready` need every container ready; the phase follows
+//!   the kubelet's rules over all containers (a side-car that exits 0 under `OnFailure`
 //!   does not fail the pod).
+//! * Env after an agent restart: the pod record on disk holds no env values of
+//!   side-cars (they may be secrets). A side-car still running keeps its env (Docker
+//!   has it). The pod controller hands a re-adopted pod, env resolved again, to
+//!   `update_pod`, which keeps the latest resolved side-car containers in memory
+//!   ([`set_resolved`]); a side-car of a re-adopted pod is (re-)created only from
+//!   them, waiting (`ContainerCreating`, "waiting for the pod's environment") until
+//!   they arrive.
 //! * Deletion: preStop exec hooks, then `docker stop` with the remaining grace, then
 //!   every container labelled with the pod's UID is removed. An agent restart leaves
 //!   side-cars running; a re-adopted pod finds them by label and keeps watching them;
@@ -33,7 +52,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerState, ContainerStateWaiting, ContainerStatus, PodStatus,
+    Container, ContainerState, ContainerStateWaiting, ContainerStatus, Pod, PodStatus,
 };
 use tracing::{info, warn};
 use vzk_core::stats::PodStats;
@@ -44,7 +63,9 @@ use vzk_docker::{
 };
 
 use crate::pod::{PodEntry, error_chain, lock};
-use crate::probes::RestartBackoff;
+use crate::probes::{
+    self, Action, ContainerProbes, ExecOutcome, OutputBuf, ProbeTarget, ProbeUpdate, RestartBackoff,
+};
 use crate::provider::Inner;
 use crate::status::should_restart;
 
@@ -114,6 +135,9 @@ struct Slot {
 pub(crate) struct PodSidecars {
     slots: Mutex<Vec<Slot>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The latest env-resolved containers 1..N handed over by `update_pod` (memory
+    /// only: never written to disk).
+    resolved: tokio::sync::watch::Sender<Option<Arc<Vec<Container>>>>,
 }
 
 fn waiting(reason: &str, message: impl Into<String>) -> ContainerState {
@@ -148,6 +172,7 @@ impl PodSidecars {
         Self {
             slots: Mutex::new(slots),
             tasks: Mutex::new(Vec::new()),
+            resolved: tokio::sync::watch::Sender::new(None),
         }
     }
 
@@ -287,6 +312,7 @@ pub(crate) fn start(inner: &Arc<Inner>, e: &Arc<PodEntry>, adopt: bool) {
     }
 }
 
+/// Side-car `i` as the pod record (or the create call) gave it.
 fn container(e: &PodEntry, i: usize) -> Option<Container> {
     e.pod
         .spec
@@ -295,9 +321,166 @@ fn container(e: &PodEntry, i: usize) -> Option<Container> {
         .cloned()
 }
 
+/// Side-car `i` as it should be (re-)created: the latest env-resolved spec from
+/// `update_pod` if any. For a re-adopted pod (`adopted`), whose record has no env,
+/// waits for that spec.
+async fn spec_for_create(
+    inner: &Inner,
+    e: &PodEntry,
+    i: usize,
+    name: &str,
+    adopted: bool,
+) -> Option<Container> {
+    let mut rx = e.sidecars.resolved.subscribe();
+    if adopted && rx.borrow().is_none() {
+        e.sidecars.update(i, |s| {
+            s.status.ready = false;
+            s.status.started = Some(false);
+            s.status.state = Some(waiting(
+                "ContainerCreating",
+                "waiting for the pod's environment from the API server (agent restarted)",
+            ));
+        });
+        inner.push_status(e);
+        info!(pod = %e.key, container = %name, "side-car waits for its resolved env before re-creation");
+        if rx.wait_for(Option::is_some).await.is_err() {
+            return None;
+        }
+    }
+    let latest = rx.borrow().clone();
+    latest
+        .and_then(|cs| cs.iter().find(|c| c.name == name).cloned())
+        .or_else(|| container(e, i))
+}
+
+/// Keeps the env-resolved side-cars of `pod` (from `update_pod`) for re-creations.
+pub(crate) fn set_resolved(inner: &Inner, pod: &Pod) {
+    let Some(uid) = pod.metadata.uid.as_deref() else {
+        return;
+    };
+    let Some(e) = lock(&inner.pods).get(uid).cloned() else {
+        return;
+    };
+    let cs: Vec<Container> = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.iter().skip(1).cloned().collect())
+        .unwrap_or_default();
+    if cs.is_empty() {
+        return;
+    }
+    e.sidecars.resolved.send_replace(Some(Arc::new(cs)));
+}
+
+/// Checks the probes of containers 1..N (as create does for container 0): the
+/// probe itself, and a `tcpSocket`/`httpGet` host that is loopback if given.
+pub(crate) fn validate(pod: &Pod) -> Result<(), ProviderError> {
+    let invalid = |m: String| ProviderError::invalid("InvalidProbe", m);
+    for c in pod.spec.iter().flat_map(|s| s.containers.iter().skip(1)) {
+        let probes = ContainerProbes::from_container(c).map_err(|e| invalid(e.to_string()))?;
+        for spec in [&probes.startup, &probes.readiness, &probes.liveness]
+            .into_iter()
+            .flatten()
+        {
+            let host = match &spec.action {
+                Action::Tcp { host, .. } | Action::Http { host, .. } => host.as_deref(),
+                Action::Exec { .. } => None,
+            };
+            if let Some(h) = host
+                && !is_loopback_host(h)
+            {
+                return Err(invalid(format!(
+                    "{} probe of side-car container {:?}: host {h:?} is not reachable from the side-car's network namespace; only loopback (127.0.0.1, ::1, localhost) or no host is supported",
+                    spec.kind, c.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_loopback_host(h: &str) -> bool {
+    h.eq_ignore_ascii_case("localhost")
+        || h.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Probes against a side-car: exec through `docker exec` (killed when the probe
+/// times out), sockets opened inside the container's network namespace.
+struct SidecarProbeTarget {
+    rt: Arc<SidecarRuntime>,
+    id: String,
+}
+
+#[async_trait::async_trait]
+impl ProbeTarget for SidecarProbeTarget {
+    async fn exec(&self, argv: &[String]) -> Result<ExecOutcome, String> {
+        let out = OutputBuf::default();
+        let io = AttachIo {
+            stdin: None,
+            stdout: Some(Box::pin(out.clone())),
+            stderr: Some(Box::pin(out.clone())),
+            tty: false,
+            resize: None,
+        };
+        let st = self
+            .rt
+            .exec_probe(&self.id, argv.to_vec(), io)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        Ok(ExecOutcome {
+            code: st.code,
+            output: out.take(),
+        })
+    }
+
+    async fn connect(&self, addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        if !addr.ip().is_loopback() {
+            return Err(std::io::Error::other(
+                "side-car probes reach only the loopback of the side-car's network namespace",
+            ));
+        }
+        self.rt
+            .connect_in(&self.id, addr, Duration::from_secs(10))
+            .await
+            .map_err(|e| match e {
+                DockerError::Io { source, .. } => source,
+                other => std::io::Error::other(error_chain(&other)),
+            })
+    }
+
+    fn pod_ip(&self) -> Option<std::net::IpAddr> {
+        Some(std::net::IpAddr::from([127, 0, 0, 1]))
+    }
+}
+
+/// How long ago a container started (from Docker's `startedAt`), as an [`Instant`].
+fn started_instant(state: &ContainerState) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let ago = state
+        .running
+        .as_ref()
+        .and_then(|r| r.started_at.as_ref())
+        .and_then(|t| {
+            let d = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+            Duration::try_from(d).ok()
+        })
+        .unwrap_or_default();
+    now.checked_sub(ago).unwrap_or(now)
+}
+
 /// The life of side-car `i` (container `i + 1`).
 async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bool) {
-    let Some(c) = container(&e, i) else { return };
+    let Some(mut c) = container(&e, i) else {
+        return;
+    };
+    // Checked at create time; a record from an older agent may still hold a bad one.
+    let probes = ContainerProbes::from_container(&c).unwrap_or_else(|err| {
+        warn!(pod = %e.key, container = %c.name, error = %err, "side-car probes not run");
+        ContainerProbes::default()
+    });
     let set = |st: ContainerState, ready: bool| {
         e.sidecars.update(i, |s| {
             s.status.started = Some(st.running.is_some());
@@ -348,25 +531,95 @@ async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bool) {
     loop {
         let id = match current.take() {
             Some(id) => id,
-            None => match create_and_start(&inner, &e, &rt, &c, i, attempt).await {
-                Some(id) => id,
-                None => return,
-            },
+            None => {
+                let Some(spec) = spec_for_create(&inner, &e, i, &c.name, adopt).await else {
+                    return;
+                };
+                c = spec;
+                match create_and_start(&inner, &e, &rt, &c, i, attempt).await {
+                    Some(id) => id,
+                    None => return,
+                }
+            }
         };
         let ran_since = Instant::now();
         // Running (or already ended, for an adopted one).
+        let mut probe_from = None;
         match rt.inspect(&id).await {
             Ok(st) => {
                 e.sidecars
                     .update(i, |s| s.status.image_id = st.image_id.clone());
                 let running = st.is_running();
-                set(st.to_k8s(), running);
+                let state = st.to_k8s();
+                if running && !probes.is_empty() {
+                    // `started` and `ready` come from the probes.
+                    probe_from = Some(started_instant(&state));
+                    e.sidecars.update(i, |s| {
+                        s.status.state = Some(state);
+                        s.status.started = Some(false);
+                        s.status.ready = false;
+                    });
+                    inner.push_status(&e);
+                } else {
+                    set(state, running);
+                }
             }
             Err(err) => {
                 warn!(pod = %e.key, container = %c.name, error = %error_chain(&err), "inspect")
             }
         }
-        let ended = match rt.wait(&id).await {
+        let mut killed: Option<String> = None;
+        let waited = match probe_from {
+            None => rt.wait(&id).await,
+            Some(from) => {
+                let target = Arc::new(SidecarProbeTarget {
+                    rt: rt.clone(),
+                    id: id.clone(),
+                });
+                let on = |u: ProbeUpdate| match u {
+                    ProbeUpdate::Started => {
+                        e.sidecars.update(i, |s| s.status.started = Some(true));
+                        inner.push_status(&e);
+                    }
+                    ProbeUpdate::Ready(r) => {
+                        e.sidecars.update(i, |s| s.status.ready = r);
+                        inner.push_status(&e);
+                    }
+                    ProbeUpdate::Unhealthy { message, .. } => {
+                        inner.container_event(&e, &c.name, PodEvent::warning("Unhealthy", message));
+                    }
+                };
+                tokio::select! {
+                    r = rt.wait(&id) => r,
+                    req = probes::run(target, probes.clone(), from, on) => {
+                        let why = format!(
+                            "Container {} failed {} probe",
+                            c.name,
+                            req.kind.as_str().to_lowercase()
+                        );
+                        let restart = should_restart(policy.as_deref(), 137);
+                        inner.container_event(
+                            &e,
+                            &c.name,
+                            PodEvent::normal(
+                                "Killing",
+                                if restart { format!("{why}, will be restarted") } else { why.clone() },
+                            ),
+                        );
+                        info!(pod = %e.key, container = %c.name, reason = %why, "killing a side-car");
+                        e.sidecars.update(i, |s| s.status.ready = false);
+                        inner.push_status(&e);
+                        let grace = req.grace.unwrap_or_else(|| grace_of(&e));
+                        if let Err(err) = rt.stop(&id, grace).await {
+                            warn!(pod = %e.key, container = %c.name, error = %error_chain(&err), "stopping side-car");
+                        }
+                        killed = Some(format!("{why}: {}", req.message));
+                        rt.wait(&id).await
+                    }
+                }
+            }
+        };
+        let ended = match waited {
             Ok(st) => st,
             Err(err) => {
                 let msg = error_chain(&err);
@@ -388,7 +641,10 @@ async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bool) {
             RunState::Exited { exit_code, .. } => *exit_code,
             _ => 0,
         };
-        let term = ended.to_k8s();
+        let mut term = ended.to_k8s();
+        if let (Some(msg), Some(t)) = (killed, term.terminated.as_mut()) {
+            t.message = Some(msg);
+        }
         if !should_restart(policy.as_deref(), code) {
             set(term, false);
             return;
@@ -1109,6 +1365,64 @@ mod tests {
         let mut s = base(cs("vm", running(), true), "Running");
         merge(&mut s, &[side], None);
         assert_eq!(s.phase.as_deref(), Some("Running"));
+    }
+
+    fn pod_with_side_probe(probe: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "n", "uid": "u"},
+            "spec": {"containers": [
+                {"name": "vm", "image": "vm"},
+                {"name": "side", "image": "bb", "ports": [{"name": "web", "containerPort": 8080}],
+                 "livenessProbe": probe}
+            ]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn sidecar_probes_are_checked_at_create_time() {
+        let ok = [
+            serde_json::json!({"tcpSocket": {"port": "web"}}),
+            serde_json::json!({"tcpSocket": {"port": 8080, "host": "127.0.0.1"}}),
+            serde_json::json!({"httpGet": {"port": 8080, "host": "localhost"}}),
+            serde_json::json!({"httpGet": {"port": 8080, "host": "::1"}}),
+            serde_json::json!({"exec": {"command": ["true"]}}),
+        ];
+        for p in ok {
+            validate(&pod_with_side_probe(p.clone())).unwrap_or_else(|e| panic!("{p}: {e}"));
+        }
+        let bad = [
+            (
+                serde_json::json!({"tcpSocket": {"port": 8080, "host": "10.0.0.1"}}),
+                "host \"10.0.0.1\" is not reachable",
+            ),
+            (
+                serde_json::json!({"httpGet": {"port": 8080, "host": "example.com"}}),
+                "host \"example.com\"",
+            ),
+            (
+                serde_json::json!({"tcpSocket": {"port": "nope"}}),
+                "not a named port",
+            ),
+            (
+                serde_json::json!({"grpc": {"port": 8080}}),
+                "gRPC probes are not supported",
+            ),
+            (
+                serde_json::json!({"exec": {"command": ["true"]}, "successThreshold": 2}),
+                "successThreshold must be 1",
+            ),
+        ];
+        for (p, want) in bad {
+            match validate(&pod_with_side_probe(p.clone())) {
+                Err(ProviderError::Invalid { reason, message }) => {
+                    assert_eq!(reason, "InvalidProbe", "{p}");
+                    assert!(message.contains(want), "{p}: {message}");
+                    assert!(message.contains("\"side\""), "{p}: {message}");
+                }
+                other => panic!("{p}: {other:?}"),
+            }
+        }
     }
 
     #[test]

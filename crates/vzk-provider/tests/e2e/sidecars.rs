@@ -3,7 +3,11 @@
 //! code kept), port-forward (to a port only the side-car declares) and stats work; a
 //! side-car that exits is restarted per `restartPolicy: Always` with its previous
 //! logs kept; an agent restart re-adopts the running side-car; deletion removes every
-//! container labelled with the pod's UID.
+//! container labelled with the pod's UID. Probes: a readiness exec probe holds the pod
+//! not Ready until a file exists in the side-car; a liveness tcpSocket probe whose port
+//! closes restarts it (`Unhealthy` + `Killing` events on the side-car). After an agent
+//! restart a re-created side-car gets its env (a secret among it) again, and no secret
+//! value is on the node's disk.
 
 use std::path::Path;
 use std::process::Command;
@@ -136,6 +140,19 @@ async fn hybrid_pod_with_a_docker_sidecar() {
     let ns = cp.create_namespace("vmsc").await;
     let admin = cp.admin_client().await;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let secret_value = format!("s3cr3t-{:06x}", std::process::id());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), &ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "side-env"},
+                "stringData": {"token": secret_value}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "hybrid"},
         "spec": {
@@ -150,8 +167,13 @@ async fn hybrid_pod_with_a_docker_sidecar() {
                     "name": "side", "image": side_image, "imagePullPolicy": "IfNotPresent",
                     "command": ["sh", "-c"],
                     "args": ["mkdir -p /www && echo pong-$(GREETING) > /www/ping && httpd -p 127.0.0.1:8080 -h /www; echo hello-from-sidecar; trap 'exit 0' TERM; while true; do sleep 1; done"],
-                    "env": [{"name": "GREETING", "value": "sidecar"}],
-                    "ports": [{"containerPort": 8080}]
+                    "env": [
+                        {"name": "GREETING", "value": "sidecar"},
+                        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "side-env", "key": "token"}}}
+                    ],
+                    "ports": [{"containerPort": 8080}],
+                    "readinessProbe": {"exec": {"command": ["test", "-f", "/tmp/ready"]}, "periodSeconds": 1},
+                    "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1, "failureThreshold": 3}
                 }
             ]
         }
@@ -160,8 +182,71 @@ async fn hybrid_pod_with_a_docker_sidecar() {
     let created = pods.create(&PostParams::default(), &pod).await.unwrap();
     let uid = created.metadata.uid.clone().unwrap();
 
-    // Ready: the VM answers SSH and the side-car runs.
-    let ready = wait_for(BOOT, "hybrid Ready", || async {
+    // The VM becomes ready, the side-car runs, but its readiness probe fails: the pod
+    // is not Ready, and says which container holds it back.
+    let held = wait_for(BOOT, "VM ready, side-car running", || async {
+        let p = pods.get("hybrid").await.ok()?;
+        let cs = p.status.as_ref()?.container_statuses.clone()?;
+        let vm = cs.iter().find(|c| c.name == "vm")?;
+        let s = side_status(&p)?;
+        (vm.ready && s.state.as_ref()?.running.is_some()).then_some(p)
+    })
+    .await;
+    assert!(!is_ready(&held), "{:?}", held.status);
+    let s = side_status(&held).unwrap();
+    assert!(!s.ready, "{s:?}");
+    let cond = held
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready")
+        .cloned()
+        .unwrap();
+    assert_eq!(cond.status, "False");
+    assert_eq!(
+        cond.message.as_deref(),
+        Some("containers with unready status: [side]")
+    );
+    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
+    let side_events = |reason: &'static str| {
+        let events = events.clone();
+        let uid = uid.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            Some(
+                list.items
+                    .into_iter()
+                    .filter(|e| {
+                        e.regarding.as_ref().and_then(|o| o.uid.as_deref()) == Some(uid.as_str())
+                            && e.regarding.as_ref().and_then(|o| o.field_path.as_deref())
+                                == Some("spec.containers{side}")
+                            && e.reason.as_deref() == Some(reason)
+                    })
+                    .filter_map(|e| e.note)
+                    .collect::<Vec<String>>(),
+            )
+        }
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "readiness Unhealthy event",
+        || async {
+            side_events("Unhealthy")
+                .await?
+                .iter()
+                .any(|n| n.starts_with("Readiness probe failed:"))
+                .then_some(())
+        },
+    )
+    .await;
+    let (code, _) = side_exec(&provider, &ns, "hybrid", "touch /tmp/ready").await;
+    assert_eq!(code, 0);
+
+    // Ready: the VM answers SSH and the side-car passes its readiness probe.
+    let ready = wait_for(Duration::from_secs(30), "hybrid Ready", || async {
         let p = pods.get("hybrid").await.ok()?;
         is_ready(&p).then_some(p)
     })
@@ -180,7 +265,6 @@ async fn hybrid_pod_with_a_docker_sidecar() {
 
     // Events of the side-car's start, each naming its container like the kubelet's
     // (`regarding.fieldPath`), so the VM's and the side-car's are separate events.
-    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
     wait_for(Duration::from_secs(30), "side-car events", || async {
         let list = events.list(&ListParams::default()).await.ok()?;
         let mine: Vec<&Event> = list
@@ -299,7 +383,15 @@ async fn hybrid_pod_with_a_docker_sidecar() {
     let restarted = wait_for(Duration::from_secs(60), "side-car restarted", || async {
         let p = pods.get("hybrid").await.ok()?;
         let s = side_status(&p)?;
-        (s.restart_count == 1 && s.ready).then_some(s)
+        (s.restart_count == 1 && s.state.as_ref()?.running.is_some()).then_some(s)
+    })
+    .await;
+    // A new container: the readiness file is gone until created again.
+    assert!(!restarted.ready, "{restarted:?}");
+    let (code, _) = side_exec(&provider, &ns, "hybrid", "touch /tmp/ready").await;
+    assert_eq!(code, 0);
+    wait_for(Duration::from_secs(30), "hybrid Ready again", || async {
+        is_ready(&pods.get("hybrid").await.ok()?).then_some(())
     })
     .await;
     let last = restarted.last_state.unwrap().terminated.unwrap();
@@ -317,6 +409,46 @@ async fn hybrid_pod_with_a_docker_sidecar() {
     .await;
     assert!(previous.contains("hello-from-sidecar"), "{previous}");
     assert_eq!(docker_ids(&uid).len(), 2, "current and previous attempt");
+
+    // Liveness: the side-car's port 8080 closes (httpd killed); the tcpSocket probe,
+    // dialled in the side-car's network namespace, fails 3 times: the side-car is
+    // killed and restarted (restartCount 2), with Unhealthy and Killing events on it.
+    let (code, _) = side_exec(&provider, &ns, "hybrid", "killall httpd").await;
+    assert_eq!(code, 0);
+    let relived = wait_for(Duration::from_secs(90), "liveness restart", || async {
+        let p = pods.get("hybrid").await.ok()?;
+        let s = side_status(&p)?;
+        (s.restart_count == 2 && s.state.as_ref()?.running.is_some()).then_some(s)
+    })
+    .await;
+    let last = relived.last_state.unwrap().terminated.unwrap();
+    let msg = last.message.unwrap_or_default();
+    assert!(
+        msg.starts_with("Container side failed liveness probe: dial tcp 127.0.0.1:8080:"),
+        "{msg}"
+    );
+    let unhealthy = side_events("Unhealthy").await.unwrap();
+    assert!(
+        unhealthy.iter().any(|n| n.starts_with(
+            "Liveness probe failed: dial tcp 127.0.0.1:8080: connect: connection refused"
+        )),
+        "{unhealthy:?}"
+    );
+    let killing = side_events("Killing").await.unwrap();
+    assert!(
+        killing
+            .iter()
+            .any(|n| n == "Container side failed liveness probe, will be restarted"),
+        "{killing:?}"
+    );
+    let (code, _) = side_exec(&provider, &ns, "hybrid", "touch /tmp/ready").await;
+    assert_eq!(code, 0);
+    wait_for(
+        Duration::from_secs(30),
+        "hybrid Ready after liveness",
+        || async { is_ready(&pods.get("hybrid").await.ok()?).then_some(()) },
+    )
+    .await;
 
     // Agent restart: the side-car keeps running and is re-adopted, not re-created.
     let before = docker_ids(&uid);
@@ -362,10 +494,41 @@ async fn hybrid_pod_with_a_docker_sidecar() {
         || async {
             let p = pods.get("hybrid").await.ok()?;
             let s = side_status(&p)?;
-            (is_ready(&p) && s.restart_count == 1).then_some(())
+            (is_ready(&p) && s.restart_count == 2).then_some(())
         },
     )
     .await;
+
+    // A side-car re-created after the agent restart has its env again (the plain value
+    // and the secret), though no secret value is stored on the node's disk.
+    let (code, out) = side_exec(&provider, &ns, "hybrid", "echo $GREETING/$TOKEN").await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("sidecar/{secret_value}").as_str())
+    );
+    let (code, _) = side_exec(&provider, &ns, "hybrid", "kill -TERM 1").await;
+    assert_eq!(code, 0);
+    wait_for(Duration::from_secs(60), "side-car re-created", || async {
+        let p = pods.get("hybrid").await.ok()?;
+        let s = side_status(&p)?;
+        (s.restart_count == 3 && s.state.as_ref()?.running.is_some()).then_some(())
+    })
+    .await;
+    let (code, out) = side_exec(&provider, &ns, "hybrid", "echo $GREETING/$TOKEN").await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("sidecar/{secret_value}").as_str())
+    );
+    let grep = Command::new("grep")
+        .args(["-rl", "--", &secret_value])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        grep.stdout.is_empty(),
+        "secret value on disk: {}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
 
     // Deletion with grace: the side-car stops (SIGTERM → exit 0) and every container
     // labelled with the pod's UID is removed.
