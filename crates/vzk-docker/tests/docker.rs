@@ -716,3 +716,101 @@ async fn an_unreachable_docker_is_a_clear_error() {
     assert!(matches!(e, DockerError::Unreachable { .. }), "{e:?}");
     assert_eq!(e.reason(), "DockerUnavailable");
 }
+
+/// Whether the process whose PID the container wrote to `file` still exists.
+async fn alive(rt: &SidecarRuntime, id: &str, file: &str) -> bool {
+    let out = Capture::default();
+    let argv = vec![
+        "sh".to_owned(),
+        "-c".to_owned(),
+        format!("kill -0 $(cat {file})"),
+    ];
+    rt.exec(id, argv, io(&out, None)).await.unwrap().code == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_probe_exec_is_killed_and_connect_in_dials_the_containers_loopback() {
+    let rt = Rt::new().await;
+    let p = pod("probe");
+    let c = container(
+        "web",
+        "httpd -p 127.0.0.1:8080 -h /tmp; trap 'exit 0' TERM; while true; do sleep 1; done",
+    );
+    let id = run(&rt.rt, &p, &c, &[]).await;
+    let slow = |file: &str| {
+        vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            format!("echo $$ > {file}; exec sleep 300"),
+        ]
+    };
+    // A plain exec whose caller gives up keeps running (Docker has no exec kill)...
+    let out = Capture::default();
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        rt.rt.exec(&id, slow("/tmp/plain"), io(&out, None)),
+    )
+    .await;
+    assert!(r.is_err(), "sleep 300 ended early: {r:?}");
+    assert!(alive(&rt.rt, &id, "/tmp/plain").await);
+    // ...a probe exec is killed when its timeout drops it.
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        rt.rt.exec_probe(&id, slow("/tmp/probe"), io(&out, None)),
+    )
+    .await;
+    assert!(r.is_err(), "sleep 300 ended early: {r:?}");
+    let mut gone = false;
+    for _ in 0..100 {
+        if !alive(&rt.rt, &id, "/tmp/probe").await {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the timed-out probe's process still runs");
+    assert!(
+        alive(&rt.rt, &id, "/tmp/plain").await,
+        "only the probe's was killed"
+    );
+    // A probe exec that finishes reports its code as exec does.
+    let st = rt
+        .rt
+        .exec_probe(
+            &id,
+            vec!["sh".into(), "-c".into(), "exit 5".into()],
+            io(&out, None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.code, 5);
+
+    // connect_in: the container's loopback (httpd there), and a closed port is
+    // ConnectionRefused, not a generic error.
+    let mut ok = false;
+    for _ in 0..50 {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 8080));
+        if rt
+            .rt
+            .connect_in(&id, addr, Duration::from_secs(2))
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "httpd on the container's 127.0.0.1:8080 not reachable");
+    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
+    match rt.rt.connect_in(&id, closed, Duration::from_secs(2)).await {
+        Err(DockerError::Io { source, .. }) => {
+            assert_eq!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "{source}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
