@@ -738,7 +738,7 @@ async fn publish(shared: &Shared, pod: &Pod, event: PodEvent) {
         },
         reason: event.reason.clone(),
         note: Some(truncate(&event.message, 1000)),
-        action: event.reason,
+        action: event_action(&event.reason, &event.message),
         secondary: None,
     };
     let mut regarding = pod.object_ref(&());
@@ -748,6 +748,23 @@ async fn publish(shared: &Shared, pod: &Pod, event: PodEvent) {
     if let Err(e) = shared.recorder.publish(&ev, &regarding).await {
         debug!(pod = %pod.name_any(), error = %e, "publishing an event failed");
     }
+}
+
+/// The event's `action`, which kube's recorder uses (with type, reason and regarding)
+/// to fold repeats into one series: the reason plus a digest of the message, so the
+/// same message repeats as a series (count, lastObservedTime) while a different one
+/// ("Readiness probe failed" then "Liveness probe failed", both `Unhealthy`) is its
+/// own event, as the kubelet shows them.
+fn event_action(reason: &str, message: &str) -> String {
+    // FNV-1a: stable across processes and releases (std's hasher is not).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in message.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let mut action = reason.chars().take(118).collect::<String>();
+    action.push_str(&format!("-{h:08x}"));
+    action
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -765,6 +782,15 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use kube::runtime::utils::Backoff as _;
+
+    #[test]
+    fn same_message_same_action_different_message_different_action() {
+        let a = event_action("Unhealthy", "Readiness probe failed: x");
+        assert_eq!(a, event_action("Unhealthy", "Readiness probe failed: x"));
+        assert_ne!(a, event_action("Unhealthy", "Liveness probe failed: x"));
+        assert!(a.starts_with("Unhealthy-") && a.len() <= 128, "{a}");
+        assert!(event_action(&"R".repeat(300), "m").len() <= 128);
+    }
 
     #[test]
     fn watch_backoff_doubles_to_its_cap_with_jitter_and_resets() {
