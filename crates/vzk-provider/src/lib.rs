@@ -14,10 +14,12 @@
 //! * [`sidecars`]: containers 1..N as Docker side-cars (pull, run, restart, streams, stats).
 //! * [`volumes`]: pod volumes as VM shares (9p, mounted at `mountPath` over SSH) and
 //!   side-car binds.
+//! * [`probes`]: startup/readiness/liveness probes (exec, tcpSocket, httpGet) for the VM
+//!   and the side-cars, and the restart back-off.
 //!
-//! Not done in this version: probes of side-cars (they are ready while they run); a
-//! side-car re-created after an agent restart lacks its env (the pod record keeps no
-//! env values of containers 1..N, which may be secrets).
+//! Env values of containers 1..N (they may be secrets) are never written to disk: after
+//! an agent restart a side-car is re-created only once the pod controller hands the
+//! provider the env-resolved pod again.
 
 pub mod args;
 pub mod error;

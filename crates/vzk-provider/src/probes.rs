@@ -28,8 +28,9 @@
 //! the container, how to open a TCP connection to the pod's network, the pod IP) and
 //! call [`run`] with the container's [`ContainerProbes`]. The VM's target lives in
 //! [`crate::pod`] (exec over the guest's SSH, sockets opened in the VM network
-//! namespace); a Docker side-car's target would exec through `docker exec` and connect
-//! to the side-car's IP.
+//! namespace); a Docker side-car's lives in [`crate::sidecars`] (`docker exec`, killed
+//! on timeout; sockets opened at 127.0.0.1 inside the side-car's own network namespace,
+//! so only a loopback probe `host` is accepted).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
