@@ -103,7 +103,7 @@ fn log_times(log: &Path, message: &str, needle: &str) -> Vec<f64> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if v["fields"]["message"].as_str() != Some(message) {
+        if v["message"].as_str().or(v["fields"]["message"].as_str()) != Some(message) {
             continue;
         }
         let Some(t) = v["timestamp"]

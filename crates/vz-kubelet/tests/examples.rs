@@ -28,7 +28,9 @@ async fn every_example_manifest_passes_a_server_side_dry_run() {
         let tmp = std::env::temp_dir().join(format!(
             "vzk-example-{}-{}",
             std::process::id(),
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("x.yaml")
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("x.yaml")
         ));
         std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
         let out = cp
@@ -46,7 +48,10 @@ async fn every_example_manifest_passes_a_server_side_dry_run() {
         );
         checked += 1;
     }
-    assert!(checked >= 4, "expected the shipped examples, found {checked}");
+    assert!(
+        checked >= 4,
+        "expected the shipped examples, found {checked}"
+    );
 }
 
 #[test]
@@ -75,7 +80,10 @@ fn the_launchd_plist_parses_and_runs_the_agent() {
 fn the_systemd_unit_starts_the_agent_and_spares_the_vms() {
     let path = repo().join("deploy/systemd/vz-kubelet.service");
     let unit = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(unit.lines().any(|l| l == "ExecStart=/usr/local/bin/vz-kubelet run"));
+    assert!(
+        unit.lines()
+            .any(|l| l == "ExecStart=/usr/local/bin/vz-kubelet run")
+    );
     // Re-adoption depends on this: systemd must not kill the VMs' QEMU processes.
     assert!(unit.lines().any(|l| l == "KillMode=process"));
 }

@@ -632,7 +632,6 @@ async fn agent_recovers_by_itself_after_a_20_second_api_server_outage() {
     agent.stop().await;
 }
 
-
 /// Steady-state API traffic of an idle node with the production intervals (lease every
 /// 10 s, status every 10 s but written only on change). Prints the table by verb and
 /// resource; asserts at most one write per 10 s (plus one for a window boundary).
