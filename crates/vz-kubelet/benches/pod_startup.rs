@@ -191,8 +191,7 @@ async fn start_pod(
         // The dial that succeeded: the last one before the key exchange ended.
         ph.dial = log_times(log, "dialling guest over SSH", &format!("{ip}:22"))
             .into_iter()
-            .filter(|t| *t >= ph.apply && *t <= ph.handshake)
-            .last()
+            .rfind(|t| *t >= ph.apply && *t <= ph.handshake)
             .unwrap_or(0.0);
     }
     // A cache hit has no Pulling event (as with the kubelet): only "already present".

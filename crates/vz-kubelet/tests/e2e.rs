@@ -342,7 +342,7 @@ async fn a_user_runs_a_vm_pod_with_kubectl_apply_exec_logs_port_forward_and_dele
     let mut c = cp.kubectl();
     c.args([
         "-n",
-        &ns,
+        ns,
         "exec",
         "-i",
         "ci",
@@ -383,7 +383,7 @@ async fn a_user_runs_a_vm_pod_with_kubectl_apply_exec_logs_port_forward_and_dele
 
     // kubectl port-forward to the VM's SSH port reaches dropbear.
     let mut c = cp.kubectl();
-    c.args(["-n", &ns, "port-forward", "pod/ci", ":22"])
+    c.args(["-n", ns, "port-forward", "pod/ci", ":22"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut pf = c
@@ -434,7 +434,7 @@ async fn a_user_runs_a_vm_pod_with_kubectl_apply_exec_logs_port_forward_and_dele
     assert!(!pids_with(&uid).is_empty(), "a QEMU process for pod {uid}");
     // Follow the console while the pod is deleted: the preStop hook writes to it.
     let mut c = cp.kubectl();
-    c.args(["-n", &ns, "logs", "-f", "ci", "-c", "vm", "--tail=1"])
+    c.args(["-n", ns, "logs", "-f", "ci", "-c", "vm", "--tail=1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut follow = c.spawn().unwrap_or_else(|e| panic!("kubectl logs -f: {e}"));
