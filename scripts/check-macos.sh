@@ -102,7 +102,7 @@ mac_target=aarch64-apple-darwin
 cd "$root"
 if ! rustup target list --installed 2>/dev/null | grep -qx "$mac_target"; then
   log "installing the $mac_target standard library (rustup target add)"
-  rustup target add "$mac_target" >/dev/null 2>&1 || true
+  timeout 300 rustup target add "$mac_target" >/dev/null 2>&1 || true
 fi
 if rustup target list --installed 2>/dev/null | grep -qx "$mac_target"; then
   log "cargo clippy -p vzk-vm -p vzk-vz --target $mac_target"
