@@ -2,9 +2,8 @@
 //! (scripts/build-sidecar-image.sh) and, for pulls, a real `docker-registry` on loopback.
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -502,60 +501,6 @@ async fn port_forward_reaches_the_sidecars_loopback_and_stats_are_reported() {
     assert_eq!(s2.name, "web");
 }
 
-/// A `docker-registry` on a free loopback port, killed on drop.
-struct Registry {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Registry {
-    fn start(auth: Option<&Path>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let auth = auth.map_or(String::new(), |h| {
-            format!(
-                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
-                h.display()
-            )
-        });
-        let cfg = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{auth}",
-            dir.path().join("data").display()
-        );
-        std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.path().join("config.yml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker-registry (Debian package docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn docker(args: &[&str]) {
     let out = Command::new("docker").args(args).output().unwrap();
     assert!(
@@ -569,13 +514,7 @@ fn docker(args: &[&str]) {
 async fn pulls_follow_the_pull_policy_and_use_credentials() {
     let rt = Rt::new().await;
     let dir = tempfile::tempdir().unwrap();
-    let htpasswd = dir.path().join("htpasswd");
-    let out = Command::new("htpasswd")
-        .args(["-Bbn", "puller", "s3cret"])
-        .output()
-        .expect("htpasswd (apache2-utils)");
-    std::fs::write(&htpasswd, &out.stdout).unwrap();
-    let reg = Registry::start(Some(&htpasswd));
+    let reg = vzk_testenv::Registry::with_auth("puller", "s3cret");
     let tag = &rand_hex()[..8];
     let remote = format!("{}/vzk/bb-pull:{tag}", reg.addr);
     let good = vzk_docker::RegistryAuth {

@@ -59,7 +59,7 @@ fn in_private_mount_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static
 
 #[test]
 fn disk_full_fails_clearly_keeps_the_cache_and_a_retry_after_freeing_space_succeeds() {
-    let reg = TestRegistry::start(false);
+    let reg = registry(false);
     let tmp = tempfile::tempdir().expect("tmp");
     let (small_src, big_src) = (tmp.path().join("small"), tmp.path().join("big"));
     linux_image(&small_src, 2 << 20);

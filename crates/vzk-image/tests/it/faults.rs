@@ -66,7 +66,7 @@ async fn put_variant(reg: &TestRegistry, m: &Manifest, tag: &str) -> Reference {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_blob_is_rejected_and_nothing_cached() {
-    let reg = TestRegistry::start(false);
+    let reg = registry(false);
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("src");
     linux_image(&src, 6 << 20);
@@ -98,7 +98,7 @@ async fn corrupt_blob_is_rejected_and_nothing_cached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connection_mid_blob_resumes() {
-    let reg = TestRegistry::start(false);
+    let reg = registry(false);
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).expect("mkdir");
@@ -145,7 +145,7 @@ async fn dropped_connection_mid_blob_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bombs_unknown_types_and_bad_titles_are_refused() {
-    let reg = TestRegistry::start(false);
+    let reg = registry(false);
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("src");
     linux_image(&src, 5 << 20);
@@ -290,7 +290,7 @@ async fn helper_pull_in_child_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_pull_leaves_nothing_trusted() {
-    let reg = TestRegistry::start(false);
+    let reg = registry(false);
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).expect("mkdir");

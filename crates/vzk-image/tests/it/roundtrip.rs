@@ -30,7 +30,7 @@ fn pull_opts() -> PullOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vzk_linux_image_round_trips_bit_identical() {
-    let reg = TestRegistry::start(false);
+    let reg = registry(false);
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("src");
     linux_image(&src, (9 << 20) + 12345);
@@ -99,7 +99,7 @@ async fn vzk_linux_image_round_trips_bit_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agoda_both_layouts_round_trip_with_auth() {
-    let reg = TestRegistry::start(true);
+    let reg = registry(true);
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("src");
     macos_image(&src, 6 << 20);
@@ -202,7 +202,7 @@ async fn agoda_both_layouts_round_trip_with_auth() {
 /// config descriptor, layer order, created annotation) around small blobs, and pull it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_example_manifest_is_pulled_and_laid_out() {
-    let reg = TestRegistry::start(false);
+    let reg = registry(false);
     let tmp = tempfile::tempdir().expect("tmp");
     let r = Reference::parse(&format!("{}/macos:example", reg.addr)).expect("ref");
     let client = Registry::new(&r, &plain(), true).expect("client");
@@ -315,7 +315,7 @@ async fn reference_example_manifest_is_pulled_and_laid_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_accepts_what_we_push() {
-    let reg = TestRegistry::start(false);
+    let reg = registry(false);
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("src");
     linux_image(&src, 3 << 20);
@@ -382,7 +382,7 @@ async fn skopeo_accepts_what_we_push() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pulls_share_one_download_and_gc_keeps_pinned() {
-    let reg = TestRegistry::start(false);
+    let reg = registry(false);
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("src");
     linux_image(&src, 8 << 20);
@@ -469,7 +469,7 @@ async fn concurrent_pulls_share_one_download_and_gc_keeps_pinned() {
 /// way `tart push` lays it out, is pulled into disk.img + aux.img + config.json.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tart_image_is_pulled() {
-    let reg = TestRegistry::start(false);
+    let reg = registry(false);
     let tmp = tempfile::tempdir().expect("tmp");
     let r = Reference::parse(&format!("{}/tart/vm:1", reg.addr)).expect("ref");
     let client = Registry::new(&r, &plain(), true).expect("client");

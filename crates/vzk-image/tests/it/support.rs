@@ -1,102 +1,24 @@
 //! Test support: a real `docker-registry` on a free loopback port, image directories
 //! with realistic content, and a TCP proxy that can drop a connection mid-blob.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 pub(crate) const USER: &str = "alice";
 pub(crate) const PASS: &str = "s3cret";
 
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
+pub(crate) use vzk_testenv::Registry as TestRegistry;
 
-/// A `docker-registry` process, killed on drop.
-pub(crate) struct TestRegistry {
-    child: Child,
-    pub(crate) addr: String,
-    pub(crate) dir: tempfile::TempDir,
-}
-
-impl TestRegistry {
-    pub(crate) fn start(auth: bool) -> TestRegistry {
-        let bin = std::env::var("VZK_DOCKER_REGISTRY")
-            .unwrap_or_else(|_| "/usr/bin/docker-registry".into());
-        assert!(
-            Path::new(&bin).exists(),
-            "{bin} is missing: install Debian's docker-registry (see .ci/packages.apt)"
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut auth_cfg = String::new();
-        if auth {
-            let out = Command::new("htpasswd")
-                .args(["-Bbn", USER, PASS])
-                .output()
-                .expect("htpasswd (apache2-utils)");
-            assert!(out.status.success());
-            std::fs::write(dir.path().join("htpasswd"), &out.stdout).expect("write htpasswd");
-            auth_cfg = format!(
-                "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
-                dir.path().join("htpasswd").display()
-            );
-        }
-        let cfg = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_cfg}",
-            dir.path().join("data").display()
-        );
-        let cfg_path = dir.path().join("config.yml");
-        std::fs::write(&cfg_path, cfg).expect("write config");
-        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg(&cfg_path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start docker-registry");
-        let reg = TestRegistry { child, addr, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&reg.addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "registry did not start: {}",
-                reg.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        reg
-    }
-
-    pub(crate) fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// Path of a blob's data file in the registry's storage.
-    pub(crate) fn blob_path(&self, digest: &str) -> PathBuf {
-        let hex = digest.trim_start_matches("sha256:");
-        self.dir.path().join(format!(
-            "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
-            &hex[..2]
-        ))
-    }
-}
-
-impl Drop for TestRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// A real `docker-registry` on loopback, with htpasswd auth ([`USER`]/[`PASS`]) or without.
+pub(crate) fn registry(auth: bool) -> TestRegistry {
+    if auth {
+        TestRegistry::with_auth(USER, PASS)
+    } else {
+        TestRegistry::start()
     }
 }
 
