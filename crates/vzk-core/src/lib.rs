@@ -9,8 +9,10 @@
 //! * [`stats`]: the kubelet `stats/v1alpha1` Summary types served on `/stats/summary`.
 //! * [`error`]: the typed [`ProviderError`] and [`ErrorChain`].
 //! * [`quantity`]: Kubernetes resource quantities as numbers.
+//! * [`expand`]: `$(VAR)` expansion.
 
 pub mod error;
+pub mod expand;
 pub mod provider;
 pub mod quantity;
 pub mod stats;

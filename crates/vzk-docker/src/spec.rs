@@ -223,90 +223,20 @@ pub fn labels(pod: &PodKey, container: &str, node: &str, attempt: u32) -> HashMa
     ])
 }
 
-/// Kubernetes `$(VAR)` expansion in command/args: `$(NAME)` becomes the variable's
-/// value when defined, stays as written otherwise; `$$` is a literal `$`.
-pub fn expand(input: &str, vars: &HashMap<String, String>) -> String {
-    let mut out = String::with_capacity(input.len());
-    let mut rest = input;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(stripped) = after.strip_prefix('$') {
-            out.push('$');
-            rest = stripped;
-        } else if let Some(body) = after.strip_prefix('(') {
-            match body.find(')') {
-                Some(end) => {
-                    let name = &body[..end];
-                    match vars.get(name) {
-                        Some(v) => out.push_str(v),
-                        None => {
-                            out.push_str("$(");
-                            out.push_str(name);
-                            out.push(')');
-                        }
-                    }
-                    rest = &body[end + 1..];
-                }
-                None => {
-                    out.push_str(&rest[i..]);
-                    rest = "";
-                }
-            }
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
-}
+pub use vzk_core::expand::expand;
 
-/// CPU quantity (`500m`, `1`, `0.25`) in millicores.
+/// CPU quantity (`500m`, `1`, `0.25`) in millicores (rounded up, as Kubernetes does).
 pub fn cpu_millis(q: &str) -> Option<i64> {
-    let q = q.trim();
-    if let Some(m) = q.strip_suffix('m') {
-        return m.parse::<i64>().ok().filter(|v| *v >= 0);
-    }
-    let v = q
-        .parse::<f64>()
+    vzk_core::quantity::cpu_millis(q)
         .ok()
-        .filter(|v| v.is_finite() && *v >= 0.0)?;
-    Some((v * 1000.0).ceil() as i64)
+        .and_then(|v| i64::try_from(v).ok())
 }
 
-/// Memory quantity (`64Mi`, `1G`, `128974848`, `129e6`) in bytes.
+/// Memory quantity (`64Mi`, `1G`, `128974848`, `129e6`) in bytes (rounded up).
 pub fn memory_bytes(q: &str) -> Option<i64> {
-    let q = q.trim();
-    const SUFFIXES: [(&str, f64); 13] = [
-        ("Ki", 1024.0),
-        ("Mi", 1_048_576.0),
-        ("Gi", 1_073_741_824.0),
-        ("Ti", 1_099_511_627_776.0),
-        ("Pi", 1_125_899_906_842_624.0),
-        ("Ei", 1_152_921_504_606_846_976.0),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-        ("m", 1e-3),
-    ];
-    for (s, f) in SUFFIXES {
-        if let Some(n) = q.strip_suffix(s) {
-            let v = n
-                .parse::<f64>()
-                .ok()
-                .filter(|v| v.is_finite() && *v >= 0.0)?;
-            return Some((v * f).ceil() as i64);
-        }
-    }
-    let v = q
-        .parse::<f64>()
+    vzk_core::quantity::bytes(q)
         .ok()
-        .filter(|v| v.is_finite() && *v >= 0.0)?;
-    Some(v.ceil() as i64)
+        .and_then(|v| i64::try_from(v).ok())
 }
 
 /// The Docker create body for `spec` on `node`. Kubernetes semantics: `command`

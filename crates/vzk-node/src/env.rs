@@ -374,38 +374,7 @@ pub fn field_ref(pod: &Pod, path: &str) -> Result<String, EnvError> {
     Ok(v)
 }
 
-/// Kubernetes `$(VAR)` expansion: known variables are replaced, `$$` escapes a `$`,
-/// unknown references are left as written.
-pub fn expand(input: &str, vars: &HashMap<String, String>) -> String {
-    let mut out = String::with_capacity(input.len());
-    let mut rest = input;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(stripped) = after.strip_prefix('$') {
-            out.push('$');
-            rest = stripped;
-        } else if let Some(inner) = after.strip_prefix('(')
-            && let Some(end) = inner.find(')')
-        {
-            let name = &inner[..end];
-            match vars.get(name) {
-                Some(v) => out.push_str(v),
-                None => {
-                    out.push_str("$(");
-                    out.push_str(name);
-                    out.push(')');
-                }
-            }
-            rest = &inner[end + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
-}
+pub use vzk_core::expand::expand;
 
 /// Kubernetes' relaxed env var name rule (GA in 1.34): printable ASCII without `=`.
 fn is_env_name(s: &str) -> bool {
