@@ -95,7 +95,7 @@ async fn setup(mgr: &VolumeManager, pod: &Pod) -> vzk_node::volumes::PodVolumes 
         match mgr.setup(pod).await {
             Ok(v) => Some(v),
             Err(e) => {
-                eprintln!("setup: {}", vzk_node::volumes::error_chain(&e));
+                eprintln!("setup: {}", vzk_testenv::error_chain(&e));
                 None
             }
         }

@@ -23,7 +23,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use vzk_core::streams::AttachIo;
 use vzk_core::{PodEvent, PodKey};
 use vzk_guest::{GuestConfig, GuestSession, HostKeyStore};
 use vzk_image::{PinGuard, PullOptions, PullPolicy, Reference};
@@ -869,13 +868,7 @@ impl ProbeTarget for VmProbeTarget {
         let argv = argv.to_vec();
         let env = self.env.clone();
         let out = OutputBuf::default();
-        let io = AttachIo {
-            stdin: None,
-            stdout: Some(Box::pin(out.clone())),
-            stderr: Some(Box::pin(out.clone())),
-            tty: false,
-            resize: None,
-        };
+        let io = out.io();
         let mut task = AbortOnDrop(
             self.inner
                 .exec
@@ -1020,9 +1013,7 @@ pub(crate) async fn stop_vm(
 }
 
 /// `a: b: c` of an error and its sources.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    vzk_guest::ErrorChain(e).to_string()
-}
+pub(crate) use vzk_core::error_chain;
 
 #[cfg(test)]
 mod tests {

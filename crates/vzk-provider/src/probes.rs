@@ -920,6 +920,17 @@ where
 pub struct OutputBuf(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl OutputBuf {
+    /// Exec I/O writing stdout and stderr into this buffer, no stdin, no TTY.
+    pub fn io(&self) -> vzk_core::streams::AttachIo {
+        vzk_core::streams::AttachIo {
+            stdin: None,
+            stdout: Some(Box::pin(self.clone())),
+            stderr: Some(Box::pin(self.clone())),
+            tty: false,
+            resize: None,
+        }
+    }
+
     /// What was kept.
     pub fn take(&self) -> Vec<u8> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))

@@ -418,13 +418,7 @@ struct SidecarProbeTarget {
 impl ProbeTarget for SidecarProbeTarget {
     async fn exec(&self, argv: &[String]) -> Result<ExecOutcome, String> {
         let out = OutputBuf::default();
-        let io = AttachIo {
-            stdin: None,
-            stdout: Some(Box::pin(out.clone())),
-            stderr: Some(Box::pin(out.clone())),
-            tty: false,
-            resize: None,
-        };
+        let io = out.io();
         let st = self
             .rt
             .exec_probe(&self.id, argv.to_vec(), io)
@@ -811,10 +805,7 @@ async fn create_and_start(
                 Err(err) => {
                     set_waiting(
                         "ContainerCreating",
-                        format!(
-                            "waiting for volumes: {}",
-                            vzk_node::volumes::error_chain(&err)
-                        ),
+                        format!("waiting for volumes: {}", vzk_core::error_chain(&err)),
                     );
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }

@@ -264,7 +264,7 @@ impl VmVolumes {
     pub(crate) async fn teardown(&self, uid: &str) {
         lock(&self.mounts).remove(uid);
         if let Err(e) = self.manager.teardown(uid).await {
-            warn!(pod.uid = uid, error = %vzk_node::volumes::error_chain(&e), "removing pod volumes");
+            warn!(pod.uid = uid, error = %vzk_core::error_chain(&e), "removing pod volumes");
         }
     }
 }
@@ -277,10 +277,7 @@ pub(crate) async fn prepare_with_retry(inner: &Inner, e: &PodEntry) -> Vec<Share
         match inner.volumes.prepare(&e.pod).await {
             Ok(dirs) => return dirs,
             Err(err) => {
-                let msg = format!(
-                    "MountVolume.SetUp failed: {}",
-                    vzk_node::volumes::error_chain(&err)
-                );
+                let msg = format!("MountVolume.SetUp failed: {}", vzk_core::error_chain(&err));
                 warn!(pod = %e.key, error = %msg, "volume set-up failed");
                 inner.event(e, PodEvent::warning("FailedMount", msg.clone()));
                 inner.set_phase(
@@ -300,7 +297,7 @@ pub(crate) async fn prepare_with_retry(inner: &Inner, e: &PodEntry) -> Vec<Share
 /// Re-establishes a re-adopted pod's volumes (refresh task, guest mounts).
 pub(crate) async fn readopt(inner: &Inner, pod: &Pod) {
     if let Err(err) = inner.volumes.prepare(pod).await {
-        warn!(error = %vzk_node::volumes::error_chain(&err), "re-adopted pod: volume set-up failed");
+        warn!(error = %vzk_core::error_chain(&err), "re-adopted pod: volume set-up failed");
     }
 }
 

@@ -577,22 +577,10 @@ async fn refresh_loop(client: kube::Client, config: VolumeConfig, st: Arc<PodSta
         tokio::select! {
             () = st.cancel.cancelled() => return,
             r = pass => if let Err(e) = r {
-                warn!(pod = %format!("{}/{}", st.pod_ref.namespace, st.pod_ref.name), error = %crate::volumes::error_chain(&e), "volume refresh failed; the previous content stays");
+                warn!(pod = %format!("{}/{}", st.pod_ref.namespace, st.pod_ref.name), error = %vzk_core::error_chain(&e), "volume refresh failed; the previous content stays");
             },
         }
     }
-}
-
-/// `a: b: c` of an error and its sources.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// One volume mount of a container, resolved to the host.

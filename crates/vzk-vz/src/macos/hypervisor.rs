@@ -73,16 +73,7 @@ impl VzHypervisor {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use vzk_core::error_chain as chain;
 
 #[async_trait]
 impl Hypervisor for VzHypervisor {
