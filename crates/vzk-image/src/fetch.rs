@@ -4,9 +4,12 @@
 //!  async download task ──Bytes──▶ BlobReader (blocking thread: sha256 + size of the blob)
 //!   (resumes with Range                │ decoder (gzip / zstd / Apple LZ4 / none)
 //!    after a dropped connection)       ▼
-//!                            4 MiB buffers ──▶ writer thread: sha256 of the content,
-//!                                              pwrite of non-zero 64 KiB blocks only
-//!                                              (O_DIRECT where the filesystem allows)
+//!         4 MiB buffers, filled 256 KiB at a time; each step hashed (content digest) and
+//!         scanned for zero 64 KiB blocks while it is cache-hot
+//!                                     │
+//!                                     ▼
+//!                      writer thread: pwrite of the non-zero runs only
+//!                                     (O_DIRECT where the filesystem allows)
 //! ```
 //!
 //! Nothing is held in memory beyond a few buffers. The blob digest and size, and the
@@ -27,6 +30,7 @@ use futures::StreamExt as _;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
+use crate::content_digest::{Algorithm, ContentHasher};
 use crate::error::{ImageError, Result};
 use crate::manifest::Part;
 use crate::media_types::Encoding;
@@ -356,10 +360,54 @@ pub(crate) fn decode_part(mut reader: BlobReader, part: &Part, target: &Target) 
     }
 }
 
-/// Read decoded bytes, hand them to a writer thread (content hash + sparse pwrite).
+/// Decoded bytes are produced, hashed and zero-scanned this many at a time: small enough
+/// to still be in the core's cache when the hash and the scan read what the decoder just
+/// wrote (a multiple of [`SPARSE_BLOCK`]).
+const STEP: usize = 256 << 10;
+
+/// A decoded buffer on its way to the writer thread.
+struct Filled {
+    buf: AlignedBuf,
+    len: usize,
+    /// Offset of `buf[0]` within the part.
+    pos: u64,
+    /// `[start, end)` runs of non-zero [`SPARSE_BLOCK`]s within `buf`.
+    runs: Vec<(usize, usize)>,
+}
+
+/// Appends the non-zero [`SPARSE_BLOCK`]s of `data[from..]` to `runs`, merging adjacent
+/// ones. `from` is a multiple of [`SPARSE_BLOCK`].
+fn non_zero_runs(data: &[u8], from: usize, runs: &mut Vec<(usize, usize)>) {
+    let mut at = from;
+    while at < data.len() {
+        let end = (at + SPARSE_BLOCK).min(data.len());
+        if !is_zero(&data[at..end]) {
+            match runs.last_mut() {
+                Some((_, e)) if *e == at => *e = end,
+                _ => runs.push((at, end)),
+            }
+        }
+        at = end;
+    }
+}
+
+/// Decode into 4 MiB buffers, finding zero blocks while each step is cache-hot; a writer
+/// thread `pwrite`s the non-zero runs. The content hash is taken cache-hot in the decoding
+/// thread for chunks (many parts run at once, so the cores are busy anyway), and in the
+/// writer thread for a single-blob file (gzip, raw), so decoding and hashing it overlap.
 fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
     let declared = part.size;
-    let (full_tx, full_rx) = smpsc::sync_channel::<(AlignedBuf, usize, u64)>(2);
+    let hasher = match Algorithm::of(&part.digest) {
+        Ok(alg) => ContentHasher::new(alg),
+        Err(reason) => {
+            return Err(ImageError::DigestMismatch {
+                digest: part.desc.digest.clone(),
+                file: target.name.clone(),
+                reason,
+            });
+        }
+    };
+    let (full_tx, full_rx) = smpsc::sync_channel::<Filled>(2);
     let (empty_tx, empty_rx) = smpsc::channel::<AlignedBuf>();
     for _ in 0..3 {
         let _ = empty_tx.send(take_buf());
@@ -368,38 +416,28 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
     let direct = target.direct.clone();
     let name = target.name.clone();
     let base = part.offset;
-    let writer = std::thread::spawn(move || -> std::io::Result<Sha256> {
-        let mut h = Sha256::new();
-        for (buf, len, pos) in full_rx {
-            let data = &buf[..len];
-            h.update(data);
-            let mut at = 0usize;
-            while at < len {
-                let end = (at + SPARSE_BLOCK).min(len);
-                // Runs of non-zero blocks are written with one call.
-                if !is_zero(&data[at..end]) {
-                    let mut run_end = end;
-                    while run_end < len {
-                        let e2 = (run_end + SPARSE_BLOCK).min(len);
-                        if is_zero(&data[run_end..e2]) {
-                            break;
-                        }
-                        run_end = e2;
-                    }
-                    write_run(
-                        &file,
-                        direct.as_deref(),
-                        &data[at..run_end],
-                        base + pos + at as u64,
-                    )?;
-                    at = run_end;
-                } else {
-                    at = end;
-                }
+    let (mut local_hasher, mut writer_hasher) =
+        if matches!(part.encoding, Encoding::Gzip | Encoding::Raw) {
+            (None, Some(hasher))
+        } else {
+            (Some(hasher), None)
+        };
+    let writer = std::thread::spawn(move || -> std::io::Result<Option<ContentHasher>> {
+        for f in full_rx {
+            if let Some(h) = writer_hasher.as_mut() {
+                h.update(&f.buf[..f.len]);
             }
-            let _ = empty_tx.send(buf);
+            for &(s, e) in &f.runs {
+                write_run(
+                    &file,
+                    direct.as_deref(),
+                    &f.buf[s..e],
+                    base + f.pos + s as u64,
+                )?;
+            }
+            let _ = empty_tx.send(f.buf);
         }
-        Ok(h)
+        Ok(writer_hasher)
     });
     let decompress_err = |e: std::io::Error| ImageError::Decompress {
         digest: part.desc.digest.clone(),
@@ -413,48 +451,71 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
             read_err = Some(ImageError::Cancelled);
             break 'outer;
         }
-        let mut len = 0usize;
-        while len < BUF {
-            match dec.read(&mut buf[len..]) {
-                Ok(0) => {
-                    if len > 0 {
-                        let _ = full_tx.send((buf, len, total));
-                        total += len as u64;
+        let (mut len, mut eof) = (0usize, false);
+        let mut runs = Vec::new();
+        while len < BUF && !eof {
+            let (from, step_end) = (len, (len + STEP).min(BUF));
+            while len < step_end {
+                match dec.read(&mut buf[len..step_end]) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
                     }
-                    break 'outer;
-                }
-                Ok(n) => {
-                    len += n;
-                    if total + len as u64 > declared {
-                        read_err = Some(ImageError::DecompressionBomb {
-                            digest: part.desc.digest.clone(),
-                            file: name.clone(),
-                            declared,
-                        });
+                    Ok(n) => {
+                        len += n;
+                        if total + len as u64 > declared {
+                            read_err = Some(ImageError::DecompressionBomb {
+                                digest: part.desc.digest.clone(),
+                                file: name.clone(),
+                                declared,
+                            });
+                            break 'outer;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        read_err = Some(decompress_err(e));
                         break 'outer;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    read_err = Some(decompress_err(e));
-                    break 'outer;
-                }
             }
+            if let Some(h) = local_hasher.as_mut() {
+                h.update(&buf[from..len]);
+            }
+            non_zero_runs(&buf[..len], from, &mut runs);
         }
-        let _ = full_tx.send((buf, len, total));
-        total += len as u64;
+        if len > 0 {
+            let pos = total;
+            total += len as u64;
+            if full_tx
+                .send(Filled {
+                    buf,
+                    len,
+                    pos,
+                    runs,
+                })
+                .is_err()
+            {
+                break 'outer; // the writer failed: its error is reported below
+            }
+        } else {
+            give_buf(buf);
+        }
+        if eof {
+            break;
+        }
     }
     drop(full_tx);
     let joined = writer.join();
     while let Ok(b) = empty_rx.try_recv() {
         give_buf(b);
     }
-    let hasher =
+    let written =
         joined.map_err(|_| decompress_err(std::io::Error::other("writer thread panicked")))?;
     if let Some(e) = read_err {
         return Err(e);
     }
-    let hasher = hasher.map_err(|source| ImageError::Io {
+    let writer_hasher = written.map_err(|source| ImageError::Io {
         op: "write",
         path: name.clone().into(),
         source,
@@ -466,7 +527,10 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
             reason: format!("decompresses to {total} bytes, the manifest declares {declared}"),
         });
     }
-    let got = format!("sha256:{}", hex::encode(hasher.finalize()));
+    let Some(hasher) = local_hasher.or(writer_hasher) else {
+        return Err(decompress_err(std::io::Error::other("content hasher lost")));
+    };
+    let got = hasher.finish();
     if got != part.digest {
         return Err(ImageError::DigestMismatch {
             digest: part.desc.digest.clone(),
@@ -587,6 +651,24 @@ pub(crate) fn create_sparse(path: &Path, size: u64) -> Result<File> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn non_zero_runs_merge_adjacent_blocks_and_skip_zero_ones() {
+        let b = SPARSE_BLOCK;
+        let mut data = vec![0u8; 6 * b + 100];
+        data[b + 7] = 1; // block 1
+        data[2 * b] = 1; // block 2 (adjacent: merged with 1)
+        data[4 * b + b - 1] = 1; // block 4
+        data[6 * b + 99] = 1; // the short tail
+        let mut runs = Vec::new();
+        // In two steps, as the decoder fills a buffer.
+        non_zero_runs(&data[..3 * b], 0, &mut runs);
+        non_zero_runs(&data, 3 * b, &mut runs);
+        assert_eq!(runs, vec![(b, 3 * b), (4 * b, 5 * b), (6 * b, 6 * b + 100)]);
+        let mut none = Vec::new();
+        non_zero_runs(&[0u8; 3 * 65536], 0, &mut none);
+        assert!(none.is_empty());
+    }
 
     /// Aligned runs go through O_DIRECT, their unaligned tails and unaligned offsets
     /// through the page cache; the file reads back exactly what was written either way.

@@ -39,6 +39,7 @@
 
 pub mod clone;
 pub mod config;
+pub mod content_digest;
 pub mod error;
 mod fetch;
 pub mod keyring;

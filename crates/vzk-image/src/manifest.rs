@@ -132,7 +132,8 @@ pub struct Part {
     pub offset: u64,
     /// Decoded size.
     pub size: u64,
-    /// `sha256:<hex>` of the decoded bytes (for `Raw`, the blob digest).
+    /// Digest of the decoded bytes: `sha256:<hex>`, or in the vzk format also
+    /// `blake3:<hex>` (see [`crate::content_digest`]); for `Raw`, the blob digest.
     pub digest: String,
 }
 
@@ -396,7 +397,7 @@ fn vzk_file(
         let digest = d
             .annotation(mt::VZK_UNCOMPRESSED_DIGEST)
             .ok_or_else(|| format!("chunk {} lacks {}", d.digest, mt::VZK_UNCOMPRESSED_DIGEST))?;
-        validate_digest(digest)?;
+        crate::content_digest::Algorithm::of(digest)?;
         if offset != next {
             return Err(format!(
                 "chunk of {name} at offset {offset}, expected {next} (chunks must be contiguous, in order)"

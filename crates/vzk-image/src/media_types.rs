@@ -47,7 +47,7 @@
 //! |---|---|
 //! | `io.github.vz-kubelet.chunk.offset` ([`VZK_CHUNK_OFFSET`]) | byte offset of the chunk in the file; a multiple of the chunk size |
 //! | `io.github.vz-kubelet.content.uncompressed-size` ([`VZK_UNCOMPRESSED_SIZE`]) | bytes of the chunk once decompressed |
-//! | `io.github.vz-kubelet.content.uncompressed-digest` ([`VZK_UNCOMPRESSED_DIGEST`]) | `sha256:<hex>` of the decompressed chunk |
+//! | `io.github.vz-kubelet.content.uncompressed-digest` ([`VZK_UNCOMPRESSED_DIGEST`]) | `blake3:<hex>` (BLAKE3-256) of the decompressed chunk as we push it; `sha256:<hex>` is read too (see [`crate::content_digest`]) |
 //! | `io.github.vz-kubelet.file.size` ([`VZK_FILE_SIZE`]) | size of the whole file; the same on every chunk of a file |
 //! | `org.opencontainers.image.title` | the file name (see table above) |
 //!

@@ -12,6 +12,7 @@ use futures::StreamExt as _;
 use tokio::sync::mpsc;
 
 use crate::config::VmConfig;
+use crate::content_digest::{self, Algorithm};
 use crate::error::{ImageError, IoContext as _, Result};
 use crate::fetch::{self, BlobReader, Target};
 use crate::manifest::{Format, MAX_CONFIG_BYTES, Plan};
@@ -95,15 +96,18 @@ pub(crate) async fn pull_into(
     jobs.sort_by_key(|(_, p)| std::cmp::Reverse(p.desc.size));
     // A chunk whose declared content is all zeros needs no download: the sparse file
     // already reads as zeros there, which is exactly the declared content.
-    let mut zero_digests: HashMap<u64, String> = HashMap::new();
+    let mut zero_digests: HashMap<(u64, Algorithm), String> = HashMap::new();
     let before = jobs.len();
     jobs.retain(|(_, p)| {
         if !matches!(p.encoding, Encoding::ZstdChunk | Encoding::AppleLz4Chunk) {
             return true;
         }
+        let Ok(alg) = Algorithm::of(&p.digest) else {
+            return true; // decoding reports the bad digest
+        };
         let zd = zero_digests
-            .entry(p.size)
-            .or_insert_with(|| zero_digest(p.size));
+            .entry((p.size, alg))
+            .or_insert_with(|| content_digest::zeros(alg, p.size));
         if *zd == p.digest {
             progress.advance(p.desc.size);
             false
@@ -190,20 +194,6 @@ pub(crate) async fn pull_into(
 /// off, for comparing in the benchmark).
 fn opts_direct() -> bool {
     std::env::var("VZK_PULL_DIRECT").map_or(true, |v| v != "0")
-}
-
-/// `sha256:<hex>` of `n` zero bytes.
-fn zero_digest(n: u64) -> String {
-    use sha2::Digest as _;
-    let block = vec![0u8; 1 << 20];
-    let mut h = sha2::Sha256::new();
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(block.len() as u64) as usize;
-        h.update(&block[..k]);
-        left -= k as u64;
-    }
-    format!("sha256:{}", hex::encode(h.finalize()))
 }
 
 /// Parts downloaded at once unless the caller says otherwise.

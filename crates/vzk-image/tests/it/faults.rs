@@ -370,3 +370,92 @@ async fn kill_9_mid_pull_leaves_nothing_trusted() {
         .expect("pull after kill");
     assert_same_file(&src.join("disk.img"), &img.disk());
 }
+
+/// Chunk contents are identified by BLAKE3 as we push them; images whose chunks carry
+/// SHA-256 content digests (pushed before) still pull; either digest is really checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_content_digests_are_verified_as_blake3_or_sha256() {
+    use sha2::Digest as _;
+    let reg = registry(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 5 << 20);
+    let (_, m) = pushed(&reg, &src, "good").await;
+    let chunk_digests: Vec<&str> = m
+        .layers
+        .iter()
+        .filter_map(|l| l.annotation(mt::VZK_UNCOMPRESSED_DIGEST))
+        .collect();
+    assert!(chunk_digests.len() >= 4, "{chunk_digests:?}");
+    assert!(
+        chunk_digests.iter().all(|d| d.starts_with("blake3:")),
+        "{chunk_digests:?}"
+    );
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+
+    // The same chunks declared by their SHA-256.
+    let mut old = m.clone();
+    for l in &mut old.layers {
+        let Some(a) = l.annotations.as_mut() else {
+            continue;
+        };
+        let (Some(title), Some(off), Some(size)) = (
+            a.get(mt::ANNOTATION_TITLE),
+            a.get(mt::VZK_CHUNK_OFFSET),
+            a.get(mt::VZK_UNCOMPRESSED_SIZE),
+        ) else {
+            continue;
+        };
+        let (off, size): (usize, usize) = (off.parse().expect("n"), size.parse().expect("n"));
+        let content = std::fs::read(src.join(title)).expect("src file");
+        let sha = hex::encode(sha2::Sha256::digest(&content[off..off + size]));
+        a.insert(mt::VZK_UNCOMPRESSED_DIGEST.into(), format!("sha256:{sha}"));
+    }
+    let r = put_variant(&reg, &old, "sha256").await;
+    let img = store.pull(&r, &pull_opts()).await.expect("sha256 variant");
+    for f in ["kernel", "initrd", "disk.img"] {
+        assert_same_file(&src.join(f), &img.dir.join(f));
+    }
+
+    // A content digest that does not match, under either algorithm, fails the pull.
+    for (tag, variant) in [("bad-blake3", m.clone()), ("bad-sha256", old.clone())] {
+        let mut bad = variant;
+        let layer = bad
+            .layers
+            .iter_mut()
+            .find(|l| l.media_type == mt::VZK_DISK)
+            .expect("disk chunk");
+        let a = layer.annotations.as_mut().expect("ann");
+        let d = a[mt::VZK_UNCOMPRESSED_DIGEST].clone();
+        let flipped = if d.ends_with('0') { "1" } else { "0" };
+        a.insert(
+            mt::VZK_UNCOMPRESSED_DIGEST.into(),
+            format!("{}{flipped}", &d[..d.len() - 1]),
+        );
+        let r = put_variant(&reg, &bad, tag).await;
+        let root = tmp.path().join(tag);
+        let fresh = ImageStore::open(&root, u64::MAX).expect("store");
+        let err = fresh.pull(&r, &pull_opts()).await.expect_err(tag);
+        assert!(
+            matches!(err, ImageError::DigestMismatch { .. })
+                && err.to_string().contains("uncompressed content hashes to"),
+            "{tag}: {err}"
+        );
+        assert_nothing_cached(&root);
+    }
+
+    // An algorithm we do not know is refused before anything is downloaded.
+    let mut md5 = m.clone();
+    md5.layers
+        .iter_mut()
+        .find(|l| l.media_type == mt::VZK_DISK)
+        .and_then(|l| l.annotations.as_mut())
+        .expect("ann")
+        .insert(
+            mt::VZK_UNCOMPRESSED_DIGEST.into(),
+            format!("md5:{}", "0".repeat(32)),
+        );
+    let r = put_variant(&reg, &md5, "md5").await;
+    let err = store.pull(&r, &pull_opts()).await.expect_err("md5");
+    assert!(err.to_string().contains("invalid content digest"), "{err}");
+}
