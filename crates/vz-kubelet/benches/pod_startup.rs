@@ -12,7 +12,8 @@
 //!   CPU while idle, and the node's API requests per 10 s while idle (from the audit log).
 //!
 //! `cargo bench -p vz-kubelet --bench pod_startup` (root; needs what the tests need).
-//! `VZK_BENCH_RUNS` (default 5) sets the number of measured pods.
+//! `VZK_BENCH_RUNS` (default 5) sets the number of measured pods; `VZK_BENCH_IDLE_ONLY=1`
+//! measures only the idle agent (no VM is started).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -331,7 +332,10 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(60)).await;
     let idle_cpu_pct = (cpu_seconds(pid) - cpu0) / 60.0 * 100.0;
     let idle_to = k8s_openapi::jiff::Timestamp::now();
-    let rss_idle = proc_field(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+    let mib = |key: &str| proc_field(pid, key).unwrap_or(0) as f64 / 1024.0;
+    let rss_idle = mib("VmRSS:");
+    let (rss_anon, rss_file) = (mib("RssAnon:"), mib("RssFile:"));
+    let threads = proc_field(pid, "Threads:").unwrap_or(0);
     let counts = cp.audit_counts(&id.user, idle_from, idle_to);
     let writes: usize = counts
         .iter()
@@ -339,6 +343,34 @@ async fn main() {
         .map(|(_, n)| n)
         .sum();
     let all: usize = counts.values().sum();
+    let idle_table = || {
+        println!("| RSS idle, no pod (MiB) | {rss_idle:.1} | ~60 | ≤ 15 |");
+        println!(
+            "| of which anonymous / file-backed (binary) (MiB); threads | {rss_anon:.1} / {rss_file:.1}; {threads} | — | — |"
+        );
+    };
+    let idle_traffic = || {
+        println!("| CPU while idle (% of one core, 60 s) | {idle_cpu_pct:.2} | — | — |");
+        println!(
+            "| API writes per 10 s while idle | {:.2} | 1.17 | ≤ 1 |",
+            writes as f64 / 6.0
+        );
+        println!(
+            "| API requests per 10 s while idle (all verbs) | {:.2} | — | — |",
+            all as f64 / 6.0
+        );
+        println!("\nidle requests by verb/resource over 60 s: {counts:?}");
+    };
+    if std::env::var_os("VZK_BENCH_IDLE_ONLY").is_some_and(|v| v == "1") {
+        println!("\n## vz-kubelet agent cost (idle only)\n");
+        println!("| measure | vz-kubelet | virtual-kubelet (field) | goal |");
+        println!("|---|---|---|---|");
+        idle_table();
+        idle_traffic();
+        drop(agent);
+        drop(netns);
+        return;
+    }
 
     // Warm the image cache, then measure.
     let _ = start_pod(&pods, &events, "warm", node, &image, &data, &log).await;
@@ -399,19 +431,10 @@ async fn main() {
     println!("\n## vz-kubelet agent cost\n");
     println!("| measure | vz-kubelet | virtual-kubelet (field) | goal |");
     println!("|---|---|---|---|");
-    println!("| RSS idle, no pod (MiB) | {rss_idle:.1} | ~60 | ≤ 15 |");
+    idle_table();
     println!("| RSS with two VM pods (MiB, QEMU not counted) | {rss_two:.1} | — | — |");
     println!("| RSS high-water mark over the run (MiB) | {hwm:.1} | — | — |");
-    println!("| CPU while idle (% of one core, 60 s) | {idle_cpu_pct:.2} | — | — |");
-    println!(
-        "| API writes per 10 s while idle | {:.2} | 1.17 | ≤ 1 |",
-        writes as f64 / 6.0
-    );
-    println!(
-        "| API requests per 10 s while idle (all verbs) | {:.2} | — | — |",
-        all as f64 / 6.0
-    );
-    println!("\nidle requests by verb/resource over 60 s: {counts:?}");
+    idle_traffic();
     drop(agent);
     drop(netns);
 }

@@ -4,6 +4,7 @@
 //! runs one subcommand and prints any error chain once.
 
 mod cmd;
+mod memory;
 mod observability;
 
 use std::process::ExitCode;

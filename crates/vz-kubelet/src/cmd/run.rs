@@ -73,6 +73,11 @@ pub(crate) struct RunArgs {
     /// Seconds between lease renewals.
     #[arg(long, env = "VZK_LEASE_RENEW_SECONDS", default_value_t = 10)]
     lease_renew_seconds: u64,
+    /// Seconds after start-up at which the agent hands its start-up code back to the
+    /// system (the binary's resident read-only pages are reclaimed; what still runs
+    /// faults back in). 0 turns it off.
+    #[arg(long, env = "VZK_PAGE_OUT_AFTER_SECONDS", default_value_t = 60)]
+    page_out_after_seconds: u64,
     #[command(flatten)]
     provider: vzk_provider::ProviderArgs,
 }
@@ -234,6 +239,21 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let t = token.clone();
     tracker.spawn(async move { server.serve(listener, t.cancelled_owned()).await });
+    if args.page_out_after_seconds > 0 {
+        let after = Duration::from_secs(args.page_out_after_seconds);
+        let t = token.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(after) => {}
+                () = t.cancelled() => return,
+            }
+            match tokio::task::spawn_blocking(crate::memory::page_out_own_code).await {
+                Ok(Ok(bytes)) => tracing::debug!(bytes, "start-up code paged out"),
+                Ok(Err(e)) => tracing::debug!(error = %e, "could not page out start-up code"),
+                Err(e) => tracing::debug!(error = %e, "page-out task failed"),
+            }
+        });
+    }
     tracker.close();
 
     tokio::select! {
