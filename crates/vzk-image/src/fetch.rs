@@ -4,8 +4,8 @@
 //!  async download task ──Bytes──▶ BlobReader (blocking thread: sha256 + size of the blob)
 //!   (resumes with Range                │ decoder (gzip / zstd / Apple LZ4 / none)
 //!    after a dropped connection)       ▼
-//!         4 MiB buffers, filled 256 KiB at a time; each step hashed (content digest) and
-//!         scanned for zero 64 KiB blocks while it is cache-hot
+//!         4 MiB buffers (a zstd frame is decoded straight into one, see zstd_frames); each
+//!         piece hashed (content digest) and scanned for zero 64 KiB blocks while cache-hot
 //!                                     │
 //!                                     ▼
 //!                      writer thread: pwrite of the non-zero runs only
@@ -323,7 +323,7 @@ pub(crate) fn decode_part(mut reader: BlobReader, part: &Part, target: &Target) 
             part,
             target,
         ),
-        Encoding::ZstdChunk => match zstd::stream::read::Decoder::with_buffer(&mut reader) {
+        Encoding::ZstdChunk => match crate::zstd_frames::ZstdFrames::new(&mut reader) {
             Ok(mut d) => copy_out(&mut d, part, target),
             Err(e) => Err(ImageError::Decompress {
                 digest: part.desc.digest.clone(),
@@ -360,9 +360,9 @@ pub(crate) fn decode_part(mut reader: BlobReader, part: &Part, target: &Target) 
     }
 }
 
-/// Decoded bytes are produced, hashed and zero-scanned this many at a time: small enough
-/// to still be in the core's cache when the hash and the scan read what the decoder just
-/// wrote (a multiple of [`SPARSE_BLOCK`]).
+/// Other decoders are asked for this much at a time, so what they hand out is hashed and
+/// scanned while it is still in the cache (zstd frames are taken whole, see
+/// [`crate::zstd_frames`]).
 const STEP: usize = 256 << 10;
 
 /// A decoded buffer on its way to the writer thread.
@@ -444,6 +444,11 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
         file: name.clone(),
         detail: e.to_string(),
     };
+    let step = if matches!(part.encoding, Encoding::ZstdChunk) {
+        BUF
+    } else {
+        STEP
+    };
     let mut total = 0u64;
     let mut read_err = None;
     'outer: while let Ok(mut buf) = empty_rx.recv() {
@@ -451,39 +456,43 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
             read_err = Some(ImageError::Cancelled);
             break 'outer;
         }
-        let (mut len, mut eof) = (0usize, false);
+        let (mut len, mut scanned, mut eof) = (0usize, 0usize, false);
         let mut runs = Vec::new();
-        while len < BUF && !eof {
-            let (from, step_end) = (len, (len + STEP).min(BUF));
-            while len < step_end {
-                match dec.read(&mut buf[len..step_end]) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        len += n;
-                        if total + len as u64 > declared {
-                            read_err = Some(ImageError::DecompressionBomb {
-                                digest: part.desc.digest.clone(),
-                                file: name.clone(),
-                                declared,
-                            });
-                            break 'outer;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        read_err = Some(decompress_err(e));
+        while len < BUF {
+            // zstd is offered the whole rest of the buffer (a frame is decoded straight
+            // into it) and hands out a frame or a step at a time; others get a step. Each
+            // piece is hashed and scanned right away, while it is in the cache.
+            match dec.read(&mut buf[len..(len + step).min(BUF)]) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    let from = len;
+                    len += n;
+                    if total + len as u64 > declared {
+                        read_err = Some(ImageError::DecompressionBomb {
+                            digest: part.desc.digest.clone(),
+                            file: name.clone(),
+                            declared,
+                        });
                         break 'outer;
                     }
+                    if let Some(h) = local_hasher.as_mut() {
+                        h.update(&buf[from..len]);
+                    }
+                    let whole = len / SPARSE_BLOCK * SPARSE_BLOCK;
+                    non_zero_runs(&buf[..whole], scanned, &mut runs);
+                    scanned = whole;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    read_err = Some(decompress_err(e));
+                    break 'outer;
                 }
             }
-            if let Some(h) = local_hasher.as_mut() {
-                h.update(&buf[from..len]);
-            }
-            non_zero_runs(&buf[..len], from, &mut runs);
         }
+        non_zero_runs(&buf[..len], scanned, &mut runs);
         if len > 0 {
             let pos = total;
             total += len as u64;

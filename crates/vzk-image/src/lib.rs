@@ -52,6 +52,7 @@ pub mod reference;
 pub mod registry;
 pub mod store;
 pub mod tart;
+mod zstd_frames;
 
 /// Re-exported for the CLI's JSON output.
 #[doc(hidden)]

@@ -4,7 +4,8 @@
 //! * agoda format: `disk.img` and `aux.img` as gzip (a series of gzip members
 //!   compressed in parallel), `config.json` as is; manifest layout A (empty config,
 //!   layers disk, aux, config; as `oras-macos-vz push`) or B (config.json as the config).
-//! * vzk format: every file in fixed-size chunks, each an independent zstd stream.
+//! * vzk format: every file in fixed-size chunks, each an independent zstd stream of 1 MiB
+//!   frames that declare their size (see `zstd_frames`).
 //!
 //! Compressed blobs go to temporary files (never whole into memory), are uploaded as
 //! soon as they are ready, and are deleted after upload.
@@ -440,7 +441,9 @@ impl<W: Write> Write for HashingWriter<W> {
 
 const READ_BLOCK: usize = 4 << 20;
 
-/// Compress one chunk of a file with zstd into `out`.
+/// Compress one chunk of a file with zstd into `out`, as independent frames of
+/// [`FRAME`](crate::zstd_frames::FRAME) bytes that declare their size (a puller decodes each
+/// straight into its buffer; any zstd decoder reads the concatenation as one stream).
 fn zstd_chunk(
     path: &Path,
     offset: u64,
@@ -449,30 +452,35 @@ fn zstd_chunk(
     level: i32,
     progress: &dyn Progress,
 ) -> Result<Prepared> {
+    use crate::zstd_frames::FRAME;
     let src = File::open(path).io("open", path)?;
     let dst = File::create(out).io("create", out)?;
-    let hw = HashingWriter {
+    let mut hw = HashingWriter {
         inner: BufWriter::with_capacity(1 << 20, dst),
         hasher: Sha256::new(),
         count: 0,
     };
-    let mut enc = zstd::stream::write::Encoder::new(hw, level).io("compress", path)?;
-    let _ = enc.include_checksum(false);
+    let mut enc = zstd::bulk::Compressor::new(level).io("compress", path)?;
     // Chunk contents are identified by BLAKE3 (see `content_digest`): a pull hashes every
     // decoded byte, and BLAKE3 does that at several times SHA-256's speed.
     let mut uh = blake3::Hasher::new();
     let mut buf = vec![0u8; READ_BLOCK];
+    let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(FRAME));
     let mut pos = 0u64;
     while pos < len {
         let n = (len - pos).min(READ_BLOCK as u64) as usize;
         src.read_exact_at(&mut buf[..n], offset + pos)
             .io("read", path)?;
         uh.update(&buf[..n]);
-        enc.write_all(&buf[..n]).io("compress", path)?;
+        for piece in buf[..n].chunks(FRAME) {
+            frame.clear();
+            enc.compress_to_buffer(piece, &mut frame)
+                .io("compress", path)?;
+            hw.write_all(&frame).io("write", out)?;
+        }
         pos += n as u64;
         progress.advance(n as u64);
     }
-    let mut hw = enc.finish().io("compress", path)?;
     hw.flush().io("write", out)?;
     Ok(Prepared {
         path: out.to_path_buf(),
