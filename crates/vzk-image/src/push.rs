@@ -185,26 +185,29 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
 
     let mut jobs = Vec::new();
     for (role, path, size) in &files {
-        let chunk = if opts.format == Format::Agoda {
-            (*size).max(1)
+        let plan = if opts.format == Format::Agoda {
+            vec![(0, *size)]
         } else {
-            opts.chunk_size.max(4096)
+            let f = File::open(path).io("open", path)?;
+            let (holes, chunk) = (holes(&f, *size), opts.chunk_size.max(4096));
+            let mut min_hole = MIN_HOLE;
+            loop {
+                let plan = chunk_plan(&holes, *size, chunk, min_hole);
+                if plan.len() <= MAX_CHUNKS_PER_FILE || min_hole >= *size {
+                    break plan;
+                }
+                min_hole *= 2;
+            }
         };
-        let mut off = 0u64;
-        loop {
-            let len = chunk.min(size - off);
+        for (offset, len) in plan {
             jobs.push(Job {
                 idx: jobs.len(),
                 role: *role,
                 path: path.clone(),
-                offset: off,
+                offset,
                 len,
                 file_size: *size,
             });
-            off += len;
-            if off >= *size {
-                break;
-            }
         }
     }
 
@@ -420,6 +423,90 @@ async fn upload(
     Ok(())
 }
 
+/// Holes at least this long (after rounding inward to [`HOLE_ALIGN`]) get chunks of their
+/// own, which a pull recognises as all-zero and skips without downloading or decoding.
+const MIN_HOLE: u64 = 8 << 20;
+const HOLE_ALIGN: u64 = 1 << 20;
+/// A file is cut into at most about this many chunks when its holes allow it: the
+/// minimum hole doubles until the plan fits (a manifest stays well under registries'
+/// size limits).
+const MAX_CHUNKS_PER_FILE: usize = 2000;
+
+/// The holes of a sparse file, `[start, end)`, from `SEEK_DATA`/`SEEK_HOLE` (none where the
+/// filesystem or platform cannot tell).
+fn holes(file: &File, size: u64) -> Vec<(u64, u64)> {
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    {
+        use nix::unistd::{Whence, lseek};
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        while pos < size {
+            let Ok(at) = i64::try_from(pos) else { break };
+            let data = match lseek(file, at, Whence::SeekData) {
+                Ok(d) => d as u64,
+                // ENXIO: no data after `pos`, the rest is a hole.
+                Err(nix::errno::Errno::ENXIO) => size,
+                Err(_) => break,
+            };
+            if data > pos {
+                out.push((pos, data.min(size)));
+            }
+            if data >= size {
+                break;
+            }
+            match lseek(file, data as i64, Whence::SeekHole) {
+                Ok(h) if (h as u64) > data => pos = h as u64,
+                _ => break,
+            }
+        }
+        out
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+    {
+        let _ = (file, size);
+        Vec::new()
+    }
+}
+
+/// Where the vzk format cuts a file of `size` bytes: contiguous `(offset, len)` chunks of
+/// at most `chunk` bytes; every hole of at least `min_hole` (rounded inward to
+/// [`HOLE_ALIGN`]) is cut out into chunks of its own, sized in powers of two MiB so that a
+/// puller meets only a few distinct all-zero sizes.
+fn chunk_plan(holes: &[(u64, u64)], size: u64, chunk: u64, min_hole: u64) -> Vec<(u64, u64)> {
+    let mut plan = Vec::new();
+    let data = |plan: &mut Vec<(u64, u64)>, from: u64, to: u64| {
+        let mut off = from;
+        while off < to {
+            let len = chunk.min(to - off);
+            plan.push((off, len));
+            off += len;
+        }
+    };
+    let mut cursor = 0u64;
+    for &(s, e) in holes {
+        let s = s.max(cursor).div_ceil(HOLE_ALIGN) * HOLE_ALIGN;
+        let e = e.min(size) / HOLE_ALIGN * HOLE_ALIGN;
+        if e < s || e - s < min_hole {
+            continue;
+        }
+        data(&mut plan, cursor, s);
+        let mut off = s;
+        while off < e {
+            let room = (e - off).min(chunk.max(HOLE_ALIGN));
+            // The largest power-of-two MiB that fits (room is a multiple of 1 MiB).
+            let len = HOLE_ALIGN << (63 - (room / HOLE_ALIGN).leading_zeros());
+            plan.push((off, len));
+            off += len;
+        }
+        cursor = e;
+    }
+    data(&mut plan, cursor, size);
+    if plan.is_empty() {
+        plan.push((0, 0)); // an empty file is one empty chunk
+    }
+    plan
+}
+
 /// A writer that hashes and counts what passes through.
 struct HashingWriter<W> {
     inner: W,
@@ -581,4 +668,86 @@ fn gzip_file(
         size: hw.count,
         udigest: format!("sha256:{}", hex::encode(uh.finalize())),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn assert_contiguous(plan: &[(u64, u64)], size: u64) {
+        let mut next = 0;
+        for &(off, len) in plan {
+            assert_eq!(off, next, "{plan:?}");
+            next = off + len;
+        }
+        assert_eq!(next, size, "{plan:?}");
+    }
+
+    #[test]
+    fn holes_get_power_of_two_chunks_of_their_own() {
+        // data 0..3.5M, hole 3.5M..17.2M, data ..20M, hole 20M..22M (too short), data ..30M
+        let size = 30 * MIB;
+        let holes = [(7 * MIB / 2, 172 * MIB / 10), (20 * MIB, 22 * MIB)];
+        let plan = chunk_plan(&holes, size, 8 * MIB, 4 * MIB);
+        assert_contiguous(&plan, size);
+        assert_eq!(
+            plan,
+            vec![
+                (0, 4 * MIB),       // data up to the hole, rounded up to 1 MiB
+                (4 * MIB, 8 * MIB), // hole 4M..17M: 8 + 4 + 1 MiB
+                (12 * MIB, 4 * MIB),
+                (16 * MIB, MIB),
+                (17 * MIB, 8 * MIB), // data (the short hole stays inside)
+                (25 * MIB, 5 * MIB),
+            ]
+        );
+        // No holes: the fixed grid; an empty file: one empty chunk.
+        assert_eq!(
+            chunk_plan(&[], 10 * MIB, 4 * MIB, MIN_HOLE),
+            vec![(0, 4 * MIB), (4 * MIB, 4 * MIB), (8 * MIB, 2 * MIB)]
+        );
+        assert_eq!(chunk_plan(&[], 0, 4 * MIB, MIN_HOLE), vec![(0, 0)]);
+        // A hole that runs to the end of the file.
+        let plan = chunk_plan(&[(MIB, 12 * MIB + 5)], 12 * MIB + 5, 64 * MIB, MIN_HOLE);
+        assert_contiguous(&plan, 12 * MIB + 5);
+        assert_eq!(
+            plan,
+            vec![
+                (0, MIB),
+                (MIB, 8 * MIB),
+                (9 * MIB, 2 * MIB),
+                (11 * MIB, MIB),
+                (12 * MIB, 5)
+            ]
+        );
+    }
+
+    #[test]
+    fn holes_of_a_sparse_file_are_found() {
+        let dir = tempfile::tempdir_in("/var/tmp")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap();
+        let path = dir.path().join("disk.img");
+        let f = File::create(&path).unwrap();
+        f.set_len(40 * MIB).unwrap();
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        f.write_all_at(&[2u8; 4096], 20 * MIB).unwrap();
+        f.sync_all().unwrap();
+        let h = holes(&f, 40 * MIB);
+        // Filesystems without hole reporting say "all data": nothing to check there.
+        if h.is_empty() {
+            return;
+        }
+        let covered: u64 = h.iter().map(|(s, e)| e - s).sum();
+        assert!(covered >= 38 * MIB, "{h:?}");
+        assert!(h.iter().all(|&(s, e)| e <= 40 * MIB && s < e), "{h:?}");
+        assert!(
+            !h.iter()
+                .any(|&(s, e)| s < 4096 || (s <= 20 * MIB && 20 * MIB < e)),
+            "{h:?}"
+        );
+    }
 }

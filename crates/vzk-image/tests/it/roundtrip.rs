@@ -556,3 +556,77 @@ async fn tart_image_is_pulled() {
     assert_eq!(img.config.machine_id_data.as_deref(), Some("YnBsaXN0MDA="));
     assert!(img.dir.join("tart-config.json").exists());
 }
+
+/// A sparse disk's large holes are pushed as all-zero chunks of their own, in a few
+/// power-of-two sizes, and a pull never fetches them: it works with those blobs gone
+/// from the registry, and lays the disk out bit-identical and sparse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holes_become_zero_chunks_that_pulls_never_fetch() {
+    use std::os::unix::fs::FileExt as _;
+    const MIB: u64 = 1 << 20;
+    let reg = registry(false);
+    let tmp = tempfile::tempdir_in("/var/tmp")
+        .or_else(|_| tempfile::tempdir())
+        .expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 4 * MIB);
+    // A 40 MiB disk: data, a 28 MiB hole, data, a 4 MiB hole (too short), data.
+    let disk = std::fs::File::create(src.join("disk.img")).expect("disk");
+    disk.set_len(40 * MIB).expect("len");
+    for (at, seed) in [(0, 1u64), (30 * MIB, 2), (36 * MIB, 3)] {
+        disk.write_all_at(&random_bytes(seed, 2 * MIB as usize), at)
+            .expect("write");
+    }
+    disk.sync_all().expect("sync");
+    drop(disk);
+    let r = Reference::parse(&format!("{}/vm/sparse:v1", reg.addr)).expect("ref");
+    let opts = PushOptions {
+        chunk_size: 16 * MIB,
+        registry: plain(),
+        ..Default::default()
+    };
+    let report = push(&src, &r, &opts).await.expect("push");
+    let m: Manifest = serde_json::from_slice(&report.manifest).expect("manifest");
+    let disk_chunks: Vec<(u64, u64, &str)> = m
+        .layers
+        .iter()
+        .filter(|l| l.media_type == mt::VZK_DISK)
+        .map(|l| {
+            let n = |k: &str| l.annotation(k).expect(k).parse::<u64>().expect("number");
+            (
+                n(mt::VZK_CHUNK_OFFSET),
+                n(mt::VZK_UNCOMPRESSED_SIZE),
+                l.digest.as_str(),
+            )
+        })
+        .collect();
+    // The hole 2..30 MiB (28 MiB) is cut as 16 + 8 + 4 MiB zero chunks.
+    let holes: Vec<(u64, u64)> = disk_chunks
+        .iter()
+        .filter(|c| (2 * MIB..30 * MIB).contains(&c.0))
+        .map(|c| (c.0, c.1))
+        .collect();
+    if holes
+        != vec![
+            (2 * MIB, 16 * MIB),
+            (18 * MIB, 8 * MIB),
+            (26 * MIB, 4 * MIB),
+        ]
+    {
+        // A filesystem that does not report holes: the fixed grid, nothing more to check.
+        assert_eq!(disk_chunks.len(), 3, "{disk_chunks:?}");
+        return;
+    }
+    // Remove the zero chunks' blobs from the registry: a pull that fetched one would fail.
+    for &(off, _, digest) in &disk_chunks {
+        if (2 * MIB..30 * MIB).contains(&off) {
+            let _ = std::fs::remove_file(reg.blob_path(digest));
+        }
+    }
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    let img = store.pull(&r, &pull_opts()).await.expect("pull");
+    assert_same_file(&src.join("disk.img"), &img.disk());
+    use std::os::unix::fs::MetadataExt as _;
+    let blocks = std::fs::metadata(img.disk()).expect("stat").blocks() * 512;
+    assert!(blocks < 12 * MIB, "pulled disk.img holds {blocks} bytes");
+}
