@@ -314,17 +314,91 @@ pub(crate) struct Target {
     pub(crate) cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// A chunk already on this machine, in the file of an image pulled before, with the
+/// content digest a new part needs.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalChunk {
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) offset: u64,
+}
+
+/// Reads `[pos, end)` of a file.
+struct Region {
+    file: File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for Region {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = (self.end - self.pos).min(out.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read_at(&mut out[..n], self.pos)?;
+        if got == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the cached file is shorter than its manifest says",
+            ));
+        }
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+/// Copy a part from a chunk of an image pulled before, verifying its content digest on
+/// the way (a damaged cache is caught here, and the caller downloads the part instead).
+pub(crate) fn copy_local(src: &LocalChunk, part: &Part, target: &Target) -> Result<()> {
+    let file = File::open(&src.path).map_err(|source| ImageError::Io {
+        op: "open",
+        path: src.path.clone(),
+        source,
+    })?;
+    let mut region = Region {
+        file,
+        pos: src.offset,
+        end: src.offset.saturating_add(part.size),
+    };
+    copy_out(&mut region, part, target, Mode::Chunk)
+}
+
+/// How [`copy_out`] reads and hashes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A zstd chunk: offered the rest of the buffer (frames decode in place), hashed in
+    /// the reading thread.
+    ZstdChunk,
+    /// Other chunks: 256 KiB steps, hashed in the reading thread (parts run in parallel).
+    Chunk,
+    /// One blob per file (gzip, raw): 256 KiB steps, hashed in the writer thread so that
+    /// decoding and hashing overlap.
+    Whole,
+}
+
+impl Mode {
+    fn of(e: Encoding) -> Mode {
+        match e {
+            Encoding::ZstdChunk => Mode::ZstdChunk,
+            Encoding::AppleLz4Chunk => Mode::Chunk,
+            Encoding::Gzip | Encoding::Raw => Mode::Whole,
+        }
+    }
+}
+
 /// Decode one part from `reader` into `target` at `part.offset`, verifying everything.
 pub(crate) fn decode_part(mut reader: BlobReader, part: &Part, target: &Target) -> Result<()> {
+    let mode = Mode::of(part.encoding);
     let result = match part.encoding {
-        Encoding::Raw => copy_out(&mut reader, part, target),
+        Encoding::Raw => copy_out(&mut reader, part, target, mode),
         Encoding::Gzip => copy_out(
             &mut flate2::bufread::MultiGzDecoder::new(&mut reader),
             part,
             target,
+            mode,
         ),
         Encoding::ZstdChunk => match crate::zstd_frames::ZstdFrames::new(&mut reader) {
-            Ok(mut d) => copy_out(&mut d, part, target),
+            Ok(mut d) => copy_out(&mut d, part, target, mode),
             Err(e) => Err(ImageError::Decompress {
                 digest: part.desc.digest.clone(),
                 file: target.name.clone(),
@@ -335,6 +409,7 @@ pub(crate) fn decode_part(mut reader: BlobReader, part: &Part, target: &Target) 
             &mut crate::tart::AppleLz4Reader::new(&mut reader),
             part,
             target,
+            mode,
         ),
     };
     match result {
@@ -395,7 +470,7 @@ fn non_zero_runs(data: &[u8], from: usize, runs: &mut Vec<(usize, usize)>) {
 /// thread `pwrite`s the non-zero runs. The content hash is taken cache-hot in the decoding
 /// thread for chunks (many parts run at once, so the cores are busy anyway), and in the
 /// writer thread for a single-blob file (gzip, raw), so decoding and hashing it overlap.
-fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
+fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target, mode: Mode) -> Result<()> {
     let declared = part.size;
     let hasher = match Algorithm::of(&part.digest) {
         Ok(alg) => ContentHasher::new(alg),
@@ -416,12 +491,11 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
     let direct = target.direct.clone();
     let name = target.name.clone();
     let base = part.offset;
-    let (mut local_hasher, mut writer_hasher) =
-        if matches!(part.encoding, Encoding::Gzip | Encoding::Raw) {
-            (None, Some(hasher))
-        } else {
-            (Some(hasher), None)
-        };
+    let (mut local_hasher, mut writer_hasher) = if mode == Mode::Whole {
+        (None, Some(hasher))
+    } else {
+        (Some(hasher), None)
+    };
     let writer = std::thread::spawn(move || -> std::io::Result<Option<ContentHasher>> {
         for f in full_rx {
             if let Some(h) = writer_hasher.as_mut() {
@@ -444,11 +518,7 @@ fn copy_out(dec: &mut dyn Read, part: &Part, target: &Target) -> Result<()> {
         file: name.clone(),
         detail: e.to_string(),
     };
-    let step = if matches!(part.encoding, Encoding::ZstdChunk) {
-        BUF
-    } else {
-        STEP
-    };
+    let step = if mode == Mode::ZstdChunk { BUF } else { STEP };
     let mut total = 0u64;
     let mut read_err = None;
     'outer: while let Ok(mut buf) = empty_rx.recv() {

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::config::VmConfig;
 use crate::content_digest::{self, Algorithm};
 use crate::error::{ImageError, IoContext as _, Result};
-use crate::fetch::{self, BlobReader, Target};
+use crate::fetch::{self, BlobReader, LocalChunk, Target};
 use crate::manifest::{Format, MAX_CONFIG_BYTES, Plan};
 use crate::media_types::Encoding;
 use crate::progress::Progress;
@@ -25,12 +25,16 @@ const CHANNEL_FRAMES: usize = 64;
 
 /// Download, decode and verify every file of `plan` into `dir` (which must exist).
 /// Writes `config.json`; returns the parsed config. Files are not fsynced.
+///
+/// A chunk whose content digest is in `local` (chunks of images pulled before) is copied
+/// from there, verified, instead of downloaded; if that fails it is downloaded after all.
 pub(crate) async fn pull_into(
     reg: Arc<Registry>,
     plan: &Plan,
     dir: &Path,
     concurrency: usize,
     progress: Arc<dyn Progress>,
+    local: &HashMap<String, LocalChunk>,
 ) -> Result<VmConfig> {
     let config_bytes = fetch::fetch_small(
         &reg,
@@ -130,6 +134,8 @@ pub(crate) async fn pull_into(
     // failed pull leaves no thread writing into files the caller is about to delete, and
     // the space they held is free when the error is reported.
     let first_error: Mutex<Option<ImageError>> = Mutex::new(None);
+    let reused = std::sync::atomic::AtomicU64::new(0);
+    let reused_bytes = std::sync::atomic::AtomicU64::new(0);
     futures::stream::iter(jobs)
         .for_each_concurrent(concurrency.max(1), |(role, part)| {
             let reg = reg.clone();
@@ -137,9 +143,33 @@ pub(crate) async fn pull_into(
             let progress = progress.clone();
             let cancel = cancel.clone();
             let first_error = &first_error;
+            let (reused, reused_bytes) = (&reused, &reused_bytes);
+            let source = matches!(part.encoding, Encoding::ZstdChunk | Encoding::AppleLz4Chunk)
+                .then(|| local.get(&part.digest).cloned())
+                .flatten();
             async move {
                 if cancel.load(Ordering::Relaxed) {
                     return;
+                }
+                if let Some(src) = source {
+                    let (p, t) = (part.clone(), target.clone());
+                    let copied =
+                        tokio::task::spawn_blocking(move || fetch::copy_local(&src, &p, &t)).await;
+                    match copied {
+                        Ok(Ok(())) => {
+                            reused.fetch_add(1, Ordering::Relaxed);
+                            reused_bytes.fetch_add(part.size, Ordering::Relaxed);
+                            progress.advance(part.desc.size);
+                            return;
+                        }
+                        Ok(Err(e)) => tracing::warn!(
+                            file = %target.name,
+                            offset = part.offset,
+                            error = %e,
+                            "could not reuse a cached chunk; downloading it"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "chunk copy task failed; downloading"),
+                    }
                 }
                 let res: Result<()> = async move {
                     let started = std::time::Instant::now();
@@ -189,6 +219,14 @@ pub(crate) async fn pull_into(
         .await;
     if let Some(e) = first_error.into_inner().ok().flatten() {
         return Err(e);
+    }
+    let reused = reused.into_inner();
+    if reused > 0 {
+        tracing::info!(
+            chunks = reused,
+            bytes = reused_bytes.into_inner(),
+            "chunks reused from images already in the cache"
+        );
     }
     // Durability is the store's business (see `store::persist`): fsync here would put
     // the disk's write bandwidth on the pull's critical path.

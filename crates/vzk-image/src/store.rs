@@ -41,7 +41,7 @@ use crate::config::VmConfig;
 use crate::error::{ImageError, IoContext as _, Result};
 use crate::keyring::Credentials;
 use crate::manifest::{self, Descriptor, Format, Index};
-use crate::media_types::{self as mt, Role};
+use crate::media_types::{self as mt, Encoding, Role};
 use crate::progress::{NoProgress, Progress};
 use crate::reference::Reference;
 use crate::registry::{Registry, RegistryOptions};
@@ -260,6 +260,39 @@ impl ImageStore {
 
     fn tmp(&self) -> PathBuf {
         self.inner.root.join("tmp")
+    }
+
+    /// Chunks (zstd or Tart LZ4) of the images in the cache, by content digest: a new
+    /// version of an image mostly shares them, and a pull copies those instead of
+    /// downloading them. Unreadable entries are skipped.
+    fn local_chunks(&self) -> HashMap<String, crate::fetch::LocalChunk> {
+        let mut out = HashMap::new();
+        let Ok(dirs) = std::fs::read_dir(self.inner.root.join("images/sha256")) else {
+            return out;
+        };
+        for dir in dirs.flatten().map(|e| e.path()) {
+            let Ok(bytes) = std::fs::read(dir.join("manifest.json")) else {
+                continue;
+            };
+            let Ok(m) = serde_json::from_slice::<crate::manifest::Manifest>(&bytes) else {
+                continue;
+            };
+            let Ok(plan) = crate::manifest::plan(&m, "cache") else {
+                continue;
+            };
+            for f in &plan.files {
+                for p in &f.parts {
+                    if matches!(p.encoding, Encoding::ZstdChunk | Encoding::AppleLz4Chunk) {
+                        out.entry(p.digest.clone())
+                            .or_insert_with(|| crate::fetch::LocalChunk {
+                                path: dir.join(f.role.file_name()),
+                                offset: p.offset,
+                            });
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn image_dir(&self, digest: &str) -> PathBuf {
@@ -519,6 +552,7 @@ impl ImageStore {
         work_lock.lock().io("lock", work.join(".lock"))?;
         progress.begin(&name, plan.compressed_size());
         let started = std::time::Instant::now();
+        let local = self.local_chunks();
         let res = crate::pull::pull_into(
             reg,
             &plan,
@@ -529,6 +563,7 @@ impl ImageStore {
                 opts.concurrency
             },
             progress.clone(),
+            &local,
         )
         .await;
         progress.finish();

@@ -630,3 +630,83 @@ async fn holes_become_zero_chunks_that_pulls_never_fetch() {
     let blocks = std::fs::metadata(img.disk()).expect("stat").blocks() * 512;
     assert!(blocks < 12 * MIB, "pulled disk.img holds {blocks} bytes");
 }
+
+/// A new version of an image reuses the chunks it shares with a version already in the
+/// cache: copied and verified locally instead of downloaded (the test deletes those blobs
+/// from the registry), and a damaged cached chunk is downloaded instead of trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_reuses_cached_chunks_and_never_a_damaged_one() {
+    use std::collections::HashSet;
+    use std::os::unix::fs::FileExt as _;
+    const MIB: u64 = 1 << 20;
+    let reg = registry(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 4 * MIB);
+    std::fs::write(src.join("disk.img"), random_bytes(7, 12 * MIB as usize)).expect("disk");
+    let opts = PushOptions {
+        chunk_size: 2 * MIB,
+        registry: plain(),
+        ..Default::default()
+    };
+    let v1 = Reference::parse(&format!("{}/vm/reuse:v1", reg.addr)).expect("ref");
+    let m1: Manifest =
+        serde_json::from_slice(&push(&src, &v1, &opts).await.expect("push v1").manifest)
+            .expect("manifest");
+    let store_a = ImageStore::open(tmp.path().join("a"), u64::MAX).expect("store");
+    store_a.pull(&v1, &pull_opts()).await.expect("pull v1");
+    let store_b = ImageStore::open(tmp.path().join("b"), u64::MAX).expect("store");
+    let b_v1 = store_b
+        .pull(&v1, &pull_opts())
+        .await
+        .expect("pull v1 into b");
+
+    // v2: one 4 KiB write in the third disk chunk.
+    let disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("disk.img"))
+        .expect("open");
+    disk.write_all_at(&[0xEE; 4096], 5 * MIB).expect("write");
+    drop(disk);
+    let v2 = Reference::parse(&format!("{}/vm/reuse:v2", reg.addr)).expect("ref");
+    let m2: Manifest =
+        serde_json::from_slice(&push(&src, &v2, &opts).await.expect("push v2").manifest)
+            .expect("manifest");
+    let old: HashSet<&str> = m1.layers.iter().map(|l| l.digest.as_str()).collect();
+    let shared: Vec<&str> = m2
+        .layers
+        .iter()
+        .filter(|l| l.media_type == mt::VZK_DISK && old.contains(l.digest.as_str()))
+        .map(|l| l.digest.as_str())
+        .collect();
+    assert_eq!(shared.len(), 5, "6 disk chunks, one changed");
+
+    // A damaged cached chunk (store b) is not trusted: it is downloaded.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(b_v1.disk())
+        .expect("open cached disk");
+    f.write_all_at(b"damaged", 100).expect("damage");
+    drop(f);
+    let b_v2 = store_b
+        .pull(&v2, &pull_opts())
+        .await
+        .expect("pull v2 into b");
+    assert_same_file(&src.join("disk.img"), &b_v2.disk());
+
+    // With the shared blobs gone from the registry, store a can only have them locally.
+    for d in &shared {
+        std::fs::remove_file(reg.blob_path(d)).expect("delete blob");
+    }
+    let a_v2 = store_a
+        .pull(&v2, &pull_opts())
+        .await
+        .expect("pull v2 into a");
+    assert_same_file(&src.join("disk.img"), &a_v2.disk());
+    // And a store without v1 cannot: the blobs are really gone.
+    let store_c = ImageStore::open(tmp.path().join("c"), u64::MAX).expect("store");
+    store_c
+        .pull(&v2, &pull_opts())
+        .await
+        .expect_err("shared blobs were deleted");
+}
