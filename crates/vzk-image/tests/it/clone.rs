@@ -27,9 +27,24 @@ fn clone_of_sparse_multi_gib_disk_is_instant_and_leaves_the_base_alone() {
     });
     let t = Instant::now();
     let kind = cloner.clone_disk(&base, &dest).expect("clone");
-    let took = t.elapsed();
-    assert!(took.as_millis() < 1500, "clone took {took:?}");
-    eprintln!("clone kind {kind:?} took {took:?}");
+    // Not a timed assertion (speed is the bench's business): the clone must be a CoW
+    // reference to the base, never a copy of its 4 GiB.
+    eprintln!("clone kind {kind:?} took {:?}", t.elapsed());
+    if kind == CloneKind::Qcow2Overlay {
+        use std::os::unix::fs::MetadataExt as _;
+        let allocated = std::fs::metadata(&dest).expect("stat clone").blocks() * 512;
+        assert!(allocated < 1 << 20, "overlay holds {allocated} bytes");
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&dest)
+            .output()
+            .expect("qemu-img info");
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(
+            info.contains(&*base.to_string_lossy()),
+            "the overlay's backing file is the base: {info}"
+        );
+    }
     // Write into the clone.
     match kind {
         CloneKind::Qcow2Overlay => {
