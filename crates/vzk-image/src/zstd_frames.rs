@@ -64,25 +64,28 @@ impl<'r, R: BufRead> ZstdFrames<'r, R> {
         Ok(())
     }
 
+    /// One `ZSTD_decompressStream` call on what `src` has buffered: zstd's hint (0 at the
+    /// end of a frame) and whether `src` was at its end.
+    fn step(&mut self, ob: &mut OutBuffer<'_, [u8]>) -> std::io::Result<(usize, bool)> {
+        let input = self.src.fill_buf()?;
+        let eof = input.is_empty();
+        let mut ib = InBuffer::around(input);
+        let r = self.dctx.decompress_stream(ob, &mut ib).map_err(zerr)?;
+        let used = ib.pos();
+        self.src.consume(used);
+        Ok((r, eof))
+    }
+
     /// Decode one whole frame of `size` bytes into `out[..size]`.
     fn frame_into(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         self.begin(true)?;
         let size = out.len();
         let mut ob = OutBuffer::around(out);
         loop {
-            let input = self.src.fill_buf()?;
-            if input.is_empty() {
-                return Err(truncated());
-            }
-            let mut ib = InBuffer::around(input);
-            let r = self
-                .dctx
-                .decompress_stream(&mut ob, &mut ib)
-                .map_err(zerr)?;
-            let used = ib.pos();
-            self.src.consume(used);
-            if r == 0 {
-                break;
+            match self.step(&mut ob)? {
+                (0, _) => break,
+                (_, true) => return Err(truncated()),
+                _ => {}
             }
         }
         if ob.pos() != size {
@@ -100,15 +103,7 @@ impl<'r, R: BufRead> ZstdFrames<'r, R> {
         let n = out.len().min(STREAM_STEP);
         let mut ob = OutBuffer::around(&mut out[..n]);
         loop {
-            let input = self.src.fill_buf()?;
-            let eof = input.is_empty();
-            let mut ib = InBuffer::around(input);
-            let r = self
-                .dctx
-                .decompress_stream(&mut ob, &mut ib)
-                .map_err(zerr)?;
-            let used = ib.pos();
-            self.src.consume(used);
+            let (r, eof) = self.step(&mut ob)?;
             if r == 0 {
                 self.streaming = false;
                 break;
