@@ -339,7 +339,11 @@ async fn commands_started_while_a_cancel_lands_still_run() {
             }
         }
     }
-    assert_eq!(s.dial_count(), 1);
+    // The unstarted channel is retried on the same connection. Now and then dropbear drops
+    // the whole connection in this race instead (seen once in CI, on a loaded machine); the
+    // session then re-dials transparently, which is fine, as long as it stays the exception.
+    let dials = s.dial_count();
+    assert!(dials <= 3, "{dials} dials for 6 rounds: most rounds must not re-dial");
 }
 
 /// The client goes away by closing its end of stdout: the next write fails, the exec
