@@ -343,7 +343,10 @@ async fn commands_started_while_a_cancel_lands_still_run() {
     // the whole connection in this race instead (seen once in CI, on a loaded machine); the
     // session then re-dials transparently, which is fine, as long as it stays the exception.
     let dials = s.dial_count();
-    assert!(dials <= 3, "{dials} dials for 6 rounds: most rounds must not re-dial");
+    assert!(
+        dials <= 3,
+        "{dials} dials for 6 rounds: most rounds must not re-dial"
+    );
 }
 
 /// The client goes away by closing its end of stdout: the next write fails, the exec
