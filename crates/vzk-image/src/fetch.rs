@@ -322,45 +322,20 @@ pub(crate) struct LocalChunk {
     pub(crate) offset: u64,
 }
 
-/// Reads `[pos, end)` of a file.
-struct Region {
-    file: File,
-    pos: u64,
-    end: u64,
-}
-
-impl Read for Region {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        let n = (self.end - self.pos).min(out.len() as u64) as usize;
-        if n == 0 {
-            return Ok(0);
-        }
-        let got = self.file.read_at(&mut out[..n], self.pos)?;
-        if got == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the cached file is shorter than its manifest says",
-            ));
-        }
-        self.pos += got as u64;
-        Ok(got)
-    }
-}
-
 /// Copy a part from a chunk of an image pulled before, verifying its content digest on
 /// the way (a damaged cache is caught here, and the caller downloads the part instead).
 pub(crate) fn copy_local(src: &LocalChunk, part: &Part, target: &Target) -> Result<()> {
-    let file = File::open(&src.path).map_err(|source| ImageError::Io {
-        op: "open",
+    use std::io::{Seek as _, SeekFrom};
+    let io_err = |op, source| ImageError::Io {
+        op,
         path: src.path.clone(),
         source,
-    })?;
-    let mut region = Region {
-        file,
-        pos: src.offset,
-        end: src.offset.saturating_add(part.size),
     };
-    copy_out(&mut region, part, target, Mode::Chunk)
+    let mut file = File::open(&src.path).map_err(|e| io_err("open", e))?;
+    file.seek(SeekFrom::Start(src.offset))
+        .map_err(|e| io_err("seek", e))?;
+    // A short file ends early; copy_out then reports the size mismatch.
+    copy_out(&mut file.take(part.size), part, target, Mode::Chunk)
 }
 
 /// How [`copy_out`] reads and hashes.
@@ -380,8 +355,8 @@ impl Mode {
     fn of(e: Encoding) -> Mode {
         match e {
             Encoding::ZstdChunk => Mode::ZstdChunk,
-            Encoding::AppleLz4Chunk => Mode::Chunk,
-            Encoding::Gzip | Encoding::Raw => Mode::Whole,
+            _ if e.is_chunk() => Mode::Chunk,
+            _ => Mode::Whole,
         }
     }
 }

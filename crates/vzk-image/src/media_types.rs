@@ -232,6 +232,14 @@ pub enum Encoding {
     AppleLz4Chunk,
 }
 
+impl Encoding {
+    /// One of several independently compressed chunks of a file (vzk, Tart), as opposed
+    /// to one blob for the whole file.
+    pub fn is_chunk(self) -> bool {
+        matches!(self, Encoding::ZstdChunk | Encoding::AppleLz4Chunk)
+    }
+}
+
 /// The role and encoding of a layer media type, or `None` for a media type we do not know.
 pub fn classify(media_type: &str) -> Option<(Role, Encoding)> {
     Some(match media_type {

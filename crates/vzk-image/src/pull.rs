@@ -16,7 +16,6 @@ use crate::content_digest::{self, Algorithm};
 use crate::error::{ImageError, IoContext as _, Result};
 use crate::fetch::{self, BlobReader, LocalChunk, Target};
 use crate::manifest::{Format, MAX_CONFIG_BYTES, Plan};
-use crate::media_types::Encoding;
 use crate::progress::Progress;
 use crate::registry::Registry;
 
@@ -103,7 +102,7 @@ pub(crate) async fn pull_into(
     let mut zero_digests: HashMap<(u64, Algorithm), String> = HashMap::new();
     let before = jobs.len();
     jobs.retain(|(_, p)| {
-        if !matches!(p.encoding, Encoding::ZstdChunk | Encoding::AppleLz4Chunk) {
+        if !p.encoding.is_chunk() {
             return true;
         }
         // Only a chunk that compresses more than 64:1 can be all zeros worth checking
@@ -144,7 +143,9 @@ pub(crate) async fn pull_into(
             let cancel = cancel.clone();
             let first_error = &first_error;
             let (reused, reused_bytes) = (&reused, &reused_bytes);
-            let source = matches!(part.encoding, Encoding::ZstdChunk | Encoding::AppleLz4Chunk)
+            let source = part
+                .encoding
+                .is_chunk()
                 .then(|| local.get(&part.digest).cloned())
                 .flatten();
             async move {

@@ -21,6 +21,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::{GuestOs, VmConfig};
+use crate::content_digest::{Algorithm, ContentHasher};
 use crate::error::{ImageError, IoContext as _, Result};
 use crate::manifest::{Descriptor, Format, Manifest, Platform};
 use crate::media_types::{self as mt, Role};
@@ -550,7 +551,7 @@ fn zstd_chunk(
     let mut enc = zstd::bulk::Compressor::new(level).io("compress", path)?;
     // Chunk contents are identified by BLAKE3 (see `content_digest`): a pull hashes every
     // decoded byte, and BLAKE3 does that at several times SHA-256's speed.
-    let mut uh = blake3::Hasher::new();
+    let mut uh = ContentHasher::new(Algorithm::Blake3);
     let mut buf = vec![0u8; READ_BLOCK];
     let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(FRAME));
     let mut pos = 0u64;
@@ -573,7 +574,7 @@ fn zstd_chunk(
         path: out.to_path_buf(),
         digest: format!("sha256:{}", hex::encode(hw.hasher.finalize())),
         size: hw.count,
-        udigest: format!("blake3:{}", uh.finalize().to_hex()),
+        udigest: uh.finish(),
     })
 }
 

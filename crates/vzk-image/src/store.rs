@@ -41,7 +41,7 @@ use crate::config::VmConfig;
 use crate::error::{ImageError, IoContext as _, Result};
 use crate::keyring::Credentials;
 use crate::manifest::{self, Descriptor, Format, Index};
-use crate::media_types::{self as mt, Encoding, Role};
+use crate::media_types::{self as mt, Role};
 use crate::progress::{NoProgress, Progress};
 use crate::reference::Reference;
 use crate::registry::{Registry, RegistryOptions};
@@ -282,7 +282,7 @@ impl ImageStore {
             };
             for f in &plan.files {
                 for p in &f.parts {
-                    if matches!(p.encoding, Encoding::ZstdChunk | Encoding::AppleLz4Chunk) {
+                    if p.encoding.is_chunk() {
                         out.entry(p.digest.clone())
                             .or_insert_with(|| crate::fetch::LocalChunk {
                                 path: dir.join(f.role.file_name()),
@@ -552,7 +552,17 @@ impl ImageStore {
         work_lock.lock().io("lock", work.join(".lock"))?;
         progress.begin(&name, plan.compressed_size());
         let started = std::time::Instant::now();
-        let local = self.local_chunks();
+        // Only chunked formats can reuse chunks: no manifests are read for the others.
+        let local = if plan
+            .files
+            .iter()
+            .flat_map(|f| &f.parts)
+            .any(|p| p.encoding.is_chunk())
+        {
+            self.local_chunks()
+        } else {
+            HashMap::new()
+        };
         let res = crate::pull::pull_into(
             reg,
             &plan,
