@@ -284,7 +284,20 @@ impl Inner {
             .and_then(|s| s.image_pull_secrets.clone())
             .unwrap_or_default()
         {
-            match api.get(&r.name).await {
+            // The Node authorizer lets a node read a secret only once its graph has the
+            // pod that references it, which lags the pod's binding a little: a refused
+            // read right after the pod appeared is retried briefly before pulling without it.
+            let mut got = api.get(&r.name).await;
+            for _ in 0..8 {
+                match &got {
+                    Err(kube::Error::Api(s)) if s.code == 403 || s.code == 404 => {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        got = api.get(&r.name).await;
+                    }
+                    _ => break,
+                }
+            }
+            match got {
                 Ok(s) => secrets.push(PullSecret {
                     name: r.name.clone(),
                     type_: s.type_.unwrap_or_default(),
