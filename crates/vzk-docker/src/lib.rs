@@ -229,7 +229,10 @@ impl SidecarState {
                     reason: reason.into(),
                     message: st.error.filter(|e| !e.is_empty()),
                     started_at,
-                    finished_at: docker_time(st.finished_at.as_deref()),
+                    // Docker stamps start and finish in different components: a process that
+                    // exits at once can "finish" microseconds before it "started".
+                    finished_at: docker_time(st.finished_at.as_deref())
+                        .map(|f| started_at.map_or(f, |s| f.max(s))),
                 }
             }
         };
