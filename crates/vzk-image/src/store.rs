@@ -319,9 +319,11 @@ impl ImageStore {
             return e;
         }
         let root = self.inner.root.clone();
+        // The field types differ by OS (u64 on Linux; a u32 block count on macOS).
+        #[allow(clippy::useless_conversion)]
         let available = nix::sys::statvfs::statvfs(&root)
             .ok()
-            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()));
+            .map(|s| u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())));
         tracing::warn!(%reference, path = %root.display(), needed, ?available, "image pull ran out of disk space; partial files removed");
         ImageError::NoSpace {
             reference: reference.to_owned(),

@@ -2,6 +2,8 @@
 
 mod auth;
 mod clone;
+// A tmpfs in a private mount namespace: Linux only.
+#[cfg(target_os = "linux")]
 mod diskfull;
 mod faults;
 mod roundtrip;
