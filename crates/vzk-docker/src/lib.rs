@@ -1035,18 +1035,34 @@ impl Drop for KillExecOnDrop {
                 }
             };
             if let Some(pid) = pid.filter(|p| *p > 1) {
-                match nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                ) {
-                    Ok(()) => debug!(exec = %exec_id, pid, "killed a timed-out exec"),
-                    Err(e) => {
-                        warn!(exec = %exec_id, pid, error = %e, "could not kill a timed-out exec")
-                    }
-                }
+                kill_exec_process(&exec_id, pid);
             }
         });
     }
+}
+
+/// Kills the process of a timed-out exec by the pid dockerd reports (a host pid: dockerd
+/// runs on this Linux host).
+#[cfg(target_os = "linux")]
+fn kill_exec_process(exec_id: &str, pid: i32) {
+    match nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    ) {
+        Ok(()) => debug!(exec = %exec_id, pid, "killed a timed-out exec"),
+        Err(e) => warn!(exec = %exec_id, pid, error = %e, "could not kill a timed-out exec"),
+    }
+}
+
+/// Elsewhere dockerd runs in a Linux VM (Docker Desktop and the like): its pids are the
+/// VM's, and signalling that number here would hit an unrelated host process.
+#[cfg(not(target_os = "linux"))]
+fn kill_exec_process(exec_id: &str, pid: i32) {
+    warn!(
+        exec = %exec_id,
+        pid,
+        "a timed-out exec keeps running: dockerd is not on this host, so its pid cannot be signalled"
+    );
 }
 
 impl SidecarRuntime {
@@ -1083,6 +1099,7 @@ impl SidecarRuntime {
 /// Opens a TCP connection to `addr` in the network namespace of process `pid`. Runs on
 /// a thread of its own that enters the namespace and then exits, so no pooled thread
 /// ever changes namespace; the socket keeps its namespace afterwards.
+#[cfg(target_os = "linux")]
 async fn connect_in_netns(
     pid: i64,
     addr: std::net::SocketAddr,
@@ -1117,4 +1134,22 @@ async fn connect_in_netns(
             what: format!("connecting to {addr} in {path}"),
             source,
         })
+}
+
+/// Network namespaces are Linux's; elsewhere (Docker Desktop and the like run dockerd in
+/// a Linux VM, so `pid` is not even a host process) a container's loopback cannot be
+/// reached from the host.
+#[cfg(not(target_os = "linux"))]
+async fn connect_in_netns(
+    pid: i64,
+    addr: std::net::SocketAddr,
+    _timeout: Duration,
+) -> Result<std::net::TcpStream, DockerError> {
+    Err(DockerError::Io {
+        what: format!("connecting to {addr} in the network namespace of container process {pid}"),
+        source: std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "entering a container's network namespace needs a Linux host running dockerd",
+        ),
+    })
 }
