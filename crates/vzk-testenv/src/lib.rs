@@ -14,7 +14,8 @@
 //! [`ControlPlane::shared`] starts one control plane per test binary on first use; tests
 //! share it and isolate themselves by namespace and node name. Clients are built per test
 //! (a `kube::Client` is tied to the tokio runtime it was made in). The daemons are spawned
-//! with `PR_SET_PDEATHSIG`, so they die with the test process even when a test panics.
+//! with `PR_SET_PDEATHSIG` (on macOS: with a watchdog), so they die with the test process
+//! even when a test panics.
 //! [`ControlPlane::start`] gives a private control plane (for tests that stop the API
 //! server); dropping it stops its daemons and removes its directory.
 
