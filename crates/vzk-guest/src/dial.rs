@@ -17,6 +17,7 @@ use tracing::debug;
 use crate::config::GuestConfig;
 use crate::credentials::Credentials;
 use crate::hostkey::{HostKeyError, HostKeyStore};
+use crate::session::Connector;
 
 /// Why a dial failed.
 #[derive(Debug, thiserror::Error)]
@@ -99,17 +100,22 @@ pub(crate) type Connection = Handle<ClientHandler>;
 /// Connects, verifies the host key and authenticates, all within the dial timeout.
 pub(crate) async fn dial(
     addr: SocketAddr,
+    connector: Option<&Connector>,
     creds: &Credentials,
     hostkeys: &HostKeyStore,
     cfg: &GuestConfig,
 ) -> Result<Connection, DialError> {
-    tokio::time::timeout(cfg.dial_timeout, dial_unbounded(addr, creds, hostkeys, cfg))
-        .await
-        .map_err(|_| DialError::Timeout(cfg.dial_timeout))?
+    tokio::time::timeout(
+        cfg.dial_timeout,
+        dial_unbounded(addr, connector, creds, hostkeys, cfg),
+    )
+    .await
+    .map_err(|_| DialError::Timeout(cfg.dial_timeout))?
 }
 
 async fn dial_unbounded(
     addr: SocketAddr,
+    connector: Option<&Connector>,
     creds: &Credentials,
     hostkeys: &HostKeyStore,
     cfg: &GuestConfig,
@@ -124,7 +130,14 @@ async fn dial_unbounded(
     let handler = ClientHandler {
         hostkeys: hostkeys.clone(),
     };
-    let mut handle = client::connect(Arc::new(config), addr, handler)
+    let stream = match connector {
+        Some(connect) => connect(addr).await,
+        None => tokio::net::TcpStream::connect(addr).await,
+    }
+    .map_err(|e| DialError::Handshake(russh::Error::IO(e)))?;
+    // What `client::connect` would do with `nodelay: true`.
+    let _ = stream.set_nodelay(true);
+    let mut handle = client::connect_stream(Arc::new(config), stream, handler)
         .await
         .map_err(|e| match e {
             HandlerError::Ssh(e) => DialError::Handshake(e),

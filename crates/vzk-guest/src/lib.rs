@@ -53,4 +53,4 @@ pub use credentials::{CredentialSource, Credentials, CredentialsError};
 pub use dial::DialError;
 pub use exec::ExecError;
 pub use hostkey::{HostKeyError, HostKeyStore};
-pub use session::{ErrorChain, GuestError, GuestSession, Output};
+pub use session::{Connector, ErrorChain, GuestError, GuestSession, Output};

@@ -156,9 +156,18 @@ struct Inner {
     config: GuestConfig,
     state: Mutex<State>,
     generations: AtomicU64,
-    /// Runtime the dial (and so the TCP socket) runs on; the caller's if unset.
-    dial_runtime: OnceLock<tokio::runtime::Handle>,
+    /// Opens the TCP connection each dial runs over; a plain connect if unset.
+    connector: OnceLock<Connector>,
 }
+
+/// Opens the TCP connection to a guest address that an SSH dial runs over.
+pub type Connector = Arc<
+    dyn Fn(
+            SocketAddr,
+        ) -> futures::future::BoxFuture<'static, std::io::Result<tokio::net::TcpStream>>
+        + Send
+        + Sync,
+>;
 
 /// The SSH access to one VM. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -203,7 +212,7 @@ impl GuestSession {
                 config,
                 state: Mutex::new(State::Idle),
                 generations: AtomicU64::new(0),
-                dial_runtime: OnceLock::new(),
+                connector: OnceLock::new(),
             }),
         }
     }
@@ -220,11 +229,11 @@ impl GuestSession {
         Ok(session)
     }
 
-    /// Makes every later dial run on `runtime`, e.g. one whose threads live in the
-    /// VMs' network namespace, so the SSH socket is created there whatever runtime
-    /// the operations are called from. Only the first call has an effect.
-    pub fn dial_on(&self, runtime: tokio::runtime::Handle) {
-        let _ = self.inner.dial_runtime.set(runtime);
+    /// Makes every later dial open its TCP connection with `connector`, e.g. the VM
+    /// handle's own connect, which reaches a guest in another network namespace.
+    /// Only the first call has an effect.
+    pub fn connect_with(&self, connector: Connector) {
+        let _ = self.inner.connector.set(connector);
     }
 
     /// The guest's SSH address.
@@ -516,19 +525,17 @@ impl GuestSession {
     fn start_dial(&self, st: &mut State) -> SharedDial {
         let inner = &self.inner;
         let generation = inner.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let (addr, creds, hostkeys, config) = (
+        let (addr, creds, hostkeys, config, connector) = (
             inner.addr,
             inner.creds.clone(),
             inner.hostkeys.clone(),
             inner.config.clone(),
+            inner.connector.get().cloned(),
         );
         info!(guest.addr = %addr, generation, "dialling guest over SSH");
-        let fut = async move { dial(addr, &creds, &hostkeys, &config).await }
+        let fut = async move { dial(addr, connector.as_ref(), &creds, &hostkeys, &config).await }
             .instrument(info_span!("guest_dial", guest.addr = %addr, generation));
-        let task = match inner.dial_runtime.get() {
-            Some(rt) => rt.spawn(fut),
-            None => tokio::spawn(fut),
-        };
+        let task = tokio::spawn(fut);
         let abort = task.abort_handle();
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let result = async move {

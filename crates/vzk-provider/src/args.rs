@@ -10,7 +10,7 @@ use vzk_vm::NetworkAttachment;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProviderArgs {
     /// Root of the provider's state: `images/` (cache), `pods/<uid>/` (disk clones,
-    /// console logs), `qemu/` (VM state dirs, NAT network).
+    /// console logs); the hypervisor backend keeps its own state beside them (`qemu/`).
     #[arg(long, env = "VZK_DATA_DIR", default_value = "/var/lib/vz-kubelet")]
     pub data_dir: PathBuf,
 
@@ -22,20 +22,6 @@ pub struct ProviderArgs {
     /// `bridged:<iface>` (join an existing bridge).
     #[arg(long, env = "VZK_NETWORK", default_value = "nat", value_parser = parse_network)]
     pub network: NetworkAttachment,
-
-    /// Run the VMs, their network and the agent's guest connections inside this
-    /// existing network namespace (`ip netns` name). Default: the agent's own.
-    #[arg(long, env = "VZK_VM_NETNS")]
-    pub vm_netns: Option<String>,
-
-    /// The QEMU binary.
-    #[arg(long, env = "VZK_QEMU", default_value = "qemu-system-x86_64")]
-    pub qemu: PathBuf,
-
-    /// QEMU accelerator: `auto` (KVM when a probe VM really runs on it, else TCG), `kvm`
-    /// or `tcg`. Force `tcg` where nested KVM passes the probe but crashes real guests.
-    #[arg(long, env = "VZK_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
-    pub accel: String,
 
     /// Image cache budget in bytes (least recently used unpinned images are evicted).
     #[arg(long, env = "VZK_IMAGE_CACHE_BYTES", default_value_t = 200 << 30)]
@@ -90,9 +76,6 @@ impl ProviderArgs {
             data_dir: data_dir.into(),
             max_vms: 2,
             network: NetworkAttachment::Nat,
-            vm_netns: None,
-            qemu: "qemu-system-x86_64".into(),
-            accel: "auto".into(),
             image_cache_bytes: 200 << 30,
             insecure_registries: Vec::new(),
             docker_config: None,

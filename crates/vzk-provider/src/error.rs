@@ -24,12 +24,6 @@ pub enum ProviderInitError {
     /// The node's docker config could not be read.
     #[error("reading the node's docker config")]
     ReadDockerConfig(#[source] vzk_image::ImageError),
-    /// The VM network namespace runtime could not be set up.
-    #[error("setting up the VM runtime")]
-    VmExec(#[source] crate::vmexec::VmExecError),
-    /// The hypervisor could not be started.
-    #[error("starting the QEMU backend")]
-    Hypervisor(#[source] vzk_vm::HypervisorError),
     /// VMs of a previous agent could not be re-adopted.
     #[error("re-adopting VMs of a previous agent")]
     Adopt(#[source] vzk_vm::HypervisorError),

@@ -1,6 +1,7 @@
 //! The VM pod provider of vz-kubelet: container 0 of a pod runs as a VM.
 //!
-//! * [`VmProvider`] implements the node runtime's `PodLifecycle`, `NodeProvider` and
+//! * [`VmProvider`] is built on an injected `Arc<dyn Hypervisor>` (the binary picks
+//!   this host's with `vzk_backend::open`; tests may pass a fake) and implements the node runtime's `PodLifecycle`, `NodeProvider` and
 //!   `StreamingRuntime` (see [`provider`] for the contract).
 //! * [`ProviderArgs`]: its flags, flattened into `vz-kubelet run`.
 //! * [`pod`]: one pod's lifecycle task (pull → slot → clone → boot → IP → SSH ready).
@@ -8,9 +9,7 @@
 //! * [`resources`]: vCPUs and memory from requests/limits within backend bounds (pure).
 //! * [`slots`]: the VM slot pool (at most N VMs).
 //! * [`logs`]: the serial console as `kubectl logs`.
-//! * [`hostinfo`]: capacity and per-VM usage from `/proc`.
 //! * [`record`]: the on-disk pod record used to re-adopt VMs after a restart.
-//! * [`vmexec`]: running VM work inside the VM network namespace.
 //! * [`sidecars`]: containers 1..N as Docker side-cars (pull, run, restart, streams, stats).
 //! * [`volumes`]: pod volumes as VM shares (9p, mounted at `mountPath` over SSH) and
 //!   side-car binds.
@@ -23,7 +22,6 @@
 
 pub mod args;
 pub mod error;
-pub mod hostinfo;
 pub mod logs;
 pub mod pod;
 pub mod probes;
@@ -33,7 +31,6 @@ pub mod resources;
 pub mod sidecars;
 pub mod slots;
 pub mod status;
-pub mod vmexec;
 pub mod volumes;
 
 pub use args::ProviderArgs;

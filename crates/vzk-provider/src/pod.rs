@@ -156,6 +156,22 @@ impl PodEntry {
     }
 }
 
+/// Runs `fut` as a task of its own and waits for it: it runs to its end even if the caller
+/// is dropped (a VM created under the create lock is always recorded, a stop in flight
+/// completes). A panic in `fut` is resumed here.
+pub(crate) async fn detached<F>(fut: F) -> F::Output
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tracing::Instrument;
+    match tokio::spawn(fut.in_current_span()).await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("provider task cancelled: {e}"),
+    }
+}
+
 /// Locks a std mutex, recovering from poisoning (the data are plain values).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -425,21 +441,19 @@ async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     let guard = e.create_lock.clone().lock_owned().await;
     let hv = inner.hv.clone();
     let entry = e.clone();
-    let created = inner
-        .exec
-        .run(async move {
-            let _guard = guard;
-            let vm = hv
-                .create(spec)
-                .await
-                .map_err(|err| ("CreateContainerError", error_chain(&err)))?;
-            *lock(&entry.vm) = Some(vm.clone());
-            vm.start()
-                .await
-                .map_err(|err| ("RunContainerError", error_chain(&err)))?;
-            Ok::<_, (&'static str, String)>(vm)
-        })
-        .await;
+    let created = detached(async move {
+        let _guard = guard;
+        let vm = hv
+            .create(spec)
+            .await
+            .map_err(|err| ("CreateContainerError", error_chain(&err)))?;
+        *lock(&entry.vm) = Some(vm.clone());
+        vm.start()
+            .await
+            .map_err(|err| ("RunContainerError", error_chain(&err)))?;
+        Ok::<_, (&'static str, String)>(vm)
+    })
+    .await;
     let vm = match created {
         Ok(vm) => vm,
         Err((reason, msg)) => {
@@ -686,31 +700,29 @@ async fn reboot(
     let guard = e.create_lock.clone().lock_owned().await;
     let hv = inner.hv.clone();
     let entry = e.clone();
-    inner
-        .exec
-        .run(async move {
-            let _guard = guard;
-            let old = lock(&entry.vm).take();
-            if let Some(old) = old {
-                if !old.state().borrow().is_final() {
-                    let _ = old.force_stop().await;
-                }
-                if let Err(err) = old.remove().await {
-                    *lock(&entry.vm) = Some(old);
-                    return Err(("CreateContainerError", error_chain(&err)));
-                }
+    detached(async move {
+        let _guard = guard;
+        let old = lock(&entry.vm).take();
+        if let Some(old) = old {
+            if !old.state().borrow().is_final() {
+                let _ = old.force_stop().await;
             }
-            let vm = hv
-                .create(spec)
-                .await
-                .map_err(|err| ("CreateContainerError", error_chain(&err)))?;
-            *lock(&entry.vm) = Some(vm.clone());
-            vm.start()
-                .await
-                .map_err(|err| ("RunContainerError", error_chain(&err)))?;
-            Ok(vm)
-        })
-        .await
+            if let Err(err) = old.remove().await {
+                *lock(&entry.vm) = Some(old);
+                return Err(("CreateContainerError", error_chain(&err)));
+            }
+        }
+        let vm = hv
+            .create(spec)
+            .await
+            .map_err(|err| ("CreateContainerError", error_chain(&err)))?;
+        *lock(&entry.vm) = Some(vm.clone());
+        vm.start()
+            .await
+            .map_err(|err| ("RunContainerError", error_chain(&err)))?;
+        Ok(vm)
+    })
+    .await
 }
 
 /// The guest side of one VM run: IP → SSH ready → postStart → probes. Returns only
@@ -749,14 +761,15 @@ async fn guest(
         HostKeyStore::file(e.dir.join("ssh_host_key")),
         GuestConfig::from_env(),
     );
+    let through = vm.clone();
+    session.connect_with(Arc::new(move |addr| {
+        let vm = through.clone();
+        Box::pin(async move { vm.connect(addr).await })
+    }));
     *lock(&e.session) = Some(session.clone());
     let timeout = inner.ready_timeout;
     let s = session.clone();
-    if let Err(err) = inner
-        .exec
-        .run(async move { s.wait_ready(timeout).await })
-        .await
-    {
+    if let Err(err) = detached(async move { s.wait_ready(timeout).await }).await {
         inner.event(
             e,
             PodEvent::warning(
@@ -776,7 +789,7 @@ async fn guest(
     }
     if let Some(cmd) = post_start.and_then(|h| h.exec).and_then(|x| x.command) {
         let s = session.clone();
-        let out = inner.exec.run(async move { s.output(&cmd).await }).await;
+        let out = detached(async move { s.output(&cmd).await }).await;
         let failure = match out {
             Ok(o) if o.status.success() => None,
             Ok(o) => Some(format!(
@@ -804,7 +817,7 @@ async fn guest(
         return std::future::pending().await;
     }
     let target = Arc::new(VmProbeTarget {
-        inner: inner.clone(),
+        vm: vm.clone(),
         session,
         ip: IpAddr::V4(ip),
         env: probe_env(e.container0()),
@@ -843,7 +856,7 @@ fn probe_env(c: Option<&k8s_openapi::api::core::v1::Container>) -> Vec<(String, 
         .collect()
 }
 
-/// Aborts a task of the VM runtime when dropped (a probe's timeout cancels its work).
+/// Aborts a task when dropped (a probe's timeout cancels its work).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
@@ -853,9 +866,9 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// Probes against the VM: exec over the guest's SSH (the remote command is signalled
-/// when the probe times out), sockets opened in the VM network namespace.
+/// when the probe times out), sockets opened through the VM handle (where its network is).
 struct VmProbeTarget {
-    inner: Arc<Inner>,
+    vm: Arc<dyn Vm>,
     session: GuestSession,
     ip: IpAddr,
     env: Vec<(String, String)>,
@@ -869,11 +882,9 @@ impl ProbeTarget for VmProbeTarget {
         let env = self.env.clone();
         let out = OutputBuf::default();
         let io = out.io();
-        let mut task = AbortOnDrop(
-            self.inner
-                .exec
-                .spawn(async move { s.exec_with_env(&argv, &env, io).await }),
-        );
+        let mut task = AbortOnDrop(tokio::spawn(async move {
+            s.exec_with_env(&argv, &env, io).await
+        }));
         let status = (&mut task.0)
             .await
             .map_err(|e| format!("probe task: {e}"))?
@@ -885,11 +896,8 @@ impl ProbeTarget for VmProbeTarget {
     }
 
     async fn connect(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-        let mut task = AbortOnDrop(
-            self.inner
-                .exec
-                .spawn(async move { tokio::net::TcpStream::connect(addr).await }),
-        );
+        let vm = self.vm.clone();
+        let mut task = AbortOnDrop(tokio::spawn(async move { vm.connect(addr).await }));
         (&mut task.0).await.map_err(std::io::Error::other)?
     }
 
@@ -944,7 +952,7 @@ pub(crate) async fn stop_vm(
     let acpi = acpi_share(grace);
     if !acpi.is_zero() {
         let v = vm.clone();
-        let requested = inner.exec.run(async move { v.request_stop().await }).await;
+        let requested = detached(async move { v.request_stop().await }).await;
         match requested {
             Ok(()) if wait_end(vm.clone(), acpi).await => path = StopPath::Acpi,
             Ok(()) => {}
@@ -969,7 +977,7 @@ pub(crate) async fn stop_vm(
             None => vec!["poweroff".into()],
         };
         info!(pod = %e.key, ?cmd, "the guest ignored ACPI power-off; shutting it down over SSH");
-        let run = inner.exec.spawn(async move { session.output(&cmd).await });
+        let run = tokio::spawn(async move { session.output(&cmd).await });
         let run = AbortOnDrop(run);
         // The command may never answer (the guest goes down under it): bounded.
         let _ = tokio::time::timeout(remaining.min(Duration::from_secs(5)), async {
@@ -984,7 +992,7 @@ pub(crate) async fn stop_vm(
     }
     if path == StopPath::Forced {
         let v = vm.clone();
-        if let Err(err) = inner.exec.run(async move { v.force_stop().await }).await {
+        if let Err(err) = detached(async move { v.force_stop().await }).await {
             warn!(pod = %e.key, error = %error_chain(&err), "force stop failed");
         }
     }

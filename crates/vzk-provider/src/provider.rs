@@ -37,18 +37,14 @@ use vzk_core::{
 };
 use vzk_guest::{CredentialSource, Credentials, GuestSession};
 use vzk_image::{Cloner, ImageStore, Keyring, PullSecret, Reference};
-use vzk_vm::qemu::statedir::StateDir;
-use vzk_vm::qemu::{QemuBackend, QemuConfig};
 use vzk_vm::{Hypervisor, Vm};
 
 use crate::args::ProviderArgs;
 use crate::error::ProviderInitError;
-use crate::hostinfo::{ProcUsage, fs_bytes, host_memory_bytes};
-use crate::pod::{self, PodEntry, error_chain, lock, uid_of};
+use crate::pod::{self, PodEntry, detached, error_chain, lock, uid_of};
 use crate::record::PodRecord;
 use crate::resources::{ResourcePolicy, vm_resources};
 use crate::slots::Slots;
-use crate::vmexec::VmExec;
 
 /// The extended resource counting VM slots.
 pub const VM_RESOURCE: &str = "vz-kubelet.io/vm";
@@ -57,9 +53,7 @@ pub const VM_RESOURCE: &str = "vz-kubelet.io/vm";
 pub(crate) struct Inner {
     pub(crate) args: ProviderArgs,
     pub(crate) client: kube::Client,
-    pub(crate) exec: VmExec,
     pub(crate) hv: Arc<dyn Hypervisor>,
-    pub(crate) qemu_root: PathBuf,
     pub(crate) pods_dir: PathBuf,
     pub(crate) images: ImageStore,
     pub(crate) cloner: Cloner,
@@ -72,7 +66,6 @@ pub(crate) struct Inner {
     pub(crate) volumes: crate::volumes::VmVolumes,
     pub(crate) pods: Mutex<HashMap<String, Arc<PodEntry>>>,
     cpu_samples: Mutex<HashMap<String, (Instant, u64)>>,
-    accelerator: String,
     /// Docker side-cars (containers 1..N).
     pub(crate) sidecars: crate::sidecars::Sidecars,
 }
@@ -101,20 +94,20 @@ fn mkdir(path: PathBuf) -> Result<PathBuf, ProviderInitError> {
 }
 
 impl VmProvider {
-    /// Brings the provider up: image cache, clone mechanism, the QEMU backend and its
-    /// network (inside `--vm-netns` if given), and re-adopts VMs left running by a
-    /// previous agent. `client` is the node's own client, used only to read the
-    /// Secrets a pod references.
+    /// Brings the provider up on `hv`, this host's hypervisor backend (chosen by the
+    /// caller, e.g. `vzk_backend::open`): image cache, clone mechanism, and re-adopts VMs
+    /// left running by a previous agent. `client` is the node's own client, used only to
+    /// read the Secrets a pod references.
     pub async fn new(
         args: ProviderArgs,
         node_name: &str,
         node_ip: IpAddr,
         client: kube::Client,
+        hv: Arc<dyn Hypervisor>,
     ) -> Result<Arc<VmProvider>, ProviderInitError> {
         let data = mkdir(args.data_dir.clone())?;
         let images_dir = mkdir(data.join("images"))?;
         let pods_dir = mkdir(data.join("pods"))?;
-        let qemu_root = mkdir(data.join("qemu"))?;
         let images = ImageStore::open(&images_dir, args.image_cache_bytes)
             .map_err(ProviderInitError::OpenImageStore)?;
         let cloner = Cloner::detect(&pods_dir).map_err(ProviderInitError::DetectCloner)?;
@@ -124,23 +117,7 @@ impl VmProvider {
             }
             None => Keyring::new(),
         };
-        let exec = match &args.vm_netns {
-            Some(ns) => VmExec::in_netns(ns).map_err(ProviderInitError::VmExec)?,
-            None => VmExec::current(),
-        };
-        let mut qcfg = QemuConfig::new(&qemu_root);
-        qcfg.binary = args.qemu.clone();
-        qcfg.accel = match args.accel.as_str() {
-            "kvm" => vzk_vm::qemu::AccelChoice::Force(vzk_vm::qemu::Accel::Kvm),
-            "tcg" => vzk_vm::qemu::AccelChoice::Force(vzk_vm::qemu::Accel::Tcg),
-            _ => vzk_vm::qemu::AccelChoice::Auto,
-        };
-        let hv = exec
-            .run(async move { QemuBackend::new(qcfg).await })
-            .await
-            .map_err(ProviderInitError::Hypervisor)?;
         let caps = hv.capabilities().clone();
-        let hv: Arc<dyn Hypervisor> = Arc::new(hv);
         let policy = ResourcePolicy {
             default_cpus: args.default_cpus,
             default_memory_bytes: args.default_memory_mib << 20,
@@ -155,9 +132,7 @@ impl VmProvider {
             ready_timeout: Duration::from_secs(args.ready_timeout_secs),
             args,
             client,
-            exec,
             hv: hv.clone(),
-            qemu_root,
             pods_dir,
             images,
             cloner,
@@ -168,13 +143,10 @@ impl VmProvider {
             volumes,
             pods: Mutex::new(HashMap::new()),
             cpu_samples: Mutex::new(HashMap::new()),
-            accelerator: caps.accelerator.clone(),
             sidecars,
         });
         let h = hv.clone();
-        let adopted = inner
-            .exec
-            .run(async move { h.adopt_existing().await })
+        let adopted = detached(async move { h.adopt_existing().await })
             .await
             .map_err(ProviderInitError::Adopt)?;
         for vm in adopted {
@@ -343,13 +315,11 @@ impl Inner {
             (r, _) => {
                 warn!(vm.id = %id, has_record = r.is_ok(), "removing a leftover VM that cannot be re-adopted");
                 let v = vm.clone();
-                let _ = self
-                    .exec
-                    .run(async move {
-                        let _ = v.force_stop().await;
-                        v.remove().await
-                    })
-                    .await;
+                let _ = detached(async move {
+                    let _ = v.force_stop().await;
+                    v.remove().await
+                })
+                .await;
                 let _ = std::fs::remove_dir_all(&dir);
                 return;
             }
@@ -475,7 +445,7 @@ impl PodLifecycle for VmProvider {
                 .and_then(|x| x.command.clone());
             if let (Some(cmd), Some(session)) = (pre_stop, e.session()) {
                 let s = session.clone();
-                let run = self.inner.exec.run(async move { s.output(&cmd).await });
+                let run = detached(async move { s.output(&cmd).await });
                 match tokio::time::timeout_at(deadline, run).await {
                     Ok(Ok(o)) if o.status.success() => {}
                     Ok(Ok(o)) => self.inner.event(
@@ -508,20 +478,17 @@ impl PodLifecycle for VmProvider {
                 s.close();
             }
             let v = vm.clone();
-            let removed = self
-                .inner
-                .exec
-                .run(async move {
-                    let _ = vzk_vm::wait_for_state(
-                        v.as_ref(),
-                        Duration::from_secs(10),
-                        "stop",
-                        vzk_vm::VmState::is_final,
-                    )
-                    .await;
-                    v.remove().await
-                })
+            let removed = detached(async move {
+                let _ = vzk_vm::wait_for_state(
+                    v.as_ref(),
+                    Duration::from_secs(10),
+                    "stop",
+                    vzk_vm::VmState::is_final,
+                )
                 .await;
+                v.remove().await
+            })
+            .await;
             match removed {
                 Ok(()) => info!(pod = %e.key, ?path, "VM stopped and removed"),
                 Err(err) => {
@@ -569,7 +536,7 @@ impl PodLifecycle for VmProvider {
 #[async_trait]
 impl NodeProvider for VmProvider {
     async fn capacity(&self) -> Result<BTreeMap<String, Quantity>, ProviderError> {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = vzk_node::host::cpus();
         let mut m = BTreeMap::from([
             ("cpu".to_owned(), Quantity(cpus.to_string())),
             (
@@ -581,11 +548,11 @@ impl NodeProvider for VmProvider {
                 Quantity(self.inner.slots.capacity().to_string()),
             ),
         ]);
-        if let Some(mem) = host_memory_bytes() {
-            m.insert("memory".into(), Quantity(mem.to_string()));
+        if let Some(mem) = vzk_node::host::memory() {
+            m.insert("memory".into(), Quantity(mem.total.to_string()));
         }
-        if let Some((_, size)) = fs_bytes(&self.inner.args.data_dir) {
-            m.insert("ephemeral-storage".into(), Quantity(size.to_string()));
+        if let Some(disk) = vzk_node::host::disk(&self.inner.args.data_dir) {
+            m.insert("ephemeral-storage".into(), Quantity(disk.total.to_string()));
         }
         Ok(m)
     }
@@ -596,7 +563,10 @@ impl NodeProvider for VmProvider {
 
     fn runtime_info(&self) -> RuntimeInfo {
         RuntimeInfo {
-            container_runtime_version: format!("qemu://{}", self.inner.accelerator),
+            container_runtime_version: {
+                let caps = self.inner.hv.capabilities();
+                format!("{}://{}", caps.backend, caps.accelerator)
+            },
             os_image: None,
         }
     }
@@ -641,9 +611,7 @@ impl StreamingRuntime for VmProvider {
         }
         let e = self.entry(target)?;
         let s = Self::session(&e)?;
-        self.inner
-            .exec
-            .run(async move { s.exec(&command, io).await })
+        detached(async move { s.exec(&command, io).await })
             .await
             .map_err(vzk_guest::GuestError::into_provider_error)
     }
@@ -658,9 +626,7 @@ impl StreamingRuntime for VmProvider {
         }
         let e = self.entry(target)?;
         let s = Self::session(&e)?;
-        self.inner
-            .exec
-            .run(async move { s.shell(&[], io).await })
+        detached(async move { s.shell(&[], io).await })
             .await
             .map_err(vzk_guest::GuestError::into_provider_error)
     }
@@ -685,9 +651,7 @@ impl StreamingRuntime for VmProvider {
             return crate::sidecars::port_forward(&self.inner, &e, &name, port, stream).await;
         }
         let s = Self::session(&e)?;
-        self.inner
-            .exec
-            .run(async move { s.forward_tcp(port, stream).await })
+        detached(async move { s.forward_tcp(port, stream).await })
             .await
             .map(|_| ())
             .map_err(vzk_guest::GuestError::into_provider_error)
@@ -699,10 +663,7 @@ impl StreamingRuntime for VmProvider {
         let mut out = Vec::new();
         for e in entries.iter().cloned() {
             let Some(vm) = e.vm() else { continue };
-            let Some(pid) = StateDir::new(&self.inner.qemu_root, vm.id()).read_pid() else {
-                continue;
-            };
-            let Some(u) = ProcUsage::read(pid) else {
+            let Some(u) = vm.host_usage() else {
                 continue;
             };
             let nano_cores = {

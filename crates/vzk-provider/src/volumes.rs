@@ -313,7 +313,7 @@ pub(crate) async fn mount_in_guest(
     }
     let argv = vec!["sh".to_owned(), "-c".to_owned(), mount_script(&mounts)];
     let s = session.clone();
-    let out = inner.exec.run(async move { s.output(&argv).await }).await;
+    let out = crate::pod::detached(async move { s.output(&argv).await }).await;
     match out {
         Ok(o) if o.status.success() => {
             info!(pod = %e.key, mounts = mounts.len(), "volumes mounted in the guest");

@@ -25,7 +25,7 @@
 //! an actor and send commands to it.
 
 use std::error::Error as StdError;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -316,6 +316,16 @@ pub enum VmError {
     },
 }
 
+/// Host-side resource use of one VM: the host process that runs it (QEMU, or the VM host
+/// process on macOS), seen from outside the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostUsage {
+    /// User + system CPU time, nanoseconds.
+    pub cpu_ns: u64,
+    /// Resident set size, bytes.
+    pub rss_bytes: u64,
+}
+
 /// A VM backend: creates VMs and re-finds those it left running.
 #[async_trait]
 pub trait Hypervisor: Send + Sync + 'static {
@@ -365,6 +375,20 @@ pub trait Vm: Send + Sync + 'static {
     /// Releases everything the VM holds on the host (state dir, TAP, leases). The VM must
     /// be in a final state; call [`Vm::force_stop`] first otherwise.
     async fn remove(&self) -> Result<(), VmError>;
+
+    /// Opens a TCP connection to `addr` (normally the guest's address) from the network
+    /// the VM lives in: the guest's SSH, probes and port-forwards all go through here, so
+    /// a backend whose VMs sit in a network namespace of their own opens it there and no
+    /// caller ever enters that namespace.
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        tokio::net::TcpStream::connect(addr).await
+    }
+
+    /// CPU time and memory of the host process running the VM (`None` when not running or
+    /// not known).
+    fn host_usage(&self) -> Option<HostUsage> {
+        None
+    }
 }
 
 /// Waits until `vm`'s state satisfies `pred`, up to `timeout`.

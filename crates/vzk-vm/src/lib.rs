@@ -6,6 +6,8 @@
 //! * [`mac`]: random locally-administered [`MacAddr`]esses.
 //! * `qemu` (Linux only): the QEMU backend (KVM when it really works, else TCG).
 //! * `net` (Linux only): TAPs, the NAT network (bridge + dnsmasq + masquerade), IP discovery.
+//! * `netns` (Linux only): a backend and its VMs run inside a network namespace of their
+//!   own ([`Vm::connect`] opens guest connections there), so no caller enters it.
 //!
 //! On other targets (macOS, where `vzk-vz` implements the traits) only the
 //! backend-neutral modules are compiled; `scripts/check-macos.sh` type-checks that build
@@ -26,12 +28,14 @@ pub mod mac;
 #[cfg(target_os = "linux")]
 pub mod net;
 #[cfg(target_os = "linux")]
+pub mod netns;
+#[cfg(target_os = "linux")]
 pub mod qemu;
 pub mod spec;
 
 pub use hypervisor::{
-    BackendKind, Capabilities, Hypervisor, HypervisorError, ProbeReport, StopOutcome, Vm, VmError,
-    VmState, stop_gracefully, wait_for_ip, wait_for_state,
+    BackendKind, Capabilities, HostUsage, Hypervisor, HypervisorError, ProbeReport, StopOutcome,
+    Vm, VmError, VmState, stop_gracefully, wait_for_ip, wait_for_state,
 };
 pub use mac::MacAddr;
 pub use spec::{

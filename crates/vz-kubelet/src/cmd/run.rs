@@ -80,6 +80,8 @@ pub(crate) struct RunArgs {
     page_out_after_seconds: u64,
     #[command(flatten)]
     provider: vzk_provider::ProviderArgs,
+    #[command(flatten)]
+    backend: vzk_backend::BackendArgs,
 }
 
 /// Validated settings.
@@ -187,11 +189,15 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.settings()?;
     let node = settings.node;
     let client = client(args.kubeconfig.as_ref()).await?;
+    let hypervisor = vzk_backend::open(&args.backend, &args.provider.data_dir.join("qemu"))
+        .await
+        .context("starting the hypervisor backend")?;
     let provider = vzk_provider::VmProvider::new(
         args.provider.clone(),
         &node.node_name,
         node.internal_ip,
         client.clone(),
+        hypervisor,
     )
     .await
     .context("starting the VM provider")?;

@@ -152,3 +152,38 @@ async fn concurrent_callers_share_a_failing_dial_and_close_is_final() {
     assert!(matches!(s.output(&["true"]).await, Err(GuestError::Closed)));
     drop(blackhole);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dials_through_the_given_connector() {
+    let db = Dropbear::start();
+    let s = db.session();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    s.connect_with(Arc::new(move |addr| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(tokio::net::TcpStream::connect(addr))
+    }));
+    let out = within(30, s.output(&["echo", "via-connector"]))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(out.stdout, b"via-connector\n");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // A connector that fails is the dial's failure, named as a connect error.
+    let refused = db.session();
+    refused.connect_with(Arc::new(|_| {
+        Box::pin(async {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "no route into the namespace",
+            ))
+        })
+    }));
+    let err = within(30, refused.output(&["true"]))
+        .await
+        .expect_err("the connector refused");
+    assert!(
+        format!("{err:?}").contains("no route into the namespace"),
+        "{err:?}"
+    );
+}

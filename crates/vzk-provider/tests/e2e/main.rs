@@ -87,10 +87,29 @@ async fn exec(provider: &VmProvider, ns: &str, pod: &str, script: &str) -> (i32,
     (status.code, out.text())
 }
 
-fn args(data: &std::path::Path, netns: &str, registry: &str) -> ProviderArgs {
+/// The provider on this host's backend (QEMU, its VMs in `netns`), as `vz-kubelet run`
+/// builds it.
+async fn start_provider(
+    a: ProviderArgs,
+    netns: &str,
+    node: &str,
+    client: kube::Client,
+) -> std::sync::Arc<VmProvider> {
+    let backend = vzk_backend::BackendArgs {
+        vm_netns: Some(netns.to_owned()),
+        ..Default::default()
+    };
+    let hv = vzk_backend::open(&backend, &a.data_dir.join("qemu"))
+        .await
+        .unwrap();
+    VmProvider::new(a, node, "127.0.0.1".parse().unwrap(), client, hv)
+        .await
+        .unwrap()
+}
+
+fn args(data: &std::path::Path, registry: &str) -> ProviderArgs {
     let mut a = ProviderArgs::new(data);
     a.max_vms = 1;
-    a.vm_netns = Some(netns.to_owned());
     a.insecure_registries = vec![registry.to_owned()];
     a.ssh_user = Some("root".into());
     a.ssh_private_key_path = Some(guest().openssh_key.clone());
@@ -125,14 +144,13 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     let node = format!("vmp-{:06x}", std::process::id());
     let id = cp.node_identity(&node);
     let data = tmp.path().join("data");
-    let provider = VmProvider::new(
-        args(&data, &netns.name, &registry.addr),
+    let provider = start_provider(
+        args(&data, &registry.addr),
+        &netns.name,
         &node,
-        "127.0.0.1".parse().unwrap(),
         id.client().await,
     )
-    .await
-    .unwrap();
+    .await;
     let cap = provider.capacity().await.unwrap();
     assert_eq!(cap.get("pods").map(|q| q.0.as_str()), Some("1"));
     assert_eq!(cap.get(VM_RESOURCE).map(|q| q.0.as_str()), Some("1"));
@@ -273,14 +291,13 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     agent.stop().await;
     drop(provider);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let provider = VmProvider::new(
-        args(&data, &netns.name, &registry.addr),
+    let provider = start_provider(
+        args(&data, &registry.addr),
+        &netns.name,
         &node,
-        "127.0.0.1".parse().unwrap(),
         id.client().await,
     )
-    .await
-    .unwrap();
+    .await;
     let listed = provider.list_pods().await.unwrap();
     assert!(
         listed.iter().any(|k| k.uid == a_uid),

@@ -12,7 +12,7 @@ use vzk_provider::VmProvider;
 use vzk_testenv::ControlPlane;
 
 use super::support::*;
-use super::{BOOT, args, exec, is_ready};
+use super::{BOOT, args, exec, is_ready, start_provider};
 
 /// Pushes the test guest as `name:v1`, with `extra_cmdline` appended to its kernel
 /// command line.
@@ -112,11 +112,9 @@ async fn setup(tag: &str) -> Env {
     let netns = Netns::new();
     let node = format!("{tag}-{:06x}", std::process::id());
     let id = cp.node_identity(&node);
-    let mut a = args(&tmp.path().join("data"), &netns.name, &registry.addr);
+    let mut a = args(&tmp.path().join("data"), &registry.addr);
     a.max_vms = 2;
-    let provider = VmProvider::new(a, &node, "127.0.0.1".parse().unwrap(), id.client().await)
-        .await
-        .unwrap();
+    let provider = start_provider(a, &netns.name, &node, id.client().await).await;
     let agent = Agent::start(&id, provider.clone()).await;
     let ns = cp.create_namespace(tag).await;
     let admin = cp.admin_client().await;

@@ -26,7 +26,7 @@ use vzk_provider::VmProvider;
 use vzk_testenv::ControlPlane;
 
 use super::support::*;
-use super::{BOOT, args, exec, is_ready};
+use super::{BOOT, args, exec, is_ready, start_provider};
 
 fn side(ns: &str, pod: &str) -> ContainerRef {
     ContainerRef {
@@ -127,14 +127,13 @@ async fn hybrid_pod_with_a_docker_sidecar() {
     let node = format!("vmsc-{:06x}", std::process::id());
     let id = cp.node_identity(&node);
     let data = tmp.path().join("data");
-    let provider = VmProvider::new(
-        args(&data, &netns.name, &registry.addr),
+    let provider = start_provider(
+        args(&data, &registry.addr),
+        &netns.name,
         &node,
-        "127.0.0.1".parse().unwrap(),
         id.client().await,
     )
-    .await
-    .unwrap();
+    .await;
     let agent = Agent::start(&id, provider.clone()).await;
 
     let ns = cp.create_namespace("vmsc").await;
@@ -456,14 +455,13 @@ async fn hybrid_pod_with_a_docker_sidecar() {
     agent.stop().await;
     drop(provider);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let provider = VmProvider::new(
-        args(&data, &netns.name, &registry.addr),
+    let provider = start_provider(
+        args(&data, &registry.addr),
+        &netns.name,
         &node,
-        "127.0.0.1".parse().unwrap(),
         id.client().await,
     )
-    .await
-    .unwrap();
+    .await;
     let agent = Agent::start(&id, provider.clone()).await;
     let (code, out) = wait_for(
         Duration::from_secs(60),

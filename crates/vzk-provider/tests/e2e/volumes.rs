@@ -11,11 +11,10 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use vzk_image::{PushOptions, Reference, RegistryOptions};
-use vzk_provider::VmProvider;
 use vzk_testenv::ControlPlane;
 
 use super::support::*;
-use super::{BOOT, args, exec, is_ready};
+use super::{BOOT, args, exec, is_ready, start_provider};
 
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -42,14 +41,13 @@ async fn kube_api_access_and_config_map_volumes_inside_the_vm() {
     let node = format!("vmvol-{:06x}", std::process::id());
     let id = cp.node_identity(&node);
     let data = tmp.path().join("data");
-    let provider = VmProvider::new(
-        args(&data, &netns.name, &registry.addr),
+    let provider = start_provider(
+        args(&data, &registry.addr),
+        &netns.name,
         &node,
-        "127.0.0.1".parse().unwrap(),
         id.client().await,
     )
-    .await
-    .unwrap();
+    .await;
     let agent = Agent::start(&id, provider.clone()).await;
 
     let ns = cp.create_namespace("vmvol").await;

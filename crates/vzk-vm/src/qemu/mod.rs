@@ -23,6 +23,7 @@ pub mod statedir;
 pub mod vm;
 
 use std::collections::HashMap;
+use std::error::Error as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -53,6 +54,9 @@ pub struct QemuConfig {
     pub max_cpus: u32,
     /// Upper bound on memory per VM, in bytes.
     pub max_memory_bytes: u64,
+    /// The `ip netns` namespace the VMs (and the NAT network) live in, for [`open`];
+    /// `None`: the agent's own.
+    pub netns: Option<String>,
 }
 
 impl QemuConfig {
@@ -66,8 +70,28 @@ impl QemuConfig {
             nat: Some(NatConfig::default()),
             max_cpus: 64,
             max_memory_bytes: 256 << 30,
+            netns: None,
         }
     }
+}
+
+/// The QEMU backend as the node runs it: built, and every VM operated and connected to,
+/// inside the namespace [`QemuConfig::netns`] when one is given (see [`crate::netns`]),
+/// else in the caller's own.
+pub async fn open(config: QemuConfig) -> Result<Arc<dyn Hypervisor>, HypervisorError> {
+    let Some(name) = config.netns.clone() else {
+        return Ok(Arc::new(QemuBackend::new(config).await?));
+    };
+    let rt =
+        crate::netns::NetnsRuntime::enter(&name).map_err(|e| HypervisorError::Unavailable {
+            backend: BackendKind::Qemu,
+            detail: format!(
+                "{e}: {}",
+                e.source().map_or_else(String::new, ToString::to_string)
+            ),
+        })?;
+    let backend = crate::netns::InNetns::build(rt, move || QemuBackend::new(config)).await?;
+    Ok(Arc::new(backend))
 }
 
 /// What every VM of one backend shares.

@@ -1,0 +1,134 @@
+//! This host's hypervisor backend, chosen once by the binary and handed to the provider
+//! as an `Arc<dyn Hypervisor>`: QEMU on Linux (KVM when it really works, else TCG; the
+//! VMs optionally in a network namespace of their own), Apple's Virtualization.framework
+//! on macOS. Nothing downstream names a backend.
+//!
+//! [`BackendArgs`] are the backend's flags, flattened into `vz-kubelet run`; [`open`]
+//! builds the backend from them under the agent's data directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vzk_vm::{Hypervisor, HypervisorError};
+
+/// Flags of the hypervisor backend.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackendArgs {
+    /// Run the VMs (their NAT network, TAP devices, hypervisor processes and the guests'
+    /// SSH connections) inside this existing network namespace (`ip netns` name).
+    /// Default: the agent's own. Linux only.
+    #[arg(long, env = "VZK_VM_NETNS")]
+    pub vm_netns: Option<String>,
+    /// QEMU system emulator binary (Linux).
+    #[arg(long, env = "VZK_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Accelerator (Linux): `auto` uses KVM only when it really works (a probe VM boots to
+    /// long mode), else TCG; `kvm` or `tcg` force one.
+    #[arg(long, env = "VZK_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    pub accel: String,
+    /// Give every macOS VM a new machine identifier instead of its image's (as Tart's
+    /// `--random-serial`), so clones do not look like one machine to iCloud or MDM. macOS.
+    #[arg(long, env = "VZK_FRESH_MACHINE_IDENTIFIER")]
+    pub fresh_machine_identifier: bool,
+}
+
+impl Default for BackendArgs {
+    fn default() -> Self {
+        Self {
+            vm_netns: None,
+            qemu: "qemu-system-x86_64".into(),
+            accel: "auto".into(),
+            fresh_machine_identifier: false,
+        }
+    }
+}
+
+/// Opens this host's backend with its state under `state_dir` (the agent's data dir
+/// `qemu/` on Linux).
+#[cfg(target_os = "linux")]
+pub async fn open(
+    args: &BackendArgs,
+    state_dir: &Path,
+) -> Result<Arc<dyn Hypervisor>, HypervisorError> {
+    use vzk_vm::qemu::{Accel, AccelChoice, QemuConfig};
+    let config = QemuConfig {
+        binary: args.qemu.clone(),
+        accel: match args.accel.as_str() {
+            "kvm" => AccelChoice::Force(Accel::Kvm),
+            "tcg" => AccelChoice::Force(Accel::Tcg),
+            _ => AccelChoice::Auto,
+        },
+        netns: args.vm_netns.clone(),
+        ..QemuConfig::new(state_dir)
+    };
+    vzk_vm::qemu::open(config).await
+}
+
+/// Opens this host's backend: Virtualization.framework.
+#[cfg(target_os = "macos")]
+pub async fn open(
+    args: &BackendArgs,
+    state_dir: &Path,
+) -> Result<Arc<dyn Hypervisor>, HypervisorError> {
+    let _ = state_dir;
+    if args.vm_netns.is_some() {
+        return Err(HypervisorError::Unsupported {
+            backend: vzk_vm::BackendKind::Vz,
+            feature: "--vm-netns (network namespaces are Linux only)".into(),
+        });
+    }
+    let options = vzk_vz::config::VzOptions {
+        fresh_machine_identifier: args.fresh_machine_identifier,
+        linux_display: None,
+    };
+    Ok(Arc::new(vzk_vz::macos::VzHypervisor::new(options)?))
+}
+
+/// No backend exists for this operating system.
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+pub async fn open(
+    _args: &BackendArgs,
+    _state_dir: &Path,
+) -> Result<Arc<dyn Hypervisor>, HypervisorError> {
+    Err(HypervisorError::Unavailable {
+        backend: vzk_vm::BackendKind::Qemu,
+        detail: "vz-kubelet runs VMs on Linux (QEMU) and macOS (Virtualization.framework) only"
+            .into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        backend: BackendArgs,
+    }
+
+    #[test]
+    fn flags_parse_with_the_defaults() {
+        let cli = Cli::try_parse_from(["x"]).expect("defaults");
+        assert_eq!(cli.backend.accel, "auto");
+        assert_eq!(cli.backend.qemu, PathBuf::from("qemu-system-x86_64"));
+        assert!(Cli::try_parse_from(["x", "--accel", "hvf"]).is_err());
+        let cli = Cli::try_parse_from(["x", "--vm-netns", "ns1", "--accel", "tcg"]).expect("flags");
+        assert_eq!(cli.backend.vm_netns.as_deref(), Some("ns1"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_missing_namespace_is_a_clear_start_up_error() {
+        let dir = std::env::temp_dir().join(format!("vzk-backend-{}", std::process::id()));
+        let args = BackendArgs {
+            vm_netns: Some("vzk-no-such-ns".into()),
+            ..BackendArgs::default()
+        };
+        let err = open(&args, &dir).await.err().expect("must fail");
+        let text = err.to_string();
+        assert!(text.contains("vzk-no-such-ns"), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
