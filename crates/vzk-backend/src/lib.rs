@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vzk_vm::{Hypervisor, HypervisorError};
+use vzk_vm::{Hypervisor, HypervisorError, ProbeReport};
 
 /// Flags of the hypervisor backend.
 #[derive(Debug, Clone, clap::Args)]
@@ -17,19 +17,28 @@ pub struct BackendArgs {
     /// Run the VMs (their NAT network, TAP devices, hypervisor processes and the guests'
     /// SSH connections) inside this existing network namespace (`ip netns` name).
     /// Default: the agent's own. Linux only.
-    #[arg(long, env = "VZK_VM_NETNS")]
+    #[arg(long, env = "VZK_VM_NETNS", global = true)]
     pub vm_netns: Option<String>,
     /// QEMU system emulator binary (Linux).
-    #[arg(long, env = "VZK_QEMU", default_value = "qemu-system-x86_64")]
+    #[arg(
+        long,
+        env = "VZK_QEMU",
+        default_value = "qemu-system-x86_64",
+        global = true
+    )]
     pub qemu: PathBuf,
     /// Accelerator (Linux): `auto` uses KVM only when it really works (a probe VM boots to
     /// long mode), else TCG; `kvm` or `tcg` force one.
-    #[arg(long, env = "VZK_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    #[arg(long, env = "VZK_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"], global = true)]
     pub accel: String,
     /// Give every macOS VM a new machine identifier instead of its image's (as Tart's
     /// `--random-serial`), so clones do not look like one machine to iCloud or MDM. macOS.
-    #[arg(long, env = "VZK_FRESH_MACHINE_IDENTIFIER")]
+    #[arg(long, env = "VZK_FRESH_MACHINE_IDENTIFIER", global = true)]
     pub fresh_machine_identifier: bool,
+    /// Set up no NAT network: bridged NICs only (Linux; the NAT network is a bridge,
+    /// dnsmasq and masquerade rules the backend owns).
+    #[arg(long, env = "VZK_NO_NAT", global = true)]
+    pub no_nat: bool,
 }
 
 impl Default for BackendArgs {
@@ -39,6 +48,7 @@ impl Default for BackendArgs {
             qemu: "qemu-system-x86_64".into(),
             accel: "auto".into(),
             fresh_machine_identifier: false,
+            no_nat: false,
         }
     }
 }
@@ -61,7 +71,33 @@ pub async fn open(
         netns: args.vm_netns.clone(),
         ..QemuConfig::new(state_dir)
     };
+    let config = QemuConfig {
+        nat: if args.no_nat { None } else { config.nat },
+        ..config
+    };
     vzk_vm::qemu::open(config).await
+}
+
+/// Whether this host's backend can run VMs, and why not.
+#[cfg(target_os = "linux")]
+pub async fn probe(args: &BackendArgs) -> ProbeReport {
+    vzk_vm::qemu::QemuBackend::probe(&args.qemu).await
+}
+
+/// Whether this host's backend can run VMs, and why not.
+#[cfg(target_os = "macos")]
+pub async fn probe(_args: &BackendArgs) -> ProbeReport {
+    vzk_vz::macos::VzHypervisor::probe()
+}
+
+/// No backend exists for this operating system.
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+pub async fn probe(_args: &BackendArgs) -> ProbeReport {
+    ProbeReport {
+        backend: vzk_vm::BackendKind::Qemu,
+        available: false,
+        detail: "no VM backend for this operating system".into(),
+    }
 }
 
 /// Opens this host's backend: Virtualization.framework.

@@ -94,6 +94,8 @@ pub struct NodeController {
     transitions: BTreeMap<String, (String, Timestamp)>,
     lease: Option<Lease>,
     node_uid: Option<String>,
+    /// Why the provider's last health check failed (`None` while it passes).
+    unhealthy: Option<String>,
 }
 
 impl NodeController {
@@ -107,6 +109,7 @@ impl NodeController {
             transitions: BTreeMap::new(),
             lease: None,
             node_uid: None,
+            unhealthy: None,
         }
     }
 
@@ -187,18 +190,22 @@ impl NodeController {
         })
     }
 
-    async fn ping(&self) -> bool {
-        match tokio::time::timeout(Duration::from_secs(5), self.provider.ping()).await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                warn!(error = %e, "provider ping failed");
-                false
+    async fn ping(&mut self) -> bool {
+        let failure = match tokio::time::timeout(Duration::from_secs(5), self.provider.ping()).await
+        {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("the provider's health check did not answer within 5 s".to_owned()),
+        };
+        if let Some(why) = &failure {
+            if self.unhealthy.as_ref() != Some(why) {
+                warn!(error = %why, "provider health check failed");
             }
-            Err(_) => {
-                warn!("provider ping timed out after 5 s");
-                false
-            }
+        } else if self.unhealthy.is_some() {
+            info!("provider healthy again");
         }
+        self.unhealthy = failure;
+        self.unhealthy.is_none()
     }
 
     /// The status the node should have now, and its comparable core.
@@ -211,7 +218,7 @@ impl NodeController {
             .capacity()
             .await
             .map_err(NodeError::Capacity)?;
-        let mut conditions = vec![ready_condition(healthy)];
+        let mut conditions = vec![ready_condition(healthy, self.unhealthy.as_deref())];
         conditions.push(memory_condition(
             host::memory(),
             self.config.pressure.memory_available_bytes,
@@ -477,7 +484,7 @@ fn cond(type_: &str, status: &str, reason: &str, message: &str) -> NodeCondition
     }
 }
 
-fn ready_condition(healthy: bool) -> NodeCondition {
+fn ready_condition(healthy: bool, why: Option<&str>) -> NodeCondition {
     if healthy {
         cond(
             "Ready",
@@ -490,7 +497,10 @@ fn ready_condition(healthy: bool) -> NodeCondition {
             "Ready",
             "False",
             "ProviderUnhealthy",
-            "the VM provider does not answer its health check",
+            &format!(
+                "the VM provider fails its health check: {}",
+                why.unwrap_or("no answer")
+            ),
         )
     }
 }
@@ -576,9 +586,13 @@ mod tests {
         };
         assert_eq!(disk_condition(d(50), 0.1).status, "True");
         assert_eq!(disk_condition(d(500), 0.1).status, "False");
-        assert_eq!(
-            ready_condition(false).reason.as_deref(),
-            Some("ProviderUnhealthy")
+        let down = ready_condition(false, Some("dockerd does not answer"));
+        assert_eq!(down.reason.as_deref(), Some("ProviderUnhealthy"));
+        assert!(
+            down.message
+                .as_deref()
+                .is_some_and(|m| m.ends_with("dockerd does not answer")),
+            "{down:?}"
         );
     }
 }

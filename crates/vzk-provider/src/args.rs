@@ -60,6 +60,12 @@ pub struct ProviderArgs {
     #[arg(long, env = "VZK_READY_TIMEOUT_SECS", default_value_t = 300)]
     pub ready_timeout_secs: u64,
 
+    /// Docker is optional on this node (e.g. a Mac without Docker for VM-only pods): when
+    /// dockerd does not answer, the DockerReady node condition says so but the node stays
+    /// Ready (pods with side-cars wait). By default a silent dockerd makes the node NotReady.
+    #[arg(long, env = "VZK_DOCKER_OPTIONAL")]
+    pub docker_optional: bool,
+
     /// vCPUs when neither the pod nor the image says.
     #[arg(long, env = "VZK_DEFAULT_CPUS", default_value_t = 1)]
     pub default_cpus: u32,
@@ -84,6 +90,7 @@ impl ProviderArgs {
             ssh_private_key_base64: None,
             ssh_password: None,
             ready_timeout_secs: 300,
+            docker_optional: false,
             default_cpus: 1,
             default_memory_mib: 512,
         }

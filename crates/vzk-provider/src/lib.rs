@@ -8,6 +8,7 @@
 //! * [`status`]: pod status from the VM's state (pure).
 //! * [`resources`]: vCPUs and memory from requests/limits within backend bounds (pure).
 //! * [`slots`]: the VM slot pool (at most N VMs).
+//! * [`health`]: `ping` and the node conditions VMBackendReady, DockerReady, DataDirReady.
 //! * [`logs`]: the serial console as `kubectl logs`.
 //! * [`record`]: the on-disk pod record used to re-adopt VMs after a restart.
 //! * [`sidecars`]: containers 1..N as Docker side-cars (pull, run, restart, streams, stats).
@@ -22,6 +23,7 @@
 
 pub mod args;
 pub mod error;
+pub mod health;
 pub mod logs;
 pub mod pod;
 pub mod probes;

@@ -66,6 +66,8 @@ pub(crate) struct Inner {
     pub(crate) volumes: crate::volumes::VmVolumes,
     pub(crate) pods: Mutex<HashMap<String, Arc<PodEntry>>>,
     cpu_samples: Mutex<HashMap<String, (Instant, u64)>>,
+    /// The last health checks (`ping`), reported as node conditions.
+    health: Mutex<Vec<crate::health::Check>>,
     /// Docker side-cars (containers 1..N).
     pub(crate) sidecars: crate::sidecars::Sidecars,
 }
@@ -143,6 +145,7 @@ impl VmProvider {
             volumes,
             pods: Mutex::new(HashMap::new()),
             cpu_samples: Mutex::new(HashMap::new()),
+            health: Mutex::new(Vec::new()),
             sidecars,
         });
         let h = hv.clone();
@@ -211,6 +214,34 @@ impl Drop for VmProvider {
 }
 
 impl Inner {
+    /// Checks the backends (at once, each bounded) and keeps the verdicts for
+    /// [`NodeProvider::conditions`].
+    async fn check_health(&self) -> Vec<crate::health::Check> {
+        use crate::health::{Check, MIN_FREE_BYTES, bounded};
+        let data_dir = self.args.data_dir.clone();
+        let (vm, docker, data) = tokio::join!(
+            bounded("the VM backend", self.hv.health()),
+            bounded("dockerd", async {
+                let rt = self.sidecars.runtime().await?;
+                rt.ping().await.map_err(|e| error_chain(&e))
+            }),
+            bounded("the data directory", async move {
+                tokio::task::spawn_blocking(move || {
+                    crate::health::data_dir(&data_dir, MIN_FREE_BYTES)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("data directory check: {e}")))
+            }),
+        );
+        let checks = vec![
+            Check::new("VMBackendReady", vm),
+            Check::new("DockerReady", docker),
+            Check::new("DataDirReady", data),
+        ];
+        lock(&self.health).clone_from(&checks);
+        checks
+    }
+
     /// SSH credentials for a pod: container 0's `VZ_SSH_*` env, then the flags.
     fn credentials(&self, pod: &Pod) -> Result<Credentials, ProviderError> {
         let env: BTreeMap<String, String> = pod
@@ -557,8 +588,26 @@ impl NodeProvider for VmProvider {
         Ok(m)
     }
 
+    async fn conditions(&self) -> Vec<k8s_openapi::api::core::v1::NodeCondition> {
+        let mut checks = lock(&self.inner.health).clone();
+        if checks.is_empty() {
+            checks = self.inner.check_health().await;
+        }
+        checks.iter().map(crate::health::Check::condition).collect()
+    }
+
     async fn ping(&self) -> Result<(), ProviderError> {
-        Ok(())
+        let checks = self.inner.check_health().await;
+        let docker_optional = self.inner.args.docker_optional;
+        let gating: Vec<_> = checks
+            .iter()
+            .filter(|c| !(docker_optional && c.type_ == "DockerReady"))
+            .cloned()
+            .collect();
+        crate::health::summary(&gating).map_err(|message| ProviderError::Unavailable {
+            message,
+            retry_after: None,
+        })
     }
 
     fn runtime_info(&self) -> RuntimeInfo {

@@ -339,6 +339,12 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Finds VMs a previous agent process left running and attaches to them. VMs whose
     /// process died meanwhile are returned in state [`VmState::Failed`] with a reason.
     async fn adopt_existing(&self) -> Result<Vec<Arc<dyn Vm>>, HypervisorError>;
+
+    /// Whether the backend can still start VMs (its binary, its network services); `Err`
+    /// says what is wrong in words an operator can act on. Cheap: called every 10 s.
+    async fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A handle on one VM. Cheap to share (`Arc<dyn Vm>`).

@@ -163,6 +163,10 @@ impl Hypervisor for InNetns {
         let vms = self.rt.run(async move { h.adopt_existing().await }).await?;
         Ok(vms.into_iter().map(|vm| self.wrap(vm)).collect())
     }
+
+    async fn health(&self) -> Result<(), String> {
+        self.inner.health().await
+    }
 }
 
 /// A VM of an [`InNetns`] backend.

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use vzk_vm::qemu::{Accel, AccelChoice, QemuBackend, QemuConfig};
 use vzk_vm::{
     BootSpec, DiskFormat, DiskSpec, Hypervisor, MacAddr, NetworkAttachment, NicSpec, Vm, VmSpec,
     stop_gracefully, wait_for_ip,
@@ -30,20 +29,8 @@ pub(crate) struct VmArgs {
         global = true
     )]
     state_dir: PathBuf,
-    /// QEMU binary.
-    #[arg(
-        long,
-        env = "VZK_QEMU",
-        default_value = "qemu-system-x86_64",
-        global = true
-    )]
-    qemu: PathBuf,
-    /// Accelerator: auto (KVM if it really works, else TCG), kvm or tcg.
-    #[arg(long, env = "VZK_ACCEL", default_value = "auto", global = true)]
-    accel: String,
-    /// Do not set up the NAT network (bridged NICs only).
-    #[arg(long, global = true)]
-    no_nat: bool,
+    #[command(flatten)]
+    backend: vzk_backend::BackendArgs,
     #[command(subcommand)]
     command: VmCommand,
 }
@@ -122,24 +109,14 @@ fn parse_network(s: &str) -> anyhow::Result<NetworkAttachment> {
 }
 
 impl VmArgs {
-    async fn backend(&self, with_nat: bool) -> anyhow::Result<QemuBackend> {
-        let accel = match self.accel.as_str() {
-            "auto" => AccelChoice::Auto,
-            "kvm" => AccelChoice::Force(Accel::Kvm),
-            "tcg" => AccelChoice::Force(Accel::Tcg),
-            other => bail!("--accel must be auto, kvm or tcg, got {other:?}"),
-        };
-        let mut config = QemuConfig {
-            binary: self.qemu.clone(),
-            accel,
-            ..QemuConfig::new(&self.state_dir)
-        };
-        if self.no_nat || !with_nat {
-            config.nat = None;
-        }
-        QemuBackend::new(config)
+    /// This host's backend (the one `vz-kubelet run` uses) on the state dir; without
+    /// `with_nat` no NAT network is set up (listing and stopping need none).
+    async fn backend(&self, with_nat: bool) -> anyhow::Result<Arc<dyn Hypervisor>> {
+        let mut args = self.backend.clone();
+        args.no_nat |= !with_nat;
+        vzk_backend::open(&args, &self.state_dir)
             .await
-            .context("starting the QEMU backend")
+            .context("starting the VM backend")
     }
 }
 
@@ -147,7 +124,7 @@ impl VmArgs {
 pub(crate) async fn run(args: VmArgs) -> anyhow::Result<()> {
     match &args.command {
         VmCommand::Probe => {
-            let report = QemuBackend::probe(&args.qemu).await;
+            let report = vzk_backend::probe(&args.backend).await;
             println!(
                 "backend: {}\navailable: {}\ndetail: {}",
                 report.backend, report.available, report.detail

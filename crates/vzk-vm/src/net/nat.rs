@@ -164,6 +164,19 @@ pub struct NatNetwork {
 const DNSMASQ_READY_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl NatNetwork {
+    /// Whether dnsmasq (the network's DHCP server) still runs: `Err` says why not.
+    pub fn health(&self) -> Result<(), String> {
+        let Some(pid) = self.dnsmasq.id().and_then(|p| i32::try_from(p).ok()) else {
+            return Err("dnsmasq (the NAT network's DHCP server) has exited".into());
+        };
+        match procfs::process::Process::new(pid).and_then(|p| p.stat()) {
+            Ok(st) if st.state != 'Z' && st.state != 'X' => Ok(()),
+            _ => Err(format!(
+                "dnsmasq (the NAT network's DHCP server, pid {pid}) has exited: new VMs get no address"
+            )),
+        }
+    }
+
     /// Sets up (or takes over) the network; `dir` holds dnsmasq's pid, lease and log files.
     pub async fn start(config: NatConfig, dir: &Path) -> Result<Self, NatError> {
         std::fs::create_dir_all(dir).map_err(|source| NatError::StateDir {

@@ -261,6 +261,33 @@ impl Hypervisor for QemuBackend {
         &self.caps
     }
 
+    async fn health(&self) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let binary = &self.shared.binary;
+        let resolved = if binary.components().count() > 1 {
+            Some(binary.clone())
+        } else {
+            std::env::var_os("PATH").and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|d| d.join(binary))
+                    .find(|p| p.is_file())
+            })
+        };
+        match resolved.as_ref().map(std::fs::metadata) {
+            Some(Ok(m)) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
+            _ => {
+                return Err(format!(
+                    "the QEMU binary {} is missing or not executable",
+                    binary.display()
+                ));
+            }
+        }
+        match &self.nat {
+            Some(nat) => nat.health(),
+            None => Ok(()),
+        }
+    }
+
     async fn create(&self, spec: VmSpec) -> Result<Arc<dyn Vm>, HypervisorError> {
         self.caps.check(&spec)?;
         if spec
