@@ -31,6 +31,7 @@ pub(crate) fn page_out_own_code() -> std::io::Result<u64> {
 
 /// `[start, end)` of the mappings of `path` in a `/proc/<pid>/maps` text that are not
 /// writable (text, read-only data): file-backed pages that are never dirty.
+#[cfg(any(target_os = "linux", test))]
 fn read_only_mappings_of(maps: &str, path: &str) -> Vec<(usize, usize)> {
     maps.lines()
         .filter_map(|line| {

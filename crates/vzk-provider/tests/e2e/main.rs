@@ -2,6 +2,7 @@
 //! `system:node:<name>` against a real kube-apiserver), a real `docker-registry` on
 //! loopback holding the test guest as a VM image, and QEMU (TCG) VMs whose network
 //! lives in a namespace the test creates.
+#![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)]
 
 mod probes;
