@@ -25,9 +25,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# What the aarch64-apple-darwin clippy covers. vzk-provider and vz-kubelet are still
-# being ported to macOS; drop the two excludes once they pass.
-mac_crates="--workspace --exclude vzk-provider --exclude vz-kubelet"
+# What the aarch64-apple-darwin clippy covers: every crate, the binary, their tests.
+mac_crates="--workspace"
 root=$(pwd)
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 work="$target_dir/check-macos"
