@@ -72,6 +72,15 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// The macOS platform data (hardware model, machine identifier) of a darwin image,
+    /// decoded and checked.
+    pub fn mac_platform(&self) -> Result<crate::MacImageConfig, crate::ImageConfigError> {
+        crate::MacImageConfig::from_base64(
+            self.hardware_model_data.as_deref(),
+            self.machine_id_data.as_deref(),
+        )
+    }
+
     /// The guest architecture, with the per-OS default.
     pub fn arch_or_default(&self) -> &str {
         match (&self.arch, self.os) {

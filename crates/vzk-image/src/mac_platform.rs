@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Contract: [`MacImageConfig::from_base64`] (the two fields as already read, e.g. by
-//! `vzk-image`'s `VmConfig`) and [`MacImageConfig::parse`] (the raw file) need
+//! [`crate::VmConfig::mac_platform`], which Tart images reach too through their converted config) and [`MacImageConfig::parse`] (the raw file) need
 //! `hardwareModelData` and `machineIdData`, decode them from standard base64 and check
 //! that each is an Apple binary property list (`bplist00` magic) — what
 //! `VZMacHardwareModel(dataRepresentation:)` and
@@ -15,11 +15,8 @@
 //! present, to be `darwin`, and ignores `storage` and unknown fields (the runtime finds
 //! disk and aux by layer media type, as the reference does).
 
-use std::path::PathBuf;
-
 use base64::Engine as _;
 use serde::Deserialize;
-use vzk_vm::BootSpec;
 
 /// The magic of an Apple binary property list.
 const BPLIST_MAGIC: &[u8] = b"bplist00";
@@ -98,15 +95,6 @@ impl MacImageConfig {
             hardware_model: decode_plist("hardwareModelData", hardware_model_data)?,
             machine_identifier: decode_plist("machineIdData", machine_id_data)?,
         })
-    }
-
-    /// The [`BootSpec`] of a VM booting this image from the cloned `aux_storage`.
-    pub fn boot_spec(self, aux_storage: PathBuf) -> BootSpec {
-        BootSpec::MacOs {
-            aux_storage,
-            hardware_model: self.hardware_model,
-            machine_id: self.machine_identifier,
-        }
     }
 }
 
@@ -208,17 +196,10 @@ mod tests {
     }
 
     #[test]
-    fn boot_spec_carries_the_decoded_data() {
+    fn from_base64_carries_the_decoded_data() {
         let cfg = MacImageConfig::from_base64(Some("YnBsaXN0MDBB"), Some("YnBsaXN0MDBC"))
             .unwrap_or_else(|e| panic!("{e}"));
-        let boot = cfg.boot_spec("/clones/uid/aux.img".into());
-        assert_eq!(
-            boot,
-            BootSpec::MacOs {
-                aux_storage: "/clones/uid/aux.img".into(),
-                hardware_model: b"bplist00A".to_vec(),
-                machine_id: b"bplist00B".to_vec(),
-            }
-        );
+        assert_eq!(cfg.hardware_model, b"bplist00A".to_vec());
+        assert_eq!(cfg.machine_identifier, b"bplist00B".to_vec());
     }
 }

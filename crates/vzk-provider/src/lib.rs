@@ -1,10 +1,14 @@
 //! The VM pod provider of vz-kubelet: container 0 of a pod runs as a VM.
 //!
 //! * [`VmProvider`] is built on an injected `Arc<dyn Hypervisor>` (the binary picks
-//!   this host's with `vzk_backend::open`; tests may pass a fake) and implements the node runtime's `PodLifecycle`, `NodeProvider` and
-//!   `StreamingRuntime` (see [`provider`] for the contract).
+//!   this host's with `vzk_backend::open`; tests may pass a fake) and implements the node
+//!   runtime's `PodLifecycle`, `NodeProvider` and `StreamingRuntime` (see [`provider`]
+//!   for the contract). It names no backend: the VM network namespace, QEMU's processes
+//!   and files are the backend's business (`Vm::connect`, `Vm::host_usage`).
 //! * [`ProviderArgs`]: its flags, flattened into `vz-kubelet run`.
 //! * [`pod`]: one pod's lifecycle task (pull → slot → clone → boot → IP → SSH ready).
+//! * [`boot`]: what the VM boots (macOS loader, Linux kernel or EFI) from the image and
+//!   the backend's capabilities (pure).
 //! * [`status`]: pod status from the VM's state (pure).
 //! * [`resources`]: vCPUs and memory from requests/limits within backend bounds (pure).
 //! * [`slots`]: the VM slot pool (at most N VMs).
@@ -17,11 +21,22 @@
 //! * [`probes`]: startup/readiness/liveness probes (exec, tcpSocket, httpGet) for the VM
 //!   and the side-cars, and the restart back-off.
 //!
+//! The pod path, in reading order: `vzk_node::pods` (the watch, env resolution) →
+//! [`provider`] (`create_pod`: validation, the pod record) → [`pod`] (`run_new`: pull,
+//! [`boot`], [`volumes`], slot, clone, `Hypervisor::create`/`Vm::start`, IP, SSH
+//! readiness, hooks, [`probes`], restart) → [`status`] (what the node writes).
+//!
+//! Tests: `cargo test -p vzk-provider` runs the unit tests anywhere and, as root with
+//! `KUBEBUILDER_ASSETS` set, `tests/e2e` against a real kube-apiserver, dockerd, a
+//! `docker-registry` and QEMU (TCG) VMs in a network namespace the test creates; the
+//! packages are those of `.ci/packages.apt` (`scripts/install-deps.sh`).
+//!
 //! Env values of containers 1..N (they may be secrets) are never written to disk: after
 //! an agent restart a side-car is re-created only once the pod controller hands the
 //! provider the env-resolved pod again.
 
 pub mod args;
+pub mod boot;
 pub mod error;
 pub mod health;
 pub mod logs;

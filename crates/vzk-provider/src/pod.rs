@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use vzk_core::{PodEvent, PodKey};
 use vzk_guest::{GuestConfig, GuestSession, HostKeyStore};
 use vzk_image::{PinGuard, PullOptions, PullPolicy, Reference};
-use vzk_vm::{BootSpec, DiskFormat, DiskSpec, MacAddr, NicSpec, Vm, VmSpec, VmState};
+use vzk_vm::{DiskFormat, DiskSpec, MacAddr, NicSpec, Vm, VmSpec, VmState};
 
 use crate::probes::{
     self, ContainerProbes, ExecOutcome, OutputBuf, ProbeTarget, ProbeUpdate, RestartBackoff,
@@ -342,16 +342,24 @@ async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     }
 
     // 2. What to boot.
-    let invalid = |msg: String| {
-        inner.event(&e, PodEvent::warning("Failed", msg.clone()));
-        inner.waiting(&e, "InvalidVMImage", msg);
+    let files = crate::boot::ImageFiles {
+        kernel: image.kernel(),
+        initrd: image.initrd(),
+        aux: image.aux(),
     };
-    let Some(kernel) = image.kernel() else {
-        invalid(format!(
-            "image {image_name} has no kernel: the QEMU backend boots Linux images with a kernel (os {})",
-            image.config.os.as_str()
-        ));
-        return;
+    let boot = match crate::boot::plan(
+        &image_name,
+        &image.config,
+        &files,
+        inner.hv.capabilities(),
+        &e.dir,
+    ) {
+        Ok(b) => b,
+        Err(err) => {
+            inner.event(&e, PodEvent::warning("Failed", err.to_string()));
+            inner.waiting(&e, err.reason(), err.to_string());
+            return;
+        }
     };
     let res = match vm_resources(
         c0.resources.as_ref(),
@@ -411,19 +419,26 @@ async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             }
         }
     };
+    // 4b. The per-pod copy the boot needs (a macOS guest writes its aux storage/NVRAM).
+    // std::fs::copy clones on APFS (clonefile), so this costs no space there.
+    if let Some((from, to)) = &boot.clone
+        && let Err(err) = std::fs::copy(from, to)
+    {
+        let msg = format!(
+            "copying {} into the pod: {err}",
+            from.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        );
+        inner.event(&e, PodEvent::warning("Failed", msg.clone()));
+        inner.waiting(&e, "CreateContainerError", msg);
+        lock(&e.slot).take();
+        return;
+    }
     let spec = VmSpec {
         id: vm_id(&e.key.uid),
         cpus: res.cpus,
         memory_bytes: res.memory_bytes,
-        boot: BootSpec::LinuxKernel {
-            kernel,
-            initrd: image.initrd(),
-            cmdline: image
-                .config
-                .kernel_cmdline
-                .clone()
-                .unwrap_or_else(|| "console=ttyS0".into()),
-        },
+        boot: boot.spec,
         disks: vec![DiskSpec {
             path: disk_path,
             read_only: false,
