@@ -18,8 +18,16 @@
 //! even when a test panics.
 //! [`ControlPlane::start`] gives a private control plane (for tests that stop the API
 //! server); dropping it stops its daemons and removes its directory.
+//!
+//! # Aggregation layer and metrics-server
+//! The API server always runs with the aggregation layer configured as kubeadm sets it up
+//! (a front-proxy CA of its own, `--requestheader-*`, `--proxy-client-cert-file/key`); it
+//! costs nothing until an APIService exists. [`ControlPlane::start_metrics_server`] (opt-in)
+//! adds metrics-server v0.9 from `$KUBEBUILDER_ASSETS/extra`, so that `kubectl top` works;
+//! see the [`metrics_server`] module for how it is wired.
 
 pub mod fixtures;
+pub mod metrics_server;
 mod pki;
 mod process;
 
@@ -38,6 +46,11 @@ pub use pki::CertPair;
 
 /// The environment variable naming the folder with `etcd` and `kube-apiserver`.
 pub const ASSETS_ENV: &str = "KUBEBUILDER_ASSETS";
+
+/// CN of the client certificate the API server's aggregation layer presents to extension
+/// API servers (`--proxy-client-cert-file`), the one name `--requestheader-allowed-names`
+/// accepts.
+pub const FRONT_PROXY_CLIENT_CN: &str = "front-proxy-client";
 
 /// Errors starting or using the test environment.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +85,39 @@ pub enum TestEnvError {
         what: &'static str,
         /// How long we waited.
         secs: u64,
+        /// Path of its log file.
+        log: String,
+    },
+    /// A request to the API server failed.
+    #[error("{what}")]
+    Api {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// An APIService did not turn Available in time.
+    #[error(
+        "APIService {name} was not Available within {secs} s ({condition}); metrics-server's log: {log}"
+    )]
+    ApiServiceUnavailable {
+        /// The APIService.
+        name: &'static str,
+        /// How long we waited.
+        secs: u64,
+        /// Its last Available condition (reason: message).
+        condition: String,
+        /// Path of the backing server's log file.
+        log: String,
+    },
+    /// A daemon exited while we waited for it.
+    #[error("{what} exited ({status}); its log: {log}")]
+    Exited {
+        /// Which daemon.
+        what: &'static str,
+        /// Its exit status.
+        status: std::process::ExitStatus,
         /// Path of its log file.
         log: String,
     },
@@ -121,6 +167,9 @@ pub struct ControlPlane {
     apiserver_args: Vec<String>,
     etcd: Mutex<Option<Child>>,
     apiserver: Mutex<Option<Child>>,
+    metrics_server: Mutex<Option<Child>>,
+    /// Serialises [`ControlPlane::start_metrics_server`] (tests may call it at once).
+    metrics_server_start: tokio::sync::Mutex<()>,
     admin_kubeconfig: PathBuf,
     private: bool,
 }
@@ -170,7 +219,7 @@ impl ControlPlane {
             Ok(p)
         };
 
-        let ca = pki::Ca::new()?;
+        let ca = pki::Ca::named("vzk-testenv-ca")?;
         let ca_pem = ca.cert_pem();
         write("ca.crt", &ca_pem)?;
         let serving = ca.serving_cert(&[
@@ -186,6 +235,14 @@ impl ControlPlane {
             ca.client_cert("kube-apiserver-kubelet-client", &["system:masters"])?;
         write("kubelet-client.crt", &kubelet_client.cert_pem)?;
         write("kubelet-client.key", &kubelet_client.key_pem)?;
+        // The aggregation layer: the API server proves itself to extension API servers
+        // (metrics-server) with a client certificate from a CA of its own, and they trust
+        // the user named in its X-Remote-* headers only from that certificate.
+        let front_proxy_ca = pki::Ca::named("vzk-testenv-front-proxy-ca")?;
+        write("front-proxy-ca.crt", &front_proxy_ca.cert_pem())?;
+        let front_proxy_client = front_proxy_ca.client_cert(FRONT_PROXY_CLIENT_CN, &[])?;
+        write("front-proxy-client.crt", &front_proxy_client.cert_pem)?;
+        write("front-proxy-client.key", &front_proxy_client.key_pem)?;
         let (sa_key, sa_pub) = pki::service_account_keys()?;
         write("sa.key", &sa_key)?;
         write("sa.pub", &sa_pub)?;
@@ -226,6 +283,18 @@ impl ControlPlane {
             format!("--kubelet-client-key={d}/kubelet-client.key"),
             "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
             "--endpoint-reconciler-type=none".into(),
+            format!("--requestheader-client-ca-file={d}/front-proxy-ca.crt"),
+            format!("--requestheader-allowed-names={FRONT_PROXY_CLIENT_CN}"),
+            "--requestheader-username-headers=X-Remote-User".into(),
+            "--requestheader-group-headers=X-Remote-Group".into(),
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+            format!("--proxy-client-cert-file={d}/front-proxy-client.crt"),
+            format!("--proxy-client-key-file={d}/front-proxy-client.key"),
+            // No --enable-aggregator-routing: the aggregator then resolves an APIService's
+            // Service by its cluster IP, or, for type ExternalName, by its externalName host,
+            // which is how it reaches metrics-server on loopback (Endpoints and
+            // EndpointSlices may not hold loopback addresses; endpoint routing refuses
+            // ExternalName services).
             format!("--audit-policy-file={d}/audit-policy.yaml"),
             format!("--audit-log-path={d}/audit.log"),
             "--audit-log-maxsize=0".into(),
@@ -243,6 +312,8 @@ impl ControlPlane {
             apiserver_args,
             etcd: Mutex::new(None),
             apiserver: Mutex::new(None),
+            metrics_server: Mutex::new(None),
+            metrics_server_start: tokio::sync::Mutex::new(()),
             admin_kubeconfig,
             private,
         };
@@ -253,16 +324,18 @@ impl ControlPlane {
     }
 
     fn spawn(&self, bin: &str, args: &[String]) -> Result<Child, TestEnvError> {
-        let log_path = self.dir.join(format!("{bin}.log"));
+        self.spawn_exe(&self.assets.join(bin), bin, args)
+    }
+
+    /// Spawns `exe`, tied to this process, logging to `<dir>/<name>.log`.
+    fn spawn_exe(&self, exe: &Path, name: &str, args: &[String]) -> Result<Child, TestEnvError> {
+        let log_path = self.dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path)
             .map_err(io_err(format!("creating {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io_err("cloning a log handle"))?;
-        let mut cmd = Command::new(self.assets.join(bin));
+        let mut cmd = Command::new(exe);
         cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(log2);
-        process::spawn_tied(cmd).map_err(io_err(format!(
-            "starting {}",
-            self.assets.join(bin).display()
-        )))
+        process::spawn_tied(cmd).map_err(io_err(format!("starting {}", exe.display())))
     }
 
     /// Starts (or restarts) kube-apiserver and waits until `/readyz` answers.
@@ -503,6 +576,7 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        self.stop_metrics_server();
         self.stop_apiserver();
         if let Ok(mut g) = self.etcd.lock()
             && let Some(mut c) = g.take()

@@ -1,6 +1,8 @@
 //! Certificates for the test cluster: one CA signs the API server's serving certificate,
-//! client certificates (admin, nodes, the API server's kubelet client) and kubelet serving
-//! certificates. Keys are ECDSA P-256 (rcgen's default).
+//! client certificates (admin, nodes, the API server's kubelet client, metrics-server) and
+//! serving certificates (kubelets, metrics-server); a second CA, the front-proxy CA, signs
+//! only the client certificate the API server's aggregation layer presents to extension
+//! API servers (as kubeadm lays it out). Keys are ECDSA P-256 (rcgen's default).
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
@@ -28,10 +30,11 @@ fn pki_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> TestEnvError {
 }
 
 impl Ca {
-    pub(crate) fn new() -> Result<Self, TestEnvError> {
+    /// A self-signed CA with `CN=cn`.
+    pub(crate) fn named(cn: &str) -> Result<Self, TestEnvError> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(pki_err("CA"))?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "vzk-testenv-ca");
+        dn.push(DnType::CommonName, cn);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
