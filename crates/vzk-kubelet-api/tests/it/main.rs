@@ -6,4 +6,5 @@ mod direct;
 mod kubectl;
 mod runtime;
 mod support;
+mod top;
 mod websocket;

@@ -35,9 +35,27 @@ pub(crate) fn count_panics() {
     });
 }
 
+/// The control plane a harness runs against.
+pub(crate) enum Cp {
+    /// The one every test of this binary shares.
+    Shared(&'static ControlPlane),
+    /// One of the harness's own, stopped with it.
+    Own(Box<ControlPlane>),
+}
+
+impl std::ops::Deref for Cp {
+    type Target = ControlPlane;
+    fn deref(&self) -> &ControlPlane {
+        match self {
+            Cp::Shared(cp) => cp,
+            Cp::Own(cp) => cp,
+        }
+    }
+}
+
 /// One kubelet API server + its Node and Pod in the real API server.
 pub(crate) struct Harness {
-    pub(crate) cp: &'static ControlPlane,
+    pub(crate) cp: Cp,
     pub(crate) admin: kube::Client,
     pub(crate) node: String,
     pub(crate) port: u16,
@@ -67,6 +85,9 @@ pub(crate) struct Opts {
     pub(crate) fast_reload: bool,
     /// A 1 s stream-creation timeout.
     pub(crate) short_stream_timeout: bool,
+    /// A control plane of the harness's own with metrics-server (which scrapes every
+    /// node of its cluster: kept away from the other tests' nodes and request counts).
+    pub(crate) metrics_server: bool,
 }
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
@@ -77,7 +98,19 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
 
 pub(crate) async fn start(prefix: &str, opts: Opts) -> Harness {
     count_panics();
-    let cp = ControlPlane::shared();
+    let cp = if opts.metrics_server {
+        let cp = ControlPlane::start().expect("a control plane of the harness's own");
+        if let Err(e) = cp.start_metrics_server().await {
+            panic!(
+                "metrics-server: {}\n{}",
+                vzk_testenv::error_chain(&e),
+                std::fs::read_to_string(cp.metrics_server_log_path()).unwrap_or_default()
+            );
+        }
+        Cp::Own(Box::new(cp))
+    } else {
+        Cp::Shared(ControlPlane::shared())
+    };
     let admin = cp.admin_client().await;
     let node = format!("{prefix}-{:06x}", rand_u32() & 0xff_ffff);
     let dir = tempfile::tempdir().expect("tempdir");
