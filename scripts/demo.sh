@@ -108,8 +108,8 @@ say "build"
 cargo build -q -p vz-kubelet -p vzk-testenv --bins
 bin=$root/target/debug
 
-say "control plane"
-setsid "$bin/vzk-cluster" --dir "$work" --node demo-node 2>"$work/cluster.log" & started $!
+say "control plane (etcd, kube-apiserver, metrics-server for kubectl top)"
+setsid "$bin/vzk-cluster" --dir "$work" --node demo-node --metrics-server 2>"$work/cluster.log" & started $!
 for _ in $(seq 1 120); do [ -f "$work/cluster.env" ] && break; sleep 0.5; done
 [ -f "$work/cluster.env" ] || { cat "$work/cluster.log"; exit 1; }
 # shellcheck disable=SC1091
@@ -182,6 +182,12 @@ kubectl port-forward pod/demo-vm 2222:22 >"$work/pf.log" 2>&1 & pf=$!
 for _ in $(seq 1 50); do grep -q Forwarding "$work/pf.log" && break; sleep 0.2; done
 python3 -c 'import socket; s=socket.create_connection(("127.0.0.1",2222),10); print("  banner:", s.recv(256).split(b"\r\n")[0].decode())'
 kill $pf; wait $pf 2>/dev/null || true
+
+say "kubectl top (metrics-server scrapes the node's /metrics/resource every 10 s)"
+for _ in $(seq 1 45); do kubectl top node demo-node >/dev/null 2>&1 && break; sleep 2; done
+kubectl top node demo-node
+for _ in $(seq 1 45); do kubectl top pod demo-vm --containers >/dev/null 2>&1 && break; sleep 2; done
+kubectl top pod demo-vm --containers || { tail -20 "$METRICS_SERVER_LOG"; exit 1; }
 
 if [ "$keep" = 0 ]; then
   say "delete with grace"
