@@ -130,7 +130,13 @@ pub async fn resolve_pod_env(
     };
     let mut out = pod.clone();
     if let Some(spec) = out.spec.as_mut() {
-        let containers = spec.containers.clone();
+        // `resourceFieldRef.containerName` may name an init container too.
+        let containers: Vec<Container> = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .cloned()
+            .collect();
         for c in spec
             .containers
             .iter_mut()

@@ -744,7 +744,18 @@ async fn publish(shared: &Shared, pod: &Pod, event: PodEvent) {
     let mut regarding = pod.object_ref(&());
     // As the kubelet does: events about one container name it, so the VM's and a
     // side-car's "Started" are separate events, not one series.
-    regarding.field_path = event.container.map(|c| format!("spec.containers{{{c}}}"));
+    regarding.field_path = event.container.map(|c| {
+        let init = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.init_containers.iter().flatten())
+            .any(|x| x.name == c);
+        if init {
+            format!("spec.initContainers{{{c}}}")
+        } else {
+            format!("spec.containers{{{c}}}")
+        }
+    });
     if let Err(e) = shared.recorder.publish(&ev, &regarding).await {
         debug!(pod = %pod.name_any(), error = %e, "publishing an event failed");
     }
