@@ -13,6 +13,8 @@
 //! * [`resources`]: vCPUs and memory from requests/limits within backend bounds (pure).
 //! * [`slots`]: the VM slot pool (at most N VMs).
 //! * [`health`]: `ping` and the node conditions VMBackendReady, DockerReady, DataDirReady.
+//! * [`vm_limit`]: the hypervisor's limit of running VMs (two macOS VMs per Mac) and its
+//!   leak: a pod event, the node condition VMLimitLeaked, VM capacity dropped.
 //! * [`logs`]: the serial console as `kubectl logs`.
 //! * [`record`]: the on-disk pod record used to re-adopt VMs after a restart.
 //! * [`sidecars`]: containers 1..N as Docker side-cars (pull, run, restart, streams, stats).
@@ -48,6 +50,7 @@ pub mod resources;
 pub mod sidecars;
 pub mod slots;
 pub mod status;
+pub mod vm_limit;
 pub mod volumes;
 
 pub use args::ProviderArgs;

@@ -463,15 +463,24 @@ async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             .await
             .map_err(|err| ("CreateContainerError", error_chain(&err)))?;
         *lock(&entry.vm) = Some(vm.clone());
-        vm.start()
-            .await
-            .map_err(|err| ("RunContainerError", error_chain(&err)))?;
+        vm.start().await.map_err(|err| match err {
+            vzk_vm::VmError::LimitReached { detail, .. } => ("VMLimitReached", detail),
+            err => ("RunContainerError", error_chain(&err)),
+        })?;
         Ok::<_, (&'static str, String)>(vm)
     })
     .await;
     let vm = match created {
-        Ok(vm) => vm,
+        Ok(vm) => {
+            lock(&inner.vm_limit).started();
+            vm
+        }
         Err((reason, msg)) => {
+            let msg = if reason == "VMLimitReached" {
+                inner.vm_limit_refused(&e, &msg)
+            } else {
+                msg
+            };
             inner.event(&e, PodEvent::warning("Failed", format!("Error: {msg}")));
             inner.set_phase(
                 &e,

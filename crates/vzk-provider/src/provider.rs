@@ -37,7 +37,7 @@ use vzk_core::{
 };
 use vzk_guest::{CredentialSource, Credentials, GuestSession};
 use vzk_image::{Cloner, ImageStore, Keyring, PullSecret, Reference};
-use vzk_vm::{Hypervisor, Vm};
+use vzk_vm::{Hypervisor, Vm, VmState};
 
 use crate::args::ProviderArgs;
 use crate::error::ProviderInitError;
@@ -68,6 +68,8 @@ pub(crate) struct Inner {
     cpu_samples: Mutex<HashMap<String, (Instant, u64)>>,
     /// The last health checks (`ping`), reported as node conditions.
     health: Mutex<Vec<crate::health::Check>>,
+    /// The hypervisor's limit of running VMs and its leak ([`crate::vm_limit`]).
+    pub(crate) vm_limit: Mutex<crate::vm_limit::VmLimit>,
     /// Docker side-cars (containers 1..N).
     pub(crate) sidecars: crate::sidecars::Sidecars,
 }
@@ -146,6 +148,7 @@ impl VmProvider {
             pods: Mutex::new(HashMap::new()),
             cpu_samples: Mutex::new(HashMap::new()),
             health: Mutex::new(Vec::new()),
+            vm_limit: Mutex::new(crate::vm_limit::VmLimit::default()),
             sidecars,
         });
         let h = hv.clone();
@@ -214,6 +217,34 @@ impl Drop for VmProvider {
 }
 
 impl Inner {
+    /// This node's VMs that are starting, running or stopping.
+    pub(crate) fn running_vms(&self) -> u32 {
+        let n = lock(&self.pods)
+            .values()
+            .filter_map(|e| e.vm())
+            .filter(|vm| {
+                matches!(
+                    *vm.state().borrow(),
+                    VmState::Starting | VmState::Running | VmState::Stopping
+                )
+            })
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// The hypervisor refused to start `e`'s VM for its limit: a pod event, and the
+    /// node condition when the refusal is a leak. Returns the status message.
+    pub(crate) fn vm_limit_refused(&self, e: &PodEntry, detail: &str) -> String {
+        let running = self.running_vms();
+        let limit = self.hv.capabilities().max_running_vms;
+        let msg = crate::vm_limit::event_message(detail, running, limit);
+        self.event(e, PodEvent::warning("VMLimitReached", msg.clone()));
+        if let Some(r) = lock(&self.vm_limit).refused(running, limit) {
+            warn!(pod = %e.key, running = r.running, limit = r.limit, "the hypervisor refuses VMs below its limit: leaked limit or another program's VMs");
+        }
+        msg
+    }
+
     /// Checks the backends (at once, each bounded) and keeps the verdicts for
     /// [`NodeProvider::conditions`].
     async fn check_health(&self) -> Vec<crate::health::Check> {
@@ -576,7 +607,11 @@ impl NodeProvider for VmProvider {
             ),
             (
                 VM_RESOURCE.to_owned(),
-                Quantity(self.inner.slots.capacity().to_string()),
+                Quantity(
+                    lock(&self.inner.vm_limit)
+                        .vm_capacity(self.inner.slots.capacity())
+                        .to_string(),
+                ),
             ),
         ]);
         if let Some(mem) = vzk_node::host::memory() {
@@ -593,7 +628,9 @@ impl NodeProvider for VmProvider {
         if checks.is_empty() {
             checks = self.inner.check_health().await;
         }
-        checks.iter().map(crate::health::Check::condition).collect()
+        let mut conditions: Vec<_> = checks.iter().map(crate::health::Check::condition).collect();
+        conditions.push(lock(&self.inner.vm_limit).condition());
+        conditions
     }
 
     async fn ping(&self) -> Result<(), ProviderError> {

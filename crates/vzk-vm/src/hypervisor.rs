@@ -267,6 +267,17 @@ pub enum VmError {
         #[source]
         source: BoxError,
     },
+    /// The hypervisor refuses to run another VM: its limit of concurrently running VMs
+    /// is reached (Virtualization.framework allows two macOS VMs per host).
+    #[error(
+        "the hypervisor refuses to start VM {id}: its limit of running VMs is reached ({detail})"
+    )]
+    LimitReached {
+        /// The VM id.
+        id: String,
+        /// What the hypervisor said.
+        detail: String,
+    },
     /// Asking the guest to stop failed.
     #[error("requesting VM {id} to stop failed")]
     RequestStop {

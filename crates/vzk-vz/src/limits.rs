@@ -150,6 +150,17 @@ impl Bounds {
     }
 }
 
+/// `VZErrorDomain`, the domain of Virtualization.framework's own errors.
+pub const VZ_ERROR_DOMAIN: &str = "VZErrorDomain";
+/// `VZErrorVirtualMachineLimitExceeded`: the host already runs as many VMs as the
+/// framework allows (two macOS guests).
+pub const VZ_ERROR_VM_LIMIT_EXCEEDED: isize = 6;
+
+/// Whether a framework error (by domain and code) is the "too many VMs" refusal.
+pub fn is_vm_limit_error(domain: &str, code: isize) -> bool {
+    domain == VZ_ERROR_DOMAIN && code == VZ_ERROR_VM_LIMIT_EXCEEDED
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,5 +306,12 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn only_vz_error_6_is_the_vm_limit() {
+        assert!(is_vm_limit_error("VZErrorDomain", 6));
+        assert!(!is_vm_limit_error("VZErrorDomain", 2));
+        assert!(!is_vm_limit_error("NSPOSIXErrorDomain", 6));
     }
 }

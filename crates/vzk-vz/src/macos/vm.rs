@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use vzk_vm::{NetworkAttachment, VmError, VmSpec, VmState};
 
-use super::actor::{Actor, Command, CreateError};
+use super::actor::{Actor, Command, CommandError, CreateError};
 use super::bpf;
 use crate::config::VzConfig;
 use crate::discovery::watch::{Sources, discover};
@@ -174,11 +174,31 @@ impl vzk_vm::Vm for VzVm {
                 state,
             });
         }
-        self.send(Command::Start, "start", |id, source| VmError::Start {
-            id,
-            source,
-        })
-        .await?;
+        let id = self.spec.id.clone();
+        match self.actor.send(Command::Start).await {
+            Some(Ok(())) => {}
+            Some(Err(CommandError::Framework(e)))
+                if crate::limits::is_vm_limit_error(&e.domain, e.code) =>
+            {
+                return Err(VmError::LimitReached {
+                    id,
+                    detail: e.to_string(),
+                });
+            }
+            Some(Err(e)) => {
+                return Err(VmError::Start {
+                    id,
+                    source: Box::new(e),
+                });
+            }
+            None => {
+                return Err(VmError::InvalidState {
+                    id,
+                    operation: "start",
+                    state: self.states.current(),
+                });
+            }
+        }
         self.start_discovery();
         Ok(())
     }
