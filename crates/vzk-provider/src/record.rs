@@ -2,7 +2,8 @@
 //! agent needs to re-adopt a running VM as a pod (its key, spec and start time).
 //!
 //! Resolved env values can be secrets: the record keeps only container 0's `VZ_SSH_*`
-//! variables (needed to reach the guest again) and drops every other env value.
+//! variables (needed to reach the guest again) and drops every other env value (init
+//! containers' too).
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -38,6 +39,10 @@ impl PodRecord {
                     Some(env) if i == 0 => env.retain(|e| e.name.starts_with("VZ_SSH_")),
                     _ => c.env = None,
                 }
+            }
+            for c in spec.init_containers.iter_mut().flatten() {
+                c.env = None;
+                c.env_from = None;
             }
         }
         pod.metadata.managed_fields = None;
@@ -105,6 +110,11 @@ mod tests {
                         ..Default::default()
                     },
                 ],
+                init_containers: Some(vec![Container {
+                    name: "init".into(),
+                    env: Some(vec![env("DB_PASSWORD")]),
+                    ..Default::default()
+                }]),
                 ..Default::default()
             }),
             ..Default::default()
@@ -120,10 +130,15 @@ mod tests {
         let back = path
             .as_deref()
             .and_then(|p| r.save(p).ok().and_then(|()| PodRecord::load(p).ok()));
-        let back = back.map(|b| (b.key(), b.pod.spec.unwrap_or_default().containers));
-        let Some((k, cs)) = back else {
+        let back = back.map(|b| {
+            let key = b.key();
+            let spec = b.pod.spec.unwrap_or_default();
+            (key, spec.containers, spec.init_containers)
+        });
+        let Some((k, cs, init)) = back else {
             panic!("round trip failed")
         };
+        assert!(init.unwrap_or_default().iter().all(|c| c.env.is_none()));
         assert_eq!(k, key);
         let names: Vec<_> = cs[0]
             .env
