@@ -18,6 +18,8 @@
 //! * [`logs`]: the serial console as `kubectl logs`.
 //! * [`record`]: the on-disk pod record used to re-adopt VMs after a restart.
 //! * [`sidecars`]: containers 1..N as Docker side-cars (pull, run, restart, streams, stats).
+//! * [`init`]: init containers (and native side-cars) in Docker before the VM boots;
+//!   [`init_status`]: their pod status (pure).
 //! * [`volumes`]: pod volumes as VM shares (9p, mounted at `mountPath` over SSH) and
 //!   side-car binds.
 //! * [`probes`]: startup/readiness/liveness probes (exec, tcpSocket, httpGet) for the VM
@@ -41,6 +43,8 @@ pub mod args;
 pub mod boot;
 pub mod error;
 pub mod health;
+pub mod init;
+pub mod init_status;
 pub mod logs;
 pub mod pod;
 pub mod probes;

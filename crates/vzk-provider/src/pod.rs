@@ -71,8 +71,10 @@ pub(crate) struct PodEntry {
     pub(crate) pin: Mutex<Option<PinGuard>>,
     /// Restarts, last state and `started` of container 0.
     pub(crate) history: Mutex<VmHistory>,
-    /// Containers 1..N (Docker side-cars).
+    /// Containers 1..N (Docker side-cars) and the init containers.
     pub(crate) sidecars: crate::sidecars::PodSidecars,
+    /// Whether the init containers have completed.
+    pub(crate) init: crate::init::PodInit,
 }
 
 impl PodEntry {
@@ -94,7 +96,12 @@ impl PodEntry {
                 .as_ref()
                 .map(|s| s.containers.as_slice())
                 .unwrap_or_default(),
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.init_containers.as_deref())
+                .unwrap_or_default(),
         );
+        let init = crate::init::PodInit::new(&pod, &start_time);
         Self {
             key,
             pod,
@@ -116,6 +123,7 @@ impl PodEntry {
             pin: Mutex::new(None),
             history: Mutex::new(VmHistory::default()),
             sidecars,
+            init,
         }
     }
 
@@ -136,6 +144,7 @@ impl PodEntry {
             .as_ref()
             .and_then(|s| s.restart_policy.as_deref());
         self.sidecars.merge_into(&mut status, restart_policy);
+        crate::init::apply_status(self, &mut status);
         status
     }
 
@@ -149,6 +158,11 @@ impl PodEntry {
 
     pub(crate) fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
+    }
+
+    /// The console of the VM's previous boot (kept when it is booted again).
+    pub(crate) fn previous_console_log(&self) -> PathBuf {
+        self.dir.join("console.previous.log")
     }
 
     fn container0(&self) -> Option<&k8s_openapi::api::core::v1::Container> {
@@ -220,12 +234,17 @@ impl Inner {
     }
 }
 
-/// The lifecycle task of a new pod: runs until the VM ends or the pod is deleted.
+/// The lifecycle task of a new pod: runs until the VM ends or the pod is deleted. The
+/// init containers run to completion first ([`crate::init`]).
 pub(crate) async fn run_new(inner: Arc<Inner>, e: Arc<PodEntry>) {
     let cancel = e.cancel.clone();
     tokio::select! {
         () = cancel.cancelled() => {}
-        () = create_and_watch(inner, e) => {}
+        () = async move {
+            if crate::init::run(&inner, &e).await {
+                create_and_watch(inner, e).await;
+            }
+        } => {}
     }
 }
 
@@ -735,6 +754,13 @@ async fn reboot(
                 *lock(&entry.vm) = Some(old);
                 return Err(("CreateContainerError", error_chain(&err)));
             }
+        }
+        // The ended boot's console becomes `kubectl logs --previous`; the new boot
+        // writes a fresh one.
+        if let Err(err) = std::fs::rename(entry.console_log(), entry.previous_console_log())
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(pod = %entry.key, error = %err, "keeping the previous boot's console log");
         }
         let vm = hv
             .create(spec)

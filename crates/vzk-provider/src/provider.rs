@@ -405,6 +405,7 @@ impl Inner {
         lock(&self.pods).insert(uid, e.clone());
         let task = tokio::spawn(pod::run_adopted(self.clone(), e.clone(), vm));
         *lock(&e.task) = Some(task);
+        crate::init::adopt(self, &e);
         crate::sidecars::start(self, &e, true);
     }
 }
@@ -438,6 +439,7 @@ impl PodLifecycle for VmProvider {
         crate::probes::ContainerProbes::from_container(c0)
             .map_err(|e| ProviderError::invalid("InvalidProbe", e.to_string()))?;
         crate::sidecars::validate(pod)?;
+        crate::init::validate(pod)?;
         let creds = self.inner.credentials(pod)?;
         if lock(&self.inner.pods).contains_key(&key.uid) {
             return Ok(());
@@ -670,10 +672,18 @@ impl StreamingRuntime for VmProvider {
         }
         let e = self.entry(target)?;
         if opts.previous {
-            return Err(ProviderError::NotFound(format!(
-                "previous instance of {}: VMs are not restarted",
-                e.key
-            )));
+            // The previous boot has ended: nothing to follow.
+            let ended = tokio_util::sync::CancellationToken::new();
+            ended.cancel();
+            return crate::logs::console_logs(e.previous_console_log(), opts.clone(), ended)
+                .await
+                .map_err(|err| match err.kind() {
+                    std::io::ErrorKind::NotFound => ProviderError::NotFound(format!(
+                        "previous terminated container {:?} of pod {}: the VM has not been booted again",
+                        e.container, e.key
+                    )),
+                    _ => ProviderError::failed("ReadLogsFailed", err.to_string()),
+                });
         }
         crate::logs::console_logs(e.console_log(), opts.clone(), e.ended.clone())
             .await

@@ -4,8 +4,10 @@
 //! * At start-up the provider connects to the local dockerd. Without one the node
 //!   still runs VM-only pods; side-cars then wait with reason `DockerUnavailable` (and
 //!   the connection is retried when a pod with side-cars arrives).
-//! * Each side-car has a task of its own, started with the pod (in parallel with the
-//!   VM's pull and boot): pull per `imagePullPolicy` with the pod's pull secrets and
+//! * The same slots and `run` loop run the pod's init containers ([`crate::init`] decides
+//!   when, and their restart policy).
+//! * Each side-car has a task of its own, started with the pod once its init containers
+//!   have completed (in parallel with the VM's pull and boot): pull per `imagePullPolicy` with the pod's pull secrets and
 //!   the node's docker config (`Pulling`/`Pulled`, `ErrImagePull` →
 //!   `ImagePullBackOff` with back-off), wait for the pod's volumes, create + start
 //!   (`Created`/`Started`), postStart exec hook (`FailedPostStartHook` kills the
@@ -62,6 +64,7 @@ use vzk_docker::{
     DockerError, PullOutcome, PullPolicy, RegistryAuth, RunState, SidecarRuntime, SidecarSpec,
 };
 
+use crate::init::SlotKind;
 use crate::pod::{PodEntry, error_chain, lock};
 use crate::probes::{
     self, Action, ContainerProbes, ExecOutcome, OutputBuf, ProbeTarget, ProbeUpdate, RestartBackoff,
@@ -120,24 +123,29 @@ impl Sidecars {
     }
 }
 
-/// One side-car's state as the pod status shows it.
+/// One side-car's (or init container's) state as the pod status shows it.
 #[derive(Debug, Clone)]
-struct Slot {
-    status: ContainerStatus,
+pub(crate) struct Slot {
+    pub(crate) status: ContainerStatus,
     /// Docker id of the current attempt.
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     /// Docker id of the previous attempt (for `--previous` logs).
     prev_id: Option<String>,
+    /// A side-car, or an init container run by [`crate::init`].
+    pub(crate) kind: SlotKind,
 }
 
-/// The side-cars of one pod (containers 1..N).
+/// The Docker containers of one pod: side-cars (containers 1..N), then its init
+/// containers ([`crate::init`] runs those).
 #[derive(Debug, Default)]
 pub(crate) struct PodSidecars {
-    slots: Mutex<Vec<Slot>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// The latest env-resolved containers 1..N handed over by `update_pod` (memory
-    /// only: never written to disk).
+    pub(crate) slots: Mutex<Vec<Slot>>,
+    pub(crate) tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The latest env-resolved containers 1..N and init containers handed over by
+    /// `update_pod` (memory only: never written to disk).
     resolved: tokio::sync::watch::Sender<Option<Arc<Vec<Container>>>>,
+    /// Bumped on every slot update (what [`crate::init`] waits on).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 fn waiting(reason: &str, message: impl Into<String>) -> ContainerState {
@@ -152,34 +160,45 @@ fn waiting(reason: &str, message: impl Into<String>) -> ContainerState {
 }
 
 impl PodSidecars {
-    /// Side-car slots for `containers` (all of the pod's; the first is the VM).
-    pub(crate) fn new(containers: &[Container]) -> Self {
+    /// Side-car slots for `containers` (all of the pod's; the first is the VM), then
+    /// slots for the pod's `init` containers.
+    pub(crate) fn new(containers: &[Container], init: &[Container]) -> Self {
+        let slot = |c: &Container, kind: SlotKind| Slot {
+            status: ContainerStatus {
+                name: c.name.clone(),
+                image: c.image.clone().unwrap_or_default(),
+                state: Some(waiting(kind.initial_reason(), "")),
+                started: Some(false),
+                ..Default::default()
+            },
+            id: None,
+            prev_id: None,
+            kind,
+        };
         let slots = containers
             .iter()
             .skip(1)
-            .map(|c| Slot {
-                status: ContainerStatus {
-                    name: c.name.clone(),
-                    image: c.image.clone().unwrap_or_default(),
-                    state: Some(waiting("ContainerCreating", "")),
-                    started: Some(false),
-                    ..Default::default()
-                },
-                id: None,
-                prev_id: None,
-            })
+            .map(|c| slot(c, SlotKind::Sidecar))
+            .chain(init.iter().map(|c| slot(c, SlotKind::of_init(c))))
             .collect();
         Self {
             slots: Mutex::new(slots),
             tasks: Mutex::new(Vec::new()),
             resolved: tokio::sync::watch::Sender::new(None),
+            changed: tokio::sync::watch::Sender::new(0),
         }
     }
 
-    fn update(&self, i: usize, f: impl FnOnce(&mut Slot)) {
+    pub(crate) fn update(&self, i: usize, f: impl FnOnce(&mut Slot)) {
         if let Some(s) = lock(&self.slots).get_mut(i) {
             f(s);
         }
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Fires after every slot update.
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     fn ids(&self, name: &str) -> Option<(Option<String>, Option<String>)> {
@@ -193,14 +212,20 @@ impl PodSidecars {
         lock(&self.slots).iter().any(|s| s.status.name == name)
     }
 
+    pub(crate) fn kind(&self, i: usize) -> Option<SlotKind> {
+        lock(&self.slots).get(i).map(|s| s.kind)
+    }
+
     /// Merges the side-cars into a status built for container 0 (see [`merge`]).
     pub(crate) fn merge_into(&self, status: &mut PodStatus, restart_policy: Option<&str>) {
-        let slots = lock(&self.slots);
-        if slots.is_empty() {
+        let side: Vec<ContainerStatus> = lock(&self.slots)
+            .iter()
+            .filter(|s| s.kind == SlotKind::Sidecar)
+            .map(|s| s.status.clone())
+            .collect();
+        if side.is_empty() {
             return;
         }
-        let side: Vec<ContainerStatus> = slots.iter().map(|s| s.status.clone()).collect();
-        drop(slots);
         merge(status, &side, restart_policy);
     }
 }
@@ -296,29 +321,31 @@ pub(crate) fn merge(
 }
 
 /// Starts the side-car tasks of a pod (`adopt`: after an agent restart, find the
-/// running containers first).
+/// running containers first). They wait for the pod's init containers.
 pub(crate) fn start(inner: &Arc<Inner>, e: &Arc<PodEntry>, adopt: bool) {
     let n = lock(&e.sidecars.slots).len();
     let mut tasks = lock(&e.sidecars.tasks);
-    for i in 0..n {
+    for i in (0..n).filter(|&i| e.sidecars.kind(i) == Some(SlotKind::Sidecar)) {
         let (inner, e2) = (inner.clone(), e.clone());
         let cancel = e.cancel.clone();
         tasks.push(tokio::spawn(async move {
             tokio::select! {
                 () = cancel.cancelled() => {}
-                () = run(inner, e2, i, adopt) => {}
+                () = async {
+                    if crate::init::initialized(&e2).await {
+                        run(inner, e2, i, adopt).await;
+                    }
+                } => {}
             }
         }));
     }
 }
 
-/// Side-car `i` as the pod record (or the create call) gave it.
+/// Slot `i`'s container (a side-car or an init container; names are unique across
+/// both) as the pod record (or the create call) gave it.
 fn container(e: &PodEntry, i: usize) -> Option<Container> {
-    e.pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.containers.get(i + 1))
-        .cloned()
+    let name = lock(&e.sidecars.slots).get(i)?.status.name.clone();
+    crate::init::find_container(&e.pod, &name).cloned()
 }
 
 /// Side-car `i` as it should be (re-)created: the latest env-resolved spec from
@@ -361,11 +388,7 @@ pub(crate) fn set_resolved(inner: &Inner, pod: &Pod) {
     let Some(e) = lock(&inner.pods).get(uid).cloned() else {
         return;
     };
-    let cs: Vec<Container> = pod
-        .spec
-        .as_ref()
-        .map(|s| s.containers.iter().skip(1).cloned().collect())
-        .unwrap_or_default();
+    let cs: Vec<Container> = crate::init::docker_containers(pod).cloned().collect();
     if cs.is_empty() {
         return;
     }
@@ -376,7 +399,7 @@ pub(crate) fn set_resolved(inner: &Inner, pod: &Pod) {
 /// probe itself, and a `tcpSocket`/`httpGet` host that is loopback if given.
 pub(crate) fn validate(pod: &Pod) -> Result<(), ProviderError> {
     let invalid = |m: String| ProviderError::invalid("InvalidProbe", m);
-    for c in pod.spec.iter().flat_map(|s| s.containers.iter().skip(1)) {
+    for c in crate::init::docker_containers(pod) {
         let probes = ContainerProbes::from_container(c).map_err(|e| invalid(e.to_string()))?;
         for spec in [&probes.startup, &probes.readiness, &probes.liveness]
             .into_iter()
@@ -465,8 +488,9 @@ fn started_instant(state: &ContainerState) -> tokio::time::Instant {
     now.checked_sub(ago).unwrap_or(now)
 }
 
-/// The life of side-car `i` (container `i + 1`).
-async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bool) {
+/// The life of slot `i`: side-car `i` (container `i + 1`) or an init container, which
+/// returns once it has terminated for good (under its restart policy).
+pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bool) {
     let Some(mut c) = container(&e, i) else {
         return;
     };
@@ -499,7 +523,7 @@ async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bool) {
             }
         }
     };
-    let policy = e.pod.spec.as_ref().and_then(|s| s.restart_policy.clone());
+    let policy = e.sidecars.kind(i).and_then(|k| k.restart_policy(&e.pod));
     let mut backoff = RestartBackoff::default();
     let mut attempt: u32 = 0;
     // Re-adoption: keep watching what runs.
@@ -962,12 +986,7 @@ pub(crate) async fn stop_all(inner: Arc<Inner>, e: Arc<PodEntry>, deadline: toki
     let Some(rt) = inner.sidecars.connected() else {
         return;
     };
-    let containers: Vec<Container> = e
-        .pod
-        .spec
-        .as_ref()
-        .map(|s| s.containers.iter().skip(1).cloned().collect())
-        .unwrap_or_default();
+    let containers: Vec<Container> = crate::init::docker_containers(&e.pod).cloned().collect();
     let stops = containers.into_iter().filter_map(|c| {
         let (id, _) = e.sidecars.ids(&c.name)?;
         let id = id?;
@@ -1137,8 +1156,8 @@ pub(crate) async fn attach(
     rt.attach(&id, io).await.map_err(to_provider)
 }
 
-/// The side-car that should receive a port-forward to `port`: one declaring the port
-/// when container 0 does not.
+/// The side-car (or native side-car) that should receive a port-forward to `port`: one
+/// declaring the port when container 0 does not.
 pub(crate) fn port_owner(e: &PodEntry, port: u16) -> Option<String> {
     let cs = &e.pod.spec.as_ref()?.containers;
     let declares = |c: &Container| {
@@ -1150,8 +1169,7 @@ pub(crate) fn port_owner(e: &PodEntry, port: u16) -> Option<String> {
     if cs.first().is_some_and(declares) {
         return None;
     }
-    cs.iter()
-        .skip(1)
+    crate::init::docker_containers(&e.pod)
         .find(|c| declares(c))
         .map(|c| c.name.clone())
 }

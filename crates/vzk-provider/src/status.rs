@@ -10,7 +10,8 @@
 //!   `ContainersReady`/`Ready` follow it.
 //! * `Terminated` → phase `Succeeded` for exit code 0, else `Failed`;
 //!   container 0 `terminated{exitCode, reason, message, startedAt, finishedAt}`.
-//! * `Initialized` is `True` from the start (no init containers are run).
+//! * `Initialized` is `True` from the start; a pod with init containers gets it (and
+//!   `initContainerStatuses`) from [`crate::init_status`].
 //! * The `PodScheduled` condition and `hostIP` are merged by the node runtime.
 //! * Other containers (side-cars) are reported `waiting` with the reason given.
 //! * [`apply_vm_history`] adds what survives VM restarts: `restartCount`,
