@@ -254,9 +254,27 @@ async fn readiness_probe_gates_ready_and_failing_liveness_restarts_the_vm() {
         (c.restart_count >= 1 && c.state?.running.is_some()).then_some(())
     })
     .await;
-    // gated, meanwhile, was never restarted.
+    // `logs --previous`: the first boot's console (it reached sshd before the probe
+    // killed it); the current console is the new boot's own.
+    let previous = console(&env.provider, &env.ns, "crashy", true)
+        .await
+        .unwrap_or_else(|e| panic!("previous console of crashy: {e}"));
+    assert!(previous.contains("VZK-SSHD-START"), "previous: {previous}");
+    wait_for(BOOT, "the new boot's sshd", || async {
+        let now = console(&env.provider, &env.ns, "crashy", false)
+            .await
+            .ok()?;
+        now.contains("VZK-SSHD-START").then_some(())
+    })
+    .await;
+    // gated, meanwhile, was never restarted: it has no previous console.
     let p = env.pods.get("gated").await.unwrap();
     assert_eq!(c0(&p).unwrap().restart_count, 0);
+    let none = console(&env.provider, &env.ns, "gated", true).await;
+    assert!(
+        matches!(&none, Err(vzk_core::ProviderError::NotFound(m)) if m.contains("has not been booted again")),
+        "{none:?}"
+    );
 
     for name in ["gated", "crashy"] {
         delete_now(&env, name).await;
@@ -366,4 +384,27 @@ async fn never_policy_poweroff_succeeds_and_ssh_poweroff_backs_up_acpi() {
     .await;
     env.agent.stop().await;
     drop(env.netns);
+}
+
+/// The VM console of `pod` (`previous`: the boot before the current one), read to its end.
+async fn console(
+    provider: &VmProvider,
+    ns: &str,
+    pod: &str,
+    previous: bool,
+) -> Result<String, vzk_core::ProviderError> {
+    use futures::StreamExt as _;
+    use vzk_core::StreamingRuntime as _;
+    let opts = vzk_core::streams::LogOptions {
+        previous,
+        ..Default::default()
+    };
+    let mut s = provider.logs(&super::container(ns, pod), &opts).await?;
+    let mut all = Vec::new();
+    while let Some(c) = s.next().await {
+        all.extend_from_slice(
+            &c.map_err(|e| vzk_core::ProviderError::failed("Read", e.to_string()))?,
+        );
+    }
+    Ok(String::from_utf8_lossy(&all).into_owned())
 }
