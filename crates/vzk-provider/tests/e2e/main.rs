@@ -5,6 +5,7 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)]
 
+mod init;
 mod probes;
 mod sidecars;
 mod support;

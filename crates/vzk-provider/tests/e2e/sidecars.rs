@@ -9,7 +9,6 @@
 //! restart a re-created side-car gets its env (a secret among it) again, and no secret
 //! value is on the node's disk.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -70,20 +69,6 @@ fn side_status(p: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
         .cloned()
 }
 
-/// Ids of Docker containers (running or not) labelled with the pod UID.
-fn docker_ids(uid: &str) -> Vec<String> {
-    let out = Command::new("docker")
-        .args(["ps", "-aq", "--filter"])
-        .arg(format!("label=vz-kubelet.io/pod-uid={uid}"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hybrid_pod_with_a_docker_sidecar() {
     let cp = ControlPlane::shared();
@@ -105,23 +90,12 @@ async fn hybrid_pod_with_a_docker_sidecar() {
     )
     .await
     .unwrap();
-    // The side-car image: busybox imported locally, pushed to the registry, and
-    // removed locally so the node has to pull it.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-sidecar-image.sh");
-    let tag = format!("vzk/bb-e2e:{:06x}", std::process::id());
-    let out = Command::new("bash")
-        .arg(&script)
-        .args([&tag, &registry.addr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // The side-car image, pushed to the registry and not present locally: the node
+    // has to pull it.
+    let side_image = push_sidecar_image(
+        &registry.addr,
+        &format!("vzk/bb-e2e:{:06x}", std::process::id()),
     );
-    let side_image = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    assert_eq!(side_image, format!("{}/{tag}", registry.addr));
-    let _ = Command::new("docker").args(["rmi", &side_image]).output();
 
     let netns = Netns::new();
     let node = format!("vmsc-{:06x}", std::process::id());

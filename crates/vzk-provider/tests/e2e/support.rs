@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,40 @@ pub fn guest() -> &'static Guest {
 /// Lays the guest out as a Linux VM image directory (kernel, initrd, disk.img, config.json).
 pub fn guest_image_dir(dest: &Path) {
     guest().image_dir(dest);
+}
+
+/// Builds the busybox side-car image (`scripts/build-sidecar-image.sh`) as `tag`, pushes
+/// it to `registry` and removes it locally, so a node has to pull it; returns its name.
+pub fn push_sidecar_image(registry: &str, tag: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-sidecar-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .args([tag, registry])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(image, format!("{registry}/{tag}"));
+    let _ = Command::new("docker").args(["rmi", &image]).output();
+    image
+}
+
+/// Ids of Docker containers (running or not) labelled with the pod UID.
+pub fn docker_ids(uid: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter"])
+        .arg(format!("label=vz-kubelet.io/pod-uid={uid}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Pids of processes whose command line contains `needle`.
