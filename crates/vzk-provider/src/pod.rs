@@ -704,7 +704,14 @@ async fn watch_vm(
                 }
             }
         };
-        lock(&e.history).restart_count += 1;
+        let history = {
+            let mut h = lock(&e.history);
+            h.restart_count += 1;
+            h.clone()
+        };
+        if let Err(err) = crate::record::save_history(&e.dir, &history) {
+            warn!(pod = %e.key, error = %err, "keeping the VM's restart count on disk");
+        }
         inner.event(
             &e,
             PodEvent::normal("Started", format!("Started VM {} again", vm.id())),

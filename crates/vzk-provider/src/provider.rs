@@ -399,6 +399,7 @@ impl Inner {
             creds,
         ));
         *lock(&e.vm) = Some(vm.clone());
+        *lock(&e.history) = crate::record::load_history(&e.dir);
         *lock(&e.slot) = self.slots.try_acquire();
         crate::volumes::readopt(self, &e.pod).await;
         info!(pod = %e.key, vm.id = %id, "re-adopted a running VM");

@@ -83,6 +83,26 @@ impl PodRecord {
     }
 }
 
+/// The file of a pod's VM history in its directory.
+const HISTORY: &str = "history.json";
+
+/// Keeps the VM's `restartCount` and `lastState` in the pod's directory (written to a
+/// temporary file and renamed, so a crash leaves the old or the new one).
+pub fn save_history(dir: &Path, history: &crate::status::VmHistory) -> std::io::Result<()> {
+    let json = serde_json::to_vec(history).map_err(std::io::Error::other)?;
+    let tmp = dir.join(format!("{HISTORY}.tmp"));
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, dir.join(HISTORY))
+}
+
+/// The VM history kept by [`save_history`]; empty when there is none or it is unreadable.
+pub fn load_history(dir: &Path) -> crate::status::VmHistory {
+    std::fs::read(dir.join(HISTORY))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec};
@@ -148,5 +168,38 @@ mod tests {
             .collect();
         assert_eq!(names, ["VZ_SSH_USER"]);
         assert!(cs[1].env.is_none());
+    }
+
+    #[test]
+    fn vm_history_survives_on_disk_and_junk_reads_as_none() {
+        use k8s_openapi::api::core::v1::ContainerStateTerminated;
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(
+            load_history(dir.path()),
+            crate::status::VmHistory::default()
+        );
+        let h = crate::status::VmHistory {
+            restart_count: 3,
+            last_state: Some(ContainerStateTerminated {
+                exit_code: 137,
+                reason: Some("Error".into()),
+                message: Some("Container vm failed liveness probe".into()),
+                ..Default::default()
+            }),
+            started: true,
+        };
+        save_history(dir.path(), &h).expect("save");
+        let back = load_history(dir.path());
+        assert_eq!(back.restart_count, 3);
+        assert_eq!(back.last_state, h.last_state);
+        assert!(
+            !back.started,
+            "the startup probe runs again for an adopted VM"
+        );
+        std::fs::write(dir.path().join(HISTORY), b"{not json").expect("write");
+        assert_eq!(
+            load_history(dir.path()),
+            crate::status::VmHistory::default()
+        );
     }
 }

@@ -195,13 +195,17 @@ pub fn pod_status(
 }
 
 /// What container 0 carries across VM restarts (merged by [`apply_vm_history`]).
-#[derive(Debug, Clone, Default, PartialEq)]
+/// `restart_count` and `last_state` are also kept on disk ([`crate::record::save_history`])
+/// so they survive an agent restart.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct VmHistory {
     /// How many times the VM was booted again.
     pub restart_count: i32,
     /// How the previous VM run ended (`lastState.terminated`).
     pub last_state: Option<ContainerStateTerminated>,
     /// Whether the startup probe passed (true at once without one).
+    #[serde(skip)]
     pub started: bool,
 }
 
