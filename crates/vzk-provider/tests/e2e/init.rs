@@ -13,8 +13,8 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodCondition};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use vzk_core::StreamingRuntime as _;
 use vzk_core::streams::{ContainerRef, LogOptions};
+use vzk_core::{PodLifecycle as _, StreamingRuntime as _};
 use vzk_image::{PushOptions, Reference, RegistryOptions};
 use vzk_provider::VmProvider;
 use vzk_testenv::ControlPlane;
@@ -469,6 +469,14 @@ async fn init_container_failing_under_restart_policy_never_fails_the_pod() {
     wait_for(Duration::from_secs(60), "boom gone", || async {
         pods.get_opt("boom").await.ok()?.is_none().then_some(())
     })
+    .await;
+    // A terminal pod's object goes at once (no graceful deletion); the provider's
+    // cleanup follows.
+    wait_for(
+        Duration::from_secs(60),
+        "boom released by the provider",
+        || async { provider.list_pods().await.ok()?.is_empty().then_some(()) },
+    )
     .await;
     assert!(docker_ids(&uid).is_empty(), "no container left for {uid}");
     agent.stop().await;
