@@ -783,7 +783,8 @@ async fn reboot(
 }
 
 /// The guest side of one VM run: IP → SSH ready → postStart → probes. Returns only
-/// when the VM must be killed (failed liveness/startup probe or postStart hook).
+/// when the VM must be killed (not ready within the ready timeout, failed
+/// liveness/startup probe or postStart hook).
 async fn guest(
     inner: &Arc<Inner>,
     e: &Arc<PodEntry>,
@@ -793,17 +794,28 @@ async fn guest(
     ran_since: tokio::time::Instant,
     probes: &ContainerProbes,
 ) -> RunEnd {
-    let ip = match vzk_vm::wait_for_ip(vm.as_ref(), inner.ready_timeout).await {
+    // --ready-timeout-secs bounds launch → address → SSH as a whole; past it the VM is
+    // killed and restarted (or the pod fails) per restartPolicy, like a failed startup probe.
+    let deadline = ran_since + inner.ready_timeout;
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+    let not_ready = |what: String| {
+        inner.event(e, PodEvent::warning("Unhealthy", what.clone()));
+        RunEnd::Kill {
+            why: format!(
+                "Container {} was not ready within {}s (--ready-timeout-secs)",
+                e.container,
+                inner.ready_timeout.as_secs()
+            ),
+            message: what,
+            grace: pod_grace(&e.pod),
+        }
+    };
+    let ip = match vzk_vm::wait_for_ip(vm.as_ref(), left()).await {
         Ok(ip) => ip,
+        // The VM ended by itself: the caller reports that.
+        Err(vzk_vm::VmError::Ended { .. }) => return std::future::pending().await,
         Err(err) => {
-            inner.event(
-                e,
-                PodEvent::warning(
-                    "Unhealthy",
-                    format!("VM address not found: {}", error_chain(&err)),
-                ),
-            );
-            return std::future::pending().await;
+            return not_ready(format!("VM address not found: {}", error_chain(&err)));
         }
     };
     let running = |ready: bool| VmPhase::Running {
@@ -824,20 +836,13 @@ async fn guest(
         Box::pin(async move { vm.connect(addr).await })
     }));
     *lock(&e.session) = Some(session.clone());
-    let timeout = inner.ready_timeout;
+    let timeout = left();
     let s = session.clone();
     if let Err(err) = detached(async move { s.wait_ready(timeout).await }).await {
-        inner.event(
-            e,
-            PodEvent::warning(
-                "Unhealthy",
-                format!(
-                    "Readiness probe failed: guest SSH did not answer: {}",
-                    vzk_guest::ErrorChain(&err)
-                ),
-            ),
-        );
-        return std::future::pending().await;
+        return not_ready(format!(
+            "Readiness probe failed: guest SSH did not answer: {}",
+            vzk_guest::ErrorChain(&err)
+        ));
     }
     // Volumes at their mountPath before postStart and readiness.
     if let Err(msg) = crate::volumes::mount_in_guest(inner, e, &session).await {

@@ -106,6 +106,10 @@ struct Env {
 }
 
 async fn setup(tag: &str) -> Env {
+    setup_with(tag, |_| {}).await
+}
+
+async fn setup_with(tag: &str, tweak: impl FnOnce(&mut vzk_provider::ProviderArgs)) -> Env {
     let cp = ControlPlane::shared();
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
@@ -114,6 +118,7 @@ async fn setup(tag: &str) -> Env {
     let id = cp.node_identity(&node);
     let mut a = args(&tmp.path().join("data"), &registry.addr);
     a.max_vms = 2;
+    tweak(&mut a);
     let provider = start_provider(a, &netns.name, &node, id.client().await).await;
     let agent = Agent::start(&id, provider.clone()).await;
     let ns = cp.create_namespace(tag).await;
@@ -407,4 +412,54 @@ async fn console(
         );
     }
     Ok(String::from_utf8_lossy(&all).into_owned())
+}
+
+/// `--ready-timeout-secs`: a VM that is not ready in time (here 2 s: not even an address)
+/// is killed with an Unhealthy and a Killing event, and under restartPolicy Never its pod
+/// fails, naming the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_not_ready_within_the_ready_timeout_is_killed_and_the_pod_fails_under_never() {
+    let env = setup_with("rto", |a| a.ready_timeout_secs = 2).await;
+    let image = push_guest(&env.registry, &env.tmp.path().join("img"), "guest", "").await;
+    let p = env
+        .pods
+        .create(
+            &PostParams::default(),
+            &pod(
+                "slow",
+                &env.node,
+                &image,
+                serde_json::json!({ "restartPolicy": "Never", "terminationGracePeriodSeconds": 2 }),
+            ),
+        )
+        .await
+        .unwrap();
+    let uid = p.metadata.uid.unwrap();
+    let t = wait_for(BOOT, "slow terminated", || async {
+        let p = env.pods.get("slow").await.ok()?;
+        c0(&p)?.state?.terminated
+    })
+    .await;
+    assert!([137, 143].contains(&t.exit_code), "{t:?}");
+    assert!(
+        t.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("was not ready within 2s (--ready-timeout-secs)"),
+        "{t:?}"
+    );
+    wait_for(Duration::from_secs(30), "slow Failed", || async {
+        let p = env.pods.get("slow").await.ok()?;
+        (p.status?.phase.as_deref() == Some("Failed")).then_some(())
+    })
+    .await;
+    let ev = events_of(&env.events, &uid).await;
+    assert!(ev.iter().any(|(r, _)| r == "Unhealthy"), "{ev:?}");
+    assert!(
+        ev.iter().any(|(r, m)| r == "Killing"
+            && m == "Container vm was not ready within 2s (--ready-timeout-secs)"),
+        "{ev:?}"
+    );
+    delete_now(&env, "slow").await;
+    env.agent.stop().await;
 }
