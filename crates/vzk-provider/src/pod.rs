@@ -28,6 +28,7 @@ use vzk_guest::{GuestConfig, GuestSession, HostKeyStore};
 use vzk_image::{PinGuard, PullOptions, PullPolicy, Reference};
 use vzk_vm::{DiskFormat, DiskSpec, MacAddr, NicSpec, Vm, VmSpec, VmState};
 
+use crate::probes::handlers::AbortOnDrop;
 use crate::probes::{
     self, ContainerProbes, ExecOutcome, OutputBuf, ProbeTarget, ProbeUpdate, RestartBackoff,
 };
@@ -916,15 +917,6 @@ fn probe_env(c: Option<&k8s_openapi::api::core::v1::Container>) -> Vec<(String, 
         .filter(|v| !v.name.starts_with("VZ_SSH_") && vzk_guest::quote::is_env_name(&v.name))
         .filter_map(|v| Some((v.name.clone(), v.value.clone()?)))
         .collect()
-}
-
-/// Aborts a task when dropped (a probe's timeout cancels its work).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Probes against the VM: exec over the guest's SSH (the remote command is signalled

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::*;
@@ -75,12 +75,11 @@ pub async fn probe_once(target: &dyn ProbeTarget, spec: &ProbeSpec) -> Result<()
             let url = format!("{scheme_s}://{}{path}", host_port(&url_host, *port));
             let fut = async {
                 let tcp = dial(target, addr, spec.timeout).await?;
-                let req = http_request(&url_host, *port, path, headers);
                 let code = match scheme {
-                    Scheme::Http => http_status(tcp, &req).await,
+                    Scheme::Http => http_status(tcp, &url_host, *port, path, headers).await,
                     Scheme::Https => {
                         let tls = tls_connect(tcp, &url_host).await?;
-                        http_status(tls, &req).await
+                        http_status(tls, &url_host, *port, path, headers).await
                     }
                 };
                 code.map_err(|e| format!("Get {url:?}: {e}"))
@@ -142,66 +141,64 @@ async fn dial(
     }
 }
 
-fn http_request(host: &str, port: u16, path: &str, headers: &[(String, String)]) -> Vec<u8> {
-    let has = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
-    let mut req = format!("GET {path} HTTP/1.1\r\n");
-    if !has("host") {
-        req.push_str(&format!("Host: {}\r\n", host_port(host, port)));
-    }
-    if !has("user-agent") {
-        req.push_str(&format!("User-Agent: {USER_AGENT}\r\n"));
-    }
-    if !has("accept") {
-        req.push_str("Accept: */*\r\n");
-    }
+/// Sends one `GET` over hyper's HTTP/1.1 client connection on `s` (the socket the
+/// probe opened where the container's network is) and returns the response's status.
+/// `Host`, `User-Agent` and `Accept` default as the kubelet's; a header whose name or
+/// value is not valid (e.g. carries CR/LF) is dropped.
+async fn http_status<S>(
+    s: S,
+    host: &str,
+    port: u16,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<u16, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use http::header::{ACCEPT, HOST, HeaderName, HeaderValue, USER_AGENT as UA};
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .title_case_headers(true)
+        .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(s))
+        .await
+        .map_err(|e| e.to_string())?;
+    // The connection is driven beside the request and dropped with it.
+    let driver = AbortOnDrop(tokio::spawn(conn));
+    let mut req = http::Request::get(path)
+        .body(http_body_util::Empty::new())
+        .map_err(|e| format!("invalid probe path {path:?}: {e}"))?;
+    let h = req.headers_mut();
     for (n, v) in headers {
-        // Header injection: a name or value with CR/LF is dropped.
-        if n.is_empty() || [n, v].iter().any(|s| s.contains(['\r', '\n'])) {
-            continue;
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            h.append(n, v);
         }
-        req.push_str(&format!("{n}: {v}\r\n"));
     }
-    req.push_str("Connection: close\r\n\r\n");
-    req.into_bytes()
+    let defaults = [
+        (HOST, host_port(host, port)),
+        (UA, USER_AGENT.to_owned()),
+        (ACCEPT, "*/*".to_owned()),
+    ];
+    for (name, value) in defaults {
+        if !h.contains_key(&name)
+            && let Ok(v) = HeaderValue::from_str(&value)
+        {
+            h.insert(name, v);
+        }
+    }
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    drop(driver);
+    Ok(resp.status().as_u16())
 }
 
-/// Sends `req` and reads the status code of the response.
-async fn http_status<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    req: &[u8],
-) -> Result<u16, String> {
-    s.write_all(req).await.map_err(|e| e.to_string())?;
-    s.flush().await.map_err(|e| e.to_string())?;
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 256];
-    let line = loop {
-        if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
-            break String::from_utf8_lossy(&buf[..end]).into_owned();
-        }
-        if buf.len() > 8192 {
-            return Err("malformed HTTP response: status line too long".into());
-        }
-        let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("EOF".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    parse_status_line(&line)
-}
+/// Aborts a task when dropped (a probe's timeout cancels its work).
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 
-/// The status code of an HTTP/1.x status line.
-pub fn parse_status_line(line: &str) -> Result<u16, String> {
-    let mut parts = line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let code = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") || code.len() != 3 {
-        return Err(format!("malformed HTTP response {line:?}"));
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    code.parse::<u16>()
-        .ok()
-        .filter(|c| (100..1000).contains(c))
-        .ok_or_else(|| format!("malformed HTTP status code {code:?}"))
 }
 
 #[derive(Debug)]

@@ -85,14 +85,30 @@ fn backoff_is_immediate_then_doubles_to_the_cap_and_resets_after_a_long_run() {
     );
 }
 
-#[test]
-fn status_lines_parse_strictly() {
-    assert_eq!(parse_status_line("HTTP/1.1 200 OK"), Ok(200));
-    assert_eq!(parse_status_line("HTTP/1.0 302 Found"), Ok(302));
-    assert_eq!(parse_status_line("HTTP/1.1 503"), Ok(503));
-    assert!(parse_status_line("SSH-2.0-dropbear").is_err());
-    assert!(parse_status_line("HTTP/1.1 2000 OK").is_err());
-    assert!(parse_status_line("HTTP/1.1 abc OK").is_err());
+#[tokio::test]
+async fn a_response_that_is_not_http_fails_the_probe() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let _ = c.write_all(b"SSH-2.0-dropbear\r\n").await;
+        }
+    });
+    let junk = spec(
+        ProbeKind::Readiness,
+        Action::Http {
+            scheme: Scheme::Http,
+            host: None,
+            port,
+            path: "/".into(),
+            headers: vec![],
+        },
+    );
+    let err = probe_once(&Local, &junk).await.unwrap_err();
+    assert!(
+        err.starts_with(&format!("Get \"http://127.0.0.1:{port}/\": ")),
+        "{err}"
+    );
 }
 
 fn container() -> Container {
