@@ -551,7 +551,7 @@ enum RunEnd {
 }
 
 /// The pod's `terminationGracePeriodSeconds` (default 30 s).
-fn pod_grace(pod: &Pod) -> Duration {
+pub(crate) fn pod_grace(pod: &Pod) -> Duration {
     Duration::from_secs(
         pod.spec
             .as_ref()
