@@ -1,0 +1,293 @@
+//! A new pod's way to a booted VM: pull (with back-off), boot plan, volumes, slot,
+//! disk clone, create and start.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+use vzk_core::PodEvent;
+use vzk_image::{PullOptions, PullPolicy, Reference};
+use vzk_vm::{DiskFormat, DiskSpec, MacAddr, NicSpec, VmSpec};
+
+use crate::provider::Inner;
+use crate::resources::vm_resources;
+use crate::status::VmPhase;
+
+use super::*;
+
+pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
+    let Some(c0) = e.container0().cloned() else {
+        return;
+    };
+    let image_name = c0.image.clone().unwrap_or_default();
+    let reference = match Reference::parse(&image_name) {
+        Ok(r) => r,
+        Err(err) => {
+            inner.event(
+                &e,
+                PodEvent::warning(
+                    "InspectFailed",
+                    format!("Failed to parse image name {image_name:?}: {err}"),
+                ),
+            );
+            inner.waiting(&e, "InvalidImageName", err.to_string());
+            return;
+        }
+    };
+
+    // 1. Pull (with back-off, like the kubelet).
+    let policy = PullPolicy::from_k8s(c0.image_pull_policy.as_deref(), &reference);
+    let mut backoff = Duration::from_secs(10);
+    let image = loop {
+        let creds = match inner.credentials_for(&e.pod, &reference).await {
+            Ok(c) => c,
+            Err(msg) => {
+                inner.event(
+                    &e,
+                    PodEvent::warning("FailedToRetrieveImagePullSecret", msg.clone()),
+                );
+                Vec::new()
+            }
+        };
+        let opts = PullOptions {
+            credentials: creds,
+            policy,
+            plain_http: inner.plain_http(&reference),
+            ..Default::default()
+        };
+        let cached = inner.images.get(&reference).ok().flatten().is_some();
+        if !(cached && policy == PullPolicy::IfNotPresent) {
+            inner.event(
+                &e,
+                PodEvent::normal("Pulling", format!("Pulling image \"{image_name}\"")),
+            );
+        }
+        let t0 = Instant::now();
+        match inner.images.pull(&reference, &opts).await {
+            Ok(img) => {
+                if cached && policy == PullPolicy::IfNotPresent {
+                    inner.event(
+                        &e,
+                        PodEvent::normal(
+                            "Pulled",
+                            format!("Container image \"{image_name}\" already present on machine"),
+                        ),
+                    );
+                } else {
+                    inner.event(
+                        &e,
+                        PodEvent::normal(
+                            "Pulled",
+                            format!(
+                                "Successfully pulled image \"{image_name}\" in {:.3}s",
+                                t0.elapsed().as_secs_f64()
+                            ),
+                        ),
+                    );
+                }
+                break img;
+            }
+            Err(err) => {
+                let msg = format!(
+                    "Failed to pull image \"{image_name}\": {}",
+                    error_chain(&err)
+                );
+                warn!(pod = %e.key, error = %msg, "pull failed");
+                inner.event(&e, PodEvent::warning("Failed", msg.clone()));
+                inner.waiting(&e, "ErrImagePull", msg.clone());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                inner.event(
+                    &e,
+                    PodEvent::normal(
+                        "BackOff",
+                        format!("Back-off pulling image \"{image_name}\""),
+                    ),
+                );
+                inner.waiting(
+                    &e,
+                    "ImagePullBackOff",
+                    format!("Back-off pulling image \"{image_name}\": {msg}"),
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(300));
+            }
+        }
+    };
+    match inner.images.pin(&image) {
+        Ok(p) => *lock(&e.pin) = Some(p),
+        Err(err) => warn!(pod = %e.key, error = %err, "cannot pin the image"),
+    }
+
+    // 2. What to boot.
+    let files = crate::boot::ImageFiles {
+        kernel: image.kernel(),
+        initrd: image.initrd(),
+        aux: image.aux(),
+    };
+    let boot = match crate::boot::plan(
+        &image_name,
+        &image.config,
+        &files,
+        inner.hv.capabilities(),
+        &e.dir,
+    ) {
+        Ok(b) => b,
+        Err(err) => {
+            inner.event(&e, PodEvent::warning("Failed", err.to_string()));
+            inner.waiting(&e, err.reason(), err.to_string());
+            return;
+        }
+    };
+    let res = match vm_resources(
+        c0.resources.as_ref(),
+        image.config.cpus,
+        image.config.memory_bytes,
+        &inner.policy,
+    ) {
+        Ok(r) => r,
+        Err(err) => {
+            inner.event(&e, PodEvent::warning("Failed", err.to_string()));
+            inner.waiting(&e, err.reason(), err.to_string());
+            return;
+        }
+    };
+
+    // 2b. Volumes (FailedMount events and retries, like the kubelet).
+    let shared_dirs = crate::volumes::prepare_with_retry(&inner, &e).await;
+
+    // 3. A VM slot.
+    let slot = match inner.slots.try_acquire() {
+        Some(s) => s,
+        None => {
+            let msg = format!(
+                "all {} VM slots of this node are in use; waiting for one",
+                inner.slots.capacity()
+            );
+            inner.event(&e, PodEvent::normal("WaitingForVMSlot", msg.clone()));
+            inner.waiting(&e, "WaitingForVMSlot", msg);
+            match inner.slots.acquire().await {
+                Some(s) => s,
+                None => return,
+            }
+        }
+    };
+    *lock(&e.slot) = Some(slot);
+    inner.waiting(&e, "ContainerCreating", "");
+
+    // 4. Clone the disk.
+    let disk_base = image.disk();
+    let (disk_path, format) = {
+        let dest = e.dir.join("disk");
+        match inner.cloner.clone_disk(&disk_base, &dest) {
+            Ok(kind) => (
+                dest,
+                if kind.qemu_format() == "qcow2" {
+                    DiskFormat::Qcow2
+                } else {
+                    DiskFormat::Raw
+                },
+            ),
+            Err(err) => {
+                let msg = format!("cloning the VM disk: {}", error_chain(&err));
+                inner.event(&e, PodEvent::warning("Failed", msg.clone()));
+                inner.waiting(&e, "CreateContainerError", msg);
+                lock(&e.slot).take();
+                return;
+            }
+        }
+    };
+    // 4b. The per-pod copy the boot needs (a macOS guest writes its aux storage/NVRAM).
+    // std::fs::copy clones on APFS (clonefile), so this costs no space there.
+    if let Some((from, to)) = &boot.clone
+        && let Err(err) = std::fs::copy(from, to)
+    {
+        let msg = format!(
+            "copying {} into the pod: {err}",
+            from.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        );
+        inner.event(&e, PodEvent::warning("Failed", msg.clone()));
+        inner.waiting(&e, "CreateContainerError", msg);
+        lock(&e.slot).take();
+        return;
+    }
+    let spec = VmSpec {
+        id: vm_id(&e.key.uid),
+        cpus: res.cpus,
+        memory_bytes: res.memory_bytes,
+        boot: boot.spec,
+        disks: vec![DiskSpec {
+            path: disk_path,
+            read_only: false,
+            format,
+        }],
+        nics: vec![NicSpec {
+            mac: MacAddr::random(),
+            attachment: inner.args.network.clone(),
+        }],
+        shared_dirs,
+        console_log: Some(e.console_log()),
+    };
+
+    // 5. Create and start, under the create lock so deletion sees the VM.
+    let guard = e.create_lock.clone().lock_owned().await;
+    let hv = inner.hv.clone();
+    let entry = e.clone();
+    let created = detached(async move {
+        let _guard = guard;
+        let vm = hv
+            .create(spec)
+            .await
+            .map_err(|err| ("CreateContainerError", error_chain(&err)))?;
+        *lock(&entry.vm) = Some(vm.clone());
+        vm.start().await.map_err(|err| match err {
+            vzk_vm::VmError::LimitReached { detail, .. } => ("VMLimitReached", detail),
+            err => ("RunContainerError", error_chain(&err)),
+        })?;
+        Ok::<_, (&'static str, String)>(vm)
+    })
+    .await;
+    let vm = match created {
+        Ok(vm) => {
+            lock(&inner.vm_limit).started();
+            vm
+        }
+        Err((reason, msg)) => {
+            let msg = if reason == "VMLimitReached" {
+                inner.vm_limit_refused(&e, &msg)
+            } else {
+                msg
+            };
+            inner.event(&e, PodEvent::warning("Failed", format!("Error: {msg}")));
+            inner.set_phase(
+                &e,
+                VmPhase::Terminated {
+                    exit_code: 128,
+                    reason: reason.into(),
+                    message: Some(msg),
+                    started_at: None,
+                    finished_at: now(),
+                },
+            );
+            lock(&e.slot).take();
+            return;
+        }
+    };
+    inner.event(
+        &e,
+        PodEvent::normal(
+            "Created",
+            format!(
+                "Created VM {} ({} vCPU, {} MiB)",
+                vm.id(),
+                res.cpus,
+                res.memory_bytes >> 20
+            ),
+        ),
+    );
+    inner.event(
+        &e,
+        PodEvent::normal("Started", format!("Started VM {}", vm.id())),
+    );
+    watch_vm(inner, e, vm, c0.lifecycle.and_then(|l| l.post_start)).await;
+}

@@ -1,0 +1,282 @@
+//! One VM pod: its shared state ([`PodEntry`]) and the lifecycle task that takes it
+//! from accepted to running (pull → slot → clone → create → start → IP → SSH ready →
+//! postStart) and watches the VM until it ends.
+//!
+//! # Contract
+//! * Every step pushes a status (see [`crate::status`]) and the kubelet's events
+//!   (`Pulling`, `Pulled`, `Created`, `Started`, `Failed`, `BackOff`, `Unhealthy`,
+//!   `FailedPostStartHook`, `WaitingForVMSlot`).
+//! * Image pull failures are retried with back-off (`ErrImagePull` then
+//!   `ImagePullBackOff`, 10 s doubling to 5 min), as the kubelet does; an image the
+//!   backend cannot boot is a permanent `Waiting{InvalidVMImage}`.
+//! * The VM handle is stored in the entry under [`PodEntry::create_lock`] before the
+//!   task can be cancelled again, so deletion always finds a VM it must stop.
+//! * A VM that ends frees its slot at once; the overlay stays until deletion.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use vzk_core::{PodEvent, PodKey};
+use vzk_guest::GuestSession;
+use vzk_image::PinGuard;
+use vzk_vm::Vm;
+
+use crate::provider::Inner;
+use crate::slots::Slot;
+use crate::status::{VmHistory, VmPhase, apply_vm_history, pod_status};
+
+/// Why side-cars are not run (reported on their container statuses).
+pub(crate) const SIDECAR_REASON: &str =
+    "containers 1..N (Docker side-cars) are not run by this provider version";
+
+/// The VM id of a pod UID.
+pub(crate) fn vm_id(uid: &str) -> String {
+    format!("vzk-{uid}")
+}
+
+/// The pod UID of a VM id made by [`vm_id`].
+pub(crate) fn uid_of(vm_id: &str) -> Option<&str> {
+    vm_id.strip_prefix("vzk-")
+}
+
+/// Shared state of one pod.
+pub(crate) struct PodEntry {
+    pub(crate) key: PodKey,
+    pub(crate) pod: Pod,
+    pub(crate) container: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) start_time: Time,
+    pub(crate) phase: Mutex<VmPhase>,
+    pub(crate) vm: Mutex<Option<Arc<dyn Vm>>>,
+    pub(crate) session: Mutex<Option<GuestSession>>,
+    pub(crate) creds: vzk_guest::Credentials,
+    /// Cancels the lifecycle task (deletion).
+    pub(crate) cancel: CancellationToken,
+    /// Fires when the VM has ended or the pod is deleted (ends log follows).
+    pub(crate) ended: CancellationToken,
+    pub(crate) task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub(crate) create_lock: Arc<tokio::sync::Mutex<()>>,
+    pub(crate) slot: Mutex<Option<Slot>>,
+    pub(crate) pin: Mutex<Option<PinGuard>>,
+    /// Restarts, last state and `started` of container 0.
+    pub(crate) history: Mutex<VmHistory>,
+    /// Containers 1..N (Docker side-cars) and the init containers.
+    pub(crate) sidecars: crate::sidecars::PodSidecars,
+    /// Whether the init containers have completed.
+    pub(crate) init: crate::init::PodInit,
+}
+
+impl PodEntry {
+    pub(crate) fn new(
+        key: PodKey,
+        pod: Pod,
+        dir: PathBuf,
+        start_time: Time,
+        creds: vzk_guest::Credentials,
+    ) -> Self {
+        let container = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let sidecars = crate::sidecars::PodSidecars::new(
+            pod.spec
+                .as_ref()
+                .map(|s| s.containers.as_slice())
+                .unwrap_or_default(),
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.init_containers.as_deref())
+                .unwrap_or_default(),
+        );
+        let init = crate::init::PodInit::new(&pod, &start_time);
+        Self {
+            key,
+            pod,
+            container,
+            dir,
+            start_time,
+            phase: Mutex::new(VmPhase::Waiting {
+                reason: "ContainerCreating".into(),
+                message: String::new(),
+            }),
+            vm: Mutex::new(None),
+            session: Mutex::new(None),
+            creds,
+            cancel: CancellationToken::new(),
+            ended: CancellationToken::new(),
+            task: Mutex::new(None),
+            create_lock: Arc::new(tokio::sync::Mutex::new(())),
+            slot: Mutex::new(None),
+            pin: Mutex::new(None),
+            history: Mutex::new(VmHistory::default()),
+            sidecars,
+            init,
+        }
+    }
+
+    pub(crate) fn status(&self) -> PodStatus {
+        let phase = lock(&self.phase).clone();
+        let history = lock(&self.history).clone();
+        let mut status = pod_status(
+            &self.pod,
+            &phase,
+            &self.start_time,
+            history.restart_count,
+            SIDECAR_REASON,
+        );
+        apply_vm_history(&mut status, &history);
+        let restart_policy = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.as_deref());
+        self.sidecars.merge_into(&mut status, restart_policy);
+        crate::init::apply_status(self, &mut status);
+        status
+    }
+
+    pub(crate) fn vm(&self) -> Option<Arc<dyn Vm>> {
+        lock(&self.vm).clone()
+    }
+
+    pub(crate) fn session(&self) -> Option<GuestSession> {
+        lock(&self.session).clone()
+    }
+
+    pub(crate) fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// The console of the VM's previous boot (kept when it is booted again).
+    pub(crate) fn previous_console_log(&self) -> PathBuf {
+        self.dir.join("console.previous.log")
+    }
+
+    fn container0(&self) -> Option<&k8s_openapi::api::core::v1::Container> {
+        self.pod.spec.as_ref().and_then(|s| s.containers.first())
+    }
+}
+
+/// Runs `fut` as a task of its own and waits for it: it runs to its end even if the caller
+/// is dropped (a VM created under the create lock is always recorded, a stop in flight
+/// completes). A panic in `fut` is resumed here.
+pub(crate) async fn detached<F>(fut: F) -> F::Output
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tracing::Instrument;
+    match tokio::spawn(fut.in_current_span()).await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("provider task cancelled: {e}"),
+    }
+}
+
+/// Locks a std mutex, recovering from poisoning (the data are plain values).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+impl Inner {
+    pub(crate) fn set_phase(&self, e: &PodEntry, phase: VmPhase) {
+        *lock(&e.phase) = phase;
+        self.push_status(e);
+    }
+
+    pub(crate) fn push_status(&self, e: &PodEntry) {
+        if let Some(n) = lock(&self.notifier).clone() {
+            n.notify(e.key.clone(), e.status());
+        }
+    }
+
+    /// An event about side-car `container`.
+    pub(crate) fn container_event(&self, e: &PodEntry, container: &str, ev: PodEvent) {
+        self.event(e, ev.in_container(container));
+    }
+
+    /// An event about container 0 (the VM) unless `ev` names another container.
+    pub(crate) fn event(&self, e: &PodEntry, mut ev: PodEvent) {
+        if ev.container.is_none() {
+            ev.container = Some(e.container.clone());
+        }
+        info!(pod = %e.key, reason = %ev.reason, warning = ev.warning, message = %ev.message, "pod event");
+        if let Some(n) = lock(&self.notifier).clone() {
+            n.event(e.key.clone(), ev);
+        }
+    }
+
+    fn waiting(&self, e: &PodEntry, reason: &str, message: impl Into<String>) {
+        self.set_phase(
+            e,
+            VmPhase::Waiting {
+                reason: reason.into(),
+                message: message.into(),
+            },
+        );
+    }
+}
+
+/// The lifecycle task of a new pod: runs until the VM ends or the pod is deleted. The
+/// init containers run to completion first ([`crate::init`]).
+pub(crate) async fn run_new(inner: Arc<Inner>, e: Arc<PodEntry>) {
+    let cancel = e.cancel.clone();
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        () = async move {
+            if crate::init::run(&inner, &e).await {
+                create_and_watch(inner, e).await;
+            }
+        } => {}
+    }
+}
+
+/// The lifecycle task of a re-adopted VM.
+pub(crate) async fn run_adopted(inner: Arc<Inner>, e: Arc<PodEntry>, vm: Arc<dyn Vm>) {
+    let cancel = e.cancel.clone();
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        () = watch_vm(inner, e, vm, None) => {}
+    }
+}
+
+mod create;
+mod guest;
+mod stop;
+mod supervise;
+
+use create::*;
+use guest::*;
+pub use stop::SHUTDOWN_COMMAND_ANNOTATION;
+pub(crate) use stop::{StopPath, stop_vm};
+pub(crate) use supervise::pod_grace;
+use supervise::*;
+
+/// `a: b: c` of an error and its sources.
+pub(crate) use vzk_core::error_chain;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vzk_vm::VmSpec;
+
+    #[test]
+    fn vm_ids_are_valid_and_reversible() {
+        let uid = "0b7c6a7e-6f1e-4c39-9f67-2d2b6f0b1a11";
+        let id = vm_id(uid);
+        assert!(VmSpec::is_valid_id(&id));
+        assert_eq!(uid_of(&id), Some(uid));
+        assert_eq!(uid_of("other-vm"), None);
+    }
+}

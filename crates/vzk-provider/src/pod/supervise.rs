@@ -1,0 +1,264 @@
+//! Watching a VM run: restartPolicy, CrashLoopBackOff, kills requested by probes and
+//! hooks, and booting it again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use tracing::warn;
+use vzk_core::PodEvent;
+use vzk_vm::{Vm, VmSpec, VmState};
+
+use crate::probes::{ContainerProbes, RestartBackoff};
+use crate::provider::Inner;
+use crate::status::{VmPhase, should_restart};
+
+use super::*;
+
+/// How one VM run ended.
+pub(super) enum RunEnd {
+    /// The VM reached a final state on its own (guest power-off, QEMU crash).
+    Exited(VmState),
+    /// The agent must stop it: liveness/startup probe or postStart hook failed.
+    Kill {
+        /// Event text, e.g. `Container vm failed liveness probe`.
+        why: String,
+        /// Details for `lastState.terminated.message`.
+        message: String,
+        /// The grace for the stop.
+        grace: Duration,
+    },
+}
+
+/// The pod's `terminationGracePeriodSeconds` (default 30 s).
+pub(crate) fn pod_grace(pod: &Pod) -> Duration {
+    Duration::from_secs(
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(30),
+    )
+}
+
+/// From a started (or adopted) VM: IP → SSH ready → postStart → probes, until the VM
+/// ends; then, per `restartPolicy`, boot it again from the same disk clone (with the
+/// kubelet's back-off) or record it as terminated.
+///
+/// VM "exit codes" (container 0's `terminated.exitCode`): 0 when the guest powered off
+/// on its own (reason `Completed`), 1 when QEMU failed or crashed (`Error`), 143 when
+/// the agent stopped it gracefully after a failed liveness/startup probe or postStart
+/// hook (ACPI or SSH `poweroff`), 137 when it had to force it off (`Error`).
+pub(super) async fn watch_vm(
+    inner: Arc<Inner>,
+    e: Arc<PodEntry>,
+    mut vm: Arc<dyn Vm>,
+    post_start: Option<k8s_openapi::api::core::v1::LifecycleHandler>,
+) {
+    let probes = match e.container0().map(ContainerProbes::from_container) {
+        Some(Ok(p)) => p,
+        Some(Err(err)) => {
+            warn!(pod = %e.key, error = %err, "probes not run");
+            ContainerProbes::default()
+        }
+        None => ContainerProbes::default(),
+    };
+    let policy = e.pod.spec.as_ref().and_then(|s| s.restart_policy.clone());
+    let mut backoff = RestartBackoff::default();
+    loop {
+        let started_at = now();
+        let ran_since = tokio::time::Instant::now();
+        lock(&e.history).started = probes.startup.is_none();
+        inner.set_phase(
+            &e,
+            VmPhase::Running {
+                started_at: started_at.clone(),
+                ip: None,
+                ready: false,
+            },
+        );
+        let end = tokio::select! {
+            s = final_state(vm.clone()) => RunEnd::Exited(s),
+            k = guest(&inner, &e, &vm, post_start.clone(), &started_at, ran_since, &probes) => k,
+        };
+        let (exit_code, reason, message) = match end {
+            RunEnd::Exited(VmState::Failed { reason }) => {
+                inner.event(
+                    &e,
+                    PodEvent::warning("Failed", format!("VM ended: {reason}")),
+                );
+                (1, "Error".to_owned(), Some(reason))
+            }
+            RunEnd::Exited(_) => (
+                0,
+                "Completed".to_owned(),
+                Some("the guest powered off".to_owned()),
+            ),
+            RunEnd::Kill {
+                why,
+                message,
+                grace,
+            } => {
+                let restart = should_restart(policy.as_deref(), 137);
+                inner.event(
+                    &e,
+                    PodEvent::normal(
+                        "Killing",
+                        if restart {
+                            format!("{why}, will be restarted")
+                        } else {
+                            why.clone()
+                        },
+                    ),
+                );
+                let path = stop_vm(&inner, &e, vm.clone(), grace).await;
+                if let Some(s) = e.session() {
+                    s.close();
+                }
+                let code = if path == StopPath::Forced { 137 } else { 143 };
+                (code, "Error".to_owned(), Some(format!("{why}: {message}")))
+            }
+        };
+        let finished_at = now();
+        let terminated = ContainerStateTerminated {
+            exit_code,
+            reason: Some(reason.clone()),
+            message: message.clone(),
+            started_at: Some(started_at.clone()),
+            finished_at: Some(finished_at.clone()),
+            ..Default::default()
+        };
+        if !should_restart(policy.as_deref(), exit_code) {
+            inner.set_phase(
+                &e,
+                VmPhase::Terminated {
+                    exit_code,
+                    reason,
+                    message,
+                    started_at: Some(started_at),
+                    finished_at,
+                },
+            );
+            lock(&e.slot).take();
+            e.ended.cancel();
+            return;
+        }
+        lock(&e.history).last_state = Some(terminated);
+        let delay = backoff.next_delay(ran_since.elapsed());
+        if !delay.is_zero() {
+            inner.event(
+                &e,
+                PodEvent::warning(
+                    "BackOff",
+                    format!(
+                        "Back-off restarting failed container {} in pod {}_{}({})",
+                        e.container, e.key.name, e.key.namespace, e.key.uid
+                    ),
+                ),
+            );
+            inner.waiting(
+                &e,
+                "CrashLoopBackOff",
+                format!(
+                    "back-off {}s restarting failed container={} pod={}_{}({})",
+                    delay.as_secs(),
+                    e.container,
+                    e.key.name,
+                    e.key.namespace,
+                    e.key.uid
+                ),
+            );
+            tokio::time::sleep(delay).await;
+        } else {
+            inner.waiting(&e, "ContainerCreating", "");
+        }
+        // Our handle must be the last one: the backend re-creates the VM under its id.
+        let spec = vm.spec().clone();
+        drop(vm);
+        vm = loop {
+            match reboot(&inner, &e, spec.clone()).await {
+                Ok(v) => break v,
+                Err((reason, msg)) => {
+                    inner.event(&e, PodEvent::warning("Failed", format!("Error: {msg}")));
+                    inner.waiting(&e, reason, msg);
+                    tokio::time::sleep(backoff.next_delay(Duration::ZERO)).await;
+                }
+            }
+        };
+        let history = {
+            let mut h = lock(&e.history);
+            h.restart_count += 1;
+            h.clone()
+        };
+        if let Err(err) = crate::record::save_history(&e.dir, &history) {
+            warn!(pod = %e.key, error = %err, "keeping the VM's restart count on disk");
+        }
+        inner.event(
+            &e,
+            PodEvent::normal("Started", format!("Started VM {} again", vm.id())),
+        );
+    }
+}
+
+/// The final state of `vm`.
+pub(super) async fn final_state(vm: Arc<dyn Vm>) -> VmState {
+    let mut rx = vm.state();
+    loop {
+        let s = rx.borrow_and_update().clone();
+        if s.is_final() {
+            return s;
+        }
+        if rx.changed().await.is_err() {
+            return rx.borrow().clone();
+        }
+    }
+}
+
+/// Boots the pod's VM again from `spec` (same disk clone, same MAC): removes the
+/// ended VM, creates and starts a new one under the create lock (so deletion always
+/// sees the current handle). The caller must hold no other handle on the old VM. The
+/// guest's host key pin is reset: a new boot may generate a new host key (a guest whose
+/// keys live in its initramfs does).
+pub(super) async fn reboot(
+    inner: &Arc<Inner>,
+    e: &Arc<PodEntry>,
+    spec: VmSpec,
+) -> Result<Arc<dyn Vm>, (&'static str, String)> {
+    if let Some(s) = lock(&e.session).take() {
+        s.close();
+    }
+    let _ = std::fs::remove_file(e.dir.join("ssh_host_key"));
+    let guard = e.create_lock.clone().lock_owned().await;
+    let hv = inner.hv.clone();
+    let entry = e.clone();
+    detached(async move {
+        let _guard = guard;
+        let old = lock(&entry.vm).take();
+        if let Some(old) = old {
+            if !old.state().borrow().is_final() {
+                let _ = old.force_stop().await;
+            }
+            if let Err(err) = old.remove().await {
+                *lock(&entry.vm) = Some(old);
+                return Err(("CreateContainerError", error_chain(&err)));
+            }
+        }
+        // The ended boot's console becomes `kubectl logs --previous`; the new boot
+        // writes a fresh one.
+        if let Err(err) = std::fs::rename(entry.console_log(), entry.previous_console_log())
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(pod = %entry.key, error = %err, "keeping the previous boot's console log");
+        }
+        let vm = hv
+            .create(spec)
+            .await
+            .map_err(|err| ("CreateContainerError", error_chain(&err)))?;
+        *lock(&entry.vm) = Some(vm.clone());
+        vm.start()
+            .await
+            .map_err(|err| ("RunContainerError", error_chain(&err)))?;
+        Ok(vm)
+    })
+    .await
+}
