@@ -4,6 +4,9 @@
 //!   [`Capabilities`] and the stop/wait helpers. `vzk-vz` (macOS) implements them too.
 //! * [`spec`]: [`VmSpec`], the data every backend accepts.
 //! * [`mac`]: random locally-administered [`MacAddr`]esses.
+//! * [`hosted`]: one VM host process per VM ([`hosted::Hosted`] in the agent,
+//!   [`hosted::serve`] in the host), so VMs of in-process backends survive agent
+//!   restarts and a backend crash takes down one VM only.
 //! * `qemu` (Linux only): the QEMU backend (KVM when it really works, else TCG).
 //! * `net` (Linux only): TAPs, the NAT network (bridge + dnsmasq + masquerade), IP discovery.
 //! * `netns` (Linux only): a backend and its VMs run inside a network namespace of their
@@ -23,6 +26,7 @@
 //! `cargo run -p vzk-vm --example boot_bench` prints the start → SSH-ready table and the
 //! agent-side split of a VM start (backend set-up, TAP, spawn, QMP, IP-discovery lag).
 
+pub mod hosted;
 pub mod hypervisor;
 pub mod mac;
 #[cfg(target_os = "linux")]

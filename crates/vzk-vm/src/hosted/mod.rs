@@ -1,0 +1,132 @@
+//! One VM host process per VM: the VM runs in a small process of its own (as Tart runs
+//! one process per VM) instead of inside the agent, so an agent restart (upgrade, crash)
+//! leaves the VM running and a crash of the hypervisor library takes down one VM, not
+//! the node. Generic over the backend: the host process runs any in-process
+//! [`Hypervisor`] (Virtualization.framework on macOS, where this is wired by
+//! `vzk-backend`; a fake in tests; QEMU works too).
+//!
+//! * [`client::Hosted`]: the agent's [`Hypervisor`]. [`Hypervisor::create`] spawns
+//!   `<program> <args…> --dir D --spec FILE` (normally `vz-kubelet vm host …`, see
+//!   [`client::Launcher`]), waits until its socket answers and returns a [`Vm`] proxy;
+//!   [`Hypervisor::adopt_existing`] re-attaches to the host processes left running in `D`
+//!   and reports dead ones as [`VmState::Failed`] (removing their files).
+//! * [`server::serve`]: the host process. It detaches from the agent (new session, stdio
+//!   to its log file), creates the VM with the inner backend, writes its state file and
+//!   answers on its socket until the VM has been removed (or SIGTERM: force-stop, remove).
+//! * [`protocol`]: the wire format (versioned hello; JSON lines).
+//! * [`files`]: the files of a hosted VM ([`VmFiles`]) and the formats of the state and
+//!   error files.
+//! * [`fake`]: an in-memory backend for tests of this machinery.
+//!
+//! # Files
+//! All of a VM's files sit in the hosts directory `D` (mode 0700), named by the VM id:
+//!
+//! | file | written by | content |
+//! |---|---|---|
+//! | `<id>.spec.json` | agent, before spawning | the [`VmSpec`] (`--spec`) |
+//! | `<id>.log` | host (stdout, stderr) | the host's log |
+//! | `<id>.sock` | host | the Unix socket of [`protocol`] |
+//! | `<id>.state.json` | host, once it answers | [`StateFile`]: pid, socket, spec |
+//! | `<id>.error.json` | host, when creating failed | [`CreateFailure`] |
+//!
+//! A VM is live when its state file exists and its socket answers the hello. The host
+//! removes everything when the VM is removed; the agent removes the files of dead hosts.
+//!
+//! # Guest connections and usage
+//! Guest TCP connections are opened by the agent directly ([`Vm::connect`]'s default: a
+//! macOS VM's address is reachable from the host). [`Vm::host_usage`] of a proxy is what
+//! the host process reads about itself (CPU time, RSS) plus what the inner backend
+//! reports for the VM (e.g. a QEMU child); on macOS the guest's memory lives in
+//! Virtualization.framework's own XPC service process, which neither figure includes.
+//!
+//! # Tests
+//! The unit tests (`cargo test -p vzk-vm --lib hosted`) run hosts in-process with the
+//! [`fake`] backend: garbage frames, the hello, events, removal, SIGTERM-style shutdown,
+//! hosts that vanish, misbehave or speak another version, launchers that fail. In
+//! `vz-kubelet`, `tests/hosted.rs` spawns the real `vz-kubelet vm --fake-backend host`
+//! processes (client restart, SIGKILLed agent process group, SIGKILLed host) and
+//! `tests/hosted_qemu.rs` runs QEMU behind a host process (Linux, root, test guest).
+
+pub mod client;
+mod connection;
+pub mod fake;
+pub mod files;
+pub mod protocol;
+mod proxy;
+pub mod server;
+
+use std::io;
+use std::path::Path;
+
+pub use client::{Hosted, HostedError, Launcher};
+pub use files::{CreateFailure, FilesError, StateFile, VmFiles};
+pub use proxy::HostedVm;
+pub use server::{HostError, serve};
+
+use crate::hypervisor::HostUsage;
+#[cfg(doc)]
+use crate::hypervisor::{Hypervisor, Vm, VmState};
+use crate::spec::VmSpec;
+
+/// Reads the spec file a host process is started with (`--spec`).
+pub fn read_spec_file(path: &Path) -> io::Result<VmSpec> {
+    let text = std::fs::read(path)?;
+    serde_json::from_slice(&text).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: not a VM spec: {e}", path.display()),
+        )
+    })
+}
+
+/// This process's CPU time (user + system) and resident set size.
+///
+/// Linux: `/proc/self`. Elsewhere `getrusage`, whose RSS is the peak (`ru_maxrss`), close
+/// to the current one for a host process whose memory does not shrink.
+pub fn own_usage() -> Option<HostUsage> {
+    #[cfg(target_os = "linux")]
+    {
+        let p = procfs::process::Process::myself().ok()?;
+        let stat = p.stat().ok()?;
+        let rss_kib = p.status().ok()?.vmrss?;
+        let ticks = u128::from(stat.utime) + u128::from(stat.stime);
+        let tps = u128::from(procfs::ticks_per_second().max(1));
+        Some(HostUsage {
+            cpu_ns: u64::try_from(ticks * 1_000_000_000 / tps).unwrap_or(u64::MAX),
+            rss_bytes: rss_kib.saturating_mul(1024),
+        })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        use nix::sys::resource::{UsageWho, getrusage};
+        let u = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+        let ns = |t: nix::sys::time::TimeVal| {
+            let secs = u64::try_from(t.tv_sec()).unwrap_or(0);
+            let micros = u64::try_from(t.tv_usec()).unwrap_or(0);
+            secs.saturating_mul(1_000_000_000)
+                .saturating_add(micros.saturating_mul(1000))
+        };
+        let max_rss = u64::try_from(u.max_rss()).unwrap_or(0);
+        // macOS reports bytes, the BSDs kibibytes.
+        let rss_bytes = if cfg!(target_os = "macos") {
+            max_rss
+        } else {
+            max_rss.saturating_mul(1024)
+        };
+        Some(HostUsage {
+            cpu_ns: ns(u.user_time()).saturating_add(ns(u.system_time())),
+            rss_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_usage_reads_this_process() {
+        let u = own_usage().expect("usage");
+        assert!(u.rss_bytes > 1 << 20, "{u:?}");
+    }
+}
