@@ -5,7 +5,18 @@
 //!
 //! [`BackendArgs`] are the backend's flags, flattened into `vz-kubelet run`; [`open`]
 //! builds the backend from them under the agent's data directory.
+//!
+//! # One host process per VM on macOS
+//! Virtualization.framework runs a VM inside the process that created it, so on macOS
+//! [`open`] returns [`vzk_vm::hosted::Hosted`]: every VM runs in a host process of its
+//! own, this very binary's hidden `vm host` subcommand ([`host_args`]), which opens
+//! [`open_in_process`] (the framework in-process) and serves the VM on a socket under
+//! `<state dir>/hosts/` ([`hosts_dir`]). The agent can then restart (upgrade, crash)
+//! without killing its VMs, re-adopting them on start, and a crash inside the framework
+//! takes down one VM. On Linux [`open`] is [`open_in_process`]: QEMU VMs are processes of
+//! their own already and outlive the agent.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -53,10 +64,51 @@ impl Default for BackendArgs {
     }
 }
 
+/// Where the VM host processes keep their files (sockets, state files, logs) under the
+/// backend's state dir.
+pub fn hosts_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("hosts")
+}
+
+/// The arguments that make this binary a VM host process for this backend:
+/// `vm host --state-dir DIR` and every backend flag that is set (the host then adds
+/// `--dir` and `--spec`).
+pub fn host_args(args: &BackendArgs, state_dir: &Path) -> Vec<OsString> {
+    let mut out: Vec<OsString> = vec![
+        "vm".into(),
+        "host".into(),
+        "--state-dir".into(),
+        state_dir.into(),
+        "--qemu".into(),
+        args.qemu.clone().into(),
+        "--accel".into(),
+        args.accel.clone().into(),
+    ];
+    if let Some(ns) = &args.vm_netns {
+        out.extend(["--vm-netns".into(), ns.into()]);
+    }
+    if args.fresh_machine_identifier {
+        out.push("--fresh-machine-identifier".into());
+    }
+    if args.no_nat {
+        out.push("--no-nat".into());
+    }
+    out
+}
+
 /// Opens this host's backend with its state under `state_dir` (the agent's data dir
-/// `qemu/` on Linux).
+/// `qemu/` on Linux): QEMU, whose VMs are processes of their own.
 #[cfg(target_os = "linux")]
 pub async fn open(
+    args: &BackendArgs,
+    state_dir: &Path,
+) -> Result<Arc<dyn Hypervisor>, HypervisorError> {
+    open_in_process(args, state_dir).await
+}
+
+/// The backend that runs VMs from this process: QEMU (each VM a child process).
+#[cfg(target_os = "linux")]
+pub async fn open_in_process(
     args: &BackendArgs,
     state_dir: &Path,
 ) -> Result<Arc<dyn Hypervisor>, HypervisorError> {
@@ -100,9 +152,29 @@ pub async fn probe(_args: &BackendArgs) -> ProbeReport {
     }
 }
 
-/// Opens this host's backend: Virtualization.framework.
+/// Opens this host's backend: Virtualization.framework, each VM in a host process of
+/// its own (see the crate docs) whose files live in [`hosts_dir`].
 #[cfg(target_os = "macos")]
 pub async fn open(
+    args: &BackendArgs,
+    state_dir: &Path,
+) -> Result<Arc<dyn Hypervisor>, HypervisorError> {
+    let local = open_in_process(args, state_dir).await?;
+    let launcher =
+        vzk_vm::hosted::Launcher::current_exe(host_args(args, state_dir)).map_err(|e| {
+            HypervisorError::Unavailable {
+                backend: vzk_vm::BackendKind::Vz,
+                detail: format!("cannot find this executable to start VM host processes: {e}"),
+            }
+        })?;
+    let hosted = vzk_vm::hosted::Hosted::new(local, hosts_dir(state_dir), launcher)?;
+    Ok(Arc::new(hosted))
+}
+
+/// The backend that runs VMs inside this process: Virtualization.framework (what a VM
+/// host process runs).
+#[cfg(target_os = "macos")]
+pub async fn open_in_process(
     args: &BackendArgs,
     state_dir: &Path,
 ) -> Result<Arc<dyn Hypervisor>, HypervisorError> {
@@ -123,6 +195,15 @@ pub async fn open(
 /// No backend exists for this operating system.
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
 pub async fn open(
+    args: &BackendArgs,
+    state_dir: &Path,
+) -> Result<Arc<dyn Hypervisor>, HypervisorError> {
+    open_in_process(args, state_dir).await
+}
+
+/// No backend exists for this operating system.
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+pub async fn open_in_process(
     _args: &BackendArgs,
     _state_dir: &Path,
 ) -> Result<Arc<dyn Hypervisor>, HypervisorError> {
@@ -152,6 +233,34 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--accel", "hvf"]).is_err());
         let cli = Cli::try_parse_from(["x", "--vm-netns", "ns1", "--accel", "tcg"]).expect("flags");
         assert_eq!(cli.backend.vm_netns.as_deref(), Some("ns1"));
+    }
+
+    #[test]
+    fn host_args_carry_the_flags_that_are_set() {
+        let cli = Cli::try_parse_from(["x", "--fresh-machine-identifier", "--accel", "tcg"])
+            .expect("flags");
+        let args = host_args(&cli.backend, Path::new("/data/qemu"));
+        let args: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
+        assert_eq!(
+            args,
+            [
+                "vm",
+                "host",
+                "--state-dir",
+                "/data/qemu",
+                "--qemu",
+                "qemu-system-x86_64",
+                "--accel",
+                "tcg",
+                "--fresh-machine-identifier"
+            ]
+        );
+        // The host's own parser takes them back (as `vz-kubelet vm` flattens them).
+        let back = Cli::try_parse_from(["x"].into_iter().chain(args[4..].iter().copied()))
+            .expect("parse back");
+        assert!(back.backend.fresh_machine_identifier);
+        assert_eq!(back.backend.accel, "tcg");
+        assert_eq!(hosts_dir(Path::new("/d")), Path::new("/d/hosts"));
     }
 
     #[cfg(target_os = "linux")]
