@@ -4,15 +4,25 @@
 //! * `vm run`: boot a Linux-kernel VM, print its IP, stop it gracefully on Ctrl-C.
 //! * `vm list`: re-adopt the VMs of a state dir and print their state and IP.
 //! * `vm stop ID`: re-adopt one VM and stop it (ACPI, then force after `--grace`).
+//! * `vm host --dir D --spec FILE` (hidden): the VM host process, one per VM, that the
+//!   agent's backend starts on macOS (`vzk_backend::open`): it detaches, runs the VM with
+//!   the in-process backend (`vzk_backend::open_in_process`) and serves it on
+//!   `D/<id>.sock` until it is removed (`vzk_vm::hosted::serve`).
 //!
 //! All of it goes through the same `Hypervisor`/`Vm` traits the pod provider uses.
+//! `--fake-backend` (hidden, for tests) swaps the backend for `vzk_vm::hosted::fake`
+//! VMs, each in a `vm host --fake-backend` process, so the host-process machinery can be
+//! exercised end to end on any machine.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use vzk_vm::hosted::fake::FakeHypervisor;
+use vzk_vm::hosted::{Hosted, Launcher};
 use vzk_vm::{
     BootSpec, DiskFormat, DiskSpec, Hypervisor, MacAddr, NetworkAttachment, NicSpec, Vm, VmSpec,
     stop_gracefully, wait_for_ip,
@@ -31,6 +41,10 @@ pub(crate) struct VmArgs {
     state_dir: PathBuf,
     #[command(flatten)]
     backend: vzk_backend::BackendArgs,
+    /// Test only: in-memory fake VMs, each in a `vm host` process of this binary (in
+    /// `<state-dir>/hosts/`), instead of this host's backend.
+    #[arg(long, hide = true, global = true)]
+    fake_backend: bool,
     #[command(subcommand)]
     command: VmCommand,
 }
@@ -50,6 +64,16 @@ enum VmCommand {
         /// Grace period for the ACPI power-off before forcing.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         grace: Duration,
+    },
+    /// Run one VM in this process until it is removed (started by the agent).
+    #[command(hide = true)]
+    Host {
+        /// The hosts directory (socket, state file and log of the VM).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The VM spec (JSON) written by the agent.
+        #[arg(long)]
+        spec: PathBuf,
     },
 }
 
@@ -112,6 +136,19 @@ impl VmArgs {
     /// This host's backend (the one `vz-kubelet run` uses) on the state dir; without
     /// `with_nat` no NAT network is set up (listing and stopping need none).
     async fn backend(&self, with_nat: bool) -> anyhow::Result<Arc<dyn Hypervisor>> {
+        if self.fake_backend {
+            let launcher = Launcher::current_exe([
+                OsString::from("vm"),
+                "--fake-backend".into(),
+                "--state-dir".into(),
+                self.state_dir.clone().into(),
+                "host".into(),
+            ])
+            .context("finding this executable")?;
+            let dir = vzk_backend::hosts_dir(&self.state_dir);
+            let hosted = Hosted::new(Arc::new(FakeHypervisor::new()), dir, launcher)?;
+            return Ok(Arc::new(hosted));
+        }
         let mut args = self.backend.clone();
         args.no_nat |= !with_nat;
         vzk_backend::open(&args, &self.state_dir)
@@ -120,9 +157,33 @@ impl VmArgs {
     }
 }
 
+/// `vm host`: serves one VM, then ends the process (without waiting for blocking
+/// threads a backend may have left behind).
+async fn host(args: &VmArgs, dir: &Path, spec: &Path) -> anyhow::Result<()> {
+    let spec = vzk_vm::hosted::read_spec_file(spec)?;
+    let hv: Arc<dyn Hypervisor> = if args.fake_backend {
+        Arc::new(FakeHypervisor::new())
+    } else {
+        vzk_backend::open_in_process(&args.backend, &args.state_dir)
+            .await
+            .context("starting the VM backend")?
+    };
+    let id = spec.id.clone();
+    match vzk_vm::hosted::serve(hv, spec, dir).await {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            let e = anyhow::Error::from(e).context(format!("hosting VM {id}"));
+            tracing::error!(error = format!("{e:#}"), "VM host exiting");
+            eprintln!("error: {e:#}");
+            std::process::exit(1)
+        }
+    }
+}
+
 /// Runs `vz-kubelet vm ...`.
 pub(crate) async fn run(args: VmArgs) -> anyhow::Result<()> {
     match &args.command {
+        VmCommand::Host { dir, spec } => host(&args, dir, spec).await,
         VmCommand::Probe => {
             let report = vzk_backend::probe(&args.backend).await;
             println!(
