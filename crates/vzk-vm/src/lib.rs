@@ -34,6 +34,8 @@ pub mod net;
 #[cfg(target_os = "linux")]
 pub mod netns;
 #[cfg(target_os = "linux")]
+pub mod procinfo;
+#[cfg(target_os = "linux")]
 pub mod qemu;
 pub mod spec;
 

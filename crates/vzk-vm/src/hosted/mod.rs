@@ -86,15 +86,7 @@ pub fn read_spec_file(path: &Path) -> io::Result<VmSpec> {
 pub fn own_usage() -> Option<HostUsage> {
     #[cfg(target_os = "linux")]
     {
-        let p = procfs::process::Process::myself().ok()?;
-        let stat = p.stat().ok()?;
-        let rss_kib = p.status().ok()?.vmrss?;
-        let ticks = u128::from(stat.utime) + u128::from(stat.stime);
-        let tps = u128::from(procfs::ticks_per_second().max(1));
-        Some(HostUsage {
-            cpu_ns: u64::try_from(ticks * 1_000_000_000 / tps).unwrap_or(u64::MAX),
-            rss_bytes: rss_kib.saturating_mul(1024),
-        })
+        crate::procinfo::usage(i32::try_from(std::process::id()).ok()?)
     }
     #[cfg(not(target_os = "linux"))]
     {
