@@ -14,4 +14,4 @@ pybin=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/d
 # Nested KVM on these machines can pass the accelerator probe and then crash real
 # guests: pin TCG for the tests (see vzk_vm::qemu::probe::select_accel).
 export VZK_ACCEL="${VZK_ACCEL:-tcg}"
-exec cargo test --workspace --locked "$@"
+exec cargo test --workspace --locked --no-fail-fast "$@"
