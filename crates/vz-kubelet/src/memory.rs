@@ -105,10 +105,21 @@ mod tests {
                 .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
                 .expect("RssFile")
         };
-        let before = rss_file();
-        let advised = page_out_own_code().expect("madvise");
-        let after = rss_file();
-        assert!(advised > 0);
-        assert!(after < before, "RssFile {before} kB -> {after} kB");
+        // The other tests of this binary run on other threads and fault code back in
+        // while this one measures (a clean-clone CI run saw 2512 -> 2576 kB once): the
+        // drop must show in one of a few tries, a moment apart.
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let before = rss_file();
+            let advised = page_out_own_code().expect("madvise");
+            let after = rss_file();
+            assert!(advised > 0);
+            if after < before {
+                return;
+            }
+            seen.push(format!("{before} kB -> {after} kB"));
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        panic!("RssFile never dropped: {}", seen.join(", "));
     }
 }
