@@ -89,6 +89,67 @@ async fn exec(provider: &VmProvider, ns: &str, pod: &str, script: &str) -> (i32,
     (status.code, out.text())
 }
 
+/// The guest's boot id (`/proc/sys/kernel/random/boot_id`), or `None` while exec fails.
+async fn boot_id(provider: &VmProvider, ns: &str, pod: &str) -> Option<String> {
+    let out = Capture::default();
+    let io = AttachIo {
+        stdin: None,
+        stdout: Some(Box::pin(out.clone())),
+        stderr: None,
+        tty: false,
+        resize: None,
+    };
+    let argv = ["cat", "/proc/sys/kernel/random/boot_id"].map(str::to_owned);
+    let st = provider
+        .exec(&container(ns, pod), argv.to_vec(), io)
+        .await
+        .ok()?;
+    let id = out.text().trim().to_owned();
+    (st.code == 0 && !id.is_empty()).then_some(id)
+}
+
+/// Polls pod `name` until `ok` holds for it; on timeout panics showing its last status.
+async fn wait_pod(
+    pods: &Api<Pod>,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    ok: impl Fn(&Pod) -> bool,
+) -> Pod {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let p = pods.get(name).await.ok();
+        if let Some(p) = p.as_ref().filter(|p| ok(p)) {
+            return p.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; status of {name}: {:#?}",
+            p.and_then(|p| p.status)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Container 0's `restartCount` and `lastState.terminated`.
+fn vm_history(
+    p: &Pod,
+) -> (
+    i32,
+    Option<k8s_openapi::api::core::v1::ContainerStateTerminated>,
+) {
+    let cs = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first());
+    (
+        cs.map_or(0, |c| c.restart_count),
+        cs.and_then(|c| c.last_state.as_ref())
+            .and_then(|s| s.terminated.clone()),
+    )
+}
+
 /// The provider on this host's backend (QEMU, its VMs in `netns`), as `vz-kubelet run`
 /// builds it.
 async fn start_provider(
@@ -121,8 +182,10 @@ fn args(data: &std::path::Path, registry: &str) -> ProviderArgs {
 
 /// One pod at a time (1 VM slot): the second waits with a visible reason; the first
 /// boots to Running/Ready with the VM's IP, serves exec (exit code kept), logs (boot
-/// console), port-forward (sshd banner) and stats, survives an agent restart, and is
-/// deleted with grace leaving no QEMU, TAP or disk; then the second starts.
+/// console), port-forward (sshd banner) and stats; its VM restarts once (the guest
+/// powers off) and then survives an agent restart, re-adopted (same QEMU, same boot)
+/// with its restartCount and lastState; it is deleted with grace leaving no QEMU, TAP
+/// or disk; then the second starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     let cp = ControlPlane::shared();
@@ -289,7 +352,56 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
             > 0
     );
 
-    // Agent restart: the VM keeps running and is re-adopted.
+    // The VM restarts once: the guest powers itself off and restartPolicy Always
+    // (the default) boots it again at once, from the same disk clone.
+    let vm_id = format!("vzk-{a_uid}");
+    let first_boot = boot_id(&provider, &ns, "a").await.unwrap();
+    let first_qemu = pids_with(&vm_id);
+    assert!(!first_qemu.is_empty(), "QEMU of a runs");
+    let t = std::time::Instant::now();
+    let (code, _) = exec(
+        &provider,
+        &ns,
+        "a",
+        "(sleep 1; poweroff) </dev/null >/dev/null 2>&1 &",
+    )
+    .await;
+    assert_eq!(code, 0, "poweroff scheduled in the guest");
+    let rebooted = wait_pod(&pods, "a", BOOT, "a restarted once and Ready again", |p| {
+        vm_history(p).0 >= 1 && is_ready(p)
+    })
+    .await;
+    println!("VM restart (poweroff to Ready again): {:.1?}", t.elapsed());
+    let (restarts, last) = vm_history(&rebooted);
+    assert_eq!(restarts, 1, "{:#?}", rebooted.status);
+    let last = last.unwrap_or_else(|| panic!("lastState.terminated: {:#?}", rebooted.status));
+    assert_eq!(
+        (last.exit_code, last.reason.as_deref()),
+        (0, Some("Completed")),
+        "the guest powered off on its own: {last:?}"
+    );
+    assert!(
+        last.started_at.is_some() && last.finished_at.is_some(),
+        "{last:?}"
+    );
+    assert_eq!(
+        rebooted.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        Some(ip.clone()),
+        "a VM restart keeps the pod IP"
+    );
+    let second_boot = wait_for(
+        Duration::from_secs(60),
+        "a exec after its VM restart",
+        || boot_id(&provider, &ns, "a"),
+    )
+    .await;
+    assert_ne!(first_boot, second_boot, "the guest booted again");
+    let second_qemu = pids_with(&vm_id);
+    assert!(!second_qemu.is_empty(), "QEMU of a runs again");
+    assert_ne!(first_qemu, second_qemu, "a new QEMU process");
+
+    // Agent restart: the VM keeps running and is re-adopted, with its restart history.
+    let t = std::time::Instant::now();
     agent.stop().await;
     drop(provider);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -301,27 +413,64 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     )
     .await;
     let listed = provider.list_pods().await.unwrap();
-    assert!(
-        listed.iter().any(|k| k.uid == a_uid),
-        "re-adopted: {listed:?}"
+    let a_key = listed
+        .iter()
+        .find(|k| k.uid == a_uid)
+        .unwrap_or_else(|| panic!("a re-adopted: {listed:?}"))
+        .clone();
+    // The new provider's own view (from its data dir), before its agent runs.
+    let adopted = provider.pod_status(&a_key).await.unwrap().unwrap();
+    let adopted_cs = adopted.container_statuses.as_ref().and_then(|c| c.first());
+    assert_eq!(
+        adopted_cs.map(|c| c.restart_count),
+        Some(1),
+        "restartCount after re-adoption: {adopted:#?}"
+    );
+    let adopted_last = adopted_cs
+        .and_then(|c| c.last_state.as_ref())
+        .and_then(|s| s.terminated.clone());
+    assert_eq!(
+        serde_json::to_value(&adopted_last).unwrap(),
+        serde_json::to_value(Some(&last)).unwrap(),
+        "lastState after re-adoption: {adopted:#?}"
     );
     let agent = Agent::start(&id, provider.clone()).await;
-    wait_for(Duration::from_secs(60), "a exec after restart", || async {
-        let out = Capture::default();
-        let io = AttachIo {
-            stdin: None,
-            stdout: Some(Box::pin(out.clone())),
-            stderr: None,
-            tty: false,
-            resize: None,
-        };
-        let st = provider
-            .exec(&container(&ns, "a"), vec!["hostname".into()], io)
-            .await
-            .ok()?;
-        (st.code == 0).then_some(())
+    let after = wait_for(Duration::from_secs(60), "a exec after restart", || {
+        boot_id(&provider, &ns, "a")
     })
     .await;
+    println!(
+        "agent restart (stop to exec in the re-adopted VM): {:.1?}",
+        t.elapsed()
+    );
+    assert_eq!(after, second_boot, "re-adopted, not booted again");
+    assert_eq!(pids_with(&vm_id), second_qemu, "the same QEMU process");
+    wait_pod(
+        &pods,
+        "a",
+        Duration::from_secs(60),
+        "a Ready after the agent restart",
+        is_ready,
+    )
+    .await;
+    // The status the new agent reports keeps the history (checked over a few status
+    // periods, so a regression written by the new agent would show).
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let p = pods.get("a").await.unwrap();
+        let (restarts, now_last) = vm_history(&p);
+        assert_eq!(
+            restarts, 1,
+            "restartCount after the agent restart: {:#?}",
+            p.status
+        );
+        assert_eq!(
+            serde_json::to_value(&now_last).unwrap(),
+            serde_json::to_value(Some(&last)).unwrap(),
+            "lastState after the agent restart: {:#?}",
+            p.status
+        );
+    }
     let a_now = pods.get("a").await.unwrap();
     assert_eq!(
         a_now.status.as_ref().and_then(|s| s.pod_ip.clone()),
@@ -331,7 +480,6 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     assert_eq!(a_now.metadata.uid.as_deref(), Some(a_uid.as_str()));
 
     // Deletion with grace: preStop, ACPI power-off, then nothing left behind.
-    let vm_id = format!("vzk-{a_uid}");
     assert!(!pids_with(&vm_id).is_empty(), "QEMU of a runs");
     let tap = vzk_vm::net::tap::tap_name(&vm_id, 0);
     assert!(netns.has_link(&tap), "TAP {tap} exists while a runs");
