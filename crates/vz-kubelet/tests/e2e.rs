@@ -4,6 +4,7 @@
 //! network namespace the test owns, and real `kubectl` 1.37 for apply, wait, exec, logs,
 //! port-forward and delete.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -127,6 +128,11 @@ impl Node {
 
     /// With extra `vz-kubelet run` arguments.
     async fn start_with(prefix: &str, extra: &[&str]) -> Node {
+        Self::start_with_env(prefix, extra, &[]).await
+    }
+
+    /// With extra `vz-kubelet run` arguments and environment variables of the agent.
+    async fn start_with_env(prefix: &str, extra: &[&str], env: &[(&str, &str)]) -> Node {
         let cp = ControlPlane::shared();
         let ns = cp.create_namespace(prefix).await;
         let node = format!("{prefix}-{:06x}", rand_u24());
@@ -172,6 +178,7 @@ impl Node {
             .arg("--ssh-private-key-path")
             .arg(&g.openssh_key)
             .args(extra)
+            .envs(env.iter().copied())
             .env(
                 "VZK_LOG",
                 std::env::var("VZK_E2E_LOG").unwrap_or_else(|_| "info".into()),
@@ -644,4 +651,305 @@ async fn bad_pods_end_in_clear_states_with_events_and_the_node_stays_ready() {
 fn base64_encode(b: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// A dockerd of the test's own: its own config file (none of the host's), data root,
+/// exec root (so its own containerd), pid file and socket; no bridge, no iptables, no
+/// sysctls. Stopping it touches no other test's Docker. Stopped on drop.
+struct PrivateDockerd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateDockerd {
+    fn start() -> PrivateDockerd {
+        // Short: the socket path must fit a sockaddr_un.
+        let dir = tempfile::Builder::new()
+            .prefix("vzkd")
+            .tempdir_in("/tmp")
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        std::fs::write(dir.path().join("daemon.json"), "{}").unwrap_or_else(|e| panic!("{e}"));
+        let mut d = PrivateDockerd { dir, child: None };
+        d.restart();
+        d
+    }
+
+    /// `DOCKER_HOST` for it.
+    fn host(&self) -> String {
+        format!("unix://{}", self.dir.path().join("docker.sock").display())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// Whether it answers `docker version`.
+    fn answers(&self) -> bool {
+        Command::new("docker")
+            .args([
+                "-H",
+                &self.host(),
+                "version",
+                "--format",
+                "{{.Server.Version}}",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Starts it (again, on the same directories and socket) and waits until it answers.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "private dockerd already running");
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("dockerd.log"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(d.join("daemon.json"))
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("dockerd.pid"))
+            .args(["-H", &self.host()])
+            .args([
+                "--bridge=none",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--ip-forward=false",
+                "--ip-masq=false",
+                "--storage-driver=vfs",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting dockerd: {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.answers() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("private dockerd exited: {status}\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "private dockerd does not answer after 60 s\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGTERM, as `systemctl stop docker` would, and waits for it (and the containerd it
+    /// started) to exit; SIGKILL after 30 s.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = nix_kill(child.id());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // Its containerd (command line under our exec root) goes with it.
+        let exec_root = self.dir.path().join("exec").display().to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = pids_with(&exec_root);
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                for pid in left {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for PrivateDockerd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- private dockerd log ----\n{}", self.log());
+        }
+        self.stop();
+    }
+}
+
+/// `type -> (status, reason, message)` of the node's conditions.
+fn node_conditions(n: &Node) -> BTreeMap<String, (String, String, String)> {
+    let out = n.kubectl(&["get", "node", &n.node, "-o", "json"]);
+    let node: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    node["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            (
+                s(&c["type"]),
+                (s(&c["status"]), s(&c["reason"]), s(&c["message"])),
+            )
+        })
+        .collect()
+}
+
+/// Polls the node's conditions until `ok` holds for them; returns them.
+fn wait_for_conditions(
+    n: &Node,
+    what: &str,
+    ok: impl Fn(&BTreeMap<String, (String, String, String)>) -> bool,
+) -> BTreeMap<String, (String, String, String)> {
+    let start = Instant::now();
+    let timeout = Duration::from_secs(90);
+    loop {
+        let c = node_conditions(n);
+        if ok(&c) {
+            return c;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "node {}: timed out after {timeout:?} waiting for {what}; conditions: {c:#?}\n{}",
+            n.node,
+            n.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn status_of<'a>(c: &'a BTreeMap<String, (String, String, String)>, type_: &str) -> &'a str {
+    c.get(type_).map_or("", |(s, _, _)| s.as_str())
+}
+
+fn message_of<'a>(c: &'a BTreeMap<String, (String, String, String)>, type_: &str) -> &'a str {
+    c.get(type_).map_or("", |(_, _, m)| m.as_str())
+}
+
+/// Two agents on a dockerd of the test's own (`DOCKER_HOST`), one with
+/// `--docker-optional`. Stopping that dockerd turns both nodes' DockerReady False with
+/// a message naming dockerd; the plain node's Ready turns False naming the failed
+/// check, the docker-optional node stays Ready. Starting dockerd again brings both back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_dockerd_turns_docker_ready_false_and_starting_it_recovers() {
+    let mut dockerd = PrivateDockerd::start();
+    let host = dockerd.host();
+    let env = [("DOCKER_HOST", host.as_str())];
+    // Status every 2 s (the lease period is the status period).
+    let fast = ["--lease-renew-seconds", "2"];
+    let plain = Node::start_with_env("e2e-dkr", &fast, &env).await;
+    let optional = Node::start_with_env(
+        "e2e-dko",
+        &[fast.as_slice(), &["--docker-optional"]].concat(),
+        &env,
+    )
+    .await;
+    let both_ready = |c: &BTreeMap<String, (String, String, String)>| {
+        status_of(c, "DockerReady") == "True" && status_of(c, "Ready") == "True"
+    };
+    for n in [&plain, &optional] {
+        wait_for_conditions(n, "DockerReady and Ready True", both_ready);
+    }
+
+    // dockerd stops (times from its SIGTERM).
+    let stopped = Instant::now();
+    dockerd.stop();
+    let t_exit = stopped.elapsed();
+    let c = wait_for_conditions(&plain, "DockerReady False", |c| {
+        status_of(c, "DockerReady") == "False"
+    });
+    let t_docker = stopped.elapsed();
+    let docker_msg = message_of(&c, "DockerReady").to_owned();
+    assert!(
+        docker_msg.contains("dockerd"),
+        "DockerReady names dockerd: {c:#?}"
+    );
+    let c = wait_for_conditions(&plain, "Ready False", |c| status_of(c, "Ready") == "False");
+    let t_ready = stopped.elapsed();
+    let ready_msg = message_of(&c, "Ready");
+    assert!(
+        ready_msg.contains("DockerReady") && ready_msg.contains("dockerd"),
+        "Ready names the failed check: {c:#?}"
+    );
+    assert_eq!(
+        c.get("Ready").map(|(_, r, _)| r.as_str()),
+        Some("ProviderUnhealthy"),
+        "{c:#?}"
+    );
+    for other in ["VMBackendReady", "DataDirReady"] {
+        assert_eq!(status_of(&c, other), "True", "only Docker failed: {c:#?}");
+    }
+    let c = wait_for_conditions(&optional, "DockerReady False (--docker-optional)", |c| {
+        status_of(c, "DockerReady") == "False"
+    });
+    let t_optional = stopped.elapsed();
+    assert!(
+        message_of(&c, "DockerReady").contains("dockerd"),
+        "DockerReady names dockerd: {c:#?}"
+    );
+    // Status periods later the optional node is still Ready.
+    std::thread::sleep(Duration::from_secs(5));
+    let c = node_conditions(&optional);
+    assert_eq!(
+        (status_of(&c, "DockerReady"), status_of(&c, "Ready")),
+        ("False", "True"),
+        "--docker-optional: the node stays Ready: {c:#?}"
+    );
+    println!(
+        "dockerd stopped (exited {t_exit:.1?} after SIGTERM): DockerReady False after \
+         {t_docker:.1?}, Ready False after {t_ready:.1?} (docker-optional node: DockerReady \
+         False by {t_optional:.1?}, Ready stays True); DockerReady message: {docker_msg}"
+    );
+
+    // dockerd starts again (times from its answering).
+    let spawned = Instant::now();
+    dockerd.restart();
+    let t_up = spawned.elapsed();
+    let started = Instant::now();
+    wait_for_conditions(&plain, "DockerReady True again", |c| {
+        status_of(c, "DockerReady") == "True"
+    });
+    let t_docker = started.elapsed();
+    let c = wait_for_conditions(&plain, "Ready True again", |c| {
+        status_of(c, "Ready") == "True"
+    });
+    let t_ready = started.elapsed();
+    assert_eq!(
+        c.get("Ready").map(|(_, r, _)| r.as_str()),
+        Some("KubeletReady"),
+        "{c:#?}"
+    );
+    let c = wait_for_conditions(
+        &optional,
+        "DockerReady True again (--docker-optional)",
+        both_ready,
+    );
+    let t_optional = started.elapsed();
+    assert!(both_ready(&c));
+    println!(
+        "dockerd started again (answering {t_up:.1?} after its spawn): DockerReady True \
+         after {t_docker:.1?}, Ready True after {t_ready:.1?} (docker-optional node: \
+         DockerReady and Ready True by {t_optional:.1?})"
+    );
+
+    let mut plain = plain;
+    let mut optional = optional;
+    for a in [&mut plain.agent, &mut optional.agent] {
+        let status = a.stop();
+        assert!(status.success(), "agent exit: {status:?}\n{}", a.log());
+    }
+    drop((plain, optional));
+    dockerd.stop();
 }
