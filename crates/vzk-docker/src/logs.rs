@@ -7,10 +7,14 @@
 //! stripped otherwise. `tailLines` is Docker's `tail`; `limitBytes` cuts the stream
 //! after exactly that many bytes.
 
+use bollard::container::LogOutput;
+use bollard::query_parameters::LogsOptionsBuilder;
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
-use futures::{Stream, StreamExt as _};
-use vzk_core::streams::LogOptions;
+use futures::{Stream, StreamExt as _, TryStreamExt as _};
+use vzk_core::streams::{LogOptions, LogStream};
+
+use crate::{DockerError, SidecarRuntime};
 
 /// The earliest instant wanted, from `sinceTime` or `sinceSeconds` (relative to `now`).
 pub fn since(opts: &LogOptions, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -139,6 +143,35 @@ where
             }
         },
     )
+}
+
+impl SidecarRuntime {
+    /// The container's logs as `kubectl logs` wants them (see [`logs`](crate::logs)).
+    pub async fn logs(&self, id: &str, opts: &LogOptions) -> Result<LogStream, DockerError> {
+        // Fail now (not mid-stream) when the container does not exist.
+        self.inspect(id).await?;
+        let since = since(opts, Utc::now());
+        let mut b = LogsOptionsBuilder::default()
+            .follow(opts.follow)
+            .stdout(true)
+            .stderr(true)
+            .timestamps(true);
+        if let Some(n) = opts.tail_lines {
+            b = b.tail(&n.to_string());
+        }
+        if let Some(s) = since {
+            let secs = i32::try_from(s.timestamp()).unwrap_or(i32::MAX).max(0);
+            b = b.since(secs);
+        }
+        let id_owned = id.to_owned();
+        let raw = self
+            .docker
+            .logs(id, Some(b.build()))
+            .map_ok(LogOutput::into_bytes)
+            .map_err(move |e| std::io::Error::other(format!("docker logs {id_owned}: {e}")));
+        let filter = LogFilter::new(opts, since);
+        Ok(Box::pin(filtered(Box::pin(raw), filter)))
+    }
 }
 
 #[cfg(test)]
