@@ -229,7 +229,7 @@ pub(crate) async fn pull_into(
             "chunks reused from images already in the cache"
         );
     }
-    // Durability is the store's business (see `store::persist`): fsync here would put
+    // Durability is the store's business (see `store::pull::persist`): fsync here would put
     // the disk's write bandwidth on the pull's critical path.
     Ok(config)
 }

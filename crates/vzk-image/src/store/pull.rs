@@ -1,0 +1,362 @@
+//! Pulling an image into the store: pull policies, one shared download per reference,
+//! one pull per manifest across processes, and the install into the cache.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::FutureExt as _;
+
+use super::cache::touch;
+use super::{ImageStore, LocalImage, Meta, SharedPull, boot_id};
+use crate::error::{ImageError, IoContext as _, Result};
+use crate::keyring::Credentials;
+use crate::manifest::{self, Descriptor, Index};
+use crate::media_types as mt;
+use crate::progress::{NoProgress, Progress};
+use crate::reference::Reference;
+use crate::registry::{Registry, RegistryOptions};
+
+/// Kubernetes `imagePullPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// Ask the registry for the tag's digest every time; download only what is missing.
+    Always,
+    /// Use the cached image for the tag if there is one.
+    #[default]
+    IfNotPresent,
+    /// Only ever use the cache.
+    Never,
+}
+
+impl PullPolicy {
+    /// Parse `Always`/`IfNotPresent`/`Never`; Kubernetes' default applies to `None`/empty:
+    /// `Always` for `:latest` or untagged, else `IfNotPresent`.
+    pub fn from_k8s(policy: Option<&str>, reference: &Reference) -> PullPolicy {
+        match policy {
+            Some("Always") => PullPolicy::Always,
+            Some("Never") => PullPolicy::Never,
+            Some("IfNotPresent") => PullPolicy::IfNotPresent,
+            _ if reference.digest.is_none()
+                && reference.tag.as_deref().is_none_or(|t| t == "latest") =>
+            {
+                PullPolicy::Always
+            }
+            _ => PullPolicy::IfNotPresent,
+        }
+    }
+}
+
+/// How to pull.
+#[derive(Clone, Default)]
+pub struct PullOptions {
+    /// Credentials to try in order (e.g. from [`crate::Keyring::lookup`]).
+    pub credentials: Vec<Credentials>,
+    /// Pull policy.
+    pub policy: PullPolicy,
+    /// Talk plain HTTP to the registry.
+    pub plain_http: bool,
+    /// Accept any TLS certificate.
+    pub insecure: bool,
+    /// Parts downloaded at once (0: default 4).
+    pub concurrency: usize,
+    /// Progress sink (default: none).
+    pub progress: Option<Arc<dyn Progress>>,
+}
+
+impl std::fmt::Debug for PullOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullOptions")
+            .field("credentials", &self.credentials)
+            .field("policy", &self.policy)
+            .field("plain_http", &self.plain_http)
+            .field("insecure", &self.insecure)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+impl PullOptions {
+    fn registry_options(&self) -> RegistryOptions {
+        RegistryOptions {
+            credentials: self.credentials.clone(),
+            plain_http: self.plain_http,
+            insecure: self.insecure,
+        }
+    }
+}
+
+impl ImageStore {
+    /// Pull (or find) an image according to `opts.policy`; returns a verified directory.
+    ///
+    /// Concurrent calls for the same reference share one download (the first caller's
+    /// options win, as in macOS-vz-kubelet). The download goes on if callers go away.
+    pub async fn pull(&self, reference: &Reference, opts: &PullOptions) -> Result<LocalImage> {
+        if opts.policy != PullPolicy::Always
+            && let Some(img) = self.get(reference)?
+        {
+            touch(&img.dir);
+            return Ok(img);
+        }
+        if opts.policy == PullPolicy::Never {
+            return Err(ImageError::NotPresent {
+                reference: reference.to_string(),
+            });
+        }
+        let key = reference.to_string();
+        let (id, fut) = {
+            let mut map = self
+                .inner
+                .inflight
+                .lock()
+                .map_err(|_| ImageError::Cancelled)?;
+            if let Some((id, f)) = map.get(&key) {
+                (*id, f.clone())
+            } else {
+                let id = self
+                    .inner
+                    .next_id
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let store = self.clone();
+                let r = reference.clone();
+                let o = opts.clone();
+                let task = tokio::spawn(async move { store.pull_now(&r, &o).await });
+                let fut: SharedPull = async move {
+                    match task.await {
+                        Ok(r) => r.map_err(Arc::new),
+                        Err(_) => Err(Arc::new(ImageError::Cancelled)),
+                    }
+                }
+                .boxed()
+                .shared();
+                map.insert(key.clone(), (id, fut.clone()));
+                (id, fut)
+            }
+        };
+        let res = fut.await;
+        if let Ok(mut map) = self.inner.inflight.lock()
+            && map.get(&key).is_some_and(|(i, _)| *i == id)
+        {
+            map.remove(&key);
+        }
+        res.map_err(|e| match Arc::try_unwrap(e) {
+            Ok(e) => e,
+            Err(shared) => ImageError::Shared(shared),
+        })
+    }
+
+    async fn pull_now(&self, reference: &Reference, opts: &PullOptions) -> Result<LocalImage> {
+        let progress: Arc<dyn Progress> = opts
+            .progress
+            .clone()
+            .unwrap_or_else(|| Arc::new(NoProgress));
+        let reg = Arc::new(Registry::new(reference, &opts.registry_options(), false)?);
+        let name = reference.to_string();
+        let mut fetched = reg.get_manifest(reference.manifest_ref()).await?;
+        let is_index = fetched.media_type.starts_with(mt::OCI_INDEX)
+            || fetched.media_type.starts_with(mt::DOCKER_MANIFEST_LIST)
+            || serde_json::from_slice::<serde_json::Value>(&fetched.bytes)
+                .is_ok_and(|v| v.get("manifests").is_some());
+        if is_index {
+            let index: Index = serde_json::from_slice(&fetched.bytes).map_err(|e| {
+                ImageError::InvalidManifest {
+                    reference: name.clone(),
+                    reason: format!("not a valid index: {e}"),
+                }
+            })?;
+            let chosen =
+                pick_platform(&index.manifests).ok_or_else(|| ImageError::InvalidManifest {
+                    reference: name.clone(),
+                    reason: "the index lists no manifest for a VM platform".into(),
+                })?;
+            fetched = reg.get_manifest(&chosen.digest).await?;
+        }
+        let digest = fetched.digest.clone();
+        if let Some(img) = self.load(&digest, &name)? {
+            self.write_ref(reference, &digest)?;
+            touch(&img.dir);
+            return Ok(img);
+        }
+        let m = manifest::parse_manifest(&fetched.bytes, &name)?;
+        let plan = manifest::plan(&m, &name)?;
+        // Make room first (pinned images stay).
+        if self.inner.budget != u64::MAX {
+            self.gc_to(self.inner.budget.saturating_sub(plan.uncompressed_size()))?;
+        }
+        // One pull per manifest across processes.
+        let hex = digest.trim_start_matches("sha256:").to_string();
+        let lock_path = self.tmp().join(format!("{hex}.lock"));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .io("create", &lock_path)?;
+        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|_| lock))
+            .await
+            .map_err(|_| ImageError::Cancelled)?
+            .io("lock", &lock_path)?;
+        if let Some(img) = self.load(&digest, &name)? {
+            self.write_ref(reference, &digest)?;
+            return Ok(img);
+        }
+        let work = self.tmp().join(format!("{hex}.{}", rand::random::<u32>()));
+        std::fs::create_dir(&work).io("create", &work)?;
+        let work_lock = File::create(work.join(".lock")).io("create", work.join(".lock"))?;
+        work_lock.lock().io("lock", work.join(".lock"))?;
+        progress.begin(&name, plan.compressed_size());
+        let started = std::time::Instant::now();
+        // Only chunked formats can reuse chunks: no manifests are read for the others.
+        let local = if plan
+            .files
+            .iter()
+            .flat_map(|f| &f.parts)
+            .any(|p| p.encoding.is_chunk())
+        {
+            self.local_chunks()
+        } else {
+            HashMap::new()
+        };
+        let res = crate::pull::pull_into(
+            reg,
+            &plan,
+            &work,
+            if opts.concurrency == 0 {
+                crate::pull::default_concurrency()
+            } else {
+                opts.concurrency
+            },
+            progress.clone(),
+            &local,
+        )
+        .await;
+        progress.finish();
+        let config = match res {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&work);
+                return Err(self.no_space(e, &name, plan.uncompressed_size()));
+            }
+        };
+        let install = || -> Result<()> {
+            std::fs::write(work.join("manifest.json"), &fetched.bytes)
+                .io("write", work.join("manifest.json"))?;
+            let meta = Meta {
+                reference: name.clone(),
+                format: plan.format,
+                pulled_at: chrono::Utc::now().to_rfc3339(),
+                boot_id: boot_id(),
+            };
+            let meta_bytes = serde_json::to_vec_pretty(&meta).map_err(|e| ImageError::Io {
+                op: "serialise",
+                path: work.join("meta.json"),
+                source: std::io::Error::other(e),
+            })?;
+            std::fs::write(work.join("meta.json"), meta_bytes)
+                .io("write", work.join("meta.json"))?;
+            File::create(work.join(".pin")).io("create", work.join(".pin"))?;
+            if boot_id().is_none() {
+                persist(&work)?;
+            }
+            let dest = self.image_dir(&digest);
+            std::fs::rename(&work, &dest).io("install", &dest)?;
+            let parent = dest.parent().unwrap_or(&dest);
+            File::open(parent)
+                .and_then(|f| f.sync_all())
+                .io("fsync", parent)?;
+            if boot_id().is_some() {
+                let dest = dest.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = persist(&dest) {
+                        tracing::warn!(path = %dest.display(), error = %e, "background fsync of a pulled image failed");
+                    }
+                });
+            }
+            Ok(())
+        };
+        if let Err(e) = install() {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(self.no_space(e, &name, plan.uncompressed_size()));
+        }
+        drop(work_lock);
+        drop(lock);
+        let _ = std::fs::remove_file(&lock_path);
+        self.write_ref(reference, &digest)?;
+        tracing::info!(
+            reference = %name,
+            %digest,
+            format = plan.format.as_str(),
+            bytes = plan.compressed_size(),
+            seconds = started.elapsed().as_secs_f64(),
+            "image pulled"
+        );
+        let dir = self.image_dir(&digest);
+        touch(&dir);
+        Ok(LocalImage {
+            digest,
+            reference: name,
+            dir,
+            format: plan.format,
+            config,
+        })
+    }
+
+    /// Turns a "no space left on device" anywhere in `e` into [`ImageError::NoSpace`]
+    /// (with the free space of the cache's filesystem); other errors pass unchanged.
+    fn no_space(&self, e: ImageError, reference: &str, needed: u64) -> ImageError {
+        if !e.is_no_space() {
+            return e;
+        }
+        let root = self.inner.root.clone();
+        // The field types differ by OS (u64 on Linux; a u32 block count on macOS).
+        #[allow(clippy::useless_conversion)]
+        let available = nix::sys::statvfs::statvfs(&root)
+            .ok()
+            .map(|s| u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())));
+        tracing::warn!(%reference, path = %root.display(), needed, ?available, "image pull ran out of disk space; partial files removed");
+        ImageError::NoSpace {
+            reference: reference.to_owned(),
+            path: root,
+            needed,
+            available,
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// fsync every file of an image directory, then mark it `.synced`.
+fn persist(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).io("list", dir)?.flatten() {
+        let p = e.path();
+        if p.is_file() {
+            File::open(&p).and_then(|f| f.sync_all()).io("fsync", &p)?;
+        }
+    }
+    File::create(dir.join(".synced"))
+        .and_then(|f| f.sync_all())
+        .io("fsync", dir.join(".synced"))?;
+    File::open(dir).and_then(|f| f.sync_all()).io("fsync", dir)
+}
+
+fn pick_platform(ms: &[Descriptor]) -> Option<&Descriptor> {
+    let host_arch = if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    let host_os = if cfg!(target_os = "macos") {
+        "darwin"
+    } else {
+        "linux"
+    };
+    let score = |d: &Descriptor| match &d.platform {
+        Some(p) if p.os == host_os && p.architecture == host_arch => 3,
+        Some(p) if p.os == "darwin" && p.architecture == "arm64" => 2,
+        Some(p) if p.architecture == host_arch => 1,
+        _ => 0,
+    };
+    ms.iter()
+        .max_by_key(|d| score(d))
+        .filter(|_| !ms.is_empty())
+}
