@@ -14,19 +14,16 @@ pub(crate) fn host_usage(now: DateTime<Utc>) -> (Option<CpuStats>, Option<Memory
             usage_nano_cores: None,
             usage_core_nano_seconds: Some(ns),
         });
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| memory_from_meminfo(&s))
-        .map(|(total, avail)| {
-            let used = total.saturating_sub(avail);
-            MemoryStats {
-                time: now,
-                available_bytes: Some(avail),
-                usage_bytes: Some(used),
-                working_set_bytes: Some(used),
-                ..Default::default()
-            }
-        });
+    let mem = host_memory().map(|(total, avail)| {
+        let used = total.saturating_sub(avail);
+        MemoryStats {
+            time: now,
+            available_bytes: Some(avail),
+            usage_bytes: Some(used),
+            working_set_bytes: Some(used),
+            ..Default::default()
+        }
+    });
     (cpu, mem)
 }
 
@@ -49,22 +46,94 @@ fn cpu_from_proc_stat(text: &str) -> Option<u64> {
     Some(busy.saturating_mul(10_000_000))
 }
 
-/// `(MemTotal, MemAvailable)` in bytes.
-fn memory_from_meminfo(text: &str) -> Option<(u64, u64)> {
-    let field = |name: &str| -> Option<u64> {
-        let l = text.lines().find(|l| l.starts_with(name))?;
-        l.split_whitespace()
-            .nth(1)?
-            .parse::<u64>()
-            .ok()
-            .map(|kib| kib * 1024)
-    };
-    Some((field("MemTotal:")?, field("MemAvailable:")?))
+/// `(MemTotal, MemAvailable)` in bytes, from `/proc/meminfo` through procfs.
+#[cfg(target_os = "linux")]
+fn host_memory() -> Option<(u64, u64)> {
+    use procfs::Current as _;
+    memory_from_meminfo(&procfs::Meminfo::current().ok()?)
+}
+
+/// No `/proc/meminfo` off Linux.
+#[cfg(not(target_os = "linux"))]
+fn host_memory() -> Option<(u64, u64)> {
+    None
+}
+
+/// `(MemTotal, MemAvailable)` in bytes (procfs converts the kB of the file); `None`
+/// without `MemAvailable` (before Linux 3.14).
+#[cfg(target_os = "linux")]
+fn memory_from_meminfo(m: &procfs::Meminfo) -> Option<(u64, u64)> {
+    Some((m.mem_total, m.mem_available?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `/proc/meminfo` of a Linux 6.18 host (a VM with 24 GiB), as recorded.
+    #[cfg(target_os = "linux")]
+    const MEMINFO: &str = "\
+MemTotal:       24683784 kB\n\
+MemFree:        19591792 kB\n\
+MemAvailable:   23590400 kB\n\
+Buffers:           14376 kB\n\
+Cached:          4048124 kB\n\
+SwapCached:            0 kB\n\
+Active:          1552548 kB\n\
+Inactive:        3084796 kB\n\
+Active(anon):         64 kB\n\
+Inactive(anon):   585000 kB\n\
+Active(file):    1552484 kB\n\
+Inactive(file):  2499796 kB\n\
+Unevictable:       14520 kB\n\
+Mlocked:           11656 kB\n\
+SwapTotal:             0 kB\n\
+SwapFree:              0 kB\n\
+Zswap:                 0 kB\n\
+Zswapped:              0 kB\n\
+Dirty:            158244 kB\n\
+Writeback:             0 kB\n\
+AnonPages:        589528 kB\n\
+Mapped:           382296 kB\n\
+Shmem:             10220 kB\n\
+KReclaimable:     253580 kB\n\
+Slab:             290760 kB\n\
+SReclaimable:     253580 kB\n\
+SUnreclaim:        37180 kB\n\
+KernelStack:        2528 kB\n\
+PageTables:         5712 kB\n\
+SecPageTables:         0 kB\n\
+NFS_Unstable:          0 kB\n\
+Bounce:                0 kB\n\
+WritebackTmp:          0 kB\n\
+CommitLimit:    12341892 kB\n\
+Committed_AS:     596488 kB\n\
+VmallocTotal:   34359738367 kB\n\
+VmallocUsed:       15324 kB\n\
+VmallocChunk:          0 kB\n\
+Percpu:              792 kB\n\
+AnonHugePages:         0 kB\n\
+ShmemHugePages:        0 kB\n\
+ShmemPmdMapped:        0 kB\n\
+FileHugePages:     63488 kB\n\
+FilePmdMapped:         0 kB\n\
+Balloon:               0 kB\n\
+HugePages_Total:       0\n\
+HugePages_Free:        0\n\
+HugePages_Rsvd:        0\n\
+HugePages_Surp:        0\n\
+Hugepagesize:       2048 kB\n\
+Hugetlb:               0 kB\n\
+DirectMap4k:       28672 kB\n\
+DirectMap2M:     2068480 kB\n\
+DirectMap1G:    25165824 kB\n\
+";
+
+    #[cfg(target_os = "linux")]
+    fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
+        use procfs::FromRead as _;
+        memory_from_meminfo(&procfs::Meminfo::from_read(text.as_bytes()).ok()?)
+    }
 
     #[test]
     fn parses_proc_files() {
@@ -73,8 +142,13 @@ mod tests {
             cpu_from_proc_stat(stat),
             Some((100 + 5 + 50 + 1 + 2 + 3) * 10_000_000)
         );
-        let mem = "MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    400 kB\n";
-        assert_eq!(memory_from_meminfo(mem), Some((1_024_000, 409_600)));
-        assert_eq!(memory_from_meminfo("garbage"), None);
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(
+                parse_meminfo(MEMINFO),
+                Some((24_683_784 * 1024, 23_590_400 * 1024))
+            );
+            assert_eq!(parse_meminfo("garbage"), None);
+        }
     }
 }

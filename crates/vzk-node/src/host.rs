@@ -12,24 +12,27 @@ pub struct MemoryInfo {
     pub available: u64,
 }
 
-/// Parses `/proc/meminfo` text.
-pub fn parse_meminfo(text: &str) -> Option<MemoryInfo> {
-    let field = |name: &str| {
-        text.lines().find_map(|l| {
-            let rest = l.strip_prefix(name)?.strip_prefix(':')?;
-            let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-            kib.checked_mul(1024)
-        })
-    };
-    Some(MemoryInfo {
-        total: field("MemTotal")?,
-        available: field("MemAvailable")?,
-    })
+/// The host's memory, if it can be read (`/proc/meminfo`, through procfs).
+#[cfg(target_os = "linux")]
+pub fn memory() -> Option<MemoryInfo> {
+    use procfs::Current as _;
+    memory_info(&procfs::Meminfo::current().ok()?)
 }
 
-/// The host's memory, if it can be read.
+/// The host's memory: not known off Linux (there is no `/proc/meminfo`).
+#[cfg(not(target_os = "linux"))]
 pub fn memory() -> Option<MemoryInfo> {
-    parse_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?)
+    None
+}
+
+/// `MemTotal` and `MemAvailable` (procfs gives bytes); `None` before Linux 3.14, which
+/// has no `MemAvailable`.
+#[cfg(target_os = "linux")]
+fn memory_info(m: &procfs::Meminfo) -> Option<MemoryInfo> {
+    Some(MemoryInfo {
+        total: m.mem_total,
+        available: m.mem_available?,
+    })
 }
 
 /// Filesystem space in bytes.
@@ -117,18 +120,92 @@ pub fn k8s_os() -> &'static str {
 mod tests {
     use super::*;
 
+    /// `/proc/meminfo` of a Linux 6.18 host (a VM with 24 GiB), as recorded.
+    #[cfg(target_os = "linux")]
+    const MEMINFO: &str = "\
+MemTotal:       24683784 kB\n\
+MemFree:        19591792 kB\n\
+MemAvailable:   23590400 kB\n\
+Buffers:           14376 kB\n\
+Cached:          4048124 kB\n\
+SwapCached:            0 kB\n\
+Active:          1552548 kB\n\
+Inactive:        3084796 kB\n\
+Active(anon):         64 kB\n\
+Inactive(anon):   585000 kB\n\
+Active(file):    1552484 kB\n\
+Inactive(file):  2499796 kB\n\
+Unevictable:       14520 kB\n\
+Mlocked:           11656 kB\n\
+SwapTotal:             0 kB\n\
+SwapFree:              0 kB\n\
+Zswap:                 0 kB\n\
+Zswapped:              0 kB\n\
+Dirty:            158244 kB\n\
+Writeback:             0 kB\n\
+AnonPages:        589528 kB\n\
+Mapped:           382296 kB\n\
+Shmem:             10220 kB\n\
+KReclaimable:     253580 kB\n\
+Slab:             290760 kB\n\
+SReclaimable:     253580 kB\n\
+SUnreclaim:        37180 kB\n\
+KernelStack:        2528 kB\n\
+PageTables:         5712 kB\n\
+SecPageTables:         0 kB\n\
+NFS_Unstable:          0 kB\n\
+Bounce:                0 kB\n\
+WritebackTmp:          0 kB\n\
+CommitLimit:    12341892 kB\n\
+Committed_AS:     596488 kB\n\
+VmallocTotal:   34359738367 kB\n\
+VmallocUsed:       15324 kB\n\
+VmallocChunk:          0 kB\n\
+Percpu:              792 kB\n\
+AnonHugePages:         0 kB\n\
+ShmemHugePages:        0 kB\n\
+ShmemPmdMapped:        0 kB\n\
+FileHugePages:     63488 kB\n\
+FilePmdMapped:         0 kB\n\
+Balloon:               0 kB\n\
+HugePages_Total:       0\n\
+HugePages_Free:        0\n\
+HugePages_Rsvd:        0\n\
+HugePages_Surp:        0\n\
+Hugepagesize:       2048 kB\n\
+Hugetlb:               0 kB\n\
+DirectMap4k:       28672 kB\n\
+DirectMap2M:     2068480 kB\n\
+DirectMap1G:    25165824 kB\n\
+";
+
+    #[cfg(target_os = "linux")]
+    fn parse_meminfo(text: &str) -> Option<MemoryInfo> {
+        use procfs::FromRead as _;
+        memory_info(&procfs::Meminfo::from_read(text.as_bytes()).ok()?)
+    }
+
+    #[cfg(target_os = "linux")]
     #[test]
-    fn meminfo_and_os_release_parse() {
-        let m =
-            parse_meminfo("MemTotal:       16384 kB\nMemFree: 1 kB\nMemAvailable:    2048 kB\n");
+    fn meminfo_parses() {
         assert_eq!(
-            m,
+            parse_meminfo(MEMINFO),
             Some(MemoryInfo {
-                total: 16384 * 1024,
-                available: 2048 * 1024
+                total: 24_683_784 * 1024,
+                available: 23_590_400 * 1024
             })
         );
-        assert_eq!(parse_meminfo("MemTotal: x kB\n"), None);
+        let malformed = MEMINFO.replace("MemTotal:       24683784 kB", "MemTotal: x kB");
+        assert_ne!(malformed, MEMINFO);
+        assert_eq!(parse_meminfo(&malformed), None);
+        // Before Linux 3.14 there is no MemAvailable.
+        let old_kernel = MEMINFO.replace("MemAvailable:   23590400 kB\n", "");
+        assert_ne!(old_kernel, MEMINFO);
+        assert_eq!(parse_meminfo(&old_kernel), None);
+    }
+
+    #[test]
+    fn os_release_parses() {
         let os =
             parse_os_release("NAME=\"Debian\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n");
         assert_eq!(os.as_deref(), Some("Debian GNU/Linux 12 (bookworm)"));
