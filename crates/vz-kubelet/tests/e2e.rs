@@ -653,9 +653,10 @@ fn base64_encode(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
-/// A dockerd of the test's own: its own config file (none of the host's), data root,
-/// exec root (so its own containerd), pid file and socket; no bridge, no iptables, no
-/// sysctls. Stopping it touches no other test's Docker. Stopped on drop.
+/// A dockerd of the test's own: its own network namespace, config file (none of the
+/// host's), data root, exec root (so its own containerd), pid file and socket; no bridge,
+/// no iptables, no sysctls. Neither running nor stopping it touches the host's Docker
+/// (its `docker0` included). Stopped on drop.
 struct PrivateDockerd {
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -708,7 +709,12 @@ impl PrivateDockerd {
             .append(true)
             .open(d.join("dockerd.log"))
             .unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new("dockerd")
+        // In a network namespace of its own: a dockerd started with `--bridge=none`
+        // deletes the `docker0` link it finds (moby's removeDefaultBridgeInterface), which
+        // in the host's namespace is the shared dockerd's bridge. `unshare` execs dockerd
+        // (same pid); the socket is a file, reachable from every namespace.
+        let child = Command::new("unshare")
+            .args(["--net", "--", "dockerd"])
             .arg("--config-file")
             .arg(d.join("daemon.json"))
             .arg("--data-root")
@@ -844,6 +850,13 @@ fn message_of<'a>(c: &'a BTreeMap<String, (String, String, String)>, type_: &str
 /// check, the docker-optional node stays Ready. Starting dockerd again brings both back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_dockerd_turns_docker_ready_false_and_starting_it_recovers() {
+    let host_bridge = || {
+        Command::new("ip")
+            .args(["link", "show", "docker0"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let had_bridge = host_bridge();
     let mut dockerd = PrivateDockerd::start();
     let host = dockerd.host();
     let env = [("DOCKER_HOST", host.as_str())];
@@ -952,4 +965,6 @@ async fn stopping_dockerd_turns_docker_ready_false_and_starting_it_recovers() {
     }
     drop((plain, optional));
     dockerd.stop();
+    // The shared dockerd's bridge is untouched (other tests' containers need it).
+    assert_eq!(host_bridge(), had_bridge, "the host's docker0 bridge");
 }
