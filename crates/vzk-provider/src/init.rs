@@ -20,7 +20,7 @@
 //!   exit, probes, stopped on pod deletion) and are reported in `initContainerStatuses`,
 //!   `ready` per their readiness probe (without one: ready while running); their
 //!   readiness counts for `ContainersReady`/`Ready`.
-//! * Status ([`crate::init_status`]): `initContainerStatuses`, the `Initialized`
+//! * Status ([`crate::status`]): `initContainerStatuses`, the `Initialized`
 //!   condition, and while initializing phase `Pending` with every app container waiting
 //!   `PodInitializing` (what kubectl shows as `Init:N/M`, `Init:Error`,
 //!   `Init:CrashLoopBackOff`).
@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus,
+    Container, ContainerState, ContainerStateTerminated, ContainerStatus, Pod,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -174,7 +174,7 @@ impl PodInit {
         self.state.send_replace(s);
     }
 
-    fn initialized_at(&self) -> Option<Time> {
+    pub(crate) fn initialized_at(&self) -> Option<Time> {
         match &*self.state.borrow() {
             InitState::Done(t) => Some(t.clone()),
             _ => None,
@@ -209,15 +209,13 @@ fn spawn_native(inner: &Arc<Inner>, e: &Arc<PodEntry>, i: usize, adopt: bool) {
         return;
     }
     let (inner, e2) = (inner.clone(), e.clone());
-    let (cancel, halt) = (e.cancel.clone(), e.init.halt.clone());
-    let task = tokio::spawn(async move {
+    let halt = e.init.halt.clone();
+    e.spawn(async move {
         tokio::select! {
-            () = cancel.cancelled() => {}
             () = halt.cancelled() => {}
             () = crate::sidecars::run(inner, e2, i, adopt) => {}
         }
     });
-    lock(&e.sidecars.tasks).push(task);
 }
 
 /// Runs the init containers of a new pod in order; `true` once all have completed
@@ -321,15 +319,7 @@ pub(crate) fn adopt(inner: &Arc<Inner>, e: &Arc<PodEntry>) {
             _ => completed.push((i, name)),
         }
     }
-    let (inner2, e2) = (inner.clone(), e.clone());
-    let cancel = e.cancel.clone();
-    let task = tokio::spawn(async move {
-        tokio::select! {
-            () = cancel.cancelled() => {}
-            () = report_completed(inner2, e2, completed) => {}
-        }
-    });
-    lock(&e.sidecars.tasks).push(task);
+    e.spawn(report_completed(inner.clone(), e.clone(), completed));
 }
 
 /// Statuses of the completed init containers of a re-adopted pod, from Docker.
@@ -385,26 +375,6 @@ async fn report_completed(inner: Arc<Inner>, e: Arc<PodEntry>, slots: Vec<(usize
     }
     info!(pod = %e.key, "re-adopted pod: init containers reported, not run again");
     inner.push_status(&e);
-}
-
-/// Puts the init containers of `e` into `status` (see [`crate::init_status::apply`]).
-pub(crate) fn apply_status(e: &PodEntry, status: &mut PodStatus) {
-    let init = init_containers(&e.pod);
-    if init.is_empty() {
-        return;
-    }
-    let statuses: Vec<ContainerStatus> = lock(&e.sidecars.slots)
-        .iter()
-        .filter(|s| s.kind != SlotKind::Sidecar)
-        .map(|s| s.status.clone())
-        .collect();
-    let policy = e
-        .pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.restart_policy.as_deref());
-    let at = e.init.initialized_at();
-    crate::init_status::apply(status, init, statuses, policy, at.as_ref(), &e.start_time);
 }
 
 #[cfg(test)]

@@ -6,10 +6,14 @@
 //!   for the contract). It names no backend: the VM network namespace, QEMU's processes
 //!   and files are the backend's business (`Vm::connect`, `Vm::host_usage`).
 //! * [`ProviderArgs`]: its flags, flattened into `vz-kubelet run`.
+//! * [`Backends`]: what it runs pods on: the hypervisor, an [`ImageSource`] (the image
+//!   crate's store in the binary) and whether dockerd runs side-cars; tests pass fakes
+//!   (`src/provider/tests.rs` tests the provider's rules that way, under a paused clock).
 //! * [`pod`]: one pod's lifecycle task (pull → slot → clone → boot → IP → SSH ready).
 //! * [`boot`]: what the VM boots (macOS loader, Linux kernel or EFI) from the image and
 //!   the backend's capabilities (pure).
-//! * [`status`]: pod status from the VM's state (pure).
+//! * [`status`]: the pod status, derived once from the VM's phase and history and the
+//!   side-cars' and init containers' statuses (pure, table-tested).
 //! * [`resources`]: vCPUs and memory from requests/limits within backend bounds (pure).
 //! * [`slots`]: the VM slot pool (at most N VMs).
 //! * [`health`]: `ping` and the node conditions VMBackendReady, DockerReady, DataDirReady.
@@ -18,8 +22,7 @@
 //! * [`logs`]: the serial console as `kubectl logs`.
 //! * [`record`]: the on-disk pod record used to re-adopt VMs after a restart.
 //! * [`sidecars`]: containers 1..N as Docker side-cars (pull, run, restart, streams, stats).
-//! * [`init`]: init containers (and native side-cars) in Docker before the VM boots;
-//!   [`init_status`]: their pod status (pure).
+//! * [`init`]: init containers (and native side-cars) in Docker before the VM boots.
 //! * [`volumes`]: pod volumes as VM shares (9p, mounted at `mountPath` over SSH) and
 //!   side-car binds.
 //! * [`probes`]: startup/readiness/liveness probes (exec, tcpSocket, httpGet) for the VM
@@ -43,8 +46,8 @@ pub mod args;
 pub mod boot;
 pub mod error;
 pub mod health;
+pub mod images;
 pub mod init;
-pub mod init_status;
 pub mod logs;
 pub mod pod;
 pub mod probes;
@@ -59,4 +62,5 @@ pub mod volumes;
 
 pub use args::ProviderArgs;
 pub use error::ProviderInitError;
-pub use provider::{VM_RESOURCE, VmProvider};
+pub use images::{ImageSource, StoreSource};
+pub use provider::{Backends, VM_RESOURCE, VmProvider};

@@ -4,8 +4,8 @@
 //! to the VM provider. Flags are parsed here (raw), validated into a `NodeConfig`, and
 //! nothing downstream sees an unvalidated value.
 //!
-//! Shutdown: the first SIGTERM/SIGINT stops the controllers and the kubelet API and
-//! waits up to 15 s for them; a second signal exits at once. VMs are left running on
+//! Shutdown: the first SIGTERM/SIGINT stops the controllers and the kubelet API, then
+//! each pod's tasks, and waits up to 15 s for them; a second signal exits at once. VMs are left running on
 //! purpose: a restarted agent re-adopts them, so an agent upgrade does not kill CI jobs.
 
 use std::collections::BTreeMap;
@@ -267,8 +267,13 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         () = token.cancelled() => warn!("a component stopped; shutting down"),
     }
     token.cancel();
+    let stopped = async {
+        tracker.wait().await;
+        // Then each pod's tasks (VMs and side-car containers keep running).
+        provider.shutdown(Duration::from_secs(10)).await;
+    };
     tokio::select! {
-        () = tracker.wait() => {}
+        () = stopped => {}
         () = tokio::time::sleep(Duration::from_secs(15)) => warn!("components did not stop within 15 s"),
         () = shutdown_signal() => warn!("second signal: exiting now"),
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 use vzk_core::PodEvent;
 use vzk_image::{PullOptions, PullPolicy, Reference};
-use vzk_vm::{DiskFormat, DiskSpec, MacAddr, NicSpec, VmSpec};
+use vzk_vm::{DiskSpec, MacAddr, NicSpec, VmSpec};
 
 use crate::provider::Inner;
 use crate::resources::vm_resources;
@@ -55,7 +55,7 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             plain_http: inner.plain_http(&reference),
             ..Default::default()
         };
-        let cached = inner.images.get(&reference).ok().flatten().is_some();
+        let cached = inner.images.cached(&reference).is_some();
         if !(cached && policy == PullPolicy::IfNotPresent) {
             inner.event(
                 &e,
@@ -90,7 +90,7 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             Err(err) => {
                 let msg = format!(
                     "Failed to pull image \"{image_name}\": {}",
-                    error_chain(&err)
+                    error_chain(err.as_ref())
                 );
                 warn!(pod = %e.key, error = %msg, "pull failed");
                 inner.event(&e, PodEvent::warning("Failed", msg.clone()));
@@ -175,20 +175,12 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     inner.waiting(&e, "ContainerCreating", "");
 
     // 4. Clone the disk.
-    let disk_base = image.disk();
     let (disk_path, format) = {
         let dest = e.dir.join("disk");
-        match inner.cloner.clone_disk(&disk_base, &dest) {
-            Ok(kind) => (
-                dest,
-                if kind.qemu_format() == "qcow2" {
-                    DiskFormat::Qcow2
-                } else {
-                    DiskFormat::Raw
-                },
-            ),
+        match inner.images.clone_disk(&image, &dest) {
+            Ok(format) => (dest, format),
             Err(err) => {
-                let msg = format!("cloning the VM disk: {}", error_chain(&err));
+                let msg = format!("cloning the VM disk: {}", error_chain(err.as_ref()));
                 inner.event(&e, PodEvent::warning("Failed", msg.clone()));
                 inner.waiting(&e, "CreateContainerError", msg);
                 lock(&e.slot).take();

@@ -20,19 +20,15 @@ use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 use vzk_core::{PodEvent, PodKey};
 use vzk_guest::GuestSession;
-use vzk_image::PinGuard;
 use vzk_vm::Vm;
 
 use crate::provider::Inner;
 use crate::slots::Slot;
-use crate::status::{VmHistory, VmPhase, apply_vm_history, pod_status};
-
-/// Why side-cars are not run (reported on their container statuses).
-pub(crate) const SIDECAR_REASON: &str =
-    "containers 1..N (Docker side-cars) are not run by this provider version";
+use crate::status::{PodView, VmHistory, VmPhase, pod_status};
 
 /// The VM id of a pod UID.
 pub(crate) fn vm_id(uid: &str) -> String {
@@ -55,20 +51,25 @@ pub(crate) struct PodEntry {
     pub(crate) vm: Mutex<Option<Arc<dyn Vm>>>,
     pub(crate) session: Mutex<Option<GuestSession>>,
     pub(crate) creds: vzk_guest::Credentials,
-    /// Cancels the lifecycle task (deletion).
+    /// Cancels the pod's tasks (deletion, agent shutdown).
     pub(crate) cancel: CancellationToken,
+    /// The pod's tasks (lifecycle, side-car and init supervisors), each run in `span`.
+    tasks: TaskTracker,
+    /// The span every task of this pod runs in.
+    span: tracing::Span,
     /// Fires when the VM has ended or the pod is deleted (ends log follows).
     pub(crate) ended: CancellationToken,
-    pub(crate) task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub(crate) create_lock: Arc<tokio::sync::Mutex<()>>,
     pub(crate) slot: Mutex<Option<Slot>>,
-    pub(crate) pin: Mutex<Option<PinGuard>>,
+    pub(crate) pin: Mutex<Option<crate::images::ImagePin>>,
     /// Restarts, last state and `started` of container 0.
     pub(crate) history: Mutex<VmHistory>,
     /// Containers 1..N (Docker side-cars) and the init containers.
     pub(crate) sidecars: crate::sidecars::PodSidecars,
     /// Whether the init containers have completed.
     pub(crate) init: crate::init::PodInit,
+    /// The status last derived (its conditions' transition times carry over).
+    last_status: Mutex<Option<PodStatus>>,
 }
 
 impl PodEntry {
@@ -96,6 +97,7 @@ impl PodEntry {
                 .unwrap_or_default(),
         );
         let init = crate::init::PodInit::new(&pod, &start_time);
+        let span = tracing::info_span!("pod", pod = %key);
         Self {
             key,
             pod,
@@ -110,36 +112,69 @@ impl PodEntry {
             session: Mutex::new(None),
             creds,
             cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            span,
             ended: CancellationToken::new(),
-            task: Mutex::new(None),
             create_lock: Arc::new(tokio::sync::Mutex::new(())),
             slot: Mutex::new(None),
             pin: Mutex::new(None),
             history: Mutex::new(VmHistory::default()),
             sidecars,
             init,
+            last_status: Mutex::new(None),
         }
     }
 
+    /// The pod's status, derived from its state in one pass ([`crate::status`]).
     pub(crate) fn status(&self) -> PodStatus {
         let phase = lock(&self.phase).clone();
         let history = lock(&self.history).clone();
-        let mut status = pod_status(
-            &self.pod,
-            &phase,
-            &self.start_time,
-            history.restart_count,
-            SIDECAR_REASON,
-        );
-        apply_vm_history(&mut status, &history);
-        let restart_policy = self
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.restart_policy.as_deref());
-        self.sidecars.merge_into(&mut status, restart_policy);
-        crate::init::apply_status(self, &mut status);
+        let (sidecars, init) = self.sidecars.statuses();
+        let initialized_at = self.init.initialized_at();
+        let view = PodView {
+            pod: &self.pod,
+            start_time: &self.start_time,
+            vm: &phase,
+            history: &history,
+            sidecars: &sidecars,
+            init: &init,
+            initialized_at: initialized_at.as_ref(),
+        };
+        let mut last = lock(&self.last_status);
+        let status = pod_status(&view, last.as_ref(), &now());
+        *last = Some(status.clone());
         status
+    }
+
+    /// Runs `fut` as one of the pod's tasks, in its span, until it ends or the pod's
+    /// tasks are cancelled ([`PodEntry::cancel`]).
+    pub(crate) fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        use tracing::Instrument;
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(
+            async move {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = fut => {}
+                }
+            }
+            .instrument(self.span.clone()),
+        );
+    }
+
+    /// Cancels the pod's tasks and waits until every one has returned.
+    pub(crate) async fn cancel_tasks(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// The span of the pod's tasks.
+    pub(crate) fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     pub(crate) fn vm(&self) -> Option<Arc<dyn Vm>> {
@@ -228,27 +263,18 @@ impl Inner {
     }
 }
 
-/// The lifecycle task of a new pod: runs until the VM ends or the pod is deleted. The
-/// init containers run to completion first ([`crate::init`]).
+/// The lifecycle task of a new pod (run by [`PodEntry::spawn`]): runs until the VM
+/// ends or the pod is deleted. The init containers run to completion first
+/// ([`crate::init`]).
 pub(crate) async fn run_new(inner: Arc<Inner>, e: Arc<PodEntry>) {
-    let cancel = e.cancel.clone();
-    tokio::select! {
-        () = cancel.cancelled() => {}
-        () = async move {
-            if crate::init::run(&inner, &e).await {
-                create_and_watch(inner, e).await;
-            }
-        } => {}
+    if crate::init::run(&inner, &e).await {
+        create_and_watch(inner, e).await;
     }
 }
 
-/// The lifecycle task of a re-adopted VM.
+/// The lifecycle task of a re-adopted VM (run by [`PodEntry::spawn`]).
 pub(crate) async fn run_adopted(inner: Arc<Inner>, e: Arc<PodEntry>, vm: Arc<dyn Vm>) {
-    let cancel = e.cancel.clone();
-    tokio::select! {
-        () = cancel.cancelled() => {}
-        () = watch_vm(inner, e, vm, None) => {}
-    }
+    watch_vm(inner, e, vm, None).await;
 }
 
 mod create;

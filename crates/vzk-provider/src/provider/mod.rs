@@ -1,4 +1,5 @@
-//! [`VmProvider`]: the pod backend that runs container 0 of each pod as a QEMU VM.
+//! [`VmProvider`]: the pod backend that runs container 0 of each pod as a VM on the
+//! injected [`Backends`] (hypervisor, image source, whether Docker runs side-cars).
 //!
 //! # Contract
 //! * `create_pod` validates what can be validated without the image (container 0
@@ -9,32 +10,36 @@
 //!   the grace period), asks the guest to power off (ACPI), forces it off when the
 //!   grace is spent, removes the VM (state dir, TAP) and the pod directory (disk
 //!   clone, console log), and frees the VM slot.
-//! * At start-up the VMs of a previous agent are re-adopted (QEMU keeps running
+//! * At start-up the VMs of a previous agent are re-adopted (the backend's VMs keep running
 //!   across agent restarts) and listed by `list_pods`; VMs with our id prefix but no
 //!   pod record are stopped and removed (our leftovers only).
 //! * Streams: exec/attach/port-forward go over the guest's SSH (exit codes kept),
-//!   logs are the serial console, stats come from the QEMU process in `/proc`.
+//!   logs are the serial console, host-side stats come from the `Vm` handle.
+//! * Every pod's tasks (lifecycle, side-car and init supervisors) run in its span, in its
+//!   task tracker, under its cancellation token: deletion cancels and waits for them
+//!   before stopping anything; [`VmProvider::shutdown`] does the same for every pod and
+//!   leaves VMs and containers running for the next agent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use k8s_openapi::api::core::v1::{Pod, PodStatus, Secret};
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::Api;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 use vzk_core::streams::ContainerRef;
 use vzk_core::{PodEvent, PodKey, PodLifecycle, PodNotifier, ProviderError};
-use vzk_guest::{CredentialSource, Credentials, GuestSession};
-use vzk_image::{Cloner, ImageStore, Keyring, PullSecret, Reference};
+use vzk_guest::GuestSession;
+use vzk_image::{ImageStore, Keyring};
 use vzk_vm::{Hypervisor, Vm, VmState};
 
 use crate::args::ProviderArgs;
 use crate::error::ProviderInitError;
+use crate::images::{ImageSource, StoreSource};
 use crate::pod::{self, PodEntry, detached, error_chain, lock, uid_of};
 use crate::record::PodRecord;
 use crate::resources::{ResourcePolicy, vm_resources};
@@ -49,8 +54,7 @@ pub(crate) struct Inner {
     pub(crate) client: kube::Client,
     pub(crate) hv: Arc<dyn Hypervisor>,
     pub(crate) pods_dir: PathBuf,
-    pub(crate) images: ImageStore,
-    pub(crate) cloner: Cloner,
+    pub(crate) images: Arc<dyn ImageSource>,
     pub(crate) slots: Slots,
     pub(crate) policy: ResourcePolicy,
     pub(crate) node_keyring: Keyring,
@@ -91,11 +95,30 @@ fn mkdir(path: PathBuf) -> Result<PathBuf, ProviderInitError> {
     Ok(path)
 }
 
+/// The backends a provider runs pods on (see [`VmProvider::with_backends`]).
+pub struct Backends {
+    /// This host's hypervisor (`vzk_backend::open`), or a fake.
+    pub hypervisor: Arc<dyn Hypervisor>,
+    /// VM images and disk clones ([`StoreSource`]), or a fake.
+    pub images: Arc<dyn ImageSource>,
+    /// Whether side-car and init containers run in the local dockerd. Without it they
+    /// wait with a reason naming it, and no leftovers are looked for.
+    pub docker: bool,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backends")
+            .field("hypervisor", &self.hypervisor.capabilities().backend)
+            .field("docker", &self.docker)
+            .finish_non_exhaustive()
+    }
+}
+
 impl VmProvider {
     /// Brings the provider up on `hv`, this host's hypervisor backend (chosen by the
-    /// caller, e.g. `vzk_backend::open`): image cache, clone mechanism, and re-adopts VMs
-    /// left running by a previous agent. `client` is the node's own client, used only to
-    /// read the Secrets a pod references.
+    /// caller, e.g. `vzk_backend::open`), the image cache in the data dir and the local
+    /// dockerd; see [`VmProvider::with_backends`].
     pub async fn new(
         args: ProviderArgs,
         node_name: &str,
@@ -103,12 +126,36 @@ impl VmProvider {
         client: kube::Client,
         hv: Arc<dyn Hypervisor>,
     ) -> Result<Arc<VmProvider>, ProviderInitError> {
-        let data = mkdir(args.data_dir.clone())?;
-        let images_dir = mkdir(data.join("images"))?;
-        let pods_dir = mkdir(data.join("pods"))?;
-        let images = ImageStore::open(&images_dir, args.image_cache_bytes)
+        let pods_dir = mkdir(mkdir(args.data_dir.clone())?.join("pods"))?;
+        let images_dir = mkdir(args.data_dir.join("images"))?;
+        let store = ImageStore::open(&images_dir, args.image_cache_bytes)
             .map_err(ProviderInitError::OpenImageStore)?;
-        let cloner = Cloner::detect(&pods_dir).map_err(ProviderInitError::DetectCloner)?;
+        let images = StoreSource::new(store, &pods_dir).map_err(ProviderInitError::DetectCloner)?;
+        let backends = Backends {
+            hypervisor: hv,
+            images: Arc::new(images),
+            docker: true,
+        };
+        Self::with_backends(args, node_name, node_ip, client, backends).await
+    }
+
+    /// Brings the provider up on `backends` and re-adopts the VMs a previous agent left
+    /// running. `client` is the node's own client, used only to read the Secrets and
+    /// ConfigMaps a pod references.
+    pub async fn with_backends(
+        args: ProviderArgs,
+        node_name: &str,
+        node_ip: IpAddr,
+        client: kube::Client,
+        backends: Backends,
+    ) -> Result<Arc<VmProvider>, ProviderInitError> {
+        let data = mkdir(args.data_dir.clone())?;
+        let pods_dir = mkdir(data.join("pods"))?;
+        let Backends {
+            hypervisor: hv,
+            images,
+            docker,
+        } = backends;
         let node_keyring = match &args.docker_config {
             Some(p) => {
                 Keyring::from_docker_config_file(p).map_err(ProviderInitError::ReadDockerConfig)?
@@ -125,7 +172,11 @@ impl VmProvider {
         let slots = Slots::new(args.max_vms);
         info!(node = node_name, node_ip = %node_ip, accel = %caps.accelerator, max_vms = args.max_vms, data_dir = %data.display(), "VM provider starting");
         let volumes = crate::volumes::VmVolumes::new(client.clone(), &pods_dir);
-        let sidecars = crate::sidecars::Sidecars::connect(node_name).await;
+        let sidecars = if docker {
+            crate::sidecars::Sidecars::connect(node_name).await
+        } else {
+            crate::sidecars::Sidecars::disabled(node_name)
+        };
         let inner = Arc::new(Inner {
             ready_timeout: Duration::from_secs(args.ready_timeout_secs),
             args,
@@ -133,7 +184,6 @@ impl VmProvider {
             hv: hv.clone(),
             pods_dir,
             images,
-            cloner,
             slots,
             policy,
             node_keyring,
@@ -200,9 +250,27 @@ impl VmProvider {
     }
 }
 
+impl VmProvider {
+    /// The agent is going away: stops every pod's tasks and waits for them (at most
+    /// `timeout`), leaving VMs and side-car containers running for the next agent to
+    /// re-adopt. Returns whether every task returned in time.
+    pub async fn shutdown(&self, timeout: Duration) -> bool {
+        let entries: Vec<_> = lock(&self.inner.pods).values().cloned().collect();
+        let all = futures::future::join_all(entries.iter().map(|e| e.cancel_tasks()));
+        let done = tokio::time::timeout(timeout, all).await.is_ok();
+        if !done {
+            warn!(
+                timeout_secs = timeout.as_secs(),
+                "pod tasks did not stop in time"
+            );
+        }
+        done
+    }
+}
+
 impl Drop for VmProvider {
-    /// The agent is going away: stop watching the pods but leave their VMs running
-    /// (a new agent re-adopts them).
+    /// Without [`VmProvider::shutdown`] (a test dropping the provider): cancels the pods'
+    /// tasks without waiting; VMs keep running.
     fn drop(&mut self) {
         for e in lock(&self.inner.pods).values() {
             e.cancel.cancel();
@@ -267,96 +335,6 @@ impl Inner {
         checks
     }
 
-    /// SSH credentials for a pod: container 0's `VZ_SSH_*` env, then the flags.
-    fn credentials(&self, pod: &Pod) -> Result<Credentials, ProviderError> {
-        let env: BTreeMap<String, String> = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.containers.first())
-            .and_then(|c| c.env.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|e| Some((e.name, e.value?)))
-            .collect();
-        let a = &self.args;
-        let flag = |name: &str| -> Option<String> {
-            match name {
-                "VZ_SSH_USER" => a.ssh_user.clone(),
-                "VZ_SSH_PRIVATE_KEY_PATH" => a
-                    .ssh_private_key_path
-                    .as_ref()
-                    .map(|p| p.display().to_string()),
-                "VZ_SSH_PRIVATE_KEY_BASE64" => a.ssh_private_key_base64.clone(),
-                "VZ_SSH_PASSWORD" => a.ssh_password.clone(),
-                _ => None,
-            }
-        };
-        let source = CredentialSource::from_lookup(|n| env.get(n).cloned().or_else(|| flag(n)));
-        Credentials::load(&source)
-            .map_err(|e| ProviderError::invalid("InvalidSSHCredentials", error_chain(&e)))
-    }
-
-    /// Registry credentials for `pod`'s image: its `imagePullSecrets`, then the node's.
-    pub(crate) async fn credentials_for(
-        &self,
-        pod: &Pod,
-        reference: &Reference,
-    ) -> Result<Vec<vzk_image::Credentials>, String> {
-        let ns = pod.metadata.namespace.clone().unwrap_or_default();
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-        let mut secrets = Vec::new();
-        let mut errors = Vec::new();
-        for r in pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.image_pull_secrets.clone())
-            .unwrap_or_default()
-        {
-            // The Node authorizer lets a node read a secret only once its graph has the
-            // pod that references it, which lags the pod's binding a little: a refused
-            // read right after the pod appeared is retried briefly before pulling without it.
-            let mut got = api.get(&r.name).await;
-            for _ in 0..8 {
-                match &got {
-                    Err(kube::Error::Api(s)) if s.code == 403 || s.code == 404 => {
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                        got = api.get(&r.name).await;
-                    }
-                    _ => break,
-                }
-            }
-            match got {
-                Ok(s) => secrets.push(PullSecret {
-                    name: r.name.clone(),
-                    type_: s.type_.unwrap_or_default(),
-                    data: s
-                        .data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, v.0))
-                        .collect(),
-                }),
-                Err(e) => errors.push(format!("secret {ns}/{}: {e}", r.name)),
-            }
-        }
-        let mut ring = Keyring::from_pull_secrets(secrets.iter()).map_err(|e| error_chain(&e))?;
-        ring.extend(&self.node_keyring);
-        let creds = ring.lookup(reference);
-        if errors.is_empty() {
-            Ok(creds)
-        } else {
-            Err(errors.join("; "))
-        }
-    }
-
-    /// Whether `reference`'s registry is spoken to over plain HTTP.
-    pub(crate) fn plain_http(&self, reference: &Reference) -> bool {
-        self.args
-            .insecure_registries
-            .iter()
-            .any(|h| h == reference.api_host() || h == &reference.registry)
-    }
-
     /// Re-adopts a VM a previous agent left.
     async fn adopt(self: &Arc<Self>, vm: Arc<dyn Vm>) {
         let id = vm.id().to_owned();
@@ -398,8 +376,7 @@ impl Inner {
         crate::volumes::readopt(self, &e.pod).await;
         info!(pod = %e.key, vm.id = %id, "re-adopted a running VM");
         lock(&self.pods).insert(uid, e.clone());
-        let task = tokio::spawn(pod::run_adopted(self.clone(), e.clone(), vm));
-        *lock(&e.task) = Some(task);
+        e.spawn(pod::run_adopted(self.clone(), e.clone(), vm));
         crate::init::adopt(self, &e);
         crate::sidecars::start(self, &e, true);
     }
@@ -449,8 +426,7 @@ impl PodLifecycle for VmProvider {
         let e = Arc::new(PodEntry::new(key.clone(), pod.clone(), dir, start, creds));
         lock(&self.inner.pods).insert(key.uid.clone(), e.clone());
         self.inner.push_status(&e);
-        let task = tokio::spawn(pod::run_new(self.inner.clone(), e.clone()));
-        *lock(&e.task) = Some(task);
+        e.spawn(pod::run_new(self.inner.clone(), e.clone()));
         crate::sidecars::start(&self.inner, &e, false);
         Ok(())
     }
@@ -472,17 +448,14 @@ impl PodLifecycle for VmProvider {
             .cloned()
             .ok_or_else(|| ProviderError::NotFound(key.to_string()))?;
         let deadline = tokio::time::Instant::now() + grace;
-        e.cancel.cancel();
+        // The lifecycle, side-car and init supervisors return first: nothing restarts
+        // what is being stopped.
+        e.cancel_tasks().await;
         // Side-cars stop in parallel with the VM, within the same grace period.
-        let sidecars = tokio::spawn(crate::sidecars::stop_all(
-            self.inner.clone(),
-            e.clone(),
-            deadline,
-        ));
-        let task = lock(&e.task).take();
-        if let Some(t) = task {
-            let _ = t.await;
-        }
+        let sidecars = tokio::spawn(
+            crate::sidecars::stop_all(self.inner.clone(), e.clone(), deadline)
+                .instrument(e.span().clone()),
+        );
         // Wait for a create in flight to finish storing its VM.
         let _created = e.create_lock.lock().await;
         if let Some(vm) = e.vm() {
@@ -592,5 +565,10 @@ impl PodLifecycle for VmProvider {
     }
 }
 
+mod credentials;
+#[cfg(test)]
+mod fakes;
 mod node;
 mod streams;
+#[cfg(test)]
+mod tests;

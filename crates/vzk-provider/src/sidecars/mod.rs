@@ -54,7 +54,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerState, ContainerStateWaiting, ContainerStatus, Pod, PodStatus,
+    Container, ContainerState, ContainerStateWaiting, ContainerStatus, Pod,
 };
 use tracing::{info, warn};
 use vzk_core::ProviderError;
@@ -70,9 +70,24 @@ pub(crate) struct Sidecars {
     node: String,
     runtime: tokio::sync::Mutex<Option<Arc<SidecarRuntime>>>,
     unavailable: Mutex<String>,
+    /// Docker is not used at all (no connection is ever tried).
+    disabled: bool,
 }
 
+/// Why side-cars wait when the provider runs without Docker.
+const DISABLED: &str = "this node runs no container engine for side-car and init containers";
+
 impl Sidecars {
+    /// No container engine: side-car and init containers wait, naming why.
+    pub(crate) fn disabled(node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            runtime: tokio::sync::Mutex::new(None),
+            unavailable: Mutex::new(DISABLED.to_owned()),
+            disabled: true,
+        }
+    }
+
     /// Connects to the local dockerd; failure is logged, not fatal.
     pub(crate) async fn connect(node: &str) -> Self {
         let (rt, why) = match SidecarRuntime::connect(node).await {
@@ -87,6 +102,7 @@ impl Sidecars {
             node: node.to_owned(),
             runtime: tokio::sync::Mutex::new(rt),
             unavailable: Mutex::new(why),
+            disabled: false,
         }
     }
 
@@ -95,6 +111,9 @@ impl Sidecars {
         let mut g = self.runtime.lock().await;
         if let Some(rt) = g.as_ref() {
             return Ok(rt.clone());
+        }
+        if self.disabled {
+            return Err(DISABLED.to_owned());
         }
         match SidecarRuntime::connect(&self.node).await {
             Ok(rt) => {
@@ -133,7 +152,6 @@ pub(crate) struct Slot {
 #[derive(Debug, Default)]
 pub(crate) struct PodSidecars {
     pub(crate) slots: Mutex<Vec<Slot>>,
-    pub(crate) tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The latest env-resolved containers 1..N and init containers handed over by
     /// `update_pod` (memory only: never written to disk).
     resolved: tokio::sync::watch::Sender<Option<Arc<Vec<Container>>>>,
@@ -176,7 +194,6 @@ impl PodSidecars {
             .collect();
         Self {
             slots: Mutex::new(slots),
-            tasks: Mutex::new(Vec::new()),
             resolved: tokio::sync::watch::Sender::new(None),
             changed: tokio::sync::watch::Sender::new(0),
         }
@@ -209,107 +226,16 @@ impl PodSidecars {
         lock(&self.slots).get(i).map(|s| s.kind)
     }
 
-    /// Merges the side-cars into a status built for container 0 (see [`merge`]).
-    pub(crate) fn merge_into(&self, status: &mut PodStatus, restart_policy: Option<&str>) {
-        let side: Vec<ContainerStatus> = lock(&self.slots)
-            .iter()
-            .filter(|s| s.kind == SlotKind::Sidecar)
-            .map(|s| s.status.clone())
-            .collect();
-        if side.is_empty() {
-            return;
-        }
-        merge(status, &side, restart_policy);
-    }
-}
-
-/// Puts `sidecars` into `status` as containers 1..N, then recomputes the phase (the
-/// kubelet's rules over every container) and `ContainersReady`/`Ready` (all ready).
-pub(crate) fn merge(
-    status: &mut PodStatus,
-    sidecars: &[ContainerStatus],
-    restart_policy: Option<&str>,
-) {
-    let cs = status.container_statuses.get_or_insert_with(Vec::new);
-    cs.truncate(1);
-    cs.extend(sidecars.iter().cloned());
-    let (mut waiting, mut running, mut stopped, mut succeeded, mut failed) = (0, 0, 0, 0, 0);
-    for c in cs.iter() {
-        let st = c.state.clone().unwrap_or_default();
-        let last = c.last_state.as_ref().and_then(|l| l.terminated.as_ref());
-        if st.running.is_some() {
-            running += 1;
-        } else if let Some(t) = st.terminated.as_ref() {
-            stopped += 1;
-            if t.exit_code == 0 {
-                succeeded += 1;
-            } else {
-                failed += 1;
-            }
-        } else if let Some(t) = last {
-            // Waiting to be restarted: counts as having run.
-            stopped += 1;
-            if t.exit_code == 0 {
-                succeeded += 1;
-            } else {
-                failed += 1;
-            }
-        } else {
-            waiting += 1;
-        }
-    }
-    let phase = if waiting > 0 && running == 0 && stopped == 0 {
-        "Pending"
-    } else if waiting > 0 {
-        // Some started, some not yet: the kubelet says Pending until all have started.
-        "Pending"
-    } else if running > 0 {
-        "Running"
-    } else if stopped > 0 {
-        match restart_policy.unwrap_or("Always") {
-            "Never" if failed > 0 => "Failed",
-            "Never" => "Succeeded",
-            "OnFailure" if stopped == succeeded => "Succeeded",
-            "OnFailure" => "Running",
-            _ => "Running",
-        }
-    } else {
-        "Pending"
-    };
-    // A container waiting with a lastState is a restart in progress: the pod runs.
-    status.phase = Some(phase.to_owned());
-    let all_ready = cs.iter().all(|c| c.ready);
-    let reason = if matches!(phase, "Succeeded" | "Failed") {
-        "PodCompleted"
-    } else {
-        "ContainersNotReady"
-    };
-    let not_ready: Vec<&str> = cs
-        .iter()
-        .filter(|c| !c.ready)
-        .map(|c| c.name.as_str())
-        .collect();
-    for cond in status.conditions.iter_mut().flatten() {
-        if cond.type_ == "ContainersReady" || cond.type_ == "Ready" {
-            let s = if all_ready { "True" } else { "False" };
-            if cond.status != s {
-                cond.status = s.to_owned();
-                cond.last_transition_time =
-                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                        k8s_openapi::jiff::Timestamp::now(),
-                    ));
-            }
-            if all_ready {
-                cond.reason = None;
-                cond.message = None;
-            } else {
-                cond.reason = Some(reason.to_owned());
-                cond.message = Some(format!(
-                    "containers with unready status: [{}]",
-                    not_ready.join(" ")
-                ));
+    /// The statuses of the side-cars (containers 1..N) and of the init containers.
+    pub(crate) fn statuses(&self) -> (Vec<ContainerStatus>, Vec<ContainerStatus>) {
+        let (mut sidecars, mut init) = (Vec::new(), Vec::new());
+        for s in lock(&self.slots).iter() {
+            match s.kind {
+                SlotKind::Sidecar => sidecars.push(s.status.clone()),
+                _ => init.push(s.status.clone()),
             }
         }
+        (sidecars, init)
     }
 }
 
@@ -317,20 +243,13 @@ pub(crate) fn merge(
 /// running containers first). They wait for the pod's init containers.
 pub(crate) fn start(inner: &Arc<Inner>, e: &Arc<PodEntry>, adopt: bool) {
     let n = lock(&e.sidecars.slots).len();
-    let mut tasks = lock(&e.sidecars.tasks);
     for i in (0..n).filter(|&i| e.sidecars.kind(i) == Some(SlotKind::Sidecar)) {
         let (inner, e2) = (inner.clone(), e.clone());
-        let cancel = e.cancel.clone();
-        tasks.push(tokio::spawn(async move {
-            tokio::select! {
-                () = cancel.cancelled() => {}
-                () = async {
-                    if crate::init::initialized(&e2).await {
-                        run(inner, e2, i, adopt).await;
-                    }
-                } => {}
+        e.spawn(async move {
+            if crate::init::initialized(&e2).await {
+                run(inner, e2, i, adopt).await;
             }
-        }));
+        });
     }
 }
 

@@ -10,12 +10,9 @@ use vzk_core::streams::AttachIo;
 use crate::pod::{PodEntry, error_chain, lock};
 use crate::provider::Inner;
 
-/// pod's tasks must be cancelled already.
+/// Stops the pod's side-car and init containers by `deadline` (preStop, graceful stop,
+/// then force). The pod's tasks must have returned already ([`PodEntry::cancel_tasks`]).
 pub(crate) async fn stop_all(inner: Arc<Inner>, e: Arc<PodEntry>, deadline: tokio::time::Instant) {
-    let tasks: Vec<_> = lock(&e.sidecars.tasks).drain(..).collect();
-    for t in tasks {
-        let _ = t.await;
-    }
     if lock(&e.sidecars.slots).is_empty() {
         return;
     }

@@ -1,115 +1,11 @@
 #![allow(clippy::unwrap_used)]
 
-use k8s_openapi::api::core::v1::{ContainerState, ContainerStatus, Pod, PodStatus};
+use k8s_openapi::api::core::v1::Pod;
 use vzk_core::ProviderError;
 
 use crate::pod::PodEntry;
-use k8s_openapi::api::core::v1::{ContainerStateRunning, ContainerStateTerminated, PodCondition};
 
 use super::*;
-
-/// A terminated state (helper for tests of [`merge`]).
-fn terminated(code: i32) -> ContainerState {
-    ContainerState {
-        terminated: Some(ContainerStateTerminated {
-            exit_code: code,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn cs(name: &str, state: ContainerState, ready: bool) -> ContainerStatus {
-    ContainerStatus {
-        name: name.into(),
-        state: Some(state),
-        ready,
-        ..Default::default()
-    }
-}
-
-fn running() -> ContainerState {
-    ContainerState {
-        running: Some(ContainerStateRunning::default()),
-        ..Default::default()
-    }
-}
-
-fn base(vm: ContainerStatus, phase: &str) -> PodStatus {
-    PodStatus {
-        phase: Some(phase.into()),
-        conditions: Some(
-            ["Initialized", "ContainersReady", "Ready"]
-                .iter()
-                .map(|t| PodCondition {
-                    type_: (*t).into(),
-                    status: "False".into(),
-                    ..Default::default()
-                })
-                .collect(),
-        ),
-        container_statuses: Some(vec![vm, cs("side", waiting("SidecarNotRun", "x"), false)]),
-        ..Default::default()
-    }
-}
-
-fn cond(s: &PodStatus, t: &str) -> String {
-    s.conditions
-        .iter()
-        .flatten()
-        .find(|c| c.type_ == t)
-        .map(|c| c.status.clone())
-        .unwrap()
-}
-
-#[test]
-fn ready_needs_every_container() {
-    let mut s = base(cs("vm", running(), true), "Running");
-    merge(&mut s, &[cs("side", running(), false)], None);
-    assert_eq!(cond(&s, "Ready"), "False");
-    assert_eq!(s.phase.as_deref(), Some("Running"));
-    assert_eq!(s.container_statuses.as_ref().unwrap().len(), 2);
-    let mut s = base(cs("vm", running(), true), "Running");
-    merge(&mut s, &[cs("side", running(), true)], None);
-    assert_eq!(cond(&s, "Ready"), "True");
-    assert_eq!(cond(&s, "ContainersReady"), "True");
-    assert_eq!(cond(&s, "Initialized"), "False", "untouched");
-}
-
-#[test]
-fn phase_over_all_containers() {
-    // VM still pulling, side-car running: Pending.
-    let mut s = base(cs("vm", waiting("Pulling", ""), false), "Pending");
-    merge(&mut s, &[cs("side", running(), true)], None);
-    assert_eq!(s.phase.as_deref(), Some("Pending"));
-    // OnFailure: a side-car that exited 0 is no failure; the pod runs on.
-    let mut s = base(cs("vm", running(), true), "Running");
-    merge(
-        &mut s,
-        &[cs("side", terminated(0), false)],
-        Some("OnFailure"),
-    );
-    assert_eq!(s.phase.as_deref(), Some("Running"));
-    assert_eq!(cond(&s, "Ready"), "False");
-    // Never: everything ended, one failed → Failed.
-    let mut s = base(cs("vm", terminated(0), false), "Succeeded");
-    merge(&mut s, &[cs("side", terminated(3), false)], Some("Never"));
-    assert_eq!(s.phase.as_deref(), Some("Failed"));
-    // OnFailure: all ended with 0 → Succeeded.
-    let mut s = base(cs("vm", terminated(0), false), "Succeeded");
-    merge(
-        &mut s,
-        &[cs("side", terminated(0), false)],
-        Some("OnFailure"),
-    );
-    assert_eq!(s.phase.as_deref(), Some("Succeeded"));
-    // A side-car in back-off (waiting with a lastState) counts as started.
-    let mut side = cs("side", waiting("CrashLoopBackOff", ""), false);
-    side.last_state = Some(terminated(1));
-    let mut s = base(cs("vm", running(), true), "Running");
-    merge(&mut s, &[side], None);
-    assert_eq!(s.phase.as_deref(), Some("Running"));
-}
 
 fn pod_with_side_probe(probe: serde_json::Value) -> Pod {
     serde_json::from_value(serde_json::json!({

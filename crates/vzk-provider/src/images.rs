@@ -1,0 +1,79 @@
+//! [`ImageSource`]: where the provider gets VM images and per-pod disk clones from. The
+//! binary uses [`StoreSource`] (the image crate's cache, registry pulls and
+//! copy-on-write clones); tests pass a fake.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use vzk_image::{Cloner, ImageStore, LocalImage, PullOptions, Reference};
+use vzk_vm::DiskFormat;
+
+/// An error of an image source (its chain is reported in events and statuses).
+pub type ImageSourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Keeps a pinned image from eviction while alive.
+pub type ImagePin = Box<dyn std::any::Any + Send + Sync>;
+
+/// VM images for pods.
+#[async_trait]
+pub trait ImageSource: Send + Sync + 'static {
+    /// The image `reference` names, if it is in the local cache.
+    fn cached(&self, reference: &Reference) -> Option<LocalImage>;
+    /// The image, pulled per `opts` (policy, credentials) or found in the cache.
+    async fn pull(
+        &self,
+        reference: &Reference,
+        opts: &PullOptions,
+    ) -> Result<LocalImage, ImageSourceError>;
+    /// Keeps `image` from being evicted while the pin lives (a pod uses it).
+    fn pin(&self, image: &LocalImage) -> Result<ImagePin, ImageSourceError>;
+    /// A writable copy-on-write clone of `image`'s disk at `dest` (the base is never
+    /// written), and its format.
+    fn clone_disk(&self, image: &LocalImage, dest: &Path) -> Result<DiskFormat, ImageSourceError>;
+}
+
+/// The image crate's store: a digest-verified cache pulled from registries, disks cloned
+/// with the mechanism the pods' file system supports (reflink, else a qcow2 overlay).
+#[derive(Debug)]
+pub struct StoreSource {
+    store: ImageStore,
+    cloner: Cloner,
+}
+
+impl StoreSource {
+    /// A source over `store`, cloning into `pods_dir`'s file system.
+    pub fn new(store: ImageStore, pods_dir: &Path) -> Result<Self, vzk_image::ImageError> {
+        Ok(Self {
+            store,
+            cloner: Cloner::detect(pods_dir)?,
+        })
+    }
+}
+
+#[async_trait]
+impl ImageSource for StoreSource {
+    fn cached(&self, reference: &Reference) -> Option<LocalImage> {
+        self.store.get(reference).ok().flatten()
+    }
+
+    async fn pull(
+        &self,
+        reference: &Reference,
+        opts: &PullOptions,
+    ) -> Result<LocalImage, ImageSourceError> {
+        Ok(self.store.pull(reference, opts).await?)
+    }
+
+    fn pin(&self, image: &LocalImage) -> Result<ImagePin, ImageSourceError> {
+        Ok(Box::new(self.store.pin(image)?))
+    }
+
+    fn clone_disk(&self, image: &LocalImage, dest: &Path) -> Result<DiskFormat, ImageSourceError> {
+        let kind = self.cloner.clone_disk(&image.disk(), dest)?;
+        Ok(if kind.qemu_format() == "qcow2" {
+            DiskFormat::Qcow2
+        } else {
+            DiskFormat::Raw
+        })
+    }
+}

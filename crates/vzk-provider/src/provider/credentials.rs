@@ -1,0 +1,107 @@
+//! Credentials a pod needs: SSH into its guest (container 0's `VZ_SSH_*` env, then the
+//! flags) and registry credentials for its image (its `imagePullSecrets`, then the
+//! node's Docker config).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Api;
+use vzk_core::ProviderError;
+use vzk_guest::{CredentialSource, Credentials};
+use vzk_image::{Keyring, PullSecret, Reference};
+
+use super::Inner;
+use crate::pod::error_chain;
+
+impl Inner {
+    /// SSH credentials for a pod: container 0's `VZ_SSH_*` env, then the flags.
+    pub(super) fn credentials(&self, pod: &Pod) -> Result<Credentials, ProviderError> {
+        let env: BTreeMap<String, String> = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.env.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect();
+        let a = &self.args;
+        let flag = |name: &str| -> Option<String> {
+            match name {
+                "VZ_SSH_USER" => a.ssh_user.clone(),
+                "VZ_SSH_PRIVATE_KEY_PATH" => a
+                    .ssh_private_key_path
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+                "VZ_SSH_PRIVATE_KEY_BASE64" => a.ssh_private_key_base64.clone(),
+                "VZ_SSH_PASSWORD" => a.ssh_password.clone(),
+                _ => None,
+            }
+        };
+        let source = CredentialSource::from_lookup(|n| env.get(n).cloned().or_else(|| flag(n)));
+        Credentials::load(&source)
+            .map_err(|e| ProviderError::invalid("InvalidSSHCredentials", error_chain(&e)))
+    }
+
+    /// Registry credentials for `pod`'s image: its `imagePullSecrets`, then the node's.
+    pub(crate) async fn credentials_for(
+        &self,
+        pod: &Pod,
+        reference: &Reference,
+    ) -> Result<Vec<vzk_image::Credentials>, String> {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let mut secrets = Vec::new();
+        let mut errors = Vec::new();
+        for r in pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.image_pull_secrets.clone())
+            .unwrap_or_default()
+        {
+            // The Node authorizer lets a node read a secret only once its graph has the
+            // pod that references it, which lags the pod's binding a little: a refused
+            // read right after the pod appeared is retried briefly before pulling without it.
+            let mut got = api.get(&r.name).await;
+            for _ in 0..8 {
+                match &got {
+                    Err(kube::Error::Api(s)) if s.code == 403 || s.code == 404 => {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        got = api.get(&r.name).await;
+                    }
+                    _ => break,
+                }
+            }
+            match got {
+                Ok(s) => secrets.push(PullSecret {
+                    name: r.name.clone(),
+                    type_: s.type_.unwrap_or_default(),
+                    data: s
+                        .data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0))
+                        .collect(),
+                }),
+                Err(e) => errors.push(format!("secret {ns}/{}: {e}", r.name)),
+            }
+        }
+        let mut ring = Keyring::from_pull_secrets(secrets.iter()).map_err(|e| error_chain(&e))?;
+        ring.extend(&self.node_keyring);
+        let creds = ring.lookup(reference);
+        if errors.is_empty() {
+            Ok(creds)
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Whether `reference`'s registry is spoken to over plain HTTP.
+    pub(crate) fn plain_http(&self, reference: &Reference) -> bool {
+        self.args
+            .insecure_registries
+            .iter()
+            .any(|h| h == reference.api_host() || h == &reference.registry)
+    }
+}
