@@ -72,62 +72,7 @@ mod tests {
 
     /// `/proc/meminfo` of a Linux 6.18 host (a VM with 24 GiB), as recorded.
     #[cfg(target_os = "linux")]
-    const MEMINFO: &str = "\
-MemTotal:       24683784 kB\n\
-MemFree:        19591792 kB\n\
-MemAvailable:   23590400 kB\n\
-Buffers:           14376 kB\n\
-Cached:          4048124 kB\n\
-SwapCached:            0 kB\n\
-Active:          1552548 kB\n\
-Inactive:        3084796 kB\n\
-Active(anon):         64 kB\n\
-Inactive(anon):   585000 kB\n\
-Active(file):    1552484 kB\n\
-Inactive(file):  2499796 kB\n\
-Unevictable:       14520 kB\n\
-Mlocked:           11656 kB\n\
-SwapTotal:             0 kB\n\
-SwapFree:              0 kB\n\
-Zswap:                 0 kB\n\
-Zswapped:              0 kB\n\
-Dirty:            158244 kB\n\
-Writeback:             0 kB\n\
-AnonPages:        589528 kB\n\
-Mapped:           382296 kB\n\
-Shmem:             10220 kB\n\
-KReclaimable:     253580 kB\n\
-Slab:             290760 kB\n\
-SReclaimable:     253580 kB\n\
-SUnreclaim:        37180 kB\n\
-KernelStack:        2528 kB\n\
-PageTables:         5712 kB\n\
-SecPageTables:         0 kB\n\
-NFS_Unstable:          0 kB\n\
-Bounce:                0 kB\n\
-WritebackTmp:          0 kB\n\
-CommitLimit:    12341892 kB\n\
-Committed_AS:     596488 kB\n\
-VmallocTotal:   34359738367 kB\n\
-VmallocUsed:       15324 kB\n\
-VmallocChunk:          0 kB\n\
-Percpu:              792 kB\n\
-AnonHugePages:         0 kB\n\
-ShmemHugePages:        0 kB\n\
-ShmemPmdMapped:        0 kB\n\
-FileHugePages:     63488 kB\n\
-FilePmdMapped:         0 kB\n\
-Balloon:               0 kB\n\
-HugePages_Total:       0\n\
-HugePages_Free:        0\n\
-HugePages_Rsvd:        0\n\
-HugePages_Surp:        0\n\
-Hugepagesize:       2048 kB\n\
-Hugetlb:               0 kB\n\
-DirectMap4k:       28672 kB\n\
-DirectMap2M:     2068480 kB\n\
-DirectMap1G:    25165824 kB\n\
-";
+    const MEMINFO: &str = include_str!("../../../testdata/proc/meminfo");
 
     #[cfg(target_os = "linux")]
     fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
