@@ -15,6 +15,11 @@
 //! * [`status`]: the pod status, derived once from the VM's phase and history and the
 //!   side-cars' and init containers' statuses (pure, table-tested).
 //! * [`resources`]: vCPUs and memory from requests/limits within backend bounds (pure).
+//! * `restart`: the restart rules (restartPolicy, CrashLoopBackOff, their events) the
+//!   VM's and the side-cars' supervisors share.
+//! * [`engine`]: the [`ContainerEngine`] trait side-car and init containers run on
+//!   (the Docker crate's runtime in the binary, a fake in tests).
+//! * [`images`]: the [`ImageSource`] trait (the image crate's store in the binary).
 //! * [`slots`]: the VM slot pool (at most N VMs).
 //! * [`health`]: `ping` and the node conditions VMBackendReady, DockerReady, DataDirReady.
 //! * [`vm_limit`]: the hypervisor's limit of running VMs (two macOS VMs per Mac) and its
@@ -44,6 +49,7 @@
 
 pub mod args;
 pub mod boot;
+pub mod engine;
 pub mod error;
 pub mod health;
 pub mod images;
@@ -54,6 +60,7 @@ pub mod probes;
 pub mod provider;
 pub mod record;
 pub mod resources;
+mod restart;
 pub mod sidecars;
 pub mod slots;
 pub mod status;
@@ -61,6 +68,8 @@ pub mod vm_limit;
 pub mod volumes;
 
 pub use args::ProviderArgs;
+pub use engine::ContainerEngine;
 pub use error::ProviderInitError;
 pub use images::{ImageSource, StoreSource};
 pub use provider::{Backends, VM_RESOURCE, VmProvider};
+pub use sidecars::Containers;

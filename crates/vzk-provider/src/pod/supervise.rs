@@ -9,9 +9,10 @@ use tracing::warn;
 use vzk_core::PodEvent;
 use vzk_vm::{Vm, VmSpec, VmState};
 
-use crate::probes::{ContainerProbes, RestartBackoff};
+use crate::probes::ContainerProbes;
 use crate::provider::Inner;
-use crate::status::{VmPhase, should_restart};
+use crate::restart::{Next, Restarts, back_off_event, crash_loop_message, killing_message};
+use crate::status::VmPhase;
 
 use super::*;
 
@@ -63,8 +64,7 @@ pub(super) async fn watch_vm(
         }
         None => ContainerProbes::default(),
     };
-    let policy = e.pod.spec.as_ref().and_then(|s| s.restart_policy.clone());
-    let mut backoff = RestartBackoff::default();
+    let mut restarts = Restarts::new(e.pod.spec.as_ref().and_then(|s| s.restart_policy.clone()));
     loop {
         let started_at = now();
         let ran_since = tokio::time::Instant::now();
@@ -99,17 +99,9 @@ pub(super) async fn watch_vm(
                 message,
                 grace,
             } => {
-                let restart = should_restart(policy.as_deref(), 137);
                 inner.event(
                     &e,
-                    PodEvent::normal(
-                        "Killing",
-                        if restart {
-                            format!("{why}, will be restarted")
-                        } else {
-                            why.clone()
-                        },
-                    ),
+                    PodEvent::normal("Killing", killing_message(&why, restarts.restarts(137))),
                 );
                 let path = stop_vm(&inner, &e, vm.clone(), grace).await;
                 if let Some(s) = e.session() {
@@ -128,7 +120,7 @@ pub(super) async fn watch_vm(
             finished_at: Some(finished_at.clone()),
             ..Default::default()
         };
-        if !should_restart(policy.as_deref(), exit_code) {
+        let Next::Restart { delay } = restarts.after_exit(exit_code, ran_since.elapsed()) else {
             inner.set_phase(
                 &e,
                 VmPhase::Terminated {
@@ -142,31 +134,14 @@ pub(super) async fn watch_vm(
             lock(&e.slot).take();
             e.ended.cancel();
             return;
-        }
+        };
         lock(&e.history).last_state = Some(terminated);
-        let delay = backoff.next_delay(ran_since.elapsed());
         if !delay.is_zero() {
-            inner.event(
-                &e,
-                PodEvent::warning(
-                    "BackOff",
-                    format!(
-                        "Back-off restarting failed container {} in pod {}_{}({})",
-                        e.container, e.key.name, e.key.namespace, e.key.uid
-                    ),
-                ),
-            );
+            inner.event(&e, back_off_event(&e.container, &e.key));
             inner.waiting(
                 &e,
                 "CrashLoopBackOff",
-                format!(
-                    "back-off {}s restarting failed container={} pod={}_{}({})",
-                    delay.as_secs(),
-                    e.container,
-                    e.key.name,
-                    e.key.namespace,
-                    e.key.uid
-                ),
+                crash_loop_message(delay, &e.container, &e.key),
             );
             tokio::time::sleep(delay).await;
         } else {
@@ -181,7 +156,7 @@ pub(super) async fn watch_vm(
                 Err((reason, msg)) => {
                     inner.event(&e, PodEvent::warning("Failed", format!("Error: {msg}")));
                     inner.waiting(&e, reason, msg);
-                    tokio::time::sleep(backoff.next_delay(Duration::ZERO)).await;
+                    tokio::time::sleep(restarts.retry_delay()).await;
                 }
             }
         };

@@ -1,6 +1,6 @@
 //! In-test fakes of the provider's backends: a hypervisor whose VMs the test drives
-//! (fail, ignore ACPI) and which records every call, and an image source over a local
-//! directory. The fake VMs refuse every connection, so no guest ever answers SSH and no
+//! (fail, ignore ACPI) and which records every call, an image source over a local
+//! directory, and a container engine whose containers exit as the test scripts. The fake VMs refuse every connection, so no guest ever answers SSH and no
 //! traffic leaves the process.
 #![allow(clippy::unwrap_used)]
 
@@ -8,6 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -17,6 +18,15 @@ use vzk_vm::{
     VmSpec, VmState,
 };
 
+use k8s_openapi::jiff::Timestamp;
+use vzk_core::stats::ContainerStats;
+use vzk_core::streams::{AttachIo, ExitStatus, LogOptions, LogStream, PortStream};
+use vzk_docker::{
+    DockerError, OwnedContainer, PullOutcome, PullPolicy, RegistryAuth, RunState, SidecarSpec,
+    SidecarState,
+};
+
+use crate::engine::ContainerEngine;
 use crate::images::{ImagePin, ImageSource, ImageSourceError};
 
 /// What the backends were asked to do, in order (`"start vzk-<uid>"`, `"pull ..."`).
@@ -247,5 +257,241 @@ impl ImageSource for TestImages {
     fn clone_disk(&self, image: &LocalImage, dest: &Path) -> Result<DiskFormat, ImageSourceError> {
         std::fs::copy(image.disk(), dest)?;
         Ok(DiskFormat::Raw)
+    }
+}
+
+/// A container engine in memory. Each start of a container pops the next scripted
+/// outcome for its name: `Some(code)` exits at once with `code`, `None` (or nothing
+/// scripted) runs until stopped (exit 143).
+#[derive(Default)]
+pub(super) struct TestEngine {
+    log: Arc<CallLog>,
+    next: AtomicU32,
+    containers: Mutex<std::collections::BTreeMap<String, FakeContainer>>,
+    changed: watch::Sender<u64>,
+    script: Mutex<std::collections::HashMap<String, std::collections::VecDeque<Option<i32>>>>,
+}
+
+#[derive(Debug, Clone)]
+struct FakeContainer {
+    name: String,
+    pod: vzk_core::PodKey,
+    attempt: u32,
+    state: RunState,
+}
+
+impl TestEngine {
+    pub(super) fn new(log: Arc<CallLog>) -> Self {
+        Self {
+            log,
+            ..Self::default()
+        }
+    }
+
+    /// The outcomes of the next starts of container `name`.
+    pub(super) fn script(&self, name: &str, outcomes: &[Option<i32>]) {
+        self.script
+            .lock()
+            .unwrap()
+            .entry(name.to_owned())
+            .or_default()
+            .extend(outcomes.iter().copied());
+    }
+
+    fn set(&self, id: &str, state: RunState) {
+        if let Some(c) = self.containers.lock().unwrap().get_mut(id) {
+            c.state = state;
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn state(&self, id: &str) -> Result<SidecarState, DockerError> {
+        let cs = self.containers.lock().unwrap();
+        let c = cs
+            .get(id)
+            .ok_or_else(|| DockerError::NotFound(id.to_owned()))?;
+        Ok(SidecarState {
+            id: id.to_owned(),
+            image_id: "sha256:fake".into(),
+            status: c.state.clone(),
+        })
+    }
+
+    fn exited(code: i32) -> RunState {
+        RunState::Exited {
+            exit_code: code,
+            reason: if code == 0 { "Completed" } else { "Error" }.into(),
+            message: None,
+            started_at: Some(Timestamp::now()),
+            finished_at: Some(Timestamp::now()),
+        }
+    }
+
+    fn unsupported(what: &str) -> DockerError {
+        DockerError::NotRunning(format!("{what} is not faked"))
+    }
+}
+
+#[async_trait]
+impl ContainerEngine for TestEngine {
+    async fn ping(&self) -> Result<(), DockerError> {
+        Ok(())
+    }
+    async fn ensure_image(
+        &self,
+        image: &str,
+        _policy: PullPolicy,
+        _credentials: &[RegistryAuth],
+    ) -> Result<PullOutcome, DockerError> {
+        self.log.push(format!("ensure_image {image}"));
+        Ok(PullOutcome::AlreadyPresent)
+    }
+    async fn image_present(&self, _image: &str) -> Result<bool, DockerError> {
+        Ok(true)
+    }
+    async fn create(&self, spec: &SidecarSpec<'_>) -> Result<String, DockerError> {
+        let id = format!("c{}", self.next.fetch_add(1, Ordering::SeqCst));
+        self.log
+            .push(format!("create {} {}", spec.container.name, spec.attempt));
+        self.containers.lock().unwrap().insert(
+            id.clone(),
+            FakeContainer {
+                name: spec.container.name.clone(),
+                pod: spec.pod.clone(),
+                attempt: spec.attempt,
+                state: RunState::Created,
+            },
+        );
+        Ok(id)
+    }
+    async fn start(&self, id: &str) -> Result<(), DockerError> {
+        let name = self
+            .containers
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|c| c.name.clone())
+            .ok_or_else(|| DockerError::NotFound(id.to_owned()))?;
+        self.log.push(format!("start {name}"));
+        let outcome = self
+            .script
+            .lock()
+            .unwrap()
+            .get_mut(&name)
+            .and_then(|q| q.pop_front())
+            .flatten();
+        self.set(
+            id,
+            match outcome {
+                Some(code) => Self::exited(code),
+                None => RunState::Running {
+                    started_at: Some(Timestamp::now()),
+                },
+            },
+        );
+        Ok(())
+    }
+    async fn stop(&self, id: &str, _grace: Duration) -> Result<(), DockerError> {
+        let running = matches!(self.state(id)?.status, RunState::Running { .. });
+        if running {
+            let name = self.containers.lock().unwrap()[id].name.clone();
+            self.log.push(format!("stop {name}"));
+            self.set(id, Self::exited(143));
+        }
+        Ok(())
+    }
+    async fn remove(&self, id: &str) -> Result<(), DockerError> {
+        self.containers.lock().unwrap().remove(id);
+        Ok(())
+    }
+    async fn inspect(&self, id: &str) -> Result<SidecarState, DockerError> {
+        self.state(id)
+    }
+    async fn wait(&self, id: &str) -> Result<SidecarState, DockerError> {
+        let mut rx = self.changed.subscribe();
+        loop {
+            let st = self.state(id)?;
+            if !matches!(st.status, RunState::Running { .. } | RunState::Created) {
+                return Ok(st);
+            }
+            if rx.changed().await.is_err() {
+                return Ok(st);
+            }
+        }
+    }
+    async fn list_ours(&self, pod_uid: Option<&str>) -> Result<Vec<OwnedContainer>, DockerError> {
+        Ok(self
+            .containers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, c)| pod_uid.is_none_or(|u| u == c.pod.uid))
+            .map(|(id, c)| OwnedContainer {
+                id: id.clone(),
+                name: vzk_docker::container_name(&c.pod, &c.name, c.attempt),
+                pod_uid: c.pod.uid.clone(),
+                namespace: c.pod.namespace.clone(),
+                pod: c.pod.name.clone(),
+                container: c.name.clone(),
+                attempt: c.attempt,
+                running: matches!(c.state, RunState::Running { .. }),
+            })
+            .collect())
+    }
+    async fn find(
+        &self,
+        pod: &vzk_core::PodKey,
+        container: &str,
+    ) -> Result<Option<OwnedContainer>, DockerError> {
+        Ok(self
+            .list_ours(Some(&pod.uid))
+            .await?
+            .into_iter()
+            .filter(|c| c.container == container)
+            .max_by_key(|c| c.attempt))
+    }
+    async fn cleanup(&self, _keep: &[String]) -> Result<Vec<String>, DockerError> {
+        Ok(Vec::new())
+    }
+    async fn exec(
+        &self,
+        _id: &str,
+        _command: Vec<String>,
+        _io: AttachIo,
+    ) -> Result<ExitStatus, DockerError> {
+        Err(Self::unsupported("exec"))
+    }
+    async fn exec_probe(
+        &self,
+        _id: &str,
+        _command: Vec<String>,
+        _io: AttachIo,
+    ) -> Result<ExitStatus, DockerError> {
+        Err(Self::unsupported("exec"))
+    }
+    async fn attach(&self, _id: &str, _io: AttachIo) -> Result<ExitStatus, DockerError> {
+        Err(Self::unsupported("attach"))
+    }
+    async fn logs(&self, _id: &str, _opts: &LogOptions) -> Result<LogStream, DockerError> {
+        Err(Self::unsupported("logs"))
+    }
+    async fn port_forward(
+        &self,
+        _id: &str,
+        _port: u16,
+        _stream: PortStream,
+    ) -> Result<(), DockerError> {
+        Err(Self::unsupported("port-forward"))
+    }
+    async fn connect_in(
+        &self,
+        _id: &str,
+        _addr: SocketAddr,
+        _timeout: Duration,
+    ) -> Result<tokio::net::TcpStream, DockerError> {
+        Err(Self::unsupported("connect"))
+    }
+    async fn stats(&self, _id: &str, _name: &str) -> Result<ContainerStats, DockerError> {
+        Err(Self::unsupported("stats"))
     }
 }

@@ -43,6 +43,7 @@ use crate::images::{ImageSource, StoreSource};
 use crate::pod::{self, PodEntry, detached, error_chain, lock, uid_of};
 use crate::record::PodRecord;
 use crate::resources::{ResourcePolicy, vm_resources};
+use crate::sidecars::Containers;
 use crate::slots::Slots;
 
 /// The extended resource counting VM slots.
@@ -101,16 +102,16 @@ pub struct Backends {
     pub hypervisor: Arc<dyn Hypervisor>,
     /// VM images and disk clones ([`StoreSource`]), or a fake.
     pub images: Arc<dyn ImageSource>,
-    /// Whether side-car and init containers run in the local dockerd. Without it they
-    /// wait with a reason naming it, and no leftovers are looked for.
-    pub docker: bool,
+    /// What runs side-car and init containers (the local dockerd, a given engine, or
+    /// none).
+    pub containers: Containers,
 }
 
 impl std::fmt::Debug for Backends {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Backends")
             .field("hypervisor", &self.hypervisor.capabilities().backend)
-            .field("docker", &self.docker)
+            .field("containers", &self.containers)
             .finish_non_exhaustive()
     }
 }
@@ -134,7 +135,7 @@ impl VmProvider {
         let backends = Backends {
             hypervisor: hv,
             images: Arc::new(images),
-            docker: true,
+            containers: Containers::Docker,
         };
         Self::with_backends(args, node_name, node_ip, client, backends).await
     }
@@ -154,7 +155,7 @@ impl VmProvider {
         let Backends {
             hypervisor: hv,
             images,
-            docker,
+            containers,
         } = backends;
         let node_keyring = match &args.docker_config {
             Some(p) => {
@@ -172,11 +173,7 @@ impl VmProvider {
         let slots = Slots::new(args.max_vms);
         info!(node = node_name, node_ip = %node_ip, accel = %caps.accelerator, max_vms = args.max_vms, data_dir = %data.display(), "VM provider starting");
         let volumes = crate::volumes::VmVolumes::new(client.clone(), &pods_dir);
-        let sidecars = if docker {
-            crate::sidecars::Sidecars::connect(node_name).await
-        } else {
-            crate::sidecars::Sidecars::disabled(node_name)
-        };
+        let sidecars = crate::sidecars::Sidecars::new(node_name, containers).await;
         let inner = Arc::new(Inner {
             ready_timeout: Duration::from_secs(args.ready_timeout_secs),
             args,

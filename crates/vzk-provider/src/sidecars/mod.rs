@@ -60,77 +60,98 @@ use tracing::{info, warn};
 use vzk_core::ProviderError;
 use vzk_docker::{DockerError, SidecarRuntime};
 
+use crate::engine::ContainerEngine;
+
 use crate::init::SlotKind;
 use crate::pod::{PodEntry, error_chain, lock};
 use crate::probes::{Action, ContainerProbes, ExecOutcome, OutputBuf, ProbeTarget};
 use crate::provider::Inner;
 
-/// The node's side-car runtime, or why there is none.
-pub(crate) struct Sidecars {
-    node: String,
-    runtime: tokio::sync::Mutex<Option<Arc<SidecarRuntime>>>,
-    unavailable: Mutex<String>,
-    /// Docker is not used at all (no connection is ever tried).
-    disabled: bool,
+/// Which container engine runs a node's side-car and init containers.
+pub enum Containers {
+    /// The local dockerd: connected at start, and again on demand while it is down.
+    Docker,
+    /// This engine (tests pass a fake).
+    Engine(Arc<dyn ContainerEngine>),
+    /// None: side-car and init containers wait, naming why; no leftovers are looked for.
+    None,
 }
 
-/// Why side-cars wait when the provider runs without Docker.
+impl std::fmt::Debug for Containers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Containers::Docker => "Docker",
+            Containers::Engine(_) => "Engine",
+            Containers::None => "None",
+        })
+    }
+}
+
+/// The node's container engine, or why there is none.
+pub(crate) struct Sidecars {
+    node: String,
+    runtime: tokio::sync::Mutex<Option<Arc<dyn ContainerEngine>>>,
+    unavailable: Mutex<String>,
+    /// Whether to (re)connect to the local dockerd when there is no engine.
+    docker: bool,
+}
+
+/// Why side-cars wait when the provider runs without a container engine.
 const DISABLED: &str = "this node runs no container engine for side-car and init containers";
 
-impl Sidecars {
-    /// No container engine: side-car and init containers wait, naming why.
-    pub(crate) fn disabled(node: &str) -> Self {
-        Self {
-            node: node.to_owned(),
-            runtime: tokio::sync::Mutex::new(None),
-            unavailable: Mutex::new(DISABLED.to_owned()),
-            disabled: true,
-        }
+async fn connect_docker(node: &str) -> Result<Arc<dyn ContainerEngine>, String> {
+    match SidecarRuntime::connect(node).await {
+        Ok(rt) => Ok(Arc::new(rt)),
+        Err(e) => Err(error_chain(&e)),
     }
+}
 
-    /// Connects to the local dockerd; failure is logged, not fatal.
-    pub(crate) async fn connect(node: &str) -> Self {
-        let (rt, why) = match SidecarRuntime::connect(node).await {
-            Ok(rt) => (Some(Arc::new(rt)), String::new()),
-            Err(e) => {
-                let msg = error_chain(&e);
-                warn!(error = %msg, "Docker unavailable: side-car containers will wait");
-                (None, msg)
-            }
+impl Sidecars {
+    /// The engine `containers` names (connecting to dockerd now for `Docker`; a failure
+    /// is logged, not fatal).
+    pub(crate) async fn new(node: &str, containers: Containers) -> Self {
+        let (rt, why, docker) = match containers {
+            Containers::Docker => match connect_docker(node).await {
+                Ok(rt) => (Some(rt), String::new(), true),
+                Err(msg) => {
+                    warn!(error = %msg, "Docker unavailable: side-car containers will wait");
+                    (None, msg, true)
+                }
+            },
+            Containers::Engine(rt) => (Some(rt), String::new(), false),
+            Containers::None => (None, DISABLED.to_owned(), false),
         };
         Self {
             node: node.to_owned(),
             runtime: tokio::sync::Mutex::new(rt),
             unavailable: Mutex::new(why),
-            disabled: false,
+            docker,
         }
     }
 
-    /// The runtime, reconnecting once if there was none.
-    pub(crate) async fn runtime(&self) -> Result<Arc<SidecarRuntime>, String> {
+    /// The engine, reconnecting to dockerd once if there was none.
+    pub(crate) async fn runtime(&self) -> Result<Arc<dyn ContainerEngine>, String> {
         let mut g = self.runtime.lock().await;
         if let Some(rt) = g.as_ref() {
             return Ok(rt.clone());
         }
-        if self.disabled {
-            return Err(DISABLED.to_owned());
+        if !self.docker {
+            return Err(lock(&self.unavailable).clone());
         }
-        match SidecarRuntime::connect(&self.node).await {
+        match connect_docker(&self.node).await {
             Ok(rt) => {
-                let rt = Arc::new(rt);
                 *g = Some(rt.clone());
                 Ok(rt)
             }
-            Err(e) => {
-                let msg = error_chain(&e);
+            Err(msg) => {
                 *lock(&self.unavailable) = msg.clone();
                 Err(msg)
             }
         }
     }
 
-    /// The runtime if connected (no reconnect).
-    pub(crate) fn connected(&self) -> Option<Arc<SidecarRuntime>> {
+    /// The engine if connected (no reconnect).
+    pub(crate) fn connected(&self) -> Option<Arc<dyn ContainerEngine>> {
         self.runtime.try_lock().ok().and_then(|g| g.clone())
     }
 }
@@ -345,7 +366,7 @@ fn is_loopback_host(h: &str) -> bool {
 /// Probes against a side-car: exec through `docker exec` (killed when the probe
 /// times out), sockets opened inside the container's network namespace.
 struct SidecarProbeTarget {
-    rt: Arc<SidecarRuntime>,
+    rt: Arc<dyn ContainerEngine>,
     id: String,
 }
 

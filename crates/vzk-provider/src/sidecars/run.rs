@@ -8,14 +8,12 @@ use k8s_openapi::api::core::v1::{Container, ContainerState};
 use tracing::{info, warn};
 use vzk_core::PodEvent;
 use vzk_core::streams::AttachIo;
-use vzk_docker::{
-    DockerError, PullOutcome, PullPolicy, RegistryAuth, RunState, SidecarRuntime, SidecarSpec,
-};
+use vzk_docker::{DockerError, PullOutcome, PullPolicy, RegistryAuth, RunState, SidecarSpec};
 
 use crate::pod::{PodEntry, error_chain};
-use crate::probes::{self, ContainerProbes, ProbeUpdate, RestartBackoff};
+use crate::probes::{self, ContainerProbes, ProbeUpdate};
 use crate::provider::Inner;
-use crate::status::should_restart;
+use crate::restart::{Next, Restarts, back_off_event, crash_loop_message, killing_message};
 
 use super::*;
 
@@ -54,8 +52,7 @@ pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bo
             }
         }
     };
-    let policy = e.sidecars.kind(i).and_then(|k| k.restart_policy(&e.pod));
-    let mut backoff = RestartBackoff::default();
+    let mut restarts = Restarts::new(e.sidecars.kind(i).and_then(|k| k.restart_policy(&e.pod)));
     let mut attempt: u32 = 0;
     // Re-adoption: keep watching what runs.
     let mut current: Option<String> = None;
@@ -146,14 +143,10 @@ pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bo
                             c.name,
                             req.kind.as_str().to_lowercase()
                         );
-                        let restart = should_restart(policy.as_deref(), 137);
                         inner.container_event(
                             &e,
                             &c.name,
-                            PodEvent::normal(
-                                "Killing",
-                                if restart { format!("{why}, will be restarted") } else { why.clone() },
-                            ),
+                            PodEvent::normal("Killing", killing_message(&why, restarts.restarts(137))),
                         );
                         info!(pod = %e.key, container = %c.name, reason = %why, "killing a side-car");
                         e.sidecars.update(i, |s| s.status.ready = false);
@@ -194,24 +187,13 @@ pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bo
         if let (Some(msg), Some(t)) = (killed, term.terminated.as_mut()) {
             t.message = Some(msg);
         }
-        if !should_restart(policy.as_deref(), code) {
+        let Next::Restart { delay } = restarts.after_exit(code, ran_since.elapsed()) else {
             set(term, false);
             return;
+        };
+        if !delay.is_zero() {
+            inner.container_event(&e, &c.name, back_off_event(&c.name, &e.key));
         }
-        if code != 0 {
-            inner.container_event(
-                &e,
-                &c.name,
-                PodEvent::warning(
-                    "BackOff",
-                    format!(
-                        "Back-off restarting failed container {} in pod {}_{}({})",
-                        c.name, e.key.name, e.key.namespace, e.key.uid
-                    ),
-                ),
-            );
-        }
-        let delay = backoff.next_delay(ran_since.elapsed());
         e.sidecars.update(i, |s| {
             s.status.last_state = Some(term.clone());
             s.status.ready = false;
@@ -225,14 +207,7 @@ pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bo
                 if delay.is_zero() {
                     String::new()
                 } else {
-                    format!(
-                        "back-off {}s restarting failed container={} pod={}_{}({})",
-                        delay.as_secs(),
-                        c.name,
-                        e.key.name,
-                        e.key.namespace,
-                        e.key.uid
-                    )
+                    crash_loop_message(delay, &c.name, &e.key)
                 },
             ));
         });
@@ -250,7 +225,7 @@ pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bo
 pub(super) async fn create_and_start(
     inner: &Arc<Inner>,
     e: &Arc<PodEntry>,
-    rt: &Arc<SidecarRuntime>,
+    rt: &Arc<dyn ContainerEngine>,
     c: &Container,
     i: usize,
     attempt: u32,
@@ -266,7 +241,7 @@ pub(super) async fn create_and_start(
     let image = c.image.clone().unwrap_or_default();
     let policy = PullPolicy::from_k8s(c.image_pull_policy.as_deref(), &image);
     let mut pull_backoff = Duration::from_secs(10);
-    let mut create_backoff = RestartBackoff::default();
+    let mut create_backoff = crate::probes::RestartBackoff::default();
     loop {
         // 1. The image.
         let creds = match vzk_image::Reference::parse(&image) {

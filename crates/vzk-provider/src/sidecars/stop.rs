@@ -90,8 +90,8 @@ pub(crate) async fn cleanup_leftovers(inner: &Inner) {
     let Some(rt) = inner.sidecars.connected() else {
         return;
     };
-    let known: std::collections::HashSet<String> = lock(&inner.pods).keys().cloned().collect();
-    match rt.cleanup(|uid| known.contains(uid)).await {
+    let known: Vec<String> = lock(&inner.pods).keys().cloned().collect();
+    match rt.cleanup(&known).await {
         Ok(removed) if !removed.is_empty() => info!(?removed, "removed leftover side-cars"),
         Ok(_) => {}
         Err(err) => warn!(error = %error_chain(&err), "side-car leftover cleanup"),

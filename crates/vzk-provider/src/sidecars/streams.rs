@@ -8,7 +8,9 @@ use tracing::warn;
 use vzk_core::ProviderError;
 use vzk_core::stats::PodStats;
 use vzk_core::streams::{AttachIo, ExitStatus, LogOptions, LogStream, PortStream};
-use vzk_docker::{DockerError, SidecarRuntime};
+use vzk_docker::DockerError;
+
+use crate::engine::ContainerEngine;
 
 use crate::pod::{PodEntry, error_chain, lock};
 use crate::provider::Inner;
@@ -38,7 +40,7 @@ pub(super) async fn target(
     e: &PodEntry,
     name: &str,
     previous: bool,
-) -> Result<(Arc<SidecarRuntime>, String), ProviderError> {
+) -> Result<(Arc<dyn ContainerEngine>, String), ProviderError> {
     let rt = inner
         .sidecars
         .connected()
