@@ -118,17 +118,5 @@ impl DockerError {
     }
 }
 
-/// `a: b: c` of an error and its sources.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.ends_with(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
+/// `a: b: c` of an error and its sources (the runtime's one printer).
+pub use vzk_core::error_chain;

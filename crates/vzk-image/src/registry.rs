@@ -77,16 +77,7 @@ fn http_client(opts: &RegistryOptions) -> Result<reqwest::Client> {
 }
 
 /// A reqwest error with its causes (reqwest's Display alone hides them).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use vzk_core::error_chain;
 
 impl Registry {
     /// A client for `reference`'s repository; `push` asks tokens for `pull,push`.
