@@ -1,19 +1,79 @@
-//! The agent's own metrics for `/metrics` (Prometheus text): requests by route and
-//! status code, and open streaming sessions by kind.
+//! The agent's own metrics for `/metrics`, kept and encoded by `prometheus-client`
+//! (OpenMetrics text): `vzk_kubelet_api_requests_total` by route and status code,
+//! `vzk_kubelet_api_streaming_sessions_open` by kind, and
+//! `vzk_kubelet_api_streaming_sessions_total` (started) by kind and transport.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The content type of [`ApiMetrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    code: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionLabels {
+    kind: &'static str,
+    transport: &'static str,
+}
 
 /// Counters of the kubelet API.
-#[derive(Debug, Default)]
 pub struct ApiMetrics {
-    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    exec: AtomicI64,
-    attach: AtomicI64,
-    port_forward: AtomicI64,
-    sessions_total: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    open: Family<KindLabels, Gauge>,
+    sessions: Family<SessionLabels, Counter>,
+}
+
+impl std::fmt::Debug for ApiMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        let (requests, open, sessions) = (Family::default(), Family::default(), Family::default());
+        let mut registry = Registry::default();
+        registry.register(
+            "vzk_kubelet_api_requests",
+            "Kubelet API requests by route and HTTP status code",
+            Family::<RequestLabels, Counter>::clone(&requests),
+        );
+        registry.register(
+            "vzk_kubelet_api_streaming_sessions_open",
+            "Open exec/attach/port-forward sessions",
+            Family::<KindLabels, Gauge>::clone(&open),
+        );
+        // A counter's samples are `<name>_total`.
+        registry.register(
+            "vzk_kubelet_api_streaming_sessions",
+            "Streaming sessions started, by kind and transport",
+            Family::<SessionLabels, Counter>::clone(&sessions),
+        );
+        // Every kind is reported, 0 before its first session.
+        for kind in ["exec", "attach", "portforward"] {
+            let _ = open.get_or_create(&KindLabels { kind });
+        }
+        Self {
+            registry,
+            requests,
+            open,
+            sessions,
+        }
+    }
 }
 
 /// The wire a streaming session uses.
@@ -38,78 +98,46 @@ pub enum StreamKind {
 
 /// Decrements the open-session gauge when dropped.
 #[derive(Debug)]
-pub struct SessionGuard<'a>(&'a AtomicI64);
+pub struct SessionGuard(Gauge);
 
-impl Drop for SessionGuard<'_> {
+impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
 impl ApiMetrics {
     /// Counts one finished request.
     pub fn request(&self, route: &'static str, code: u16) {
-        if let Ok(mut m) = self.requests.lock() {
-            *m.entry((route, code)).or_default() += 1;
-        }
+        self.requests
+            .get_or_create(&RequestLabels { route, code })
+            .inc();
     }
 
     /// Counts a streaming session and marks it open until the guard drops.
-    pub fn session(&self, kind: StreamKind, transport: Transport) -> SessionGuard<'_> {
-        let (g, k) = match kind {
-            StreamKind::Exec => (&self.exec, "exec"),
-            StreamKind::Attach => (&self.attach, "attach"),
-            StreamKind::PortForward => (&self.port_forward, "portforward"),
+    pub fn session(&self, kind: StreamKind, transport: Transport) -> SessionGuard {
+        let kind = match kind {
+            StreamKind::Exec => "exec",
+            StreamKind::Attach => "attach",
+            StreamKind::PortForward => "portforward",
         };
-        let t = match transport {
+        let transport = match transport {
             Transport::Spdy => "spdy",
             Transport::WebSocket => "websocket",
         };
-        if let Ok(mut m) = self.sessions_total.lock() {
-            *m.entry((k, t)).or_default() += 1;
-        }
-        g.fetch_add(1, Ordering::Relaxed);
-        SessionGuard(g)
+        self.sessions
+            .get_or_create(&SessionLabels { kind, transport })
+            .inc();
+        let open = self.open.get_or_create(&KindLabels { kind }).clone();
+        open.inc();
+        SessionGuard(open)
     }
 
-    /// Prometheus text exposition.
+    /// The OpenMetrics text exposition ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP vzk_kubelet_api_requests_total Kubelet API requests by route and HTTP status code.\n");
-        out.push_str("# TYPE vzk_kubelet_api_requests_total counter\n");
-        if let Ok(m) = self.requests.lock() {
-            for ((route, code), n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "vzk_kubelet_api_requests_total{{route=\"{route}\",code=\"{code}\"}} {n}"
-                );
-            }
-        }
-        out.push_str(
-            "# HELP vzk_kubelet_api_streaming_sessions Open exec/attach/port-forward sessions.\n",
-        );
-        out.push_str("# TYPE vzk_kubelet_api_streaming_sessions gauge\n");
-        for (kind, g) in [
-            ("exec", &self.exec),
-            ("attach", &self.attach),
-            ("portforward", &self.port_forward),
-        ] {
-            let _ = writeln!(
-                out,
-                "vzk_kubelet_api_streaming_sessions{{kind=\"{kind}\"}} {}",
-                g.load(Ordering::Relaxed)
-            );
-        }
-        out.push_str("# HELP vzk_kubelet_api_streaming_sessions_total Streaming sessions started, by kind and transport.\n");
-        out.push_str("# TYPE vzk_kubelet_api_streaming_sessions_total counter\n");
-        if let Ok(m) = self.sessions_total.lock() {
-            for ((kind, transport), n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "vzk_kubelet_api_streaming_sessions_total{{kind=\"{kind}\",transport=\"{transport}\"}} {n}"
-                );
-            }
-        }
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -131,14 +159,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("vzk_kubelet_api_requests_total{route=\"exec\",code=\"403\"} 1"));
-        assert!(text.contains("vzk_kubelet_api_streaming_sessions{kind=\"exec\"} 1"));
+        assert!(text.contains("vzk_kubelet_api_streaming_sessions_open{kind=\"exec\"} 1"));
+        assert!(text.contains("vzk_kubelet_api_streaming_sessions_open{kind=\"attach\"} 0"));
+        assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(text.contains(
             "vzk_kubelet_api_streaming_sessions_total{kind=\"exec\",transport=\"websocket\"} 1"
         ));
         drop(g);
         assert!(
             m.render()
-                .contains("vzk_kubelet_api_streaming_sessions{kind=\"exec\"} 0")
+                .contains("vzk_kubelet_api_streaming_sessions_open{kind=\"exec\"} 0")
         );
     }
 }

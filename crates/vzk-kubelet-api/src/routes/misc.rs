@@ -24,7 +24,7 @@ pub(crate) async fn pods(State(st): State<AppState>) -> Json<serde_json::Value> 
 
 pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         st.metrics.render(),
     )
         .into_response()
