@@ -15,8 +15,9 @@
 //! * [`status`]: the pod status, derived once from the VM's phase and history and the
 //!   side-cars' and init containers' statuses (pure, table-tested).
 //! * [`resources`]: vCPUs and memory from requests/limits within backend bounds (pure).
-//! * `restart`: the restart rules (restartPolicy, CrashLoopBackOff, their events) the
-//!   VM's and the side-cars' supervisors share.
+//! * `restart`: the one supervision loop (`supervise` over a `Supervised` container:
+//!   the VM in [`pod`], a side-car or init container in [`sidecars`]) and its rules
+//!   (restartPolicy, CrashLoopBackOff, their events).
 //! * [`engine`]: the [`ContainerEngine`] trait side-car and init containers run on
 //!   (the Docker crate's runtime in the binary, a fake in tests).
 //! * [`images`]: the [`ImageSource`] trait (the image crate's store in the binary).
@@ -35,8 +36,10 @@
 //!
 //! The pod path, in reading order: `vzk_node::pods` (the watch, env resolution) →
 //! [`provider`] (`create_pod`: validation, the pod record) → [`pod`] (`run_new`: pull,
-//! [`boot`], [`volumes`], slot, clone, `Hypervisor::create`/`Vm::start`, IP, SSH
-//! readiness, hooks, [`probes`], restart) → [`status`] (what the node writes).
+//! [`boot`], [`volumes`], slot, clone, `Hypervisor::create`/`Vm::start`; then
+//! `pod::supervise`: the VM under the one supervision loop of `restart`, with IP, SSH
+//! readiness, hooks and [`probes`] in `pod::guest`) → [`status`] (derived once from the
+//! pod's state; what the node writes).
 //!
 //! Tests: `cargo test -p vzk-provider` runs the unit tests anywhere and, as root with
 //! `KUBEBUILDER_ASSETS` set, `tests/e2e` against a real kube-apiserver, dockerd, a

@@ -1,16 +1,76 @@
-//! The restart rules the VM's supervisor ([`crate::pod`]) and the side-car and init
-//! container supervisor ([`crate::sidecars`]) share: the `restartPolicy` decision,
-//! CrashLoopBackOff (at once, then 10 s doubling to 5 min, reset after 10 min of
-//! running), and the kubelet's texts for them (`Killing`, `BackOff`, the waiting
-//! message). Both loops call [`Restarts::after_exit`], so a VM and a side-car that fail
-//! the same way are restarted on the same schedule with the same events.
+//! One supervision loop for every container of a pod: [`supervise`] runs a
+//! [`Supervised`] container (the VM, [`crate::pod`]; a side-car or init container,
+//! [`crate::sidecars`]) again and again under the rules they share: the `restartPolicy`
+//! decision, CrashLoopBackOff (at once, then 10 s doubling to 5 min, reset after 10 min
+//! of running), and the kubelet's texts for them (`Killing`, `BackOff`, the waiting
+//! message). A VM and a side-car that fail the same way are restarted on the same
+//! schedule with the same events; what differs (how to start, watch and kill) is the
+//! implementation's.
 
 use std::time::Duration;
 
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::ContainerStateTerminated;
 use vzk_core::{PodEvent, PodKey};
 
 use crate::probes::RestartBackoff;
 use crate::status::should_restart;
+
+/// How one run of a container ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Ended {
+    /// Its `lastState.terminated` (exit code, reason, message, times).
+    pub(crate) terminated: ContainerStateTerminated,
+    /// How long it ran (a run of 10 min resets the back-off).
+    pub(crate) ran_for: Duration,
+}
+
+/// A container under [`supervise`].
+#[async_trait]
+pub(crate) trait Supervised: Send {
+    /// Its name (for events).
+    fn name(&self) -> &str;
+    /// Its pod.
+    fn pod(&self) -> &PodKey;
+    /// Records an event about it.
+    fn event(&self, ev: PodEvent);
+    /// Starts its next run (`restart`: not the first); `false` when it can never be
+    /// started (its status says why): supervision ends.
+    async fn start(&mut self, restart: bool, restarts: &mut Restarts) -> bool;
+    /// Watches the run until the container ends or has to be killed (a failed liveness
+    /// or startup probe or postStart hook; the kill's `Killing` event says whether it
+    /// will be restarted, from `restarts`); returns how it ended.
+    async fn run(&mut self, restarts: &Restarts) -> Ended;
+    /// It ended for good (its `restartPolicy`).
+    fn finished(&mut self, ended: Ended);
+    /// It will be run again after `delay` (zero: at once).
+    fn restarting(&mut self, ended: &Ended, delay: Duration);
+}
+
+/// Runs `c` until it ends for good under `restarts`' policy (or cannot be started).
+pub(crate) async fn supervise(c: &mut impl Supervised, mut restarts: Restarts) {
+    let mut restart = false;
+    loop {
+        if !c.start(restart, &mut restarts).await {
+            return;
+        }
+        let ended = c.run(&restarts).await;
+        match restarts.after_exit(ended.terminated.exit_code, ended.ran_for) {
+            Next::Stop => {
+                c.finished(ended);
+                return;
+            }
+            Next::Restart { delay } => {
+                if !delay.is_zero() {
+                    c.event(back_off_event(c.name(), c.pod()));
+                }
+                c.restarting(&ended, delay);
+                tokio::time::sleep(delay).await;
+                restart = true;
+            }
+        }
+    }
+}
 
 /// What follows a container's exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,5 @@
-//! Watching a VM run: restartPolicy, CrashLoopBackOff, kills requested by probes and
-//! hooks, and booting it again.
+//! Container 0 under the pod's one supervision loop ([`crate::restart::supervise`]):
+//! watching a VM run, kills requested by probes and hooks, and booting it again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use vzk_vm::{Vm, VmSpec, VmState};
 
 use crate::probes::ContainerProbes;
 use crate::provider::Inner;
-use crate::restart::{Next, Restarts, back_off_event, crash_loop_message, killing_message};
+use crate::restart::{Ended, Restarts, Supervised, crash_loop_message, killing_message, supervise};
 use crate::status::VmPhase;
 
 use super::*;
@@ -44,16 +44,16 @@ pub(crate) fn pod_grace(pod: &Pod) -> Duration {
 
 /// From a started (or adopted) VM: IP → SSH ready → postStart → probes, until the VM
 /// ends; then, per `restartPolicy`, boot it again from the same disk clone (with the
-/// kubelet's back-off) or record it as terminated.
+/// kubelet's back-off) or record it as terminated ([`crate::restart::supervise`]).
 ///
 /// VM "exit codes" (container 0's `terminated.exitCode`): 0 when the guest powered off
-/// on its own (reason `Completed`), 1 when QEMU failed or crashed (`Error`), 143 when
-/// the agent stopped it gracefully after a failed liveness/startup probe or postStart
-/// hook (ACPI or SSH `poweroff`), 137 when it had to force it off (`Error`).
+/// on its own (reason `Completed`), 1 when the hypervisor failed or crashed (`Error`),
+/// 143 when the agent stopped it gracefully after a failed liveness/startup probe or
+/// postStart hook (ACPI or SSH `poweroff`), 137 when it had to force it off (`Error`).
 pub(super) async fn watch_vm(
     inner: Arc<Inner>,
     e: Arc<PodEntry>,
-    mut vm: Arc<dyn Vm>,
+    vm: Arc<dyn Vm>,
     post_start: Option<k8s_openapi::api::core::v1::LifecycleHandler>,
 ) {
     let probes = match e.container0().map(ContainerProbes::from_container) {
@@ -64,13 +64,89 @@ pub(super) async fn watch_vm(
         }
         None => ContainerProbes::default(),
     };
-    let mut restarts = Restarts::new(e.pod.spec.as_ref().and_then(|s| s.restart_policy.clone()));
-    loop {
+    let restarts = Restarts::new(e.pod.spec.as_ref().and_then(|s| s.restart_policy.clone()));
+    let spec = vm.spec().clone();
+    let mut c = VmContainer {
+        inner,
+        e,
+        spec,
+        vm: Some(vm),
+        post_start,
+        probes,
+    };
+    supervise(&mut c, restarts).await;
+}
+
+/// Container 0 under [`supervise`].
+struct VmContainer {
+    inner: Arc<Inner>,
+    e: Arc<PodEntry>,
+    /// What every boot boots (same disk clone, same MAC).
+    spec: VmSpec,
+    /// The current VM (`None` while it is being booted again).
+    vm: Option<Arc<dyn Vm>>,
+    post_start: Option<k8s_openapi::api::core::v1::LifecycleHandler>,
+    probes: ContainerProbes,
+}
+
+#[async_trait::async_trait]
+impl Supervised for VmContainer {
+    fn name(&self) -> &str {
+        &self.e.container
+    }
+
+    fn pod(&self) -> &vzk_core::PodKey {
+        &self.e.key
+    }
+
+    fn event(&self, ev: PodEvent) {
+        self.inner.event(&self.e, ev);
+    }
+
+    async fn start(&mut self, restart: bool, restarts: &mut Restarts) -> bool {
+        if !restart {
+            // Booted by the create path, or re-adopted.
+            return self.vm.is_some();
+        }
+        let (inner, e) = (&self.inner, &self.e);
+        // Our handle must be the last one: the backend re-creates the VM under its id.
+        self.vm = None;
+        let vm = loop {
+            match reboot(inner, e, self.spec.clone()).await {
+                Ok(v) => break v,
+                Err((reason, msg)) => {
+                    inner.event(e, PodEvent::warning("Failed", format!("Error: {msg}")));
+                    inner.waiting(e, reason, msg);
+                    tokio::time::sleep(restarts.retry_delay()).await;
+                }
+            }
+        };
+        let history = {
+            let mut h = lock(&e.history);
+            h.restart_count += 1;
+            h.clone()
+        };
+        if let Err(err) = crate::record::save_history(&e.dir, &history) {
+            warn!(pod = %e.key, error = %err, "keeping the VM's restart count on disk");
+        }
+        inner.event(
+            e,
+            PodEvent::normal("Started", format!("Started VM {} again", vm.id())),
+        );
+        self.vm = Some(vm);
+        true
+    }
+
+    async fn run(&mut self, restarts: &Restarts) -> Ended {
+        let (inner, e) = (&self.inner, &self.e);
+        let Some(vm) = self.vm.clone() else {
+            return std::future::pending().await;
+        };
         let started_at = now();
         let ran_since = tokio::time::Instant::now();
-        lock(&e.history).started = probes.startup.is_none();
+        lock(&e.history).started = self.probes.startup.is_none();
         inner.set_phase(
-            &e,
+            e,
             VmPhase::Running {
                 started_at: started_at.clone(),
                 ip: None,
@@ -79,12 +155,12 @@ pub(super) async fn watch_vm(
         );
         let end = tokio::select! {
             s = final_state(vm.clone()) => RunEnd::Exited(s),
-            k = guest(&inner, &e, &vm, post_start.clone(), &started_at, ran_since, &probes) => k,
+            k = guest(inner, e, &vm, self.post_start.clone(), &started_at, ran_since, &self.probes) => k,
         };
         let (exit_code, reason, message) = match end {
             RunEnd::Exited(VmState::Failed { reason }) => {
                 inner.event(
-                    &e,
+                    e,
                     PodEvent::warning("Failed", format!("VM ended: {reason}")),
                 );
                 (1, "Error".to_owned(), Some(reason))
@@ -100,10 +176,10 @@ pub(super) async fn watch_vm(
                 grace,
             } => {
                 inner.event(
-                    &e,
+                    e,
                     PodEvent::normal("Killing", killing_message(&why, restarts.restarts(137))),
                 );
-                let path = stop_vm(&inner, &e, vm.clone(), grace).await;
+                let path = stop_vm(inner, e, vm.clone(), grace).await;
                 if let Some(s) = e.session() {
                     s.close();
                 }
@@ -111,67 +187,47 @@ pub(super) async fn watch_vm(
                 (code, "Error".to_owned(), Some(format!("{why}: {message}")))
             }
         };
-        let finished_at = now();
-        let terminated = ContainerStateTerminated {
-            exit_code,
-            reason: Some(reason.clone()),
-            message: message.clone(),
-            started_at: Some(started_at.clone()),
-            finished_at: Some(finished_at.clone()),
-            ..Default::default()
-        };
-        let Next::Restart { delay } = restarts.after_exit(exit_code, ran_since.elapsed()) else {
-            inner.set_phase(
-                &e,
-                VmPhase::Terminated {
-                    exit_code,
-                    reason,
-                    message,
-                    started_at: Some(started_at),
-                    finished_at,
-                },
-            );
-            lock(&e.slot).take();
-            e.ended.cancel();
-            return;
-        };
-        lock(&e.history).last_state = Some(terminated);
-        if !delay.is_zero() {
-            inner.event(&e, back_off_event(&e.container, &e.key));
-            inner.waiting(
-                &e,
+        Ended {
+            terminated: ContainerStateTerminated {
+                exit_code,
+                reason: Some(reason),
+                message,
+                started_at: Some(started_at),
+                finished_at: Some(now()),
+                ..Default::default()
+            },
+            ran_for: ran_since.elapsed(),
+        }
+    }
+
+    fn finished(&mut self, ended: Ended) {
+        let t = ended.terminated;
+        self.inner.set_phase(
+            &self.e,
+            VmPhase::Terminated {
+                exit_code: t.exit_code,
+                reason: t.reason.unwrap_or_default(),
+                message: t.message,
+                started_at: t.started_at,
+                finished_at: t.finished_at.unwrap_or_else(now),
+            },
+        );
+        lock(&self.e.slot).take();
+        self.e.ended.cancel();
+    }
+
+    fn restarting(&mut self, ended: &Ended, delay: Duration) {
+        let e = &self.e;
+        lock(&e.history).last_state = Some(ended.terminated.clone());
+        if delay.is_zero() {
+            self.inner.waiting(e, "ContainerCreating", "");
+        } else {
+            self.inner.waiting(
+                e,
                 "CrashLoopBackOff",
                 crash_loop_message(delay, &e.container, &e.key),
             );
-            tokio::time::sleep(delay).await;
-        } else {
-            inner.waiting(&e, "ContainerCreating", "");
         }
-        // Our handle must be the last one: the backend re-creates the VM under its id.
-        let spec = vm.spec().clone();
-        drop(vm);
-        vm = loop {
-            match reboot(&inner, &e, spec.clone()).await {
-                Ok(v) => break v,
-                Err((reason, msg)) => {
-                    inner.event(&e, PodEvent::warning("Failed", format!("Error: {msg}")));
-                    inner.waiting(&e, reason, msg);
-                    tokio::time::sleep(restarts.retry_delay()).await;
-                }
-            }
-        };
-        let history = {
-            let mut h = lock(&e.history);
-            h.restart_count += 1;
-            h.clone()
-        };
-        if let Err(err) = crate::record::save_history(&e.dir, &history) {
-            warn!(pod = %e.key, error = %err, "keeping the VM's restart count on disk");
-        }
-        inner.event(
-            &e,
-            PodEvent::normal("Started", format!("Started VM {} again", vm.id())),
-        );
     }
 }
 

@@ -4,23 +4,25 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Container, ContainerState};
+use k8s_openapi::api::core::v1::{Container, ContainerState, ContainerStateTerminated};
 use tracing::{info, warn};
 use vzk_core::PodEvent;
 use vzk_core::streams::AttachIo;
 use vzk_docker::{DockerError, PullOutcome, PullPolicy, RegistryAuth, RunState, SidecarSpec};
 
+use crate::engine::ContainerEngine;
 use crate::pod::{PodEntry, error_chain};
 use crate::probes::{self, ContainerProbes, ProbeUpdate};
 use crate::provider::Inner;
-use crate::restart::{Next, Restarts, back_off_event, crash_loop_message, killing_message};
+use crate::restart::{Ended, Restarts, Supervised, crash_loop_message, killing_message, supervise};
 
 use super::*;
 
 /// The life of slot `i`: side-car `i` (container `i + 1`) or an init container, which
-/// returns once it has terminated for good (under its restart policy).
+/// returns once it has terminated for good (under its restart policy), under the pod's
+/// one supervision loop ([`crate::restart::supervise`]).
 pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bool) {
-    let Some(mut c) = container(&e, i) else {
+    let Some(c) = container(&e, i) else {
         return;
     };
     // Checked at create time; a record from an older agent may still hold a bad one.
@@ -28,20 +30,15 @@ pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bo
         warn!(pod = %e.key, container = %c.name, error = %err, "side-car probes not run");
         ContainerProbes::default()
     });
-    let set = |st: ContainerState, ready: bool| {
-        e.sidecars.update(i, |s| {
-            s.status.started = Some(st.running.is_some());
-            s.status.state = Some(st);
-            s.status.ready = ready;
-        });
-        inner.push_status(&e);
-    };
-    // Docker.
+    // The container engine.
     let rt = loop {
         match inner.sidecars.runtime().await {
             Ok(rt) => break rt,
             Err(msg) => {
-                set(
+                set_state(
+                    &inner,
+                    &e,
+                    i,
                     waiting(
                         "DockerUnavailable",
                         format!("Docker is not available on this node: {msg}"),
@@ -52,43 +49,113 @@ pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bo
             }
         }
     };
-    let mut restarts = Restarts::new(e.sidecars.kind(i).and_then(|k| k.restart_policy(&e.pod)));
-    let mut attempt: u32 = 0;
-    // Re-adoption: keep watching what runs.
-    let mut current: Option<String> = None;
-    if adopt {
-        match rt.find(&e.key, &c.name).await {
-            Ok(Some(found)) => {
-                attempt = found.attempt;
-                e.sidecars.update(i, |s| {
-                    s.id = Some(found.id.clone());
-                    s.status.restart_count = i32::try_from(found.attempt).unwrap_or(i32::MAX);
-                    s.status.container_id = Some(format!("docker://{}", found.id));
-                });
-                info!(pod = %e.key, container = %c.name, id = %found.id, "re-adopted a side-car");
-                current = Some(found.id);
-            }
-            Ok(None) => {}
-            Err(err) => {
-                warn!(pod = %e.key, error = %error_chain(&err), "looking for side-cars to re-adopt")
-            }
-        }
+    let restarts = Restarts::new(e.sidecars.kind(i).and_then(|k| k.restart_policy(&e.pod)));
+    let mut s = SidecarContainer {
+        inner,
+        e,
+        i,
+        c,
+        probes,
+        rt,
+        attempt: 0,
+        adopt,
+        id: None,
+        ran_since: Instant::now(),
+    };
+    supervise(&mut s, restarts).await;
+}
+
+/// Slot `i`'s state and readiness (`started` while running), pushed.
+fn set_state(inner: &Inner, e: &PodEntry, i: usize, st: ContainerState, ready: bool) {
+    e.sidecars.update(i, |s| {
+        s.status.started = Some(st.running.is_some());
+        s.status.state = Some(st);
+        s.status.ready = ready;
+    });
+    inner.push_status(e);
+}
+
+/// A side-car or init container under [`supervise`].
+struct SidecarContainer {
+    inner: Arc<Inner>,
+    e: Arc<PodEntry>,
+    /// Its slot.
+    i: usize,
+    /// Its spec (the env-resolved one once known).
+    c: Container,
+    probes: ContainerProbes,
+    rt: Arc<dyn ContainerEngine>,
+    /// The attempt (run) number, a label of the container.
+    attempt: u32,
+    /// After an agent restart: look for the running container first.
+    adopt: bool,
+    /// The current container.
+    id: Option<String>,
+    ran_since: Instant,
+}
+
+#[async_trait::async_trait]
+impl Supervised for SidecarContainer {
+    fn name(&self) -> &str {
+        &self.c.name
     }
-    loop {
-        let id = match current.take() {
-            Some(id) => id,
-            None => {
-                let Some(spec) = spec_for_create(&inner, &e, i, &c.name, adopt).await else {
-                    return;
-                };
-                c = spec;
-                match create_and_start(&inner, &e, &rt, &c, i, attempt).await {
-                    Some(id) => id,
-                    None => return,
+
+    fn pod(&self) -> &vzk_core::PodKey {
+        &self.e.key
+    }
+
+    fn event(&self, ev: PodEvent) {
+        self.inner.container_event(&self.e, &self.c.name, ev);
+    }
+
+    async fn start(&mut self, restart: bool, _restarts: &mut Restarts) -> bool {
+        let (inner, e, i) = (&self.inner, &self.e, self.i);
+        if restart {
+            self.attempt += 1;
+            let attempt = self.attempt;
+            e.sidecars.update(i, |s| {
+                s.status.restart_count = i32::try_from(attempt).unwrap_or(i32::MAX);
+            });
+        } else if self.adopt {
+            // Re-adoption: keep watching what runs.
+            match self.rt.find(&e.key, &self.c.name).await {
+                Ok(Some(found)) => {
+                    self.attempt = found.attempt;
+                    e.sidecars.update(i, |s| {
+                        s.id = Some(found.id.clone());
+                        s.status.restart_count = i32::try_from(found.attempt).unwrap_or(i32::MAX);
+                        s.status.container_id = Some(format!("docker://{}", found.id));
+                    });
+                    info!(pod = %e.key, container = %self.c.name, id = %found.id, "re-adopted a side-car");
+                    self.id = Some(found.id);
+                    self.ran_since = Instant::now();
+                    return true;
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    warn!(pod = %e.key, error = %error_chain(&err), "looking for side-cars to re-adopt")
                 }
             }
+        }
+        let Some(spec) = spec_for_create(inner, e, i, &self.c.name, self.adopt).await else {
+            return false;
         };
-        let ran_since = Instant::now();
+        self.c = spec;
+        match create_and_start(inner, e, &self.rt, &self.c, i, self.attempt).await {
+            Some(id) => {
+                self.id = Some(id);
+                self.ran_since = Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn run(&mut self, restarts: &Restarts) -> Ended {
+        let (inner, e, i, c, rt) = (&self.inner, &self.e, self.i, &self.c, &self.rt);
+        let Some(id) = self.id.clone() else {
+            return std::future::pending().await;
+        };
         // Running (or already ended, for an adopted one).
         let mut probe_from = None;
         match rt.inspect(&id).await {
@@ -97,7 +164,7 @@ pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bo
                     .update(i, |s| s.status.image_id = st.image_id.clone());
                 let running = st.is_running();
                 let state = st.to_k8s();
-                if running && !probes.is_empty() {
+                if running && !self.probes.is_empty() {
                     // `started` and `ready` come from the probes.
                     probe_from = Some(started_instant(&state));
                     e.sidecars.update(i, |s| {
@@ -105,9 +172,9 @@ pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bo
                         s.status.started = Some(false);
                         s.status.ready = false;
                     });
-                    inner.push_status(&e);
+                    inner.push_status(e);
                 } else {
-                    set(state, running);
+                    set_state(inner, e, i, state, running);
                 }
             }
             Err(err) => {
@@ -125,32 +192,32 @@ pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bo
                 let on = |u: ProbeUpdate| match u {
                     ProbeUpdate::Started => {
                         e.sidecars.update(i, |s| s.status.started = Some(true));
-                        inner.push_status(&e);
+                        inner.push_status(e);
                     }
                     ProbeUpdate::Ready(r) => {
                         e.sidecars.update(i, |s| s.status.ready = r);
-                        inner.push_status(&e);
+                        inner.push_status(e);
                     }
                     ProbeUpdate::Unhealthy { message, .. } => {
-                        inner.container_event(&e, &c.name, PodEvent::warning("Unhealthy", message));
+                        inner.container_event(e, &c.name, PodEvent::warning("Unhealthy", message));
                     }
                 };
                 tokio::select! {
                     r = rt.wait(&id) => r,
-                    req = probes::run(target, probes.clone(), from, on) => {
+                    req = probes::run(target, self.probes.clone(), from, on) => {
                         let why = format!(
                             "Container {} failed {} probe",
                             c.name,
                             req.kind.as_str().to_lowercase()
                         );
                         inner.container_event(
-                            &e,
+                            e,
                             &c.name,
                             PodEvent::normal("Killing", killing_message(&why, restarts.restarts(137))),
                         );
                         info!(pod = %e.key, container = %c.name, reason = %why, "killing a side-car");
                         e.sidecars.update(i, |s| s.status.ready = false);
-                        inner.push_status(&e);
+                        inner.push_status(e);
                         let grace = req.grace.unwrap_or_else(|| crate::pod::pod_grace(&e.pod));
                         if let Err(err) = rt.stop(&id, grace).await {
                             warn!(pod = %e.key, container = %c.name, error = %error_chain(&err), "stopping side-car");
@@ -183,40 +250,47 @@ pub(crate) async fn run(inner: Arc<Inner>, e: Arc<PodEntry>, i: usize, adopt: bo
             RunState::Exited { exit_code, .. } => *exit_code,
             _ => 0,
         };
-        let mut term = ended.to_k8s();
-        if let (Some(msg), Some(t)) = (killed, term.terminated.as_mut()) {
-            t.message = Some(msg);
+        let mut terminated =
+            ended
+                .to_k8s()
+                .terminated
+                .unwrap_or_else(|| ContainerStateTerminated {
+                    exit_code: code,
+                    ..Default::default()
+                });
+        if let Some(msg) = killed {
+            terminated.message = Some(msg);
         }
-        let Next::Restart { delay } = restarts.after_exit(code, ran_since.elapsed()) else {
-            set(term, false);
-            return;
+        Ended {
+            terminated,
+            ran_for: self.ran_since.elapsed(),
+        }
+    }
+
+    fn finished(&mut self, ended: Ended) {
+        let st = ContainerState {
+            terminated: Some(ended.terminated),
+            ..Default::default()
         };
-        if !delay.is_zero() {
-            inner.container_event(&e, &c.name, back_off_event(&c.name, &e.key));
-        }
-        e.sidecars.update(i, |s| {
-            s.status.last_state = Some(term.clone());
+        set_state(&self.inner, &self.e, self.i, st, false);
+    }
+
+    fn restarting(&mut self, ended: &Ended, delay: Duration) {
+        let (e, name) = (&self.e, &self.c.name);
+        e.sidecars.update(self.i, |s| {
+            s.status.last_state = Some(ContainerState {
+                terminated: Some(ended.terminated.clone()),
+                ..Default::default()
+            });
             s.status.ready = false;
             s.status.started = Some(false);
-            s.status.state = Some(waiting(
-                if delay.is_zero() {
-                    "ContainerCreating"
-                } else {
-                    "CrashLoopBackOff"
-                },
-                if delay.is_zero() {
-                    String::new()
-                } else {
-                    crash_loop_message(delay, &c.name, &e.key)
-                },
-            ));
+            s.status.state = Some(if delay.is_zero() {
+                waiting("ContainerCreating", String::new())
+            } else {
+                waiting("CrashLoopBackOff", crash_loop_message(delay, name, &e.key))
+            });
         });
-        inner.push_status(&e);
-        tokio::time::sleep(delay).await;
-        attempt += 1;
-        e.sidecars.update(i, |s| {
-            s.status.restart_count = i32::try_from(attempt).unwrap_or(i32::MAX);
-        });
+        self.inner.push_status(e);
     }
 }
 
