@@ -55,7 +55,10 @@ impl PullPolicy {
     }
 }
 
-/// An image name split the way the Docker pull API wants it.
+/// An image name split the way the Docker pull API wants it: the name as the user
+/// spelled it (`busybox`, not `docker.io/library/busybox`), its tag and digest. The
+/// grammar is the image crate's ([`vzk_image::Reference`]): one parser for VM and
+/// side-car images.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
     /// Everything before the tag/digest (`127.0.0.1:5000/team/app`, `busybox`).
@@ -64,77 +67,31 @@ pub struct ImageRef {
     pub tag: Option<String>,
     /// The digest (`sha256:…`), if given.
     pub digest: Option<String>,
+    registry: String,
 }
 
 impl ImageRef {
     /// Parses `[host[:port]/]path[:tag][@digest]`.
     pub fn parse(image: &str) -> Result<ImageRef, DockerError> {
-        let bad = |reason: &str| DockerError::InvalidImage {
+        let r = vzk_image::Reference::parse(image).map_err(|e| DockerError::InvalidImage {
             image: image.to_owned(),
-            reason: reason.to_owned(),
-        };
+            reason: match e {
+                vzk_image::ImageError::InvalidReference { reason, .. } => reason,
+                other => other.to_string(),
+            },
+        })?;
         let s = image.trim();
-        if s.is_empty() {
-            return Err(bad("empty"));
-        }
-        if s.chars().any(char::is_whitespace) {
-            return Err(bad("whitespace in image name"));
-        }
-        let (rest, digest) = match s.split_once('@') {
-            Some((n, d)) => {
-                let ok = d
-                    .split_once(':')
-                    .is_some_and(|(alg, hex)| !alg.is_empty() && hex.len() >= 32);
-                if !ok {
-                    return Err(bad("invalid digest"));
-                }
-                (n, Some(d.to_owned()))
-            }
-            None => (s, None),
-        };
+        let rest = s.split_once('@').map_or(s, |(n, _)| n);
         let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
         let (name, tag) = match rest[last_slash..].rfind(':') {
-            Some(i) => (
-                &rest[..last_slash + i],
-                Some(rest[last_slash + i + 1..].to_owned()),
-            ),
+            Some(i) => (&rest[..last_slash + i], r.tag),
             None => (rest, None),
         };
-        if name.is_empty() || name.ends_with('/') || name.starts_with('/') || name.contains("//") {
-            return Err(bad("empty repository"));
-        }
-        let r = ImageRef {
-            name: name.to_owned(),
-            tag: None,
-            digest: None,
-        };
-        let path = match r.registry() {
-            "docker.io" if !name.starts_with("docker.io/") => name,
-            _ => name.split_once('/').map_or(name, |(_, p)| p),
-        };
-        if path.chars().any(|c| c.is_ascii_uppercase()) {
-            return Err(bad("repository names must be lower case"));
-        }
-        if !path
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
-        {
-            return Err(bad("invalid character in repository name"));
-        }
-        if let Some(t) = &tag {
-            let ok = !t.is_empty()
-                && t.len() <= 128
-                && t.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-                && !t.starts_with(['.', '-']);
-            if !ok {
-                return Err(bad("invalid tag"));
-            }
-        }
         Ok(ImageRef {
             name: name.to_owned(),
             tag,
-            digest,
+            digest: r.digest,
+            registry: r.registry,
         })
     }
 
@@ -152,10 +109,7 @@ impl ImageRef {
 
     /// The registry host part (`docker.io` when the name has none).
     pub fn registry(&self) -> &str {
-        match self.name.split_once('/') {
-            Some((h, _)) if h.contains(['.', ':']) || h == "localhost" => h,
-            _ => "docker.io",
-        }
+        &self.registry
     }
 }
 
