@@ -7,10 +7,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, Secret};
-use kube::api::Api;
+use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
 
 use crate::quantity;
+use crate::volumes::ObjectReader;
 
 /// Why a container's environment could not be resolved. The pod stays Pending with
 /// reason `CreateContainerConfigError` and this message, as with the kubelet.
@@ -65,9 +65,10 @@ pub enum EnvError {
 
 type Data = BTreeMap<String, String>;
 
-/// Fetches and caches the ConfigMaps and Secrets of one pod's namespace.
+/// The ConfigMaps and Secrets of one pod's namespace, read through the node's one reader
+/// ([`ObjectReader`], shared with the volumes) and decoded as env values (UTF-8, lossy).
 struct Objects {
-    client: kube::Client,
+    reader: ObjectReader,
     namespace: String,
     cache: HashMap<(&'static str, String), Option<Data>>,
 }
@@ -81,29 +82,17 @@ impl Objects {
                 name: name.to_owned(),
                 source,
             };
-            let data = if kind == "configmap" {
-                let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
-                api.get_opt(name).await.map_err(fetch_err)?.map(|cm| {
-                    let mut d = cm.data.unwrap_or_default();
-                    for (k, v) in cm.binary_data.unwrap_or_default() {
-                        d.entry(k)
-                            .or_insert_with(|| String::from_utf8_lossy(&v.0).into_owned());
-                    }
-                    d
-                })
+            let raw = if kind == "configmap" {
+                self.reader.config_map(&self.namespace, name).await
             } else {
-                let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-                api.get_opt(name).await.map_err(fetch_err)?.map(|s| {
-                    let mut d: Data = s
-                        .data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
-                        .collect();
-                    d.extend(s.string_data.unwrap_or_default());
-                    d
-                })
-            };
+                self.reader.secret(&self.namespace, name).await
+            }
+            .map_err(fetch_err)?;
+            let data = raw.map(|d| {
+                d.iter()
+                    .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                    .collect()
+            });
             self.cache.insert(key.clone(), data);
         }
         Ok(self.cache.get(&key).and_then(Option::as_ref))
@@ -124,7 +113,7 @@ pub async fn resolve_pod_env(
         .clone()
         .ok_or(EnvError::NoNamespace)?;
     let mut objects = Objects {
-        client: client.clone(),
+        reader: ObjectReader::new(client.clone()),
         namespace,
         cache: HashMap::new(),
     };

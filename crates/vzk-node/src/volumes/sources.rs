@@ -22,10 +22,15 @@ pub const DEFAULT_MODE: u32 = 0o644;
 
 type Data = BTreeMap<String, Vec<u8>>;
 
-/// Reads ConfigMaps and Secrets one `GET` at a time, caching within one pass.
+/// `(kind, namespace, name)` → the object's type (empty for a ConfigMap) and data;
+/// `None`: absent.
+type Cache = HashMap<(&'static str, String, String), Option<(String, Data)>>;
+
+/// Reads ConfigMaps and Secrets one `GET` at a time, caching within one pass: the
+/// node's one reader of them (volumes, env, image pull secrets).
 pub struct ObjectReader {
     client: kube::Client,
-    cache: HashMap<(&'static str, String, String), Option<Data>>,
+    cache: Cache,
 }
 
 impl std::fmt::Debug for ObjectReader {
@@ -67,11 +72,15 @@ impl ObjectReader {
                         .into_iter()
                         .map(|(k, v)| (k, v.into_bytes())),
                 );
-                d
+                (String::new(), d)
             });
             self.cache.insert(key.clone(), data);
         }
-        Ok(self.cache.get(&key).and_then(Option::as_ref))
+        Ok(self
+            .cache
+            .get(&key)
+            .and_then(Option::as_ref)
+            .map(|(_, d)| d))
     }
 
     /// The data of Secret `namespace/name`; `None` if absent.
@@ -80,6 +89,16 @@ impl ObjectReader {
         namespace: &str,
         name: &str,
     ) -> Result<Option<&Data>, kube::Error> {
+        Ok(self.secret_typed(namespace, name).await?.map(|(_, d)| d))
+    }
+
+    /// The type (`kubernetes.io/dockerconfigjson`, ...) and data of Secret
+    /// `namespace/name`; `None` if absent.
+    pub async fn secret_typed(
+        &mut self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<(&str, &Data)>, kube::Error> {
         let key = ("secret", namespace.to_owned(), name.to_owned());
         if !self.cache.contains_key(&key) {
             let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
@@ -96,11 +115,15 @@ impl ObjectReader {
                         .into_iter()
                         .map(|(k, v)| (k, v.into_bytes())),
                 );
-                d
+                (s.type_.unwrap_or_default(), d)
             });
             self.cache.insert(key.clone(), data);
         }
-        Ok(self.cache.get(&key).and_then(Option::as_ref))
+        Ok(self
+            .cache
+            .get(&key)
+            .and_then(Option::as_ref)
+            .map(|(t, d)| (t.as_str(), d)))
     }
 }
 

@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::Api;
+use k8s_openapi::api::core::v1::Pod;
 use vzk_core::ProviderError;
 use vzk_guest::{CredentialSource, Credentials};
 use vzk_image::{Keyring, PullSecret, Reference};
+use vzk_node::volumes::ObjectReader;
 
 use super::Inner;
 use crate::pod::error_chain;
@@ -51,7 +51,6 @@ impl Inner {
         reference: &Reference,
     ) -> Result<Vec<vzk_image::Credentials>, String> {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
         let mut secrets = Vec::new();
         let mut errors = Vec::new();
         for r in pod
@@ -62,28 +61,33 @@ impl Inner {
         {
             // The Node authorizer lets a node read a secret only once its graph has the
             // pod that references it, which lags the pod's binding a little: a refused
-            // read right after the pod appeared is retried briefly before pulling without it.
-            let mut got = api.get(&r.name).await;
-            for _ in 0..8 {
-                match &got {
-                    Err(kube::Error::Api(s)) if s.code == 403 || s.code == 404 => {
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                        got = api.get(&r.name).await;
-                    }
-                    _ => break,
+            // (or not yet visible) read right after the pod appeared is retried briefly
+            // before pulling without it. A reader keeps what it read: a fresh one per try.
+            let mut tries = 0;
+            let got = loop {
+                let mut reader = ObjectReader::new(self.client.clone());
+                let got = reader
+                    .secret_typed(&ns, &r.name)
+                    .await
+                    .map(|s| s.map(|(t, d)| (t.to_owned(), d.clone())));
+                let refused = match &got {
+                    Ok(None) => true,
+                    Err(kube::Error::Api(s)) => s.code == 403,
+                    _ => false,
+                };
+                tries += 1;
+                if !refused || tries > 8 {
+                    break got;
                 }
-            }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            };
             match got {
-                Ok(s) => secrets.push(PullSecret {
+                Ok(Some((type_, data))) => secrets.push(PullSecret {
                     name: r.name.clone(),
-                    type_: s.type_.unwrap_or_default(),
-                    data: s
-                        .data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, v.0))
-                        .collect(),
+                    type_,
+                    data,
                 }),
+                Ok(None) => errors.push(format!("secret {ns}/{}: not found", r.name)),
                 Err(e) => errors.push(format!("secret {ns}/{}: {e}", r.name)),
             }
         }
