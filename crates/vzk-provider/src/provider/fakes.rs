@@ -94,6 +94,15 @@ impl TestHv {
         }
     }
 
+    /// A Virtualization.framework-like backend: macOS, Linux kernel and EFI boots.
+    pub(super) fn mac() -> Self {
+        let mut hv = Self::new(true);
+        hv.caps.backend = BackendKind::Vz;
+        hv.caps.boot_kinds = vec![BootKind::MacOs, BootKind::LinuxKernel, BootKind::Efi];
+        hv.caps.max_running_vms = Some(2);
+        hv
+    }
+
     /// The VM created last for `id`.
     pub(super) fn vm(&self, id: &str) -> Option<Arc<TestVm>> {
         let vms = self.vms.lock().unwrap();
@@ -199,15 +208,17 @@ impl Vm for TestVm {
     }
 }
 
-/// A Linux image laid out in a directory; pulls can be made to fail.
+/// An image laid out in a directory (Linux by default); pulls can be made to fail.
 pub(super) struct TestImages {
     dir: PathBuf,
     log: Arc<CallLog>,
+    config: serde_json::Value,
     /// How many pulls fail before one succeeds.
     pub(super) failing_pulls: AtomicU32,
 }
 
 impl TestImages {
+    /// A Linux image: a kernel and a disk.
     pub(super) fn new(dir: &Path, log: Arc<CallLog>) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("kernel"), b"kernel").unwrap();
@@ -215,6 +226,24 @@ impl TestImages {
         Self {
             dir: dir.to_owned(),
             log,
+            config: serde_json::json!({
+                "mediatype": "application/vnd.vz-kubelet.vm.config.v1+json",
+                "os": "linux", "cpus": 1, "memoryBytes": 134217728
+            }),
+            failing_pulls: AtomicU32::new(0),
+        }
+    }
+
+    /// A macOS image as macOS-vz-kubelet pushes it: `config` (its `config.json`), a disk
+    /// and the auxiliary storage `aux.img`.
+    pub(super) fn mac(dir: &Path, log: Arc<CallLog>, config: serde_json::Value) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("disk.img"), b"apfs disk").unwrap();
+        std::fs::write(dir.join("aux.img"), b"aux storage of the image").unwrap();
+        Self {
+            dir: dir.to_owned(),
+            log,
+            config,
             failing_pulls: AtomicU32::new(0),
         }
     }
@@ -237,10 +266,7 @@ impl ImageSource for TestImages {
             self.failing_pulls.store(failing - 1, Ordering::SeqCst);
             return Err("registry unavailable".into());
         }
-        let config: VmConfig = serde_json::from_value(serde_json::json!({
-            "mediatype": "application/vnd.vz-kubelet.vm.config.v1+json",
-            "os": "linux", "cpus": 1, "memoryBytes": 134217728
-        }))?;
+        let config: VmConfig = serde_json::from_value(self.config.clone())?;
         Ok(LocalImage {
             digest: format!("sha256:{}", "0".repeat(64)),
             reference: reference.to_string(),

@@ -38,6 +38,10 @@ struct Opts {
     acpi: bool,
     /// Side-car and init containers run in the fake engine (else: no engine).
     engine: bool,
+    /// The backend is Virtualization.framework-like (macOS boots).
+    mac_host: bool,
+    /// The image is macOS, with this `config.json`.
+    mac_image: Option<serde_json::Value>,
 }
 
 impl Default for Opts {
@@ -47,6 +51,8 @@ impl Default for Opts {
             ready_timeout_secs: 3600,
             acpi: true,
             engine: false,
+            mac_host: false,
+            mac_image: None,
         }
     }
 }
@@ -72,8 +78,16 @@ async fn harness(o: Opts) -> Harness {
     // Never used: the test pods reference no Secret or ConfigMap.
     let client =
         kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
-    let hv = Arc::new(TestHv::new(o.acpi));
-    let images = Arc::new(TestImages::new(&dir.path().join("image"), hv.log.clone()));
+    let hv = Arc::new(if o.mac_host {
+        TestHv::mac()
+    } else {
+        TestHv::new(o.acpi)
+    });
+    let image_dir = dir.path().join("image");
+    let images = Arc::new(match o.mac_image {
+        Some(config) => TestImages::mac(&image_dir, hv.log.clone(), config),
+        None => TestImages::new(&image_dir, hv.log.clone()),
+    });
     let engine = Arc::new(TestEngine::new(hv.log.clone()));
     let backends = Backends {
         hypervisor: hv.clone(),
@@ -196,4 +210,5 @@ fn gaps(t: &[Instant]) -> Vec<u64> {
 }
 
 mod containers;
+mod mac;
 mod vm;
