@@ -63,6 +63,13 @@ pub struct VmConfig {
     /// Default memory in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
+    /// The fewest vCPUs the guest runs with (macOS: the restore image's requirement;
+    /// Tart's `cpuCountMin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cpus: Option<u32>,
+    /// The least memory in bytes the guest runs with (Tart's `memorySizeMin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_memory_bytes: Option<u64>,
     /// Which file holds which media type (informational; the runtime finds files by name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub storage: Vec<StorageEntry>,

@@ -67,6 +67,8 @@
 //! | `kernelCmdline` | Linux | the kernel command line, e.g. `console=ttyS0 root=/dev/vda rw` |
 //! | `cpus` | both (optional) | default vCPU count |
 //! | `memoryBytes` | both (optional) | default memory in bytes |
+//! | `minCpus` | both (optional) | fewest vCPUs the guest runs with (Tart's `cpuCountMin`); a smaller request is refused |
+//! | `minMemoryBytes` | both (optional) | least memory in bytes (Tart's `memorySizeMin`) |
 //! | `storage` | both | `[{"mediatype": <layer media type>, "file": <title>}]`, informational |
 //!
 //! A macOS image has `disk.img`, `aux.img`, `config.json`; a Linux image has `kernel`,

@@ -141,7 +141,8 @@ pub fn apple_lz4_encode(data: &[u8], block: usize) -> Vec<u8> {
 }
 
 /// Convert Tart's `config.json` to ours (`ecid` → `machineIdData`, `hardwareModel` →
-/// `hardwareModelData`, `cpuCount` → `cpus`, `memorySize` → `memoryBytes`).
+/// `hardwareModelData`, `cpuCount` → `cpus`, `memorySize` → `memoryBytes`,
+/// `cpuCountMin` → `minCpus`, `memorySizeMin` → `minMemoryBytes`).
 pub fn convert_config(bytes: &[u8]) -> Result<VmConfig, String> {
     let v: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("Tart config.json: {e}"))?;
@@ -160,6 +161,11 @@ pub fn convert_config(bytes: &[u8]) -> Result<VmConfig, String> {
         kernel_cmdline: None,
         cpus: v.get("cpuCount").and_then(|x| x.as_u64()).map(|c| c as u32),
         memory_bytes: v.get("memorySize").and_then(|x| x.as_u64()),
+        min_cpus: v
+            .get("cpuCountMin")
+            .and_then(|x| x.as_u64())
+            .and_then(|c| u32::try_from(c).ok()),
+        min_memory_bytes: v.get("memorySizeMin").and_then(|x| x.as_u64()),
         storage: Vec::new(),
         extra: Default::default(),
     })
@@ -208,6 +214,16 @@ mod tests {
                 .read_to_end(&mut out)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn converts_tart_minimums() {
+        // As `tart create --from-ipsw` writes them: the restore image's requirements.
+        let c = convert_config(br#"{"version":1,"os":"darwin","arch":"arm64","cpuCountMin":4,"cpuCount":4,"memorySizeMin":8589934592,"memorySize":8589934592,"ecid":"AA==","hardwareModel":"AA=="}"#)
+            .expect("converts");
+        assert_eq!((c.min_cpus, c.min_memory_bytes), (Some(4), Some(8 << 30)));
+        let c = convert_config(br#"{"version":1,"os":"linux","cpuCount":2}"#).expect("converts");
+        assert_eq!((c.min_cpus, c.min_memory_bytes), (None, None));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! * Memory: `limits.memory` wins over `requests.memory`, in bytes (binary and decimal
 //!   suffixes, rounded up to a whole byte like `Quantity.Value()`).
 //! * Missing values fall back to the image's `config.json` defaults, then to the
-//!   provider defaults.
+//!   provider defaults, raised to the image's minimums (`minCpus`, `minMemoryBytes`:
+//!   what a macOS restore image requires). A request below a minimum is refused.
 //! * The result must lie inside the backend's [`vzk_vm::Capabilities`] bounds; anything
 //!   else is a [`ResourceError`] that the provider reports as a permanent
 //!   `ProviderError::Invalid`.
@@ -45,6 +46,22 @@ pub enum ResourceError {
         /// Highest allowed.
         max: u32,
     },
+    /// Fewer vCPUs than the image's minimum.
+    #[error("the image needs at least {min} vCPUs; {cpus} asked")]
+    CpuBelowImageMinimum {
+        /// Asked for.
+        cpus: u64,
+        /// The image's minimum.
+        min: u32,
+    },
+    /// Less memory than the image's minimum.
+    #[error("the image needs at least {min} bytes of memory; {bytes} asked")]
+    MemoryBelowImageMinimum {
+        /// Asked for.
+        bytes: u64,
+        /// The image's minimum.
+        min: u64,
+    },
     /// The memory size is outside the backend's bounds.
     #[error("{bytes} bytes of memory is outside the backend's range [{min}, {max}]")]
     MemoryOutOfBounds {
@@ -62,8 +79,12 @@ impl ResourceError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::ParseQuantity { .. } => "InvalidResources",
-            Self::FractionalCpu { .. } | Self::CpuOutOfBounds { .. } => "InvalidCPU",
-            Self::MemoryOutOfBounds { .. } => "InvalidMemory",
+            Self::FractionalCpu { .. }
+            | Self::CpuOutOfBounds { .. }
+            | Self::CpuBelowImageMinimum { .. } => "InvalidCPU",
+            Self::MemoryOutOfBounds { .. } | Self::MemoryBelowImageMinimum { .. } => {
+                "InvalidMemory"
+            }
         }
     }
 }
@@ -118,21 +139,83 @@ pub fn parse_bytes(text: &str) -> Result<u64, ResourceError> {
     })
 }
 
+/// What an image's `config.json` says about resources.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageShape {
+    /// Default vCPUs.
+    pub cpus: Option<u32>,
+    /// Default memory.
+    pub memory_bytes: Option<u64>,
+    /// Fewest vCPUs.
+    pub min_cpus: Option<u32>,
+    /// Least memory.
+    pub min_memory_bytes: Option<u64>,
+}
+
+impl From<&vzk_image::VmConfig> for ImageShape {
+    fn from(c: &vzk_image::VmConfig) -> Self {
+        Self {
+            cpus: c.cpus,
+            memory_bytes: c.memory_bytes,
+            min_cpus: c.min_cpus,
+            min_memory_bytes: c.min_memory_bytes,
+        }
+    }
+}
+
 /// The VM's resources for container 0 with `resources`, image defaults
-/// (`image_cpus`, `image_memory`) and `policy`.
+/// (`image_cpus`, `image_memory`) and `policy` (an image without minimums).
 pub fn vm_resources(
     resources: Option<&ResourceRequirements>,
     image_cpus: Option<u32>,
     image_memory: Option<u64>,
     policy: &ResourcePolicy,
 ) -> Result<VmResources, ResourceError> {
+    let image = ImageShape {
+        cpus: image_cpus,
+        memory_bytes: image_memory,
+        ..ImageShape::default()
+    };
+    vm_resources_for(resources, image, policy)
+}
+
+/// The VM's resources for container 0 with `resources`, `image`'s defaults and
+/// minimums, and `policy`.
+pub fn vm_resources_for(
+    resources: Option<&ResourceRequirements>,
+    image: ImageShape,
+    policy: &ResourcePolicy,
+) -> Result<VmResources, ResourceError> {
+    let min_cpus = image.min_cpus.unwrap_or(0);
+    let min_memory = image.min_memory_bytes.unwrap_or(0);
     let cpus = match pick(resources, "cpu") {
-        Some(q) => parse_cpus(&q.0)?,
-        None => u64::from(image_cpus.unwrap_or(policy.default_cpus)),
+        Some(q) => {
+            let cpus = parse_cpus(&q.0)?;
+            if cpus < u64::from(min_cpus) {
+                return Err(ResourceError::CpuBelowImageMinimum {
+                    cpus,
+                    min: min_cpus,
+                });
+            }
+            cpus
+        }
+        None => u64::from(image.cpus.unwrap_or(policy.default_cpus).max(min_cpus)),
     };
     let memory_bytes = match pick(resources, "memory") {
-        Some(q) => parse_bytes(&q.0)?,
-        None => image_memory.unwrap_or(policy.default_memory_bytes),
+        Some(q) => {
+            let bytes = parse_bytes(&q.0)?;
+            if bytes < min_memory {
+                return Err(ResourceError::MemoryBelowImageMinimum {
+                    bytes,
+                    min: min_memory,
+                });
+            }
+            bytes
+        }
+        None => image
+            .memory_bytes
+            .unwrap_or(policy.default_memory_bytes)
+            .max(min_memory),
     };
     let (lo, hi) = policy.cpus;
     if cpus < u64::from(lo) || cpus > u64::from(hi) {
@@ -249,6 +332,44 @@ mod tests {
         assert_eq!(
             e.as_ref().map_err(ResourceError::reason),
             Err("InvalidMemory")
+        );
+    }
+
+    #[test]
+    fn image_minimums_raise_defaults_and_refuse_smaller_requests() {
+        let p = ResourcePolicy {
+            cpus: (1, 8),
+            memory_bytes: (64 << 20, 16 << 30),
+            ..policy()
+        };
+        let mac = ImageShape {
+            cpus: None,
+            memory_bytes: None,
+            min_cpus: Some(4),
+            min_memory_bytes: Some(8 << 30),
+        };
+        // No request: the defaults (1 vCPU, 256 MiB) are raised to the minimums.
+        assert_eq!(
+            vm_resources_for(None, mac, &p),
+            Ok(VmResources {
+                cpus: 4,
+                memory_bytes: 8 << 30
+            })
+        );
+        let e = vm_resources_for(Some(&req(&[("cpu", "2")], &[])), mac, &p).unwrap_err();
+        assert_eq!(e, ResourceError::CpuBelowImageMinimum { cpus: 2, min: 4 });
+        assert_eq!(e.reason(), "InvalidCPU");
+        assert_eq!(e.to_string(), "the image needs at least 4 vCPUs; 2 asked");
+        let e = vm_resources_for(Some(&req(&[("memory", "4Gi")], &[])), mac, &p).unwrap_err();
+        assert_eq!(e.reason(), "InvalidMemory");
+        assert!(e.to_string().contains("at least 8589934592 bytes"), "{e}");
+        // Enough: granted as asked.
+        assert_eq!(
+            vm_resources_for(Some(&req(&[("cpu", "6"), ("memory", "8Gi")], &[])), mac, &p),
+            Ok(VmResources {
+                cpus: 6,
+                memory_bytes: 8 << 30
+            })
         );
     }
 }

@@ -10,7 +10,7 @@ use vzk_image::{PullOptions, PullPolicy, Reference};
 use vzk_vm::{DiskSpec, MacAddr, NicSpec, VmSpec};
 
 use crate::provider::Inner;
-use crate::resources::vm_resources;
+use crate::resources::{ImageShape, vm_resources_for};
 use crate::status::VmPhase;
 
 use super::*;
@@ -138,10 +138,9 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             return;
         }
     };
-    let res = match vm_resources(
+    let res = match vm_resources_for(
         c0.resources.as_ref(),
-        image.config.cpus,
-        image.config.memory_bytes,
+        ImageShape::from(&image.config),
         &inner.policy,
     ) {
         Ok(r) => r,

@@ -83,3 +83,39 @@ async fn a_macos_image_on_a_linux_host_waits_naming_the_host_it_needs() {
         "no VM was created"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_below_the_images_minimum_is_refused_naming_it() {
+    let mut config = reference_config();
+    config["minCpus"] = 4.into();
+    config["minMemoryBytes"] = (8u64 << 30).into();
+    let h = harness(Opts {
+        mac_host: true,
+        mac_image: Some(config),
+        ..Opts::default()
+    })
+    .await;
+    let mut p = pod("too-small", "Always");
+    p.spec.as_mut().unwrap().containers[0].resources = Some(
+        serde_json::from_value(serde_json::json!({"requests": {"cpu": "2", "memory": "8Gi"}}))
+            .unwrap(),
+    );
+    h.provider.create_pod(&p).await.unwrap();
+    let s = h
+        .until(&p, "refused", |s| {
+            waiting_reason(s).as_deref() == Some("InvalidCPU")
+        })
+        .await;
+    let w = c0(&s).state.as_ref().unwrap().waiting.as_ref().unwrap();
+    assert_eq!(
+        w.message.as_deref(),
+        Some("the image needs at least 4 vCPUs; 2 asked")
+    );
+    assert!(!h.hv.log.calls().iter().any(|c| c.starts_with("create ")));
+    // Without a request the VM gets the image's minimums.
+    let q = pod("defaults", "Always");
+    h.provider.create_pod(&q).await.unwrap();
+    h.until(&q, "VM running", running).await;
+    let vm = h.hv.vm(&vm_id(&q)).unwrap();
+    assert_eq!((vm.spec().cpus, vm.spec().memory_bytes), (4, 8 << 30));
+}
