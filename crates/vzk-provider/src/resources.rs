@@ -356,11 +356,15 @@ mod tests {
                 memory_bytes: 8 << 30
             })
         );
-        let e = vm_resources_for(Some(&req(&[("cpu", "2")], &[])), mac, &p).unwrap_err();
+        let Err(e) = vm_resources_for(Some(&req(&[("cpu", "2")], &[])), mac, &p) else {
+            panic!("2 vCPUs granted below the minimum of 4")
+        };
         assert_eq!(e, ResourceError::CpuBelowImageMinimum { cpus: 2, min: 4 });
         assert_eq!(e.reason(), "InvalidCPU");
         assert_eq!(e.to_string(), "the image needs at least 4 vCPUs; 2 asked");
-        let e = vm_resources_for(Some(&req(&[("memory", "4Gi")], &[])), mac, &p).unwrap_err();
+        let Err(e) = vm_resources_for(Some(&req(&[("memory", "4Gi")], &[])), mac, &p) else {
+            panic!("4 GiB granted below the minimum of 8 GiB")
+        };
         assert_eq!(e.reason(), "InvalidMemory");
         assert!(e.to_string().contains("at least 8589934592 bytes"), "{e}");
         // Enough: granted as asked.
