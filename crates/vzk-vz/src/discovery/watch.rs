@@ -1,9 +1,11 @@
 //! The discovery loop: waits until the host has seen a MAC get an IPv4 address.
 //!
-//! Sources, checked in this order on every tick:
+//! Sources, checked in this order whenever the lease file's directory reports a change
+//! (file-system events: kqueue on macOS, inotify on Linux) and on every tick (the
+//! fallback when events cannot be had):
 //! 1. the lease file (`/var/db/dhcpd_leases` on macOS), re-read only when its
 //!    modification time or size changed — bootpd rewrites it on every ACK, so this
-//!    sees the address within one tick of the guest's DHCP ACK;
+//!    sees the address as soon as the event for the guest's DHCP ACK arrives;
 //! 2. the ARP table, by running a command (`/usr/sbin/arp -an`), at most once per
 //!    [`Sources::arp_every`] — the fallback for guests that keep a static or
 //!    pre-existing address, and for bridged NICs whose DHCP server is elsewhere.
@@ -15,7 +17,7 @@
 
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::process::Command;
@@ -30,20 +32,21 @@ pub struct Sources {
     pub arp_command: Option<Vec<String>>,
     /// Only accept ARP entries on this host interface.
     pub arp_interface: Option<String>,
-    /// How often the lease file's metadata is checked.
+    /// How often the sources are checked without a file event.
     pub tick: Duration,
     /// Minimum interval between two ARP command runs.
     pub arp_every: Duration,
 }
 
 impl Sources {
-    /// The macOS defaults: `/var/db/dhcpd_leases` every 100 ms, `arp -an` every second.
+    /// The macOS defaults: `/var/db/dhcpd_leases` on every change of `/var/db` (and
+    /// every second regardless), `arp -an` every second.
     pub fn macos() -> Self {
         Self {
             leases_file: Some("/var/db/dhcpd_leases".into()),
             arp_command: Some(vec!["/usr/sbin/arp".into(), "-an".into()]),
             arp_interface: None,
-            tick: Duration::from_millis(100),
+            tick: Duration::from_secs(1),
             arp_every: Duration::from_secs(1),
         }
     }
@@ -60,10 +63,25 @@ pub async fn discover(
     let mut last_arp: Option<Instant> = None;
     let mut tick = tokio::time::interval(sources.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Kept alive for the loop: dropping the watcher ends the events.
+    let (_watcher, mut changed) = match sources.leases_file.as_deref().map(watch_dir) {
+        Some(Ok((w, rx))) => (Some(w), Some(rx)),
+        Some(Err(error)) => {
+            tracing::debug!(%error, "no file events for the lease file; polling it");
+            (None, None)
+        }
+        None => (None, None),
+    };
     loop {
         tokio::select! {
             () = &mut stop => return None,
             _ = tick.tick() => {}
+            Some(()) = async {
+                match changed.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
         }
         if let Some(ip) = check_leases(mac, sources, &mut last_leases).await {
             tracing::debug!(%mac, %ip, source = "leases", "guest address discovered");
@@ -77,6 +95,27 @@ pub async fn discover(
             }
         }
     }
+}
+
+/// Events on the directory of `file` (the file itself may not exist yet, and bootpd
+/// replaces it): one wake-up per burst of changes.
+fn watch_dir(
+    file: &Path,
+) -> notify::Result<(notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<()>)> {
+    use notify::Watcher as _;
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            // A full channel already holds a wake-up.
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    Ok((watcher, rx))
 }
 
 async fn check_leases(
@@ -185,6 +224,33 @@ mod tests {
         })
         .await;
         assert_eq!(found, Ok(Some(Ipv4Addr::new(192, 168, 64, 9))));
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_seen_on_the_file_event_not_the_next_tick() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut src = sources(dir.path());
+        src.tick = Duration::from_secs(3600); // only the first, immediate tick
+        let file = dir.path().join("dhcpd_leases");
+        let writer = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let ours = "{\n\tip_address=192.168.64.7\n\thw_address=1,a:1:2:3:4:5\n\tlease=0x2\n}\n";
+            tokio::fs::write(&file, ours)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            std::future::pending::<()>().await;
+        };
+        let t0 = Instant::now();
+        let found = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                ip = discover(mac(), &src, std::future::pending()) => ip,
+                () = writer => None,
+            }
+        })
+        .await;
+        assert_eq!(found, Ok(Some(Ipv4Addr::new(192, 168, 64, 7))));
+        // Woken by the event: well before a second tick (an hour) could come.
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     }
 
     #[tokio::test]
