@@ -11,16 +11,13 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodCondition};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{ListParams, PostParams};
+use vzk_core::StreamingRuntime as _;
 use vzk_core::streams::{ContainerRef, LogOptions};
-use vzk_core::{PodLifecycle as _, StreamingRuntime as _};
-use vzk_image::{PushOptions, Reference, RegistryOptions};
 use vzk_provider::VmProvider;
-use vzk_testenv::ControlPlane;
 
 use super::support::*;
-use super::{BOOT, args, exec, is_ready, start_provider};
+use super::{BOOT, exec, is_ready};
 
 async fn logs(provider: &VmProvider, ns: &str, pod: &str, c: &str, previous: bool) -> String {
     let target = ContainerRef {
@@ -81,48 +78,26 @@ fn terminated(c: &ContainerStatus) -> Option<(i32, String, i32)> {
     Some((t.exit_code, t.reason.clone()?, c.restart_count))
 }
 
-async fn push_vm_image(registry: &Registry, dir: &std::path::Path) -> String {
-    guest_image_dir(dir);
-    let image = format!("{}/vzk/test-guest:v1", registry.addr);
-    let push_opts = PushOptions {
-        registry: RegistryOptions {
-            plain_http: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    vzk_image::push(dir, &Reference::parse(&image).unwrap(), &push_opts)
-        .await
-        .unwrap();
-    image
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_containers_run_in_order_before_the_vm() {
-    let cp = ControlPlane::shared();
-    let registry = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let image = push_vm_image(&registry, &tmp.path().join("image")).await;
+    let env = TestNode::start("vminit", |_| {}).await;
+    let image = env.push_guest("test-guest", "").await;
     let bb = push_sidecar_image(
-        &registry.addr,
+        &env.registry.addr,
         &format!("vzk/bb-init:{:06x}", std::process::id()),
     );
-
-    let netns = Netns::new();
-    let node = format!("vminit-{:06x}", std::process::id());
-    let id = cp.node_identity(&node);
-    let data = tmp.path().join("data");
-    let provider = start_provider(
-        args(&data, &registry.addr),
-        &netns.name,
-        &node,
-        id.client().await,
-    )
-    .await;
-    let agent = Agent::start(&id, provider.clone()).await;
-    let ns = cp.create_namespace("vminit").await;
-    let admin = cp.admin_client().await;
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let TestNode {
+        ns,
+        pods,
+        events,
+        agent,
+        provider,
+        provider_args,
+        node,
+        id,
+        netns,
+        ..
+    } = env;
     let work = serde_json::json!([{"name": "work", "mountPath": "/work"}]);
     let loop_forever = "trap 'exit 0' TERM; while true; do sleep 1; done";
     let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -290,7 +265,6 @@ async fn init_containers_run_in_order_before_the_vm() {
     );
 
     // Events of init containers name them as the kubelet does.
-    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
     wait_for(Duration::from_secs(30), "init container events", || async {
         let list = events.list(&ListParams::default()).await.ok()?;
         let about = |reason: &str, path: &str| {
@@ -314,16 +288,7 @@ async fn init_containers_run_in_order_before_the_vm() {
         5,
         "proxy, seed, flaky (this and the previous attempt), side"
     );
-    agent.stop().await;
-    drop(provider);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let provider = start_provider(
-        args(&data, &registry.addr),
-        &netns.name,
-        &node,
-        id.client().await,
-    )
-    .await;
+    let provider = restart_provider(agent, provider, provider_args, &netns, &id).await;
     let agent = Agent::start(&id, provider.clone()).await;
     let again = wait_for(
         Duration::from_secs(60),
@@ -355,19 +320,7 @@ async fn init_containers_run_in_order_before_the_vm() {
     );
 
     // Deletion removes every container of the pod.
-    pods.delete(
-        "inits",
-        &DeleteParams {
-            grace_period_seconds: Some(20),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    wait_for(Duration::from_secs(90), "inits gone", || async {
-        pods.get_opt("inits").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    delete_pod(&pods, "inits", 20, Duration::from_secs(90)).await;
     assert!(docker_ids(&uid).is_empty(), "no container left for {uid}");
     agent.stop().await;
     drop(provider);
@@ -378,28 +331,21 @@ async fn init_containers_run_in_order_before_the_vm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_container_failing_under_restart_policy_never_fails_the_pod() {
-    let cp = ControlPlane::shared();
-    let registry = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
+    let env = TestNode::start("vminitn", |_| {}).await;
     let bb = push_sidecar_image(
-        &registry.addr,
+        &env.registry.addr,
         &format!("vzk/bb-init-never:{:06x}", std::process::id()),
     );
-    let netns = Netns::new();
-    let node = format!("vminitn-{:06x}", std::process::id());
-    let id = cp.node_identity(&node);
-    let data = tmp.path().join("data");
-    let provider = start_provider(
-        args(&data, &registry.addr),
-        &netns.name,
-        &node,
-        id.client().await,
-    )
-    .await;
-    let agent = Agent::start(&id, provider.clone()).await;
-    let ns = cp.create_namespace("vminitn").await;
-    let admin = cp.admin_client().await;
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let TestNode {
+        ns,
+        pods,
+        events,
+        agent,
+        provider,
+        node,
+        registry,
+        ..
+    } = env;
     // The VM image does not exist: it must never be needed.
     let vm_image = format!("{}/vzk/never-pulled:v1", registry.addr);
     let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -445,7 +391,6 @@ async fn init_container_failing_under_restart_policy_never_fails_the_pod() {
     // No VM, and its image was never pulled; the pod stays Failed.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(pids_with(&format!("vzk-{uid}")).is_empty());
-    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
     let list = events.list(&ListParams::default()).await.unwrap();
     let vm_pulls = list
         .items
@@ -457,27 +402,10 @@ async fn init_container_failing_under_restart_policy_never_fails_the_pod() {
     let p = pods.get("boom").await.unwrap();
     assert_eq!(p.status.as_ref().unwrap().phase.as_deref(), Some("Failed"));
 
-    pods.delete(
-        "boom",
-        &DeleteParams {
-            grace_period_seconds: Some(5),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    wait_for(Duration::from_secs(60), "boom gone", || async {
-        pods.get_opt("boom").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    delete_pod(&pods, "boom", 5, Duration::from_secs(60)).await;
     // A terminal pod's object goes at once (no graceful deletion); the provider's
     // cleanup follows.
-    wait_for(
-        Duration::from_secs(60),
-        "boom released by the provider",
-        || async { provider.list_pods().await.ok()?.is_empty().then_some(()) },
-    )
-    .await;
+    wait_all_released(&provider, Duration::from_secs(60)).await;
     assert!(docker_ids(&uid).is_empty(), "no container left for {uid}");
     agent.stop().await;
     drop(provider);

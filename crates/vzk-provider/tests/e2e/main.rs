@@ -15,14 +15,11 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use vzk_core::streams::{AttachIo, ContainerRef, LogOptions};
+use vzk_core::streams::{ContainerRef, LogOptions};
 use vzk_core::{NodeProvider as _, PodKey, PodLifecycle as _, StreamingRuntime as _};
-use vzk_image::{PushOptions, Reference, RegistryOptions};
-use vzk_provider::{ProviderArgs, VM_RESOURCE, VmProvider};
-use vzk_testenv::ControlPlane;
+use vzk_provider::{VM_RESOURCE, VmProvider};
 
 use support::*;
 
@@ -76,36 +73,16 @@ fn is_ready(p: &Pod) -> bool {
 }
 
 async fn exec(provider: &VmProvider, ns: &str, pod: &str, script: &str) -> (i32, String) {
-    let out = Capture::default();
-    let io = AttachIo {
-        stdin: None,
-        stdout: Some(Box::pin(out.clone())),
-        stderr: None,
-        tty: false,
-        resize: None,
-    };
-    let argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()];
-    let status = provider.exec(&container(ns, pod), argv, io).await.unwrap();
-    (status.code, out.text())
+    let sh = ["sh", "-c", script];
+    exec_argv(provider, &container(ns, pod), &sh).await.unwrap()
 }
 
 /// The guest's boot id (`/proc/sys/kernel/random/boot_id`), or `None` while exec fails.
 async fn boot_id(provider: &VmProvider, ns: &str, pod: &str) -> Option<String> {
-    let out = Capture::default();
-    let io = AttachIo {
-        stdin: None,
-        stdout: Some(Box::pin(out.clone())),
-        stderr: None,
-        tty: false,
-        resize: None,
-    };
-    let argv = ["cat", "/proc/sys/kernel/random/boot_id"].map(str::to_owned);
-    let st = provider
-        .exec(&container(ns, pod), argv.to_vec(), io)
-        .await
-        .ok()?;
-    let id = out.text().trim().to_owned();
-    (st.code == 0 && !id.is_empty()).then_some(id)
+    let cat = ["cat", "/proc/sys/kernel/random/boot_id"];
+    let (code, out) = exec_argv(provider, &container(ns, pod), &cat).await.ok()?;
+    let id = out.trim().to_owned();
+    (code == 0 && !id.is_empty()).then_some(id)
 }
 
 /// Polls pod `name` until `ok` holds for it; on timeout panics showing its last status.
@@ -150,36 +127,6 @@ fn vm_history(
     )
 }
 
-/// The provider on this host's backend (QEMU, its VMs in `netns`), as `vz-kubelet run`
-/// builds it.
-async fn start_provider(
-    a: ProviderArgs,
-    netns: &str,
-    node: &str,
-    client: kube::Client,
-) -> std::sync::Arc<VmProvider> {
-    let backend = vzk_backend::BackendArgs {
-        vm_netns: Some(netns.to_owned()),
-        ..Default::default()
-    };
-    let hv = vzk_backend::open(&backend, &a.data_dir.join("qemu"))
-        .await
-        .unwrap();
-    VmProvider::new(a, node, "127.0.0.1".parse().unwrap(), client, hv)
-        .await
-        .unwrap()
-}
-
-fn args(data: &std::path::Path, registry: &str) -> ProviderArgs {
-    let mut a = ProviderArgs::new(data);
-    a.max_vms = 1;
-    a.insecure_registries = vec![registry.to_owned()];
-    a.ssh_user = Some("root".into());
-    a.ssh_private_key_path = Some(guest().openssh_key.clone());
-    a.ready_timeout_secs = 150;
-    a
-}
-
 /// One pod at a time (1 VM slot): the second waits with a visible reason; the first
 /// boots to Running/Ready with the VM's IP, serves exec (exit code kept), logs (boot
 /// console), port-forward (sshd banner) and stats; its VM restarts once (the guest
@@ -188,42 +135,24 @@ fn args(data: &std::path::Path, registry: &str) -> ProviderArgs {
 /// or disk; then the second starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
-    let cp = ControlPlane::shared();
-    let registry = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
-    guest_image_dir(&tmp.path().join("image"));
-    let image = format!("{}/vzk/test-guest:v1", registry.addr);
-    let reference = Reference::parse(&image).unwrap();
-    let push_opts = PushOptions {
-        registry: RegistryOptions {
-            plain_http: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    vzk_image::push(&tmp.path().join("image"), &reference, &push_opts)
-        .await
-        .unwrap();
-
-    let netns = Netns::new();
-    let node = format!("vmp-{:06x}", std::process::id());
-    let id = cp.node_identity(&node);
-    let data = tmp.path().join("data");
-    let provider = start_provider(
-        args(&data, &registry.addr),
-        &netns.name,
-        &node,
-        id.client().await,
-    )
-    .await;
+    let env = TestNode::start("vmp", |_| {}).await;
+    let image = env.push_guest("test-guest", "").await;
+    let TestNode {
+        ns,
+        pods,
+        events,
+        agent,
+        provider,
+        provider_args,
+        node,
+        id,
+        netns,
+        data,
+        ..
+    } = env;
     let cap = provider.capacity().await.unwrap();
     assert_eq!(cap.get("pods").map(|q| q.0.as_str()), Some("1"));
     assert_eq!(cap.get(VM_RESOURCE).map(|q| q.0.as_str()), Some("1"));
-    let agent = Agent::start(&id, provider.clone()).await;
-
-    let ns = cp.create_namespace("vmp").await;
-    let admin = cp.admin_client().await;
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
     let a = pods
         .create(&PostParams::default(), &vm_pod("a", &node, &image))
         .await
@@ -264,7 +193,6 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     );
 
     // Events of the start.
-    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
     let reasons = wait_for(Duration::from_secs(20), "start events", || async {
         let list = events.list(&ListParams::default()).await.ok()?;
         let r: Vec<String> = list
@@ -402,16 +330,7 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
 
     // Agent restart: the VM keeps running and is re-adopted, with its restart history.
     let t = std::time::Instant::now();
-    agent.stop().await;
-    drop(provider);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let provider = start_provider(
-        args(&data, &registry.addr),
-        &netns.name,
-        &node,
-        id.client().await,
-    )
-    .await;
+    let provider = restart_provider(agent, provider, provider_args, &netns, &id).await;
     let listed = provider.list_pods().await.unwrap();
     let a_key = listed
         .iter()
@@ -483,19 +402,7 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
     assert!(!pids_with(&vm_id).is_empty(), "QEMU of a runs");
     let tap = vzk_vm::net::tap::tap_name(&vm_id, 0);
     assert!(netns.has_link(&tap), "TAP {tap} exists while a runs");
-    pods.delete(
-        "a",
-        &DeleteParams {
-            grace_period_seconds: Some(20),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    wait_for(Duration::from_secs(60), "a gone", || async {
-        pods.get_opt("a").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    delete_pod(&pods, "a", 20, Duration::from_secs(60)).await;
     assert!(pids_with(&vm_id).is_empty(), "no QEMU left for {vm_id}");
     assert!(!netns.has_link(&tap), "TAP {tap} removed");
     assert!(
@@ -527,26 +434,9 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
         is_ready(&p).then_some(())
     })
     .await;
-    pods.delete(
-        "b",
-        &DeleteParams {
-            grace_period_seconds: Some(0),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    wait_for(Duration::from_secs(60), "b gone", || async {
-        pods.get_opt("b").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    delete_pod(&pods, "b", 0, Duration::from_secs(60)).await;
     // Grace 0 removes the object at once; the provider's cleanup follows.
-    wait_for(
-        Duration::from_secs(60),
-        "b released by the provider",
-        || async { provider.list_pods().await.ok()?.is_empty().then_some(()) },
-    )
-    .await;
+    wait_all_released(&provider, Duration::from_secs(60)).await;
     assert!(
         !data.join("pods").join(&b_uid).exists(),
         "b's pod dir removed"

@@ -6,44 +6,10 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use vzk_core::PodLifecycle as _;
-use vzk_image::{PushOptions, Reference, RegistryOptions};
-use vzk_provider::VmProvider;
-use vzk_testenv::ControlPlane;
+use vzk_provider::{ProviderArgs, VmProvider};
 
 use super::support::*;
-use super::{BOOT, args, exec, is_ready, start_provider};
-
-/// Pushes the test guest as `name:v1`, with `extra_cmdline` appended to its kernel
-/// command line.
-async fn push_guest(
-    registry: &Registry,
-    dir: &std::path::Path,
-    name: &str,
-    extra_cmdline: &str,
-) -> String {
-    guest_image_dir(dir);
-    if !extra_cmdline.is_empty() {
-        let p = dir.join("config.json");
-        let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        let cmdline = format!("{} {extra_cmdline}", cfg["kernelCmdline"].as_str().unwrap());
-        cfg["kernelCmdline"] = cmdline.into();
-        std::fs::write(&p, cfg.to_string()).unwrap();
-    }
-    let image = format!("{}/vzk/{name}:v1", registry.addr);
-    let opts = PushOptions {
-        registry: RegistryOptions {
-            plain_http: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    vzk_image::push(dir, &Reference::parse(&image).unwrap(), &opts)
-        .await
-        .unwrap();
-    image
-}
+use super::{BOOT, exec, is_ready};
 
 fn pod(name: &str, node: &str, image: &str, extra: serde_json::Value) -> Pod {
     let mut v = serde_json::json!({
@@ -92,52 +58,20 @@ async fn events_of(events: &Api<Event>, uid: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-struct Env {
-    _cp: &'static ControlPlane,
-    registry: Registry,
-    netns: Netns,
-    tmp: tempfile::TempDir,
-    node: String,
-    provider: std::sync::Arc<VmProvider>,
-    agent: Agent,
-    pods: Api<Pod>,
-    events: Api<Event>,
-    ns: String,
-}
-
-async fn setup(tag: &str) -> Env {
+/// The node of these tests: two VM slots (two pods at a time).
+async fn setup(tag: &str) -> TestNode {
     setup_with(tag, |_| {}).await
 }
 
-async fn setup_with(tag: &str, tweak: impl FnOnce(&mut vzk_provider::ProviderArgs)) -> Env {
-    let cp = ControlPlane::shared();
-    let registry = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let netns = Netns::new();
-    let node = format!("{tag}-{:06x}", std::process::id());
-    let id = cp.node_identity(&node);
-    let mut a = args(&tmp.path().join("data"), &registry.addr);
-    a.max_vms = 2;
-    tweak(&mut a);
-    let provider = start_provider(a, &netns.name, &node, id.client().await).await;
-    let agent = Agent::start(&id, provider.clone()).await;
-    let ns = cp.create_namespace(tag).await;
-    let admin = cp.admin_client().await;
-    Env {
-        _cp: cp,
-        registry,
-        netns,
-        tmp,
-        node,
-        provider,
-        agent,
-        pods: Api::namespaced(admin.clone(), &ns),
-        events: Api::namespaced(admin, &ns),
-        ns,
-    }
+async fn setup_with(tag: &str, tweak: impl FnOnce(&mut ProviderArgs)) -> TestNode {
+    TestNode::start(tag, |a| {
+        a.max_vms = 2;
+        tweak(a);
+    })
+    .await
 }
 
-async fn delete_now(env: &Env, name: &str) {
+async fn delete_now(env: &TestNode, name: &str) {
     env.pods
         .delete(
             name,
@@ -156,7 +90,7 @@ async fn delete_now(env: &Env, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_probe_gates_ready_and_failing_liveness_restarts_the_vm() {
     let env = setup("prb").await;
-    let image = push_guest(&env.registry, &env.tmp.path().join("img"), "guest", "").await;
+    let image = env.push_guest("guest", "").await;
     let gated = env
         .pods
         .create(
@@ -284,11 +218,7 @@ async fn readiness_probe_gates_ready_and_failing_liveness_restarts_the_vm() {
     for name in ["gated", "crashy"] {
         delete_now(&env, name).await;
     }
-    let provider = env.provider.clone();
-    wait_for(Duration::from_secs(90), "pods released", || async {
-        provider.list_pods().await.ok()?.is_empty().then_some(())
-    })
-    .await;
+    wait_all_released(&env.provider, Duration::from_secs(90)).await;
     assert!(pids_with(&format!("vzk-{crashy_uid}")).is_empty());
     env.agent.stop().await;
     drop(env.netns);
@@ -300,14 +230,8 @@ async fn readiness_probe_gates_ready_and_failing_liveness_restarts_the_vm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_policy_poweroff_succeeds_and_ssh_poweroff_backs_up_acpi() {
     let env = setup("rpn").await;
-    let image = push_guest(&env.registry, &env.tmp.path().join("img"), "guest", "").await;
-    let deaf_image = push_guest(
-        &env.registry,
-        &env.tmp.path().join("deaf"),
-        "deaf",
-        "vzk.ignore_acpi=1",
-    )
-    .await;
+    let image = env.push_guest("guest", "").await;
+    let deaf_image = env.push_guest("deaf", "vzk.ignore_acpi=1").await;
     env.pods
         .create(
             &PostParams::default(),
@@ -357,20 +281,7 @@ async fn never_policy_poweroff_succeeds_and_ssh_poweroff_backs_up_acpi() {
 
     // Delete with grace 16 s: ACPI gets half of what is left and is ignored, then
     // `poweroff` over SSH.
-    env.pods
-        .delete(
-            "deaf",
-            &DeleteParams {
-                grace_period_seconds: Some(16),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    wait_for(Duration::from_secs(90), "deaf gone", || async {
-        env.pods.get_opt("deaf").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    delete_pod(&env.pods, "deaf", 16, Duration::from_secs(90)).await;
     let ev = events_of(&env.events, &deaf_uid).await;
     let stopped: Vec<_> = ev.iter().filter(|(r, _)| r == "VMStopped").collect();
     assert_eq!(stopped.len(), 1, "{ev:?}");
@@ -382,11 +293,7 @@ async fn never_policy_poweroff_succeeds_and_ssh_poweroff_backs_up_acpi() {
     assert!(pids_with(&format!("vzk-{deaf_uid}")).is_empty());
 
     delete_now(&env, "oneshot").await;
-    let provider = env.provider.clone();
-    wait_for(Duration::from_secs(60), "pods released", || async {
-        provider.list_pods().await.ok()?.is_empty().then_some(())
-    })
-    .await;
+    wait_all_released(&env.provider, Duration::from_secs(60)).await;
     env.agent.stop().await;
     drop(env.netns);
 }
@@ -420,7 +327,7 @@ async fn console(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_not_ready_within_the_ready_timeout_is_killed_and_the_pod_fails_under_never() {
     let env = setup_with("rto", |a| a.ready_timeout_secs = 2).await;
-    let image = push_guest(&env.registry, &env.tmp.path().join("img"), "guest", "").await;
+    let image = env.push_guest("guest", "").await;
     let p = env
         .pods
         .create(

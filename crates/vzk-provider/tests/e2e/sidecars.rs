@@ -13,19 +13,16 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use vzk_core::streams::{AttachIo, ContainerRef, LogOptions};
+use vzk_core::streams::{ContainerRef, LogOptions};
 use vzk_core::{PodKey, StreamingRuntime as _};
-use vzk_image::{PushOptions, Reference, RegistryOptions};
 use vzk_provider::VmProvider;
-use vzk_testenv::ControlPlane;
 
 use super::support::*;
-use super::{BOOT, args, exec, is_ready, start_provider};
+use super::{BOOT, exec, is_ready};
 
 fn side(ns: &str, pod: &str) -> ContainerRef {
     ContainerRef {
@@ -37,17 +34,8 @@ fn side(ns: &str, pod: &str) -> ContainerRef {
 }
 
 async fn side_exec(provider: &VmProvider, ns: &str, pod: &str, script: &str) -> (i32, String) {
-    let out = Capture::default();
-    let io = AttachIo {
-        stdin: None,
-        stdout: Some(Box::pin(out.clone())),
-        stderr: None,
-        tty: false,
-        resize: None,
-    };
-    let argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()];
-    let status = provider.exec(&side(ns, pod), argv, io).await.unwrap();
-    (status.code, out.text())
+    let sh = ["sh", "-c", script];
+    exec_argv(provider, &side(ns, pod), &sh).await.unwrap()
 }
 
 async fn side_logs(provider: &VmProvider, ns: &str, pod: &str, opts: LogOptions) -> String {
@@ -71,48 +59,28 @@ fn side_status(p: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hybrid_pod_with_a_docker_sidecar() {
-    let cp = ControlPlane::shared();
-    let registry = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
-    guest_image_dir(&tmp.path().join("image"));
-    let image = format!("{}/vzk/test-guest:v1", registry.addr);
-    let push_opts = PushOptions {
-        registry: RegistryOptions {
-            plain_http: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    vzk_image::push(
-        &tmp.path().join("image"),
-        &Reference::parse(&image).unwrap(),
-        &push_opts,
-    )
-    .await
-    .unwrap();
+    let env = TestNode::start("vmsc", |_| {}).await;
+    let image = env.push_guest("test-guest", "").await;
     // The side-car image, pushed to the registry and not present locally: the node
     // has to pull it.
     let side_image = push_sidecar_image(
-        &registry.addr,
+        &env.registry.addr,
         &format!("vzk/bb-e2e:{:06x}", std::process::id()),
     );
-
-    let netns = Netns::new();
-    let node = format!("vmsc-{:06x}", std::process::id());
-    let id = cp.node_identity(&node);
-    let data = tmp.path().join("data");
-    let provider = start_provider(
-        args(&data, &registry.addr),
-        &netns.name,
-        &node,
-        id.client().await,
-    )
-    .await;
-    let agent = Agent::start(&id, provider.clone()).await;
-
-    let ns = cp.create_namespace("vmsc").await;
-    let admin = cp.admin_client().await;
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let TestNode {
+        ns,
+        admin,
+        pods,
+        events,
+        agent,
+        provider,
+        provider_args,
+        node,
+        id,
+        netns,
+        data,
+        ..
+    } = env;
     let secret_value = format!("s3cr3t-{:06x}", std::process::id());
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), &ns);
     secrets
@@ -183,7 +151,6 @@ async fn hybrid_pod_with_a_docker_sidecar() {
         cond.message.as_deref(),
         Some("containers with unready status: [side]")
     );
-    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
     let side_events = |reason: &'static str| {
         let events = events.clone();
         let uid = uid.clone();
@@ -286,20 +253,7 @@ async fn hybrid_pod_with_a_docker_sidecar() {
     assert_eq!((code, out.trim()), (0, "1"));
     let (code, token) = side_exec(&provider, &ns, "hybrid", &format!("cat {sa}/token")).await;
     assert_eq!(code, 0);
-    let review = Api::<TokenReview>::all(admin.clone())
-        .create(
-            &PostParams::default(),
-            &TokenReview {
-                spec: TokenReviewSpec {
-                    token: Some(token.trim().to_owned()),
-                    audiences: None,
-                },
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let status = review.status.unwrap();
+    let status = review_token(&admin, token.trim()).await;
     assert_eq!(status.authenticated, Some(true), "{status:?}");
     assert_eq!(
         status.user.and_then(|u| u.username).as_deref(),
@@ -426,32 +380,14 @@ async fn hybrid_pod_with_a_docker_sidecar() {
 
     // Agent restart: the side-car keeps running and is re-adopted, not re-created.
     let before = docker_ids(&uid);
-    agent.stop().await;
-    drop(provider);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let provider = start_provider(
-        args(&data, &registry.addr),
-        &netns.name,
-        &node,
-        id.client().await,
-    )
-    .await;
+    let provider = restart_provider(agent, provider, provider_args, &netns, &id).await;
     let agent = Agent::start(&id, provider.clone()).await;
     let (code, out) = wait_for(
         Duration::from_secs(60),
         "side-car exec after restart",
         || async {
-            let out = Capture::default();
-            let io = AttachIo {
-                stdin: None,
-                stdout: Some(Box::pin(out.clone())),
-                stderr: None,
-                tty: false,
-                resize: None,
-            };
-            let argv = vec!["sh".into(), "-c".into(), "echo again; exit 4".into()];
-            let st = provider.exec(&side(&ns, "hybrid"), argv, io).await.ok()?;
-            Some((st.code, out.text()))
+            let sh = ["sh", "-c", "echo again; exit 4"];
+            exec_argv(&provider, &side(&ns, "hybrid"), &sh).await.ok()
         },
     )
     .await;
@@ -505,19 +441,7 @@ async fn hybrid_pod_with_a_docker_sidecar() {
 
     // Deletion with grace: the side-car stops (SIGTERM → exit 0) and every container
     // labelled with the pod's UID is removed.
-    pods.delete(
-        "hybrid",
-        &DeleteParams {
-            grace_period_seconds: Some(20),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    wait_for(Duration::from_secs(90), "hybrid gone", || async {
-        pods.get_opt("hybrid").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    delete_pod(&pods, "hybrid", 20, Duration::from_secs(90)).await;
     assert!(docker_ids(&uid).is_empty(), "no container left for {uid}");
     let list = events.list(&ListParams::default()).await.unwrap();
     let reasons: Vec<String> = list

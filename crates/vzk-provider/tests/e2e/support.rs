@@ -1,22 +1,164 @@
-//! Test support: the cached test guest pushed as a VM image to a real `docker-registry`
-//! on loopback, a network namespace per test (every process in it is killed on drop),
-//! and the node runtime run in-process as a node identity.
+//! Test support: a test's node ([`TestNode`]: the provider on QEMU with its VMs in a
+//! network namespace of the test's own, every process in it killed on drop, and the node
+//! runtime run in-process as a node identity), the cached test guest pushed as a VM image
+//! to the test's own `docker-registry` on loopback.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, PostParams};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use vzk_core::streams::{AttachIo, ContainerRef};
+use vzk_core::{PodLifecycle as _, ProviderError, StreamingRuntime as _};
+use vzk_image::{PushOptions, Reference, RegistryOptions};
 use vzk_node::pods::PodControllerConfig;
 use vzk_node::{NodeConfig, NodeController, PodController};
-use vzk_provider::VmProvider;
-use vzk_testenv::NodeIdentity;
+use vzk_provider::{ProviderArgs, VmProvider};
+use vzk_testenv::{ControlPlane, NodeIdentity};
 
 pub use vzk_testenv::{Guest, Netns, Registry};
+
+/// One test's node: its registry, data dir and netns, the provider on them run by an
+/// in-process agent as node `<prefix>-<pid hex>`, and a fresh namespace `<prefix>-*`.
+///
+/// Destructure a binding, not the call (`let env = TestNode::start(..).await; let TestNode
+/// { provider, .. } = env;`): the fields `..` leaves out of a temporary are dropped at
+/// once, and a dropped [`Registry`] or [`Netns`] kills its processes. Fields drop in the
+/// order they are declared: the agent and the provider before the netns (which kills the
+/// VMs), that before the data dir, the registry last.
+pub struct TestNode {
+    pub cp: &'static ControlPlane,
+    pub ns: String,
+    pub admin: kube::Client,
+    /// Pods and events of `ns`, as the admin.
+    pub pods: Api<Pod>,
+    pub events: Api<Event>,
+    pub agent: Agent,
+    pub provider: Arc<VmProvider>,
+    /// What `provider` was started with (for [`restart_provider`]).
+    pub provider_args: ProviderArgs,
+    pub node: String,
+    pub id: NodeIdentity,
+    pub netns: Netns,
+    /// The provider's data dir, under `tmp`.
+    pub data: PathBuf,
+    pub tmp: tempfile::TempDir,
+    pub registry: Registry,
+}
+
+impl TestNode {
+    /// Starts the node, its provider with [`args`] changed by `tweak`.
+    pub async fn start(prefix: &str, tweak: impl FnOnce(&mut ProviderArgs)) -> TestNode {
+        let cp = ControlPlane::shared();
+        let registry = Registry::start();
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let netns = Netns::new();
+        let node = format!("{prefix}-{:06x}", std::process::id());
+        let id = cp.node_identity(&node);
+        let mut provider_args = args(&data, &registry.addr);
+        tweak(&mut provider_args);
+        let provider = start_provider(provider_args.clone(), &netns, &id).await;
+        let agent = Agent::start(&id, provider.clone()).await;
+        let ns = cp.create_namespace(prefix).await;
+        let admin = cp.admin_client().await;
+        TestNode {
+            cp,
+            pods: Api::namespaced(admin.clone(), &ns),
+            events: Api::namespaced(admin.clone(), &ns),
+            ns,
+            admin,
+            agent,
+            provider,
+            provider_args,
+            node,
+            id,
+            netns,
+            data,
+            tmp,
+            registry,
+        }
+    }
+
+    /// Pushes the test guest to the node's registry as `vzk/<name>:v1`, with
+    /// `extra_cmdline` appended to its kernel command line; returns the image.
+    pub async fn push_guest(&self, name: &str, extra_cmdline: &str) -> String {
+        let dir = self.tmp.path().join("images").join(name);
+        guest_image_dir(&dir);
+        if !extra_cmdline.is_empty() {
+            let p = dir.join("config.json");
+            let mut cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            let cmdline = format!("{} {extra_cmdline}", cfg["kernelCmdline"].as_str().unwrap());
+            cfg["kernelCmdline"] = cmdline.into();
+            std::fs::write(&p, cfg.to_string()).unwrap();
+        }
+        let image = format!("{}/vzk/{name}:v1", self.registry.addr);
+        let opts = PushOptions {
+            registry: RegistryOptions {
+                plain_http: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        vzk_image::push(&dir, &Reference::parse(&image).unwrap(), &opts)
+            .await
+            .unwrap();
+        image
+    }
+}
+
+/// The provider's flags in a test: one VM slot, the test's registry over plain HTTP, the
+/// test guest's SSH user and key.
+pub fn args(data: &Path, registry: &str) -> ProviderArgs {
+    let mut a = ProviderArgs::new(data);
+    a.max_vms = 1;
+    a.insecure_registries = vec![registry.to_owned()];
+    a.ssh_user = Some("root".into());
+    a.ssh_private_key_path = Some(guest().openssh_key.clone());
+    a.ready_timeout_secs = 150;
+    a
+}
+
+/// The provider on this host's backend (QEMU, its VMs in `netns`), as `vz-kubelet run`
+/// builds it, as node `id`.
+pub async fn start_provider(a: ProviderArgs, netns: &Netns, id: &NodeIdentity) -> Arc<VmProvider> {
+    let backend = vzk_backend::BackendArgs {
+        vm_netns: Some(netns.name.clone()),
+        ..Default::default()
+    };
+    let hv = vzk_backend::open(&backend, &a.data_dir.join("qemu"))
+        .await
+        .unwrap();
+    let client = id.client().await;
+    VmProvider::new(a, &id.node_name, "127.0.0.1".parse().unwrap(), client, hv)
+        .await
+        .unwrap()
+}
+
+/// An agent restart: `agent` stopped as a kill would (VMs and side-cars keep running),
+/// `provider` dropped, and a second later a new provider started with `a` as node `id`
+/// (on the same data dir and netns); its agent is not started yet.
+pub async fn restart_provider(
+    agent: Agent,
+    provider: Arc<VmProvider>,
+    a: ProviderArgs,
+    netns: &Netns,
+    id: &NodeIdentity,
+) -> Arc<VmProvider> {
+    agent.stop().await;
+    drop(provider);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    start_provider(a, netns, id).await
+}
 
 /// The test guest (scripts/build-test-guest.sh, cached by input hash under the shared
 /// target tmp dir, so every test binary builds it once).
@@ -47,6 +189,45 @@ pub fn push_sidecar_image(registry: &str, tag: &str) -> String {
     assert_eq!(image, format!("{registry}/{tag}"));
     let _ = Command::new("docker").args(["rmi", &image]).output();
     image
+}
+
+/// Deletes pod `name` with `grace` seconds and waits, up to `timeout`, until its object
+/// is gone.
+pub async fn delete_pod(pods: &Api<Pod>, name: &str, grace: u32, timeout: Duration) {
+    let dp = DeleteParams {
+        grace_period_seconds: Some(grace),
+        ..Default::default()
+    };
+    pods.delete(name, &dp).await.unwrap();
+    wait_for(timeout, &format!("{name} gone"), || async {
+        pods.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+/// Waits, up to `timeout`, until `provider` lists no pod (its cleanup follows the
+/// objects' removal).
+pub async fn wait_all_released(provider: &VmProvider, timeout: Duration) {
+    wait_for(timeout, "every pod released by the provider", || async {
+        provider.list_pods().await.ok()?.is_empty().then_some(())
+    })
+    .await;
+}
+
+/// What the API server's TokenReview says of `token`.
+pub async fn review_token(admin: &kube::Client, token: &str) -> TokenReviewStatus {
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_owned()),
+            audiences: None,
+        },
+        ..Default::default()
+    };
+    let review = Api::<TokenReview>::all(admin.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    review.status.unwrap()
 }
 
 /// Ids of Docker containers (running or not) labelled with the pod UID.
@@ -141,6 +322,26 @@ where
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Runs `argv` in container `c` (stdout captured, no stdin, no TTY): its exit code and
+/// its output.
+pub async fn exec_argv(
+    provider: &VmProvider,
+    c: &ContainerRef,
+    argv: &[&str],
+) -> Result<(i32, String), ProviderError> {
+    let out = Capture::default();
+    let io = AttachIo {
+        stdin: None,
+        stdout: Some(Box::pin(out.clone())),
+        stderr: None,
+        tty: false,
+        resize: None,
+    };
+    let argv = argv.iter().map(|a| (*a).to_owned()).collect();
+    let status = provider.exec(c, argv, io).await?;
+    Ok((status.code, out.text()))
 }
 
 /// An in-memory writer for exec output.

@@ -7,51 +7,29 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{Api, DeleteParams, PostParams};
-use vzk_image::{PushOptions, Reference, RegistryOptions};
-use vzk_testenv::ControlPlane;
+use kube::api::{Api, PostParams};
 
 use super::support::*;
-use super::{BOOT, args, exec, is_ready, start_provider};
+use super::{BOOT, exec, is_ready};
 
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_api_access_and_config_map_volumes_inside_the_vm() {
-    let cp = ControlPlane::shared();
-    let registry = Registry::start();
-    let tmp = tempfile::tempdir().unwrap();
-    guest_image_dir(&tmp.path().join("image"));
-    let image = format!("{}/vzk/test-guest:v1", registry.addr);
-    let reference = Reference::parse(&image).unwrap();
-    let push_opts = PushOptions {
-        registry: RegistryOptions {
-            plain_http: true,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    vzk_image::push(&tmp.path().join("image"), &reference, &push_opts)
-        .await
-        .unwrap();
-
-    let netns = Netns::new();
-    let node = format!("vmvol-{:06x}", std::process::id());
-    let id = cp.node_identity(&node);
-    let data = tmp.path().join("data");
-    let provider = start_provider(
-        args(&data, &registry.addr),
-        &netns.name,
-        &node,
-        id.client().await,
-    )
-    .await;
-    let agent = Agent::start(&id, provider.clone()).await;
-
-    let ns = cp.create_namespace("vmvol").await;
-    let admin = cp.admin_client().await;
+    let env = TestNode::start("vmvol", |_| {}).await;
+    let image = env.push_guest("test-guest", "").await;
+    let TestNode {
+        cp,
+        ns,
+        admin,
+        pods,
+        agent,
+        provider,
+        node,
+        data,
+        ..
+    } = env;
     let cm: ConfigMap = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "app"},
         "data": {"greeting": "hello from a configmap\n"}
@@ -61,7 +39,6 @@ async fn kube_api_access_and_config_map_volumes_inside_the_vm() {
         .create(&PostParams::default(), &cm)
         .await
         .unwrap();
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "vol"},
         "spec": {
@@ -125,20 +102,7 @@ async fn kube_api_access_and_config_map_volumes_inside_the_vm() {
     assert_ne!(code, 0, "the configMap volume is read-only");
 
     // The token authenticates as the pod's service account.
-    let review = Api::<TokenReview>::all(admin.clone())
-        .create(
-            &PostParams::default(),
-            &TokenReview {
-                spec: TokenReviewSpec {
-                    token: Some(token.trim().to_owned()),
-                    audiences: None,
-                },
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let status = review.status.unwrap();
+    let status = review_token(&admin, token.trim()).await;
     assert_eq!(status.authenticated, Some(true), "{status:?}");
     let user = status.user.unwrap();
     assert_eq!(
@@ -159,19 +123,7 @@ async fn kube_api_access_and_config_map_volumes_inside_the_vm() {
     // Deletion removes the VM and the volumes on the host.
     let vol_dir = data.join("pods").join(&uid).join("volumes");
     assert!(vol_dir.join(&ka.name).join("token").exists());
-    pods.delete(
-        "vol",
-        &DeleteParams {
-            grace_period_seconds: Some(10),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    wait_for(Duration::from_secs(60), "pod gone", || async {
-        pods.get_opt("vol").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    delete_pod(&pods, "vol", 10, Duration::from_secs(60)).await;
     wait_for(Duration::from_secs(30), "pod dir removed", || async {
         (!data.join("pods").join(&uid).exists()).then_some(())
     })
