@@ -82,15 +82,28 @@ impl Objects {
                 name: name.to_owned(),
                 source,
             };
-            let raw = if kind == "configmap" {
-                self.reader.config_map(&self.namespace, name).await
-            } else {
-                self.reader.secret(&self.namespace, name).await
+            // The Node authorizer lets a node read an object only once its graph has the
+            // pod that references it, which lags the pod's binding a little: a refusal
+            // right after the pod appeared is retried briefly before it is reported.
+            let mut tries = 0;
+            let raw = loop {
+                let got = if kind == "configmap" {
+                    self.reader.config_map(&self.namespace, name).await
+                } else {
+                    self.reader.secret(&self.namespace, name).await
+                };
+                match got {
+                    Err(kube::Error::Api(s)) if s.code == 403 && tries < 8 => {
+                        tries += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    }
+                    got => break got.map(|d| d.cloned()),
+                }
             }
             .map_err(fetch_err)?;
             let data = raw.map(|d| {
-                d.iter()
-                    .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                d.into_iter()
+                    .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
                     .collect()
             });
             self.cache.insert(key.clone(), data);
