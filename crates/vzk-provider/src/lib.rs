@@ -54,6 +54,7 @@ pub mod args;
 pub mod boot;
 pub mod engine;
 pub mod error;
+pub mod guest_mounts;
 pub mod health;
 pub mod images;
 pub mod init;

@@ -16,9 +16,10 @@
 //!   re-adopted VM is handled too.
 //! * **macOS guests (Virtualization.framework)**: every share is an entry of the one
 //!   virtio-fs automount device, which macOS mounts itself under
-//!   `/Volumes/My Shared Files/<name>`; [`macos_shares`] derives the names and those
-//!   guest paths. The guest sees volumes there, not at `mountPath`, unless an agent in
-//!   the guest links or mounts them at `mountPath`.
+//!   `/Volumes/My Shared Files/<tag>`; once the guest answers, `mountPath` is linked
+//!   to its entry over SSH ([`crate::guest_mounts`], which also has Linux guests on
+//!   Virtualization.framework mount virtio-fs). [`macos_shares`] names entries by volume
+//!   for a future share map.
 //!
 //! A hostPath volume that is a single file cannot be shared with a VM (9p and virtio-fs
 //! share directories); such a mount is refused with a message naming it.
@@ -32,10 +33,12 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use tracing::{info, warn};
 use vzk_core::PodEvent;
 use vzk_guest::GuestSession;
-use vzk_guest::quote::quote_word;
 use vzk_node::volumes::{Bind, PodVolumes, VolumeError, VolumeKind, VolumeManager, binds_for};
 use vzk_vm::SharedDirSpec;
 
+#[cfg(test)]
+use crate::guest_mounts::is_mounted;
+pub use crate::guest_mounts::{ShareFs, mount_script};
 use crate::pod::{PodEntry, lock};
 use crate::provider::Inner;
 use crate::status::VmPhase;
@@ -117,60 +120,6 @@ pub fn vm_shares(vols: &PodVolumes, container: &Container) -> Result<VmShares, V
         });
     }
     Ok(out)
-}
-
-/// A shell test for "`path` is a mount point": its `/proc/mounts` field (octal escapes
-/// for space, tab, newline and backslash) between spaces (busybox has no `mountpoint`).
-fn is_mounted(path: &str) -> String {
-    let mut esc = String::with_capacity(path.len());
-    for c in path.chars() {
-        match c {
-            ' ' => esc.push_str("\\040"),
-            '\t' => esc.push_str("\\011"),
-            '\n' => esc.push_str("\\012"),
-            '\\' => esc.push_str("\\134"),
-            c => esc.push(c),
-        }
-    }
-    format!("grep -qsF {} /proc/mounts", quote_word(&format!(" {esc} ")))
-}
-
-/// The shell script that mounts `mounts` in a Linux guest (idempotent).
-pub fn mount_script(mounts: &[GuestMount]) -> String {
-    let mut lines = vec!["set -e".to_owned()];
-    for m in mounts {
-        let opts = format!(
-            "trans=virtio,version=9p2000.L{}",
-            if m.read_only { ",ro" } else { "" }
-        );
-        let target = quote_word(&m.mount_path);
-        let tag = quote_word(&m.tag);
-        match &m.file {
-            None => lines.push(format!(
-                "{} || {{ mkdir -p {target} && mount -t 9p -o {opts} {tag} {target}; }}",
-                is_mounted(&m.mount_path)
-            )),
-            Some(rel) => {
-                let staging = format!("{GUEST_STAGING_DIR}/{}", m.tag);
-                let st = quote_word(&staging);
-                let src = quote_word(&format!("{staging}/{}", rel.display()));
-                let parent = quote_word(
-                    &Path::new(&m.mount_path)
-                        .parent()
-                        .map_or_else(|| "/".to_owned(), |p| p.display().to_string()),
-                );
-                lines.push(format!(
-                    "{} || {{ mkdir -p {st} && mount -t 9p -o {opts} {tag} {st}; }}",
-                    is_mounted(&staging)
-                ));
-                lines.push(format!(
-                    "{} || {{ mkdir -p {parent} && touch {target} && mount --bind {src} {target}; }}",
-                    is_mounted(&m.mount_path)
-                ));
-            }
-        }
-    }
-    lines.join("\n")
 }
 
 /// One entry of the macOS automount share.
@@ -306,12 +255,14 @@ pub(crate) async fn mount_in_guest(
     inner: &Inner,
     e: &PodEntry,
     session: &GuestSession,
+    fs: ShareFs,
 ) -> Result<(), String> {
     let mounts = inner.volumes.mounts(&e.key.uid);
     if mounts.is_empty() {
         return Ok(());
     }
-    let argv = vec!["sh".to_owned(), "-c".to_owned(), mount_script(&mounts)];
+    let script = crate::guest_mounts::script(fs, &mounts, MACOS_AUTOMOUNT_DIR);
+    let argv = vec!["sh".to_owned(), "-c".to_owned(), script];
     let s = session.clone();
     let out = crate::pod::detached(async move { s.output(&argv).await }).await;
     match out {

@@ -79,7 +79,8 @@ pub(super) async fn guest(
         ));
     }
     // Volumes at their mountPath before postStart and readiness.
-    if let Err(msg) = crate::volumes::mount_in_guest(inner, e, &session).await {
+    let fs = crate::volumes::ShareFs::of(inner.hv.capabilities().backend, &vm.spec().boot);
+    if let Err(msg) = crate::volumes::mount_in_guest(inner, e, &session, fs).await {
         inner.event(e, PodEvent::warning("FailedMount", msg));
         return std::future::pending().await;
     }
