@@ -334,6 +334,8 @@ pub(crate) fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(misc::healthz))
         .route("/pods", get(misc::pods))
+        .route("/runningpods", get(misc::running_pods))
+        .route("/runningpods/", get(misc::running_pods))
         .route("/metrics", get(misc::metrics))
         .route("/metrics/resource", get(stats::metrics_resource))
         .route("/stats/summary", get(stats::stats_summary))
@@ -356,6 +358,7 @@ fn route_label(path: Option<&MatchedPath>) -> &'static str {
     let p = p.as_str();
     [
         "healthz",
+        "runningpods",
         "pods",
         "metrics/resource",
         "metrics",

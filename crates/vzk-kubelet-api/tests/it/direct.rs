@@ -224,6 +224,16 @@ async fn stats_metrics_pods_and_healthz_with_the_apiserver_certificate() {
     let v: serde_json::Value = serde_json::from_str(&body).expect("pod list");
     assert_eq!(v["kind"], "PodList");
 
+    // What the runtime runs, as the kubelet's debugging handler lists it.
+    let (code, body) = h.request(Some(&id), "GET", "/runningpods/", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("running pod list");
+    assert_eq!(v["kind"], "PodList");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["items"][0]["metadata"]["name"], h.pod.as_str());
+    assert_eq!(v["items"][0]["metadata"]["namespace"], h.ns.as_str());
+    assert_eq!(v["items"][0]["spec"]["containers"][0]["name"], "vm");
+
     let (code, body) = h.request(Some(&id), "GET", "/metrics", &[]).await;
     assert_eq!(code, 200);
     assert!(
