@@ -66,49 +66,30 @@ pub enum EnvError {
 type Data = BTreeMap<String, String>;
 
 /// The ConfigMaps and Secrets of one pod's namespace, read through the node's one reader
-/// ([`ObjectReader`], shared with the volumes) and decoded as env values (UTF-8, lossy).
+/// ([`ObjectReader`], shared with the volumes; it caches and retries) and decoded as env
+/// values (UTF-8, lossy).
 struct Objects {
     reader: ObjectReader,
     namespace: String,
-    cache: HashMap<(&'static str, String), Option<Data>>,
 }
 
 impl Objects {
-    async fn get(&mut self, kind: &'static str, name: &str) -> Result<Option<&Data>, EnvError> {
-        let key = (kind, name.to_owned());
-        if !self.cache.contains_key(&key) {
-            let fetch_err = |source| EnvError::Fetch {
-                kind,
-                name: name.to_owned(),
-                source,
-            };
-            // The Node authorizer lets a node read an object only once its graph has the
-            // pod that references it, which lags the pod's binding a little: a refusal
-            // right after the pod appeared is retried briefly before it is reported.
-            let mut tries = 0;
-            let raw = loop {
-                let got = if kind == "configmap" {
-                    self.reader.config_map(&self.namespace, name).await
-                } else {
-                    self.reader.secret(&self.namespace, name).await
-                };
-                match got {
-                    Err(kube::Error::Api(s)) if s.code == 403 && tries < 8 => {
-                        tries += 1;
-                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                    }
-                    got => break got.map(|d| d.cloned()),
-                }
-            }
-            .map_err(fetch_err)?;
-            let data = raw.map(|d| {
-                d.into_iter()
-                    .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
-                    .collect()
-            });
-            self.cache.insert(key.clone(), data);
+    async fn get(&mut self, kind: &'static str, name: &str) -> Result<Option<Data>, EnvError> {
+        let raw = if kind == "configmap" {
+            self.reader.config_map(&self.namespace, name).await
+        } else {
+            self.reader.secret(&self.namespace, name).await
         }
-        Ok(self.cache.get(&key).and_then(Option::as_ref))
+        .map_err(|source| EnvError::Fetch {
+            kind,
+            name: name.to_owned(),
+            source,
+        })?;
+        Ok(raw.map(|d| {
+            d.iter()
+                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                .collect()
+        }))
     }
 }
 
@@ -128,7 +109,6 @@ pub async fn resolve_pod_env(
     let mut objects = Objects {
         reader: ObjectReader::new(client.clone()),
         namespace,
-        cache: HashMap::new(),
     };
     let mut out = pod.clone();
     if let Some(spec) = out.spec.as_mut() {

@@ -59,7 +59,7 @@ impl ObjectReader {
         let key = ("configmap", namespace.to_owned(), name.to_owned());
         if !self.cache.contains_key(&key) {
             let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
-            let data = api.get_opt(name).await?.map(|cm| {
+            let data = get_admitted(&api, name).await?.map(|cm| {
                 let mut d: Data = cm
                     .binary_data
                     .unwrap_or_default()
@@ -102,7 +102,7 @@ impl ObjectReader {
         let key = ("secret", namespace.to_owned(), name.to_owned());
         if !self.cache.contains_key(&key) {
             let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-            let data = api.get_opt(name).await?.map(|s| {
+            let data = get_admitted(&api, name).await?.map(|s| {
                 let mut d: Data = s
                     .data
                     .unwrap_or_default()
@@ -124,6 +124,25 @@ impl ObjectReader {
             .get(&key)
             .and_then(Option::as_ref)
             .map(|(t, d)| (t.as_str(), d)))
+    }
+}
+
+/// `GET` of one object the node may read. The Node authorizer admits the node only once
+/// its graph has the pod that references the object, which lags the pod's binding a
+/// little: a refusal (403) is retried briefly (8 × 250 ms) before it is returned.
+async fn get_admitted<K>(api: &Api<K>, name: &str) -> Result<Option<K>, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut tries = 0;
+    loop {
+        match api.get_opt(name).await {
+            Err(kube::Error::Api(s)) if s.code == 403 && tries < 8 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            got => return got,
+        }
     }
 }
 

@@ -59,10 +59,9 @@ impl Inner {
             .and_then(|s| s.image_pull_secrets.clone())
             .unwrap_or_default()
         {
-            // The Node authorizer lets a node read a secret only once its graph has the
-            // pod that references it, which lags the pod's binding a little: a refused
-            // (or not yet visible) read right after the pod appeared is retried briefly
-            // before pulling without it. A reader keeps what it read: a fresh one per try.
+            // A refused read (the Node authorizer's lag behind the pod's binding) is
+            // retried by the reader; a secret not visible yet, briefly here. A reader
+            // keeps what it read: a fresh one per try.
             let mut tries = 0;
             let got = loop {
                 let mut reader = ObjectReader::new(self.client.clone());
@@ -70,13 +69,8 @@ impl Inner {
                     .secret_typed(&ns, &r.name)
                     .await
                     .map(|s| s.map(|(t, d)| (t.to_owned(), d.clone())));
-                let refused = match &got {
-                    Ok(None) => true,
-                    Err(kube::Error::Api(s)) => s.code == 403,
-                    _ => false,
-                };
                 tries += 1;
-                if !refused || tries > 8 {
+                if !matches!(got, Ok(None)) || tries > 8 {
                     break got;
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
