@@ -81,8 +81,10 @@ pub fn read_spec_file(path: &Path) -> io::Result<VmSpec> {
 
 /// This process's CPU time (user + system) and resident set size.
 ///
-/// Linux: `/proc/self`. Elsewhere `getrusage`, whose RSS is the peak (`ru_maxrss`), close
-/// to the current one for a host process whose memory does not shrink.
+/// Linux: `/proc/self`. Elsewhere the `sysinfo` crate (on macOS `proc_pidinfo`: the current
+/// resident size, not getrusage's peak). On macOS this is the host process only: the guest's
+/// memory lives in Virtualization.framework's XPC service process, which no public API
+/// ties to the process that started it.
 pub fn own_usage() -> Option<HostUsage> {
     #[cfg(target_os = "linux")]
     {
@@ -90,24 +92,19 @@ pub fn own_usage() -> Option<HostUsage> {
     }
     #[cfg(not(target_os = "linux"))]
     {
-        use nix::sys::resource::{UsageWho, getrusage};
-        let u = getrusage(UsageWho::RUSAGE_SELF).ok()?;
-        let ns = |t: nix::sys::time::TimeVal| {
-            let secs = u64::try_from(t.tv_sec()).unwrap_or(0);
-            let micros = u64::try_from(t.tv_usec()).unwrap_or(0);
-            secs.saturating_mul(1_000_000_000)
-                .saturating_add(micros.saturating_mul(1000))
-        };
-        let max_rss = u64::try_from(u.max_rss()).unwrap_or(0);
-        // macOS reports bytes, the BSDs kibibytes.
-        let rss_bytes = if cfg!(target_os = "macos") {
-            max_rss
-        } else {
-            max_rss.saturating_mul(1024)
-        };
+        use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+        let pid = Pid::from_u32(std::process::id());
+        let mut sys = System::new().ok()?;
+        sys.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[pid]),
+            false,
+            ProcessRefreshKind::nothing().with_cpu().with_memory(),
+        );
+        let p = sys.process(pid)?;
         Some(HostUsage {
-            cpu_ns: ns(u.user_time()).saturating_add(ns(u.system_time())),
-            rss_bytes,
+            // accumulated_cpu_time is in milliseconds.
+            cpu_ns: p.accumulated_cpu_time().saturating_mul(1_000_000),
+            rss_bytes: p.memory(),
         })
     }
 }
