@@ -1,7 +1,9 @@
 //! The agent's own metrics for `/metrics`, kept and encoded by `prometheus-client`
 //! (OpenMetrics text): `vzk_kubelet_api_requests_total` by route and status code,
 //! `vzk_kubelet_api_streaming_sessions_open` by kind, and
-//! `vzk_kubelet_api_streaming_sessions_total` (started) by kind and transport.
+//! `vzk_kubelet_api_streaming_sessions_total` (started) by kind and transport; plus
+//! whatever the agent's other components registered in the registry handed to the
+//! builder (`KubeletServerBuilder::metrics_registry`).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -45,8 +47,15 @@ impl std::fmt::Debug for ApiMetrics {
 
 impl Default for ApiMetrics {
     fn default() -> Self {
+        Self::new(Registry::default())
+    }
+}
+
+impl ApiMetrics {
+    /// Registers the kubelet API's series into `registry`, which [`ApiMetrics::render`]
+    /// then encodes whole (other components' series included).
+    pub fn new(mut registry: Registry) -> Self {
         let (requests, open, sessions) = (Family::default(), Family::default(), Family::default());
-        let mut registry = Registry::default();
         registry.register(
             "vzk_kubelet_api_requests",
             "Kubelet API requests by route and HTTP status code",

@@ -89,6 +89,7 @@ pub struct KubeletServerBuilder {
     allow_anonymous: bool,
     reload_every: Option<Duration>,
     stream_creation_timeout: Option<Duration>,
+    registry: Option<prometheus_client::registry::Registry>,
 }
 
 impl std::fmt::Debug for KubeletServerBuilder {
@@ -163,6 +164,14 @@ impl KubeletServerBuilder {
         self
     }
 
+    /// The agent's metric registry, with what other components registered; `/metrics`
+    /// serves it together with the kubelet API's own series (default: those alone).
+    #[must_use]
+    pub fn metrics_registry(mut self, registry: prometheus_client::registry::Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
     /// How long exec/attach/port-forward wait for the client's streams (default 30 s).
     #[must_use]
     pub fn stream_creation_timeout(mut self, t: Duration) -> Self {
@@ -185,7 +194,7 @@ impl KubeletServerBuilder {
             auth: Auth::new(node_name.clone(), self.allow_anonymous, reviewer),
             node_name,
             pods,
-            metrics: Arc::new(ApiMetrics::default()),
+            metrics: Arc::new(ApiMetrics::new(self.registry.unwrap_or_default())),
             started: Utc::now(),
             shutdown: CancellationToken::new(),
             stream_creation_timeout: self

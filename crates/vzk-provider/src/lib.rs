@@ -26,6 +26,7 @@
 //! * [`vm_limit`]: the hypervisor's limit of running VMs (two macOS VMs per Mac) and its
 //!   leak: a pod event, the node condition VMLimitLeaked, VM capacity dropped.
 //! * [`logs`]: the serial console as `kubectl logs`.
+//! * [`metrics`]: pulls, pod start phases, boots, slots and pods by phase for `/metrics`.
 //! * [`record`]: the on-disk pod record used to re-adopt VMs after a restart.
 //! * [`sidecars`]: containers 1..N as Docker side-cars (pull, run, restart, streams, stats).
 //! * [`init`]: init containers (and native side-cars) in Docker before the VM boots.
@@ -59,6 +60,7 @@ pub mod health;
 pub mod images;
 pub mod init;
 pub mod logs;
+pub mod metrics;
 pub mod pod;
 pub mod probes;
 pub mod provider;

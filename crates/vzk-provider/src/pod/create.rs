@@ -9,6 +9,7 @@ use vzk_core::PodEvent;
 use vzk_image::{PullOptions, PullPolicy, Reference};
 use vzk_vm::{DiskSpec, MacAddr, NicSpec, VmSpec};
 
+use crate::metrics::{StartClock, StartPhase};
 use crate::provider::Inner;
 use crate::resources::{ImageShape, vm_resources_for};
 use crate::status::VmPhase;
@@ -34,6 +35,11 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             return;
         }
     };
+
+    let clock = Arc::new(StartClock::start(inner.metrics.clone()));
+    *lock(&e.start_clock) = Some(clock.clone());
+    // Any return before the VM runs ends this start: its later phases are not observed.
+    let mut stop_on_early_return = StopClock(Some(clock.clone()));
 
     // 1. Pull (with back-off, like the kubelet).
     let policy = PullPolicy::from_k8s(c0.image_pull_policy.as_deref(), &reference);
@@ -65,7 +71,13 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         let t0 = Instant::now();
         match inner.images.pull(&reference, &opts).await {
             Ok(img) => {
-                if cached && policy == PullPolicy::IfNotPresent {
+                let fetched = !(cached && policy == PullPolicy::IfNotPresent);
+                let bytes = if fetched { dir_bytes(&img.dir) } else { 0 };
+                inner
+                    .metrics
+                    .pull(img.format.as_str(), fetched, t0.elapsed(), bytes);
+                clock.phase(StartPhase::Pull);
+                if !fetched {
                     inner.event(
                         &e,
                         PodEvent::normal(
@@ -88,6 +100,7 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
                 break img;
             }
             Err(err) => {
+                inner.metrics.pull_failed();
                 let msg = format!(
                     "Failed to pull image \"{image_name}\": {}",
                     error_chain(err.as_ref())
@@ -187,6 +200,7 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             }
         }
     };
+    clock.phase(StartPhase::Clone);
     // 4b. The per-pod copy the boot needs (a macOS guest writes its aux storage/NVRAM).
     // std::fs::copy clones on APFS (clonefile), so this costs no space there.
     if let Some((from, to)) = &boot.clone
@@ -241,6 +255,8 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     let vm = match created {
         Ok(vm) => {
             lock(&inner.vm_limit).started();
+            inner.metrics.boot(false);
+            clock.phase(StartPhase::Boot);
             vm
         }
         Err((reason, msg)) => {
@@ -280,5 +296,32 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         &e,
         PodEvent::normal("Started", format!("Started VM {}", vm.id())),
     );
+    // The VM runs: the guest side observes the rest of this start.
+    stop_on_early_return.0 = None;
     watch_vm(inner, e, vm, c0.lifecycle.and_then(|l| l.post_start)).await;
+}
+
+/// Stops a start clock when dropped (an early return of the create path).
+struct StopClock(Option<Arc<StartClock>>);
+
+impl Drop for StopClock {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.stop();
+        }
+    }
+}
+
+/// The bytes of the files directly in `dir` (an image's files).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|d| d.metadata().ok())
+                .filter(std::fs::Metadata::is_file)
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }

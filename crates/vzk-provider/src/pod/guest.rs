@@ -9,6 +9,7 @@ use vzk_core::PodEvent;
 use vzk_guest::{GuestConfig, GuestSession, HostKeyStore};
 use vzk_vm::Vm;
 
+use crate::metrics::StartPhase;
 use crate::probes::handlers::AbortOnDrop;
 use crate::probes::{self, ContainerProbes, ExecOutcome, OutputBuf, ProbeTarget, ProbeUpdate};
 use crate::provider::Inner;
@@ -44,6 +45,8 @@ pub(super) async fn guest(
             grace: pod_grace(&e.pod),
         }
     };
+    // Only the pod's first run observes its start phases (a restart's are not a start's).
+    let clock = lock(&e.start_clock).take();
     let ip = match vzk_vm::wait_for_ip(vm.as_ref(), left()).await {
         Ok(ip) => ip,
         // The VM ended by itself: the caller reports that.
@@ -58,6 +61,9 @@ pub(super) async fn guest(
         ready,
     };
     inner.set_phase(e, running(false));
+    if let Some(c) = &clock {
+        c.phase(StartPhase::Ip);
+    }
     let session = GuestSession::new(
         std::net::SocketAddr::from((ip, 22)),
         e.creds.clone(),
@@ -77,6 +83,9 @@ pub(super) async fn guest(
             "Readiness probe failed: guest SSH did not answer: {}",
             vzk_guest::ErrorChain(&err)
         ));
+    }
+    if let Some(c) = &clock {
+        c.phase(StartPhase::Ssh);
     }
     // Volumes at their mountPath before postStart and readiness.
     let fs = crate::volumes::ShareFs::of(inner.hv.capabilities().backend, &vm.spec().boot);
@@ -111,6 +120,9 @@ pub(super) async fn guest(
     if probes.is_empty() {
         lock(&e.history).started = true;
         inner.set_phase(e, running(true));
+        if let Some(c) = &clock {
+            c.ready();
+        }
         return std::future::pending().await;
     }
     let target = Arc::new(VmProbeTarget {
@@ -124,7 +136,12 @@ pub(super) async fn guest(
             lock(&e.history).started = true;
             inner.push_status(e);
         }
-        ProbeUpdate::Ready(r) => inner.set_phase(e, running(r)),
+        ProbeUpdate::Ready(r) => {
+            inner.set_phase(e, running(r));
+            if r && let Some(c) = &clock {
+                c.ready();
+            }
+        }
         ProbeUpdate::Unhealthy { message, .. } => {
             inner.event(e, PodEvent::warning("Unhealthy", message));
         }

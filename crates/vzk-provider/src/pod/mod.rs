@@ -70,6 +70,8 @@ pub(crate) struct PodEntry {
     pub(crate) init: crate::init::PodInit,
     /// The status last derived (its conditions' transition times carry over).
     last_status: Mutex<Option<PodStatus>>,
+    /// The clock of this pod's first start (none for a re-adopted VM).
+    pub(crate) start_clock: Mutex<Option<Arc<crate::metrics::StartClock>>>,
 }
 
 impl PodEntry {
@@ -122,6 +124,7 @@ impl PodEntry {
             sidecars,
             init,
             last_status: Mutex::new(None),
+            start_clock: Mutex::new(None),
         }
     }
 

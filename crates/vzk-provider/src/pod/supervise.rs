@@ -121,6 +121,7 @@ impl Supervised for VmContainer {
                 }
             }
         };
+        inner.metrics.boot(true);
         let history = {
             let mut h = lock(&e.history);
             h.restart_count += 1;

@@ -71,6 +71,8 @@ pub(crate) struct Inner {
     pub(crate) vm_limit: Mutex<crate::vm_limit::VmLimit>,
     /// Docker side-cars (containers 1..N).
     pub(crate) sidecars: crate::sidecars::Sidecars,
+    /// Pulls, start phases, boots ([`crate::metrics`]).
+    pub(crate) metrics: crate::metrics::ProviderMetrics,
 }
 
 /// The VM pod provider. Implements `PodLifecycle`, `NodeProvider` and
@@ -191,6 +193,7 @@ impl VmProvider {
             health: Mutex::new(Vec::new()),
             vm_limit: Mutex::new(crate::vm_limit::VmLimit::default()),
             sidecars,
+            metrics: crate::metrics::ProviderMetrics::default(),
         });
         let h = hv.clone();
         let adopted = detached(async move { h.adopt_existing().await })
@@ -248,6 +251,15 @@ impl VmProvider {
 }
 
 impl VmProvider {
+    /// Registers the provider's metrics ([`crate::metrics`]) into the agent's registry,
+    /// which the kubelet API serves on `/metrics`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.metrics.register(registry);
+        registry.register_collector(Box::new(crate::metrics::StateCollector {
+            inner: Arc::downgrade(&self.inner),
+        }));
+    }
+
     /// The agent is going away: stops every pod's tasks and waits for them (at most
     /// `timeout`), leaving VMs and side-car containers running for the next agent to
     /// re-adopt. Returns whether every task returned in time.
