@@ -25,7 +25,17 @@
 //! costs nothing until an APIService exists. [`ControlPlane::start_metrics_server`] (opt-in)
 //! adds metrics-server v0.9 from `$KUBEBUILDER_ASSETS/extra`, so that `kubectl top` works;
 //! see the [`metrics_server`] module for how it is wired.
+//!
+//! # Controller-manager, bootstrap tokens and CSRs
+//! [`ControlPlane::start_with`] with [`ControlPlaneOptions::bootstrap_token_auth`] gives a
+//! private control plane whose API server accepts bootstrap tokens (and, with
+//! [`ControlPlaneOptions::kubelet_certificate_authority`], verifies kubelets' serving
+//! certificates against the cluster CA); [`ControlPlane::start_controller_manager`] adds the
+//! real kube-controller-manager (CSR approving, signing and cleaning) and
+//! [`ControlPlane::bootstrap_token`] a kubeadm-style token with its RBAC; see the
+//! [`controller_manager`] module.
 
+pub mod controller_manager;
 pub mod fixtures;
 pub mod metrics_server;
 mod pki;
@@ -157,6 +167,19 @@ impl NodeIdentity {
     }
 }
 
+/// Opt-in API server settings of a private control plane ([`ControlPlane::start_with`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ControlPlaneOptions {
+    /// `--enable-bootstrap-token-auth`: bootstrap tokens (Secrets of type
+    /// `bootstrap.kubernetes.io/token` in kube-system) authenticate as
+    /// `system:bootstrap:<id>`, group `system:bootstrappers`.
+    pub bootstrap_token_auth: bool,
+    /// `--kubelet-certificate-authority=<cluster CA>`: the API server verifies each
+    /// kubelet's serving certificate (logs, exec, attach, port-forward) against the cluster
+    /// CA, so a node's self-signed certificate is refused.
+    pub kubelet_certificate_authority: bool,
+}
+
 /// A running etcd + kube-apiserver pair.
 pub struct ControlPlane {
     dir: PathBuf,
@@ -168,6 +191,7 @@ pub struct ControlPlane {
     etcd: Mutex<Option<Child>>,
     apiserver: Mutex<Option<Child>>,
     metrics_server: Mutex<Option<Child>>,
+    controller_manager: Mutex<Option<Child>>,
     /// Serialises [`ControlPlane::start_metrics_server`] (tests may call it at once).
     metrics_server_start: tokio::sync::Mutex<()>,
     admin_kubeconfig: PathBuf,
@@ -190,21 +214,32 @@ impl ControlPlane {
     /// If it cannot start (e.g. `KUBEBUILDER_ASSETS` is missing): a test cannot go on.
     pub fn shared() -> &'static ControlPlane {
         static SHARED: OnceLock<ControlPlane> = OnceLock::new();
-        SHARED.get_or_init(|| match Self::start_inner(false) {
-            Ok(cp) => cp,
-            Err(e) => panic!(
-                "vzk-testenv: cannot start the control plane: {}",
-                error_chain(&e)
-            ),
-        })
+        SHARED.get_or_init(
+            || match Self::start_inner(false, ControlPlaneOptions::default()) {
+                Ok(cp) => cp,
+                Err(e) => panic!(
+                    "vzk-testenv: cannot start the control plane: {}",
+                    error_chain(&e)
+                ),
+            },
+        )
     }
 
     /// Starts a private control plane, stopped and removed when dropped.
     pub fn start() -> Result<ControlPlane, TestEnvError> {
-        Self::start_inner(true)
+        Self::start_inner(true, ControlPlaneOptions::default())
     }
 
-    fn start_inner(private: bool) -> Result<ControlPlane, TestEnvError> {
+    /// Starts a private control plane with opt-in API server settings, stopped and removed
+    /// when dropped.
+    pub fn start_with(options: ControlPlaneOptions) -> Result<ControlPlane, TestEnvError> {
+        Self::start_inner(true, options)
+    }
+
+    fn start_inner(
+        private: bool,
+        options: ControlPlaneOptions,
+    ) -> Result<ControlPlane, TestEnvError> {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let assets = assets_dir()?;
         let dir = std::env::temp_dir().join(format!(
@@ -264,7 +299,7 @@ impl ControlPlane {
             "--unsafe-no-fsync".into(),
             "--log-level=warn".into(),
         ];
-        let apiserver_args = vec![
+        let mut apiserver_args = vec![
             format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
@@ -299,6 +334,12 @@ impl ControlPlane {
             format!("--audit-log-path={d}/audit.log"),
             "--audit-log-maxsize=0".into(),
         ];
+        if options.bootstrap_token_auth {
+            apiserver_args.push("--enable-bootstrap-token-auth".into());
+        }
+        if options.kubelet_certificate_authority {
+            apiserver_args.push(format!("--kubelet-certificate-authority={d}/ca.crt"));
+        }
 
         let admin = ca.client_cert("vzk-admin", &["system:masters"])?;
         let admin_kubeconfig = write_kubeconfig(&dir, "admin", api_port, "vzk-admin", &admin)?;
@@ -313,6 +354,7 @@ impl ControlPlane {
             etcd: Mutex::new(None),
             apiserver: Mutex::new(None),
             metrics_server: Mutex::new(None),
+            controller_manager: Mutex::new(None),
             metrics_server_start: tokio::sync::Mutex::new(()),
             admin_kubeconfig,
             private,
@@ -576,6 +618,7 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        self.stop_controller_manager();
         self.stop_metrics_server();
         self.stop_apiserver();
         if let Ok(mut g) = self.etcd.lock()

@@ -267,7 +267,7 @@ impl ControlPlane {
 }
 
 /// `xz -dc src > dst`, made executable; written under a temporary name first.
-fn unpack_xz(src: &Path, dst: &Path) -> std::io::Result<()> {
+pub(crate) fn unpack_xz(src: &Path, dst: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let tmp = dst.with_extension("partial");
     let out = std::fs::File::create(&tmp)?;
@@ -362,7 +362,7 @@ fn rbac() -> Vec<(ApiResource, serde_json::Value)> {
 }
 
 /// Server-side apply of `obj` (named by its `metadata`).
-async fn apply(
+pub(crate) async fn apply(
     client: &kube::Client,
     res: &ApiResource,
     obj: serde_json::Value,

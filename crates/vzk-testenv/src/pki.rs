@@ -51,6 +51,11 @@ impl Ca {
         self.issuer.pem()
     }
 
+    /// The CA's private key, PEM (for a signer such as the controller-manager's).
+    pub(crate) fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
     /// A client certificate with `CN=cn` and one `O` per group.
     pub(crate) fn client_cert(&self, cn: &str, groups: &[&str]) -> Result<CertPair, TestEnvError> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(pki_err("client"))?;
