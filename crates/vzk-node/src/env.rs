@@ -4,6 +4,13 @@
 //!
 //! Only the Secrets and ConfigMaps a pod names are read, one `GET` each (the Node
 //! authorizer allows exactly that); nothing is listed or watched.
+//!
+//! Every missing object or key, failed read and skipped `envFrom` key is also pushed as a
+//! [`RefProblem`], which the pod controller reports as a Warning event with
+//! virtual-kubelet's reason (`OptionalSecretNotFound`, `MandatoryConfigMapKeyNotFound`,
+//! …). An optional reference to a missing object or key is skipped (the var is omitted,
+//! the `envFrom` source ignored), as the kubelet does; a read that fails blocks the pod
+//! whether or not the reference is optional (the kubelet's rule too).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -11,6 +18,7 @@ use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
 
 use crate::quantity;
 use crate::volumes::ObjectReader;
+use crate::volumes::sources::{ObjectKind, Problem, RefProblem};
 
 /// Why a container's environment could not be resolved. The pod stays Pending with
 /// reason `CreateContainerConfigError` and this message, as with the kubelet.
@@ -67,39 +75,72 @@ type Data = BTreeMap<String, String>;
 
 /// The ConfigMaps and Secrets of one pod's namespace, read through the node's one reader
 /// ([`ObjectReader`], shared with the volumes; it caches and retries) and decoded as env
-/// values (UTF-8, lossy).
-struct Objects {
-    reader: ObjectReader,
+/// values (UTF-8, lossy), with the problems met on the way.
+struct Objects<'a> {
+    reader: &'a mut ObjectReader,
     namespace: String,
+    problems: &'a mut Vec<RefProblem>,
 }
 
-impl Objects {
-    async fn get(&mut self, kind: &'static str, name: &str) -> Result<Option<Data>, EnvError> {
-        let raw = if kind == "configmap" {
-            self.reader.config_map(&self.namespace, name).await
-        } else {
-            self.reader.secret(&self.namespace, name).await
-        }
-        .map_err(|source| EnvError::Fetch {
+impl Objects<'_> {
+    /// The object's data; `None` if it does not exist (a [`Problem::NotFound`] is
+    /// recorded, and the caller decides whether that blocks). A failed read is recorded
+    /// and returned as the error.
+    async fn get(
+        &mut self,
+        kind: ObjectKind,
+        name: &str,
+        optional: bool,
+        referrer: &str,
+    ) -> Result<Option<Data>, EnvError> {
+        let raw = match kind {
+            ObjectKind::ConfigMap => self.reader.config_map(&self.namespace, name).await,
+            ObjectKind::Secret => self.reader.secret(&self.namespace, name).await,
+        };
+        let problem = |problem| RefProblem {
             kind,
             name: name.to_owned(),
-            source,
-        })?;
-        Ok(raw.map(|d| {
-            d.iter()
-                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
-                .collect()
-        }))
+            optional,
+            problem,
+            referrer: referrer.to_owned(),
+        };
+        match raw {
+            Ok(Some(d)) => Ok(Some(
+                d.iter()
+                    .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                    .collect(),
+            )),
+            Ok(None) => {
+                self.problems.push(problem(Problem::NotFound));
+                Ok(None)
+            }
+            Err(source) => {
+                self.problems
+                    .push(problem(Problem::ReadFailed(vzk_core::error_chain(&source))));
+                Err(EnvError::Fetch {
+                    kind: kind.as_str(),
+                    name: name.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+
+    fn push(&mut self, p: RefProblem) {
+        self.problems.push(p);
     }
 }
 
 /// Returns a copy of `pod` whose containers (and init containers) have every env var as
 /// a literal value and no `envFrom`. `allocatable` gives the node's `cpu`/`memory`
-/// values, used for `limits.*` references of containers without limits.
+/// values, used for `limits.*` references of containers without limits. Objects are
+/// read through `reader`; every problem met (optional or not, see [`RefProblem`]) is
+/// pushed to `problems`, also when resolution then fails.
 pub async fn resolve_pod_env(
-    client: &kube::Client,
+    reader: &mut ObjectReader,
     pod: &Pod,
     allocatable: &BTreeMap<String, f64>,
+    problems: &mut Vec<RefProblem>,
 ) -> Result<Pod, EnvError> {
     let namespace = pod
         .metadata
@@ -107,8 +148,9 @@ pub async fn resolve_pod_env(
         .clone()
         .ok_or(EnvError::NoNamespace)?;
     let mut objects = Objects {
-        reader: ObjectReader::new(client.clone()),
+        reader,
         namespace,
+        problems,
     };
     let mut out = pod.clone();
     if let Some(spec) = out.spec.as_mut() {
@@ -133,7 +175,7 @@ pub async fn resolve_pod_env(
 }
 
 async fn resolve_container(
-    objects: &mut Objects,
+    objects: &mut Objects<'_>,
     pod: &Pod,
     c: &Container,
     all: &[Container],
@@ -155,29 +197,58 @@ async fn resolve_container(
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let (kind, name, optional) = if let Some(r) = &from.config_map_ref {
-            ("configmap", r.name.clone(), r.optional.unwrap_or(false))
+            (
+                ObjectKind::ConfigMap,
+                r.name.clone(),
+                r.optional.unwrap_or(false),
+            )
         } else if let Some(r) = &from.secret_ref {
-            ("secret", r.name.clone(), r.optional.unwrap_or(false))
+            (
+                ObjectKind::Secret,
+                r.name.clone(),
+                r.optional.unwrap_or(false),
+            )
         } else {
             continue;
         };
-        match objects.get(kind, &name).await? {
+        let referrer = format!("envFrom of container {:?}", c.name);
+        match objects.get(kind, &name, optional, &referrer).await? {
             Some(data) => {
+                let mut invalid = Vec::new();
                 for (k, v) in data {
                     let key = format!("{prefix}{k}");
                     if is_env_name(&key) {
                         set(&mut values, &mut order, key, v.clone());
+                    } else {
+                        invalid.push(key);
                     }
+                }
+                if !invalid.is_empty() {
+                    objects.push(RefProblem {
+                        kind,
+                        name: name.clone(),
+                        optional,
+                        problem: Problem::InvalidEnvNames(invalid),
+                        referrer,
+                    });
                 }
             }
             None if optional => {}
-            None => return Err(EnvError::ObjectNotFound { kind, name }),
+            None => {
+                return Err(EnvError::ObjectNotFound {
+                    kind: kind.as_str(),
+                    name,
+                });
+            }
         }
     }
     for var in c.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
             (_, Some(from)) => {
-                match resolve_value_from(objects, pod, c, all, allocatable, from).await? {
+                let referrer = format!("env var {:?} of container {:?}", var.name, c.name);
+                let resolved =
+                    resolve_value_from(objects, pod, c, all, allocatable, from, &referrer).await?;
+                match resolved {
                     Some(v) => v,
                     None => continue, // optional reference that is absent
                 }
@@ -201,32 +272,35 @@ async fn resolve_container(
 }
 
 async fn resolve_value_from(
-    objects: &mut Objects,
+    objects: &mut Objects<'_>,
     pod: &Pod,
     c: &Container,
     all: &[Container],
     allocatable: &BTreeMap<String, f64>,
     from: &k8s_openapi::api::core::v1::EnvVarSource,
+    referrer: &str,
 ) -> Result<Option<String>, EnvError> {
     if let Some(r) = &from.config_map_key_ref {
+        let optional = r.optional.unwrap_or(false);
         return key_ref(
             objects,
-            "configmap",
-            "ConfigMap",
+            ObjectKind::ConfigMap,
             &r.name,
             &r.key,
-            r.optional.unwrap_or(false),
+            optional,
+            referrer,
         )
         .await;
     }
     if let Some(r) = &from.secret_key_ref {
+        let optional = r.optional.unwrap_or(false);
         return key_ref(
             objects,
-            "secret",
-            "Secret",
+            ObjectKind::Secret,
             &r.name,
             &r.key,
-            r.optional.unwrap_or(false),
+            optional,
+            referrer,
         )
         .await;
     }
@@ -279,28 +353,40 @@ async fn resolve_value_from(
 }
 
 async fn key_ref(
-    objects: &mut Objects,
-    kind: &'static str,
-    kind_title: &'static str,
+    objects: &mut Objects<'_>,
+    kind: ObjectKind,
     name: &str,
     key: &str,
     optional: bool,
+    referrer: &str,
 ) -> Result<Option<String>, EnvError> {
     let namespace = objects.namespace.clone();
-    match objects.get(kind, name).await? {
+    match objects.get(kind, name, optional, referrer).await? {
         Some(data) => match data.get(key) {
             Some(v) => Ok(Some(v.clone())),
-            None if optional => Ok(None),
-            None => Err(EnvError::KeyNotFound {
-                kind: kind_title,
-                namespace,
-                name: name.to_owned(),
-                key: key.to_owned(),
-            }),
+            None => {
+                objects.push(RefProblem {
+                    kind,
+                    name: name.to_owned(),
+                    optional,
+                    problem: Problem::KeyNotFound(key.to_owned()),
+                    referrer: referrer.to_owned(),
+                });
+                if optional {
+                    Ok(None)
+                } else {
+                    Err(EnvError::KeyNotFound {
+                        kind: kind.title(),
+                        namespace,
+                        name: name.to_owned(),
+                        key: key.to_owned(),
+                    })
+                }
+            }
         },
         None if optional => Ok(None),
         None => Err(EnvError::ObjectNotFound {
-            kind,
+            kind: kind.as_str(),
             name: name.to_owned(),
         }),
     }

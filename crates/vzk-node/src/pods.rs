@@ -21,6 +21,16 @@
 //! * After the first full list, provider pods unknown to the API server are deleted.
 //! * A provider or env error leaves the pod in a visible state (container `waiting`
 //!   reason + message, or phase Failed for permanent errors) with an Event.
+//! * Before `create_pod`, the ConfigMaps and Secrets the pod references (env, `envFrom`,
+//!   volumes) are read once: each missing object or key is a Warning event with
+//!   virtual-kubelet's reason (`MandatorySecretNotFound`, `OptionalConfigMapNotFound`,
+//!   `MandatoryConfigMapKeyNotFound`, `FailedToReadMandatorySecret`, …; see
+//!   [`RefProblem`]). Optional ones do not block the pod; mandatory ones keep it
+//!   Pending (`CreateContainerConfigError` for env, `ContainerCreating` with
+//!   `FailedMount` for volumes, as the kubelet shows them) and are retried every
+//!   `retry_delay` until the object appears. Each event is published once per pod and
+//!   problem (reason, object, key) while the problem lasts, not on every retry; the same
+//!   failure message is not repeated either.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -43,6 +53,8 @@ use vzk_core::{PodEvent, PodKey, PodLifecycle, PodNotifier, PodUpdate, ProviderE
 
 use crate::env::{self, EnvError};
 use crate::node::error_chain;
+use crate::volumes::ObjectReader;
+use crate::volumes::sources::{self, ObjectKind, RefProblem};
 
 /// Settings of the pod controller.
 #[derive(Debug, Clone)]
@@ -313,6 +325,43 @@ enum Next {
     Retry,
 }
 
+/// What one pod's worker has already said in events, so a retry does not say it again.
+#[derive(Default)]
+struct Told {
+    /// Reference problems reported and still present ([`RefProblem::identity`]).
+    problems: HashSet<(String, ObjectKind, String, Option<String>)>,
+    /// The last `Failed`/`FailedMount` event (reason, message) of a pass that failed.
+    failure: Option<(String, String)>,
+}
+
+/// Publishes a Warning for each problem not reported yet, and forgets those that are gone
+/// (so a problem that comes back is reported again).
+async fn report_problems(shared: &Shared, pod: &Pod, problems: &[RefProblem], told: &mut Told) {
+    let current: HashSet<_> = problems.iter().map(RefProblem::identity).collect();
+    told.problems.retain(|id| current.contains(id));
+    for p in problems {
+        if told.problems.insert(p.identity()) {
+            let reason = p.reason();
+            debug!(%reason, object = %p.name, "reference problem");
+            publish(shared, pod, PodEvent::warning(reason, p.message())).await;
+        }
+    }
+}
+
+/// Publishes a failure event unless it is the one the last failed pass published.
+async fn report_failure(shared: &Shared, pod: &Pod, told: &mut Told, reason: &str, msg: String) {
+    let this = (reason.to_owned(), msg);
+    if told.failure.as_ref() != Some(&this) {
+        publish(
+            shared,
+            pod,
+            PodEvent::warning(this.0.clone(), this.1.clone()),
+        )
+        .await;
+        told.failure = Some(this);
+    }
+}
+
 async fn pod_worker(
     shared: Arc<Shared>,
     mut rx: watch::Receiver<Option<Pod>>,
@@ -328,6 +377,7 @@ async fn pod_worker(
         let mut created = adopted;
         let mut applied_spec: Option<serde_json::Value> = None;
         let mut last_pod: Option<Pod> = None;
+        let mut told = Told::default();
         if adopted {
             debug!("adopting a pod the provider already runs");
             if let Some(pod) = first.as_ref() {
@@ -337,7 +387,7 @@ async fn pod_worker(
                     write_status(&shared, &key, status).await;
                 }
                 if pod.metadata.deletion_timestamp.is_none() && !is_terminal(pod) {
-                    update(&shared, &key, pod).await;
+                    update(&shared, &key, pod, &mut told).await;
                 }
             }
         }
@@ -368,7 +418,7 @@ async fn pod_worker(
                     if !created && is_terminal(&pod) {
                         Next::Change
                     } else if !created {
-                        match create(&shared, &key, &pod).await {
+                        match create(&shared, &key, &pod, &mut told).await {
                             Ok(()) => {
                                 created = true;
                                 applied_spec = serde_json::to_value(&pod.spec).ok();
@@ -380,7 +430,7 @@ async fn pod_worker(
                         let spec = serde_json::to_value(&pod.spec).ok();
                         if spec != applied_spec {
                             applied_spec = spec;
-                            update(&shared, &key, &pod).await;
+                            update(&shared, &key, &pod, &mut told).await;
                         }
                         Next::Change
                     }
@@ -403,19 +453,28 @@ async fn pod_worker(
     .await
 }
 
-async fn create(shared: &Shared, key: &PodKey, pod: &Pod) -> Result<(), Next> {
-    let resolved = match env::resolve_pod_env(&shared.client, pod, &shared.config.allocatable).await
-    {
+async fn create(shared: &Shared, key: &PodKey, pod: &Pod, told: &mut Told) -> Result<(), Next> {
+    // One reader for the volume check and the env: each object is read once per pass.
+    let mut reader = ObjectReader::new(shared.client.clone());
+    let mut problems = Vec::new();
+    let volumes = sources::check_volume_refs(&mut reader, pod, &mut problems).await;
+    let env =
+        env::resolve_pod_env(&mut reader, pod, &shared.config.allocatable, &mut problems).await;
+    report_problems(shared, pod, &problems, told).await;
+    if let Err(e) = volumes {
+        // As the kubelet: the volumes come first, the pod waits in ContainerCreating.
+        let msg = format!("MountVolume.SetUp failed: {}", error_chain(&e));
+        warn!(error = %msg, "a volume's ConfigMap or Secret is not there");
+        report_failure(shared, pod, told, "FailedMount", msg.clone()).await;
+        write_status(shared, key, waiting_status(pod, "ContainerCreating", &msg)).await;
+        return Err(Next::Retry);
+    }
+    let resolved = match env {
         Ok(p) => p,
         Err(e) => {
             let msg = error_chain(&e);
             warn!(error = %msg, "cannot resolve the pod's environment");
-            publish(
-                shared,
-                pod,
-                PodEvent::warning("Failed", format!("Error: {msg}")),
-            )
-            .await;
+            report_failure(shared, pod, told, "Failed", format!("Error: {msg}")).await;
             let status = waiting_status(pod, "CreateContainerConfigError", &msg);
             write_status(shared, key, status).await;
             // A missing object may appear later; a refused one will not change by itself.
@@ -425,6 +484,7 @@ async fn create(shared: &Shared, key: &PodKey, pod: &Pod) -> Result<(), Next> {
             });
         }
     };
+    told.failure = None;
     match shared.provider.create_pod(&resolved).await {
         Ok(()) => {
             debug!("provider accepted the pod");
@@ -454,20 +514,21 @@ async fn create(shared: &Shared, key: &PodKey, pod: &Pod) -> Result<(), Next> {
     }
 }
 
-async fn update(shared: &Shared, key: &PodKey, pod: &Pod) {
-    let resolved = match env::resolve_pod_env(&shared.client, pod, &shared.config.allocatable).await
-    {
+async fn update(shared: &Shared, key: &PodKey, pod: &Pod, told: &mut Told) {
+    let mut reader = ObjectReader::new(shared.client.clone());
+    let mut problems = Vec::new();
+    let env =
+        env::resolve_pod_env(&mut reader, pod, &shared.config.allocatable, &mut problems).await;
+    report_problems(shared, pod, &problems, told).await;
+    let resolved = match env {
         Ok(p) => p,
         Err(e) => {
-            publish(
-                shared,
-                pod,
-                PodEvent::warning("Failed", format!("Error: {}", error_chain(&e))),
-            )
-            .await;
+            let msg = format!("Error: {}", error_chain(&e));
+            report_failure(shared, pod, told, "Failed", msg).await;
             return;
         }
     };
+    told.failure = None;
     if let Err(e) = shared.provider.update_pod(&resolved).await {
         warn!(pod = %key, error = %e, "provider could not apply the pod update");
         publish(

@@ -391,11 +391,229 @@ async fn env_is_resolved_from_configmaps_secrets_and_the_downward_api() {
             .then_some(())
     })
     .await;
+    // virtual-kubelet's reasons for a missing key: mandatory here, optional in envpod.
+    wait_for(T, "MandatoryConfigMapKeyNotFound", || async {
+        let w = pod_warnings(&events, "badenv").await;
+        w.iter()
+            .any(|(r, n, _)| r == "MandatoryConfigMapKeyNotFound" && n.contains("\"missing\""))
+            .then_some(())
+    })
+    .await;
+    wait_for(T, "OptionalSecretKeyNotFound", || async {
+        let w = pod_warnings(&events, "envpod").await;
+        w.iter()
+            .any(|(r, n, _)| r == "OptionalSecretKeyNotFound" && n.contains("\"nope\""))
+            .then_some(())
+    })
+    .await;
     assert!(
         !double
             .calls()
             .iter()
             .any(|c| matches!(c, Call::Create { key, .. } if key.name == "badenv"))
+    );
+    agent.stop().await;
+}
+
+/// The Warning events of pod `pod` in `ns`, as (reason, note, series count).
+async fn pod_warnings(events: &Api<Event>, pod: &str) -> Vec<(String, String, Option<i32>)> {
+    let list = events.list(&ListParams::default()).await.map(|l| l.items);
+    list.unwrap_or_default()
+        .into_iter()
+        .filter(|e| {
+            e.type_.as_deref() == Some("Warning")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod)
+        })
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+                e.series.map(|s| s.count),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn missing_configmaps_and_secrets_are_events_with_virtual_kubelets_reasons() {
+    let name = node_name("refs");
+    let id = cp().node_identity(&name);
+    let double = Double::new();
+    let agent = Agent::start(&id, double.clone(), |_| {}).await;
+    let ns = cp().create_namespace("refs").await;
+    let admin = cp().admin_client().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
+    let created = |pod: &'static str| {
+        let double = double.clone();
+        move || {
+            double.calls().into_iter().find_map(|c| match c {
+                Call::Create { key, env } if key.name == pod => Some(env),
+                _ => None,
+            })
+        }
+    };
+
+    // Optional references to objects that do not exist: events, and the pod runs without
+    // them (the vars omitted, the envFrom source skipped, the volume empty).
+    let mut optional = pod_manifest(
+        "optional",
+        &name,
+        serde_json::json!({
+            "envFrom": [{"secretRef": {"name": "no-such-secret", "optional": true}}],
+            "env": [
+                {"name": "A", "value": "kept"},
+                {"name": "B", "valueFrom": {"configMapKeyRef": {"name": "no-such-cm", "key": "k", "optional": true}}},
+                {"name": "C", "valueFrom": {"secretKeyRef": {"name": "no-such-secret", "key": "k", "optional": true}}}
+            ]
+        }),
+    );
+    if let Some(spec) = optional.spec.as_mut() {
+        spec.volumes = serde_json::from_value(serde_json::json!([
+            {"name": "opt-cm", "configMap": {"name": "no-such-cm-vol", "optional": true}}
+        ]))
+        .ok();
+    }
+    assert!(pods.create(&PostParams::default(), &optional).await.is_ok());
+    let find = created("optional");
+    let env = wait_for(T, "the optional pod created", || async { find() }).await;
+    assert_eq!(env.get("A").map(String::as_str), Some("kept"), "{env:?}");
+    assert!(!env.contains_key("B") && !env.contains_key("C"), "{env:?}");
+    let warnings = wait_for(T, "the Optional*NotFound events", || async {
+        let w = pod_warnings(&events, "optional").await;
+        let has = |r: &str, what: &str| {
+            w.iter()
+                .any(|(reason, note, _)| reason == r && note.contains(what))
+        };
+        (has("OptionalSecretNotFound", "\"no-such-secret\"")
+            && has("OptionalConfigMapNotFound", "\"no-such-cm\"")
+            && has("OptionalConfigMapNotFound", "\"no-such-cm-vol\""))
+        .then_some(w)
+    })
+    .await;
+    // The Secret is referenced twice (envFrom and a var): one event.
+    let secret_events = warnings
+        .iter()
+        .filter(|(r, _, _)| r == "OptionalSecretNotFound")
+        .count();
+    assert_eq!(secret_events, 1, "{warnings:?}");
+
+    // Mandatory references: events, and nothing is created until the objects appear.
+    let mut mandatory = pod_manifest(
+        "mandatory",
+        &name,
+        serde_json::json!({
+            "envFrom": [{"configMapRef": {"name": "later-cm"}}],
+            "env": [{"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "later-secret", "key": "token"}}}]
+        }),
+    );
+    if let Some(spec) = mandatory.spec.as_mut() {
+        spec.volumes = serde_json::from_value(serde_json::json!([
+            {"name": "creds", "secret": {"secretName": "later-secret"}}
+        ]))
+        .ok();
+    }
+    assert!(
+        pods.create(&PostParams::default(), &mandatory)
+            .await
+            .is_ok()
+    );
+    wait_for(T, "the Mandatory*NotFound events", || async {
+        let w = pod_warnings(&events, "mandatory").await;
+        let has = |r: &str, what: &str| {
+            w.iter()
+                .any(|(reason, note, _)| reason == r && note.contains(what))
+        };
+        (has("MandatorySecretNotFound", "later-secret")
+            && has("MandatoryConfigMapNotFound", "later-cm"))
+        .then_some(())
+    })
+    .await;
+    let waiting = wait_for(T, "the mandatory pod waiting", || async {
+        let p = pods.get_opt("mandatory").await.ok().flatten()?;
+        let w = p
+            .status?
+            .container_statuses?
+            .first()?
+            .state
+            .clone()?
+            .waiting?;
+        w.reason
+    })
+    .await;
+    assert_eq!(
+        waiting, "ContainerCreating",
+        "a missing volume Secret comes first"
+    );
+    // Several retries later (1 s each here): still not created, and each problem was said
+    // once, not once per retry (no series).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(created("mandatory")().is_none(), "{:?}", double.calls());
+    let w = pod_warnings(&events, "mandatory").await;
+    for reason in [
+        "MandatorySecretNotFound",
+        "MandatoryConfigMapNotFound",
+        "FailedMount",
+    ] {
+        let of: Vec<_> = w.iter().filter(|(r, _, _)| r == reason).collect();
+        assert_eq!(of.len(), 1, "{reason}: {w:?}");
+        assert_eq!(of[0].2, None, "{reason} repeated: {w:?}");
+    }
+
+    // The Secret appears: the volume is satisfied, the env's ConfigMap still missing.
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "later-secret"}, "stringData": {"token": "t0k"}
+    }))
+    .unwrap_or_default();
+    assert!(
+        Api::<Secret>::namespaced(admin.clone(), &ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .is_ok()
+    );
+    wait_for(T, "CreateContainerConfigError", || async {
+        let p = pods.get_opt("mandatory").await.ok().flatten()?;
+        let w = p
+            .status?
+            .container_statuses?
+            .first()?
+            .state
+            .clone()?
+            .waiting?;
+        (w.reason.as_deref() == Some("CreateContainerConfigError")).then_some(())
+    })
+    .await;
+    assert!(created("mandatory")().is_none(), "{:?}", double.calls());
+    // Then the ConfigMap: the pod is created with both.
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "later-cm"}, "data": {"FROM_CM": "yes"}
+    }))
+    .unwrap_or_default();
+    assert!(
+        Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+            .create(&PostParams::default(), &cm)
+            .await
+            .is_ok()
+    );
+    let find = created("mandatory");
+    let env = wait_for(T, "the mandatory pod created", || async { find() }).await;
+    assert_eq!(
+        env.get("FROM_CM").map(String::as_str),
+        Some("yes"),
+        "{env:?}"
+    );
+    assert_eq!(
+        env.get("FROM_SECRET").map(String::as_str),
+        Some("t0k"),
+        "{env:?}"
+    );
+    let w = pod_warnings(&events, "mandatory").await;
+    assert_eq!(
+        w.iter()
+            .filter(|(r, _, _)| r == "MandatoryConfigMapNotFound")
+            .count(),
+        1,
+        "{w:?}"
     );
     agent.stop().await;
 }

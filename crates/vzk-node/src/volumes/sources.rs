@@ -127,6 +127,225 @@ impl ObjectReader {
     }
 }
 
+/// The two kinds of object a pod's env and volumes read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectKind {
+    /// A ConfigMap.
+    ConfigMap,
+    /// A Secret.
+    Secret,
+}
+
+impl ObjectKind {
+    /// `configmap` / `secret`, as the kubelet writes them in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConfigMap => "configmap",
+            Self::Secret => "secret",
+        }
+    }
+
+    /// `ConfigMap` / `Secret`, as in event reasons.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::ConfigMap => "ConfigMap",
+            Self::Secret => "Secret",
+        }
+    }
+}
+
+/// What is wrong with one referenced object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// The object does not exist.
+    NotFound,
+    /// The object exists without this key.
+    KeyNotFound(String),
+    /// Reading it failed (the cause, as text).
+    ReadFailed(String),
+    /// `envFrom`: these keys are not valid env var names and were skipped.
+    InvalidEnvNames(Vec<String>),
+}
+
+/// A problem with a ConfigMap or Secret a pod references (env `valueFrom`, `envFrom`, a
+/// volume or projected source), reported on the pod as a Warning event whose reason is
+/// the one virtual-kubelet emits ([`RefProblem::reason`]). An optional reference to a
+/// missing object or key is skipped (the env var is omitted, the volume left without
+/// those files); a mandatory one blocks the pod until it appears.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefProblem {
+    /// ConfigMap or Secret.
+    pub kind: ObjectKind,
+    /// The object's name.
+    pub name: String,
+    /// Whether the reference says `optional: true`.
+    pub optional: bool,
+    /// What is wrong.
+    pub problem: Problem,
+    /// Who refers to it, for the message: `env var "X"`, `envFrom`, `volume "v"`.
+    pub referrer: String,
+}
+
+impl RefProblem {
+    /// The event reason: `{Optional,Mandatory}{ConfigMap,Secret}NotFound`,
+    /// `{Optional,Mandatory}{ConfigMap,Secret}KeyNotFound`,
+    /// `FailedToRead{Optional,Mandatory}{ConfigMap,Secret}` or
+    /// `InvalidEnvironmentVariableNames`.
+    pub fn reason(&self) -> String {
+        let need = if self.optional {
+            "Optional"
+        } else {
+            "Mandatory"
+        };
+        let kind = self.kind.title();
+        match &self.problem {
+            Problem::NotFound => format!("{need}{kind}NotFound"),
+            Problem::KeyNotFound(_) => format!("{need}{kind}KeyNotFound"),
+            Problem::ReadFailed(_) => format!("FailedToRead{need}{kind}"),
+            Problem::InvalidEnvNames(_) => "InvalidEnvironmentVariableNames".into(),
+        }
+    }
+
+    /// The event message.
+    pub fn message(&self) -> String {
+        let (kind, name, referrer) = (self.kind.as_str(), &self.name, &self.referrer);
+        let what = match &self.problem {
+            Problem::NotFound => format!("{kind} {name:?} not found"),
+            Problem::KeyNotFound(key) => format!("key {key:?} does not exist in {kind} {name:?}"),
+            Problem::ReadFailed(cause) => format!("failed to read {kind} {name:?}: {cause}"),
+            Problem::InvalidEnvNames(keys) => {
+                return format!(
+                    "{referrer}: keys [{}] of {kind} {name:?} were skipped: they are not valid env var names",
+                    keys.join(", ")
+                );
+            }
+        };
+        if self.optional && !matches!(self.problem, Problem::ReadFailed(_)) {
+            format!("{referrer}: skipped, optional {what}")
+        } else {
+            format!("{referrer}: {what}")
+        }
+    }
+
+    /// What makes two problems the same event: the reason, the object and the key
+    /// (not the referrer: two env vars naming the same missing Secret are one event).
+    pub fn identity(&self) -> (String, ObjectKind, String, Option<String>) {
+        let key = match &self.problem {
+            Problem::KeyNotFound(k) => Some(k.clone()),
+            _ => None,
+        };
+        (self.reason(), self.kind, self.name.clone(), key)
+    }
+}
+
+/// Checks the ConfigMaps and Secrets `pod`'s volumes reference (`configMap` and `secret`
+/// volumes, their `projected` sources) without writing anything, as the volume set-up
+/// will read them: every missing object, missing `items` key or failed read is pushed
+/// to `problems`; the first one that blocks the pod (not optional) is returned as the
+/// error its set-up would fail with.
+pub async fn check_volume_refs(
+    reader: &mut ObjectReader,
+    pod: &Pod,
+    problems: &mut Vec<RefProblem>,
+) -> Result<(), VolumeError> {
+    let Some(ns) = pod.metadata.namespace.clone() else {
+        return Err(VolumeError::InvalidPod);
+    };
+    let mut first: Option<VolumeError> = None;
+    for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+        let mut refs: Vec<(ObjectKind, &str, Option<&Vec<KeyToPath>>, bool)> = Vec::new();
+        if let Some(c) = &v.config_map {
+            refs.push((
+                ObjectKind::ConfigMap,
+                &c.name,
+                c.items.as_ref(),
+                c.optional.unwrap_or(false),
+            ));
+        }
+        if let Some(s) = &v.secret {
+            refs.push((
+                ObjectKind::Secret,
+                s.secret_name.as_deref().unwrap_or_default(),
+                s.items.as_ref(),
+                s.optional.unwrap_or(false),
+            ));
+        }
+        for p in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(c) = &p.config_map {
+                refs.push((
+                    ObjectKind::ConfigMap,
+                    &c.name,
+                    c.items.as_ref(),
+                    c.optional.unwrap_or(false),
+                ));
+            }
+            if let Some(s) = &p.secret {
+                refs.push((
+                    ObjectKind::Secret,
+                    &s.name,
+                    s.items.as_ref(),
+                    s.optional.unwrap_or(false),
+                ));
+            }
+        }
+        for (kind, name, items, optional) in refs {
+            if name.is_empty() {
+                continue;
+            }
+            let found = match kind {
+                ObjectKind::ConfigMap => reader.config_map(&ns, name).await,
+                ObjectKind::Secret => reader.secret(&ns, name).await,
+            };
+            let problem = |problem| RefProblem {
+                kind,
+                name: name.to_owned(),
+                optional,
+                problem,
+                referrer: format!("volume {:?}", v.name),
+            };
+            let blocking = match found {
+                Err(e) => {
+                    let cause = vzk_core::error_chain(&e);
+                    problems.push(problem(Problem::ReadFailed(cause)));
+                    Some(fetch_err(&v.name, kind.as_str(), name)(e))
+                }
+                Ok(None) => {
+                    problems.push(problem(Problem::NotFound));
+                    (!optional).then(|| VolumeError::ObjectNotFound {
+                        volume: v.name.clone(),
+                        kind: kind.as_str(),
+                        name: name.to_owned(),
+                    })
+                }
+                Ok(Some(data)) => {
+                    let missing: Vec<&KeyToPath> = items
+                        .into_iter()
+                        .flatten()
+                        .filter(|it| !data.contains_key(&it.key))
+                        .collect();
+                    for it in &missing {
+                        problems.push(problem(Problem::KeyNotFound(it.key.clone())));
+                    }
+                    missing
+                        .first()
+                        .filter(|_| !optional)
+                        .map(|it| VolumeError::KeyNotFound {
+                            volume: v.name.clone(),
+                            kind: kind.as_str(),
+                            namespace: ns.clone(),
+                            name: name.to_owned(),
+                            key: it.key.clone(),
+                        })
+                }
+            };
+            if first.is_none() {
+                first = blocking;
+            }
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
 /// `GET` of one object the node may read. The Node authorizer admits the node only once
 /// its graph has the pod that references the object, which lags the pod's binding a
 /// little: a refusal (403) is retried briefly (8 × 250 ms) before it is returned.
@@ -647,6 +866,64 @@ mod tests {
             .is_ok()
         );
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn problems_carry_virtual_kubelets_reasons() {
+        let p = |kind, optional, problem| RefProblem {
+            kind,
+            name: "obj".into(),
+            optional,
+            problem,
+            referrer: "env var \"X\"".into(),
+        };
+        let (cm, secret) = (ObjectKind::ConfigMap, ObjectKind::Secret);
+        let key = || Problem::KeyNotFound("k".into());
+        let read = || Problem::ReadFailed("403".into());
+        let table = [
+            (
+                p(cm, false, Problem::NotFound),
+                "MandatoryConfigMapNotFound",
+            ),
+            (p(cm, true, Problem::NotFound), "OptionalConfigMapNotFound"),
+            (
+                p(secret, false, Problem::NotFound),
+                "MandatorySecretNotFound",
+            ),
+            (p(secret, true, Problem::NotFound), "OptionalSecretNotFound"),
+            (p(cm, false, key()), "MandatoryConfigMapKeyNotFound"),
+            (p(cm, true, key()), "OptionalConfigMapKeyNotFound"),
+            (p(secret, false, key()), "MandatorySecretKeyNotFound"),
+            (p(secret, true, key()), "OptionalSecretKeyNotFound"),
+            (p(cm, false, read()), "FailedToReadMandatoryConfigMap"),
+            (p(secret, true, read()), "FailedToReadOptionalSecret"),
+            (
+                p(cm, false, Problem::InvalidEnvNames(vec!["a=b".into()])),
+                "InvalidEnvironmentVariableNames",
+            ),
+        ];
+        for (problem, reason) in table {
+            assert_eq!(problem.reason(), reason, "{problem:?}");
+        }
+        assert_eq!(
+            p(secret, true, Problem::NotFound).message(),
+            "env var \"X\": skipped, optional secret \"obj\" not found"
+        );
+        assert_eq!(
+            p(cm, false, key()).message(),
+            "env var \"X\": key \"k\" does not exist in configmap \"obj\""
+        );
+        // One event per reason, object and key, whoever refers to it.
+        let mut other = p(secret, true, Problem::NotFound);
+        other.referrer = "volume \"v\"".into();
+        assert_eq!(
+            other.identity(),
+            p(secret, true, Problem::NotFound).identity()
+        );
+        assert_ne!(
+            p(cm, false, key()).identity(),
+            p(cm, false, Problem::KeyNotFound("other".into())).identity()
+        );
     }
 
     #[test]
