@@ -89,6 +89,7 @@ pub struct KubeletServerBuilder {
     allow_anonymous: bool,
     reload_every: Option<Duration>,
     stream_creation_timeout: Option<Duration>,
+    wait_for_serving_certificate: bool,
     registry: Option<prometheus_client::registry::Registry>,
 }
 
@@ -157,6 +158,15 @@ impl KubeletServerBuilder {
         self
     }
 
+    /// Whether the serving certificate files may not exist yet (a certificate being
+    /// requested by CSR, `--rotate-server-certificates`): then nothing is served, every
+    /// handshake refused, until they appear. Default: they must exist at build.
+    #[must_use]
+    pub fn wait_for_serving_certificate(mut self, wait: bool) -> Self {
+        self.wait_for_serving_certificate = wait;
+        self
+    }
+
     /// How often the certificate files are checked for changes (default 10 s).
     #[must_use]
     pub fn reload_interval(mut self, every: Duration) -> Self {
@@ -184,7 +194,12 @@ impl KubeletServerBuilder {
         let runtime = self.runtime.ok_or(ServerError::Missing("provider"))?;
         let node_name = self.node_name.ok_or(ServerError::Missing("node_name"))?;
         let paths = self.tls.ok_or(ServerError::Missing("tls"))?;
-        let reloader = CertReloader::load(&paths.cert, &paths.key).map_err(ServerError::Tls)?;
+        let reloader = if self.wait_for_serving_certificate {
+            CertReloader::load_or_wait(&paths.cert, &paths.key)
+        } else {
+            CertReloader::load(&paths.cert, &paths.key)
+        }
+        .map_err(ServerError::Tls)?;
         let tls_config =
             tls::server_config(reloader.clone(), &paths.client_ca).map_err(ServerError::Tls)?;
         let reviewer = self.client.map(|c| Arc::new(Reviewer::new(c)));
@@ -247,6 +262,12 @@ impl KubeletServer {
         self.reloader.reload()
     }
 
+    /// The serving certificate's reloader, to reload it at once from elsewhere (e.g. right
+    /// after a renewed certificate was written) while the server runs.
+    pub fn certificate_reloader(&self) -> Arc<CertReloader> {
+        self.reloader.clone()
+    }
+
     /// Accepts TLS connections on `listener` until `shutdown` completes, then drains.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let acceptor = TlsAcceptor::from(self.tls.clone());
@@ -257,6 +278,7 @@ impl KubeletServer {
             .clone()
             .watch(self.reload_every, stop.child_token());
         let tracker = TaskTracker::new();
+        let handshakes = Arc::new(tls::HandshakeLog::new(Duration::from_secs(10)));
         info!(addr = ?listener.local_addr().ok(), node = %self.state.node_name, "kubelet api: serving");
         tokio::pin!(shutdown);
         loop {
@@ -265,7 +287,8 @@ impl KubeletServer {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, addr)) => {
                         let span = info_span!("kubelet_conn", peer = %addr);
-                        tracker.spawn(serve_conn(tcp, addr, acceptor.clone(), router.clone(), stop.clone()).instrument(span));
+                        let refused = (handshakes.clone(), self.reloader.clone());
+                        tracker.spawn(serve_conn(tcp, addr, acceptor.clone(), router.clone(), stop.clone(), refused).instrument(span));
                     }
                     Err(error) => {
                         warn!(%error, "kubelet api: accept failed");
@@ -293,12 +316,13 @@ async fn serve_conn(
     acceptor: TlsAcceptor,
     router: Router,
     stop: CancellationToken,
+    (handshakes, reloader): (Arc<tls::HandshakeLog>, Arc<CertReloader>),
 ) {
     let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(error)) => {
-            debug!(%error, "kubelet api: TLS handshake failed");
+            handshakes.report(addr, &error, &reloader);
             return;
         }
         Err(_) => {
