@@ -116,6 +116,8 @@ struct Node {
     registry: Registry,
     data: PathBuf,
     agent: Agent,
+    /// The port of the agent's kubelet API (on 127.0.0.1).
+    kubelet_port: u16,
     /// Held for its drop: the VMs' namespace goes after the agent.
     _netns: Netns,
     work: tempfile::TempDir,
@@ -146,6 +148,7 @@ impl Node {
         let data = work.path().join("data");
         let log = work.path().join("agent.log");
         let logf = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let kubelet_port = free_port();
         let child = vz_kubelet()
             .args([
                 "run",
@@ -162,7 +165,7 @@ impl Node {
             .arg(cp.ca_cert_path())
             .args([
                 "--kubelet-port",
-                &free_port().to_string(),
+                &kubelet_port.to_string(),
                 "--listen-address",
                 "127.0.0.1",
             ])
@@ -195,6 +198,7 @@ impl Node {
             registry,
             data,
             agent: Agent { child, log },
+            kubelet_port,
             _netns: netns,
             work,
         };
@@ -209,6 +213,32 @@ impl Node {
         ]);
         assert!(out.status.success(), "node Ready: {}", text(&out.stderr));
         n
+    }
+
+    /// GET `path` from the agent's kubelet API as a cluster admin (a client certificate
+    /// of the cluster CA, authorized by SubjectAccessReview), through curl.
+    fn kubelet_get(&self, path: &str) -> String {
+        let pair = self.cp.issue_client_cert("e2e-admin", Some("system:masters"));
+        let (crt, key) = (
+            self.work.path().join("admin-client.crt"),
+            self.work.path().join("admin-client.key"),
+        );
+        std::fs::write(&crt, &pair.cert_pem).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&key, &pair.key_pem).unwrap_or_else(|e| panic!("{e}"));
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--fail-with-body", "-k", "--cert"])
+            .arg(&crt)
+            .arg("--key")
+            .arg(&key)
+            .arg(format!("https://127.0.0.1:{}{path}", self.kubelet_port));
+        let out = run(c);
+        assert!(
+            out.status.success(),
+            "GET {path}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
     }
 
     /// kubectl as the admin, in the test's namespace.
@@ -331,6 +361,42 @@ async fn a_user_runs_a_vm_pod_with_kubectl_apply_exec_logs_port_forward_and_dele
             "event {r} missing from {reasons}"
         );
     }
+
+    // /metrics, read by a Prometheus text parser: the pod's start has one observation
+    // per phase, one boot and one fetched pull; the pod is counted Running in a slot.
+    let text_metrics = n.kubelet_get("/metrics");
+    let scrape = prometheus_parse::Scrape::parse(text_metrics.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("parsing /metrics: {e}\n{text_metrics}"));
+    let value = |metric: &str, label: Option<(&str, &str)>| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == metric)
+            .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .find_map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(v),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{metric} {label:?} missing from /metrics:\n{text_metrics}"))
+    };
+    for phase in ["pull", "clone", "boot", "ip", "ssh", "ready"] {
+        assert_eq!(
+            value("vzk_pod_start_phase_seconds_count", Some(("phase", phase))),
+            1.0,
+            "phase {phase}:\n{text_metrics}"
+        );
+    }
+    assert!(value("vzk_pod_start_phase_seconds_sum", Some(("phase", "ready"))) > 0.0);
+    assert_eq!(value("vzk_vm_boots_total", None), 1.0);
+    assert_eq!(
+        value("vzk_image_pulls_total", Some(("result", "pulled"))),
+        1.0
+    );
+    assert!(value("vzk_image_pulled_bytes_total", None) > 0.0);
+    assert_eq!(value("vzk_pods", Some(("phase", "Running"))), 1.0);
+    assert_eq!(value("vzk_vm_slots_in_use", None), 1.0);
 
     // kubectl exec: output and a non-zero exit code preserved.
     let out = kubectl(&[

@@ -213,6 +213,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let pods = PodController::new(client.clone(), pod_config, provider.clone());
+    // One registry for /metrics: the provider's series and the kubelet API's own.
+    let mut registry = prometheus_client::registry::Registry::default();
+    provider.register_metrics(&mut registry);
     let view = pods.view();
 
     let (crt, key) = serving_cert(&args, &node)?;
@@ -226,6 +229,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         .tls(crt, key, args.client_ca_file.clone())
         .authenticator(client.clone())
         .allow_anonymous(args.allow_anonymous)
+        .metrics_registry(registry)
         .build()
         .context("configuring the kubelet API")?;
     info!(node = %node.node_name, listen = %settings.listen, "vz-kubelet running");
