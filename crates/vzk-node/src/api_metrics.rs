@@ -6,7 +6,8 @@
 //!
 //! [`ApiRequestMetrics::layer`] is a tower layer for the client's HTTP stack
 //! (`kube::client::ClientBuilder::with_layer`), so every controller's request is
-//! counted once, whatever code path made it.
+//! counted once, whatever code path made it; [`ApiRequestMetrics::wrap`] does the same
+//! around a client already built.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -45,6 +46,18 @@ impl ApiRequestMetrics {
         CountLayer {
             metrics: self.clone(),
         }
+    }
+
+    /// `client`, with every request counted (for a client whose HTTP stack is built
+    /// elsewhere). Errors pass through unchanged: kube unwraps its own error again.
+    pub fn wrap(&self, client: kube::Client) -> kube::Client {
+        use tower::Layer as _;
+        let namespace = client.default_namespace().to_owned();
+        let send = tower::service_fn(move |req: Request<kube::client::Body>| {
+            let client = client.clone();
+            async move { client.send(req).await }
+        });
+        kube::Client::new(self.layer().layer(send), namespace)
     }
 
     /// How many requests of `verb` got `code` so far.
@@ -104,7 +117,7 @@ pub struct CountLayer {
     metrics: ApiRequestMetrics,
 }
 
-impl<S> tower_layer::Layer<S> for CountLayer {
+impl<S> tower::Layer<S> for CountLayer {
     type Service = Count<S>;
 
     fn layer(&self, inner: S) -> Count<S> {
@@ -122,9 +135,9 @@ pub struct Count<S> {
     metrics: ApiRequestMetrics,
 }
 
-impl<S, B, R> tower_service::Service<Request<B>> for Count<S>
+impl<S, B, R> tower::Service<Request<B>> for Count<S>
 where
-    S: tower_service::Service<Request<B>, Response = Response<R>>,
+    S: tower::Service<Request<B>, Response = Response<R>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;

@@ -899,3 +899,35 @@ async fn idle_node_makes_at_most_one_write_per_ten_seconds() {
         "more than one write per 10 s while idle: {counts:?}"
     );
 }
+
+#[tokio::test]
+async fn a_counted_client_counts_requests_by_verb_and_code_and_keeps_api_errors() {
+    let metrics = vzk_node::api_metrics::ApiRequestMetrics::default();
+    let client = metrics.wrap(cp().admin_client().await);
+    let ns = cp().create_namespace("counted").await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "counted" }, "data": { "k": "v" }
+    }))
+    .expect("configmap");
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("create through the counted client");
+    // A 404 still arrives as kube's own API error.
+    match cms.get("missing").await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 404, "{s:?}"),
+        other => panic!("expected a 404 API error, got {other:?}"),
+    }
+    let listed = cms.list(&ListParams::default()).await.expect("list");
+    // (create_namespace also made kube-root-ca.crt, as a controller-manager would.)
+    assert!(
+        listed
+            .items
+            .iter()
+            .any(|c| c.metadata.name.as_deref() == Some("counted"))
+    );
+    assert_eq!(metrics.count("create", 201), 1);
+    assert_eq!(metrics.count("get", 404), 1);
+    assert_eq!(metrics.count("list", 200), 1);
+    assert_eq!(metrics.count("patch", 200), 0);
+}
