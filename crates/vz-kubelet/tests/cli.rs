@@ -62,3 +62,132 @@ fn malformed_taints_and_labels_are_reported_clearly() {
         assert!(stderr.contains(expect), "{args:?}: {stderr}");
     }
 }
+
+/// Runs `vz-kubelet image …` with `args`; returns (success, stdout, stderr).
+fn image(args: &[&str], config_dir: &std::path::Path) -> (bool, String, String) {
+    let out = vz_kubelet()
+        .arg("image")
+        .args(args)
+        // Never the machine's own configuration or credentials.
+        .env("VZK_REGISTRY_CONFIG_DIR", config_dir)
+        .env("DOCKER_CONFIG", config_dir)
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => panic!("running vz-kubelet image: {e}"),
+    };
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn image_pull_uses_the_mirrors_of_the_registry_config_dir() {
+    let upstream = vzk_testenv::Registry::start();
+    let mirror = vzk_testenv::Registry::start();
+    let tmp = match tempfile::tempdir() {
+        Ok(t) => t,
+        Err(e) => panic!("tempdir: {e}"),
+    };
+    let write = |p: std::path::PathBuf, bytes: &[u8]| {
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir: {e}"));
+        }
+        std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    };
+    let src = tmp.path().join("src");
+    write(
+        src.join("config.json"),
+        br#"{"os":"linux","kernelCmdline":"console=ttyS0"}"#,
+    );
+    write(src.join("kernel"), &[7u8; 100_000]);
+    write(src.join("disk.img"), &vec![1u8; 3 << 20]);
+    let empty = tmp.path().join("no-config");
+    std::fs::create_dir(&empty).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    let root = tmp.path().join("cache");
+    let root = root.to_string_lossy().into_owned();
+    let src_arg = src.to_string_lossy().into_owned();
+    let image_on = |addr: &str| format!("{addr}/vm/cli:1");
+    // The same image on both: the mirror's copy has a manifest of its own (its own
+    // creation time), which tells who served the pull.
+    let mut digests = Vec::new();
+    for addr in [&upstream.addr, &mirror.addr] {
+        let (ok, out, err) = image(
+            &[
+                "push",
+                "--root",
+                &root,
+                "-o",
+                "json",
+                &src_arg,
+                &image_on(addr),
+            ],
+            &empty,
+        );
+        assert!(ok, "push to {addr}: {err}");
+        let report: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("push output {out:?}: {e}"));
+        digests.push(report["digest"].as_str().unwrap_or_default().to_owned());
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert_ne!(digests[0], digests[1], "two manifests");
+    let config = tmp.path().join("certs.d");
+    write(
+        config.join(&upstream.addr).join("hosts.toml"),
+        format!(
+            "[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            mirror.addr
+        )
+        .as_bytes(),
+    );
+    let wanted = image_on(&upstream.addr);
+    drop(upstream);
+    let config_arg = config.to_string_lossy().into_owned();
+    let (ok, out, err) = image(
+        &[
+            "pull",
+            "--root",
+            &root,
+            "-o",
+            "json",
+            "--registry-config-dir",
+            &config_arg,
+            &wanted,
+        ],
+        &empty,
+    );
+    assert!(ok, "pull through the mirror: {err}");
+    let pulled: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("pull output {out:?}: {e}"));
+    assert_eq!(
+        pulled["digest"].as_str(),
+        Some(digests[1].as_str()),
+        "the mirror's manifest"
+    );
+    assert_eq!(pulled["reference"].as_str(), Some(wanted.as_str()));
+    // Without the configuration the pull goes to the upstream, which is gone.
+    let (ok, _, err) = image(&["pull", "--root", &root, &wanted], &empty);
+    assert!(!ok, "the upstream is down");
+    assert!(err.contains(&wanted), "{err}");
+    // A bad file stops the command, naming file, line and column.
+    write(
+        config.join("_default/hosts.toml"),
+        b"[host.\"http://127.0.0.1:1\"]\n  skip_verfy = true\n",
+    );
+    let (ok, _, err) = image(
+        &[
+            "pull",
+            "--root",
+            &root,
+            "--registry-config-dir",
+            &config_arg,
+            &wanted,
+        ],
+        &empty,
+    );
+    assert!(!ok);
+    assert!(err.contains("_default/hosts.toml:2:3"), "{err}");
+    assert!(err.contains("unknown field `skip_verfy`"), "{err}");
+}

@@ -54,14 +54,18 @@ pub(crate) async fn download(
     let mut failures = 0u32;
     loop {
         let attempt = async {
-            let (resp, partial) = reg.get_blob(&digest, offset).await?;
+            let (resp, partial, host) = reg.get_blob_at(&digest, offset).await?;
             let mut skip = if partial { 0 } else { offset };
             let mut stream = resp.bytes_stream();
             while let Some(item) = stream.next().await {
-                let mut chunk = item.map_err(|e| ImageError::Registry {
-                    registry: reg.registry().to_string(),
-                    what: format!("GET blob {digest}"),
-                    detail: error_chain(&e),
+                let mut chunk = item.map_err(|e| {
+                    // Resume elsewhere if another host can serve it.
+                    reg.host_failed(host);
+                    ImageError::Registry {
+                        registry: reg.host_label(host).to_string(),
+                        what: format!("GET blob {digest}"),
+                        detail: error_chain(&e),
+                    }
                 })?;
                 if skip > 0 {
                     let n = skip.min(chunk.len() as u64);
@@ -664,10 +668,10 @@ pub(crate) async fn fetch_small(
             reason: format!("{size} bytes is more than the {limit} allowed"),
         });
     }
-    let (mut resp, _) = reg.get_blob(digest, 0).await?;
+    let (mut resp, _, host) = reg.get_blob_at(digest, 0).await?;
     let mut buf = Vec::with_capacity(size as usize);
     while let Some(c) = resp.chunk().await.map_err(|e| ImageError::Registry {
-        registry: reg.registry().to_string(),
+        registry: reg.host_label(host).to_string(),
         what: format!("GET blob {digest}"),
         detail: error_chain(&e),
     })? {
@@ -681,7 +685,11 @@ pub(crate) async fn fetch_small(
         return Err(ImageError::DigestMismatch {
             digest: digest.into(),
             file: "config".into(),
-            reason: format!("got {} bytes hashing to {got}", buf.len()),
+            reason: format!(
+                "got {} bytes hashing to {got} from {}",
+                buf.len(),
+                reg.host_label(host)
+            ),
         });
     }
     Ok(buf)

@@ -8,6 +8,7 @@
 //! * [`store`]: [`ImageStore`], the cache, [`ImageStore::pull`] and pull policies.
 //! * [`clone`]: [`Cloner`], per-pod copy-on-write disks (reflink or qcow2 overlay).
 //! * [`push()`]: packing an image directory and pushing it.
+//! * [`hosts`]: registry mirrors and TLS per registry, in containerd's `hosts.toml` layout.
 //! * [`keyring`]: credentials from `imagePullSecrets` and docker `config.json`.
 //! * [`registry`]: the OCI distribution client (auth, manifests, blobs with `Range`).
 //! * [`tart`]: Apple LZ4 framing and Tart's config.
@@ -42,6 +43,7 @@ pub mod config;
 pub mod content_digest;
 pub mod error;
 mod fetch;
+pub mod hosts;
 pub mod keyring;
 pub mod mac_platform;
 pub mod manifest;
@@ -63,6 +65,7 @@ pub use clone::{CloneKind, Cloner};
 pub use config::{GuestOs, VmConfig};
 pub use error::{ImageError, Result};
 pub use fetch::is_zero;
+pub use hosts::{HostDefaults, HostsError, RegistryHosts};
 pub use keyring::{Credentials, Keyring, PullSecret};
 pub use mac_platform::{ImageConfigError, MacImageConfig};
 pub use manifest::Format;

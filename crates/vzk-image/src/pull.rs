@@ -172,6 +172,8 @@ pub(crate) async fn pull_into(
                         Err(e) => tracing::warn!(error = %e, "chunk copy task failed; downloading"),
                     }
                 }
+                let blob = part.desc.digest.clone();
+                let reg2 = reg.clone();
                 let res: Result<()> = async move {
                     let started = std::time::Instant::now();
                     let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
@@ -205,7 +207,8 @@ pub(crate) async fn pull_into(
                     );
                     res
                 }
-                .await;
+                .await
+                .map_err(|e| served_by(e, &blob, &reg2));
                 if let Err(e) = res {
                     cancel.store(true, Ordering::Relaxed);
                     if let Ok(mut first) = first_error.lock()
@@ -232,6 +235,30 @@ pub(crate) async fn pull_into(
     // Durability is the store's business (see `store::pull::persist`): fsync here would put
     // the disk's write bandwidth on the pull's critical path.
     Ok(config)
+}
+
+/// A blob or content digest that does not match names the host that sent the bytes
+/// (a mirror's bad content is an error, never a reason to try elsewhere).
+fn served_by(e: ImageError, blob: &str, reg: &Registry) -> ImageError {
+    match e {
+        ImageError::DigestMismatch {
+            digest,
+            file,
+            reason,
+        } => {
+            let reason = match reg.served_by(blob) {
+                Some(host) if digest == blob => format!("{reason} (served by {host})"),
+                Some(host) => format!("{reason} (blob {blob} served by {host})"),
+                None => reason,
+            };
+            ImageError::DigestMismatch {
+                digest,
+                file,
+                reason,
+            }
+        }
+        other => other,
+    }
 }
 
 /// Whether pulls write through `O_DIRECT` (default yes; `VZK_PULL_DIRECT=0` turns it

@@ -2,53 +2,98 @@
 //! monolithic blob uploads, and the auth dance (anonymous, Basic, Bearer token challenge
 //! with username/password or an identity/refresh token).
 //!
-//! One [`Registry`] talks to one repository. Requests that get `401` are retried once per
-//! credential after answering the `WWW-Authenticate` challenge; the token is cached.
+//! One [`Registry`] talks to one repository through the hosts [`crate::hosts`] lists for
+//! its registry: mirrors first, in order, then the upstream. A tag is resolved only by
+//! hosts with the `resolve` capability, content by digest is fetched from hosts with
+//! `pull`, pushes go to the first host with `push`. A host that is down (connection
+//! refused, timeout, TLS failure, 5xx), refuses us or lacks the content (404) hands the
+//! request to the next one; one that was down or refused us is skipped for the rest of
+//! this client's life (one pull). A digest mismatch is never a reason to try another
+//! host: it is an error naming the host that sent the bytes.
+//!
+//! Requests that get `401` are retried once per credential after answering the
+//! `WWW-Authenticate` challenge; the token is cached per host.
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use reqwest::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE,
-};
-use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use futures::future::BoxFuture;
+use reqwest::Response;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Mutex;
 
+mod endpoint;
+
+use endpoint::{AuthState, Endpoint};
+
 use crate::error::{ImageError, Result};
-use crate::keyring::Credentials;
-use crate::manifest::MAX_MANIFEST_BYTES;
-use crate::media_types as mt;
+use crate::hosts::{
+    Capabilities, DEFAULT_CONFIG_DIR, FILE_NAME, HostDefaults, HostRole, RegistryHosts,
+};
+use crate::keyring::{Credentials, Keyring};
 use crate::reference::Reference;
 
 /// How to reach a registry.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
-    /// Credentials to try, in order (empty: anonymous).
+    /// Credentials for the image's own registry, tried in order (empty: anonymous).
     pub credentials: Vec<Credentials>,
-    /// Use `http://` instead of `https://`.
+    /// Speak plain HTTP to the image's own registry (unless a `hosts.toml` `server`
+    /// names another URL).
     pub plain_http: bool,
-    /// Accept any TLS certificate.
+    /// Accept any TLS certificate (from hosts whose `hosts.toml` does not set
+    /// `skip_verify`).
     pub insecure: bool,
+    /// Mirrors, TLS and endpoints per registry (`hosts.toml`); empty: the registry itself.
+    pub hosts: RegistryHosts,
+    /// Credentials for hosts other than the image's registry (mirrors, another
+    /// `server`), looked up by that host's own name.
+    pub keyring: Keyring,
 }
 
+impl RegistryOptions {
+    /// Plain HTTP to the registry itself, nothing else configured.
+    pub fn plain() -> RegistryOptions {
+        RegistryOptions {
+            plain_http: true,
+            ..RegistryOptions::default()
+        }
+    }
+}
+
+const PULL: Capabilities = Capabilities {
+    pull: true,
+    resolve: false,
+    push: false,
+};
+const RESOLVE: Capabilities = Capabilities {
+    pull: true,
+    resolve: true,
+    push: false,
+};
+const PUSH: Capabilities = Capabilities {
+    pull: false,
+    resolve: false,
+    push: true,
+};
+
+/// What hosts served, for the log and for naming the host behind a bad blob.
 #[derive(Debug, Default)]
-struct AuthState {
-    header: Option<String>,
-    cred_idx: usize,
-    obtained: Option<Instant>,
+struct Served {
+    manifests: Vec<u32>,
+    blobs: Vec<u32>,
+    by_digest: HashMap<String, usize>,
 }
 
-/// A client for one repository of one registry.
+/// A client for one repository of one registry (and its mirrors).
 #[derive(Debug)]
 pub struct Registry {
-    http: reqwest::Client,
-    base: String,
     registry: String,
     repository: String,
-    creds: Vec<Credentials>,
-    push: bool,
-    auth: Mutex<AuthState>,
+    endpoints: Vec<Endpoint>,
+    served: std::sync::Mutex<Served>,
+    config: String,
 }
 
 /// A fetched manifest.
@@ -62,35 +107,102 @@ pub struct FetchedManifest {
     pub media_type: String,
 }
 
-fn http_client(opts: &RegistryOptions) -> Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .user_agent(concat!("vz-kubelet/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(30))
-        .read_timeout(Duration::from_secs(60))
-        .tls_danger_accept_invalid_certs(opts.insecure)
-        .build()
-        .map_err(|e| ImageError::Registry {
-            registry: String::new(),
-            what: "create HTTP client".into(),
-            detail: error_chain(&e),
-        })
-}
-
 /// A reqwest error with its causes (reqwest's Display alone hides them).
 pub(crate) use vzk_core::error_chain;
+
+/// Whether another host should be asked after `e`: it is down, refused us or lacks
+/// the content. Bad content is never a reason.
+fn falls_back(e: &ImageError) -> bool {
+    matches!(
+        e,
+        ImageError::Registry { .. } | ImageError::NotFound { .. } | ImageError::Unauthorized { .. }
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Manifest,
+    Blob,
+}
 
 impl Registry {
     /// A client for `reference`'s repository; `push` asks tokens for `pull,push`.
     pub fn new(reference: &Reference, opts: &RegistryOptions, push: bool) -> Result<Registry> {
-        let scheme = if opts.plain_http { "http" } else { "https" };
+        let defaults = HostDefaults {
+            plain_http: opts.plain_http,
+            skip_verify: opts.insecure,
+        };
+        let file = opts.hosts.file_for(&reference.registry);
+        let config = match file {
+            Some(f) => f.display().to_string(),
+            None => format!(
+                "{}/{}/{FILE_NAME}",
+                opts.hosts.dir().map_or_else(
+                    || DEFAULT_CONFIG_DIR.to_owned(),
+                    |d| d.display().to_string()
+                ),
+                reference.registry
+            ),
+        };
+        let endpoints = opts
+            .hosts
+            .hosts(&reference.registry, defaults)
+            .into_iter()
+            .map(|h| {
+                let label = match h.role {
+                    HostRole::Upstream => reference.registry.clone(),
+                    HostRole::Mirror => format!("{} (mirror of {})", h.host, reference.registry),
+                    HostRole::Server => format!("{} (server for {})", h.host, reference.registry),
+                };
+                let http = h.http_client().map_err(|e| ImageError::Registry {
+                    registry: label.clone(),
+                    what: "create HTTP client".into(),
+                    detail: error_chain(&e),
+                })?;
+                // Pull secrets and docker config entries for the image's registry are
+                // for that registry; another host gets what is stored under its name.
+                let creds = if h.role == HostRole::Upstream {
+                    opts.credentials.clone()
+                } else {
+                    opts.keyring.lookup(&Reference {
+                        registry: h.host.clone(),
+                        repository: reference.repository.clone(),
+                        tag: None,
+                        digest: None,
+                    })
+                };
+                let tls_hint = format!(
+                    "to trust a private CA, set `ca = \"<bundle.pem>\"` for {} in {}",
+                    h.url(),
+                    h.origin.as_deref().unwrap_or(&config)
+                );
+                Ok(Endpoint {
+                    http,
+                    base: h.url(),
+                    origin: format!("{}://{}", h.scheme, h.host),
+                    label,
+                    repository: reference.repository.clone(),
+                    push,
+                    caps: h.capabilities,
+                    ns: (h.role != HostRole::Upstream).then(|| reference.registry.clone()),
+                    creds,
+                    auth: Mutex::new(AuthState::default()),
+                    down: AtomicBool::new(false),
+                    tls_hint,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let n = endpoints.len();
         Ok(Registry {
-            http: http_client(opts)?,
-            base: format!("{scheme}://{}", reference.api_host()),
             registry: reference.registry.clone(),
             repository: reference.repository.clone(),
-            creds: opts.credentials.clone(),
-            push,
-            auth: Mutex::new(AuthState::default()),
+            endpoints,
+            served: std::sync::Mutex::new(Served {
+                manifests: vec![0; n],
+                blobs: vec![0; n],
+                by_digest: HashMap::new(),
+            }),
+            config,
         })
     }
 
@@ -99,346 +211,198 @@ impl Registry {
         &self.registry
     }
 
-    fn err(&self, what: impl Into<String>, detail: impl Into<String>) -> ImageError {
-        ImageError::Registry {
-            registry: self.registry.clone(),
-            what: what.into(),
-            detail: detail.into(),
+    /// The hosts this client tries, in order (`scheme://host/path`).
+    pub fn host_urls(&self) -> Vec<&str> {
+        self.endpoints.iter().map(|e| e.base.as_str()).collect()
+    }
+
+    /// How messages name host `i`.
+    pub(crate) fn host_label(&self, i: usize) -> &str {
+        self.endpoints.get(i).map_or(&self.registry, |e| &e.label)
+    }
+
+    /// Host `i` failed mid-transfer: skip it while another host can answer.
+    pub(crate) fn host_failed(&self, i: usize) {
+        if self.endpoints.len() > 1
+            && let Some(e) = self.endpoints.get(i)
+            && !e.down.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(registry = %self.registry, host = %e.label, "host failed mid-transfer; trying the others first from now on");
         }
     }
 
-    fn unauthorized(&self, detail: impl Into<String>) -> ImageError {
-        ImageError::Unauthorized {
-            registry: self.registry.clone(),
-            repository: self.repository.clone(),
-            detail: detail.into(),
+    /// The host that last served blob `digest`.
+    pub(crate) fn served_by(&self, digest: &str) -> Option<&str> {
+        let i = self.served.lock().ok()?.by_digest.get(digest).copied()?;
+        Some(self.host_label(i))
+    }
+
+    /// Which hosts served what so far, e.g. `127.0.0.1:5001 (mirror of r.io): 1
+    /// manifest, 12 blobs`.
+    pub fn served_summary(&self) -> String {
+        let Ok(s) = self.served.lock() else {
+            return String::new();
+        };
+        self.endpoints
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| s.manifests[*i] + s.blobs[*i] > 0)
+            .map(|(i, e)| {
+                format!(
+                    "{}: {} manifest(s), {} blob request(s)",
+                    e.label, s.manifests[i], s.blobs[i]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn record(&self, kind: Kind, i: usize, digest: Option<&str>) {
+        if let Ok(mut s) = self.served.lock() {
+            match kind {
+                Kind::Manifest => s.manifests[i] += 1,
+                Kind::Blob => s.blobs[i] += 1,
+            }
+            if let Some(d) = digest {
+                s.by_digest.insert(d.to_owned(), i);
+            }
         }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}/v2/{}/{}", self.base, self.repository, path)
-    }
-
-    /// Send a request built by `mk`, answering auth challenges. `mk` may be called more than once.
-    async fn send(&self, what: &str, mk: &(dyn Fn() -> RequestBuilder + Sync)) -> Result<Response> {
-        for _ in 0..self.creds.len() + 3 {
-            let header = self.auth.lock().await.header.clone();
-            let mut rb = mk();
-            if let Some(h) = &header {
-                rb = rb.header(AUTHORIZATION, h);
-            }
-            let resp = rb
-                .send()
-                .await
-                .map_err(|e| self.err(what, error_chain(&e)))?;
-            if resp.status() != StatusCode::UNAUTHORIZED {
-                return Ok(resp);
-            }
-            let challenge = resp
-                .headers()
-                .get(WWW_AUTHENTICATE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            let body = resp.text().await.unwrap_or_default();
-            let mut st = self.auth.lock().await;
-            if st.header != header {
-                continue; // another request already re-authenticated
-            }
-            if st.header.is_some() {
-                // Our authorization was refused. A token may simply have expired; else try the next credential.
-                let fresh = st
-                    .obtained
-                    .is_some_and(|t| t.elapsed() < Duration::from_secs(30));
-                if fresh {
-                    st.cred_idx += 1;
-                }
-                if st.cred_idx >= self.creds.len().max(1) {
-                    return Err(
-                        self.unauthorized(format!("{what}: credentials refused: {}", short(&body)))
-                    );
-                }
-            }
-            // A token endpoint that refuses one credential may accept the next.
-            let h = loop {
-                let cred = self.creds.get(st.cred_idx);
-                match self.answer_challenge(&challenge, cred, what).await {
-                    Ok(h) => break h,
-                    Err(ImageError::Unauthorized { .. }) if st.cred_idx + 1 < self.creds.len() => {
-                        st.cred_idx += 1
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            st.header = Some(h);
-            st.obtained = Some(Instant::now());
-        }
-        Err(self.unauthorized(format!("{what}: still unauthorized after authenticating")))
-    }
-
-    async fn answer_challenge(
-        &self,
-        challenge: &str,
-        cred: Option<&Credentials>,
+    /// Runs `f` on the hosts with `needed`, in order, until one answers; returns which.
+    async fn on_hosts<'s, T>(
+        &'s self,
+        needed: Capabilities,
+        kind: Kind,
         what: &str,
-    ) -> Result<String> {
-        let (scheme, params) = parse_challenge(challenge);
-        match scheme.to_ascii_lowercase().as_str() {
-            "basic" => {
-                let c = cred.ok_or_else(|| {
-                    self.unauthorized(format!("{what}: the registry requires credentials"))
-                })?;
-                use base64::Engine as _;
-                let raw = format!("{}:{}", c.username, c.password);
-                Ok(format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(raw)
-                ))
-            }
-            "bearer" => {
-                let realm = params
-                    .iter()
-                    .find(|(k, _)| k == "realm")
-                    .map(|(_, v)| v.clone())
-                    .ok_or_else(|| {
-                        self.unauthorized(format!("{what}: bearer challenge without realm"))
-                    })?;
-                let service = params
-                    .iter()
-                    .find(|(k, _)| k == "service")
-                    .map(|(_, v)| v.clone());
-                let actions = if self.push { "pull,push" } else { "pull" };
-                let scope = params
-                    .iter()
-                    .find(|(k, _)| k == "scope")
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_else(|| format!("repository:{}:{actions}", self.repository));
-                let token = self
-                    .fetch_token(&realm, service.as_deref(), &scope, cred)
-                    .await?;
-                Ok(format!("Bearer {token}"))
-            }
-            _ => {
-                Err(self.unauthorized(format!("{what}: unsupported auth challenge {challenge:?}")))
-            }
-        }
-    }
-
-    async fn fetch_token(
-        &self,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
-        cred: Option<&Credentials>,
-    ) -> Result<String> {
-        let what = format!("token from {realm}");
-        let resp = match cred.and_then(|c| c.identity_token.as_ref().map(|t| (c, t))) {
-            Some((_, refresh)) => {
-                let mut form = vec![
-                    ("grant_type", "refresh_token"),
-                    ("refresh_token", refresh.as_str()),
-                    ("client_id", "vz-kubelet"),
-                    ("scope", scope),
-                ];
-                if let Some(s) = service {
-                    form.push(("service", s));
-                }
-                let body = form
-                    .iter()
-                    .map(|(k, v)| format!("{k}={}", urlencode(v)))
-                    .collect::<Vec<_>>()
-                    .join("&");
-                self.http
-                    .post(realm)
-                    .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-                    .body(body)
-                    .send()
-                    .await
-            }
-            None => {
-                let mut q = vec![("scope", scope)];
-                if let Some(s) = service {
-                    q.push(("service", s));
-                }
-                let query = q
-                    .iter()
-                    .map(|(k, v)| format!("{k}={}", urlencode(v)))
-                    .collect::<Vec<_>>()
-                    .join("&");
-                let sep = if realm.contains('?') { '&' } else { '?' };
-                let mut rb = self.http.get(format!("{realm}{sep}{query}"));
-                if let Some(c) = cred {
-                    rb = rb.basic_auth(&c.username, Some(&c.password));
-                }
-                rb.send().await
-            }
-        }
-        .map_err(|e| self.err(&what, error_chain(&e)))?;
-        let status = resp.status();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| self.err(&what, error_chain(&e)))?;
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(self.unauthorized(format!(
-                "token endpoint said {status}: {}",
-                short(&String::from_utf8_lossy(&body))
-            )));
-        }
-        if !status.is_success() {
-            return Err(self.err(
-                &what,
-                format!("{status}: {}", short(&String::from_utf8_lossy(&body))),
-            ));
-        }
-        #[derive(serde::Deserialize)]
-        struct Tok {
-            token: Option<String>,
-            access_token: Option<String>,
-        }
-        let t: Tok = serde_json::from_slice(&body)
-            .map_err(|e| self.err(&what, format!("bad token response: {e}")))?;
-        t.token
-            .or(t.access_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| self.err(&what, "no token in response"))
-    }
-
-    async fn check(&self, what: &str, resp: Response) -> Result<Response> {
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
-        }
-        if status == StatusCode::NOT_FOUND {
-            return Err(ImageError::NotFound {
+        f: impl Fn(&'s Endpoint) -> BoxFuture<'s, Result<T>>,
+    ) -> Result<(usize, T)> {
+        let candidates: Vec<usize> = (0..self.endpoints.len())
+            .filter(|&i| self.endpoints[i].caps.has(needed))
+            .collect();
+        if candidates.is_empty() {
+            return Err(ImageError::Registry {
                 registry: self.registry.clone(),
-                what: what.to_string(),
+                what: what.to_owned(),
+                detail: format!(
+                    "no host configured in {} has the capabilities {needed}",
+                    self.config
+                ),
             });
         }
-        if status == StatusCode::FORBIDDEN {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(self.unauthorized(format!("{what}: forbidden: {}", short(&body))));
+        let live: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| !self.endpoints[i].down.load(Ordering::Relaxed))
+            .collect();
+        let order = if live.is_empty() { candidates } else { live };
+        let last = order.len() - 1;
+        let mut k = 0;
+        loop {
+            let i = order[k];
+            let ep = &self.endpoints[i];
+            match f(ep).await {
+                Ok(v) => {
+                    if kind == Kind::Manifest && (k > 0 || ep.ns.is_some()) {
+                        tracing::info!(registry = %self.registry, host = %ep.label, what, "served by");
+                    }
+                    return Ok((i, v));
+                }
+                Err(e) if k < last && falls_back(&e) => {
+                    let next = &self.endpoints[order[k + 1]].label;
+                    if matches!(e, ImageError::NotFound { .. }) {
+                        if kind == Kind::Manifest {
+                            tracing::info!(registry = %self.registry, host = %ep.label, %next, what, "not on this host; trying the next");
+                        } else {
+                            tracing::debug!(registry = %self.registry, host = %ep.label, %next, what, "not on this host; trying the next");
+                        }
+                    } else {
+                        ep.down.store(true, Ordering::Relaxed);
+                        tracing::warn!(registry = %self.registry, host = %ep.label, %next, error = %e, "host failed; trying the next");
+                    }
+                    k += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let body = resp.text().await.unwrap_or_default();
-        Err(self.err(what, format!("{status}: {}", short(&body))))
+    }
+
+    /// The host pushes go to: the first with `push`.
+    fn pusher(&self, what: &str) -> Result<&Endpoint> {
+        self.endpoints
+            .iter()
+            .find(|e| e.caps.has(PUSH))
+            .ok_or_else(|| ImageError::Registry {
+                registry: self.registry.clone(),
+                what: what.to_owned(),
+                detail: format!(
+                    "no host configured in {} has the push capability",
+                    self.config
+                ),
+            })
     }
 
     /// Fetch a manifest by tag or digest. Verifies the digest when fetched by digest.
+    /// A tag is resolved only by hosts with `resolve`.
     pub async fn get_manifest(&self, reference: &str) -> Result<FetchedManifest> {
         let what = format!("GET manifest {}:{reference}", self.repository);
-        let url = self.url(&format!("manifests/{reference}"));
-        let accept = [
-            mt::OCI_MANIFEST,
-            mt::OCI_INDEX,
-            mt::DOCKER_MANIFEST,
-            mt::DOCKER_MANIFEST_LIST,
-        ]
-        .join(", ");
-        let resp = self
-            .send(&what, &|| self.http.get(&url).header(ACCEPT, &accept))
+        let needed = if reference.starts_with("sha256:") {
+            PULL
+        } else {
+            RESOLVE
+        };
+        let (i, m) = self
+            .on_hosts(needed, Kind::Manifest, &what, |ep| {
+                Box::pin(ep.get_manifest(reference, &what))
+            })
             .await?;
-        let mut resp = self.check(&what, resp).await?;
-        if resp
-            .content_length()
-            .is_some_and(|l| l > MAX_MANIFEST_BYTES)
-        {
-            return Err(self.err(&what, "manifest larger than 4 MiB"));
-        }
-        let media_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let mut buf = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| self.err(&what, error_chain(&e)))?
-        {
-            buf.extend_from_slice(&chunk);
-            if buf.len() as u64 > MAX_MANIFEST_BYTES {
-                return Err(self.err(&what, "manifest larger than 4 MiB"));
-            }
-        }
-        let digest = sha256_digest(&buf);
-        if reference.starts_with("sha256:") && digest != reference {
-            return Err(ImageError::DigestMismatch {
-                digest: reference.to_string(),
-                file: "manifest".into(),
-                reason: format!("the registry sent a manifest whose digest is {digest}"),
-            });
-        }
-        Ok(FetchedManifest {
-            bytes: buf.into(),
-            digest,
-            media_type,
-        })
+        self.record(Kind::Manifest, i, None);
+        Ok(m)
     }
 
     /// Resolve a tag to its manifest digest without downloading the manifest (HEAD).
     pub async fn head_manifest(&self, reference: &str) -> Result<Option<String>> {
         let what = format!("HEAD manifest {}:{reference}", self.repository);
-        let url = self.url(&format!("manifests/{reference}"));
-        let accept = [mt::OCI_MANIFEST, mt::OCI_INDEX].join(", ");
-        let resp = self
-            .send(&what, &|| self.http.head(&url).header(ACCEPT, &accept))
+        let needed = if reference.starts_with("sha256:") {
+            PULL
+        } else {
+            RESOLVE
+        };
+        let (_, d) = self
+            .on_hosts(needed, Kind::Manifest, &what, |ep| {
+                Box::pin(ep.head_manifest(reference, &what))
+            })
             .await?;
-        let resp = self.check(&what, resp).await?;
-        Ok(resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string))
+        Ok(d)
     }
 
     /// Start a blob download at `offset` (a `Range` request when non-zero).
     /// Returns the response and whether the server honoured the range.
     pub async fn get_blob(&self, digest: &str, offset: u64) -> Result<(Response, bool)> {
-        let what = format!("GET blob {digest}");
-        let url = self.url(&format!("blobs/{digest}"));
-        let resp = self
-            .send(&what, &|| {
-                let rb = self.http.get(&url);
-                if offset > 0 {
-                    rb.header(RANGE, format!("bytes={offset}-"))
-                } else {
-                    rb
-                }
-            })
-            .await?;
-        let resp = self.check(&what, resp).await?;
-        let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
-        if partial {
-            let start = resp
-                .headers()
-                .get("content-range")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.parse::<u64>().ok());
-            if start != Some(offset) {
-                return Err(self.err(
-                    &what,
-                    format!(
-                        "asked for bytes from {offset}, got Content-Range starting at {start:?}"
-                    ),
-                ));
-            }
-        }
+        let (resp, partial, _) = self.get_blob_at(digest, offset).await?;
         Ok((resp, partial))
     }
 
-    /// Whether a blob exists.
+    /// [`Registry::get_blob`], also saying which host answered.
+    pub(crate) async fn get_blob_at(
+        &self,
+        digest: &str,
+        offset: u64,
+    ) -> Result<(Response, bool, usize)> {
+        let what = format!("GET blob {digest}");
+        let (i, (resp, partial)) = self
+            .on_hosts(PULL, Kind::Blob, &what, |ep| {
+                Box::pin(ep.get_blob(digest, offset, &what))
+            })
+            .await?;
+        self.record(Kind::Blob, i, Some(digest));
+        Ok((resp, partial, i))
+    }
+
+    /// Whether a blob exists (on the host pushes go to).
     pub async fn has_blob(&self, digest: &str) -> Result<bool> {
         let what = format!("HEAD blob {digest}");
-        let url = self.url(&format!("blobs/{digest}"));
-        let resp = self.send(&what, &|| self.http.head(&url)).await?;
-        match resp.status() {
-            s if s.is_success() => Ok(true),
-            StatusCode::NOT_FOUND => Ok(false),
-            _ => self.check(&what, resp).await.map(|_| false),
-        }
+        self.pusher(&what)?.has_blob(digest, &what).await
     }
 
     /// Upload a blob in one request; `body` is called for the bytes (after auth is settled).
@@ -447,38 +411,9 @@ impl Registry {
         F: FnOnce() -> reqwest::Body,
     {
         let what = format!("upload blob {digest}");
-        let url = self.url("blobs/uploads/");
-        let resp = self
-            .send(&what, &|| self.http.post(&url).header(CONTENT_LENGTH, "0"))
-            .await?;
-        let resp = self.check(&what, resp).await?;
-        let location = resp
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| self.err(&what, "no Location in the upload response"))?;
-        let location = if location.starts_with('/') {
-            format!("{}{location}", self.base)
-        } else {
-            location.to_string()
-        };
-        let sep = if location.contains('?') { '&' } else { '?' };
-        let put_url = format!("{location}{sep}digest={}", urlencode(digest));
-        let header = self.auth.lock().await.header.clone();
-        let mut rb = self
-            .http
-            .request(Method::PUT, &put_url)
-            .header(CONTENT_TYPE, "application/octet-stream")
-            .header(CONTENT_LENGTH, size)
-            .body(body());
-        if let Some(h) = header {
-            rb = rb.header(AUTHORIZATION, h);
-        }
-        let resp = rb
-            .send()
+        self.pusher(&what)?
+            .put_blob(digest, size, body, &what)
             .await
-            .map_err(|e| self.err(&what, error_chain(&e)))?;
-        self.check(&what, resp).await.map(|_| ())
     }
 
     /// Upload a manifest under a tag (or digest); returns its digest.
@@ -489,26 +424,15 @@ impl Registry {
         media_type: &str,
     ) -> Result<String> {
         let what = format!("PUT manifest {}:{reference}", self.repository);
-        let url = self.url(&format!("manifests/{reference}"));
-        let body = Bytes::copy_from_slice(bytes);
-        let resp = self
-            .send(&what, &|| {
-                self.http
-                    .put(&url)
-                    .header(CONTENT_TYPE, media_type)
-                    .body(body.clone())
-            })
-            .await?;
-        self.check(&what, resp).await?;
-        Ok(sha256_digest(bytes))
+        self.pusher(&what)?
+            .put_manifest(reference, bytes, media_type, &what)
+            .await
     }
 
     /// Delete a manifest by digest (registries may refuse).
     pub async fn delete_manifest(&self, digest: &str) -> Result<()> {
         let what = format!("DELETE manifest {digest}");
-        let url = self.url(&format!("manifests/{digest}"));
-        let resp = self.send(&what, &|| self.http.delete(&url)).await?;
-        self.check(&what, resp).await.map(|_| ())
+        self.pusher(&what)?.delete_manifest(digest, &what).await
     }
 }
 
@@ -517,7 +441,7 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-fn short(s: &str) -> String {
+pub(crate) fn short(s: &str) -> String {
     let s = s.trim();
     if s.len() > 300 {
         format!("{}…", &s[..s.floor_char_boundary(300)])
@@ -526,7 +450,7 @@ fn short(s: &str) -> String {
     }
 }
 
-fn urlencode(s: &str) -> String {
+pub(crate) fn urlencode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

@@ -89,8 +89,24 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
 }
 
+/// How to start a [`Registry`] beyond the defaults (anonymous, plain HTTP, storing what
+/// is pushed).
+#[derive(Debug, Clone, Default)]
+pub struct RegistryConfig {
+    /// Require this user and password (htpasswd basic auth).
+    pub auth: Option<(String, String)>,
+    /// Serve HTTPS with this certificate and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// With `tls`: require a client certificate signed by this CA (PEM file).
+    pub client_ca: Option<PathBuf>,
+    /// Run as a pull-through cache of this registry URL (`proxy.remoteurl`); such a
+    /// registry refuses pushes.
+    pub proxy_remote_url: Option<String>,
+}
+
 /// A `docker-registry` (Debian's distribution v2) on a free loopback port, killed on drop.
-/// Deletion is enabled; with [`Registry::with_auth`] it asks for htpasswd basic auth.
+/// Deletion is enabled; with [`Registry::with_auth`] it asks for htpasswd basic auth,
+/// [`Registry::start_with`] adds TLS or pull-through caching.
 #[derive(Debug)]
 pub struct Registry {
     child: Child,
@@ -103,20 +119,24 @@ pub struct Registry {
 impl Registry {
     /// Starts an anonymous registry and waits until it accepts connections.
     pub fn start() -> Self {
-        Self::spawn(None)
+        Self::start_with(&RegistryConfig::default())
     }
 
     /// Starts a registry that requires `user`/`password` (bcrypt htpasswd, made with
     /// `htpasswd` from Debian's apache2-utils).
     pub fn with_auth(user: &str, password: &str) -> Self {
-        Self::spawn(Some((user, password)))
+        Self::start_with(&RegistryConfig {
+            auth: Some((user.to_owned(), password.to_owned())),
+            ..RegistryConfig::default()
+        })
     }
 
-    fn spawn(auth: Option<(&str, &str)>) -> Self {
+    /// Starts a registry configured by `config` and waits until it accepts connections.
+    pub fn start_with(config: &RegistryConfig) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let addr = format!("127.0.0.1:{}", free_port());
         let mut auth_cfg = String::new();
-        if let Some((user, password)) = auth {
+        if let Some((user, password)) = &config.auth {
             let out = Command::new("htpasswd")
                 .args(["-Bbn", user, password])
                 .output()
@@ -129,8 +149,22 @@ impl Registry {
                 path.display()
             );
         }
+        let tls_cfg = config.tls.as_ref().map_or_else(String::new, |(cert, key)| {
+            let client_cas = config.client_ca.as_ref().map_or_else(String::new, |ca| {
+                format!("    clientcas:\n      - {}\n", ca.display())
+            });
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n{client_cas}",
+                cert.display(),
+                key.display()
+            )
+        });
+        let proxy_cfg = config
+            .proxy_remote_url
+            .as_ref()
+            .map_or_else(String::new, |url| format!("proxy:\n  remoteurl: {url}\n"));
         let cfg = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_cfg}",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_cfg}{auth_cfg}{proxy_cfg}",
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("config.yml"), cfg)

@@ -51,7 +51,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-pub use fixtures::{Guest, Netns, Registry, free_port, guest};
+pub use fixtures::{Guest, Netns, Registry, RegistryConfig, free_port, guest};
 pub use pki::CertPair;
 
 /// The environment variable naming the folder with `etcd` and `kube-apiserver`.

@@ -1,11 +1,12 @@
 //! `vz-kubelet image …`: push, pull, list, inspect, remove and prune VM images.
 
 use std::io::IsTerminal as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use vzk_image::hosts::{self, RegistryHosts};
 use vzk_image::manifest::{self, Format};
 use vzk_image::push::AgodaLayout;
 use vzk_image::registry::Registry;
@@ -46,6 +47,11 @@ pub(crate) struct ImageArgs {
     /// Docker config with registry credentials (default `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
     #[arg(long, global = true)]
     docker_config: Option<PathBuf>,
+    /// Registry hosts configuration in containerd's layout: `<dir>/<registry>/hosts.toml`
+    /// with mirrors, CA bundles, client certificates (`_default` for every registry).
+    /// Default: /etc/vz-kubelet/certs.d when it exists.
+    #[arg(long, global = true, env = "VZK_REGISTRY_CONFIG_DIR")]
+    registry_config_dir: Option<PathBuf>,
     /// Output of `ls`, `inspect`, `push`, `pull`, `prune`.
     #[arg(long, short, global = true, value_enum, default_value = "text")]
     output: Output,
@@ -182,13 +188,9 @@ fn is_local(r: &Reference) -> bool {
 }
 
 impl ImageArgs {
-    fn credentials(&self, r: &Reference) -> anyhow::Result<Vec<Credentials>> {
-        if let Some(u) = &self.username {
-            return Ok(vec![Credentials::basic(
-                u,
-                self.password.clone().unwrap_or_default(),
-            )]);
-        }
+    /// The docker config's credentials: for the image's registry (unless `--username`
+    /// gives them) and for mirrors, by their own names.
+    fn keyring(&self) -> anyhow::Result<Keyring> {
         let path = match &self.docker_config {
             Some(p) => p.clone(),
             None => std::env::var_os("DOCKER_CONFIG")
@@ -197,14 +199,33 @@ impl ImageArgs {
                 .unwrap_or_default()
                 .join("config.json"),
         };
-        Ok(Keyring::from_docker_config_file(&path)?.lookup(r))
+        Ok(Keyring::from_docker_config_file(&path)?)
+    }
+
+    /// The registry hosts configuration; a bad file stops the command, naming it.
+    fn hosts(&self) -> anyhow::Result<RegistryHosts> {
+        let loaded = match &self.registry_config_dir {
+            Some(dir) => RegistryHosts::load(dir),
+            None => RegistryHosts::load_if_present(Path::new(hosts::DEFAULT_CONFIG_DIR)),
+        };
+        loaded.context("invalid registry configuration")
     }
 
     fn registry_options(&self, r: &Reference) -> anyhow::Result<RegistryOptions> {
+        let keyring = self.keyring()?;
+        let credentials = match &self.username {
+            Some(u) => vec![Credentials::basic(
+                u,
+                self.password.clone().unwrap_or_default(),
+            )],
+            None => keyring.lookup(r),
+        };
         Ok(RegistryOptions {
-            credentials: self.credentials(r)?,
+            credentials,
             plain_http: self.plain_http || is_local(r),
             insecure: self.insecure,
+            hosts: self.hosts()?,
+            keyring,
         })
     }
 
@@ -313,6 +334,8 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
                 },
                 plain_http: reg.plain_http,
                 insecure: reg.insecure,
+                hosts: reg.hosts,
+                keyring: reg.keyring,
                 concurrency: *concurrency,
                 progress: Some(progress()),
             };

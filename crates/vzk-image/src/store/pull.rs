@@ -11,7 +11,8 @@ use futures::FutureExt as _;
 use super::cache::touch;
 use super::{ImageStore, LocalImage, Meta, SharedPull, boot_id};
 use crate::error::{ImageError, IoContext as _, Result};
-use crate::keyring::Credentials;
+use crate::hosts::RegistryHosts;
+use crate::keyring::{Credentials, Keyring};
 use crate::manifest::{self, Descriptor, Index};
 use crate::media_types as mt;
 use crate::progress::{NoProgress, Progress};
@@ -51,14 +52,19 @@ impl PullPolicy {
 /// How to pull.
 #[derive(Clone, Default)]
 pub struct PullOptions {
-    /// Credentials to try in order (e.g. from [`crate::Keyring::lookup`]).
+    /// Credentials for the image's registry, tried in order (e.g. from
+    /// [`crate::Keyring::lookup`]).
     pub credentials: Vec<Credentials>,
     /// Pull policy.
     pub policy: PullPolicy,
-    /// Talk plain HTTP to the registry.
+    /// Talk plain HTTP to the registry (unless its `hosts.toml` names a `server`).
     pub plain_http: bool,
-    /// Accept any TLS certificate.
+    /// Accept any TLS certificate (where `hosts.toml` does not set `skip_verify`).
     pub insecure: bool,
+    /// Mirrors and TLS per registry (`hosts.toml`, see [`crate::hosts`]).
+    pub hosts: RegistryHosts,
+    /// Credentials for mirrors (and another `server`), by their own host names.
+    pub keyring: Keyring,
     /// Parts downloaded at once (0: default 4).
     pub concurrency: usize,
     /// Progress sink (default: none).
@@ -72,6 +78,7 @@ impl std::fmt::Debug for PullOptions {
             .field("policy", &self.policy)
             .field("plain_http", &self.plain_http)
             .field("insecure", &self.insecure)
+            .field("hosts", &self.hosts.namespaces())
             .field("concurrency", &self.concurrency)
             .finish()
     }
@@ -83,6 +90,8 @@ impl PullOptions {
             credentials: self.credentials.clone(),
             plain_http: self.plain_http,
             insecure: self.insecure,
+            hosts: self.hosts.clone(),
+            keyring: self.keyring.clone(),
         }
     }
 }
@@ -152,6 +161,9 @@ impl ImageStore {
             .clone()
             .unwrap_or_else(|| Arc::new(NoProgress));
         let reg = Arc::new(Registry::new(reference, &opts.registry_options(), false)?);
+        if reg.host_urls().len() > 1 {
+            tracing::debug!(reference = %reference, hosts = ?reg.host_urls(), "hosts to try, in order");
+        }
         let name = reference.to_string();
         let mut fetched = reg.get_manifest(reference.manifest_ref()).await?;
         let is_index = fetched.media_type.starts_with(mt::OCI_INDEX)
@@ -219,7 +231,7 @@ impl ImageStore {
             HashMap::new()
         };
         let res = crate::pull::pull_into(
-            reg,
+            reg.clone(),
             &plan,
             &work,
             if opts.concurrency == 0 {
@@ -289,6 +301,7 @@ impl ImageStore {
             format = plan.format.as_str(),
             bytes = plan.compressed_size(),
             seconds = started.elapsed().as_secs_f64(),
+            served_by = %reg.served_summary(),
             "image pulled"
         );
         let dir = self.image_dir(&digest);

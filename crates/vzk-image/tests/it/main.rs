@@ -6,5 +6,6 @@ mod clone;
 #[cfg(target_os = "linux")]
 mod diskfull;
 mod faults;
+mod mirrors;
 mod roundtrip;
 mod support;
