@@ -4,6 +4,8 @@
 //!   [`Capabilities`] and the stop/wait helpers. `vzk-vz` (macOS) implements them too.
 //! * [`spec`]: [`VmSpec`], the data every backend accepts.
 //! * [`mac`]: random locally-administered [`MacAddr`]esses.
+//! * [`nat_settings`]: the NAT network's operator settings (subnet, bridge, guest DNS),
+//!   validated on every platform.
 //! * [`hosted`]: one VM host process per VM ([`hosted::Hosted`] in the agent,
 //!   [`hosted::serve`] in the host), so VMs of in-process backends survive agent
 //!   restarts and a backend crash takes down one VM only.
@@ -29,6 +31,7 @@
 pub mod hosted;
 pub mod hypervisor;
 pub mod mac;
+pub mod nat_settings;
 #[cfg(target_os = "linux")]
 pub mod net;
 #[cfg(target_os = "linux")]

@@ -188,6 +188,9 @@ fn serving_cert(args: &RunArgs, node: &NodeConfig) -> anyhow::Result<(PathBuf, P
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.settings()?;
     let node = settings.node;
+    // Before anything touches the data dir's VMs, NAT network or dnsmasq: one agent per
+    // data dir (held until the process exits).
+    let _data_dir_lock = vzk_backend::lock_data_dir(&args.provider.data_dir)?;
     let client = client(args.kubeconfig.as_ref()).await?;
     let hypervisor = vzk_backend::open(&args.backend, &args.provider.data_dir.join("qemu"))
         .await

@@ -400,7 +400,10 @@ async fn vm_pod_lifecycle_streams_slots_restart_and_clean_deletion() {
 
     // Deletion with grace: preStop, ACPI power-off, then nothing left behind.
     assert!(!pids_with(&vm_id).is_empty(), "QEMU of a runs");
-    let tap = vzk_vm::net::tap::tap_name(&vm_id, 0);
+    // The TAP the backend recorded for the VM (TAP names are scoped to the data dir).
+    let taps = vzk_vm::qemu::statedir::StateDir::new(&data.join("qemu"), &vm_id).read_taps();
+    let tap = taps.first().cloned().unwrap_or_default();
+    assert!(!tap.is_empty(), "the VM's state dir records its TAP");
     assert!(netns.has_link(&tap), "TAP {tap} exists while a runs");
     delete_pod(&pods, "a", 20, Duration::from_secs(60)).await;
     assert!(pids_with(&vm_id).is_empty(), "no QEMU left for {vm_id}");

@@ -58,6 +58,13 @@ pub async fn exists(name: &str) -> bool {
     ip(&["link", "show", "dev", name]).await.is_ok()
 }
 
+/// Whether interface `name` is a Linux bridge (`ip -d link` shows its `bridge` info).
+pub async fn is_bridge(name: &str) -> bool {
+    ip(&["-d", "-o", "link", "show", "dev", name])
+        .await
+        .is_ok_and(|out| out.split_whitespace().any(|w| w == "bridge"))
+}
+
 /// Creates bridge `name` (no STP, no forwarding delay) if missing and brings it up.
 pub async fn ensure_bridge(name: &str) -> Result<(), LinkError> {
     if !exists(name).await {

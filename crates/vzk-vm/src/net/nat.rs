@@ -5,10 +5,21 @@
 //! * [`NatNetwork::start`] is idempotent across agent restarts: it (re)creates the bridge
 //!   and its gateway address if missing, replaces a `dnsmasq` left by a previous agent
 //!   (found by its pid file) with a fresh one reading the same lease file (so guests keep
-//!   their addresses), and (re)installs the nftables table `ip vzk_<bridge>`.
+//!   their addresses), and (re)installs the nftables table `ip vzk_<bridge>`
+//!   ([`crate::nat_settings::nft_table`]).
+//! * It refuses a subnet that overlaps an address on another interface (another agent's
+//!   NAT network, a LAN, a VPN) and a bridge name that is an existing non-bridge
+//!   interface, naming what is in the way.
 //! * `dnsmasq` is a child of the agent, killed when the [`NatNetwork`] is dropped. VMs do
 //!   not need it after their lease, so the agent's absence only delays renewals.
 //! * Everything happens in the network namespace of the calling thread.
+//!
+//! # Several networks on one host
+//! A network's host-global names derive from its bridge (the interface itself, the
+//! nftables table) and its files live in its state dir (dnsmasq's pid, lease and log
+//! files; a stale dnsmasq is replaced only if its command line names this pid file):
+//! agents with their own data dirs, bridges and subnets run side by side, and
+//! [`NatNetwork::remove`] of one leaves the others' bridges, dnsmasqs and tables alone.
 //!
 //! # Caveats
 //! Masquerading needs forwarding: `net.ipv4.ip_forward` is set to 1. A host firewall
@@ -23,18 +34,22 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
 use super::link::{self, LinkError};
+use crate::nat_settings::{self, NatSettings};
 
 /// Settings of the NAT network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatConfig {
     /// The bridge to own (created if missing).
     pub bridge: String,
-    /// The host's address on the bridge (the guests' gateway and DNS).
+    /// The host's address on the bridge (the guests' gateway, and their DNS server
+    /// unless `dns_servers` names others).
     pub gateway: Ipv4Addr,
     /// Prefix length of the subnet.
     pub prefix_len: u8,
     /// First and last address DHCP hands out.
     pub dhcp_range: (Ipv4Addr, Ipv4Addr),
+    /// DNS servers handed to guests (DHCP option 6); empty: the gateway.
+    pub dns_servers: Vec<Ipv4Addr>,
     /// Lease time.
     pub lease: Duration,
     /// Install the masquerade rule and enable forwarding.
@@ -44,23 +59,60 @@ pub struct NatConfig {
 }
 
 impl Default for NatConfig {
+    /// Bridge `vzkbr0`, subnet `10.213.0.0/24` ([`NatSettings::default`]).
     fn default() -> Self {
+        Self::from_settings(&NatSettings::default())
+    }
+}
+
+impl NatConfig {
+    /// The network an operator's settings describe: gateway, DHCP range and guest DNS
+    /// derived from the subnet (see [`crate::nat_settings`]).
+    pub fn from_settings(s: &NatSettings) -> Self {
         Self {
-            bridge: "vzkbr0".into(),
-            gateway: Ipv4Addr::new(10, 213, 0, 1),
-            prefix_len: 24,
-            dhcp_range: (
-                Ipv4Addr::new(10, 213, 0, 10),
-                Ipv4Addr::new(10, 213, 0, 250),
-            ),
+            bridge: s.bridge.clone(),
+            gateway: s.subnet.gateway(),
+            prefix_len: s.subnet.prefix_len(),
+            dhcp_range: s.subnet.dhcp_range(),
+            dns_servers: s.guest_dns.clone(),
             lease: Duration::from_secs(3600),
             masquerade: true,
             dnsmasq: "dnsmasq".into(),
         }
     }
-}
 
-impl NatConfig {
+    /// The nftables table of this network (`ip` family).
+    pub fn nft_table(&self) -> String {
+        nat_settings::nft_table(&self.bridge)
+    }
+
+    /// The DNS servers guests get.
+    pub fn guest_dns(&self) -> Vec<Ipv4Addr> {
+        if self.dns_servers.is_empty() {
+            vec![self.gateway]
+        } else {
+            self.dns_servers.clone()
+        }
+    }
+
+    /// Whether the subnet shares an address with `addr/prefix_len`.
+    pub fn overlaps(&self, addr: Ipv4Addr, prefix_len: u8) -> bool {
+        let common = u32::from(self.prefix_len.min(prefix_len).min(32));
+        let mask = u32::MAX.checked_shl(32 - common).unwrap_or(0);
+        u32::from(self.gateway) & mask == u32::from(addr) & mask
+    }
+
+    /// The first address in `addrs` (interface, address, prefix) on an interface other
+    /// than this network's bridge that overlaps its subnet.
+    pub fn conflict<'a>(
+        &self,
+        addrs: &'a [(String, Ipv4Addr, u8)],
+    ) -> Option<&'a (String, Ipv4Addr, u8)> {
+        addrs
+            .iter()
+            .find(|(iface, addr, len)| *iface != self.bridge && self.overlaps(*addr, *len))
+    }
+
     /// The subnet's network address.
     pub fn network(&self) -> Ipv4Addr {
         let mask = u32::MAX
@@ -95,6 +147,14 @@ impl NatConfig {
                 self.lease.as_secs().max(120)
             ),
             format!("--dhcp-option=option:router,{}", self.gateway),
+            format!(
+                "--dhcp-option=option:dns-server,{}",
+                self.guest_dns()
+                    .iter()
+                    .map(Ipv4Addr::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             "--dhcp-authoritative".into(),
             format!("--dhcp-leasefile={}", dir.join("dnsmasq.leases").display()),
             format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
@@ -106,7 +166,7 @@ impl NatConfig {
 
     /// The nftables script installing the masquerade table.
     pub fn nft_script(&self) -> String {
-        let table = format!("vzk_{}", self.bridge.replace(['-', '.'], "_"));
+        let table = self.nft_table();
         let net = format!("{}/{}", self.network(), self.prefix_len);
         format!(
             "table ip {table} {{}}\nflush table ip {table}\n\
@@ -151,6 +211,48 @@ pub enum NatError {
     /// Installing the masquerade rule or enabling forwarding failed.
     #[error("setting up masquerading failed: {0}")]
     Masquerade(String),
+    /// The subnet overlaps an address on another interface.
+    #[error(
+        "the NAT subnet {subnet} overlaps {address} on interface {interface} (another agent's NAT network, a LAN or a VPN?): choose another --nat-subnet"
+    )]
+    SubnetOverlap {
+        /// The NAT subnet.
+        subnet: String,
+        /// The other interface.
+        interface: String,
+        /// Its address and prefix.
+        address: String,
+    },
+    /// The bridge name is taken by an interface that is not a bridge.
+    #[error("interface {bridge} exists and is not a bridge: choose another --nat-bridge")]
+    NotABridge {
+        /// The name.
+        bridge: String,
+    },
+    /// Removing the network failed.
+    #[error("removing the NAT network on {bridge} failed: {detail}")]
+    Remove {
+        /// The bridge.
+        bridge: String,
+        /// What failed.
+        detail: String,
+    },
+}
+
+/// The IPv4 addresses of the calling thread's network namespace: (interface, address,
+/// prefix length).
+pub fn interface_addresses() -> Vec<(String, Ipv4Addr, u8)> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| {
+            let ip = a.address.as_ref()?.as_sockaddr_in()?.ip();
+            let mask = a.netmask.as_ref()?.as_sockaddr_in()?.ip();
+            let prefix = u8::try_from(u32::from(mask).count_ones()).ok()?;
+            Some((a.interface_name, ip, prefix))
+        })
+        .collect()
 }
 
 /// A running NAT network. Dropping it stops its dnsmasq (the bridge stays).
@@ -187,6 +289,19 @@ impl NatNetwork {
             bridge: config.bridge.clone(),
             source,
         };
+        let addrs = interface_addresses();
+        if let Some((interface, addr, len)) = config.conflict(&addrs) {
+            return Err(NatError::SubnetOverlap {
+                subnet: format!("{}/{}", config.network(), config.prefix_len),
+                interface: interface.clone(),
+                address: format!("{addr}/{len}"),
+            });
+        }
+        if link::exists(&config.bridge).await && !link::is_bridge(&config.bridge).await {
+            return Err(NatError::NotABridge {
+                bridge: config.bridge.clone(),
+            });
+        }
         link::ensure_bridge(&config.bridge)
             .await
             .map_err(bridge_err)?;
@@ -268,6 +383,45 @@ impl NatNetwork {
     pub fn dnsmasq_pid(&self) -> Option<u32> {
         self.dnsmasq.id()
     }
+
+    /// Removes the network `config` describes, whose files are in `dir`, in the calling
+    /// thread's namespace: a dnsmasq still running from `dir` (its command line naming
+    /// this pid file), the nftables table and the bridge. The lease file stays. Nothing of
+    /// another network is touched: each name derives from this network's bridge or dir.
+    /// What is already gone is success.
+    pub async fn remove(config: &NatConfig, dir: &Path) -> Result<(), NatError> {
+        kill_stale_dnsmasq(&dir.join("dnsmasq.pid")).await;
+        let table = config.nft_table();
+        let out = Command::new("nft")
+            .args(["delete", "table", "ip", &table])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| NatError::Remove {
+                bridge: config.bridge.clone(),
+                detail: format!("running nft: {e}"),
+            })?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !stderr.contains("No such file or directory") {
+            return Err(NatError::Remove {
+                bridge: config.bridge.clone(),
+                detail: format!("nft delete table ip {table}: {}", stderr.trim()),
+            });
+        }
+        if link::exists(&config.bridge).await && !link::is_bridge(&config.bridge).await {
+            return Err(NatError::NotABridge {
+                bridge: config.bridge.clone(),
+            });
+        }
+        link::delete(&config.bridge)
+            .await
+            .map_err(|e| NatError::Remove {
+                bridge: config.bridge.clone(),
+                detail: e.to_string(),
+            })?;
+        tracing::info!(bridge = %config.bridge, table, "NAT network removed");
+        Ok(())
+    }
 }
 
 async fn install_masquerade(config: &NatConfig) -> Result<(), NatError> {
@@ -341,7 +495,7 @@ mod tests {
         assert_eq!(c.network(), Ipv4Addr::new(10, 9, 8, 0));
         assert_eq!(c.netmask(), Ipv4Addr::new(255, 255, 255, 0));
         let nft = c.nft_script();
-        assert!(nft.contains("table ip vzk_br_x"), "{nft}");
+        assert!(nft.contains("table ip vzk_br_2dx"), "{nft}");
         assert!(
             nft.contains("ip saddr 10.9.8.0/24 ip daddr != 10.9.8.0/24 masquerade"),
             "{nft}"
@@ -352,5 +506,103 @@ mod tests {
             args.iter()
                 .any(|a| a.starts_with("--dhcp-range=10.213.0.10,10.213.0.250,255.255.255.0,"))
         );
+    }
+
+    #[test]
+    fn dnsmasq_args_follow_the_settings() {
+        let settings = |subnet: &str, bridge: &str, dns: &[&str]| NatSettings {
+            subnet: subnet.parse().unwrap_or_default(),
+            bridge: bridge.into(),
+            guest_dns: dns.iter().filter_map(|d| d.parse().ok()).collect(),
+        };
+        // (settings, dir, arguments that must be there)
+        let table = [
+            (
+                settings("10.213.0.0/24", "vzkbr0", &[]),
+                "/var/lib/vz-kubelet/qemu/nat",
+                vec![
+                    "--interface=vzkbr0",
+                    "--listen-address=10.213.0.1",
+                    "--dhcp-range=10.213.0.10,10.213.0.250,255.255.255.0,3600s",
+                    "--dhcp-option=option:router,10.213.0.1",
+                    "--dhcp-option=option:dns-server,10.213.0.1",
+                    "--dhcp-leasefile=/var/lib/vz-kubelet/qemu/nat/dnsmasq.leases",
+                    "--pid-file=/var/lib/vz-kubelet/qemu/nat/dnsmasq.pid",
+                    "--bind-interfaces",
+                ],
+            ),
+            (
+                settings("192.168.77.0/28", "agent-b", &["192.168.1.53", "9.9.9.9"]),
+                "/srv/b/qemu/nat",
+                vec![
+                    "--interface=agent-b",
+                    "--listen-address=192.168.77.1",
+                    "--dhcp-range=192.168.77.2,192.168.77.14,255.255.255.240,3600s",
+                    "--dhcp-option=option:router,192.168.77.1",
+                    "--dhcp-option=option:dns-server,192.168.1.53,9.9.9.9",
+                    "--dhcp-leasefile=/srv/b/qemu/nat/dnsmasq.leases",
+                    "--pid-file=/srv/b/qemu/nat/dnsmasq.pid",
+                    "--bind-interfaces",
+                ],
+            ),
+        ];
+        for (s, dir, want) in table {
+            let c = NatConfig::from_settings(&s);
+            let args = c.dnsmasq_args(Path::new(dir));
+            for w in want {
+                assert!(args.iter().any(|a| a == w), "{w} missing from {args:?}");
+            }
+            // Exactly one DNS option and one router option.
+            assert_eq!(
+                args.iter()
+                    .filter(|a| a.contains("option:dns-server"))
+                    .count(),
+                1
+            );
+            let nft = c.nft_script();
+            assert!(
+                nft.contains(&format!("table ip {} {{", c.nft_table())),
+                "{nft}"
+            );
+            assert!(
+                nft.contains(&format!(
+                    "ip saddr {net} ip daddr != {net} masquerade",
+                    net = s.subnet
+                )),
+                "{nft}"
+            );
+        }
+        assert_eq!(NatConfig::default().nft_table(), "vzk_vzkbr0");
+        assert_eq!(
+            NatConfig::default(),
+            NatConfig::from_settings(&NatSettings::default())
+        );
+    }
+
+    #[test]
+    fn another_interface_in_the_subnet_is_a_conflict_our_bridge_is_not() {
+        let c = NatConfig::default();
+        let addrs = |list: &[(&str, &str, u8)]| -> Vec<(String, Ipv4Addr, u8)> {
+            list.iter()
+                .map(|(i, a, p)| {
+                    (
+                        (*i).to_owned(),
+                        a.parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+                        *p,
+                    )
+                })
+                .collect()
+        };
+        let ours = addrs(&[("lo", "127.0.0.1", 8), ("vzkbr0", "10.213.0.1", 24)]);
+        assert_eq!(c.conflict(&ours), None);
+        let other_agent = addrs(&[("vzkbr0", "10.213.0.1", 24), ("vzkbr1", "10.213.0.1", 24)]);
+        assert_eq!(
+            c.conflict(&other_agent).map(|(i, _, _)| i.as_str()),
+            Some("vzkbr1")
+        );
+        let lan = addrs(&[("eth0", "10.0.3.4", 8)]);
+        assert_eq!(c.conflict(&lan).map(|(i, _, _)| i.as_str()), Some("eth0"));
+        let elsewhere = addrs(&[("eth0", "10.214.0.4", 24), ("docker0", "172.17.0.1", 16)]);
+        assert_eq!(c.conflict(&elsewhere), None);
     }
 }

@@ -146,11 +146,15 @@ pub(crate) fn enslave_and_up(port: &str, bridge: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// A deterministic TAP name for NIC `index` of VM `id` (`vzk` + 8 hex + `n` + index).
-pub fn tap_name(id: &str, index: usize) -> String {
+/// A deterministic TAP name for NIC `index` of VM `id` of the backend whose state dir
+/// is `scope` (`vzk` + 8 hex + `n` + index). TAP names are host-global (per network
+/// namespace): the scope keeps two agents' VMs of the same id (`vm run --id manual`, a
+/// pod UID seen by two clusters) apart. The name is recorded in the VM's state dir, so
+/// re-adoption never recomputes it.
+pub fn tap_name(scope: &str, id: &str, index: usize) -> String {
     // FNV-1a: stable across versions and processes (unlike `DefaultHasher`).
     let mut h: u32 = 0x811c_9dc5;
-    for b in id.bytes() {
+    for b in scope.bytes().chain([0]).chain(id.bytes()) {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
@@ -163,11 +167,13 @@ mod tests {
 
     #[test]
     fn tap_names_are_stable_short_and_distinct() {
-        let a = tap_name("default-web-0", 0);
-        assert_eq!(a, tap_name("default-web-0", 0));
+        let a = tap_name("/var/lib/a/qemu", "default-web-0", 0);
+        assert_eq!(a, tap_name("/var/lib/a/qemu", "default-web-0", 0));
         assert!(a.len() < libc::IFNAMSIZ, "{a}");
-        assert_ne!(a, tap_name("default-web-1", 0));
-        assert_ne!(a, tap_name("default-web-0", 1));
+        assert_ne!(a, tap_name("/var/lib/a/qemu", "default-web-1", 0));
+        assert_ne!(a, tap_name("/var/lib/a/qemu", "default-web-0", 1));
+        // Another agent's state dir: another name for the same VM id.
+        assert_ne!(a, tap_name("/var/lib/b/qemu", "default-web-0", 0));
         assert!(matches!(
             create_tap(&"x".repeat(16)),
             Err(TapError::InvalidName(_))

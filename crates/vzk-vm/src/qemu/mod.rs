@@ -101,6 +101,9 @@ pub(crate) struct Shared {
     pub(crate) accel: Accel,
     pub(crate) nat_bridge: Option<String>,
     pub(crate) ovmf_code: Option<PathBuf>,
+    /// What makes this backend's TAP names its own: its state dir (see
+    /// [`crate::net::tap::tap_name`]).
+    pub(crate) tap_scope: String,
 }
 
 /// The QEMU backend.
@@ -192,11 +195,18 @@ impl QemuBackend {
             vms_outlive_agent: true,
         };
         tracing::info!(backend = "qemu", version = %version, accel = accel.as_str(), nat = nat.is_some(), "hypervisor ready");
+        let tap_scope = config
+            .state_dir
+            .canonicalize()
+            .unwrap_or_else(|_| config.state_dir.clone())
+            .display()
+            .to_string();
         let shared = Arc::new(Shared {
             binary: config.binary.clone(),
             accel,
             nat_bridge: nat.as_ref().map(|n| n.bridge().to_owned()),
             ovmf_code,
+            tap_scope,
         });
         Ok(Self {
             root: config.state_dir,

@@ -158,7 +158,7 @@ impl QemuVm {
         let mut fds = Vec::new();
         let mut names = Vec::new();
         for (i, nic) in self.spec.nics.iter().enumerate() {
-            let name = tap::tap_name(&self.spec.id, i);
+            let name = tap::tap_name(&self.shared.tap_scope, &self.spec.id, i);
             let bridge = match &nic.attachment {
                 NetworkAttachment::Nat => self.shared.nat_bridge.clone().ok_or_else(|| {
                     self.fail_start("the nat network is not configured on this backend".into())
