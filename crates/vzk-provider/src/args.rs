@@ -2,8 +2,9 @@
 //! `vz-kubelet run`. Every flag has a `VZK_*` environment variable; the SSH flags keep
 //! macos-vz-kubelet's `VZ_SSH_*` names.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use vzk_image::{HostsError, RegistryHosts};
 use vzk_vm::NetworkAttachment;
 
 /// Flags of the VM provider.
@@ -27,7 +28,8 @@ pub struct ProviderArgs {
     #[arg(long, env = "VZK_IMAGE_CACHE_BYTES", default_value_t = 200 << 30)]
     pub image_cache_bytes: u64,
 
-    /// Registries (`host[:port]`) spoken to over plain HTTP.
+    /// Registries (`host[:port]`) spoken to over plain HTTP, as `server = "http://…"` in
+    /// their `hosts.toml` would (mirrors keep the scheme their `hosts.toml` gives).
     #[arg(
         long = "insecure-registry",
         env = "VZK_INSECURE_REGISTRIES",
@@ -39,6 +41,13 @@ pub struct ProviderArgs {
     /// pod's `imagePullSecrets`.
     #[arg(long, env = "VZK_DOCKER_CONFIG")]
     pub docker_config: Option<PathBuf>,
+
+    /// VM image registry hosts in containerd's layout: `<dir>/<registry>/hosts.toml`
+    /// (mirrors tried in order, CA bundles, client certificates; `_default` for every
+    /// registry). Read at start-up: a bad file stops the agent. Default:
+    /// /etc/vz-kubelet/certs.d when it exists.
+    #[arg(long, env = "VZK_REGISTRY_CONFIG_DIR")]
+    pub registry_config_dir: Option<PathBuf>,
 
     /// Default guest SSH user (a pod's container 0 env `VZ_SSH_USER` overrides it).
     #[arg(long, env = "VZ_SSH_USER")]
@@ -85,6 +94,7 @@ impl ProviderArgs {
             image_cache_bytes: 200 << 30,
             insecure_registries: Vec::new(),
             docker_config: None,
+            registry_config_dir: None,
             ssh_user: None,
             ssh_private_key_path: None,
             ssh_private_key_base64: None,
@@ -93,6 +103,17 @@ impl ProviderArgs {
             docker_optional: false,
             default_cpus: 1,
             default_memory_mib: 512,
+        }
+    }
+}
+
+impl ProviderArgs {
+    /// The registry hosts configuration: `--registry-config-dir` (which must exist), else
+    /// the default directory if there is one.
+    pub fn registry_hosts(&self) -> Result<RegistryHosts, HostsError> {
+        match &self.registry_config_dir {
+            Some(dir) => RegistryHosts::load(dir),
+            None => RegistryHosts::load_if_present(Path::new(vzk_image::hosts::DEFAULT_CONFIG_DIR)),
         }
     }
 }
@@ -128,6 +149,8 @@ mod tests {
             "bridged:br0",
             "--insecure-registry",
             "127.0.0.1:5000,reg.local",
+            "--registry-config-dir",
+            "/etc/vzk/certs.d",
         ]);
         let args = cli.map(|c| c.args).map_err(|e| e.to_string());
         let args = args.as_ref();
@@ -142,6 +165,10 @@ mod tests {
             args.map(|a| a.insecure_registries.len()),
             Ok(2),
             "comma-separated list"
+        );
+        assert_eq!(
+            args.map(|a| a.registry_config_dir.clone()),
+            Ok(Some(PathBuf::from("/etc/vzk/certs.d")))
         );
         assert!(parse_network("bridged:").is_err());
         assert!(parse_network("host").is_err());

@@ -21,6 +21,9 @@ pub enum ProviderInitError {
     /// No clone mechanism works in the pods directory.
     #[error("detecting how to clone disks")]
     DetectCloner(#[source] vzk_image::ImageError),
+    /// The registry hosts configuration (`--registry-config-dir`) is unusable.
+    #[error("reading the registry configuration")]
+    RegistryConfig(#[source] vzk_image::HostsError),
     /// The node's docker config could not be read.
     #[error("reading the node's docker config")]
     ReadDockerConfig(#[source] vzk_image::ImageError),

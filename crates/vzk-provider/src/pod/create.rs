@@ -45,20 +45,21 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     let policy = PullPolicy::from_k8s(c0.image_pull_policy.as_deref(), &reference);
     let mut backoff = Duration::from_secs(10);
     let image = loop {
-        let creds = match inner.credentials_for(&e.pod, &reference).await {
-            Ok(c) => c,
-            Err(msg) => {
-                inner.event(
-                    &e,
-                    PodEvent::warning("FailedToRetrieveImagePullSecret", msg.clone()),
-                );
-                Vec::new()
-            }
-        };
+        // Credentials under the image's registry are for it; mirrors get what is stored
+        // under their own names (`hosts.toml`, `--registry-config-dir`).
+        let (keyring, errors) = inner.pull_keyring(&e.pod).await;
+        if !errors.is_empty() {
+            inner.event(
+                &e,
+                PodEvent::warning("FailedToRetrieveImagePullSecret", errors.join("; ")),
+            );
+        }
         let opts = PullOptions {
-            credentials: creds,
+            credentials: keyring.lookup(&reference),
             policy,
             plain_http: inner.plain_http(&reference),
+            hosts: inner.registry_hosts.clone(),
+            keyring,
             ..Default::default()
         };
         let cached = inner.images.cached(&reference).is_some();

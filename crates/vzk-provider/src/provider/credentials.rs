@@ -50,6 +50,18 @@ impl Inner {
         pod: &Pod,
         reference: &Reference,
     ) -> Result<Vec<vzk_image::Credentials>, String> {
+        let (ring, errors) = self.pull_keyring(pod).await;
+        if errors.is_empty() {
+            Ok(ring.lookup(reference))
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Every registry credential `pod` may use: its `imagePullSecrets`, then the node's
+    /// docker config; and why a pull secret could not be read, if one could not (the
+    /// rest are there all the same).
+    pub(crate) async fn pull_keyring(&self, pod: &Pod) -> (Keyring, Vec<String>) {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let mut secrets = Vec::new();
         let mut errors = Vec::new();
@@ -85,14 +97,12 @@ impl Inner {
                 Err(e) => errors.push(format!("secret {ns}/{}: {e}", r.name)),
             }
         }
-        let mut ring = Keyring::from_pull_secrets(secrets.iter()).map_err(|e| error_chain(&e))?;
+        let mut ring = Keyring::from_pull_secrets(secrets.iter()).unwrap_or_else(|e| {
+            errors.push(error_chain(&e));
+            Keyring::new()
+        });
         ring.extend(&self.node_keyring);
-        let creds = ring.lookup(reference);
-        if errors.is_empty() {
-            Ok(creds)
-        } else {
-            Err(errors.join("; "))
-        }
+        (ring, errors)
     }
 
     /// Whether `reference`'s registry is spoken to over plain HTTP.

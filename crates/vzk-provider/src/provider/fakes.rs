@@ -215,6 +215,8 @@ pub(super) struct TestImages {
     config: serde_json::Value,
     /// How many pulls fail before one succeeds.
     pub(super) failing_pulls: AtomicU32,
+    /// The options of every pull, in order.
+    pub(super) pulls: Mutex<Vec<PullOptions>>,
 }
 
 impl TestImages {
@@ -231,6 +233,7 @@ impl TestImages {
                 "os": "linux", "cpus": 1, "memoryBytes": 134217728
             }),
             failing_pulls: AtomicU32::new(0),
+            pulls: Mutex::new(Vec::new()),
         }
     }
 
@@ -245,6 +248,7 @@ impl TestImages {
             log,
             config,
             failing_pulls: AtomicU32::new(0),
+            pulls: Mutex::new(Vec::new()),
         }
     }
 }
@@ -258,9 +262,10 @@ impl ImageSource for TestImages {
     async fn pull(
         &self,
         reference: &Reference,
-        _opts: &PullOptions,
+        opts: &PullOptions,
     ) -> Result<LocalImage, ImageSourceError> {
         self.log.push(format!("pull {reference}"));
+        self.pulls.lock().unwrap().push(opts.clone());
         let failing = self.failing_pulls.load(Ordering::SeqCst);
         if failing > 0 {
             self.failing_pulls.store(failing - 1, Ordering::SeqCst);

@@ -34,7 +34,7 @@ use tracing::{Instrument, info, warn};
 use vzk_core::streams::ContainerRef;
 use vzk_core::{PodEvent, PodKey, PodLifecycle, PodNotifier, ProviderError};
 use vzk_guest::GuestSession;
-use vzk_image::{ImageStore, Keyring};
+use vzk_image::{ImageStore, Keyring, RegistryHosts};
 use vzk_vm::{Hypervisor, Vm, VmState};
 
 use crate::args::ProviderArgs;
@@ -59,6 +59,8 @@ pub(crate) struct Inner {
     pub(crate) slots: Slots,
     pub(crate) policy: ResourcePolicy,
     pub(crate) node_keyring: Keyring,
+    /// Mirrors and TLS per registry for VM images (`--registry-config-dir`).
+    pub(crate) registry_hosts: RegistryHosts,
     pub(crate) ready_timeout: Duration,
     pub(crate) notifier: Mutex<Option<PodNotifier>>,
     /// Pod volumes (host side, refresh) and each pod's guest mounts.
@@ -152,6 +154,13 @@ impl VmProvider {
         client: kube::Client,
         backends: Backends,
     ) -> Result<Arc<VmProvider>, ProviderInitError> {
+        // A bad hosts.toml stops the agent at start-up, before any pod is handled.
+        let registry_hosts = args
+            .registry_hosts()
+            .map_err(ProviderInitError::RegistryConfig)?;
+        if let Some(dir) = registry_hosts.dir() {
+            info!(dir = %dir.display(), registries = ?registry_hosts.namespaces(), "registry hosts configuration loaded");
+        }
         let data = mkdir(args.data_dir.clone())?;
         let pods_dir = mkdir(data.join("pods"))?;
         let Backends {
@@ -186,6 +195,7 @@ impl VmProvider {
             slots,
             policy,
             node_keyring,
+            registry_hosts,
             notifier: Mutex::new(None),
             volumes,
             pods: Mutex::new(HashMap::new()),

@@ -42,6 +42,8 @@ struct Opts {
     mac_host: bool,
     /// The image is macOS, with this `config.json`.
     mac_image: Option<serde_json::Value>,
+    /// More flags.
+    extra_args: Vec<String>,
 }
 
 impl Default for Opts {
@@ -53,26 +55,35 @@ impl Default for Opts {
             engine: false,
             mac_host: false,
             mac_image: None,
+            extra_args: Vec::new(),
         }
     }
 }
 
 async fn harness(o: Opts) -> Harness {
+    try_harness(o).await.unwrap()
+}
+
+async fn try_harness(o: Opts) -> Result<Harness, crate::ProviderInitError> {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let args = Cli::try_parse_from([
-        "x".to_owned(),
-        "--data-dir".into(),
-        data.display().to_string(),
-        "--max-vms".into(),
-        o.max_vms.to_string(),
-        "--ssh-user".into(),
-        "admin".into(),
-        "--ssh-password".into(),
-        "admin".into(),
-        "--ready-timeout-secs".into(),
-        o.ready_timeout_secs.to_string(),
-    ])
+    let args = Cli::try_parse_from(
+        [
+            "x".to_owned(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--max-vms".into(),
+            o.max_vms.to_string(),
+            "--ssh-user".into(),
+            "admin".into(),
+            "--ssh-password".into(),
+            "admin".into(),
+            "--ready-timeout-secs".into(),
+            o.ready_timeout_secs.to_string(),
+        ]
+        .into_iter()
+        .chain(o.extra_args),
+    )
     .unwrap()
     .args;
     // Never used: the test pods reference no Secret or ConfigMap.
@@ -105,8 +116,7 @@ async fn harness(o: Opts) -> Harness {
         client,
         backends,
     )
-    .await
-    .unwrap();
+    .await?;
     let (notifier, mut rx) = PodNotifier::channel();
     provider.set_notifier(notifier);
     let events = Arc::new(Mutex::new(Vec::new()));
@@ -118,14 +128,14 @@ async fn harness(o: Opts) -> Harness {
             }
         }
     });
-    Harness {
+    Ok(Harness {
         provider,
         hv,
         images,
         engine,
         events,
         dir,
-    }
+    })
 }
 
 fn pod(name: &str, policy: &str) -> Pod {
@@ -211,4 +221,5 @@ fn gaps(t: &[Instant]) -> Vec<u64> {
 
 mod containers;
 mod mac;
+mod registry;
 mod vm;
