@@ -191,3 +191,56 @@ fn image_pull_uses_the_mirrors_of_the_registry_config_dir() {
     assert!(err.contains("_default/hosts.toml:2:3"), "{err}");
     assert!(err.contains("unknown field `skip_verfy`"), "{err}");
 }
+
+#[test]
+fn a_second_agent_on_the_same_data_dir_stops_at_start_up_naming_the_first() {
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("temp dir: {e}"),
+    };
+    let data = dir.path().join("data");
+    // This test process is "the first agent": it holds the data dir's lock.
+    let first = match vzk_backend::lock_data_dir(&data) {
+        Ok(l) => l,
+        Err(e) => panic!("locking: {e}"),
+    };
+    let run = |data: &std::path::Path| {
+        let out = vz_kubelet()
+            .args([
+                "run",
+                "--node-name",
+                "n2",
+                "--client-ca-file",
+                "/nonexistent/ca.crt",
+            ])
+            .arg("--kubeconfig")
+            .arg("/nonexistent/kubeconfig")
+            .arg("--data-dir")
+            .arg(data)
+            .output();
+        match out {
+            Ok(o) => o,
+            Err(e) => panic!("running vz-kubelet: {e}"),
+        }
+    };
+    let out = run(&data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must refuse to start: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "another vz-kubelet (pid {}) already runs with data dir {}",
+            std::process::id(),
+            data.display()
+        )),
+        "{stderr}"
+    );
+    // Nothing was started: it stopped before reading the kubeconfig.
+    assert!(!stderr.contains("kubeconfig"), "{stderr}");
+    // Once the first agent is gone the lock is free: the same command gets past it (and
+    // stops at the missing kubeconfig instead).
+    drop(first);
+    let out = run(&data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("another vz-kubelet"), "{stderr}");
+    assert!(stderr.contains("kubeconfig"), "{stderr}");
+}
