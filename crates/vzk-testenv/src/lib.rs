@@ -34,12 +34,20 @@
 //! real kube-controller-manager (CSR approving, signing and cleaning) and
 //! [`ControlPlane::bootstrap_token`] a kubeadm-style token with its RBAC; see the
 //! [`controller_manager`] module.
+//!
+//! # Scheduler and node lifecycle
+//! On a private control plane, [`ControlPlane::start_scheduler`] (opt-in) adds the real
+//! kube-scheduler and [`ControlPlane::start_node_lifecycle_controller`] a
+//! kube-controller-manager running only the node lifecycle and taint eviction controllers;
+//! see the [`scheduler`] and [`node_lifecycle`] modules.
 
 pub mod controller_manager;
 pub mod fixtures;
 pub mod metrics_server;
+pub mod node_lifecycle;
 mod pki;
 mod process;
+pub mod scheduler;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -192,6 +200,8 @@ pub struct ControlPlane {
     apiserver: Mutex<Option<Child>>,
     metrics_server: Mutex<Option<Child>>,
     controller_manager: Mutex<Option<Child>>,
+    scheduler: Mutex<Option<Child>>,
+    node_lifecycle: Mutex<Option<Child>>,
     /// Serialises [`ControlPlane::start_metrics_server`] (tests may call it at once).
     metrics_server_start: tokio::sync::Mutex<()>,
     admin_kubeconfig: PathBuf,
@@ -355,6 +365,8 @@ impl ControlPlane {
             apiserver: Mutex::new(None),
             metrics_server: Mutex::new(None),
             controller_manager: Mutex::new(None),
+            scheduler: Mutex::new(None),
+            node_lifecycle: Mutex::new(None),
             metrics_server_start: tokio::sync::Mutex::new(()),
             admin_kubeconfig,
             private,
@@ -618,6 +630,8 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        self.stop_scheduler();
+        self.stop_node_lifecycle_controller();
         self.stop_controller_manager();
         self.stop_metrics_server();
         self.stop_apiserver();
