@@ -168,9 +168,16 @@ impl QemuBackend {
         );
         let version = version.map_err(|e| unavailable(e.to_string()))?;
         let accel = accel.map_err(|e| unavailable(e.to_string()))?;
-        let nat = nat.map_err(|e| HypervisorError::Create {
-            id: "<nat network>".into(),
-            source: Box::new(e),
+        // The whole cause in the message: it is what an operator reads at start-up
+        // (an overlapping subnet, a busy bridge name, dnsmasq failing).
+        let nat = nat.map_err(|e| {
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            unavailable(format!("its NAT network: {text}"))
         })?;
         let ovmf_code = OVMF_CANDIDATES
             .iter()
