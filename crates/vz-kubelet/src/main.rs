@@ -9,7 +9,7 @@ mod observability;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "vz-kubelet", version, about, propagate_version = true)]
@@ -31,16 +31,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Err(e) = observability::init(&cli.log) {
-        eprintln!("error: {e:#}");
-        return ExitCode::from(2);
-    }
-    // One rustls crypto provider for the whole process (kube, the kubelet API, registries).
-    if rustls::crypto::aws_lc_rs::default_provider()
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // One rustls crypto provider for the whole process (kube, the kubelet API, registries,
+    // the trace exporter).
+    let had_provider = rustls::crypto::aws_lc_rs::default_provider()
         .install_default()
-        .is_err()
-    {
+        .is_err();
+    let traces = match observability::init(&cli.log, run_node_name(&matches).as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if had_provider {
         tracing::debug!("a rustls crypto provider was already installed");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -60,6 +65,8 @@ fn main() -> ExitCode {
             Command::Image(args) => cmd::image::run(*args).await,
         }
     });
+    // The async runtime is done: the trace exporter's blocking flush may run now.
+    traces.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -67,5 +74,17 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The node name of `vz-kubelet run` (its `--node-name`, else the host name, lowercased, as
+/// `run` resolves it), for the trace resource; none for other subcommands.
+fn run_node_name(matches: &clap::ArgMatches) -> Option<String> {
+    let run = matches.subcommand_matches("run")?;
+    match run.get_one::<String>("node_name") {
+        Some(n) => Some(n.clone()),
+        None => nix::unistd::gethostname()
+            .ok()
+            .map(|h| h.to_string_lossy().to_lowercase()),
     }
 }

@@ -218,7 +218,9 @@ impl Node {
     /// GET `path` from the agent's kubelet API as a cluster admin (a client certificate
     /// of the cluster CA, authorized by SubjectAccessReview), through curl.
     fn kubelet_get(&self, path: &str) -> String {
-        let pair = self.cp.issue_client_cert("e2e-admin", Some("system:masters"));
+        let pair = self
+            .cp
+            .issue_client_cert("e2e-admin", Some("system:masters"));
         let (crt, key) = (
             self.work.path().join("admin-client.crt"),
             self.work.path().join("admin-client.key"),
@@ -1033,4 +1035,208 @@ async fn stopping_dockerd_turns_docker_ready_false_and_starting_it_recovers() {
     dockerd.stop();
     // The shared dockerd's bridge is untouched (other tests' containers need it).
     assert_eq!(host_bridge(), had_bridge, "the host's docker0 bridge");
+}
+
+/// An OTLP/HTTP (JSON) trace receiver on 127.0.0.1: accepts `POST /v1/traces` (HTTP/1.1,
+/// keep-alive, `Content-Length` bodies) and keeps each request's JSON.
+struct OtlpReceiver {
+    url: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl OtlpReceiver {
+    fn start() -> OtlpReceiver {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("binding the OTLP receiver: {e}"));
+        let url = format!(
+            "http://{}",
+            listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+        );
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = requests.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let kept = kept.clone();
+                std::thread::spawn(move || Self::serve(conn, &kept));
+            }
+        });
+        OtlpReceiver { url, requests }
+    }
+
+    fn serve(conn: std::net::TcpStream, kept: &std::sync::Mutex<Vec<serde_json::Value>>) {
+        use std::io::Write as _;
+        let mut writer = match conn.try_clone() {
+            Ok(w) => w,
+            Err(_) => return,
+        };
+        let mut reader = BufReader::new(conn);
+        loop {
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                return;
+            }
+            let mut length = 0usize;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                    return;
+                }
+                let h = h.trim_end();
+                if h.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            let ok = request_line.starts_with("POST /v1/traces ");
+            if ok && let Ok(v) = serde_json::from_slice(&body) {
+                kept.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+            }
+            let status = if ok { "200 OK" } else { "404 Not Found" };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+            );
+            if writer.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Every span received, each with its resource's attributes under `"resource"`.
+    fn spans(&self) -> Vec<serde_json::Value> {
+        let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spans = Vec::new();
+        for req in requests.iter() {
+            for rs in req["resourceSpans"].as_array().into_iter().flatten() {
+                for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                    for s in ss["spans"].as_array().into_iter().flatten() {
+                        let mut s = s.clone();
+                        s["resource"] = rs["resource"]["attributes"].clone();
+                        spans.push(s);
+                    }
+                }
+            }
+        }
+        spans
+    }
+}
+
+/// The string value of attribute `key` in an OTLP JSON attribute list.
+fn otlp_attr<'a>(attrs: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    attrs
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)?
+        .get("value")?
+        .get("stringValue")?
+        .as_str()
+}
+
+/// A span's start or end time (nanoseconds; OTLP JSON writes them as strings or numbers).
+fn otlp_nanos(span: &serde_json::Value, field: &str) -> u64 {
+    match &span[field] {
+        serde_json::Value::String(s) => s.parse().unwrap_or(0),
+        v => v.as_u64().unwrap_or(0),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_start_is_one_otlp_trace_with_its_phases_as_spans() {
+    let receiver = OtlpReceiver::start();
+    let mut n = Node::start_with_env(
+        "e2e-otel",
+        &[],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url.as_str())],
+    )
+    .await;
+    let image = n.image.clone();
+    n.apply(&vm_pod(&n, "traced", &image, serde_json::json!({})));
+    let out = n.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/traced",
+        "--timeout=300s",
+    ]);
+    assert!(
+        out.status.success(),
+        "pod Ready: {}\n{}",
+        text(&out.stderr),
+        n.events("traced")
+    );
+    let uid = n.jsonpath("pod/traced", "{.metadata.uid}");
+
+    // SIGTERM at once: the spans still queued in the batch exporter are flushed at exit.
+    let status = n.agent.stop();
+    assert!(
+        status.success(),
+        "agent exit: {status:?}\n{}",
+        n.agent.log()
+    );
+    // The VM outlives the agent on purpose; this test has no further use for it.
+    for pid in pids_with(&format!("vzk-{uid}")) {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+
+    let spans = receiver.spans();
+    let dump = || serde_json::to_string_pretty(&spans).unwrap_or_default();
+    let root = spans
+        .iter()
+        .find(|s| {
+            s["name"] == "pod_start"
+                && otlp_attr(&s["attributes"], "k8s.pod.name") == Some("traced")
+        })
+        .unwrap_or_else(|| panic!("no pod_start span of pod traced:\n{}", dump()));
+    let attrs = &root["attributes"];
+    assert_eq!(otlp_attr(attrs, "k8s.namespace.name"), Some(n.ns.as_str()));
+    assert_eq!(otlp_attr(attrs, "k8s.pod.uid"), Some(uid.as_str()));
+    assert_eq!(
+        otlp_attr(attrs, "container.image.name"),
+        Some(image.as_str())
+    );
+    assert_eq!(
+        otlp_attr(&root["resource"], "service.name"),
+        Some("vz-kubelet")
+    );
+    assert_eq!(
+        otlp_attr(&root["resource"], "k8s.node.name"),
+        Some(n.node.as_str())
+    );
+    // A trace of its own: the root has no parent.
+    assert!(
+        root["parentSpanId"].as_str().unwrap_or_default().is_empty(),
+        "pod_start has a parent: {root}"
+    );
+    let trace = root["traceId"].as_str().unwrap_or_default();
+    assert!(!trace.is_empty(), "{root}");
+    // Each phase once, a child of pod_start in the same trace, one after the other.
+    let mut last_end = otlp_nanos(root, "startTimeUnixNano");
+    for phase in ["pull", "clone", "boot", "ip", "ssh"] {
+        let found: Vec<_> = spans
+            .iter()
+            .filter(|s| s["name"] == phase && s["traceId"] == trace)
+            .collect();
+        assert_eq!(found.len(), 1, "span {phase} in trace {trace}:\n{}", dump());
+        let s = found[0];
+        assert_eq!(s["parentSpanId"], root["spanId"], "parent of {phase}: {s}");
+        let (start, end) = (
+            otlp_nanos(s, "startTimeUnixNano"),
+            otlp_nanos(s, "endTimeUnixNano"),
+        );
+        assert!(
+            start >= last_end && end >= start,
+            "{phase} runs {start}..{end}, the phase before ended at {last_end}"
+        );
+        last_end = end;
+    }
+    assert!(
+        otlp_nanos(root, "endTimeUnixNano") >= last_end,
+        "pod_start ends after ssh: {root}"
+    );
 }

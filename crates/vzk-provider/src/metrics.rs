@@ -11,6 +11,12 @@
 //!   container 0 Ready). A re-adopted VM or a restart adds none.
 //! * `vzk_vm_boots_total`, `vzk_vm_restarts_total`.
 //! * `vzk_vm_slots` and `vzk_vm_slots_in_use`, `vzk_pods{phase}`: read at scrape time.
+//!
+//! The same clock traces each pod start ([`StartClock`]): a root span `pod_start` (its
+//! attributes the pod's namespace, name, UID and image) with one child span per phase,
+//! `pull`, `clone`, `boot`, `ip` and `ssh`, each from the end of the one before, as the
+//! histogram measures them. They are exported only when the binary installs an exporter
+//! (`--otlp-endpoint`).
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -63,6 +69,28 @@ impl StartPhase {
             StartPhase::Boot => "boot",
             StartPhase::Ip => "ip",
             StartPhase::Ssh => "ssh",
+        }
+    }
+
+    /// The span of this phase, a child of `start` (the pod start's root span).
+    fn span(self, start: &tracing::Span) -> tracing::Span {
+        match self {
+            StartPhase::Pull => tracing::info_span!(parent: start, "pull"),
+            StartPhase::Clone => tracing::info_span!(parent: start, "clone"),
+            StartPhase::Boot => tracing::info_span!(parent: start, "boot"),
+            StartPhase::Ip => tracing::info_span!(parent: start, "ip"),
+            StartPhase::Ssh => tracing::info_span!(parent: start, "ssh"),
+        }
+    }
+
+    /// The phase after this one.
+    fn next(self) -> Option<StartPhase> {
+        match self {
+            StartPhase::Pull => Some(StartPhase::Clone),
+            StartPhase::Clone => Some(StartPhase::Boot),
+            StartPhase::Boot => Some(StartPhase::Ip),
+            StartPhase::Ip => Some(StartPhase::Ssh),
+            StartPhase::Ssh => None,
         }
     }
 }
@@ -176,19 +204,42 @@ impl ProviderMetrics {
 
 /// The clock of one pod start: each phase is observed once, from the end of the one
 /// before; `ready` from the start. Restarts and re-adoptions have no clock.
+///
+/// It also holds the start's trace: the root span given to [`StartClock::start`] and the
+/// span of the phase under way (`pull` first). Each phase's span closes when the phase is
+/// observed and the next one opens; the root closes at `ready` (or `stop`, marked as an
+/// error).
 #[derive(Debug)]
 pub(crate) struct StartClock {
     metrics: ProviderMetrics,
     times: Mutex<Option<(Instant, Instant)>>,
+    /// The root span and the span of the phase under way (if any).
+    spans: Mutex<Option<(tracing::Span, Option<tracing::Span>)>>,
+}
+
+/// The root span of one pod start: a trace of its own (no parent), named `pod_start`.
+pub(crate) fn pod_start_span(key: &vzk_core::PodKey, image: &str) -> tracing::Span {
+    tracing::info_span!(
+        parent: None,
+        "pod_start",
+        k8s.namespace.name = %key.namespace,
+        k8s.pod.name = %key.name,
+        k8s.pod.uid = %key.uid,
+        container.image.name = %image,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    )
 }
 
 impl StartClock {
-    /// A clock started now.
-    pub(crate) fn start(metrics: ProviderMetrics) -> Self {
+    /// A clock started now; `root` is the start's span ([`pod_start_span`]).
+    pub(crate) fn start(metrics: ProviderMetrics, root: tracing::Span) -> Self {
         let now = Instant::now();
+        let pull = StartPhase::Pull.span(&root);
         Self {
             metrics,
             times: Mutex::new(Some((now, now))),
+            spans: Mutex::new(Some((root, Some(pull)))),
         }
     }
 
@@ -200,6 +251,12 @@ impl StartClock {
             self.metrics.phase(phase.as_str(), now - *last);
             *last = now;
         }
+        let mut spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((root, current)) = spans.as_mut() {
+            // Closes the phase that ended, then opens the next.
+            drop(current.take());
+            *current = phase.next().map(|next| next.span(root));
+        }
     }
 
     /// The pod became ready: observes the whole way and stops the clock.
@@ -208,11 +265,25 @@ impl StartClock {
         if let Some((start, _)) = t.take() {
             self.metrics.phase("ready", start.elapsed());
         }
+        self.end_trace(None);
     }
 
     /// The first start failed or was cut short: later phases are not this start's.
     pub(crate) fn stop(&self) {
         self.times.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.end_trace(Some("the pod start failed or was cut short"));
+    }
+
+    /// Closes the phase under way, then the root span (with an error status if `error`).
+    fn end_trace(&self, error: Option<&str>) {
+        let spans = self.spans.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((root, current)) = spans {
+            drop(current);
+            if let Some(msg) = error {
+                root.record("otel.status_code", "ERROR");
+                root.record("otel.status_description", msg);
+            }
+        }
     }
 }
 
@@ -311,7 +382,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_start_clock_observes_each_phase_once() {
         let m = ProviderMetrics::default();
-        let clock = StartClock::start(m.clone());
+        let clock = StartClock::start(m.clone(), tracing::Span::none());
         tokio::time::advance(Duration::from_secs(2)).await;
         clock.phase(StartPhase::Pull);
         tokio::time::advance(Duration::from_secs(1)).await;

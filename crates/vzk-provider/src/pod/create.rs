@@ -36,7 +36,10 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         }
     };
 
-    let clock = Arc::new(StartClock::start(inner.metrics.clone()));
+    let clock = Arc::new(StartClock::start(
+        inner.metrics.clone(),
+        crate::metrics::pod_start_span(&e.key, &image_name),
+    ));
     *lock(&e.start_clock) = Some(clock.clone());
     // Any return before the VM runs ends this start: its later phases are not observed.
     let mut stop_on_early_return = StopClock(Some(clock.clone()));
