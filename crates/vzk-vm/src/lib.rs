@@ -21,7 +21,9 @@
 //! # Tests and benchmark
 //! `cargo test -p vzk-vm` runs unit tests anywhere and, as root, `tests/qemu.rs` against
 //! real QEMU (TCG unless KVM really works), dnsmasq and dropbear, each test inside a
-//! network namespace it creates and tears down. The test guest (Debian kernel, busybox,
+//! network namespace it creates and tears down; `tests/nat_pair.rs` runs two agents' NAT
+//! networks (own bridges, subnets and state dirs) side by side in one namespace, a VM on
+//! each, and removes one while the other keeps working. The test guest (Debian kernel, busybox,
 //! dropbear) is built and cached by `scripts/build-test-guest.sh`. Needs the Debian
 //! packages `qemu-system-x86 qemu-utils dnsmasq-base dropbear-bin busybox-static cpio
 //! iproute2 nftables` and network access to Debian's mirror on the first guest build.
