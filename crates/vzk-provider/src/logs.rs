@@ -8,9 +8,18 @@
 //! * `timestamps`: each line is prefixed with an RFC 3339 time (the same rule).
 //! * `limit_bytes`: the stream ends after that many bytes (prefixes included).
 //! * `follow`: new output is streamed (checked every 100 ms) until `stop` fires (the
-//!   VM ended) or the reader goes away.
+//!   VM ended) or the reader goes away; a rotation (the file cut to 0) is followed from
+//!   its new start.
+//!
+//! # Size
+//! The hypervisor appends to the console file and a guest can write to its console as
+//! fast as it likes, so [`keep_console_within`] copies the file to `console.log.1` and
+//! cuts it to empty once it passes [`CONSOLE_MAX_BYTES`] (the kubelet's default
+//! `containerLogMaxSize`), checked every [`CONSOLE_CHECK`]: a pod's console takes at most
+//! about twice that on disk and `kubectl logs` never reads more than that into memory.
+//! As with logrotate's copytruncate, a line written between the copy and the cut is lost.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +30,57 @@ use tokio_util::sync::CancellationToken;
 use vzk_core::streams::{LogOptions, LogStream};
 
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
+
+/// The size past which a console log is rotated.
+pub const CONSOLE_MAX_BYTES: u64 = 10 << 20;
+
+/// How often a running VM's console log size is checked.
+pub const CONSOLE_CHECK: Duration = Duration::from_secs(5);
+
+/// Rotates the log at `path` when it is over `max` bytes: its content goes to
+/// `<path>.1` (replacing an older one) and the file is cut to empty, in place, so a writer
+/// that appends (`O_APPEND`) goes on at its new start. Returns whether it rotated.
+pub fn rotate_if_over(path: &Path, max: u64) -> std::io::Result<bool> {
+    let len = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= max {
+        return Ok(false);
+    }
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    std::fs::copy(path, &rotated)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(0)?;
+    Ok(true)
+}
+
+/// Keeps the console log at `path` within `max` bytes until `stop` fires.
+pub async fn keep_console_within(path: PathBuf, max: u64, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(CONSOLE_CHECK) => {}
+        }
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || rotate_if_over(&p, max)).await {
+            Ok(Ok(true)) => tracing::info!(
+                path = %path.display(),
+                max,
+                "console log rotated (the guest wrote past the size limit)"
+            ),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(path = %path.display(), error = %e, "checking the console log size")
+            }
+            Err(e) => tracing::warn!(error = %e, "console log check task failed"),
+        }
+    }
+}
 
 /// The cut-off time of `opts` (`since_time` wins over `since_seconds`).
 fn since(opts: &LogOptions, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -123,6 +183,12 @@ fn async_stream_follow(
                 return None;
             }
             loop {
+                // Rotated (cut to empty) since the last read: go on from its start.
+                if let Ok(m) = file.metadata().await
+                    && m.len() < off
+                {
+                    off = 0;
+                }
                 let mut buf = Vec::new();
                 let read = async {
                     file.seek(std::io::SeekFrom::Start(off)).await?;
@@ -218,5 +284,105 @@ mod tests {
         assert_eq!(next.as_deref(), Some(&b"login: "[..]), "cut at 12 bytes");
         stop.cancel();
         assert!(s.next().await.is_none());
+    }
+
+    #[test]
+    fn a_console_over_the_limit_is_copied_aside_and_cut_in_place() {
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("tempdir")
+        };
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "0123456789\n").ok();
+        assert!(
+            !rotate_if_over(&path, 11).unwrap_or(true),
+            "at the limit: kept"
+        );
+        // An appending writer (as QEMU's file chardev) keeps its descriptor across the cut.
+        use std::io::Write as _;
+        let mut writer = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{e}"));
+        writer
+            .write_all(b"flood\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(rotate_if_over(&path, 11).unwrap_or(false));
+        assert_eq!(
+            std::fs::read(dir.path().join("console.log.1")).unwrap_or_default(),
+            b"0123456789\nflood\n"
+        );
+        assert_eq!(std::fs::metadata(&path).map(|m| m.len()).ok(), Some(0));
+        writer
+            .write_all(b"after\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            std::fs::read(&path).unwrap_or_default(),
+            b"after\n",
+            "no hole"
+        );
+        // No file yet: nothing to do.
+        assert!(!rotate_if_over(&dir.path().join("none"), 1).unwrap_or(true));
+    }
+
+    #[tokio::test]
+    async fn follow_goes_on_from_the_start_of_a_rotated_console() {
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("tempdir")
+        };
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "boot line one\nboot line two\n").ok();
+        let stop = CancellationToken::new();
+        let opts = LogOptions {
+            follow: true,
+            ..Default::default()
+        };
+        let mut s = console_logs(path.clone(), opts, stop.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let first = s.next().await.and_then(Result::ok);
+        assert_eq!(
+            first.as_deref(),
+            Some(&b"boot line one\nboot line two\n"[..])
+        );
+        assert!(rotate_if_over(&path, 1).unwrap_or(false));
+        use std::io::Write as _;
+        let mut w = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{e}"));
+        w.write_all(b"new\n").unwrap_or_else(|e| panic!("{e}"));
+        let next = tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .ok()
+            .flatten()
+            .and_then(Result::ok);
+        assert_eq!(next.as_deref(), Some(&b"new\n"[..]));
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_keeper_rotates_a_flooded_console_until_stopped() {
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("tempdir")
+        };
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, vec![b'x'; 100]).ok();
+        let stop = CancellationToken::new();
+        let keeper = tokio::spawn(keep_console_within(path.clone(), 64, stop.clone()));
+        tokio::time::sleep(CONSOLE_CHECK + Duration::from_millis(100)).await;
+        // The check runs on a blocking thread: give it a moment of real time.
+        for _ in 0..50 {
+            if std::fs::metadata(&path).map(|m| m.len()).ok() == Some(0) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(std::fs::metadata(&path).map(|m| m.len()).ok(), Some(0));
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(1), keeper)
+            .await
+            .unwrap_or_else(|_| panic!("the keeper did not stop"))
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 }

@@ -56,6 +56,12 @@ pub(super) async fn watch_vm(
     vm: Arc<dyn Vm>,
     post_start: Option<k8s_openapi::api::core::v1::LifecycleHandler>,
 ) {
+    // A guest can flood its console: keep the file within bounds while the VM runs.
+    e.spawn(crate::logs::keep_console_within(
+        e.console_log(),
+        crate::logs::CONSOLE_MAX_BYTES,
+        e.ended.clone(),
+    ));
     let probes = match e.container0().map(ContainerProbes::from_container) {
         Some(Ok(p)) => p,
         Some(Err(err)) => {
