@@ -55,7 +55,11 @@ pub enum ResourceError {
         min: u32,
     },
     /// Less memory than the image's minimum.
-    #[error("the image needs at least {min} bytes of memory; {bytes} asked")]
+    #[error(
+        "the image needs at least {} of memory; {} asked",
+        human_bytes(*min),
+        human_bytes(*bytes)
+    )]
     MemoryBelowImageMinimum {
         /// Asked for.
         bytes: u64,
@@ -63,7 +67,12 @@ pub enum ResourceError {
         min: u64,
     },
     /// The memory size is outside the backend's bounds.
-    #[error("{bytes} bytes of memory is outside the backend's range [{min}, {max}]")]
+    #[error(
+        "{} of memory is outside the backend's range [{}, {}]",
+        human_bytes(*bytes),
+        human_bytes(*min),
+        human_bytes(*max)
+    )]
     MemoryOutOfBounds {
         /// Asked for.
         bytes: u64,
@@ -239,6 +248,19 @@ pub fn vm_resources_for(
     })
 }
 
+/// `bytes` in the largest binary unit that divides it (`512 MiB`, `1 EiB`), else bytes.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut best = None;
+    for (i, unit) in UNITS.iter().enumerate() {
+        let size = 1u64 << (10 * (i + 1));
+        if bytes >= size && bytes.is_multiple_of(size) {
+            best = Some(format!("{} {unit}", bytes / size));
+        }
+    }
+    best.unwrap_or_else(|| format!("{bytes} bytes"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,7 +388,7 @@ mod tests {
             panic!("4 GiB granted below the minimum of 8 GiB")
         };
         assert_eq!(e.reason(), "InvalidMemory");
-        assert!(e.to_string().contains("at least 8589934592 bytes"), "{e}");
+        assert!(e.to_string().contains("at least 8 GiB of memory"), "{e}");
         // Enough: granted as asked.
         assert_eq!(
             vm_resources_for(Some(&req(&[("cpu", "6"), ("memory", "8Gi")], &[])), mac, &p),

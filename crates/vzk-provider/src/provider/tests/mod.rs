@@ -220,6 +220,7 @@ fn gaps(t: &[Instant]) -> Vec<u64> {
 }
 
 mod containers;
+mod hostile;
 mod mac;
 mod registry;
 mod vm;
