@@ -34,7 +34,9 @@
 //! know, a bad file is an error naming the file, line and column ([`HostsError`]), and
 //! the CA and client files are read when the configuration is loaded, so that a node
 //! with a broken configuration does not start. Only one client certificate per host is
-//! supported, and `proxy` takes `http://` and `https://` proxies (not SOCKS).
+//! supported, `proxy` takes `http://` and `https://` proxies (not SOCKS), and an
+//! `http://` host is spoken to in plain HTTP even with TLS settings (containerd would
+//! try HTTPS first).
 //!
 //! ```
 //! use vzk_image::hosts::{HostDefaults, RegistryHosts};

@@ -24,6 +24,15 @@
 //! beyond a few 4 MiB buffers per blob, and nothing enters the cache before every
 //! digest matched (see [`store`] for the crash-safety guarantees).
 //!
+//! # Registries, mirrors and TLS
+//!
+//! A pull talks to the hosts [`hosts::RegistryHosts`] lists for the image's registry
+//! (containerd's `hosts.toml` layout, [`PullOptions::hosts`]): mirrors in order, then the
+//! upstream, falling back past a host that is down, refuses us or lacks the content;
+//! whatever a host sends is verified against its digest, and a mismatch is an error
+//! naming that host. Credentials for the image's registry ([`PullOptions::credentials`])
+//! go only to it; mirrors get what [`PullOptions::keyring`] holds under their own names.
+//!
 //! # Use from the provider
 //!
 //! ```no_run

@@ -27,10 +27,12 @@ pub(crate) struct ImageArgs {
     /// Cache size budget, e.g. `200G` (least recently used, unpinned images go first).
     #[arg(long, global = true, env = "VZK_IMAGE_BUDGET", value_parser = parse_size)]
     budget: Option<u64>,
-    /// Talk plain HTTP to the registry (automatic for localhost and loopback addresses).
+    /// Talk plain HTTP to the registry (automatic for localhost and loopback addresses);
+    /// mirrors keep the scheme their hosts.toml gives.
     #[arg(long, global = true)]
     plain_http: bool,
-    /// Accept any TLS certificate from the registry.
+    /// Accept any TLS certificate (from every host whose hosts.toml does not set
+    /// `skip_verify`).
     #[arg(long, global = true)]
     insecure: bool,
     /// Registry user name.
