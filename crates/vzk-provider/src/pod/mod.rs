@@ -223,7 +223,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn now() -> Time {
+pub(crate) fn now() -> Time {
     Time(Timestamp::now())
 }
 

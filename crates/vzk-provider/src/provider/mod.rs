@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tracing::{Instrument, info, warn};
@@ -76,6 +76,10 @@ pub(crate) struct Inner {
     /// Pulls, start phases, boots ([`crate::metrics`]).
     pub(crate) metrics: crate::metrics::ProviderMetrics,
 }
+
+/// Why a recorded pod's VM ended when the agent found it gone at start-up.
+pub(crate) const LOST_VM_MESSAGE: &str =
+    "the VM was gone when the agent started (the host or the hypervisor restarted)";
 
 /// The VM pod provider. Implements `PodLifecycle`, `NodeProvider` and
 /// `StreamingRuntime`.
@@ -212,6 +216,8 @@ impl VmProvider {
         for vm in adopted {
             inner.adopt(vm).await;
         }
+        // Pods whose VM is gone (the host or hypervisor restarted): their VM ended.
+        inner.adopt_lost().await;
         // Side-cars of pods no re-adopted VM belongs to are leftovers.
         crate::sidecars::cleanup_leftovers(&inner).await;
         Ok(Arc::new(VmProvider { inner }))
@@ -354,6 +360,91 @@ impl Inner {
         checks
     }
 
+    /// Takes back the pods a previous agent recorded whose VM no longer exists (a host
+    /// reboot, a hypervisor crash while no agent ran): for the kubelet their container
+    /// ended. Under `Never` the pod fails with that as the reason; otherwise the VM boots
+    /// again as a restart (restartCount + 1, `lastState` saying why). A directory without
+    /// a readable record is a leftover and is removed.
+    async fn adopt_lost(self: &Arc<Self>) {
+        let Ok(dirs) = std::fs::read_dir(&self.pods_dir) else {
+            return;
+        };
+        for d in dirs.filter_map(Result::ok) {
+            let uid = d.file_name().to_string_lossy().into_owned();
+            if lock(&self.pods).contains_key(&uid) || !d.path().is_dir() {
+                continue;
+            }
+            let dir = d.path();
+            let record = PodRecord::load(&dir.join("pod.json"));
+            let creds = record.as_ref().ok().map(|r| self.credentials(&r.pod));
+            let (record, creds) = match (record, creds) {
+                (Ok(r), Some(Ok(c))) => (r, c),
+                (r, _) => {
+                    warn!(dir = %dir.display(), has_record = r.is_ok(), "removing a leftover pod directory");
+                    let _ = std::fs::remove_dir_all(&dir);
+                    continue;
+                }
+            };
+            let start = record
+                .start_time
+                .parse::<Timestamp>()
+                .map(Time)
+                .unwrap_or_else(|_| Time(Timestamp::now()));
+            let e = Arc::new(PodEntry::new(
+                record.key(),
+                record.pod.clone(),
+                dir,
+                start,
+                creds,
+            ));
+            let ended = ContainerStateTerminated {
+                exit_code: 137,
+                reason: Some("Error".into()),
+                message: Some(LOST_VM_MESSAGE.into()),
+                finished_at: Some(crate::pod::now()),
+                ..Default::default()
+            };
+            let never = e
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.restart_policy.as_deref())
+                == Some("Never");
+            let mut history = crate::record::load_history(&e.dir);
+            lock(&self.pods).insert(uid, e.clone());
+            if never {
+                warn!(pod = %e.key, "the pod's VM is gone and restartPolicy is Never: the pod failed");
+                *lock(&e.history) = history;
+                self.set_phase(
+                    &e,
+                    crate::status::VmPhase::Terminated {
+                        exit_code: ended.exit_code,
+                        reason: "Error".into(),
+                        message: ended.message.clone(),
+                        started_at: None,
+                        finished_at: crate::pod::now(),
+                    },
+                );
+                self.event(&e, PodEvent::warning("Failed", LOST_VM_MESSAGE));
+                e.ended.cancel();
+            } else {
+                history.restart_count += 1;
+                history.last_state = Some(ended);
+                if let Err(err) = crate::record::save_history(&e.dir, &history) {
+                    warn!(pod = %e.key, error = %err, "keeping the VM's restart count on disk");
+                }
+                *lock(&e.history) = history;
+                warn!(pod = %e.key, "the pod's VM is gone: booting it again");
+                self.event(
+                    &e,
+                    PodEvent::warning("Failed", format!("{LOST_VM_MESSAGE}; booting it again")),
+                );
+                e.spawn(pod::run_new(self.clone(), e.clone()));
+            }
+            crate::sidecars::start(self, &e, true);
+        }
+    }
+
     /// Re-adopts a VM a previous agent left.
     async fn adopt(self: &Arc<Self>, vm: Arc<dyn Vm>) {
         let id = vm.id().to_owned();
@@ -365,6 +456,13 @@ impl Inner {
         let creds = record.as_ref().ok().map(|r| self.credentials(&r.pod));
         let (record, creds) = match (record, creds) {
             (Ok(r), Some(Ok(c))) if !vm.state().borrow().is_final() => (r, c),
+            (Ok(_), Some(Ok(_))) => {
+                // Its process is gone: the pod's VM ended; [`Inner::adopt_lost`] says so.
+                warn!(vm.id = %id, "the VM of a recorded pod is no longer running");
+                let v = vm.clone();
+                let _ = detached(async move { v.remove().await }).await;
+                return;
+            }
             (r, _) => {
                 warn!(vm.id = %id, has_record = r.is_ok(), "removing a leftover VM that cannot be re-adopted");
                 let v = vm.clone();

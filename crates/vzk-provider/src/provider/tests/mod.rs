@@ -44,6 +44,8 @@ struct Opts {
     mac_image: Option<serde_json::Value>,
     /// More flags.
     extra_args: Vec<String>,
+    /// Pods a previous agent recorded (their VMs are gone, as after a host reboot).
+    recorded: Vec<Pod>,
 }
 
 impl Default for Opts {
@@ -56,6 +58,7 @@ impl Default for Opts {
             mac_host: false,
             mac_image: None,
             extra_args: Vec::new(),
+            recorded: Vec::new(),
         }
     }
 }
@@ -100,6 +103,14 @@ async fn try_harness(o: Opts) -> Result<Harness, crate::ProviderInitError> {
         None => TestImages::new(&image_dir, hv.log.clone()),
     });
     let engine = Arc::new(TestEngine::new(hv.log.clone()));
+    for p in &o.recorded {
+        let key = PodKey::of(p).unwrap();
+        let dir = data.join("pods").join(&key.uid);
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::record::PodRecord::new(&key, p, "2026-01-01T00:00:00Z".into())
+            .save(&dir.join("pod.json"))
+            .unwrap();
+    }
     let backends = Backends {
         hypervisor: hv.clone(),
         images: images.clone(),

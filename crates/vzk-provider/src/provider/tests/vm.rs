@@ -318,3 +318,58 @@ async fn shutdown_waits_for_every_pod_task_and_leaves_vms_running() {
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(h.hv.log.times("create").len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_a_host_reboot_recorded_pods_restart_or_fail_by_their_restart_policy() {
+    let always = pod("always", "Always");
+    let never = pod("never", "Never");
+    let h = harness(Opts {
+        recorded: vec![always.clone(), never.clone()],
+        ..Default::default()
+    })
+    .await;
+    // No VM was left to adopt: `Always` boots again as a restart, saying why.
+    let s = h
+        .until(&always, "booted again", |s| {
+            running(s) && c0(s).restart_count == 1
+        })
+        .await;
+    let last = c0(&s)
+        .last_state
+        .as_ref()
+        .and_then(|l| l.terminated.as_ref())
+        .unwrap();
+    assert_eq!(last.exit_code, 137);
+    assert!(
+        last.message.as_deref().unwrap_or("").contains("gone"),
+        "{last:?}"
+    );
+    assert_eq!(
+        h.hv.log.times(&format!("start {}", vm_id(&always))).len(),
+        1
+    );
+    // `Never` is not booted: the pod failed, with the reason.
+    let s = h
+        .until(&never, "failed", |s| s.phase.as_deref() == Some("Failed"))
+        .await;
+    let t = c0(&s)
+        .state
+        .as_ref()
+        .and_then(|st| st.terminated.as_ref())
+        .unwrap();
+    assert_eq!((t.exit_code, t.reason.as_deref()), (137, Some("Error")));
+    assert!(t.message.as_deref().unwrap_or("").contains("gone"), "{t:?}");
+    assert!(
+        !h.hv.log.calls().iter().any(|c| c.ends_with(&vm_id(&never))),
+        "{:?}",
+        h.hv.log.calls()
+    );
+    // Both are the provider's again: listed, and deletable.
+    let listed = h.provider.list_pods().await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    h.provider
+        .delete_pod(&never, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(h.status(&never).await.is_none());
+}
