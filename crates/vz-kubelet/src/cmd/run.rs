@@ -21,13 +21,37 @@ use tracing::{info, warn};
 use vzk_node::pods::PodControllerConfig;
 use vzk_node::{NodeConfig, NodeController, PodController, TaintSpec};
 
+mod certs;
+
 /// Flags of `vz-kubelet run`.
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
     /// Kubeconfig with the node's identity (`CN=system:node:<name>, O=system:nodes`).
-    /// Default: $KUBECONFIG, ~/.kube/config, or the in-cluster service account.
+    /// Default: $KUBECONFIG, ~/.kube/config, or the in-cluster service account; with
+    /// --bootstrap-kubeconfig, the certificate the agent obtained itself.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// TLS bootstrap: a kubeconfig whose credentials (e.g. a bootstrap token) may request the
+    /// node's client certificate by CSR when the data dir holds no valid one (and
+    /// --kubeconfig is not given or not usable). The certificate is stored in
+    /// `<data-dir>/pki/kubelet-client-current.pem` (+ `<data-dir>/kubelet.kubeconfig`) and
+    /// renewed at 70-90 % of its lifetime without a restart.
+    #[arg(long, env = "VZK_BOOTSTRAP_KUBECONFIG")]
+    bootstrap_kubeconfig: Option<PathBuf>,
+    /// Request the kubelet API's serving certificate from the cluster (CSR, signer
+    /// `kubernetes.io/kubelet-serving`, to be approved by an operator or approver), store it
+    /// in `<data-dir>/pki/kubelet-server-current.pem` and renew it. Until it is issued the
+    /// kubelet API refuses every connection.
+    #[arg(
+        long,
+        env = "VZK_ROTATE_SERVER_CERTIFICATES",
+        conflicts_with = "tls_cert_file"
+    )]
+    rotate_server_certificates: bool,
+    /// How long a certificate signing request is waited for: the TLS bootstrap fails after
+    /// it, a renewal tries again, a pending serving certificate is reported again.
+    #[arg(long, env = "VZK_CSR_TIMEOUT_SECONDS", default_value_t = 900)]
+    csr_timeout_seconds: u64,
     /// Node name (default: the host name, lowercased).
     #[arg(long, env = "VZK_NODE_NAME")]
     node_name: Option<String>,
@@ -143,26 +167,15 @@ fn default_node_ip() -> IpAddr {
     found.unwrap_or(IpAddr::from([127, 0, 0, 1]))
 }
 
-async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("loading kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("finding a kubeconfig (pass --kubeconfig)")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
-}
-
 /// Where the kubelet API's serving certificate comes from.
 fn serving_cert(args: &RunArgs, node: &NodeConfig) -> anyhow::Result<(PathBuf, PathBuf)> {
     if let (Some(c), Some(k)) = (&args.tls_cert_file, &args.tls_private_key_file) {
         return Ok((c.clone(), k.clone()));
+    }
+    if args.rotate_server_certificates {
+        // Certificate and key in one file, written by the serving certificate manager.
+        let pem = vzk_certs::files::pki_path(&args.provider.data_dir, vzk_certs::SERVER_CERT_FILE);
+        return Ok((pem.clone(), pem));
     }
     // Like the kubelet without --tls-cert-file: a self-signed certificate for this node.
     let dir = args.provider.data_dir.join("pki");
@@ -191,7 +204,17 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Before anything touches the data dir's VMs, NAT network or dnsmasq: one agent per
     // data dir (held until the process exits).
     let _data_dir_lock = vzk_backend::lock_data_dir(&args.provider.data_dir)?;
-    let client = client(args.kubeconfig.as_ref()).await?;
+    certs::check_given_files(args.tls_cert_file.as_deref(), &args.client_ca_file)?;
+    let csr_timeout = Duration::from_secs(args.csr_timeout_seconds.max(1));
+    let credentials = certs::node_client(certs::ClientSource {
+        kubeconfig: args.kubeconfig.as_ref(),
+        bootstrap_kubeconfig: args.bootstrap_kubeconfig.as_ref(),
+        node_name: &node.node_name,
+        data_dir: &args.provider.data_dir,
+        csr_timeout,
+    })
+    .await?;
+    let client = credentials.client;
     let hypervisor = vzk_backend::open(&args.backend, &args.provider.data_dir.join("qemu"))
         .await
         .context("starting the hypervisor backend")?;
@@ -232,12 +255,33 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         .tls(crt, key, args.client_ca_file.clone())
         .authenticator(client.clone())
         .allow_anonymous(args.allow_anonymous)
+        .wait_for_serving_certificate(args.rotate_server_certificates)
         .metrics_registry(registry)
         .build()
         .context("configuring the kubelet API")?;
     info!(node = %node.node_name, listen = %settings.listen, "vz-kubelet running");
 
     let tracker = tokio_util::task::TaskTracker::new();
+    if let Some(rotation) = credentials.rotation {
+        tracker.spawn(rotation.run(token.clone()));
+    }
+    if args.rotate_server_certificates {
+        let reloader = server.certificate_reloader();
+        let manager = vzk_certs::serving::ServingCertManager::new(
+            client.clone(),
+            &node.node_name,
+            &[node.internal_ip],
+            std::slice::from_ref(&node.hostname),
+            &args.provider.data_dir,
+            csr_timeout,
+            Arc::new(move || {
+                if let Err(e) = reloader.reload() {
+                    warn!(error = %vzk_core::error_chain(&e), "kubelet api: the new serving certificate did not load");
+                }
+            }),
+        );
+        tracker.spawn(manager.run(token.clone()));
+    }
     let t = token.clone();
     tracker.spawn(async move { node_controller.run(t).await });
     let t = token.clone();
