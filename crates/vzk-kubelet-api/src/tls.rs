@@ -132,12 +132,17 @@ impl CertReloader {
         }))
     }
 
-    /// Like [`CertReloader::load`], but files that do not exist yet are no error: nothing
-    /// is served (handshakes are refused) until they appear and [`CertReloader::watch`]
-    /// or [`CertReloader::reload`] picks them up.
+    /// Like [`CertReloader::load`], but files that do not exist yet (or do not load) are no
+    /// error: nothing is served (handshakes are refused) until they appear and
+    /// [`CertReloader::watch`] or [`CertReloader::reload`] picks them up.
     pub fn load_or_wait(cert: &Path, key: &Path) -> Result<Arc<Self>, TlsError> {
         if cert.exists() && key.exists() {
-            return Self::load(cert, key);
+            match Self::load(cert, key) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    warn!(error = %crate::error_chain(&e), "kubelet api: the stored serving certificate is unusable; waiting for a new one");
+                }
+            }
         }
         info!(cert = %cert.display(), "kubelet api: no serving certificate yet; refusing connections until it is written");
         Ok(Arc::new(Self {
@@ -559,6 +564,12 @@ mod tests {
         let ca_file = dir.path().join("ca.crt");
         std::fs::write(&ca_file, ca.pem()).unwrap_or_else(|e| panic!("{e}"));
         let pem = dir.path().join("kubelet-server-current.pem");
+        // A damaged leftover is no certificate either (the manager writes a new one).
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\ngarbage\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let damaged = CertReloader::load_or_wait(&pem, &pem).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!damaged.has_certificate());
+        std::fs::remove_file(&pem).unwrap_or_else(|e| panic!("{e}"));
         let reloader = CertReloader::load_or_wait(&pem, &pem).unwrap_or_else(|e| panic!("{e}"));
         assert!(!reloader.has_certificate());
         let cfg = server_config(reloader.clone(), &ca_file).unwrap_or_else(|e| panic!("{e}"));
