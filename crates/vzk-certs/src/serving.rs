@@ -8,6 +8,13 @@
 //! `reminder`; a denied, failed or deleted CSR is followed by a new one after a back-off.
 //! Whoever serves the file (the kubelet API reloads it when it changes) is told through
 //! the `on_change` callback as soon as a new certificate is written.
+//!
+//! Until the first certificate is issued the kubelet API serves nothing (every handshake is
+//! refused and logged), not a temporary self-signed certificate: a cluster that wants
+//! CA-signed kubelet certificates verifies them (`--kubelet-certificate-authority`) and
+//! would refuse a self-signed one anyway, a client that skips verification would talk to a
+//! certificate nobody approved, and a refused connection with the pending CSR named in the
+//! log makes the missing approval visible.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
