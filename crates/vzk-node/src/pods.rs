@@ -685,6 +685,29 @@ fn merge_status(existing: Option<&PodStatus>, mut status: PodStatus, host_ip: &s
     status
 }
 
+/// The strategic merge patch that writes `status` whole. Lists keyed by a merge key are
+/// merged by the API server, so a list whose old entries must go (the pod's IPs, after a
+/// VM came back with a new address) carries the `$patch: replace` directive: without it
+/// the old and new IPs would both be kept and the API server refuses the pod ("may specify
+/// no more than one IP for each IP family"). `podIPs` follows `podIP` when only that is set.
+fn status_patch(uid: &str, status: &PodStatus) -> serde_json::Value {
+    let mut status = status.clone();
+    if status.pod_ips.is_none()
+        && let Some(ip) = &status.pod_ip
+    {
+        status.pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP { ip: ip.clone() }]);
+    }
+    let mut body = serde_json::json!({ "metadata": { "uid": uid }, "status": status });
+    if let Some(ips) = body
+        .get_mut("status")
+        .and_then(|s| s.get_mut("podIPs"))
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        ips.insert(0, serde_json::json!({ "$patch": "replace" }));
+    }
+    body
+}
+
 async fn write_status(shared: &Shared, key: &PodKey, status: PodStatus) {
     let raw = status.clone();
     let merged = {
@@ -701,7 +724,7 @@ async fn write_status(shared: &Shared, key: &PodKey, status: PodStatus) {
     };
     let api: Api<Pod> = Api::namespaced(shared.client.clone(), &key.namespace);
     // metadata.uid in the patch is a precondition: never write to a re-created pod.
-    let body = serde_json::json!({ "metadata": { "uid": key.uid }, "status": merged });
+    let body = status_patch(&key.uid, &merged);
     match api
         .patch_status(&key.name, &PatchParams::default(), &Patch::Strategic(&body))
         .await

@@ -931,3 +931,45 @@ async fn a_counted_client_counts_requests_by_verb_and_code_and_keeps_api_errors(
     assert_eq!(metrics.count("list", 200), 1);
     assert_eq!(metrics.count("patch", 200), 0);
 }
+
+#[tokio::test]
+async fn a_pod_whose_vm_comes_back_at_a_new_address_gets_its_new_ip_alone() {
+    let name = node_name("moved");
+    let id = cp().node_identity(&name);
+    let double = Double::new();
+    let _agent = Agent::start(&id, double.clone(), |_| {}).await;
+    let ns = cp().create_namespace("moved").await;
+    let admin = cp().admin_client().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let uid = pods
+        .create(
+            &PostParams::default(),
+            &pod_manifest("moved", &name, serde_json::json!({})),
+        )
+        .await
+        .ok()
+        .and_then(|p| p.metadata.uid)
+        .unwrap_or_default();
+    let ips = |p: &Pod| {
+        let s = p.status.clone().unwrap_or_default();
+        let all: Vec<String> = s
+            .pod_ips
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.ip)
+            .collect();
+        (s.pod_ip.unwrap_or_default(), all)
+    };
+    wait_for(T, "the first address", || async {
+        let p = pods.get_opt("moved").await.ok().flatten()?;
+        (ips(&p).0 == "127.0.0.1").then_some(())
+    })
+    .await;
+    double.move_to(&uid, "127.0.0.2");
+    let p = wait_for(T, "the new address", || async {
+        let p = pods.get_opt("moved").await.ok().flatten()?;
+        (ips(&p).0 == "127.0.0.2").then_some(p)
+    })
+    .await;
+    assert_eq!(ips(&p).1, vec!["127.0.0.2".to_owned()], "{:?}", p.status);
+}

@@ -74,6 +74,18 @@ impl Double {
             .collect()
     }
 
+    /// Reports the running pod `uid` at a new address (a VM booted again elsewhere).
+    pub fn move_to(&self, uid: &str, ip: &str) {
+        let Some((key, pod)) = self.running.lock().ok().and_then(|r| r.get(uid).cloned()) else {
+            return;
+        };
+        if let Some(n) = self.notifier.lock().ok().and_then(|n| n.clone()) {
+            let mut status = Self::running_status(&pod);
+            status.pod_ip = Some(ip.into());
+            n.notify(key, status);
+        }
+    }
+
     fn running_status(pod: &Pod) -> PodStatus {
         let now = Time(Timestamp::now());
         let containers = pod
