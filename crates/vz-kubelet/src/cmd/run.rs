@@ -204,7 +204,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Before anything touches the data dir's VMs, NAT network or dnsmasq: one agent per
     // data dir (held until the process exits).
     let _data_dir_lock = vzk_backend::lock_data_dir(&args.provider.data_dir)?;
-    certs::check_given_files(args.tls_cert_file.as_deref(), &args.client_ca_file)?;
+    certs::check_serving_cert(args.tls_cert_file.as_deref())?;
     let csr_timeout = Duration::from_secs(args.csr_timeout_seconds.max(1));
     let credentials = certs::node_client(certs::ClientSource {
         kubeconfig: args.kubeconfig.as_ref(),
@@ -215,6 +215,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     })
     .await?;
     let client = credentials.client;
+    certs::check_client_ca(&args.client_ca_file)?;
     let hypervisor = vzk_backend::open(&args.backend, &args.provider.data_dir.join("qemu"))
         .await
         .context("starting the hypervisor backend")?;

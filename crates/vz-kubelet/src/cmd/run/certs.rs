@@ -30,13 +30,8 @@ pub(crate) struct ClientSource<'a> {
     pub(crate) csr_timeout: Duration,
 }
 
-/// Refuses unusable PEM files the agent is given, each with one message: X.509 v1/v2
-/// serving certificates, an unreadable client CA bundle. (A v1 CA is fine: rustls takes it
-/// as a trust anchor.)
-pub(crate) fn check_given_files(
-    tls_cert_file: Option<&Path>,
-    client_ca_file: &Path,
-) -> anyhow::Result<()> {
+/// Refuses an X.509 v1/v2 `--tls-cert-file` with one message (before anything else runs).
+pub(crate) fn check_serving_cert(tls_cert_file: Option<&Path>) -> anyhow::Result<()> {
     if let Some(cert) = tls_cert_file {
         inspect::check_leaf_file(
             cert,
@@ -44,6 +39,12 @@ pub(crate) fn check_given_files(
             "; or drop --tls-cert-file (a self-signed certificate) or use --rotate-server-certificates",
         )?;
     }
+    Ok(())
+}
+
+/// The client CA bundle must hold readable certificates. (A v1 CA is fine: rustls takes it
+/// as a trust anchor.)
+pub(crate) fn check_client_ca(client_ca_file: &Path) -> anyhow::Result<()> {
     inspect::check_ca_file(client_ca_file).context("--client-ca-file")?;
     Ok(())
 }
