@@ -399,6 +399,11 @@ async fn a_user_runs_a_vm_pod_with_kubectl_apply_exec_logs_port_forward_and_dele
     assert!(value("vzk_image_pulled_bytes_total", None) > 0.0);
     assert_eq!(value("vzk_pods", Some(("phase", "Running"))), 1.0);
     assert_eq!(value("vzk_vm_slots_in_use", None), 1.0);
+    // The agent's own API writes: at least its status patches (HTTP 200).
+    assert!(
+        value("vzk_apiserver_requests_total", Some(("verb", "patch"))) >= 1.0,
+        "{text_metrics}"
+    );
 
     // kubectl exec: output and a non-zero exit code preserved.
     let out = kubectl(&[

@@ -214,7 +214,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         csr_timeout,
     })
     .await?;
-    let client = credentials.client;
+    // Every request of the agent to the API server is counted for /metrics.
+    let api_requests = vzk_node::api_metrics::ApiRequestMetrics::default();
+    let client = api_requests.wrap(credentials.client);
     certs::check_client_ca(&args.client_ca_file)?;
     let hypervisor = vzk_backend::open(&args.backend, &args.provider.data_dir.join("qemu"))
         .await
@@ -243,6 +245,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     // One registry for /metrics: the provider's series and the kubelet API's own.
     let mut registry = prometheus_client::registry::Registry::default();
     provider.register_metrics(&mut registry);
+    api_requests.register(&mut registry);
     let view = pods.view();
 
     let (crt, key) = serving_cert(&args, &node)?;
