@@ -21,10 +21,13 @@
 //!   through the outage (about half a minute here).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
+use support::{Agent, pids_with, push_guest, run, text, vz_kubelet, wait_until};
 use vzk_testenv::node_lifecycle::{NodeLifecycleOptions, StandInNode};
 use vzk_testenv::{ControlPlane, Netns, NodeIdentity, Registry, free_port, guest};
 
@@ -34,98 +37,6 @@ const GRACE: Duration = Duration::from_secs(20);
 /// The pods' own `tolerationSeconds` for `unreachable` and `not-ready`.
 const TOLERATION_SECS: u64 = 600;
 const VM_RESOURCE: &str = "vz-kubelet.io/vm";
-
-fn vz_kubelet() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vz-kubelet"))
-}
-
-fn run(mut c: Command) -> Output {
-    let what = format!("{c:?}");
-    c.output().unwrap_or_else(|e| panic!("{what}: {e}"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// Pids of processes whose command line contains `needle` (a pod UID names its QEMU).
-fn pids_with(needle: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        if text(&cmd).contains(needle) {
-            pids.push(pid);
-        }
-    }
-    pids.sort_unstable();
-    pids
-}
-
-/// One run of the agent; SIGTERM and wait on drop, its log printed if the test failed.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, as `systemctl stop` would; SIGKILL after 30 s.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    return self
-                        .child
-                        .wait()
-                        .unwrap_or_else(|e| panic!("waiting for the agent: {e}"));
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "---- vz-kubelet log ({}) ----\n{}",
-                self.log.display(),
-                self.log()
-            );
-        }
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.stop();
-        }
-    }
-}
 
 /// The cluster: a private control plane with the scheduler and the node lifecycle
 /// controller, one node whose agent can be stopped and started again.
@@ -372,25 +283,6 @@ fn timestamp(s: &str) -> k8s_openapi::jiff::Timestamp {
 
 fn jiff_secs(d: Duration) -> k8s_openapi::jiff::SignedDuration {
     k8s_openapi::jiff::SignedDuration::try_from(d).unwrap_or_default()
-}
-
-/// Pushes the test guest as `image`.
-fn push_guest(work: &Path, image: &str) {
-    let g = guest(Path::new(env!("CARGO_TARGET_TMPDIR")));
-    let img = work.join("image");
-    g.image_dir(&img);
-    let mut push = vz_kubelet();
-    push.args(["image", "push", "--root"])
-        .arg(work.join("push-cache"))
-        .arg("--plain-http")
-        .arg(&img)
-        .arg(image);
-    let out = run(push);
-    assert!(
-        out.status.success(),
-        "image push {image}: {}",
-        text(&out.stderr)
-    );
 }
 
 /// A VM pod without `nodeName`: one VM slot (requests = limits), 256 MiB, tolerating the
