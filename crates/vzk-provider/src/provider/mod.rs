@@ -375,28 +375,11 @@ impl Inner {
                 continue;
             }
             let dir = d.path();
-            let record = PodRecord::load(&dir.join("pod.json"));
-            let creds = record.as_ref().ok().map(|r| self.credentials(&r.pod));
-            let (record, creds) = match (record, creds) {
-                (Ok(r), Some(Ok(c))) => (r, c),
-                (r, _) => {
-                    warn!(dir = %dir.display(), has_record = r.is_ok(), "removing a leftover pod directory");
-                    let _ = std::fs::remove_dir_all(&dir);
-                    continue;
-                }
+            let Some(e) = self.recorded_entry(&dir) else {
+                warn!(dir = %dir.display(), "removing a leftover pod directory");
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
             };
-            let start = record
-                .start_time
-                .parse::<Timestamp>()
-                .map(Time)
-                .unwrap_or_else(|_| Time(Timestamp::now()));
-            let e = Arc::new(PodEntry::new(
-                record.key(),
-                record.pod.clone(),
-                dir,
-                start,
-                creds,
-            ));
             let ended = ContainerStateTerminated {
                 exit_code: 137,
                 reason: Some("Error".into()),
@@ -449,6 +432,31 @@ impl Inner {
         }
     }
 
+    /// The pod a previous agent recorded in `dir`, as an entry (not yet listed): `None`
+    /// when the record is missing or unreadable or its credentials cannot be set up.
+    fn recorded_entry(&self, dir: &std::path::Path) -> Option<Arc<PodEntry>> {
+        let record = PodRecord::load(&dir.join("pod.json")).ok()?;
+        let creds = match self.credentials(&record.pod) {
+            Ok(c) => c,
+            Err(err) => {
+                warn!(dir = %dir.display(), error = %err, "the recorded pod's guest credentials");
+                return None;
+            }
+        };
+        let start = record
+            .start_time
+            .parse::<Timestamp>()
+            .map(Time)
+            .unwrap_or_else(|_| Time(Timestamp::now()));
+        Some(Arc::new(PodEntry::new(
+            record.key(),
+            record.pod.clone(),
+            dir.to_owned(),
+            start,
+            creds,
+        )))
+    }
+
     /// Re-adopts a VM a previous agent left.
     async fn adopt(self: &Arc<Self>, vm: Arc<dyn Vm>) {
         let id = vm.id().to_owned();
@@ -456,19 +464,17 @@ impl Inner {
             return;
         };
         let dir = self.pods_dir.join(&uid);
-        let record = PodRecord::load(&dir.join("pod.json"));
-        let creds = record.as_ref().ok().map(|r| self.credentials(&r.pod));
-        let (record, creds) = match (record, creds) {
-            (Ok(r), Some(Ok(c))) if !vm.state().borrow().is_final() => (r, c),
-            (Ok(_), Some(Ok(_))) => {
+        let e = match self.recorded_entry(&dir) {
+            Some(e) if !vm.state().borrow().is_final() => e,
+            Some(_) => {
                 // Its process is gone: the pod's VM ended; [`Inner::adopt_lost`] says so.
                 warn!(vm.id = %id, "the VM of a recorded pod is no longer running");
                 let v = vm.clone();
                 let _ = detached(async move { v.remove().await }).await;
                 return;
             }
-            (r, _) => {
-                warn!(vm.id = %id, has_record = r.is_ok(), "removing a leftover VM that cannot be re-adopted");
+            None => {
+                warn!(vm.id = %id, "removing a leftover VM that cannot be re-adopted");
                 let v = vm.clone();
                 let _ = detached(async move {
                     let _ = v.force_stop().await;
@@ -479,18 +485,6 @@ impl Inner {
                 return;
             }
         };
-        let start = record
-            .start_time
-            .parse::<Timestamp>()
-            .map(Time)
-            .unwrap_or_else(|_| Time(Timestamp::now()));
-        let e = Arc::new(PodEntry::new(
-            record.key(),
-            record.pod.clone(),
-            dir,
-            start,
-            creds,
-        ));
         *lock(&e.vm) = Some(vm.clone());
         *lock(&e.history) = crate::record::load_history(&e.dir);
         *lock(&e.slot) = self.slots.try_acquire();
