@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
 
-use crate::metrics_server::{apply, unpack_xz};
+use crate::metrics_server::apply;
 use crate::{ControlPlane, TestEnvError, io_err};
 
 /// Group of users who may join as nodes but whose CSRs the controller-manager does not
@@ -93,7 +93,7 @@ impl ControlPlane {
         options: ControllerManagerOptions,
     ) -> Result<(), TestEnvError> {
         self.stop_controller_manager();
-        let exe = self.unpack_extra("kube-controller-manager").await?;
+        let exe = self.unpack_extra_exe("kube-controller-manager").await?;
         let ca_key = self.dir.join("ca.key");
         std::fs::write(&ca_key, self.ca.key_pem())
             .map_err(io_err(format!("writing {}", ca_key.display())))?;
@@ -272,29 +272,5 @@ impl ControlPlane {
         })?;
         std::fs::write(&path, yaml).map_err(io_err(format!("writing {}", path.display())))?;
         Ok(path)
-    }
-
-    /// `<dir>/<name>`, unpacked from `$KUBEBUILDER_ASSETS/extra/<name>.xz`.
-    async fn unpack_extra(&self, name: &str) -> Result<PathBuf, TestEnvError> {
-        let exe = self.dir.join(name);
-        if exe.is_file() {
-            return Ok(exe);
-        }
-        let xz = self.assets.join(format!("extra/{name}.xz"));
-        if !xz.is_file() {
-            return Err(TestEnvError::AssetsMissing(format!(
-                "{} is missing (xz-compressed)",
-                xz.display()
-            )));
-        }
-        let (src, dst) = (xz.clone(), exe.clone());
-        tokio::task::spawn_blocking(move || unpack_xz(&src, &dst))
-            .await
-            .map_err(|e| TestEnvError::Io {
-                what: format!("unpacking {name}"),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(io_err(format!("unpacking {} (xz -dc)", xz.display())))?;
-        Ok(exe)
     }
 }

@@ -76,7 +76,7 @@ impl ControlPlane {
     }
 
     async fn try_start_metrics_server(&self) -> Result<(), TestEnvError> {
-        let exe = self.unpack_metrics_server().await?;
+        let exe = self.unpack_extra_exe("metrics-server").await?;
 
         let user_cert = self.ca.client_cert(METRICS_SERVER_USER, &[])?;
         let kubeconfig = write_kubeconfig(
@@ -239,30 +239,6 @@ impl ControlPlane {
             }),
             None => Ok(()),
         }
-    }
-
-    /// `<dir>/metrics-server`, unpacked from `$KUBEBUILDER_ASSETS/extra/metrics-server.xz`.
-    async fn unpack_metrics_server(&self) -> Result<PathBuf, TestEnvError> {
-        let exe = self.dir.join("metrics-server");
-        if exe.is_file() {
-            return Ok(exe);
-        }
-        let xz = self.assets.join("extra/metrics-server.xz");
-        if !xz.is_file() {
-            return Err(TestEnvError::AssetsMissing(format!(
-                "{} is missing (metrics-server v0.9, xz-compressed)",
-                xz.display()
-            )));
-        }
-        let (src, dst) = (xz.clone(), exe.clone());
-        tokio::task::spawn_blocking(move || unpack_xz(&src, &dst))
-            .await
-            .map_err(|e| TestEnvError::Io {
-                what: "unpacking metrics-server".into(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(io_err(format!("unpacking {} (xz -dc)", xz.display())))?;
-        Ok(exe)
     }
 }
 
