@@ -283,13 +283,31 @@ fn host_matches(pattern: &str, host: &str) -> bool {
             .all(|(p, h)| glob(p.as_bytes(), h.as_bytes()))
 }
 
+/// Does `p` (`*` = any run of bytes, possibly empty) match all of `s`? One backtrack point
+/// (the last `*`), so at most `len(p) * len(s)` steps: a pull secret's key is a tenant's
+/// input, and the recursive matcher this replaces took exponential time on a key of many
+/// `*` (found by the fuzz target `registry_auth`).
 fn glob(p: &[u8], s: &[u8]) -> bool {
-    match (p.first(), s.first()) {
-        (None, None) => true,
-        (Some(b'*'), _) => glob(&p[1..], s) || (!s.is_empty() && glob(p, &s[1..])),
-        (Some(a), Some(b)) if a == b => glob(&p[1..], &s[1..]),
-        _ => false,
+    let (mut pi, mut si) = (0, 0);
+    // Where the last `*` is in `p`, and where in `s` its match currently ends.
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if p.get(pi) == Some(&b'*') {
+            star = Some((pi, si));
+            pi += 1;
+        } else if p.get(pi) == Some(&s[si]) {
+            pi += 1;
+            si += 1;
+        } else if let Some((sp, ss)) = star {
+            // Let the last `*` take one more byte and retry from there.
+            star = Some((sp, ss + 1));
+            pi = sp + 1;
+            si = ss + 1;
+        } else {
+            return false;
+        }
     }
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]
@@ -298,6 +316,40 @@ mod tests {
 
     fn r(s: &str) -> Reference {
         Reference::parse(s).expect("ref")
+    }
+
+    #[test]
+    fn glob_matches_runs_and_takes_linear_time() {
+        for (p, s, want) in [
+            ("*", "", true),
+            ("*", "abc", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b", "ab", true),
+            ("a*b", "abxb", true),
+            ("a*b", "abx", false),
+            ("*x*", "abc", false),
+            ("a**", "a", true),
+            ("", "", true),
+            ("", "a", false),
+            ("a", "", false),
+        ] {
+            assert_eq!(glob(p.as_bytes(), s.as_bytes()), want, "{p:?} {s:?}");
+        }
+        // Found by the fuzz target `registry_auth`: exponential before (a pull secret
+        // keyed `***…***1.example` hung the lookup).
+        let key = format!("{}1****.example.com", "*".repeat(80));
+        let mut k = Keyring::new();
+        k.add_docker_config_json(
+            format!(r#"{{"auths":{{"{key}":{{"username":"u","password":"p"}}}}}}"#).as_bytes(),
+            "s",
+        )
+        .expect("parses");
+        let t = std::time::Instant::now();
+        assert!(
+            k.lookup(&r("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.example.com/x"))
+                .is_empty()
+        );
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

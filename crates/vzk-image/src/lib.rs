@@ -83,3 +83,5 @@ pub use push::{PushOptions, PushReport, push};
 pub use reference::Reference;
 pub use registry::RegistryOptions;
 pub use store::{ImageInfo, ImageStore, LocalImage, PinGuard, PullOptions, PullPolicy};
+#[doc(hidden)]
+pub use zstd_frames::decode_zstd_frames;

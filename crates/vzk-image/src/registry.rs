@@ -462,8 +462,10 @@ pub(crate) fn urlencode(s: &str) -> String {
     out
 }
 
-/// Parse `Scheme k="v",k2=v2` (values may contain commas inside quotes).
-pub(crate) fn parse_challenge(h: &str) -> (String, Vec<(String, String)>) {
+/// Parse `Scheme k="v",k2=v2` (values may contain commas inside quotes). Public (hidden)
+/// for the fuzz target `registry_auth`.
+#[doc(hidden)]
+pub fn parse_challenge(h: &str) -> (String, Vec<(String, String)>) {
     let h = h.trim();
     let (scheme, rest) = h.split_once(' ').unwrap_or((h, ""));
     let mut params = Vec::new();

@@ -159,7 +159,11 @@ pub fn convert_config(bytes: &[u8]) -> Result<VmConfig, String> {
         hardware_model_data: s("hardwareModel"),
         machine_id_data: s("ecid"),
         kernel_cmdline: None,
-        cpus: v.get("cpuCount").and_then(|x| x.as_u64()).map(|c| c as u32),
+        // A count past u32 is not a count (it was truncated: 2^32 + 2 read as 2).
+        cpus: v
+            .get("cpuCount")
+            .and_then(|x| x.as_u64())
+            .and_then(|c| u32::try_from(c).ok()),
         memory_bytes: v.get("memorySize").and_then(|x| x.as_u64()),
         min_cpus: v
             .get("cpuCountMin")
@@ -235,5 +239,11 @@ mod tests {
             (GuestOs::Linux, Some(4), Some(4 << 30))
         );
         assert_eq!(c.machine_id_data.as_deref(), Some("AA=="));
+    }
+
+    #[test]
+    fn a_cpu_count_past_u32_is_not_truncated() {
+        let c = convert_config(br#"{"os":"linux","cpuCount":4294967298}"#).expect("converts");
+        assert_eq!(c.cpus, None);
     }
 }

@@ -156,6 +156,30 @@ impl<R: BufRead> Read for ZstdFrames<'_, R> {
     }
 }
 
+/// Decodes a whole zstd stream as a pull does, from input served in `step`-byte pieces
+/// into reads of `out_size` bytes, stopping after `limit` decoded bytes: how many were
+/// decoded. Hidden: only for the fuzz target `zstd_frames`.
+#[doc(hidden)]
+pub fn decode_zstd_frames(
+    stream: &[u8],
+    step: usize,
+    out_size: usize,
+    limit: u64,
+) -> std::io::Result<u64> {
+    let mut src = std::io::BufReader::with_capacity(step.max(1), stream);
+    let mut dec = ZstdFrames::new(&mut src)?;
+    let mut buf = vec![0u8; out_size.max(1)];
+    let mut total = 0u64;
+    while total < limit {
+        let n = dec.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

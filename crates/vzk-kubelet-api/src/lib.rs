@@ -2,6 +2,8 @@
 
 pub mod auth;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod host;
 pub mod metrics;
 mod query;

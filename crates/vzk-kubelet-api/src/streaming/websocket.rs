@@ -193,8 +193,8 @@ fn spawn_writer(mut sink: Sink, mut rx: mpsc::Receiver<Message>) -> JoinHandle<S
 
 /// Framing of one negotiated channel protocol.
 #[derive(Debug, Clone, Copy)]
-struct Framing {
-    base64: bool,
+pub(crate) struct Framing {
+    pub(crate) base64: bool,
 }
 
 impl Framing {
@@ -213,7 +213,7 @@ impl Framing {
     }
 
     /// `(channel, payload)` of a client message; `None` for control or malformed ones.
-    fn decode(self, msg: Message) -> Option<(u8, Bytes)> {
+    pub(crate) fn decode(self, msg: Message) -> Option<(u8, Bytes)> {
         match msg {
             Message::Binary(b) if !b.is_empty() => Some((b[0], b.slice(1..))),
             Message::Text(t) if self.base64 && !t.is_empty() => {
@@ -418,7 +418,7 @@ pub(crate) async fn port_forward(st: AppState, pod: PodKey, mut req: Request) ->
     resp
 }
 
-fn parse_ports(raw: Option<&str>) -> Result<Vec<u16>, Refusal> {
+pub(crate) fn parse_ports(raw: Option<&str>) -> Result<Vec<u16>, Refusal> {
     let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
     let q = query::pairs(raw).map_err(|e| bad(e.to_string()))?;
     let mut ports = Vec::new();

@@ -21,7 +21,6 @@ use std::io::Read;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use dhcproto::{Decodable, Decoder, v4};
 use socket2::{Domain, Protocol, SockFilter, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
@@ -79,17 +78,41 @@ fn parse_dhcp_ack(frame: &[u8], mac: MacAddr) -> Option<Sighting> {
     if udp.source_port() != 67 || udp.destination_port() != 68 {
         return None;
     }
-    let msg = v4::Message::decode(&mut Decoder::new(udp.payload())).ok()?;
-    if msg.opcode() != v4::Opcode::BootReply || msg.chaddr().get(..6)? != mac.0 {
+    dhcp_ack_address(udp.payload(), mac).map(Sighting::DhcpAck)
+}
+
+/// The address a BOOTP/DHCP message leases to `mac` if it is a DHCPACK (RFC 2131: `op`
+/// at 0, `hlen` at 2, `yiaddr` at 16, `chaddr` at 28, the magic cookie at 236, options
+/// from 240). Read by hand, every length checked: any host on the bridge (a guest)
+/// writes these bytes, and `dhcproto`'s decoder panicked on some (`chaddr()` past 16
+/// bytes of `hlen`; a debug assertion on option 94's length).
+fn dhcp_ack_address(p: &[u8], mac: MacAddr) -> Option<Ipv4Addr> {
+    const BOOT_REPLY: u8 = 2;
+    const COOKIE: [u8; 4] = [99, 130, 83, 99];
+    const MESSAGE_TYPE: u8 = 53;
+    const ACK: u8 = 5;
+    if p.len() < 240
+        || p[0] != BOOT_REPLY
+        || !(6..=16).contains(&p[2])
+        || p[28..34] != mac.0
+        || p[236..240] != COOKIE
+    {
         return None;
     }
-    match msg.opts().get(v4::OptionCode::MessageType) {
-        Some(v4::DhcpOption::MessageType(v4::MessageType::Ack))
-            if !msg.yiaddr().is_unspecified() =>
-        {
-            Some(Sighting::DhcpAck(msg.yiaddr()))
+    let yiaddr = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+    let mut opts = &p[240..];
+    loop {
+        match opts {
+            [0, rest @ ..] => opts = rest, // pad
+            [code, len, rest @ ..] if *code != 255 => {
+                let data = rest.get(..usize::from(*len))?;
+                if *code == MESSAGE_TYPE {
+                    return (data == [ACK] && !yiaddr.is_unspecified()).then_some(yiaddr);
+                }
+                opts = &rest[data.len()..];
+            }
+            _ => return None, // end, or truncated
         }
-        _ => None,
     }
 }
 
@@ -236,7 +259,7 @@ async fn readable(
 
 #[cfg(test)]
 mod tests {
-    use dhcproto::{Encodable, Encoder};
+    use dhcproto::{Encodable, Encoder, v4};
 
     use super::*;
 
@@ -300,6 +323,43 @@ mod tests {
             None
         );
         assert_eq!(parse_frame(&f[..30], MAC), None);
+    }
+
+    /// Found by the `ip_frames` fuzz target: a DHCP reply claiming a hardware address
+    /// longer than BOOTP's 16-byte field panicked in `dhcproto`'s `chaddr()`, killing
+    /// discovery; so did (in debug builds) a malformed option 94.
+    #[test]
+    fn dhcp_reply_with_an_overlong_hardware_address_length_is_ignored() {
+        let ip = Ipv4Addr::new(10, 0, 0, 42);
+        let mut f = dhcp_frame(MAC, v4::MessageType::Ack, ip, 67, 68);
+        // Ethernet (14) + IPv4 (20) + UDP (8), then BOOTP's op, htype, hlen.
+        assert_eq!(f[14 + 20 + 8 + 2], 6, "hlen");
+        for hlen in [17, 255] {
+            f[14 + 20 + 8 + 2] = hlen;
+            assert_eq!(parse_frame(&f, MAC), None, "hlen {hlen}");
+        }
+        // Options by hand: pad, option 94 with a bad length (0), the message type.
+        let mut p = dhcp_payload(&f);
+        p.truncate(240);
+        p.extend_from_slice(&[0, 94, 0, 53, 1, 5, 255]);
+        p[2] = 6;
+        assert_eq!(dhcp_ack_address(&p, MAC), Some(ip));
+        // Truncated options, a length past the end, no message type: nothing.
+        for opts in [
+            &[53][..],
+            &[53, 2, 5],
+            &[12, 200, 1, 2],
+            &[255, 53, 1, 5],
+            &[],
+        ] {
+            p.truncate(240);
+            p.extend_from_slice(opts);
+            assert_eq!(dhcp_ack_address(&p, MAC), None, "{opts:?}");
+        }
+    }
+
+    fn dhcp_payload(frame: &[u8]) -> Vec<u8> {
+        frame[14 + 20 + 8..].to_vec()
     }
 
     #[test]

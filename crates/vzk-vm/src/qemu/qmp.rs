@@ -237,6 +237,53 @@ impl QmpClient {
     }
 }
 
+/// One message from QEMU, as [`parse_message`] classifies it.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum QmpMessage {
+    /// An asynchronous event.
+    Event(QmpEvent),
+    /// The reply to command `id`: its `return` value, or the error's class and description.
+    Reply {
+        /// The command's id.
+        id: u64,
+        /// `return`, or `(class, desc)` of `error`.
+        result: Result<Value, (String, String)>,
+    },
+    /// Valid JSON that is neither (e.g. a reply without a numeric id): ignored.
+    Other,
+}
+
+/// Classifies one line QEMU sent; `None` when it is not JSON. Public (hidden) for the
+/// fuzz target `qmp_message`.
+#[doc(hidden)]
+pub fn parse_message(line: &str) -> Option<QmpMessage> {
+    let v = serde_json::from_str::<Value>(line).ok()?;
+    if let Some(name) = v.get("event").and_then(Value::as_str) {
+        let data = v.get("data").cloned().unwrap_or(Value::Null);
+        return Some(QmpMessage::Event(QmpEvent {
+            name: name.to_owned(),
+            data,
+        }));
+    }
+    let Some(id) = v.get("id").and_then(Value::as_u64) else {
+        return Some(QmpMessage::Other);
+    };
+    let result = if let Some(r) = v.get("return") {
+        Ok(r.clone())
+    } else {
+        let e = v.get("error").cloned().unwrap_or(Value::Null);
+        let s = |k: &str| {
+            e.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Err((s("class"), s("desc")))
+    };
+    Some(QmpMessage::Reply { id, result })
+}
+
 async fn read_loop(
     mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
     pending: Pending,
@@ -244,37 +291,19 @@ async fn read_loop(
     events: mpsc::UnboundedSender<QmpEvent>,
 ) {
     while let Ok(Some(line)) = lines.next_line().await {
-        let Ok(v) = serde_json::from_str::<Value>(&line) else {
-            tracing::warn!(line = %line, "unparsable QMP message");
-            continue;
-        };
-        if let Some(name) = v.get("event").and_then(Value::as_str) {
-            let data = v.get("data").cloned().unwrap_or(Value::Null);
-            // The receiver may be gone (nobody watching): events are then dropped.
-            let _ = events.send(QmpEvent {
-                name: name.to_owned(),
-                data,
-            });
-            continue;
-        }
-        let Some(id) = v.get("id").and_then(Value::as_u64) else {
-            continue;
-        };
-        let reply = if let Some(r) = v.get("return") {
-            Ok(r.clone())
-        } else {
-            let e = v.get("error").cloned().unwrap_or(Value::Null);
-            let s = |k: &str| {
-                e.get(k)
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            Err((s("class"), s("desc")))
-        };
-        let tx = pending.lock().ok().and_then(|mut p| p.remove(&id));
-        if let Some(tx) = tx {
-            let _ = tx.send(reply);
+        match parse_message(&line) {
+            None => tracing::warn!(line = %line, "unparsable QMP message"),
+            Some(QmpMessage::Event(ev)) => {
+                // The receiver may be gone (nobody watching): events are then dropped.
+                let _ = events.send(ev);
+            }
+            Some(QmpMessage::Reply { id, result }) => {
+                let tx = pending.lock().ok().and_then(|mut p| p.remove(&id));
+                if let Some(tx) = tx {
+                    let _ = tx.send(result);
+                }
+            }
+            Some(QmpMessage::Other) => {}
         }
     }
     // Closed: fail everything still waiting, and everything sent from now on.
@@ -317,6 +346,37 @@ mod tests {
             };
             let _ = w.write_all(format!("{out}\n").as_bytes()).await;
         }
+    }
+
+    #[test]
+    fn classifies_messages() {
+        assert_eq!(parse_message("not json"), None);
+        assert_eq!(
+            parse_message(r#"{"event":"STOP"}"#),
+            Some(QmpMessage::Event(QmpEvent {
+                name: "STOP".into(),
+                data: Value::Null
+            }))
+        );
+        assert_eq!(
+            parse_message(r#"{"return":{"status":"running"},"id":7}"#),
+            Some(QmpMessage::Reply {
+                id: 7,
+                result: Ok(json!({"status": "running"}))
+            })
+        );
+        assert_eq!(
+            parse_message(r#"{"error":{"class":"GenericError","desc":"no"},"id":8}"#),
+            Some(QmpMessage::Reply {
+                id: 8,
+                result: Err(("GenericError".into(), "no".into()))
+            })
+        );
+        assert_eq!(
+            parse_message(r#"{"return":{},"id":-1}"#),
+            Some(QmpMessage::Other)
+        );
+        assert_eq!(parse_message("[1]"), Some(QmpMessage::Other));
     }
 
     #[tokio::test]
