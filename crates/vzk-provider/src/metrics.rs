@@ -212,9 +212,19 @@ impl ProviderMetrics {
 #[derive(Debug)]
 pub(crate) struct StartClock {
     metrics: ProviderMetrics,
-    times: Mutex<Option<(Instant, Instant)>>,
-    /// The root span and the span of the phase under way (if any).
-    spans: Mutex<Option<(tracing::Span, Option<tracing::Span>)>>,
+    /// `None` once the start is over (ready or stopped).
+    run: Mutex<Option<Run>>,
+}
+
+/// A start under way: its times and its spans.
+#[derive(Debug)]
+struct Run {
+    started: Instant,
+    /// The end of the last phase observed.
+    last: Instant,
+    /// The span of the phase under way (declared first: it closes before the root).
+    current: Option<tracing::Span>,
+    root: tracing::Span,
 }
 
 /// The root span of one pod start: a trace of its own (no parent), named `pod_start`.
@@ -235,54 +245,50 @@ impl StartClock {
     /// A clock started now; `root` is the start's span ([`pod_start_span`]).
     pub(crate) fn start(metrics: ProviderMetrics, root: tracing::Span) -> Self {
         let now = Instant::now();
-        let pull = StartPhase::Pull.span(&root);
+        let current = Some(StartPhase::Pull.span(&root));
         Self {
             metrics,
-            times: Mutex::new(Some((now, now))),
-            spans: Mutex::new(Some((root, Some(pull)))),
+            run: Mutex::new(Some(Run {
+                started: now,
+                last: now,
+                root,
+                current,
+            })),
         }
     }
 
-    /// `phase` ended now.
+    fn run(&self) -> std::sync::MutexGuard<'_, Option<Run>> {
+        self.run.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `phase` ended now: observed, its span closed and the next one opened.
     pub(crate) fn phase(&self, phase: StartPhase) {
-        let mut t = self.times.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, last)) = t.as_mut() {
+        if let Some(run) = self.run().as_mut() {
             let now = Instant::now();
-            self.metrics.phase(phase.as_str(), now - *last);
-            *last = now;
-        }
-        let mut spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((root, current)) = spans.as_mut() {
-            // Closes the phase that ended, then opens the next.
-            drop(current.take());
-            *current = phase.next().map(|next| next.span(root));
+            self.metrics.phase(phase.as_str(), now - run.last);
+            run.last = now;
+            drop(run.current.take());
+            run.current = phase.next().map(|next| next.span(&run.root));
         }
     }
 
     /// The pod became ready: observes the whole way and stops the clock.
     pub(crate) fn ready(&self) {
-        let mut t = self.times.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((start, _)) = t.take() {
-            self.metrics.phase("ready", start.elapsed());
+        if let Some(run) = self.run().take() {
+            self.metrics.phase("ready", run.started.elapsed());
         }
-        self.end_trace(None);
     }
 
-    /// The first start failed or was cut short: later phases are not this start's.
+    /// The first start failed or was cut short: later phases are not this start's, and
+    /// the trace's root is marked as an error.
     pub(crate) fn stop(&self) {
-        self.times.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.end_trace(Some("the pod start failed or was cut short"));
-    }
-
-    /// Closes the phase under way, then the root span (with an error status if `error`).
-    fn end_trace(&self, error: Option<&str>) {
-        let spans = self.spans.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some((root, current)) = spans {
-            drop(current);
-            if let Some(msg) = error {
-                root.record("otel.status_code", "ERROR");
-                root.record("otel.status_description", msg);
-            }
+        if let Some(run) = self.run().take() {
+            drop(run.current);
+            run.root.record("otel.status_code", "ERROR");
+            run.root.record(
+                "otel.status_description",
+                "the pod start failed or was cut short",
+            );
         }
     }
 }
