@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{Agent, pids_with, push_guest, run, text, vz_kubelet, wait_until};
+use support::{
+    Agent, pids_with, push_guest, run, tail, text, vz_kubelet, wait_until, wait_until_or,
+};
 use vzk_testenv::node_lifecycle::{NodeLifecycleOptions, StandInNode};
 use vzk_testenv::{ControlPlane, Netns, NodeIdentity, Registry, free_port, guest};
 
@@ -226,6 +228,39 @@ impl Fleet {
         .collect()
     }
 
+    /// What explains a pod that is not placed: the pods and their `PodScheduled`
+    /// conditions, the nodes with their taints and allocatable VM slots, whether
+    /// kube-scheduler still runs, and the end of its log.
+    fn scheduling_dump(&self) -> String {
+        let pods = self.jsonpath(
+            "pods",
+            r#"{range .items[*]}{.metadata.name} node={.spec.nodeName} phase={.status.phase} {.status.conditions[?(@.type=="PodScheduled")]}{"\n"}{end}"#,
+        );
+        let nodes = text(
+            &run({
+                let mut c = self.cp.kubectl();
+                c.args([
+                    "get",
+                    "nodes",
+                    "-o",
+                    r#"jsonpath={range .items[*]}{.metadata.name} ready={.status.conditions[?(@.type=="Ready")].status} vm={.status.allocatable.vz-kubelet\.io/vm} taints={.spec.taints}{"\n"}{end}"#,
+                ]);
+                c
+            })
+            .stdout,
+        );
+        format!(
+            "pods:\n{pods}\nnodes:\n{nodes}\nkube-scheduler: {:?} (None: not started; Some(None): running)\n\
+             ---- kube-scheduler log, last 60 lines ----\n{}\n---- vz-kubelet log, last 30 lines ----\n{}",
+            self.cp.scheduler_status(),
+            tail(&self.cp.scheduler_log_path(), 60),
+            self.agent
+                .as_ref()
+                .map(|a| tail(&a.log, 30))
+                .unwrap_or_default(),
+        )
+    }
+
     /// The node's `Ready` condition status and its taints as `key:effect`.
     fn node_state(&self) -> (String, Vec<String>) {
         let node = format!("node/{}", self.node);
@@ -329,8 +364,8 @@ async fn the_scheduler_places_vm_pods_by_slot_and_the_node_survives_an_agent_out
         f.apply(&vm_pod(name, &f.image));
     }
     let mut unscheduled = String::new();
-    wait_until(
-        Duration::from_secs(60),
+    wait_until_or(
+        Duration::from_secs(90),
         "two pods bound, one unschedulable",
         || {
             let b = f.bindings();
@@ -347,6 +382,7 @@ async fn the_scheduler_places_vm_pods_by_slot_and_the_node_survives_an_agent_out
             assert!(bound <= 2, "more pods bound than VM slots: {b:?}");
             false
         },
+        || f.scheduling_dump(),
     );
     let message = f.jsonpath(
         &format!("pod/{unscheduled}"),
@@ -381,9 +417,12 @@ async fn the_scheduler_places_vm_pods_by_slot_and_the_node_survives_an_agent_out
     let out = f.kubectl(&["delete", "pod", gone, "--wait=true", "--timeout=120s"]);
     assert!(out.status.success(), "delete {gone}: {}", text(&out.stderr));
     let t_deleted = t0.elapsed();
-    wait_until(Duration::from_secs(60), "the third pod bound", || {
-        f.bindings().get(&unscheduled).is_some_and(|n| *n == node)
-    });
+    wait_until_or(
+        Duration::from_secs(90),
+        "the third pod bound",
+        || f.bindings().get(&unscheduled).is_some_and(|n| *n == node),
+        || f.scheduling_dump(),
+    );
     f.wait_pod_ready(&unscheduled);
     let t_third_ready = t0.elapsed();
     let survivors = [kept, unscheduled.clone()];

@@ -487,7 +487,7 @@ async fn create(shared: &Shared, key: &PodKey, pod: &Pod, told: &mut Told) -> Re
     told.failure = None;
     match shared.provider.create_pod(&resolved).await {
         Ok(()) => {
-            debug!("provider accepted the pod");
+            info!("provider accepted the pod");
             Ok(())
         }
         Err(e) => {

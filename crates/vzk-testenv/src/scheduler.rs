@@ -50,6 +50,8 @@ impl ControlPlane {
             format!("--secure-port={port}"),
             format!("--cert-dir={d}/kube-scheduler-certs"),
             "--leader-elect=false".into(),
+            // Every scheduling attempt and binding in the log: what a failed test reads.
+            "-v=2".into(),
         ];
         let child = self.spawn_exe(&exe, "kube-scheduler", &args)?;
         crate::set(&self.scheduler, child);
@@ -69,6 +71,14 @@ impl ControlPlane {
         {
             crate::process::kill(&mut c);
         }
+    }
+
+    /// Whether kube-scheduler runs: `None` if it was never started (or was stopped), else
+    /// `Some(None)` while it runs and `Some(Some(status))` once it has exited.
+    pub fn scheduler_status(&self) -> Option<Option<std::process::ExitStatus>> {
+        let mut g = self.scheduler.lock().ok()?;
+        let child = g.as_mut()?;
+        Some(child.try_wait().ok().flatten())
     }
 
     /// kube-scheduler's log (stdout and stderr).
@@ -135,6 +145,20 @@ pub(crate) async fn wait_serving(
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The port answering is not proof enough: another process may have taken the free
+    // port first, and this daemon then exits ("address already in use").
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let exited = slot
+        .lock()
+        .ok()
+        .and_then(|mut g| g.as_mut().and_then(|c| c.try_wait().ok().flatten()));
+    if let Some(status) = exited {
+        return Err(TestEnvError::Exited {
+            what,
+            status,
+            log: log.display().to_string(),
+        });
     }
     Ok(())
 }

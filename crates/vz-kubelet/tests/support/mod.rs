@@ -24,14 +24,35 @@ pub(crate) fn text(b: &[u8]) -> String {
 }
 
 /// Polls `f` every 500 ms until it holds; panics naming `what` after `timeout`.
-pub(crate) fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_until(timeout: Duration, what: &str, f: impl FnMut() -> bool) {
+    wait_until_or(timeout, what, f, String::new);
+}
+
+/// [`wait_until`], with `dump()` (the state that explains a time-out) in the panic.
+pub(crate) fn wait_until_or(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> bool,
+    dump: impl FnOnce() -> String,
+) {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}\n{}", dump());
+        }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The last `n` lines of the file at `path` (or why it cannot be read).
+pub(crate) fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let t = text(&b);
+            let lines: Vec<&str> = t.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("({}: {e})", path.display()),
     }
 }
 
