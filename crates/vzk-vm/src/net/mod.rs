@@ -3,6 +3,7 @@
 //! * [`tap`]: TAP devices whose fd is handed to QEMU.
 //! * [`link`]: bridges, addresses and enslaving through iproute2.
 //! * [`nat`]: the agent-owned NAT network (bridge + dnsmasq + masquerade).
+//! * [`release`]: DHCPRELEASE of a removed VM's NAT leases, so the pool does not run dry.
 //! * [`discovery`]: event-driven guest IP discovery (AF_PACKET + BPF, DHCP ACK / ARP).
 //!
 //! Every operation acts in the network namespace of the calling thread, which is how the
@@ -11,4 +12,5 @@
 pub mod discovery;
 pub mod link;
 pub mod nat;
+pub mod release;
 pub mod tap;

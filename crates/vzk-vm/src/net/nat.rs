@@ -130,6 +130,11 @@ impl NatConfig {
         )
     }
 
+    /// dnsmasq's lease file of a network whose files are under `dir`.
+    pub fn lease_file(dir: &Path) -> PathBuf {
+        dir.join("dnsmasq.leases")
+    }
+
     /// The dnsmasq arguments for this network, with its files under `dir`.
     pub fn dnsmasq_args(&self, dir: &Path) -> Vec<String> {
         let (lo, hi) = self.dhcp_range;
@@ -156,7 +161,7 @@ impl NatConfig {
                     .join(",")
             ),
             "--dhcp-authoritative".into(),
-            format!("--dhcp-leasefile={}", dir.join("dnsmasq.leases").display()),
+            format!("--dhcp-leasefile={}", Self::lease_file(dir).display()),
             format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
             "--user=root".into(),
             "--log-facility=-".into(),

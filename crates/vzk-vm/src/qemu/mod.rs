@@ -10,7 +10,9 @@
 //! * VMs outlive the agent: each QEMU runs in its own process group, logs to its state
 //!   dir and holds its TAP; [`Hypervisor::adopt_existing`] finds them again.
 //! * With a [`NatConfig`], the backend owns the NAT network (bridge, dnsmasq,
-//!   masquerade) for as long as it lives.
+//!   masquerade) for as long as it lives; removing a VM releases its NICs' DHCP leases
+//!   on that network ([`crate::net::release`]), so a host running many short-lived VMs
+//!   does not exhaust the DHCP pool (a failed release is logged; the lease then expires).
 //!
 //! # Assumptions
 //! Runs as root (or with `CAP_NET_ADMIN` and access to `/dev/net/tun`); `ip`, `nft`
@@ -36,6 +38,7 @@ use crate::hypervisor::{
     BackendKind, Capabilities, Hypervisor, HypervisorError, ProbeReport, Vm, VmState,
 };
 use crate::net::nat::{NatConfig, NatNetwork};
+use crate::net::release::LeaseReleaser;
 use crate::spec::{BootKind, BootSpec, DiskFormat, NetworkAttachment, VmSpec};
 use statedir::StateDir;
 
@@ -100,6 +103,8 @@ pub(crate) struct Shared {
     pub(crate) binary: PathBuf,
     pub(crate) accel: Accel,
     pub(crate) nat_bridge: Option<String>,
+    /// Gives back the NAT leases of removed VMs (with a NAT network).
+    pub(crate) nat_leases: Option<LeaseReleaser>,
     pub(crate) ovmf_code: Option<PathBuf>,
     /// What makes this backend's TAP names its own: its state dir (see
     /// [`crate::net::tap::tap_name`]).
@@ -212,6 +217,13 @@ impl QemuBackend {
             binary: config.binary.clone(),
             accel,
             nat_bridge: nat.as_ref().map(|n| n.bridge().to_owned()),
+            nat_leases: nat.as_ref().map(|n| {
+                LeaseReleaser::new(
+                    n.bridge(),
+                    n.config().gateway,
+                    NatConfig::lease_file(&nat_dir),
+                )
+            }),
             ovmf_code,
             tap_scope,
         });

@@ -32,6 +32,8 @@ use super::command::{QemuPaths, TAP_FD_BASE, qemu_args};
 use super::qmp::{QmpClient, QmpEvent};
 use super::statedir::StateDir;
 use crate::hypervisor::{BackendKind, BoxError, HostUsage, Vm, VmError, VmState};
+use crate::mac::MacAddr;
+use crate::net::release::Lease;
 use crate::net::{discovery, link, tap};
 use crate::spec::{NetworkAttachment, VmSpec};
 
@@ -237,6 +239,55 @@ impl QemuVm {
             }
         }
         Ok(vm)
+    }
+
+    /// Gives the NAT network's DHCP leases of this VM's NICs back to dnsmasq, so that
+    /// removed VMs do not hold addresses of the pool until their leases expire: the
+    /// leases of their MACs in the lease file, and the address IP discovery recorded for
+    /// the first NIC if it is on the NAT network. Failures are logged only (the lease then
+    /// expires on its own). A QEMU that still runs (a final state without its exit, e.g.
+    /// no QMP on adoption) keeps its leases: its guest may still use the address.
+    async fn release_nat_leases(&self) {
+        let Some(releaser) = &self.shared.nat_leases else {
+            return;
+        };
+        let macs: Vec<MacAddr> = self
+            .spec
+            .nics
+            .iter()
+            .filter(|n| n.attachment == NetworkAttachment::Nat)
+            .map(|n| n.mac)
+            .collect();
+        if macs.is_empty() {
+            return;
+        }
+        if let Some(pid) = self.dir.read_pid().filter(|&p| self.dir.is_our_qemu(p)) {
+            tracing::warn!(vm.id = %self.spec.id, pid, "QEMU still runs: its NAT leases are not released");
+            return;
+        }
+        let recorded = self.ip.borrow().or_else(|| self.dir.read_ip());
+        let known: Vec<Lease> = self
+            .spec
+            .nics
+            .first()
+            .filter(|n| n.attachment == NetworkAttachment::Nat)
+            .zip(recorded)
+            .map(|(n, ip)| Lease { mac: n.mac, ip })
+            .into_iter()
+            .collect();
+        match releaser.release(&macs, &known).await {
+            Ok(leases) => {
+                for lease in leases {
+                    tracing::info!(vm.id = %self.spec.id, mac = %lease.mac, ip = %lease.ip, "released the NAT lease");
+                }
+            }
+            Err(e) => tracing::warn!(
+                vm.id = %self.spec.id,
+                lease_file = %releaser.lease_file().display(),
+                error = %chain(&e),
+                "releasing the NAT leases failed; they expire on their own"
+            ),
+        }
     }
 
     fn spawn_tasks(
@@ -586,6 +637,7 @@ impl Vm for QemuVm {
                 t.abort();
             }
         }
+        self.release_nat_leases().await;
         self.dir.remove().map_err(|e| VmError::Remove {
             id: self.spec.id.clone(),
             source: boxed(e),
