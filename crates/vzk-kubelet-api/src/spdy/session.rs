@@ -12,7 +12,11 @@
 //! * Sends never wait for the peer's flow-control window (spdystream sends no
 //!   WINDOW_UPDATE); we send WINDOW_UPDATEs for what we receive, for strict peers.
 //! * Back-pressure: a stream's inbound queue is bounded; when it is full the reader stops
-//!   reading the transport. Outbound bytes queued but not yet written are bounded too.
+//!   reading the transport. Outbound bytes queued but not yet written are bounded too,
+//!   and so are the control frames the reader queues in answer to the peer (PING echoes,
+//!   WINDOW_UPDATEs, RST_STREAMs, GOAWAY): each takes [`CONTROL_CREDIT`] of the same
+//!   outbound credit, so a peer that sends without reading stalls its own reads instead
+//!   of growing the queue.
 //! * PINGs from the peer are echoed; GOAWAY stops new streams; EOF or a framing error
 //!   ends the session: reads see EOF, writes fail with `BrokenPipe`.
 //! * Dropping a [`SpdyStream`] half-closes it (empty DATA + FIN) unless it was reset;
@@ -70,6 +74,10 @@ pub enum SessionError {
     CreateCompressor(#[source] HeaderError),
 }
 
+/// Outbound credit a control frame queued by the reader takes (about its size on the
+/// wire, rounded up; the queue entry itself is a few dozen bytes).
+pub const CONTROL_CREDIT: usize = 32;
+
 enum Outgoing {
     Frame { frame: Frame, credit: usize },
     Close,
@@ -92,6 +100,22 @@ struct Shared {
 impl Shared {
     fn send(&self, frame: Frame) -> bool {
         self.out.send(Outgoing::Frame { frame, credit: 0 }).is_ok()
+    }
+
+    /// Queues a control frame answering the peer once outbound credit allows it; `false`
+    /// when the session's writer is gone.
+    async fn answer(&self, frame: Frame) -> bool {
+        let cost = u32::try_from(CONTROL_CREDIT).unwrap_or(u32::MAX);
+        match self.credit.acquire_many(cost).await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return false,
+        }
+        self.out
+            .send(Outgoing::Frame {
+                frame,
+                credit: CONTROL_CREDIT,
+            })
+            .is_ok()
     }
 
     fn forget_if_done(&self, id: u32, st: &StreamState) {
@@ -199,10 +223,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(f) => f,
             Err(error) => {
                 warn!(%error, "spdy: bad frame from peer, ending session");
-                shared.send(Frame::GoAway {
-                    last_good_stream_id: last_id,
-                    status: 1,
-                });
+                shared
+                    .answer(Frame::GoAway {
+                        last_good_stream_id: last_id,
+                        status: 1,
+                    })
+                    .await;
                 break;
             }
         };
@@ -216,18 +242,24 @@ async fn read_loop<R: AsyncRead + Unpin>(
             } => {
                 if stream_id % 2 == 0 || stream_id <= last_id {
                     debug!(stream_id, last_id, "spdy: invalid stream id");
-                    shared.send(Frame::RstStream {
+                    let rst = Frame::RstStream {
                         stream_id,
                         status: rst::PROTOCOL_ERROR,
-                    });
+                    };
+                    if !shared.answer(rst).await {
+                        break;
+                    }
                     continue;
                 }
                 last_id = stream_id;
                 let Some(acc) = accept.as_ref() else {
-                    shared.send(Frame::RstStream {
+                    let rst = Frame::RstStream {
                         stream_id,
                         status: rst::REFUSED_STREAM,
-                    });
+                    };
+                    if !shared.answer(rst).await {
+                        break;
+                    }
                     continue;
                 };
                 let state = Arc::new(StreamState::default());
@@ -270,14 +302,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     trace!(stream_id, "spdy: data for a stream nobody reads, dropped");
                 }
                 if len > 0 {
-                    shared.send(Frame::WindowUpdate {
+                    let stream = Frame::WindowUpdate {
                         stream_id,
                         delta: len,
-                    });
-                    shared.send(Frame::WindowUpdate {
+                    };
+                    let session = Frame::WindowUpdate {
                         stream_id: 0,
                         delta: len,
-                    });
+                    };
+                    if !(shared.answer(stream).await && shared.answer(session).await) {
+                        break;
+                    }
                 }
                 if fin {
                     inbound.remove(&stream_id);
@@ -305,8 +340,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
             Frame::Ping { id } => {
-                if id % 2 == 1 {
-                    shared.send(Frame::Ping { id });
+                if id % 2 == 1 && !shared.answer(Frame::Ping { id }).await {
+                    break;
                 }
             }
             Frame::GoAway {
