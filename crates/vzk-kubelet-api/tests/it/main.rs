@@ -4,6 +4,8 @@
 
 mod direct;
 mod kubectl;
+mod load;
+mod load_client;
 mod runtime;
 mod support;
 mod top;
