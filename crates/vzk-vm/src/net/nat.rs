@@ -164,7 +164,9 @@ impl NatConfig {
             format!("--dhcp-leasefile={}", Self::lease_file(dir).display()),
             format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
             "--user=root".into(),
-            "--log-facility=-".into(),
+            // A file of dnsmasq's own, so that SIGUSR2 reopens it after a rotation
+            // (NatNetwork::health keeps it within DNSMASQ_LOG_CAP).
+            format!("--log-facility={}", dir.join("dnsmasq.log").display()),
             "--log-dhcp".into(),
         ]
     }
@@ -265,6 +267,29 @@ pub fn interface_addresses() -> Vec<(String, Ipv4Addr, u8)> {
 pub struct NatNetwork {
     config: NatConfig,
     dnsmasq: Child,
+    /// dnsmasq's log, kept within [`DNSMASQ_LOG_CAP`] by [`NatNetwork::health`].
+    log_path: PathBuf,
+}
+
+/// dnsmasq logs every DHCP exchange (~1 KiB per VM); past this size the log is moved to
+/// `dnsmasq.log.1` (replacing the one before) and dnsmasq reopens a fresh one (SIGUSR2).
+pub const DNSMASQ_LOG_CAP: u64 = 4 * 1024 * 1024;
+
+/// Moves `log` to `<log>.1` when it is larger than `cap`; whether it did.
+fn rotate_if_over(log: &Path, cap: u64) -> bool {
+    let over = std::fs::metadata(log).is_ok_and(|m| m.len() > cap);
+    if !over {
+        return false;
+    }
+    let mut old = log.as_os_str().to_owned();
+    old.push(".1");
+    match std::fs::rename(log, &old) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(log = %log.display(), %error, "cannot rotate dnsmasq's log");
+            false
+        }
+    }
 }
 
 /// How long dnsmasq may take to bind its sockets (write its pid file).
@@ -272,10 +297,18 @@ const DNSMASQ_READY_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl NatNetwork {
     /// Whether dnsmasq (the network's DHCP server) still runs: `Err` says why not.
+    /// Also keeps dnsmasq's log within [`DNSMASQ_LOG_CAP`].
     pub fn health(&self) -> Result<(), String> {
         let Some(pid) = self.dnsmasq.id().and_then(|p| i32::try_from(p).ok()) else {
             return Err("dnsmasq (the NAT network's DHCP server) has exited".into());
         };
+        if rotate_if_over(&self.log_path, DNSMASQ_LOG_CAP) {
+            // dnsmasq closes and reopens its --log-facility file on SIGUSR2.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGUSR2,
+            );
+        }
         match procfs::process::Process::new(pid).and_then(|p| p.stat()) {
             Ok(st) if st.state != 'Z' && st.state != 'X' => Ok(()),
             _ => Err(format!(
@@ -318,6 +351,7 @@ impl NatNetwork {
         }
         kill_stale_dnsmasq(&dir.join("dnsmasq.pid")).await;
         let log_path = dir.join("dnsmasq.log");
+        rotate_if_over(&log_path, DNSMASQ_LOG_CAP);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -371,6 +405,7 @@ impl NatNetwork {
         Ok(Self {
             config,
             dnsmasq: child,
+            log_path,
         })
     }
 
@@ -488,6 +523,29 @@ async fn kill_stale_dnsmasq(pid_file: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dnsmasq_log_is_rotated_past_its_cap_and_only_then() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let log = d.path().join("dnsmasq.log");
+        assert!(!rotate_if_over(&log, 10), "no log yet");
+        std::fs::write(&log, b"0123456789").expect("write");
+        assert!(!rotate_if_over(&log, 10), "at the cap");
+        std::fs::write(d.path().join("dnsmasq.log.1"), b"older").expect("write");
+        std::fs::write(&log, b"0123456789A").expect("write");
+        assert!(rotate_if_over(&log, 10), "over the cap");
+        assert!(!log.exists(), "moved away for dnsmasq to reopen");
+        assert_eq!(
+            std::fs::read(d.path().join("dnsmasq.log.1")).expect("read"),
+            b"0123456789A",
+            "the one before is replaced"
+        );
+        let args = NatConfig::default().dnsmasq_args(d.path());
+        assert!(
+            args.contains(&format!("--log-facility={}", log.display())),
+            "dnsmasq writes the log itself (SIGUSR2 reopens it): {args:?}"
+        );
+    }
 
     #[test]
     fn derived_addresses_and_rules() {
