@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use vzk_testenv::{ControlPlane, Netns, NodeIdentity, Registry, free_port, guest};
 
+pub(crate) mod soak;
+
 pub(crate) fn vz_kubelet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vz-kubelet"))
 }
