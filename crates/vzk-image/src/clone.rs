@@ -96,9 +96,19 @@ impl Cloner {
         self.kind
     }
 
-    /// Clone a raw disk to `dest` (replaced if it exists). The base is only read.
+    /// Clone a raw disk to `dest` (replaced if it exists). The base is only read; on
+    /// failure nothing is left at `dest`.
     pub fn clone_disk(&self, base: &Path, dest: &Path) -> Result<CloneKind> {
         remove_if_exists(dest)?;
+        let made = self.make_clone(base, dest);
+        if made.is_err() {
+            // Nothing half-made stays behind (a disk that filled up mid-way, say).
+            let _ = std::fs::remove_file(dest);
+        }
+        made
+    }
+
+    fn make_clone(&self, base: &Path, dest: &Path) -> Result<CloneKind> {
         match self.kind {
             CloneKind::Reflink => {
                 reflink_copy::reflink(base, dest).map_err(|e| ImageError::CloneUnsupported {

@@ -169,28 +169,54 @@ impl Registry {
         );
         std::fs::write(dir.path().join("config.yml"), cfg)
             .unwrap_or_else(|e| panic!("registry config: {e}"));
-        let log = std::fs::File::create(dir.path().join("registry.log"))
+        let child = Self::spawn(dir.path());
+        let reg = Self { child, addr, dir };
+        reg.wait_listening();
+        reg
+    }
+
+    fn spawn(dir: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("registry.log"))
             .unwrap_or_else(|e| panic!("registry log: {e}"));
         let bin = std::env::var("VZK_DOCKER_REGISTRY").unwrap_or_else(|_| "docker-registry".into());
-        let child = Command::new(&bin)
+        Command::new(&bin)
             .arg("serve")
-            .arg(dir.path().join("config.yml"))
+            .arg(dir.join("config.yml"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("{bin} (Debian package docker-registry): {e}"));
-        let reg = Self { child, addr, dir };
+            .unwrap_or_else(|e| panic!("{bin} (Debian package docker-registry): {e}"))
+    }
+
+    fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&reg.addr).is_err() {
+        while std::net::TcpStream::connect(&self.addr).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "docker-registry did not start on {}: {}",
-                reg.addr,
-                reg.log()
+                self.addr,
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        reg
+    }
+
+    /// Stops the registry, as an outage would: its address refuses connections, its
+    /// storage stays for [`Registry::restart`].
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the registry again on the same address with the same storage and config
+    /// (after [`Registry::stop`]); waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self.dir.path());
+        self.wait_listening();
     }
 
     /// What the registry logged (errors only).

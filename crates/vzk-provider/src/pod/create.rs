@@ -171,36 +171,43 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     // 2b. Volumes (FailedMount events and retries, like the kubelet).
     let shared_dirs = crate::volumes::prepare_with_retry(&inner, &e).await;
 
-    // 3. A VM slot.
-    let slot = match inner.slots.try_acquire() {
-        Some(s) => s,
-        None => {
-            let msg = format!(
-                "all {} VM slots of this node are in use; waiting for one",
-                inner.slots.capacity()
-            );
-            inner.event(&e, PodEvent::normal("WaitingForVMSlot", msg.clone()));
-            inner.waiting(&e, "WaitingForVMSlot", msg);
-            match inner.slots.acquire().await {
-                Some(s) => s,
-                None => return,
+    // 3. A VM slot, then 4. the disk's clone. A clone that fails (the disk full, the
+    // file system refusing) is retried with back-off, the slot given back meanwhile, as
+    // the kubelet retries CreateContainerError.
+    let mut clone_backoff = Duration::from_secs(10);
+    let (disk_path, format) = loop {
+        let slot = match inner.slots.try_acquire() {
+            Some(s) => s,
+            None => {
+                let msg = format!(
+                    "all {} VM slots of this node are in use; waiting for one",
+                    inner.slots.capacity()
+                );
+                inner.event(&e, PodEvent::normal("WaitingForVMSlot", msg.clone()));
+                inner.waiting(&e, "WaitingForVMSlot", msg);
+                match inner.slots.acquire().await {
+                    Some(s) => s,
+                    None => return,
+                }
             }
-        }
-    };
-    *lock(&e.slot) = Some(slot);
-    inner.waiting(&e, "ContainerCreating", "");
-
-    // 4. Clone the disk.
-    let (disk_path, format) = {
+        };
+        *lock(&e.slot) = Some(slot);
+        inner.waiting(&e, "ContainerCreating", "");
         let dest = e.dir.join("disk");
         match inner.images.clone_disk(&image, &dest) {
-            Ok(format) => (dest, format),
+            Ok(format) => break (dest, format),
             Err(err) => {
-                let msg = format!("cloning the VM disk: {}", error_chain(err.as_ref()));
+                let msg = format!(
+                    "cloning the VM disk: {} (retrying in {} s)",
+                    error_chain(err.as_ref()),
+                    clone_backoff.as_secs()
+                );
+                warn!(pod = %e.key, error = %msg, "clone failed");
                 inner.event(&e, PodEvent::warning("Failed", msg.clone()));
                 inner.waiting(&e, "CreateContainerError", msg);
                 lock(&e.slot).take();
-                return;
+                tokio::time::sleep(clone_backoff).await;
+                clone_backoff = (clone_backoff * 2).min(Duration::from_secs(300));
             }
         }
     };
