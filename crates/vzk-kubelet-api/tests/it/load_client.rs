@@ -232,16 +232,15 @@ pub(crate) async fn exec_echo(
     r
 }
 
-/// One port-forward session with one stream pair to `target` (`request_id` 0): sends
-/// `payload` on the data stream and returns what comes back once it is all there.
-pub(crate) async fn port_forward_echo(
+/// Opens a port-forward session with one stream pair to `target` (`requestID` 0: error
+/// stream 1, already half-closed, and data stream 3).
+pub(crate) async fn port_forward(
     port: u16,
     cfg: &Arc<rustls::ClientConfig>,
     target: u16,
-    payload: &[u8],
-) -> Result<Vec<u8>, String> {
+) -> Result<(Out, In), String> {
     let s = tls(port, cfg, None).await?;
-    let (mut out, mut inp) = upgrade(s, "/portForward/ns/p", "portforward.k8s.io").await?;
+    let (mut out, inp) = upgrade(s, "/portForward/ns/p", "portforward.k8s.io").await?;
     let target = target.to_string();
     for (id, kind) in [(1u32, "error"), (3, "data")] {
         let h = Headers::new()
@@ -257,7 +256,19 @@ pub(crate) async fn port_forward_echo(
     })
     .await
     .map_err(|e| format!("send error FIN: {e}"))?;
-    let write = send_all(&mut out, 3, payload);
+    Ok((out, inp))
+}
+
+/// Sends `payload` on stream `to` while reading until as many bytes came back on stream
+/// `from`; returns them.
+pub(crate) async fn round_trip(
+    out: &mut Out,
+    inp: &mut In,
+    to: u32,
+    from: u32,
+    payload: &[u8],
+) -> Result<Vec<u8>, String> {
+    let write = send_all(out, to, payload);
     let read = async {
         let mut got = BytesMut::with_capacity(payload.len());
         while got.len() < payload.len() {
@@ -266,8 +277,8 @@ pub(crate) async fn port_forward_echo(
             };
             match frame.map_err(|e| format!("bad frame from server: {e}"))? {
                 Frame::Data {
-                    stream_id: 3, data, ..
-                } => got.extend_from_slice(&data),
+                    stream_id, data, ..
+                } if stream_id == from => got.extend_from_slice(&data),
                 Frame::Data {
                     stream_id: 1, data, ..
                 } if !data.is_empty() => {
@@ -284,6 +295,18 @@ pub(crate) async fn port_forward_echo(
     let (w, r) = tokio::join!(write, read);
     w?;
     r
+}
+
+/// One port-forward session with one stream pair to `target`: sends `payload` on the
+/// data stream and returns what comes back once it is all there.
+pub(crate) async fn port_forward_echo(
+    port: u16,
+    cfg: &Arc<rustls::ClientConfig>,
+    target: u16,
+    payload: &[u8],
+) -> Result<Vec<u8>, String> {
+    let (mut out, mut inp) = port_forward(port, cfg, target).await?;
+    round_trip(&mut out, &mut inp, 3, 3, payload).await
 }
 
 /// A TCP echo server on loopback (the port-forward target); returns its port.
