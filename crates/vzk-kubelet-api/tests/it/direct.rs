@@ -18,6 +18,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use vzk_core::stats::{ContainerStats, CpuStats, MemoryStats, PodReference, PodStats};
 use vzk_kubelet_api::spdy::{Frame, FrameDecoder, FrameEncoder, Headers};
 
+use crate::load_client as lc;
 use crate::support::{self, Opts, PANICS};
 
 async fn sa_token(h: &support::Harness, sa: &str) -> String {
@@ -320,6 +321,12 @@ async fn spdy_upgrade(
     (s, buf[end..].to_vec())
 }
 
+/// A RST_STREAM with a 12-byte payload (it has 8) and two stray bytes.
+const GARBAGE: [u8; 22] = [
+    0x80, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x0c, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0xde,
+    0xad,
+];
+
 #[tokio::test]
 async fn garbage_frames_end_the_session_without_a_panic() {
     let h = support::start("kapi-garbage", Opts::default()).await;
@@ -329,12 +336,7 @@ async fn garbage_frames_end_the_session_without_a_panic() {
         "v4.channel.k8s.io",
     )
     .await;
-    s.write_all(&[
-        0x80, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x0c, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-        0xde, 0xad,
-    ])
-    .await
-    .expect("send garbage");
+    s.write_all(&GARBAGE).await.expect("send garbage");
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
     assert!(
@@ -342,6 +344,35 @@ async fn garbage_frames_end_the_session_without_a_panic() {
         "server must close a session with a corrupt frame"
     );
     let id = h.apiserver_identity();
+    // The same garbage in the middle of a running exec (streams open, `cat` echoing) and
+    // of a port-forward with a live stream pair ends those sessions too, and a bystander
+    // session keeps working.
+    let cfg = lc::client_config(&h, &id).expect("client config");
+    let echo = lc::echo_server().await.expect("echo server");
+    let exec = lc::exec_cat(h.port, &cfg).await.expect("exec");
+    let pf = lc::port_forward(h.port, &cfg, echo)
+        .await
+        .expect("port-forward");
+    for (what, (mut out, mut inp), from) in [("exec", exec, 5), ("port-forward", pf, 3)] {
+        let echoed = lc::round_trip(&mut out, &mut inp, 3, from, b"before")
+            .await
+            .expect("echo before the garbage");
+        assert_eq!(echoed, b"before", "{what}");
+        let w = out.get_mut();
+        w.write_all(&GARBAGE).await.expect("send garbage");
+        w.flush().await.expect("flush");
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(_)) = inp.next().await {}
+        })
+        .await;
+        assert!(ended.is_ok(), "server must end the {what} session");
+    }
+    let p = lc::payload(5, 256 * 1024);
+    let got = tokio::time::timeout(Duration::from_secs(30), lc::exec_echo(h.port, &cfg, &p))
+        .await
+        .expect("bystander in time")
+        .expect("bystander exec");
+    assert!(got == p, "bystander echoed its own bytes");
     let (code, _) = h.request(Some(&id), "GET", "/healthz", &[]).await;
     assert_eq!(code, 200, "server still serves");
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "no panic anywhere");
