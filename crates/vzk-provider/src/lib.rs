@@ -53,6 +53,7 @@
 
 pub mod args;
 pub mod boot;
+pub mod crash;
 pub mod engine;
 pub mod error;
 pub mod guest_mounts;

@@ -168,6 +168,8 @@ pub(crate) struct Cluster {
     pub(crate) kubelet_port: u16,
     pub(crate) runs: u32,
     pub(crate) extra_args: Vec<String>,
+    /// Environment of the next agent start (e.g. `VZK_CRASH_POINT`).
+    pub(crate) extra_env: Vec<(String, String)>,
     pub(crate) work: tempfile::TempDir,
     /// Dropped last.
     pub(crate) cp: ControlPlane,
@@ -196,6 +198,7 @@ impl Cluster {
             kubelet_port: free_port(),
             runs: 0,
             extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+            extra_env: Vec::new(),
             work,
             cp,
         };
@@ -226,6 +229,7 @@ impl Cluster {
             .arg("--ssh-private-key-path")
             .arg(&g.openssh_key)
             .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env(
                 "VZK_LOG",
                 std::env::var("VZK_E2E_LOG").unwrap_or_else(|_| "info".into()),

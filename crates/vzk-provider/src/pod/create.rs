@@ -212,6 +212,7 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         }
     };
     clock.phase(StartPhase::Clone);
+    crate::crash::point("create:cloned");
     // 4b. The per-pod copy the boot needs (a macOS guest writes its aux storage/NVRAM).
     // std::fs::copy clones on APFS (clonefile), so this costs no space there.
     if let Some((from, to)) = &boot.clone
@@ -256,10 +257,12 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             .await
             .map_err(|err| ("CreateContainerError", error_chain(&err)))?;
         *lock(&entry.vm) = Some(vm.clone());
+        crate::crash::point("create:vm-created");
         vm.start().await.map_err(|err| match err {
             vzk_vm::VmError::LimitReached { detail, .. } => ("VMLimitReached", detail),
             err => ("RunContainerError", error_chain(&err)),
         })?;
+        crate::crash::point("create:vm-started");
         Ok::<_, (&'static str, String)>(vm)
     })
     .await;

@@ -538,6 +538,7 @@ impl PodLifecycle for VmProvider {
         PodRecord::new(&key, pod, start.0.to_string())
             .save(&dir.join("pod.json"))
             .map_err(|e| ProviderError::failed("CreatePodDirFailed", e.to_string()))?;
+        crate::crash::point("create:recorded");
         let e = Arc::new(PodEntry::new(key.clone(), pod.clone(), dir, start, creds));
         lock(&self.inner.pods).insert(key.uid.clone(), e.clone());
         self.inner.push_status(&e);
@@ -633,9 +634,11 @@ impl PodLifecycle for VmProvider {
                     vzk_vm::VmState::is_final,
                 )
                 .await;
+                crate::crash::point("delete:vm-stopped");
                 v.remove().await
             })
             .await;
+            crate::crash::point("delete:vm-removed");
             match removed {
                 Ok(()) => info!(pod = %e.key, ?path, "VM stopped and removed"),
                 Err(err) => {
