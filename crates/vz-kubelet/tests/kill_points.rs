@@ -171,6 +171,15 @@ async fn an_agent_killed_at_any_step_of_a_pod_leaves_no_orphan_and_no_duplicate(
             },
         );
         nothing_left(&c, &format!("{pod} after {point}"), &uid);
+        let log = c
+            .agent
+            .as_ref()
+            .map(support::Agent::log)
+            .unwrap_or_default();
+        assert!(
+            !log.contains("booting it again") && !log.contains("VM started"),
+            "{point}: a pod being deleted is not booted again by the next agent:\n{log}"
+        );
         timings.push((point, t.elapsed()));
     }
     assert!(

@@ -77,6 +77,10 @@ pub(crate) struct Inner {
     pub(crate) metrics: crate::metrics::ProviderMetrics,
 }
 
+/// Written into a pod's dir when its deletion begins: a pod dir holding it is never
+/// booted again after an agent restart, its deletion is finished instead.
+const DELETING: &str = "deleting";
+
 /// Why a recorded pod's VM ended when the agent found it gone at start-up.
 pub(crate) const LOST_VM_MESSAGE: &str =
     "the VM was gone when the agent started (the host or the hypervisor restarted)";
@@ -395,7 +399,23 @@ impl Inner {
                 == Some("Never");
             let mut history = crate::record::load_history(&e.dir);
             lock(&self.pods).insert(uid, e.clone());
-            if never {
+            if dir.join(DELETING).exists() {
+                // A previous agent was deleting this pod: the pod controller finishes the
+                // deletion; nothing is booted for a pod on its way out.
+                info!(pod = %e.key, "finishing the deletion a previous agent began");
+                *lock(&e.history) = history;
+                self.set_phase(
+                    &e,
+                    crate::status::VmPhase::Terminated {
+                        exit_code: ended.exit_code,
+                        reason: "Error".into(),
+                        message: Some("the agent stopped while it was deleting the pod".into()),
+                        started_at: None,
+                        finished_at: crate::pod::now(),
+                    },
+                );
+                e.ended.cancel();
+            } else if never {
                 warn!(pod = %e.key, "the pod's VM is gone and restartPolicy is Never: the pod failed");
                 *lock(&e.history) = history;
                 self.set_phase(
@@ -564,6 +584,11 @@ impl PodLifecycle for VmProvider {
             .cloned()
             .ok_or_else(|| ProviderError::NotFound(key.to_string()))?;
         let deadline = tokio::time::Instant::now() + grace;
+        // A deletion under way outlives a crash of the agent: the next one finishes it
+        // rather than booting the pod again (see `adopt_lost`).
+        if let Err(err) = std::fs::write(e.dir.join(DELETING), b"") {
+            warn!(pod = %e.key, error = %err, "marking the pod as being deleted");
+        }
         // The lifecycle, side-car and init supervisors return first: nothing restarts
         // what is being stopped.
         e.cancel_tasks().await;
