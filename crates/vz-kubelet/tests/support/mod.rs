@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use vzk_testenv::{ControlPlane, Netns, NodeIdentity, Registry, free_port, guest};
 
+pub(crate) mod dockerd;
 pub(crate) mod soak;
 
 pub(crate) fn vz_kubelet() -> Command {
