@@ -77,9 +77,11 @@ fn first_header_block_carries_the_dictionary_flag() {
         fin: false,
         headers: Headers::new(),
     }]);
-    // 8 bytes frame header, 4 bytes stream id, then zlib: CMF 0x78, FLG with FDICT (0x20).
-    assert_eq!(bytes[12], 0x78);
+    // 8 bytes frame header, 4 bytes stream id, then zlib: CMF (deflate, a 2 KiB window:
+    // 0x38), FLG with FDICT (0x20), the pair a multiple of 31.
+    assert_eq!(bytes[12], 0x38, "CM 8 (deflate), CINFO 3 (2 KiB window)");
     assert_ne!(bytes[13] & 0x20, 0, "FDICT must be set");
+    assert_eq!((u16::from(bytes[12]) * 256 + u16::from(bytes[13])) % 31, 0);
     // Adler-32 of the SPDY dictionary, as every SPDY/3 implementation expects.
     assert_eq!(&bytes[14..18], &[0xe3, 0xc6, 0xa7, 0xc2]);
 }
