@@ -709,6 +709,31 @@ pub(crate) fn create_sparse(path: &Path, size: u64) -> Result<File> {
     Ok(f)
 }
 
+/// Decodes a gzip stream of one or more members as a pull of an agoda image does (the
+/// decoder the pull uses, `MultiGzDecoder` over a buffered reader), from input served in
+/// `step`-byte pieces into reads of `out_size` bytes, stopping after `limit` decoded
+/// bytes: how many were decoded. Hidden: only for the fuzz target `gzip_members`.
+#[doc(hidden)]
+pub fn decode_gzip_members(
+    stream: &[u8],
+    step: usize,
+    out_size: usize,
+    limit: u64,
+) -> std::io::Result<u64> {
+    let mut src = std::io::BufReader::with_capacity(step.max(1), stream);
+    let mut dec = flate2::bufread::MultiGzDecoder::new(&mut src);
+    let mut buf = vec![0u8; out_size.max(1)];
+    let mut total = 0u64;
+    while total < limit {
+        let n = dec.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -759,5 +784,26 @@ mod tests {
         assert!(back[..8192].iter().all(|&b| b == 0));
         assert!(back[8192 + n..300_001].iter().all(|&b| b == 0));
         assert!(back[305_001..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn gzip_members_decode_whole_in_any_piece_and_read_size() {
+        use std::io::Write as _;
+        let member = |b: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(b).unwrap();
+            e.finish().unwrap()
+        };
+        let mut stream = member(&[7u8; 100_000]);
+        stream.extend(member(b"second"));
+        for (step, out) in [(1, 1), (8, 4096), (1 << 16, 1 << 20)] {
+            assert_eq!(
+                super::decode_gzip_members(&stream, step, out, u64::MAX).unwrap(),
+                100_006
+            );
+        }
+        assert!(
+            super::decode_gzip_members(&stream[..stream.len() / 2], 64, 4096, u64::MAX).is_err()
+        );
     }
 }

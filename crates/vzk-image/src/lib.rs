@@ -73,7 +73,7 @@ pub use serde_json;
 pub use clone::{CloneKind, Cloner};
 pub use config::{GuestOs, VmConfig};
 pub use error::{ImageError, Result};
-pub use fetch::is_zero;
+pub use fetch::{decode_gzip_members, is_zero};
 pub use hosts::{HostDefaults, HostsError, RegistryHosts};
 pub use keyring::{Credentials, Keyring, PullSecret};
 pub use mac_platform::{ImageConfigError, MacImageConfig};
