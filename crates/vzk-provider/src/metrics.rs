@@ -293,6 +293,20 @@ impl StartClock {
     }
 }
 
+/// Stops a start clock when dropped: a start that ends before Ready (an early return of
+/// the create path, a ready timeout, a failed postStart hook, the task cancelled) closes
+/// its trace as an error. After [`StartClock::ready`] it does nothing.
+#[derive(Debug)]
+pub(crate) struct StopClock(pub(crate) Option<Arc<StartClock>>);
+
+impl Drop for StopClock {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.stop();
+        }
+    }
+}
+
 /// What the provider's state says at scrape time (slots, pods by phase).
 pub(crate) struct StateCollector {
     pub(crate) inner: Weak<crate::provider::Inner>,
@@ -409,5 +423,31 @@ mod tests {
         assert!(t.contains("vzk_pod_start_phase_seconds_sum{phase=\"ready\"} 7.0"));
         assert!(t.contains("vzk_pod_start_phase_seconds_count{phase=\"ready\"} 1"));
         assert!(!t.contains("phase=\"ip\""), "{t}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_that_ends_before_ready_is_stopped_and_one_after_is_kept() {
+        let m = ProviderMetrics::default();
+        // Ended before Ready (a ready timeout): no ready observation, later calls ignored.
+        let clock = Arc::new(StartClock::start(m.clone(), tracing::Span::none()));
+        clock.phase(StartPhase::Pull);
+        drop(StopClock(Some(clock.clone())));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        clock.phase(StartPhase::Clone);
+        clock.ready();
+        let t = render(&m);
+        assert!(!t.contains("phase=\"ready\""), "{t}");
+        assert!(!t.contains("phase=\"clone\""), "{t}");
+        // Ready first: the guard dropped afterwards changes nothing.
+        let clock = Arc::new(StartClock::start(m.clone(), tracing::Span::none()));
+        let guard = StopClock(Some(clock.clone()));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        clock.ready();
+        drop(guard);
+        let t = render(&m);
+        assert!(
+            t.contains("vzk_pod_start_phase_seconds_count{phase=\"ready\"} 1"),
+            "{t}"
+        );
     }
 }

@@ -42,7 +42,7 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     ));
     *lock(&e.start_clock) = Some(clock.clone());
     // Any return before the VM runs ends this start: its later phases are not observed.
-    let mut stop_on_early_return = StopClock(Some(clock.clone()));
+    let mut stop_on_early_return = crate::metrics::StopClock(Some(clock.clone()));
 
     // 1. Pull (with back-off, like the kubelet).
     let policy = PullPolicy::from_k8s(c0.image_pull_policy.as_deref(), &reference);
@@ -313,17 +313,6 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     // The VM runs: the guest side observes the rest of this start.
     stop_on_early_return.0 = None;
     watch_vm(inner, e, vm, c0.lifecycle.and_then(|l| l.post_start)).await;
-}
-
-/// Stops a start clock when dropped (an early return of the create path).
-struct StopClock(Option<Arc<StartClock>>);
-
-impl Drop for StopClock {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            c.stop();
-        }
-    }
 }
 
 /// The bytes of the files directly in `dir` (an image's files).

@@ -47,6 +47,8 @@ pub(super) async fn guest(
     };
     // Only the pod's first run observes its start phases (a restart's are not a start's).
     let clock = lock(&e.start_clock).take();
+    // Whatever ends this start before Ready marks its trace as an error.
+    let _stop_unless_ready = crate::metrics::StopClock(clock.clone());
     let ip = match vzk_vm::wait_for_ip(vm.as_ref(), left()).await {
         Ok(ip) => ip,
         // The VM ended by itself: the caller reports that.
