@@ -23,7 +23,9 @@
 //! real QEMU (TCG unless KVM really works), dnsmasq and dropbear, each test inside a
 //! network namespace it creates and tears down; `tests/nat_pair.rs` runs two agents' NAT
 //! networks (own bridges, subnets and state dirs) side by side in one namespace, a VM on
-//! each, and removes one while the other keeps working. The test guest (Debian kernel, busybox,
+//! each, and removes one while the other keeps working; `tests/nat_release.rs` removes NAT
+//! VMs (one force-stopped, one dead after an agent restart) and checks dnsmasq dropped their
+//! leases (DHCPRELEASE). The test guest (Debian kernel, busybox,
 //! dropbear) is built and cached by `scripts/build-test-guest.sh`. Needs the Debian
 //! packages `qemu-system-x86 qemu-utils dnsmasq-base dropbear-bin busybox-static cpio
 //! iproute2 nftables` and network access to Debian's mirror on the first guest build.

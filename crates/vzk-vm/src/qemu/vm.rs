@@ -9,7 +9,7 @@
 //!   request or the guest's `POWERDOWN`; at process exit `Stopped` if QEMU reported a
 //!   clean `SHUTDOWN` (guest power-off, `quit`) or the agent asked for the stop, else
 //!   `Failed` with the exit status and the tail of `qemu.log`.
-//! * [`QemuVm::adopt`] rebuilds a handle from a state dir: a live QEMU (pid file + its
+//! * `QemuVm::adopt` rebuilds a handle from a state dir: a live QEMU (pid file + its
 //!   command line naming this dir) is reattached over QMP with its recorded IP; a dead
 //!   one is reported `Failed` with a reason (or `Stopped` if the agent had asked for it).
 //! * Dropping the handle stops watching (aborts its tasks) but never the VM: VMs outlive
