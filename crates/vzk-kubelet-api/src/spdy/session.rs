@@ -223,12 +223,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(f) => f,
             Err(error) => {
                 warn!(%error, "spdy: bad frame from peer, ending session");
-                shared
-                    .answer(Frame::GoAway {
-                        last_good_stream_id: last_id,
-                        status: 1,
-                    })
-                    .await;
+                // One last frame without waiting for credit: the session ends here, so
+                // nothing grows, and a peer that never reads cannot hold the end up.
+                shared.send(Frame::GoAway {
+                    last_good_stream_id: last_id,
+                    status: 1,
+                });
                 break;
             }
         };
