@@ -268,6 +268,23 @@ impl KubeletServer {
         self.reloader.clone()
     }
 
+    /// Binds the kubelet API's listener with a listen backlog of [`LISTEN_BACKLOG`]
+    /// (the kernel caps it at `net.core.somaxconn`), as Go's kubelet does; a plain
+    /// `TcpListener::bind` gets 128. Connections the accept loop has not taken yet wait
+    /// there: a burst larger than the backlog while the agent is busy has its final ACKs
+    /// dropped, and a client that then sends nothing waits on a connection the server
+    /// never had.
+    pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    }
+
     /// Accepts TLS connections on `listener` until `shutdown` completes, then drains.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let acceptor = TlsAcceptor::from(self.tls.clone());
@@ -359,6 +376,10 @@ async fn serve_conn(
         }
     }
 }
+
+/// The listen backlog of [`KubeletServer::bind`] (Linux caps it at `net.core.somaxconn`,
+/// 4096 by default).
+pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// The router with every kubelet route behind authentication.
 pub(crate) fn app(state: AppState) -> Router {

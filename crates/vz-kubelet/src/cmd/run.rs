@@ -249,8 +249,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let view = pods.view();
 
     let (crt, key) = serving_cert(&args, &node)?;
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
+    let listener = vzk_kubelet_api::KubeletServer::bind(settings.listen)
         .with_context(|| format!("binding the kubelet API to {}", settings.listen))?;
     let server = vzk_kubelet_api::KubeletServer::builder()
         .provider(provider.clone())

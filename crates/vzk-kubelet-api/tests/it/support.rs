@@ -119,9 +119,7 @@ pub(crate) async fn start(prefix: &str, opts: Opts) -> Harness {
     let key = write(dir.path(), "kubelet.key", &serving.key_pem);
     let node_client = cp.node_identity(&node).client().await;
     let runtime = Arc::new(ProcessRuntime::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = KubeletServer::bind(([127, 0, 0, 1], 0).into()).expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let mut builder = KubeletServer::builder();
     if opts.fast_reload {
