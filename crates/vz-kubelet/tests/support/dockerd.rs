@@ -3,24 +3,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::text;
-
-/// Pids of processes whose command line contains `needle`.
-fn pids_matching(needle: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        if text(&cmd).contains(needle) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
+use super::{processes, text};
 
 /// A dockerd of the test's own: its own network namespace, config file (none of the
 /// host's), data root, exec root (so its own containerd), pid file and socket; no bridge,
@@ -177,7 +160,11 @@ impl PrivateDockerd {
         let exec_root = self.dir.path().join("exec").display().to_string();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let left = pids_matching(&exec_root);
+            let left: Vec<u32> = processes()
+                .into_iter()
+                .filter(|(_, cmd)| cmd.contains(&exec_root))
+                .map(|(pid, _)| pid)
+                .collect();
             if left.is_empty() {
                 break;
             }

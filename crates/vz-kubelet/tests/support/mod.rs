@@ -59,9 +59,9 @@ pub(crate) fn tail(path: &Path, n: usize) -> String {
     }
 }
 
-/// Pids of processes whose command line contains `needle` (a pod UID names its QEMU).
-pub(crate) fn pids_with(needle: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
+/// Every process but this one: its pid and command line (arguments joined by spaces).
+pub(crate) fn processes() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -69,14 +69,20 @@ pub(crate) fn pids_with(needle: &str) -> Vec<u32> {
         if pid == std::process::id() {
             continue;
         }
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = text(&cmd);
-        if cmd.contains(needle) && cmd.contains("qemu-system") {
-            pids.push(pid);
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            out.push((pid, text(&cmd).replace('\0', " ")));
         }
     }
+    out
+}
+
+/// Pids of QEMU processes whose command line contains `needle` (a pod UID names its QEMU).
+pub(crate) fn pids_with(needle: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> = processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(needle) && cmd.contains("qemu-system"))
+        .map(|(pid, _)| pid)
+        .collect();
     pids.sort_unstable();
     pids
 }

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Cluster, run, text};
+use super::{Cluster, processes, run, text};
 
 /// What the node holds at one moment: each counter by name, in table order.
 #[derive(Debug, Clone)]
@@ -152,19 +152,6 @@ pub(crate) fn census(c: &Cluster, pods: usize, started: Instant) -> Census {
             ("events", events as u64),
         ],
     }
-}
-
-fn processes() -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
-            out.push((pid, text(&cmd).replace('\0', " ")));
-        }
-    }
-    out
 }
 
 fn ip_links(netns: &str) -> Vec<String> {
