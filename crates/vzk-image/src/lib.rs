@@ -3,11 +3,13 @@
 //!
 //! * [`media_types`]: every media type and annotation we read and write: the
 //!   macOS-vz-kubelet ("agoda") format (read/write, byte-compatible), our chunked "vzk"
-//!   format with a macOS and a Linux flavour (read/write), and Tart's format (read).
+//!   format with a macOS and a Linux flavour (read/write), and Tart's format (read/write).
 //! * [`config`]: the VM `config.json` ([`VmConfig`]).
 //! * [`store`]: [`ImageStore`], the cache, [`ImageStore::pull`] and pull policies.
 //! * [`clone`]: [`Cloner`], per-pod copy-on-write disks (reflink or qcow2 overlay).
-//! * [`push()`]: packing an image directory and pushing it.
+//! * [`push()`]: packing an image directory and pushing it (agoda, vzk or Tart).
+//! * [`convert`]: an image copied between references and formats, and checked.
+//! * [`import`]: image directories from Tart VMs, macosvm bundles and raw disks.
 //! * [`hosts`]: registry mirrors and TLS per registry, in containerd's `hosts.toml` layout.
 //! * [`keyring`]: credentials from `imagePullSecrets` and docker `config.json`.
 //! * [`registry`]: the OCI distribution client (auth, manifests, blobs with `Range`).
@@ -50,9 +52,11 @@
 pub mod clone;
 pub mod config;
 pub mod content_digest;
+pub mod convert;
 pub mod error;
 mod fetch;
 pub mod hosts;
+pub mod import;
 pub mod keyring;
 pub mod mac_platform;
 pub mod manifest;

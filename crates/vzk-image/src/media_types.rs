@@ -75,16 +75,16 @@
 //! `disk.img`, `config.json` and optionally `initrd` (and `aux.img` for an EFI variable
 //! store). Unknown fields in `config.json` are kept and ignored.
 //!
-//! # 3. Tart format: read only
+//! # 3. Tart format: read and write
 //!
 //! | what | value |
 //! |---|---|
-//! | manifest `config` | `application/vnd.oci.image.config.v1+json` stub (ignored) |
+//! | manifest `config` | `application/vnd.oci.image.config.v1+json` stub (ignored on pull; a push writes `architecture`, `os` and the label `org.cirruslabs.tart.disk.format` = `raw`, as Tart does) |
 //! | VM config layer | `application/vnd.cirruslabs.tart.config.v1` ([`TART_CONFIG`]) → `config.json` |
 //! | disk layers | `application/vnd.cirruslabs.tart.disk.v2` ([`TART_DISK_V2`]), 512 MiB chunks in disk order, Apple LZ4 block framing (`bv41`/`bv4-`/`bv4$`) → `disk.img` |
 //! | NVRAM layer | `application/vnd.cirruslabs.tart.nvram.v1` ([`TART_NVRAM`]) → `aux.img` |
 //! | per-disk-layer annotations | `org.cirruslabs.tart.uncompressed-size` ([`TART_UNCOMPRESSED_SIZE`]), `org.cirruslabs.tart.uncompressed-content-digest` ([`TART_UNCOMPRESSED_DIGEST`]) |
-//! | manifest annotation | `org.cirruslabs.tart.uncompressed-disk-size` ([`TART_UNCOMPRESSED_DISK_SIZE`]) |
+//! | manifest annotations | `org.cirruslabs.tart.uncompressed-disk-size` ([`TART_UNCOMPRESSED_DISK_SIZE`]), `org.cirruslabs.tart.upload-time` ([`TART_UPLOAD_TIME`], written on push) |
 //!
 //! # Local layout of a pulled image
 //!
@@ -168,6 +168,12 @@ pub const TART_UNCOMPRESSED_SIZE: &str = "org.cirruslabs.tart.uncompressed-size"
 pub const TART_UNCOMPRESSED_DIGEST: &str = "org.cirruslabs.tart.uncompressed-content-digest";
 /// Tart: manifest annotation, total disk size.
 pub const TART_UNCOMPRESSED_DISK_SIZE: &str = "org.cirruslabs.tart.uncompressed-disk-size";
+/// Tart: manifest annotation, when the image was pushed (RFC 3339).
+pub const TART_UPLOAD_TIME: &str = "org.cirruslabs.tart.upload-time";
+/// Tart: label of the stub image config, `raw` or `asif`.
+pub const TART_DISK_FORMAT_LABEL: &str = "org.cirruslabs.tart.disk.format";
+/// Tart: the uncompressed size of its disk chunks.
+pub const TART_CHUNK_SIZE: u64 = 512 << 20;
 
 /// The file a layer holds, whatever the format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

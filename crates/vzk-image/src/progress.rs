@@ -1,5 +1,6 @@
 //! Progress reporting: a trait the pull and push engines call, with a silent
-//! implementation, one that logs through `tracing`, and (feature `cli`) indicatif bars.
+//! implementation, one that logs through `tracing`, one that writes JSON lines, and
+//! (feature `cli`) indicatif bars.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +59,62 @@ impl Progress for LogProgress {
         {
             let done = self.done.load(Ordering::Relaxed);
             tracing::info!(label = %label, bytes = done, seconds = format!("{:.2}", start.elapsed().as_secs_f64()), "done");
+        }
+    }
+}
+
+/// One JSON object per line on stderr (for programs driving the CLI): `begin` with the
+/// total, `progress` at each whole percent, `done` with the bytes and seconds.
+#[derive(Debug, Default)]
+pub struct JsonLinesProgress {
+    total: AtomicU64,
+    done: AtomicU64,
+    state: Mutex<Option<(String, Instant, u64)>>,
+}
+
+impl JsonLinesProgress {
+    fn emit(v: serde_json::Value) {
+        use std::io::Write as _;
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{v}");
+    }
+}
+
+impl Progress for JsonLinesProgress {
+    fn begin(&self, label: &str, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+        if let Ok(mut s) = self.state.lock() {
+            *s = Some((label.to_string(), Instant::now(), 0));
+        }
+        Self::emit(serde_json::json!({"event": "begin", "label": label, "total": total}));
+    }
+
+    fn advance(&self, n: u64) {
+        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
+        let total = self.total.load(Ordering::Relaxed).max(1);
+        let percent = done.saturating_mul(100) / total;
+        if let Ok(mut s) = self.state.lock()
+            && let Some((label, start, last)) = s.as_mut()
+            && percent > *last
+        {
+            *last = percent;
+            let secs = start.elapsed().as_secs_f64().max(1e-3);
+            Self::emit(serde_json::json!({
+                "event": "progress", "label": label, "done": done, "total": total,
+                "percent": percent.min(100), "bytesPerSecond": (done as f64 / secs) as u64,
+            }));
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(s) = self.state.lock()
+            && let Some((label, start, _)) = s.as_ref()
+        {
+            Self::emit(serde_json::json!({
+                "event": "done", "label": label, "done": self.done.load(Ordering::Relaxed),
+                "seconds": start.elapsed().as_secs_f64(),
+            }));
         }
     }
 }

@@ -6,6 +6,13 @@
 //!   layers disk, aux, config; as `oras-macos-vz push`) or B (config.json as the config).
 //! * vzk format: every file in fixed-size chunks, each an independent zstd stream of 1 MiB
 //!   frames that declare their size (see `zstd_frames`).
+//! * Tart format (as `tart push` writes it, so that `tart pull` takes it unchanged):
+//!   Tart's `config.json` as the config layer, `disk.img` in fixed-size chunks (Tart cuts
+//!   512 MiB) in Apple LZ4 framing with their uncompressed size and sha256 as annotations,
+//!   `aux.img` as the NVRAM layer, a stub OCI image config with the
+//!   `org.cirruslabs.tart.disk.format` label, and the disk size and upload time as
+//!   manifest annotations. Tart's config is the directory's `tart-config.json` when there
+//!   is one (an image pulled from Tart), else made from ours ([`crate::tart::tart_config`]).
 //!
 //! Compressed blobs go to temporary files (never whole into memory), are uploaded as
 //! soon as they are ready, and are deleted after upload.
@@ -42,11 +49,11 @@ pub enum AgodaLayout {
 /// How to push.
 #[derive(Clone)]
 pub struct PushOptions {
-    /// agoda or vzk (Tart is read-only).
+    /// agoda, vzk or Tart.
     pub format: Format,
     /// agoda manifest layout.
     pub agoda_layout: AgodaLayout,
-    /// vzk chunk size in bytes.
+    /// Chunk size in bytes (vzk and Tart; Tart itself cuts [`mt::TART_CHUNK_SIZE`]).
     pub chunk_size: u64,
     /// Blobs compressed/uploaded at once.
     pub concurrency: usize,
@@ -128,6 +135,8 @@ struct Prepared {
     digest: String,
     size: u64,
     udigest: String,
+    /// A staged blob of ours, deleted after upload (not a file of the image directory).
+    staged: bool,
 }
 
 /// Push the image directory `dir` to `reference`.
@@ -171,8 +180,34 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
                 return Err(bad("a macOS image needs aux.img".into()));
             }
         }
-        Format::Tart => return Err(bad("pushing the Tart format is not supported".into())),
+        Format::Tart => {
+            if has(Role::Kernel) || has(Role::Initrd) {
+                return Err(bad(
+                    "Tart's format has no kernel or initrd (Tart boots Linux by EFI)".into(),
+                ));
+            }
+            if !has(Role::Aux) {
+                return Err(bad(
+                    "Tart's format needs aux.img (Tart's nvram.bin: the macOS auxiliary storage or the EFI variable store)".into(),
+                ));
+            }
+        }
     }
+    // Tart's config, made before anything is compressed so that a config Tart cannot
+    // take fails at once.
+    let tart_cfg = if opts.format == Format::Tart {
+        let tart_path = dir.join(TART_CONFIG_FILE);
+        Some(match std::fs::read(&tart_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let v = crate::tart::tart_config(&config).map_err(&bad)?;
+                serde_json::to_vec(&v).map_err(|e| bad(format!("Tart config: {e}")))?
+            }
+            Err(e) => return Err(bad(format!("{TART_CONFIG_FILE}: {e}"))),
+        })
+    } else {
+        None
+    };
     if opts.format == Format::Agoda {
         // agoda lists disk first, then aux.
         files.sort_by_key(|f| if f.0 == Role::Disk { 0 } else { 1 });
@@ -186,20 +221,32 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
 
     let mut jobs = Vec::new();
     for (role, path, size) in &files {
-        let plan = if opts.format == Format::Agoda {
-            vec![(0, *size)]
-        } else {
-            let f = File::open(path).io("open", path)?;
-            let (holes, chunk) = (holes(&f, *size), opts.chunk_size.max(4096));
-            let mut min_hole = MIN_HOLE;
-            loop {
-                let plan = chunk_plan(&holes, *size, chunk, min_hole);
-                if plan.len() <= MAX_CHUNKS_PER_FILE || min_hole >= *size {
-                    break plan;
+        let plan =
+            if opts.format == Format::Agoda || *role == Role::Aux && opts.format == Format::Tart {
+                vec![(0, *size)]
+            } else if opts.format == Format::Tart {
+                // Tart's fixed grid (its dedup between tags relies on it); an all-zero chunk
+                // costs about 0.4% of its size in LZ4 framing.
+                let chunk = opts.chunk_size.max(4096);
+                let mut plan: Vec<(u64, u64)> = (0..size.div_ceil(chunk))
+                    .map(|i| (i * chunk, chunk.min(size - i * chunk)))
+                    .collect();
+                if plan.is_empty() {
+                    plan.push((0, 0));
                 }
-                min_hole *= 2;
-            }
-        };
+                plan
+            } else {
+                let f = File::open(path).io("open", path)?;
+                let (holes, chunk) = (holes(&f, *size), opts.chunk_size.max(4096));
+                let mut min_hole = MIN_HOLE;
+                loop {
+                    let plan = chunk_plan(&holes, *size, chunk, min_hole);
+                    if plan.len() <= MAX_CHUNKS_PER_FILE || min_hole >= *size {
+                        break plan;
+                    }
+                    min_hole *= 2;
+                }
+            };
         for (offset, len) in plan {
             jobs.push(Job {
                 idx: jobs.len(),
@@ -216,6 +263,7 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
     let work = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     let work = work.join(format!("vzk-push-{}", rand::random::<u32>()));
     std::fs::create_dir_all(&work).io("create", &work)?;
+    let _work = RemoveOnDrop(work.clone());
     let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
     let stats = Arc::new(Mutex::new((0usize, 0usize, 0u64)));
     let format = opts.format;
@@ -234,14 +282,18 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
                 let (role, offset, len, file_size, idx) =
                     (job.role, job.offset, job.len, job.file_size, job.idx);
                 let p = progress.clone();
-                let prepared = tokio::task::spawn_blocking(move || match format {
-                    Format::Agoda => gzip_file(&job.path, &out, gz, threads, &*p),
+                let prepared = tokio::task::spawn_blocking(move || match (format, role) {
+                    (Format::Agoda, _) => gzip_file(&job.path, &out, gz, threads, &*p),
+                    (Format::Tart, Role::Aux) => stored_file(&job.path, &*p),
+                    (Format::Tart, _) => lz4_chunk(&job.path, job.offset, job.len, &out, &*p),
                     _ => zstd_chunk(&job.path, job.offset, job.len, &out, zs, &*p),
                 })
                 .await
                 .map_err(|_| ImageError::Cancelled)??;
                 let res = upload(&reg, &prepared, &seen, &stats).await;
-                let _ = std::fs::remove_file(&prepared.path);
+                if prepared.staged {
+                    let _ = std::fs::remove_file(&prepared.path);
+                }
                 res?;
                 let desc = layer_descriptor(format, role, &prepared, offset, len, file_size);
                 Ok::<_, ImageError>((idx, desc))
@@ -250,17 +302,24 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
         .buffer_unordered(opts.concurrency.max(1))
         .try_collect::<Vec<_>>()
         .await;
-    let _ = std::fs::remove_dir_all(&work);
     progress.finish();
     let mut layers = result?;
     layers.sort_by_key(|(i, _)| *i);
     let mut layers: Vec<Descriptor> = layers.into_iter().map(|(_, d)| d).collect();
 
     // config.json
-    let cfg_media = if format == Format::Agoda {
-        mt::AGODA_CONFIG
-    } else {
-        mt::VZK_CONFIG
+    let cfg_media = match format {
+        Format::Agoda => mt::AGODA_CONFIG,
+        Format::Vzk => mt::VZK_CONFIG,
+        Format::Tart => mt::TART_CONFIG,
+    };
+    let (cfg_bytes, cfg_path) = match tart_cfg {
+        Some(bytes) => {
+            let staged = work.join(TART_CONFIG_FILE);
+            std::fs::write(&staged, &bytes).io("write", &staged)?;
+            (bytes, staged)
+        }
+        None => (cfg_bytes, cfg_path),
     };
     let cfg_desc = Descriptor {
         media_type: cfg_media.to_string(),
@@ -268,18 +327,40 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
         size: cfg_bytes.len() as u64,
         data: None,
         platform: None,
-        annotations: Some(BTreeMap::from([(
-            mt::ANNOTATION_TITLE.to_string(),
-            "config.json".to_string(),
-        )])),
+        // Tart's layers carry no title.
+        annotations: (format != Format::Tart).then(|| {
+            BTreeMap::from([(mt::ANNOTATION_TITLE.to_string(), "config.json".to_string())])
+        }),
     };
     let cfg_prepared = Prepared {
         path: cfg_path.clone(),
         digest: cfg_desc.digest.clone(),
         size: cfg_desc.size,
         udigest: cfg_desc.digest.clone(),
+        staged: false,
     };
-    upload(&reg, &cfg_prepared, &seen, &stats).await?;
+    let res = upload(&reg, &cfg_prepared, &seen, &stats).await;
+    let stub = if res.is_ok() && format == Format::Tart {
+        let stub = serde_json::to_vec(&serde_json::json!({
+            "architecture": config.arch_or_default(),
+            "os": config.os.as_str(),
+            "config": {"Labels": {mt::TART_DISK_FORMAT_LABEL: "raw"}},
+        }))
+        .map_err(|e| bad(format!("stub config: {e}")))?;
+        let path = work.join("oci-config.json");
+        std::fs::write(&path, &stub).io("write", &path)?;
+        let p = Prepared {
+            digest: sha256_digest(&stub),
+            size: stub.len() as u64,
+            udigest: String::new(),
+            path,
+            staged: true,
+        };
+        upload(&reg, &p, &seen, &stats).await.map(|()| Some(p))
+    } else {
+        res.map(|()| None)
+    };
+    let stub = stub?;
     let platform = Platform {
         architecture: config.arch_or_default().to_string(),
         os: config.os.as_str().to_string(),
@@ -312,6 +393,36 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
                     mt::ANNOTATION_CREATED.to_string(),
                     created,
                 )])),
+            }
+        }
+        (Format::Tart, _) => {
+            let disk_size: u64 = files
+                .iter()
+                .filter(|f| f.0 == Role::Disk)
+                .map(|f| f.2)
+                .sum();
+            layers.insert(0, cfg_desc);
+            let stub = stub.ok_or_else(|| bad("no stub config".into()))?;
+            Manifest {
+                schema_version: 2,
+                media_type: Some(mt::OCI_MANIFEST.to_string()),
+                artifact_type: None,
+                config: Descriptor {
+                    media_type: mt::OCI_IMAGE_CONFIG.to_string(),
+                    digest: stub.digest,
+                    size: stub.size,
+                    data: None,
+                    platform: None,
+                    annotations: None,
+                },
+                layers,
+                annotations: Some(BTreeMap::from([
+                    (
+                        mt::TART_UNCOMPRESSED_DISK_SIZE.to_string(),
+                        disk_size.to_string(),
+                    ),
+                    (mt::TART_UPLOAD_TIME.to_string(), created),
+                ])),
             }
         }
         _ => {
@@ -369,6 +480,22 @@ fn layer_descriptor(
         role.file_name().to_string(),
     );
     let media_type = match format {
+        Format::Tart => {
+            ann.clear();
+            if role == Role::Aux {
+                return Descriptor {
+                    media_type: mt::TART_NVRAM.to_string(),
+                    digest: p.digest.clone(),
+                    size: p.size,
+                    data: None,
+                    platform: None,
+                    annotations: None,
+                };
+            }
+            ann.insert(mt::TART_UNCOMPRESSED_SIZE.to_string(), len.to_string());
+            ann.insert(mt::TART_UNCOMPRESSED_DIGEST.to_string(), p.udigest.clone());
+            mt::TART_DISK_V2
+        }
         Format::Agoda => {
             ann.insert(mt::AGODA_UNCOMPRESSED_DIGEST.to_string(), p.udigest.clone());
             ann.insert(mt::AGODA_UNCOMPRESSED_SIZE.to_string(), len.to_string());
@@ -575,6 +702,79 @@ fn zstd_chunk(
         digest: format!("sha256:{}", hex::encode(hw.hasher.finalize())),
         size: hw.count,
         udigest: uh.finish(),
+        staged: true,
+    })
+}
+
+/// Removes the push's staging directory however the push ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The name of Tart's own `config.json` in an image directory pulled from Tart (ours is
+/// `config.json`); a Tart push sends it unchanged.
+pub const TART_CONFIG_FILE: &str = "tart-config.json";
+
+/// Compress one chunk of a file in Apple LZ4 framing (Tart's `disk.v2`) into `out`; the
+/// content digest is sha256, as Tart checks it.
+fn lz4_chunk(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<Prepared> {
+    let src = File::open(path).io("open", path)?;
+    let dst = File::create(out).io("create", out)?;
+    let hw = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, dst),
+        hasher: Sha256::new(),
+        count: 0,
+    };
+    let mut enc = crate::tart::AppleLz4Writer::new(hw, crate::tart::BLOCK);
+    let mut uh = Sha256::new();
+    let mut buf = vec![0u8; READ_BLOCK];
+    let mut pos = 0u64;
+    while pos < len {
+        let n = (len - pos).min(READ_BLOCK as u64) as usize;
+        src.read_exact_at(&mut buf[..n], offset + pos)
+            .io("read", path)?;
+        uh.update(&buf[..n]);
+        enc.write_all(&buf[..n]).io("write", out)?;
+        pos += n as u64;
+        progress.advance(n as u64);
+    }
+    let hw = enc.finish().io("write", out)?;
+    Ok(Prepared {
+        path: out.to_path_buf(),
+        digest: format!("sha256:{}", hex::encode(hw.hasher.finalize())),
+        size: hw.count,
+        udigest: format!("sha256:{}", hex::encode(uh.finalize())),
+        staged: true,
+    })
+}
+
+/// A file uploaded as it is (Tart's NVRAM layer): only hashed.
+fn stored_file(path: &Path, progress: &dyn Progress) -> Result<Prepared> {
+    let mut f = File::open(path).io("open", path)?;
+    let mut h = HashingWriter {
+        inner: std::io::sink(),
+        hasher: Sha256::new(),
+        count: 0,
+    };
+    std::io::copy(&mut f, &mut h).io("read", path)?;
+    progress.advance(h.count);
+    let digest = format!("sha256:{}", hex::encode(h.hasher.finalize()));
+    Ok(Prepared {
+        path: path.to_path_buf(),
+        udigest: digest.clone(),
+        digest,
+        size: h.count,
+        staged: false,
     })
 }
 
@@ -668,6 +868,7 @@ fn gzip_file(
         digest: format!("sha256:{}", hex::encode(hw.hasher.finalize())),
         size: hw.count,
         udigest: format!("sha256:{}", hex::encode(uh.finalize())),
+        staged: true,
     })
 }
 

@@ -6,7 +6,7 @@
 //! back into the previous block's decoded bytes); `bv4-` + u32le size + stored bytes;
 //! `bv4$` ends the stream.
 
-use std::io::{BufRead, Read};
+use std::io::{BufRead, Read, Write};
 
 use crate::config::{GuestOs, VmConfig};
 
@@ -116,28 +116,129 @@ impl<R: BufRead> Read for AppleLz4Reader<R> {
     }
 }
 
-/// Encode `data` in Apple LZ4 framing with `block`-sized blocks, each compressed with
-/// the previous block as its dictionary (as Apple's streaming encoder does).
-pub fn apple_lz4_encode(data: &[u8], block: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut prev: &[u8] = &[];
-    for chunk in data.chunks(block.max(1)) {
-        let dict = &prev[prev.len().saturating_sub(WINDOW)..];
-        let enc = lz4_flex::block::compress_with_dict(chunk, dict);
-        if enc.len() < chunk.len() {
-            out.extend_from_slice(TAG_LZ4);
-            out.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(enc.len() as u32).to_le_bytes());
-            out.extend_from_slice(&enc);
-        } else {
-            out.extend_from_slice(TAG_RAW);
-            out.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-            out.extend_from_slice(chunk);
+/// The decoded size of the blocks Apple's streaming LZ4 encoder writes, and ours.
+pub const BLOCK: usize = 64 << 10;
+
+/// Writes Apple LZ4 framing: `block`-sized blocks, each compressed with the previous
+/// block as its dictionary (as Apple's streaming encoder does), stored (`bv4-`) when
+/// compression does not shrink it, and `bv4$` at [`AppleLz4Writer::finish`].
+pub struct AppleLz4Writer<W: Write> {
+    inner: W,
+    block: usize,
+    buf: Vec<u8>,
+    prev: Vec<u8>,
+    enc: Vec<u8>,
+}
+
+impl<W: Write> AppleLz4Writer<W> {
+    /// Frame into `inner` with blocks of `block` bytes (at most 16 MiB; [`BLOCK`] is
+    /// what Apple writes).
+    pub fn new(inner: W, block: usize) -> Self {
+        let block = block.clamp(1, MAX_BLOCK as usize);
+        AppleLz4Writer {
+            inner,
+            block,
+            buf: Vec::with_capacity(block),
+            prev: Vec::with_capacity(block),
+            enc: Vec::new(),
         }
-        prev = chunk;
     }
-    out.extend_from_slice(TAG_END);
-    out
+
+    fn flush_block(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let dict = &self.prev[self.prev.len().saturating_sub(WINDOW)..];
+        self.enc
+            .resize(lz4_flex::block::get_maximum_output_size(self.buf.len()), 0);
+        let n = lz4_flex::block::compress_into_with_dict(&self.buf, &mut self.enc, dict)
+            .map_err(|e| std::io::Error::other(format!("LZ4: {e}")))?;
+        // Both sizes are at most `MAX_BLOCK` (16 MiB), so they fit a u32.
+        let len = self.buf.len() as u32;
+        if n < self.buf.len() {
+            self.inner.write_all(TAG_LZ4)?;
+            self.inner.write_all(&len.to_le_bytes())?;
+            self.inner.write_all(&(n as u32).to_le_bytes())?;
+            self.inner.write_all(&self.enc[..n])?;
+        } else {
+            self.inner.write_all(TAG_RAW)?;
+            self.inner.write_all(&len.to_le_bytes())?;
+            self.inner.write_all(&self.buf)?;
+        }
+        std::mem::swap(&mut self.prev, &mut self.buf);
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Write the last block and the end tag; returns the inner writer.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        self.flush_block()?;
+        self.inner.write_all(TAG_END)?;
+        self.inner.flush()?;
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for AppleLz4Writer<W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = (self.block - self.buf.len()).min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == self.block {
+            self.flush_block()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Encode `data` in Apple LZ4 framing with `block`-sized blocks (see [`AppleLz4Writer`]).
+pub fn apple_lz4_encode(data: &[u8], block: usize) -> Vec<u8> {
+    let mut w = AppleLz4Writer::new(Vec::new(), block);
+    // Writing to a Vec cannot fail, nor can LZ4 compression into a buffer of the maximum
+    // output size.
+    match w.write_all(data).and_then(|()| w.finish()) {
+        Ok(v) => v,
+        Err(e) => unreachable!("Apple LZ4 into memory: {e}"),
+    }
+}
+
+/// Tart's `config.json` for an image of ours: what `tart` needs to run it (`version`,
+/// `os`, `arch`, CPU and memory with their minimums, a random locally administered
+/// `macAddress`, `display`; for macOS `ecid` and `hardwareModel`).
+pub fn tart_config(c: &VmConfig) -> Result<serde_json::Value, String> {
+    let cpus = c.cpus.or(c.min_cpus).unwrap_or(2);
+    let memory = c.memory_bytes.or(c.min_memory_bytes).unwrap_or(4 << 30);
+    let mut mac: [u8; 6] = rand::random();
+    mac[0] = (mac[0] & 0xfe) | 0x02; // unicast, locally administered
+    let mac = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut v = serde_json::json!({
+        "version": 1,
+        "os": c.os.as_str(),
+        "arch": c.arch_or_default(),
+        "cpuCountMin": c.min_cpus.unwrap_or(cpus).min(cpus),
+        "cpuCount": cpus,
+        "memorySizeMin": c.min_memory_bytes.unwrap_or(memory).min(memory),
+        "memorySize": memory,
+        "macAddress": mac,
+        "display": {"width": 1024, "height": 768},
+    });
+    if c.os == GuestOs::Darwin {
+        let (Some(hw), Some(id)) = (&c.hardware_model_data, &c.machine_id_data) else {
+            return Err(
+                "a macOS image needs hardwareModelData and machineIdData for Tart's config".into(),
+            );
+        };
+        v["hardwareModel"] = hw.clone().into();
+        v["ecid"] = id.clone().into();
+    }
+    Ok(v)
 }
 
 /// Convert Tart's `config.json` to ours (`ecid` → `machineIdData`, `hardwareModel` →
@@ -202,6 +303,68 @@ mod tests {
             .read_to_end(&mut out)
             .expect("decodes");
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn the_writer_frames_the_same_whatever_the_write_sizes() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i / 3 % 97) as u8).collect();
+        let whole = apple_lz4_encode(&data, BLOCK);
+        let mut w = AppleLz4Writer::new(Vec::new(), BLOCK);
+        for piece in data.chunks(7_777) {
+            w.write_all(piece).expect("write");
+        }
+        assert_eq!(w.finish().expect("finish"), whole);
+        // An empty stream is just the end tag.
+        assert_eq!(apple_lz4_encode(&[], BLOCK), b"bv4$");
+    }
+
+    #[test]
+    fn our_config_becomes_a_config_tart_decodes() {
+        let c = VmConfig {
+            os: GuestOs::Darwin,
+            hardware_model_data: Some("aHc=".into()),
+            machine_id_data: Some("aWQ=".into()),
+            cpus: Some(4),
+            min_cpus: Some(2),
+            memory_bytes: Some(8 << 30),
+            ..Default::default()
+        };
+        let t = tart_config(&c).expect("converts");
+        // The keys Tart's VMConfig decoder requires, with Tart's names.
+        for k in [
+            "version",
+            "cpuCountMin",
+            "cpuCount",
+            "memorySizeMin",
+            "memorySize",
+            "macAddress",
+            "ecid",
+            "hardwareModel",
+        ] {
+            assert!(t.get(k).is_some(), "{k} missing from {t}");
+        }
+        assert_eq!(
+            (t["cpuCount"].as_u64(), t["cpuCountMin"].as_u64()),
+            (Some(4), Some(2))
+        );
+        assert_eq!(t["memorySizeMin"].as_u64(), Some(8 << 30));
+        let mac = t["macAddress"].as_str().expect("mac");
+        let first = u8::from_str_radix(&mac[..2], 16).expect("hex");
+        assert_eq!((mac.len(), first & 0x03), (17, 0x02), "{mac}");
+        // And back: ours again, but for what Tart does not carry.
+        let back = convert_config(&serde_json::to_vec(&t).expect("json")).expect("back");
+        assert_eq!(
+            (
+                back.cpus,
+                back.min_cpus,
+                back.memory_bytes,
+                back.machine_id_data
+            ),
+            (Some(4), Some(2), Some(8 << 30), Some("aWQ=".into()))
+        );
+        // A macOS config without its platform data cannot be run by Tart.
+        let bare = VmConfig::default();
+        assert!(tart_config(&bare).is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `vz-kubelet image …`: push, pull, list, inspect, remove and prune VM images.
+//! `vz-kubelet image …`: push, pull, import, convert, list, inspect, remove and prune VM
+//! images.
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -12,8 +13,8 @@ use vzk_image::push::AgodaLayout;
 use vzk_image::registry::Registry;
 use vzk_image::serde_json;
 use vzk_image::{
-    Credentials, ImageStore, Keyring, LogProgress, Progress, PullOptions, PullPolicy, PushOptions,
-    Reference, RegistryOptions,
+    Credentials, ImageStore, Keyring, Progress, PullOptions, PullPolicy, PushOptions, Reference,
+    RegistryOptions,
 };
 
 /// `vz-kubelet image` flags.
@@ -71,6 +72,44 @@ enum FormatArg {
     Vzk,
     /// macOS-vz-kubelet's format (one gzip layer per file).
     Agoda,
+    /// Tart's format (512 MiB Apple LZ4 chunks), which `tart pull` takes.
+    Tart,
+}
+
+impl FormatArg {
+    fn format(self) -> Format {
+        match self {
+            FormatArg::Vzk => Format::Vzk,
+            FormatArg::Agoda => Format::Agoda,
+            FormatArg::Tart => Format::Tart,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum OsArg {
+    Darwin,
+    Linux,
+}
+
+/// What `image push` and `image convert` share.
+#[derive(Debug, Args)]
+struct PushFlags {
+    /// Image format.
+    #[arg(long, value_enum, default_value = "vzk")]
+    format: FormatArg,
+    /// Chunk size in MiB (default 64 for vzk; 512 for Tart, as Tart cuts).
+    #[arg(long)]
+    chunk_size_mib: Option<u64>,
+    /// Blobs compressed and uploaded at once.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// agoda: put config.json in the manifest config (the e2e helper's layout) instead of a layer.
+    #[arg(long)]
+    config_as_config: bool,
+    /// Extra tags for the same manifest.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -78,6 +117,16 @@ enum PolicyArg {
     Always,
     IfNotPresent,
     Never,
+}
+
+impl PolicyArg {
+    fn policy(self) -> PullPolicy {
+        match self {
+            PolicyArg::Always => PullPolicy::Always,
+            PolicyArg::IfNotPresent => PullPolicy::IfNotPresent,
+            PolicyArg::Never => PullPolicy::Never,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,21 +137,67 @@ enum ImageCommand {
         dir: PathBuf,
         /// Where to push, e.g. `registry:5000/macos:sonoma`.
         reference: String,
-        /// Image format.
-        #[arg(long, value_enum, default_value = "vzk")]
-        format: FormatArg,
-        /// Chunk size in MiB (vzk format).
-        #[arg(long, default_value_t = 64)]
-        chunk_size_mib: u64,
-        /// Blobs compressed and uploaded at once.
+        #[command(flatten)]
+        push: PushFlags,
+    },
+    /// Make an image directory from a Tart VM directory, a macosvm bundle (its JSON
+    /// spec, disk and aux images), or a raw disk (`--raw` with the flags below); then
+    /// `image push` it.
+    Import {
+        /// The Tart VM directory, the macosvm bundle or spec, or with `--raw` the disk.
+        source: PathBuf,
+        /// The image directory to make (must not exist, or be empty).
+        dest: PathBuf,
+        /// SOURCE is a raw disk image.
         #[arg(long)]
-        concurrency: Option<usize>,
-        /// agoda: put config.json in the manifest config (the e2e helper's layout) instead of a layer.
+        raw: bool,
+        /// Raw: the guest OS.
+        #[arg(long, value_enum, default_value = "linux", requires = "raw")]
+        os: OsArg,
+        /// Raw: `arm64` or `amd64` (default: arm64 for macOS, amd64 for Linux).
+        #[arg(long, requires = "raw")]
+        arch: Option<String>,
+        /// Raw: the auxiliary storage (macOS) or EFI variable store (Linux).
+        #[arg(long, requires = "raw")]
+        aux: Option<PathBuf>,
+        /// Raw, Linux: a kernel for direct boot.
+        #[arg(long, requires = "raw")]
+        kernel: Option<PathBuf>,
+        /// Raw, Linux: an initrd for direct boot.
+        #[arg(long, requires = "raw")]
+        initrd: Option<PathBuf>,
+        /// Raw, Linux: the kernel command line.
+        #[arg(long, requires = "raw")]
+        cmdline: Option<String>,
+        /// Raw: default vCPUs.
+        #[arg(long, requires = "raw")]
+        cpus: Option<u32>,
+        /// Raw: default memory, e.g. `4G`.
+        #[arg(long, requires = "raw", value_parser = parse_size)]
+        memory: Option<u64>,
+        /// Raw, macOS: base64 of the hardware model's data representation.
+        #[arg(long, requires = "raw")]
+        hardware_model: Option<String>,
+        /// Raw, macOS: base64 of the machine identifier's data representation.
+        #[arg(long, requires = "raw")]
+        machine_id: Option<String>,
+    },
+    /// Copy an image from one reference to another in a format of choice (agoda ↔ vzk ↔
+    /// Tart), through the cache: the content is pulled and verified, pushed, and the
+    /// destination's manifest checked against it part by part.
+    Convert {
+        /// Source reference.
+        source: String,
+        /// Destination reference.
+        dest: String,
+        #[command(flatten)]
+        push: PushFlags,
+        /// Pull policy for the source.
+        #[arg(long, value_enum, default_value = "if-not-present")]
+        policy: PolicyArg,
+        /// Skip re-hashing the content against the destination's manifest.
         #[arg(long)]
-        config_as_config: bool,
-        /// Extra tags for the same manifest.
-        #[arg(long = "tag")]
-        tags: Vec<String>,
+        no_verify: bool,
     },
     /// Pull an image into the cache and print its directory.
     Pull {
@@ -231,6 +326,25 @@ impl ImageArgs {
         })
     }
 
+    fn pull_options(
+        &self,
+        r: &Reference,
+        policy: PolicyArg,
+        concurrency: usize,
+    ) -> anyhow::Result<PullOptions> {
+        let reg = self.registry_options(r)?;
+        Ok(PullOptions {
+            credentials: reg.credentials,
+            policy: policy.policy(),
+            plain_http: reg.plain_http,
+            insecure: reg.insecure,
+            hosts: reg.hosts,
+            keyring: reg.keyring,
+            concurrency,
+            progress: Some(progress()),
+        })
+    }
+
     fn store(&self) -> anyhow::Result<ImageStore> {
         let root = self.root.clone().unwrap_or_else(default_root);
         ImageStore::open(&root, self.budget.unwrap_or(u64::MAX))
@@ -238,12 +352,56 @@ impl ImageArgs {
     }
 }
 
+/// A bar on a terminal, JSON lines on stderr otherwise.
 fn progress() -> Arc<dyn Progress> {
     if std::io::stderr().is_terminal() {
         Arc::new(vzk_image::progress::BarProgress::new())
     } else {
-        Arc::new(LogProgress::default())
+        Arc::new(vzk_image::progress::JsonLinesProgress::default())
     }
+}
+
+impl PushFlags {
+    fn options(&self, registry: RegistryOptions, work_dir: PathBuf) -> PushOptions {
+        let format = self.format.format();
+        let default_chunk = if format == Format::Tart {
+            vzk_image::media_types::TART_CHUNK_SIZE
+        } else {
+            vzk_image::media_types::DEFAULT_CHUNK_SIZE
+        };
+        let mut opts = PushOptions {
+            format,
+            agoda_layout: if self.config_as_config {
+                AgodaLayout::ConfigAsConfig
+            } else {
+                AgodaLayout::EmptyConfig
+            },
+            chunk_size: self
+                .chunk_size_mib
+                .map_or(default_chunk, |m| m.max(1) << 20),
+            registry,
+            work_dir: Some(work_dir),
+            extra_tags: self.tags.clone(),
+            progress: Some(progress()),
+            ..Default::default()
+        };
+        if let Some(c) = self.concurrency {
+            opts.concurrency = c;
+        }
+        opts
+    }
+}
+
+fn print_push(r: &Reference, report: &vzk_image::PushReport, secs: f64) {
+    println!(
+        "pushed {r}@{} ({} in {} blobs, {} uploaded, {} already there) in {secs:.1}s, {:.0} MB/s",
+        report.digest,
+        human(report.compressed_bytes),
+        report.uploaded_blobs + report.skipped_blobs,
+        report.uploaded_blobs,
+        report.skipped_blobs,
+        report.uncompressed_bytes as f64 / secs / 1e6
+    );
 }
 
 fn print_json(v: serde_json::Value) -> anyhow::Result<()> {
@@ -272,34 +430,11 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
         ImageCommand::Push {
             dir,
             reference,
-            format,
-            chunk_size_mib,
-            concurrency,
-            config_as_config,
-            tags,
+            push,
         } => {
             let r = Reference::parse(reference)?;
             let store_tmp = args.store()?.root().join("tmp");
-            let mut opts = PushOptions {
-                format: match format {
-                    FormatArg::Vzk => Format::Vzk,
-                    FormatArg::Agoda => Format::Agoda,
-                },
-                agoda_layout: if *config_as_config {
-                    AgodaLayout::ConfigAsConfig
-                } else {
-                    AgodaLayout::EmptyConfig
-                },
-                chunk_size: chunk_size_mib.max(&1) << 20,
-                registry: args.registry_options(&r)?,
-                work_dir: Some(store_tmp),
-                extra_tags: tags.clone(),
-                progress: Some(progress()),
-                ..Default::default()
-            };
-            if let Some(c) = concurrency {
-                opts.concurrency = *c;
-            }
+            let opts = push.options(args.registry_options(&r)?, store_tmp);
             let started = std::time::Instant::now();
             let report = vzk_image::push(dir, &r, &opts)
                 .await
@@ -308,15 +443,101 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
             if args.output == Output::Json {
                 print_json(serde_json::to_value(&report)?)?;
             } else {
+                print_push(&r, &report, secs);
+            }
+        }
+        ImageCommand::Import {
+            source,
+            dest,
+            raw,
+            os,
+            arch,
+            aux,
+            kernel,
+            initrd,
+            cmdline,
+            cpus,
+            memory,
+            hardware_model,
+            machine_id,
+        } => {
+            use vzk_image::import::{ImportSource, RawImport};
+            let src = if *raw {
+                ImportSource::Raw(RawImport {
+                    disk: source.clone(),
+                    os: match os {
+                        OsArg::Darwin => vzk_image::GuestOs::Darwin,
+                        OsArg::Linux => vzk_image::GuestOs::Linux,
+                    },
+                    arch: arch.clone(),
+                    aux: aux.clone(),
+                    kernel: kernel.clone(),
+                    initrd: initrd.clone(),
+                    kernel_cmdline: cmdline.clone(),
+                    cpus: *cpus,
+                    memory_bytes: *memory,
+                    hardware_model_data: hardware_model.clone(),
+                    machine_id_data: machine_id.clone(),
+                })
+            } else {
+                ImportSource::detect(source)?
+            };
+            let (dest, p) = (dest.clone(), progress());
+            let report =
+                tokio::task::spawn_blocking(move || vzk_image::import::import(&src, &dest, &*p))
+                    .await
+                    .context("the import stopped")?
+                    .with_context(|| format!("import {}", source.display()))?;
+            if args.output == Output::Json {
+                print_json(serde_json::to_value(&report)?)?;
+            } else {
+                let files: Vec<String> = report
+                    .files
+                    .iter()
+                    .map(|f| format!("{} ({}, {})", f.name, human(f.size), f.how))
+                    .collect();
                 println!(
-                    "pushed {r}@{} ({} in {} blobs, {} uploaded, {} already there) in {secs:.1}s, {:.0} MB/s",
-                    report.digest,
-                    human(report.compressed_bytes),
-                    report.uploaded_blobs + report.skipped_blobs,
-                    report.uploaded_blobs,
-                    report.skipped_blobs,
-                    report.uncompressed_bytes as f64 / secs / 1e6
+                    "imported a {} {} VM into {}: {}",
+                    report.kind,
+                    report.config.os.as_str(),
+                    report.dir.display(),
+                    files.join(", ")
                 );
+            }
+        }
+        ImageCommand::Convert {
+            source,
+            dest,
+            push,
+            policy,
+            no_verify,
+        } => {
+            let (src, dst) = (Reference::parse(source)?, Reference::parse(dest)?);
+            let store = args.store()?;
+            let pull = args.pull_options(&src, *policy, 4)?;
+            let opts = push.options(args.registry_options(&dst)?, store.root().join("tmp"));
+            let started = std::time::Instant::now();
+            let report = vzk_image::convert::convert(&store, &src, &pull, &dst, &opts, !no_verify)
+                .await
+                .with_context(|| format!("convert {src} to {dst}"))?;
+            let secs = started.elapsed().as_secs_f64();
+            if args.output == Output::Json {
+                print_json(serde_json::to_value(&report)?)?;
+            } else {
+                println!(
+                    "converted {src} ({}) to {dst} ({})",
+                    report.source_format.as_str(),
+                    opts.format.as_str()
+                );
+                print_push(&dst, &report.push, secs);
+                if let Some(v) = &report.verified {
+                    println!(
+                        "verified: {} files, {} parts, {} of content identical to {src}",
+                        v.files,
+                        v.parts,
+                        human(v.bytes)
+                    );
+                }
             }
         }
         ImageCommand::Pull {
@@ -326,21 +547,7 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
         } => {
             let r = Reference::parse(reference)?;
             let store = args.store()?;
-            let reg = args.registry_options(&r)?;
-            let opts = PullOptions {
-                credentials: reg.credentials,
-                policy: match policy {
-                    PolicyArg::Always => PullPolicy::Always,
-                    PolicyArg::IfNotPresent => PullPolicy::IfNotPresent,
-                    PolicyArg::Never => PullPolicy::Never,
-                },
-                plain_http: reg.plain_http,
-                insecure: reg.insecure,
-                hosts: reg.hosts,
-                keyring: reg.keyring,
-                concurrency: *concurrency,
-                progress: Some(progress()),
-            };
+            let opts = args.pull_options(&r, *policy, *concurrency)?;
             let img = store
                 .pull(&r, &opts)
                 .await

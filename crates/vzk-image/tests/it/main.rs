@@ -2,6 +2,7 @@
 
 mod auth;
 mod clone;
+mod convert;
 // A tmpfs in a private mount namespace: Linux only.
 #[cfg(target_os = "linux")]
 mod diskfull;
