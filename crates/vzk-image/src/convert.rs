@@ -7,14 +7,59 @@ use std::path::Path;
 
 use crate::content_digest::{Algorithm, ContentHasher};
 use crate::error::{ImageError, IoContext as _, Result};
+use crate::layout::{LayoutRef, OciLayout};
 use crate::manifest::Format;
 use crate::media_types::{self as mt, Role};
-use crate::push::{PushOptions, PushReport};
+pub use crate::push::Destination;
+use crate::push::{PushOptions, PushReport, push_to};
 use crate::reference::Reference;
 use crate::registry::{Registry, RegistryOptions};
 use crate::store::{ImageStore, PullOptions};
 
 const BLOCK: usize = 4 << 20;
+
+enum Sink {
+    Registry(Registry),
+    Layout(OciLayout),
+}
+
+/// Where a conversion reads.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A registry (pulled into the cache).
+    Registry(Reference),
+    /// An OCI image layout (unpacked into a temporary directory of the cache).
+    Layout(LayoutRef),
+}
+
+impl Source {
+    /// `oci:PATH[:TAG]` is a layout, anything else a registry reference.
+    pub fn parse(s: &str) -> Result<Source> {
+        Ok(match LayoutRef::parse(s) {
+            Some(l) => Source::Layout(l),
+            None => Source::Registry(Reference::parse(s)?),
+        })
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Registry(r) => r.fmt(f),
+            Source::Layout(l) => l.fmt(f),
+        }
+    }
+}
+
+impl Destination {
+    /// `oci:PATH[:TAG]` is a layout, anything else a registry reference.
+    pub fn parse(s: &str) -> Result<Destination> {
+        Ok(match LayoutRef::parse(s) {
+            Some(l) => Destination::Layout(l),
+            None => Destination::Registry(Reference::parse(s)?),
+        })
+    }
+}
 
 /// What [`convert`] did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -37,26 +82,49 @@ pub struct ConvertReport {
 /// the target format (Tart's own config is kept when the source was Tart).
 pub async fn convert(
     store: &ImageStore,
-    src: &Reference,
+    src: &Source,
     pull: &PullOptions,
-    dst: &Reference,
+    dst: &Destination,
     push: &PushOptions,
     check: bool,
 ) -> Result<ConvertReport> {
-    let pulled = store.pull(src, pull).await?;
-    let _pin = store.pin(&pulled)?;
-    let report = crate::push::push(&pulled.dir, dst, push).await?;
+    let (dir, digest, format, _pin, _tmp) = match src {
+        Source::Registry(r) => {
+            let pulled = store.pull(r, pull).await?;
+            let pin = store.pin(&pulled)?;
+            (pulled.dir, pulled.digest, pulled.format, Some(pin), None)
+        }
+        Source::Layout(l) => {
+            let tmp = store
+                .root()
+                .join("tmp")
+                .join(format!("unpack-{:08x}", rand::random::<u32>()));
+            let guard = RemoveOnDrop(tmp.clone());
+            let u = crate::layout::unpack(&l.path, &l.tag, &tmp).await?;
+            (tmp, u.digest, u.format, None, Some(guard))
+        }
+    };
+    let report = push_to(&dir, dst, push).await?;
     let verified = if check {
-        Some(verify(&pulled.dir, dst, &push.registry).await?)
+        Some(verify_at(&dir, dst, &push.registry).await?)
     } else {
         None
     };
     Ok(ConvertReport {
-        source_digest: pulled.digest,
-        source_format: pulled.format,
+        source_digest: digest,
+        source_format: format,
         push: report,
         verified,
     })
+}
+
+/// Removes a temporary directory however the conversion ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// What [`verify`] checked.
@@ -82,15 +150,30 @@ pub struct Verified {
 /// verifies against is then what `dir` holds. (`config.json` is left out: a conversion
 /// rewrites it by design.)
 pub async fn verify(dir: &Path, reference: &Reference, opts: &RegistryOptions) -> Result<Verified> {
-    let name = reference.to_string();
+    verify_at(dir, &Destination::Registry(reference.clone()), opts).await
+}
+
+/// [`verify`] for a registry or an OCI image layout.
+pub async fn verify_at(dir: &Path, dest: &Destination, opts: &RegistryOptions) -> Result<Verified> {
+    let name = dest.to_string();
     let mismatch = move |reason: String| ImageError::InvalidManifest {
         reference: name.clone(),
         reason,
     };
-    let name = reference.to_string();
-    let reg = Registry::new(reference, opts, false)?;
-    let fetched = reg.get_manifest(reference.manifest_ref()).await?;
-    let m = crate::manifest::parse_manifest(&fetched.bytes, &name)?;
+    let name = dest.to_string();
+    let (store, bytes, digest) = match dest {
+        Destination::Registry(r) => {
+            let reg = Registry::new(r, opts, false)?;
+            let fetched = reg.get_manifest(r.manifest_ref()).await?;
+            (Sink::Registry(reg), fetched.bytes.to_vec(), fetched.digest)
+        }
+        Destination::Layout(l) => {
+            let layout = OciLayout::open(&l.path)?;
+            let (bytes, digest) = layout.manifest(&l.tag)?;
+            (Sink::Layout(layout), bytes, digest)
+        }
+    };
+    let m = crate::manifest::parse_manifest(&bytes, &name)?;
     let plan = crate::manifest::plan(&m, &name)?;
     let mut blobs: Vec<&str> = plan
         .files
@@ -101,8 +184,12 @@ pub async fn verify(dir: &Path, reference: &Reference, opts: &RegistryOptions) -
     blobs.sort_unstable();
     blobs.dedup();
     for b in blobs {
-        if b != mt::OCI_EMPTY_DIGEST && !reg.has_blob(b).await? {
-            return Err(mismatch(format!("the registry lacks blob {b}")));
+        let has = match &store {
+            Sink::Registry(r) => r.has_blob(b).await?,
+            Sink::Layout(l) => l.has_blob(b)?,
+        };
+        if b != mt::OCI_EMPTY_DIGEST && !has {
+            return Err(mismatch(format!("it lacks blob {b}")));
         }
     }
     let mut local: Vec<Role> = [Role::Disk, Role::Aux, Role::Kernel, Role::Initrd]
@@ -163,7 +250,7 @@ pub async fn verify(dir: &Path, reference: &Reference, opts: &RegistryOptions) -
     .await
     .map_err(|_| ImageError::Cancelled)??;
     Ok(Verified {
-        digest: fetched.digest,
+        digest,
         format: plan.format,
         files: remote.len(),
         parts,

@@ -9,6 +9,7 @@
 //! * [`clone`]: [`Cloner`], per-pod copy-on-write disks (reflink or qcow2 overlay).
 //! * [`push()`]: packing an image directory and pushing it (agoda, vzk or Tart).
 //! * [`convert`]: an image copied between references and formats, and checked.
+//! * [`layout`]: OCI image layouts, as a push destination and an unpack source.
 //! * [`import`]: image directories from Tart VMs, macosvm bundles and raw disks.
 //! * [`hosts`]: registry mirrors and TLS per registry, in containerd's `hosts.toml` layout.
 //! * [`keyring`]: credentials from `imagePullSecrets` and docker `config.json`.
@@ -58,6 +59,7 @@ mod fetch;
 pub mod hosts;
 pub mod import;
 pub mod keyring;
+pub mod layout;
 pub mod mac_platform;
 pub mod manifest;
 pub mod media_types;

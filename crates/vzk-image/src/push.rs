@@ -30,6 +30,7 @@ use sha2::{Digest as _, Sha256};
 use crate::config::{GuestOs, VmConfig};
 use crate::content_digest::{Algorithm, ContentHasher};
 use crate::error::{ImageError, IoContext as _, Result};
+use crate::layout::{LayoutRef, OciLayout};
 use crate::manifest::{Descriptor, Format, Manifest, Platform};
 use crate::media_types::{self as mt, Role};
 use crate::progress::{NoProgress, Progress};
@@ -139,8 +140,85 @@ struct Prepared {
     staged: bool,
 }
 
+/// Where a push writes.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A registry (`opts.registry` says how to reach it).
+    Registry(Reference),
+    /// An OCI image layout and a tag in it (created if missing).
+    Layout(LayoutRef),
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Registry(r) => r.fmt(f),
+            Destination::Layout(l) => l.fmt(f),
+        }
+    }
+}
+
+/// The blob store a push writes to.
+enum Sink {
+    Registry(Registry),
+    Layout(OciLayout),
+}
+
+impl Sink {
+    async fn has_blob(&self, digest: &str) -> Result<bool> {
+        match self {
+            Sink::Registry(r) => r.has_blob(digest).await,
+            Sink::Layout(l) => l.has_blob(digest),
+        }
+    }
+
+    async fn put_file(&self, p: &Prepared) -> Result<()> {
+        match self {
+            Sink::Registry(r) => {
+                let file = tokio::fs::File::open(&p.path).await.io("open", &p.path)?;
+                r.put_blob(&p.digest, p.size, move || {
+                    reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                        file,
+                        1 << 20,
+                    ))
+                })
+                .await
+            }
+            Sink::Layout(l) => {
+                let (l, p) = (l.clone(), (p.digest.clone(), p.path.clone(), p.staged));
+                tokio::task::spawn_blocking(move || l.put_file(&p.0, &p.1, p.2))
+                    .await
+                    .map_err(|_| ImageError::Cancelled)?
+            }
+        }
+    }
+
+    async fn put_bytes(&self, digest: &str, bytes: &'static [u8]) -> Result<()> {
+        match self {
+            Sink::Registry(r) => {
+                r.put_blob(digest, bytes.len() as u64, || reqwest::Body::from(bytes))
+                    .await
+            }
+            Sink::Layout(l) => l.put_bytes(digest, bytes),
+        }
+    }
+
+    async fn put_manifest(&self, tag: &str, bytes: &[u8]) -> Result<String> {
+        match self {
+            Sink::Registry(r) => r.put_manifest(tag, bytes, mt::OCI_MANIFEST).await,
+            Sink::Layout(l) => l.put_manifest(tag, bytes, mt::OCI_MANIFEST),
+        }
+    }
+}
+
 /// Push the image directory `dir` to `reference`.
 pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Result<PushReport> {
+    push_to(dir, &Destination::Registry(reference.clone()), opts).await
+}
+
+/// Push the image directory `dir` to a registry or an OCI image layout.
+pub async fn push_to(dir: &Path, dest: &Destination, opts: &PushOptions) -> Result<PushReport> {
+    let reference = dest;
     let bad = |reason: String| ImageError::InvalidImageDir {
         path: dir.to_path_buf(),
         reason,
@@ -259,7 +337,14 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
         }
     }
 
-    let reg = Arc::new(Registry::new(reference, &opts.registry, true)?);
+    let (reg, tag) = match dest {
+        Destination::Registry(r) => (
+            Sink::Registry(Registry::new(r, &opts.registry, true)?),
+            r.tag.clone().unwrap_or_else(|| "latest".into()),
+        ),
+        Destination::Layout(l) => (Sink::Layout(OciLayout::create(&l.path)?), l.tag.clone()),
+    };
+    let reg = Arc::new(reg);
     let work = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     let work = work.join(format!("vzk-push-{}", rand::random::<u32>()));
     std::fs::create_dir_all(&work).io("create", &work)?;
@@ -442,15 +527,13 @@ pub async fn push(dir: &Path, reference: &Reference, opts: &PushOptions) -> Resu
         }
     };
     if manifest.config.media_type == mt::OCI_EMPTY && !reg.has_blob(mt::OCI_EMPTY_DIGEST).await? {
-        reg.put_blob(mt::OCI_EMPTY_DIGEST, 2, || reqwest::Body::from(&b"{}"[..]))
-            .await?;
+        reg.put_bytes(mt::OCI_EMPTY_DIGEST, b"{}").await?;
     }
     let bytes =
         serde_json::to_vec(&manifest).map_err(|e| bad(format!("serialise manifest: {e}")))?;
-    let tag = reference.tag.clone().unwrap_or_else(|| "latest".into());
-    let digest = reg.put_manifest(&tag, &bytes, mt::OCI_MANIFEST).await?;
+    let digest = reg.put_manifest(&tag, &bytes).await?;
     for t in &opts.extra_tags {
-        reg.put_manifest(t, &bytes, mt::OCI_MANIFEST).await?;
+        reg.put_manifest(t, &bytes).await?;
     }
     let (uploaded_blobs, skipped_blobs, uploaded_bytes) =
         *stats.lock().map_err(|_| ImageError::Cancelled)?;
@@ -524,7 +607,7 @@ fn layer_descriptor(
 }
 
 async fn upload(
-    reg: &Registry,
+    reg: &Sink,
     p: &Prepared,
     seen: &Mutex<HashSet<String>>,
     stats: &Mutex<(usize, usize, u64)>,
@@ -539,11 +622,7 @@ async fn upload(
         }
         return Ok(());
     }
-    let file = tokio::fs::File::open(&p.path).await.io("open", &p.path)?;
-    reg.put_blob(&p.digest, p.size, move || {
-        reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20))
-    })
-    .await?;
+    reg.put_file(p).await?;
     if let Ok(mut s) = stats.lock() {
         s.0 += 1;
         s.2 += p.size;

@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use vzk_image::hosts::{self, RegistryHosts};
 use vzk_image::manifest::{self, Format};
+use vzk_image::convert::{Destination, Source};
 use vzk_image::push::AgodaLayout;
 use vzk_image::registry::Registry;
 use vzk_image::serde_json;
@@ -135,7 +136,8 @@ enum ImageCommand {
     Push {
         /// The image directory.
         dir: PathBuf,
-        /// Where to push, e.g. `registry:5000/macos:sonoma`.
+        /// Where to push, e.g. `registry:5000/macos:sonoma`, or an OCI image layout
+        /// `oci:PATH[:TAG]`.
         reference: String,
         #[command(flatten)]
         push: PushFlags,
@@ -186,9 +188,9 @@ enum ImageCommand {
     /// Tart), through the cache: the content is pulled and verified, pushed, and the
     /// destination's manifest checked against it part by part.
     Convert {
-        /// Source reference.
+        /// Source reference, or an OCI image layout `oci:PATH[:TAG]`.
         source: String,
-        /// Destination reference.
+        /// Destination reference, or an OCI image layout `oci:PATH[:TAG]`.
         dest: String,
         #[command(flatten)]
         push: PushFlags,
@@ -326,6 +328,14 @@ impl ImageArgs {
         })
     }
 
+    /// Registry access for a registry destination; nothing for a layout.
+    fn destination_options(&self, d: &Destination) -> anyhow::Result<RegistryOptions> {
+        match d {
+            Destination::Registry(r) => self.registry_options(r),
+            Destination::Layout(_) => Ok(RegistryOptions::default()),
+        }
+    }
+
     fn pull_options(
         &self,
         r: &Reference,
@@ -392,7 +402,7 @@ impl PushFlags {
     }
 }
 
-fn print_push(r: &Reference, report: &vzk_image::PushReport, secs: f64) {
+fn print_push(r: &impl std::fmt::Display, report: &vzk_image::PushReport, secs: f64) {
     println!(
         "pushed {r}@{} ({} in {} blobs, {} uploaded, {} already there) in {secs:.1}s, {:.0} MB/s",
         report.digest,
@@ -432,11 +442,11 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
             reference,
             push,
         } => {
-            let r = Reference::parse(reference)?;
+            let r = Destination::parse(reference)?;
             let store_tmp = args.store()?.root().join("tmp");
-            let opts = push.options(args.registry_options(&r)?, store_tmp);
+            let opts = push.options(args.destination_options(&r)?, store_tmp);
             let started = std::time::Instant::now();
-            let report = vzk_image::push(dir, &r, &opts)
+            let report = vzk_image::push::push_to(dir, &r, &opts)
                 .await
                 .with_context(|| format!("push {r}"))?;
             let secs = started.elapsed().as_secs_f64();
@@ -512,10 +522,13 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
             policy,
             no_verify,
         } => {
-            let (src, dst) = (Reference::parse(source)?, Reference::parse(dest)?);
+            let (src, dst) = (Source::parse(source)?, Destination::parse(dest)?);
             let store = args.store()?;
-            let pull = args.pull_options(&src, *policy, 4)?;
-            let opts = push.options(args.registry_options(&dst)?, store.root().join("tmp"));
+            let pull = match &src {
+                Source::Registry(r) => args.pull_options(r, *policy, 4)?,
+                Source::Layout(_) => PullOptions::default(),
+            };
+            let opts = push.options(args.destination_options(&dst)?, store.root().join("tmp"));
             let started = std::time::Instant::now();
             let report = vzk_image::convert::convert(&store, &src, &pull, &dst, &opts, !no_verify)
                 .await

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use vzk_image::convert::{convert, verify};
+use vzk_image::convert::{Destination, Source, convert, verify};
 use vzk_image::import::{ImportSource, import};
 use vzk_image::progress::NoProgress;
 use vzk_image::registry::RegistryOptions;
@@ -171,9 +171,9 @@ async fn conversions_between_formats_and_registries_keep_the_content() {
     for (from, to, format) in &steps {
         let rep = convert(
             &store,
-            from,
+            &Source::Registry(from.clone()),
             &pull_opts(),
-            to,
+            &Destination::Registry(to.clone()),
             &push_opts(*format, 4 << 20),
             true,
         )
@@ -231,9 +231,9 @@ async fn conversions_between_formats_and_registries_keep_the_content() {
     for format in [Format::Agoda, Format::Tart] {
         let e = convert(
             &store,
-            &at(&a, "linux:v1"),
+            &Source::Registry(at(&a, "linux:v1")),
             &pull_opts(),
-            &at(&b, "linux:x"),
+            &Destination::Registry(at(&b, "linux:x")),
             &push_opts(format, 1 << 20),
             true,
         )
@@ -247,4 +247,139 @@ async fn conversions_between_formats_and_registries_keep_the_content() {
     }
     let reg = vzk_image::registry::Registry::new(&at(&b, "linux:x"), &plain(), false).expect("reg");
     assert!(reg.get_manifest("x").await.is_err(), "nothing was pushed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_move_through_an_oci_layout_in_any_format() {
+    let reg = registry(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, (6 << 20) + 5);
+    let r = |t: &str| format!("{}/vm/linux:{t}", reg.addr);
+    push(
+        &src,
+        &Reference::parse(&r("v1")).expect("ref"),
+        &push_opts(Format::Vzk, 2 << 20),
+    )
+    .await
+    .expect("push");
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    let layout = tmp.path().join("layout");
+    let lref = format!("oci:{}:v1", layout.display());
+
+    // registry → layout (vzk) → registry, checked on both legs.
+    let out = convert(
+        &store,
+        &Source::parse(&r("v1")).expect("src"),
+        &pull_opts(),
+        &Destination::parse(&lref).expect("dst"),
+        &push_opts(Format::Vzk, 1 << 20),
+        true,
+    )
+    .await
+    .expect("to the layout");
+    assert_eq!(out.verified.expect("verified").files, 3);
+    // An independent reader takes the layout.
+    let inspect = Command::new("skopeo")
+        .args(["inspect", "--raw", &lref])
+        .output()
+        .expect("skopeo runs");
+    assert!(
+        inspect.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("manifest");
+    assert_eq!(m["artifactType"], "application/vnd.vz-kubelet.vm.v1");
+    let back = convert(
+        &store,
+        &Source::parse(&lref).expect("src"),
+        &pull_opts(),
+        &Destination::parse(&r("v2")).expect("dst"),
+        &push_opts(Format::Vzk, 4 << 20),
+        true,
+    )
+    .await
+    .expect("from the layout");
+    assert_eq!(back.source_format, Format::Vzk);
+    let img = ImageStore::open(tmp.path().join("fresh"), u64::MAX)
+        .expect("store")
+        .pull(&Reference::parse(&r("v2")).expect("ref"), &pull_opts())
+        .await
+        .expect("pull");
+    for f in ["kernel", "initrd", "disk.img"] {
+        assert_same_file(&src.join(f), &img.dir.join(f));
+    }
+    // Nothing of the unpacked copy stays in the cache's temporary directory.
+    let leftovers = std::fs::read_dir(tmp.path().join("cache/tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(leftovers, 0);
+
+    // A macOS image in Tart's format in the same layout, out to the registry as agoda.
+    let mac = tmp.path().join("mac");
+    macos_image(&mac, 5 << 20);
+    let tart_ref = format!("oci:{}:mac-tart", layout.display());
+    vzk_image::push::push_to(
+        &mac,
+        &Destination::parse(&tart_ref).expect("dst"),
+        &push_opts(Format::Tart, 2 << 20),
+    )
+    .await
+    .expect("push tart to the layout");
+    let agoda = convert(
+        &store,
+        &Source::parse(&tart_ref).expect("src"),
+        &pull_opts(),
+        &Destination::parse(&r("mac-agoda")).expect("dst"),
+        &push_opts(Format::Agoda, 0),
+        true,
+    )
+    .await
+    .expect("tart layout to agoda");
+    assert_eq!(agoda.source_format, Format::Tart);
+    let img = ImageStore::open(tmp.path().join("fresh2"), u64::MAX)
+        .expect("store")
+        .pull(
+            &Reference::parse(&r("mac-agoda")).expect("ref"),
+            &pull_opts(),
+        )
+        .await
+        .expect("pull");
+    assert_eq!(img.format, Format::Agoda);
+    assert_same_file(&mac.join("disk.img"), &img.disk());
+    assert_same_file(&mac.join("aux.img"), &img.aux().expect("aux"));
+
+    // A blob damaged in the layout is refused when read, naming it.
+    let (bytes, _) = vzk_image::layout::OciLayout::open(&layout)
+        .expect("layout")
+        .manifest("v1")
+        .expect("manifest");
+    let m: vzk_image::manifest::Manifest = serde_json::from_slice(&bytes).expect("manifest");
+    let victim = m
+        .layers
+        .iter()
+        .find(|l| l.size > 1000)
+        .expect("a layer")
+        .digest
+        .clone();
+    let path = layout
+        .join("blobs/sha256")
+        .join(victim.trim_start_matches("sha256:"));
+    let mut blob = std::fs::read(&path).expect("blob");
+    let mid = blob.len() / 2;
+    blob[mid] ^= 0xff;
+    std::fs::write(&path, blob).expect("damage");
+    let e = convert(
+        &store,
+        &Source::parse(&lref).expect("src"),
+        &pull_opts(),
+        &Destination::parse(&r("v3")).expect("dst"),
+        &push_opts(Format::Vzk, 4 << 20),
+        true,
+    )
+    .await
+    .expect_err("damaged")
+    .to_string();
+    assert!(e.contains(&victim[..20]), "{e}");
 }
