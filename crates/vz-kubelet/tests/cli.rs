@@ -324,3 +324,29 @@ fn a_macosvm_bundle_is_imported_pushed_as_tart_and_converted_with_json_progress(
     assert!(err.contains("--aux"), "{err}");
     assert!(!tmp.path().join("raw").exists());
 }
+
+#[cfg(not(target_os = "macos"))]
+#[test]
+fn image_create_macos_elsewhere_says_it_needs_a_mac_and_makes_nothing() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let dest = tmp.path().join("sonoma");
+    let (ok, _, err) = image(
+        &[
+            "create",
+            "macos",
+            "--ipsw",
+            "https://updates.cdn-apple.com/UniversalMac_14.6.1_23G93_Restore.ipsw",
+            "--root",
+            &tmp.path().join("cache").to_string_lossy(),
+            &dest.to_string_lossy(),
+        ],
+        tmp.path(),
+    );
+    assert!(!ok);
+    assert!(err.contains("needs a Mac with Apple silicon"), "{err}");
+    assert!(!dest.exists());
+    assert!(
+        !tmp.path().join("cache/ipsw").exists(),
+        "nothing downloaded"
+    );
+}

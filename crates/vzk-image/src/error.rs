@@ -122,10 +122,11 @@ pub enum ImageError {
         /// The image reference.
         reference: String,
     },
-    /// The directory to push is not a VM image directory.
-    #[error("cannot push {path}: {reason}")]
+    /// A local file or directory (an image directory to push, a VM to import, an OCI
+    /// layout, a restore image) is not what it should be.
+    #[error("{path}: {reason}")]
     InvalidImageDir {
-        /// The directory.
+        /// The directory or file.
         path: PathBuf,
         /// What is missing or wrong.
         reason: String,

@@ -10,6 +10,7 @@
 //! * [`push()`]: packing an image directory and pushing it (agoda, vzk or Tart).
 //! * [`convert`]: an image copied between references and formats, and checked.
 //! * [`layout`]: OCI image layouts, as a push destination and an unpack source.
+//! * [`create`]: a macOS image from a restore image: fetching, planning, staging.
 //! * [`import`]: image directories from Tart VMs, macosvm bundles and raw disks.
 //! * [`hosts`]: registry mirrors and TLS per registry, in containerd's `hosts.toml` layout.
 //! * [`keyring`]: credentials from `imagePullSecrets` and docker `config.json`.
@@ -54,6 +55,7 @@ pub mod clone;
 pub mod config;
 pub mod content_digest;
 pub mod convert;
+pub mod create;
 pub mod error;
 mod fetch;
 pub mod hosts;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use vzk_image::convert::{Destination, Source};
 use vzk_image::hosts::{self, RegistryHosts};
 use vzk_image::manifest::{self, Format};
-use vzk_image::convert::{Destination, Source};
 use vzk_image::push::AgodaLayout;
 use vzk_image::registry::Registry;
 use vzk_image::serde_json;
@@ -131,6 +131,30 @@ impl PolicyArg {
 }
 
 #[derive(Debug, Subcommand)]
+enum CreateCommand {
+    /// A macOS image from a restore image (IPSW), on a Mac with Apple silicon: checks
+    /// that this Mac supports the image's hardware model, creates the disk, auxiliary
+    /// storage and machine identifier, runs Apple's installer, and writes an image
+    /// directory to push. A URL is downloaded once into the cache (`ipsw/`).
+    Macos {
+        /// The restore image: a path, or an `https://` URL.
+        #[arg(long)]
+        ipsw: String,
+        /// The image directory to make (must not exist).
+        dest: PathBuf,
+        /// Disk size, e.g. `100G` (default 80G; at least 32G).
+        #[arg(long, value_parser = parse_size)]
+        disk_size: Option<u64>,
+        /// vCPUs (default: the image's minimum).
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory, e.g. `8G` (default: the image's minimum).
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ImageCommand {
     /// Push an image directory (config.json + disk.img [+ aux.img | kernel, initrd]).
     Push {
@@ -183,6 +207,11 @@ enum ImageCommand {
         /// Raw, macOS: base64 of the machine identifier's data representation.
         #[arg(long, requires = "raw")]
         machine_id: Option<String>,
+    },
+    /// Make an image from scratch.
+    Create {
+        #[command(subcommand)]
+        what: CreateCommand,
     },
     /// Copy an image from one reference to another in a format of choice (agoda ↔ vzk ↔
     /// Tart), through the cache: the content is pulled and verified, pushed, and the
@@ -512,6 +541,46 @@ pub(crate) async fn run(args: ImageArgs) -> anyhow::Result<()> {
                     report.config.os.as_str(),
                     report.dir.display(),
                     files.join(", ")
+                );
+            }
+        }
+        ImageCommand::Create {
+            what:
+                CreateCommand::Macos {
+                    ipsw,
+                    dest,
+                    disk_size,
+                    cpus,
+                    memory,
+                },
+        } => {
+            let store = args.store()?;
+            let created = super::create::macos(
+                super::create::CreateMacos {
+                    ipsw,
+                    dest,
+                    request: vzk_image::create::MacosRequest {
+                        disk_bytes: *disk_size,
+                        cpus: *cpus,
+                        memory_bytes: *memory,
+                    },
+                    cache: store.root(),
+                },
+                progress(),
+            )
+            .await?;
+            if args.output == Output::Json {
+                print_json(serde_json::json!({
+                    "dir": created.dir, "version": created.version, "config": created.config,
+                }))?;
+            } else {
+                println!(
+                    "created macOS {} in {} ({} vCPU, {} MiB): push it with `vz-kubelet image push {} REGISTRY/NAME:TAG`",
+                    created.version,
+                    created.dir.display(),
+                    created.config.cpus.unwrap_or(0),
+                    created.config.memory_bytes.unwrap_or(0) >> 20,
+                    created.dir.display()
                 );
             }
         }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub(crate) mod create;
 pub(crate) mod image;
 pub(crate) mod run;
 pub(crate) mod vm;

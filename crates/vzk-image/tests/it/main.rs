@@ -3,6 +3,7 @@
 mod auth;
 mod clone;
 mod convert;
+mod create;
 // A tmpfs in a private mount namespace: Linux only.
 #[cfg(target_os = "linux")]
 mod diskfull;

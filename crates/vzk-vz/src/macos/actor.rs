@@ -20,7 +20,7 @@ use objc2::AnyThread;
 use objc2::rc::Retained;
 use objc2::runtime::ProtocolObject;
 use objc2_foundation::NSError;
-use objc2_virtualization::VZVirtualMachine;
+use objc2_virtualization::{VZMacOSInstaller, VZVirtualMachine};
 use tokio::sync::oneshot;
 
 use super::build::{self, BuildError};
@@ -51,6 +51,9 @@ pub enum CommandError {
     /// The framework says the VM cannot do this in its current state.
     #[error("the VM's framework state does not allow {0:?}")]
     NotPossible(Command),
+    /// A path could not be handed to the framework.
+    #[error(transparent)]
+    Url(super::ns::UrlError),
 }
 
 /// Why a VM could not be built.
@@ -82,6 +85,8 @@ struct Machine {
     vm: Retained<VZVirtualMachine>,
     /// Retained here because the framework holds its delegate weakly.
     _delegate: Retained<VmDelegate>,
+    /// The macOS installer running on this VM, if any (`image create macos`).
+    installer: Option<Retained<VZMacOSInstaller>>,
 }
 
 type Slot = Arc<OnQueue<RefCell<Option<Machine>>>>;
@@ -124,6 +129,7 @@ impl Actor {
                 *on_queue_slot.0.borrow_mut() = Some(Machine {
                     vm,
                     _delegate: delegate,
+                    installer: None,
                 });
             });
             let _ = tx.send(result);
@@ -136,6 +142,76 @@ impl Actor {
             slot,
             states,
         })
+    }
+
+    /// Installs macOS from the restore image at `ipsw` on this (stopped) VM with
+    /// `VZMacOSInstaller`, calling `progress` with the fraction done about every second.
+    /// `None` if the VM was released.
+    pub async fn install_macos(
+        &self,
+        ipsw: &std::path::Path,
+        progress: impl Fn(f64) + Send + 'static,
+    ) -> Option<Result<(), CommandError>> {
+        let (tx, rx) = oneshot::channel::<Reply>();
+        let (slot, ipsw) = (self.slot.clone(), ipsw.to_path_buf());
+        self.queue.exec_async(move || {
+            let mut guard = slot.0.borrow_mut();
+            let Some(machine) = guard.as_mut() else {
+                return;
+            };
+            let url = match super::ns::file_url(&ipsw) {
+                Ok(u) => u,
+                Err(e) => {
+                    let _ = tx.send(Err(CommandError::Url(e)));
+                    return;
+                }
+            };
+            // SAFETY: created and started on the VM's queue, with the VM stopped, as
+            // the framework requires; the completion block has the declared
+            // `Fn(*mut NSError)` signature and runs on this queue.
+            let installer = unsafe {
+                VZMacOSInstaller::initWithVirtualMachine_restoreImageURL(
+                    VZMacOSInstaller::alloc(),
+                    &machine.vm,
+                    &url,
+                )
+            };
+            let reply = Cell::new(Some(tx));
+            let block = RcBlock::new(move |error: *mut NSError| {
+                // SAFETY: the framework passes null or a valid `NSError`.
+                let outcome = match unsafe { error.as_ref() } {
+                    None => Ok(()),
+                    Some(e) => Err(CommandError::Framework(FrameworkError::from_ns(e))),
+                };
+                if let Some(reply) = reply.take() {
+                    let _ = reply.send(outcome);
+                }
+            });
+            // SAFETY: see above.
+            unsafe { installer.installWithCompletionHandler(&block) };
+            machine.installer = Some(installer);
+        });
+        let done = rx;
+        tokio::pin!(done);
+        loop {
+            tokio::select! {
+                r = &mut done => return r.ok(),
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                    let (ptx, prx) = oneshot::channel::<f64>();
+                    let slot = self.slot.clone();
+                    self.queue.exec_async(move || {
+                        if let Some(i) = slot.0.borrow().as_ref().and_then(|m| m.installer.as_ref()) {
+                            // SAFETY: a property read on the VM's queue.
+                            let fraction = unsafe { i.progress() }.fractionCompleted();
+                            let _ = ptx.send(fraction);
+                        }
+                    });
+                    if let Ok(f) = prx.await {
+                        progress(f);
+                    }
+                }
+            }
+        }
     }
 
     /// Executes `command` on the queue and awaits its outcome; `None` if the VM was

@@ -7,6 +7,7 @@
 //! * [`build`]: [`VzConfig`](crate::config::VzConfig) → `VZVirtualMachineConfiguration`.
 //! * [`delegate`]: the `VZVirtualMachineDelegate` that reports guest stops and errors.
 //! * [`bpf`]: sniffing a host interface through `/dev/bpf*` (bridged guests' IP).
+//! * [`install`]: installing macOS from a restore image (`image create macos`).
 //! * [`ns`]: Foundation helpers (`NSURL` from paths, `NSError` → [`ns::FrameworkError`]).
 //!
 //! # Threading contract
@@ -25,6 +26,7 @@ pub mod bpf;
 pub mod build;
 pub mod delegate;
 pub mod hypervisor;
+pub mod install;
 pub mod ns;
 pub mod vm;
 
