@@ -12,8 +12,9 @@
 #   cmdline          the recommended kernel command line
 #   stamp            the cache key of this build
 #
-# The guest's boot script (guest/rc, run by busybox init) loads the virtio modules, runs udhcpc on eth0, starts
-# dropbear on port 22 and powers off on the ACPI power button. Kernel command line flags:
+# The guest's boot script (guest/rc, run by busybox init) loads the virtio modules, reads a cloud-init NoCloud
+# seed disk if one is attached (its host name, and its SSH keys added to root's; a stand-in for cloud-init in
+# this busybox guest), runs udhcpc on eth0, starts dropbear on port 22 and powers off on the ACPI power button. Kernel command line flags:
 #   vzk.ignore_acpi=1   ignore the power button (for force-stop tests)
 # It prints "VZK-SSHD-START uptime=<secs>" to the console when sshd starts.
 #
@@ -61,7 +62,7 @@ if [ -z "$deb" ]; then
   deb=$(ls "$out"/"${kernel_pkg}"_*.deb | head -n1)
 fi
 kver=${kernel_pkg#linux-image-}
-modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_blk netfs fscache 9pnet 9pnet_virtio 9p button evdev"
+modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_blk netfs fscache 9pnet 9pnet_virtio 9p button evdev fat vfat nls_cp437 nls_ascii"
 globs=("./boot/vmlinuz-$kver")
 for m in $modules; do globs+=("./lib/modules/$kver/kernel/*/$m.ko" "./lib/modules/$kver/kernel/*/*/$m.ko"); done
 mkdir -p "$work/deb"

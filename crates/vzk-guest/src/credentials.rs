@@ -125,6 +125,8 @@ impl CredentialSource {
 #[derive(Clone)]
 pub struct Credentials {
     user: String,
+    /// A key tried before `key` (the pod's own identity).
+    first_key: Option<Arc<PrivateKey>>,
     key: Option<Arc<PrivateKey>>,
     password: Option<String>,
 }
@@ -133,6 +135,10 @@ impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
             .field("user", &self.user)
+            .field(
+                "first_key",
+                &self.first_key.as_ref().map(|k| k.algorithm().to_string()),
+            )
             .field("key", &self.key.as_ref().map(|k| k.algorithm().to_string()))
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .finish()
@@ -144,6 +150,7 @@ impl Credentials {
     pub fn with_key(user: impl Into<String>, key: PrivateKey) -> Self {
         Self {
             user: user.into(),
+            first_key: None,
             key: Some(Arc::new(key)),
             password: None,
         }
@@ -153,9 +160,19 @@ impl Credentials {
     pub fn with_password(user: impl Into<String>, password: impl Into<String>) -> Self {
         Self {
             user: user.into(),
+            first_key: None,
             key: None,
             password: Some(password.into()),
         }
+    }
+
+    /// Adds a key tried before the others: a pod's own identity
+    /// ([`crate::PodIdentity`]), which its guest knows when it took the pod's seed; the
+    /// configured key and password remain for guests that did not.
+    #[must_use]
+    pub fn with_first_key(mut self, key: PrivateKey) -> Self {
+        self.first_key = Some(Arc::new(key));
+        self
     }
 
     /// Adds a password, tried after the key.
@@ -192,6 +209,7 @@ impl Credentials {
         }
         Ok(Self {
             user,
+            first_key: None,
             key: key.map(Arc::new),
             password: source.password.clone(),
         })
@@ -202,9 +220,9 @@ impl Credentials {
         &self.user
     }
 
-    /// The private key, if any.
-    pub(crate) fn key(&self) -> Option<&Arc<PrivateKey>> {
-        self.key.as_ref()
+    /// The private keys, in the order they are tried.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &Arc<PrivateKey>> {
+        self.first_key.iter().chain(self.key.iter())
     }
 
     /// The password, if any.
@@ -253,7 +271,7 @@ mod tests {
         };
         assert_eq!(c.user(), "admin");
         assert_eq!(c.password(), Some("pw"));
-        assert!(c.key().is_none());
+        assert!(c.keys().next().is_none());
         assert!(
             !format!("{c:?}").contains("pw\""),
             "password leaked into Debug"

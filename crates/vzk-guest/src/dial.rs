@@ -146,8 +146,10 @@ async fn dial_unbounded(
     debug!(%addr, "SSH handshake done");
 
     let mut tried = Vec::new();
-    if let Some(key) = creds.key() {
-        tried.push("publickey");
+    for key in creds.keys() {
+        if !tried.contains(&"publickey") {
+            tried.push("publickey");
+        }
         let hash = if key.algorithm().is_rsa() {
             handle
                 .best_supported_rsa_hash()

@@ -58,6 +58,7 @@ pub mod engine;
 pub mod error;
 pub mod guest_mounts;
 pub mod health;
+pub mod identity;
 pub mod images;
 pub mod init;
 pub mod logs;

@@ -32,6 +32,7 @@
 //! `cargo run -p vzk-vm --example boot_bench` prints the start → SSH-ready table and the
 //! agent-side split of a VM start (backend set-up, TAP, spawn, QMP, IP-discovery lag).
 
+pub mod cloud_init;
 pub mod hosted;
 pub mod hypervisor;
 pub mod mac;

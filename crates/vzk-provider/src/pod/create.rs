@@ -228,16 +228,29 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         lock(&e.slot).take();
         return;
     }
+    let mut disks = vec![DiskSpec {
+        path: disk_path,
+        read_only: false,
+        format,
+    }];
+    // 4c. A Linux guest gets cloud-init's NoCloud seed: the pod's own SSH key and host
+    // name (see `crate::identity`).
+    match crate::identity::seed_disk(&e, &boot.spec) {
+        Ok(Some(seed)) => disks.push(seed),
+        Ok(None) => {}
+        Err(msg) => {
+            inner.event(&e, PodEvent::warning("Failed", msg.clone()));
+            inner.waiting(&e, "CreateContainerError", msg);
+            lock(&e.slot).take();
+            return;
+        }
+    }
     let spec = VmSpec {
         id: vm_id(&e.key.uid),
         cpus: res.cpus,
         memory_bytes: res.memory_bytes,
         boot: boot.spec,
-        disks: vec![DiskSpec {
-            path: disk_path,
-            read_only: false,
-            format,
-        }],
+        disks,
         nics: vec![NicSpec {
             mac: MacAddr::random(),
             attachment: inner.args.network.clone(),

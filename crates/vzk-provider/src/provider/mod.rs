@@ -463,6 +463,14 @@ impl Inner {
                 return None;
             }
         };
+        // A pod recorded before per-pod identities has none: it keeps the node's key.
+        let creds = match crate::identity::with_identity(creds, dir, &record.key(), false) {
+            Ok(c) => c,
+            Err(err) => {
+                warn!(dir = %dir.display(), error = %err, "the recorded pod's SSH identity");
+                return None;
+            }
+        };
         let start = record
             .start_time
             .parse::<Timestamp>()
@@ -554,6 +562,8 @@ impl PodLifecycle for VmProvider {
         let dir = self.inner.pods_dir.join(&key.uid);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ProviderError::failed("CreatePodDirFailed", e.to_string()))?;
+        let creds = crate::identity::with_identity(creds, &dir, &key, true)
+            .map_err(|msg| ProviderError::failed("CreatePodDirFailed", msg))?;
         let start = Time(Timestamp::now());
         PodRecord::new(&key, pod, start.0.to_string())
             .save(&dir.join("pod.json"))
