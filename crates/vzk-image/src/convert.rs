@@ -11,7 +11,7 @@ use crate::layout::{LayoutRef, OciLayout};
 use crate::manifest::Format;
 use crate::media_types::{self as mt, Role};
 pub use crate::push::Destination;
-use crate::push::{PushOptions, PushReport, push_to};
+use crate::push::{PushOptions, PushReport, RemoveOnDrop, push_to};
 use crate::reference::Reference;
 use crate::registry::{Registry, RegistryOptions};
 use crate::store::{ImageStore, PullOptions};
@@ -116,15 +116,6 @@ pub async fn convert(
         push: report,
         verified,
     })
-}
-
-/// Removes a temporary directory however the conversion ends.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// What [`verify`] checked.

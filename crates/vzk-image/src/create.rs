@@ -156,6 +156,27 @@ pub fn plan_macos(
     })
 }
 
+/// A new empty directory beside `out` (same filesystem, so a rename moves it into place),
+/// named `.<out's name>.<what>-<random>`.
+pub(crate) fn staging_beside(out: &Path, what: &str) -> Result<PathBuf> {
+    let name = out.file_name().ok_or_else(|| ImageError::InvalidImageDir {
+        path: out.to_path_buf(),
+        reason: "has no file name".into(),
+    })?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).io("create", &parent)?;
+    let staging = parent.join(format!(
+        ".{}.{what}-{:08x}",
+        name.to_string_lossy(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir(&staging).io("create", &staging)?;
+    Ok(staging)
+}
+
 /// An image directory being made beside its destination; removed unless committed.
 #[derive(Debug)]
 pub struct StagedImage {
@@ -174,18 +195,7 @@ impl StagedImage {
         if out.exists() {
             return Err(bad("already exists"));
         }
-        let name = out.file_name().ok_or_else(|| bad("has no file name"))?;
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).io("create", &parent)?;
-        let staging = parent.join(format!(
-            ".{}.create-{:08x}",
-            name.to_string_lossy(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir(&staging).io("create", &staging)?;
+        let staging = staging_beside(out, "create")?;
         Ok(StagedImage {
             staging,
             out: out.to_path_buf(),

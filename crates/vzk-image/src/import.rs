@@ -336,20 +336,7 @@ pub fn import(src: &ImportSource, out: &Path, progress: &dyn Progress) -> Result
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(bad_src(out, e.to_string())),
     }
-    let name = out
-        .file_name()
-        .ok_or_else(|| bad_src(out, "has no file name".into()))?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).io("create", &parent)?;
-    let staging = parent.join(format!(
-        ".{}.import-{:08x}",
-        name.to_string_lossy(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir(&staging).io("create", &staging)?;
+    let staging = crate::create::staging_beside(out, "import")?;
     progress.begin(&format!("import {}", out.display()), sizes.iter().sum());
     let made = fill(&plan, &sizes, &staging, progress);
     progress.finish();

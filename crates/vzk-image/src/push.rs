@@ -735,6 +735,34 @@ impl<W: Write> Write for HashingWriter<W> {
 
 const READ_BLOCK: usize = 4 << 20;
 
+/// Read `len` bytes of `src` (the file `path`) from `offset` in [`READ_BLOCK`] pieces,
+/// handing each to `f` and counting it in `progress`.
+fn for_each_block(
+    src: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    progress: &dyn Progress,
+    mut f: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut buf = vec![
+        0u8;
+        READ_BLOCK
+            .min(usize::try_from(len).unwrap_or(READ_BLOCK))
+            .max(1)
+    ];
+    let mut pos = 0u64;
+    while pos < len {
+        let n = (len - pos).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], offset + pos)
+            .io("read", path)?;
+        f(&buf[..n])?;
+        pos += n as u64;
+        progress.advance(n as u64);
+    }
+    Ok(())
+}
+
 /// Compress one chunk of a file with zstd into `out`, as independent frames of
 /// [`FRAME`](crate::zstd_frames::FRAME) bytes that declare their size (a puller decodes each
 /// straight into its buffer; any zstd decoder reads the concatenation as one stream).
@@ -758,23 +786,17 @@ fn zstd_chunk(
     // Chunk contents are identified by BLAKE3 (see `content_digest`): a pull hashes every
     // decoded byte, and BLAKE3 does that at several times SHA-256's speed.
     let mut uh = ContentHasher::new(Algorithm::Blake3);
-    let mut buf = vec![0u8; READ_BLOCK];
     let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(FRAME));
-    let mut pos = 0u64;
-    while pos < len {
-        let n = (len - pos).min(READ_BLOCK as u64) as usize;
-        src.read_exact_at(&mut buf[..n], offset + pos)
-            .io("read", path)?;
-        uh.update(&buf[..n]);
-        for piece in buf[..n].chunks(FRAME) {
+    for_each_block(&src, path, offset, len, progress, |block| {
+        uh.update(block);
+        for piece in block.chunks(FRAME) {
             frame.clear();
             enc.compress_to_buffer(piece, &mut frame)
                 .io("compress", path)?;
             hw.write_all(&frame).io("write", out)?;
         }
-        pos += n as u64;
-        progress.advance(n as u64);
-    }
+        Ok(())
+    })?;
     hw.flush().io("write", out)?;
     Ok(Prepared {
         path: out.to_path_buf(),
@@ -785,8 +807,9 @@ fn zstd_chunk(
     })
 }
 
-/// Removes the push's staging directory however the push ends.
-struct RemoveOnDrop(PathBuf);
+/// Removes a temporary directory (a push's staging, a conversion's unpacked copy)
+/// however the operation ends.
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -816,17 +839,10 @@ fn lz4_chunk(
     };
     let mut enc = crate::tart::AppleLz4Writer::new(hw, crate::tart::BLOCK);
     let mut uh = Sha256::new();
-    let mut buf = vec![0u8; READ_BLOCK];
-    let mut pos = 0u64;
-    while pos < len {
-        let n = (len - pos).min(READ_BLOCK as u64) as usize;
-        src.read_exact_at(&mut buf[..n], offset + pos)
-            .io("read", path)?;
-        uh.update(&buf[..n]);
-        enc.write_all(&buf[..n]).io("write", out)?;
-        pos += n as u64;
-        progress.advance(n as u64);
-    }
+    for_each_block(&src, path, offset, len, progress, |block| {
+        uh.update(block);
+        enc.write_all(block).io("write", out)
+    })?;
     let hw = enc.finish().io("write", out)?;
     Ok(Prepared {
         path: out.to_path_buf(),

@@ -8,27 +8,12 @@ use std::process::Command;
 use vzk_image::convert::{Destination, Source, convert, verify};
 use vzk_image::import::{ImportSource, import};
 use vzk_image::progress::NoProgress;
-use vzk_image::registry::RegistryOptions;
-use vzk_image::{Format, GuestOs, ImageStore, PullOptions, PushOptions, Reference, push};
+use vzk_image::{Format, GuestOs, ImageStore, PushOptions, Reference, push};
 
 use crate::support::*;
 
 const HW: &str = "YnBsaXN0MDDTAQIDBAUGXxAZRGF0YVJlcHJlc2VudGF0aW9uVmVyc2lvbl8QD1BsYXRmb3JtVmVyc2lvbl8QEk1pbmltdW1TdXBwb3J0ZWRPUxQAAAAAAAAAAAAAAAAAAAABEAKjBwgIEA0QAAgPKz1SY2VpawAAAAAAAAEBAAAAAAAAAAkAAAAAAAAAAAAAAAAAAABt";
 const ID: &str = "YnBsaXN0MDDRAQJURUNJRBMWYaHTD7Jo1QgLEAAAAAAAAAEBAAAAAAAAAAMAAAAAAAAAAAAAAAAAAAAZ";
-
-fn plain() -> RegistryOptions {
-    RegistryOptions {
-        plain_http: true,
-        ..Default::default()
-    }
-}
-
-fn pull_opts() -> PullOptions {
-    PullOptions {
-        plain_http: true,
-        ..Default::default()
-    }
-}
 
 fn push_opts(format: Format, chunk: u64) -> PushOptions {
     PushOptions {

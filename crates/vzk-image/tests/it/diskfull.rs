@@ -9,13 +9,6 @@ use vzk_image::{ImageError, ImageStore, PullOptions, PushOptions, Reference, pus
 
 use crate::support::*;
 
-fn pull_opts() -> PullOptions {
-    PullOptions {
-        plain_http: true,
-        ..Default::default()
-    }
-}
-
 async fn pushed(reg: &TestRegistry, src: &Path, tag: &str) -> Reference {
     let r = Reference::parse(&format!("{}/vm/full:{tag}", reg.addr)).expect("ref");
     push(

@@ -4,24 +4,10 @@ use std::path::Path;
 
 use vzk_image::manifest::Manifest;
 use vzk_image::media_types as mt;
-use vzk_image::registry::{Registry, RegistryOptions};
-use vzk_image::{ImageError, ImageStore, PullOptions, PushOptions, Reference, push};
+use vzk_image::registry::Registry;
+use vzk_image::{ImageError, ImageStore, PushOptions, Reference, push};
 
 use crate::support::*;
-
-fn plain() -> RegistryOptions {
-    RegistryOptions {
-        plain_http: true,
-        ..Default::default()
-    }
-}
-
-fn pull_opts() -> PullOptions {
-    PullOptions {
-        plain_http: true,
-        ..Default::default()
-    }
-}
 
 /// The cache holds no image and no leftovers.
 fn assert_nothing_cached(root: &Path) {

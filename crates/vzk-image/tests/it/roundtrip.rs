@@ -14,20 +14,6 @@ use vzk_image::{
 
 use crate::support::*;
 
-fn plain() -> RegistryOptions {
-    RegistryOptions {
-        plain_http: true,
-        ..Default::default()
-    }
-}
-
-fn pull_opts() -> PullOptions {
-    PullOptions {
-        plain_http: true,
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vzk_linux_image_round_trips_bit_identical() {
     let reg = registry(false);

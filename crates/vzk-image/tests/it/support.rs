@@ -22,6 +22,22 @@ pub(crate) fn registry(auth: bool) -> TestRegistry {
     }
 }
 
+/// Registry access over plain HTTP (the test registries' loopback addresses).
+pub(crate) fn plain() -> vzk_image::RegistryOptions {
+    vzk_image::RegistryOptions {
+        plain_http: true,
+        ..Default::default()
+    }
+}
+
+/// Pull options over plain HTTP, otherwise the defaults.
+pub(crate) fn pull_opts() -> vzk_image::PullOptions {
+    vzk_image::PullOptions {
+        plain_http: true,
+        ..Default::default()
+    }
+}
+
 /// Deterministic pseudo-random bytes.
 pub(crate) fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
