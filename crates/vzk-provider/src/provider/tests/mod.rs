@@ -232,6 +232,7 @@ fn gaps(t: &[Instant]) -> Vec<u64> {
 
 mod containers;
 mod hostile;
+mod identity;
 mod mac;
 mod registry;
 mod vm;
