@@ -109,7 +109,9 @@ impl NoCloudSeed {
     /// Write the seed volume to `path` (replaced if it exists).
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let tmp = path.with_extension("tmp");
-        let res = self.write_to(&tmp).and_then(|()| std::fs::rename(&tmp, path));
+        let res = self
+            .write_to(&tmp)
+            .and_then(|()| std::fs::rename(&tmp, path));
         if res.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -130,7 +132,10 @@ impl NoCloudSeed {
         )?;
         {
             let fs = fatfs::FileSystem::new(&file, fatfs::FsOptions::new())?;
-            for (name, body) in [("meta-data", self.meta_data()), ("user-data", self.user_data())] {
+            for (name, body) in [
+                ("meta-data", self.meta_data()),
+                ("user-data", self.user_data()),
+            ] {
                 let mut f = fs.root_dir().create_file(name)?;
                 f.truncate()?;
                 f.write_all(body.as_bytes())?;
@@ -180,7 +185,10 @@ mod tests {
             .unwrap()
             .read_to_string(&mut meta)
             .unwrap();
-        assert_eq!(meta, "instance-id: \"0b5c-uid\"\nlocal-hostname: \"build-runner-7\"\n");
+        assert_eq!(
+            meta,
+            "instance-id: \"0b5c-uid\"\nlocal-hostname: \"build-runner-7\"\n"
+        );
         let mut user = String::new();
         fs.root_dir()
             .open_file("user-data")
@@ -188,7 +196,12 @@ mod tests {
             .read_to_string(&mut user)
             .unwrap();
         assert!(user.starts_with("#cloud-config\n"), "{user}");
-        assert!(user.contains("disable_root: false\nssh_authorized_keys:\n  - \"ssh-ed25519 AAAAC3Nza pod-a\"\n"), "{user}");
+        assert!(
+            user.contains(
+                "disable_root: false\nssh_authorized_keys:\n  - \"ssh-ed25519 AAAAC3Nza pod-a\"\n"
+            ),
+            "{user}"
+        );
         // An independent checker (dosfstools, which scripts/install-deps.sh installs).
         let out = std::process::Command::new("fsck.fat")
             .arg("-n")
@@ -206,13 +219,23 @@ mod tests {
         let s = seed("debian", Some("#cloud-config\npackages: [git]\n"));
         let c = s.cloud_config();
         assert!(c.contains("  - name: \"debian\"\n"), "{c}");
-        assert!(c.contains("    ssh_authorized_keys:\n      - \"ssh-ed25519 AAAAC3Nza pod-a\"\n"), "{c}");
+        assert!(
+            c.contains("    ssh_authorized_keys:\n      - \"ssh-ed25519 AAAAC3Nza pod-a\"\n"),
+            "{c}"
+        );
         assert!(!c.contains("disable_root"), "{c}");
         let u = s.user_data();
         assert!(u.starts_with("Content-Type: multipart/mixed"), "{u}");
-        assert_eq!(u.matches("Content-Type: text/cloud-config").count(), 2, "{u}");
+        assert_eq!(
+            u.matches("Content-Type: text/cloud-config").count(),
+            2,
+            "{u}"
+        );
         assert!(u.contains("packages: [git]"));
         let script = seed("root", Some("#!/bin/sh\necho hi\n")).user_data();
-        assert!(script.contains("Content-Type: text/x-shellscript"), "{script}");
+        assert!(
+            script.contains("Content-Type: text/x-shellscript"),
+            "{script}"
+        );
     }
 }
