@@ -5,7 +5,9 @@
 //!
 //! `user-data` is a `#cloud-config` that gives the SSH user the pod's public key (root:
 //! `disable_root: false` and the key; another user: created with the key and
-//! passwordless sudo) and sets the host name. A user-data document of the pod's own is
+//! passwordless sudo) and sets the host name (also in `/etc/hosts`, so `sudo` resolves
+//! it). Checked against real cloud-init 22.4.2 (Debian 12) by hand: host name, root
+//! login with the key, a created user with sudo, a pod's `#!` user-data run. A user-data document of the pod's own is
 //! sent beside it as a MIME multipart message, which cloud-init merges.
 
 use std::io::Write as _;
@@ -72,7 +74,7 @@ impl NoCloudSeed {
             .map(|k| format!("      - {}\n", yaml_str(k)))
             .collect();
         let mut out = format!(
-            "#cloud-config\nhostname: {}\npreserve_hostname: false\n",
+            "#cloud-config\nhostname: {}\npreserve_hostname: false\nmanage_etc_hosts: true\n",
             yaml_str(&self.hostname)
         );
         if self.user == "root" {
