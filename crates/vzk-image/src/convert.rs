@@ -2,26 +2,19 @@
 //! image declares exactly the content of a local one.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
 use crate::content_digest::{Algorithm, ContentHasher};
 use crate::error::{ImageError, IoContext as _, Result};
-use crate::layout::{LayoutRef, OciLayout};
+use crate::layout::LayoutRef;
 use crate::manifest::Format;
 use crate::media_types::{self as mt, Role};
+use crate::progress::NoProgress;
 pub use crate::push::Destination;
-use crate::push::{PushOptions, PushReport, RemoveOnDrop, push_to};
+use crate::push::{PushOptions, PushReport, RemoveOnDrop, Sink, for_each_block, push_to};
 use crate::reference::Reference;
-use crate::registry::{Registry, RegistryOptions};
+use crate::registry::RegistryOptions;
 use crate::store::{ImageStore, PullOptions};
-
-const BLOCK: usize = 4 << 20;
-
-enum Sink {
-    Registry(Registry),
-    Layout(OciLayout),
-}
 
 /// Where a conversion reads.
 #[derive(Debug, Clone)]
@@ -152,18 +145,8 @@ pub async fn verify_at(dir: &Path, dest: &Destination, opts: &RegistryOptions) -
         reason,
     };
     let name = dest.to_string();
-    let (store, bytes, digest) = match dest {
-        Destination::Registry(r) => {
-            let reg = Registry::new(r, opts, false)?;
-            let fetched = reg.get_manifest(r.manifest_ref()).await?;
-            (Sink::Registry(reg), fetched.bytes.to_vec(), fetched.digest)
-        }
-        Destination::Layout(l) => {
-            let layout = OciLayout::open(&l.path)?;
-            let (bytes, digest) = layout.manifest(&l.tag)?;
-            (Sink::Layout(layout), bytes, digest)
-        }
-    };
+    let (store, _) = Sink::open(dest, opts, false)?;
+    let (bytes, digest) = store.manifest(dest).await?;
     let m = crate::manifest::parse_manifest(&bytes, &name)?;
     let plan = crate::manifest::plan(&m, &name)?;
     let mut blobs: Vec<&str> = plan
@@ -175,11 +158,7 @@ pub async fn verify_at(dir: &Path, dest: &Destination, opts: &RegistryOptions) -
     blobs.sort_unstable();
     blobs.dedup();
     for b in blobs {
-        let has = match &store {
-            Sink::Registry(r) => r.has_blob(b).await?,
-            Sink::Layout(l) => l.has_blob(b)?,
-        };
-        if b != mt::OCI_EMPTY_DIGEST && !has {
+        if b != mt::OCI_EMPTY_DIGEST && !store.has_blob(b).await? {
             return Err(mismatch(format!("it lacks blob {b}")));
         }
     }
@@ -199,7 +178,6 @@ pub async fn verify_at(dir: &Path, dest: &Destination, opts: &RegistryOptions) -
     let dir = dir.to_path_buf();
     let (parts, bytes) = tokio::task::spawn_blocking(move || -> Result<(usize, u64)> {
         let (mut parts, mut bytes) = (0usize, 0u64);
-        let mut buf = vec![0u8; BLOCK];
         for f in &files {
             let path = dir.join(f.role.file_name());
             let file = File::open(&path).io("open", &path)?;
@@ -214,14 +192,10 @@ pub async fn verify_at(dir: &Path, dest: &Destination, opts: &RegistryOptions) -
             for p in &f.parts {
                 let alg = Algorithm::of(&p.digest).map_err(&mismatch)?;
                 let mut h = ContentHasher::new(alg);
-                let mut pos = 0u64;
-                while pos < p.size {
-                    let n = (p.size - pos).min(BLOCK as u64) as usize;
-                    file.read_exact_at(&mut buf[..n], p.offset + pos)
-                        .io("read", &path)?;
-                    h.update(&buf[..n]);
-                    pos += n as u64;
-                }
+                for_each_block(&file, &path, p.offset, p.size, &NoProgress, |block| {
+                    h.update(block);
+                    Ok(())
+                })?;
                 let got = h.finish();
                 if got != p.digest {
                     return Err(mismatch(format!(

@@ -158,14 +158,53 @@ impl std::fmt::Display for Destination {
     }
 }
 
-/// The blob store a push writes to.
-enum Sink {
+/// The blob store a push writes to, and [`crate::convert::verify_at`] reads.
+pub(crate) enum Sink {
     Registry(Registry),
     Layout(OciLayout),
 }
 
 impl Sink {
-    async fn has_blob(&self, digest: &str) -> Result<bool> {
+    /// The store `dest` names (a layout is created when `push` and it is missing), and
+    /// the tag written or read there.
+    pub(crate) fn open(
+        dest: &Destination,
+        opts: &RegistryOptions,
+        push: bool,
+    ) -> Result<(Sink, String)> {
+        Ok(match dest {
+            Destination::Registry(r) => (
+                Sink::Registry(Registry::new(r, opts, push)?),
+                r.tag.clone().unwrap_or_else(|| "latest".into()),
+            ),
+            Destination::Layout(l) => (
+                Sink::Layout(if push {
+                    OciLayout::create(&l.path)?
+                } else {
+                    OciLayout::open(&l.path)?
+                }),
+                l.tag.clone(),
+            ),
+        })
+    }
+
+    /// The manifest `dest` names: its bytes and digest.
+    pub(crate) async fn manifest(&self, dest: &Destination) -> Result<(Vec<u8>, String)> {
+        match (self, dest) {
+            (Sink::Registry(r), Destination::Registry(reference)) => {
+                let fetched = r.get_manifest(reference.manifest_ref()).await?;
+                Ok((fetched.bytes.to_vec(), fetched.digest))
+            }
+            (Sink::Layout(l), Destination::Layout(lref)) => l.manifest(&lref.tag),
+            // `Sink::open` made this store from this destination.
+            _ => Err(ImageError::InvalidManifest {
+                reference: dest.to_string(),
+                reason: "its store is of another kind".into(),
+            }),
+        }
+    }
+
+    pub(crate) async fn has_blob(&self, digest: &str) -> Result<bool> {
         match self {
             Sink::Registry(r) => r.has_blob(digest).await,
             Sink::Layout(l) => l.has_blob(digest),
@@ -337,13 +376,7 @@ pub async fn push_to(dir: &Path, dest: &Destination, opts: &PushOptions) -> Resu
         }
     }
 
-    let (reg, tag) = match dest {
-        Destination::Registry(r) => (
-            Sink::Registry(Registry::new(r, &opts.registry, true)?),
-            r.tag.clone().unwrap_or_else(|| "latest".into()),
-        ),
-        Destination::Layout(l) => (Sink::Layout(OciLayout::create(&l.path)?), l.tag.clone()),
-    };
+    let (reg, tag) = Sink::open(dest, &opts.registry, true)?;
     let reg = Arc::new(reg);
     let work = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     let work = work.join(format!("vzk-push-{}", rand::random::<u32>()));
@@ -737,7 +770,7 @@ const READ_BLOCK: usize = 4 << 20;
 
 /// Read `len` bytes of `src` (the file `path`) from `offset` in [`READ_BLOCK`] pieces,
 /// handing each to `f` and counting it in `progress`.
-fn for_each_block(
+pub(crate) fn for_each_block(
     src: &File,
     path: &Path,
     offset: u64,
