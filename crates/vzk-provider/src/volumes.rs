@@ -205,6 +205,11 @@ impl VmVolumes {
         binds_for(&vols, container)
     }
 
+    /// A pod's volumes on the host, once set up.
+    pub(crate) fn pod_volumes(&self, uid: &str) -> Option<PodVolumes> {
+        self.manager.volumes(uid)
+    }
+
     fn mounts(&self, uid: &str) -> Vec<GuestMount> {
         lock(&self.mounts).get(uid).cloned().unwrap_or_default()
     }

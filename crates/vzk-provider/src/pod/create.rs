@@ -235,7 +235,11 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     }];
     // 4c. A Linux guest gets cloud-init's NoCloud seed: the pod's own SSH key and host
     // name (see `crate::identity`).
-    match crate::identity::seed_disk(&e, &boot.spec) {
+    match crate::identity::seed_disk(
+        &e,
+        &boot.spec,
+        inner.volumes.pod_volumes(&e.key.uid).as_ref(),
+    ) {
         Ok(Some(seed)) => disks.push(seed),
         Ok(None) => {}
         Err(msg) => {

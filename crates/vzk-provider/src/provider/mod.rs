@@ -453,7 +453,7 @@ impl Inner {
     }
 
     /// The pod a previous agent recorded in `dir`, as an entry (not yet listed): `None`
-    /// when the record is missing or unreadable or its credentials cannot be set up.
+    /// when the record is missing or unreadable or the node's credentials cannot be set up.
     fn recorded_entry(&self, dir: &std::path::Path) -> Option<Arc<PodEntry>> {
         let record = PodRecord::load(&dir.join("pod.json")).ok()?;
         let creds = match self.credentials(&record.pod) {
@@ -463,12 +463,16 @@ impl Inner {
                 return None;
             }
         };
-        // A pod recorded before per-pod identities has none: it keeps the node's key.
+        // A pod recorded before per-pod identities has none: it keeps the node's key. So
+        // does one whose key file cannot be read: the pod and its VM stay the agent's
+        // (dropping the entry would orphan them), entered with the node's key if the
+        // guest still takes it.
+        let node_creds = creds.clone();
         let creds = match crate::identity::with_identity(creds, dir, &record.key(), false) {
             Ok(c) => c,
             Err(err) => {
-                warn!(dir = %dir.display(), error = %err, "the recorded pod's SSH identity");
-                return None;
+                warn!(dir = %dir.display(), error = %err, "the recorded pod's SSH identity is unreadable; trying the node's key");
+                node_creds
             }
         };
         let start = record
