@@ -3,58 +3,16 @@
 //! seed disk, and enters the guest with it. The test guest is busybox, not cloud-init:
 //! its boot script reads the seed for what vz-kubelet puts there (`guest/rc`), so what
 //! is proven here is the agent's side (the seed, the key, its use and its removal) on
-//! a real guest; the Debian guest with real cloud-init is not built yet.
+//! a real guest; `tests/debian.rs` runs the real Debian guest with real cloud-init.
 //!
 //! Real components: a private kube-apiserver, the agent binary, QEMU (TCG) in a network
 //! namespace of the test's, OpenSSH's client from inside that namespace.
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
-use support::{Cluster, text};
-
-/// The public key of a private key file, as `ssh-keygen -y` derives it (no comment).
-fn public_of(key: &Path) -> String {
-    let out = Command::new("ssh-keygen")
-        .arg("-y")
-        .arg("-f")
-        .arg(key)
-        .output()
-        .unwrap_or_else(|e| panic!("ssh-keygen: {e}"));
-    assert!(out.status.success(), "ssh-keygen -y: {}", text(&out.stderr));
-    // "ssh-ed25519 AAAA… comment": type and key material.
-    text(&out.stdout)
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// `ssh -i key root@ip true` from the VMs' namespace; returns (success, stderr).
-fn ssh_with(netns: &str, key: &Path, ip: &str) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "ssh", "-i"])
-        .arg(key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "ConnectTimeout=20",
-            &format!("root@{ip}"),
-            "true",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("ssh: {e}"));
-    (out.status.success(), text(&out.stderr))
-}
+use support::{Cluster, public_of, ssh_with, text};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_pod_gets_its_own_key_and_host_name_and_no_other_pods_key_opens_it() {

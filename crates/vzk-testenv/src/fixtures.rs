@@ -81,6 +81,53 @@ impl Guest {
     }
 }
 
+/// Builds (or finds cached under `cache_dir/vzk-debian-guest`) the real Debian 12
+/// guest of `scripts/build-debian-guest.sh` once per process (systemd, OpenSSH,
+/// cloud-init; ~2 min and network to Debian's mirror on the first build) and returns its
+/// image directory (`kernel`, `initrd`, `disk.img`, `config.json`), ready for
+/// `vz-kubelet image push`. The guest has no key of its own: pods enter it with the
+/// per-pod key the agent puts on the cloud-init seed.
+pub fn debian_guest(cache_dir: &Path) -> &'static Path {
+    static G: OnceLock<PathBuf> = OnceLock::new();
+    G.get_or_init(|| {
+        let dir = cache_dir.join("vzk-debian-guest");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-debian-guest.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "build-debian-guest.sh: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// `s` without ANSI escape sequences (CSI: ESC `[` … final byte), as a guest's console
+/// carries them: systemd colours its status lines.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+            continue;
+        }
+        out.push(ch);
+    }
+    out
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -59,7 +59,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-pub use fixtures::{Guest, Netns, Registry, RegistryConfig, free_port, guest};
+pub use fixtures::{
+    Guest, Netns, Registry, RegistryConfig, debian_guest, free_port, guest, strip_ansi,
+};
 pub use pki::CertPair;
 
 /// The environment variable naming the folder with `etcd` and `kube-apiserver`.

@@ -99,11 +99,16 @@ pub(crate) fn push_guest(work: &Path, image: &str) {
     let g = guest(Path::new(env!("CARGO_TARGET_TMPDIR")));
     let img = work.join("image");
     g.image_dir(&img);
+    push_dir(work, &img, image);
+}
+
+/// Pushes the image directory `dir` as `image` (plain HTTP, a push cache under `work`).
+pub(crate) fn push_dir(work: &Path, dir: &Path, image: &str) {
     let mut push = vz_kubelet();
     push.args(["image", "push", "--root"])
         .arg(work.join("push-cache"))
         .arg("--plain-http")
-        .arg(&img)
+        .arg(dir)
         .arg(image);
     let out = run(push);
     assert!(
@@ -111,6 +116,47 @@ pub(crate) fn push_guest(work: &Path, image: &str) {
         "image push {image}: {}",
         text(&out.stderr)
     );
+}
+
+/// The public key of a private key file, as `ssh-keygen -y` derives it (type and key
+/// material, no comment).
+pub(crate) fn public_of(key: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(key)
+        .output()
+        .unwrap_or_else(|e| panic!("ssh-keygen: {e}"));
+    assert!(out.status.success(), "ssh-keygen -y: {}", text(&out.stderr));
+    text(&out.stdout)
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `ssh -i key root@ip true` from the VMs' namespace; returns (success, stderr).
+pub(crate) fn ssh_with(netns: &str, key: &Path, ip: &str) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "ssh", "-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=20",
+            &format!("root@{ip}"),
+            "true",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("ssh: {e}"));
+    (out.status.success(), text(&out.stderr))
 }
 
 /// One run of the agent; stopped on drop, its log printed if the test failed.
