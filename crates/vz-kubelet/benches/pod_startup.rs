@@ -13,7 +13,9 @@
 //!
 //! `cargo bench -p vz-kubelet --bench pod_startup` (root; needs what the tests need).
 //! `VZK_BENCH_RUNS` (default 5) sets the number of measured pods; `VZK_BENCH_IDLE_ONLY=1`
-//! measures only the idle agent (no VM is started).
+//! measures only the idle agent (no VM is started); `VZK_BENCH_GUEST=debian` boots the
+//! real Debian guest (systemd, OpenSSH, cloud-init; `scripts/build-debian-guest.sh`, 1 GiB)
+//! instead of the busybox test guest, its boot split at systemd's start and OpenSSH's.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,7 +24,46 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use vzk_testenv::{ControlPlane, Netns, Registry, free_port, guest};
+use vzk_testenv::{ControlPlane, Netns, Registry, debian_guest, free_port, guest, strip_ansi};
+
+/// The guest the bench boots.
+struct BenchGuest {
+    name: &'static str,
+    /// Its image directory, for `vz-kubelet image push`.
+    image_dir: PathBuf,
+    /// The pod's memory request.
+    memory: &'static str,
+    /// Console text (ANSI escapes removed) printed when the guest's init system starts,
+    /// if it prints one. Both guests print `VZK-SSHD-START` when their sshd has started.
+    init_marker: Option<&'static str>,
+}
+
+impl BenchGuest {
+    /// `VZK_BENCH_GUEST`: `test` (default) or `debian`.
+    fn from_env(target_tmp: &Path, work: &Path) -> BenchGuest {
+        match std::env::var("VZK_BENCH_GUEST").as_deref() {
+            Ok("debian") => BenchGuest {
+                name: "Debian 12 (systemd, OpenSSH, cloud-init)",
+                image_dir: debian_guest(target_tmp).to_path_buf(),
+                memory: "1Gi",
+                init_marker: Some("Welcome to Debian"),
+            },
+            Ok("test") | Err(_) => {
+                let dir = work.join("image");
+                guest(target_tmp).image_dir(&dir);
+                BenchGuest {
+                    name: "busybox test guest",
+                    image_dir: dir,
+                    memory: "256Mi",
+                    init_marker: None,
+                }
+            }
+            Ok(other) => die(format!(
+                "VZK_BENCH_GUEST={other:?}: expected test or debian"
+            )),
+        }
+    }
+}
 
 fn die(msg: impl std::fmt::Display) -> ! {
     eprintln!("pod_startup: {msg}");
@@ -57,7 +98,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-fn pod(name: &str, node: &str, image: &str) -> Pod {
+fn pod(name: &str, node: &str, image: &str, memory: &str) -> Pod {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": { "name": name },
@@ -67,7 +108,7 @@ fn pod(name: &str, node: &str, image: &str) -> Pod {
             "terminationGracePeriodSeconds": 5,
             "containers": [{
                 "name": "vm", "image": image,
-                "resources": { "requests": { "cpu": "1", "memory": "256Mi" } }
+                "resources": { "requests": { "cpu": "1", "memory": memory } }
             }]
         }
     }))
@@ -89,6 +130,8 @@ struct Phases {
     created: f64,
     started: f64,
     ip: f64,
+    /// The guest's init system started (0 when the guest prints no marker).
+    init: f64,
     sshd: f64,
     ready: f64,
     /// Agent log: first SSH dial to the guest, and the host key check (end of key exchange).
@@ -118,12 +161,14 @@ fn log_times(log: &Path, message: &str, needle: &str) -> Vec<f64> {
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn start_pod(
     pods: &Api<Pod>,
     events: &Api<Event>,
     name: &str,
     node: &str,
     image: &str,
+    g: &BenchGuest,
     data: &Path,
     log: &Path,
 ) -> Phases {
@@ -132,7 +177,7 @@ async fn start_pod(
         ..Default::default()
     };
     let created = pods
-        .create(&PostParams::default(), &pod(name, node, image))
+        .create(&PostParams::default(), &pod(name, node, image, g.memory))
         .await
         .unwrap_or_else(|e| die(format!("create {name}: {e}")));
     let uid = created.metadata.uid.unwrap_or_default();
@@ -143,9 +188,16 @@ async fn start_pod(
             die(format!("{name} not Ready in 300 s"));
         }
         if ph.sshd == 0.0
-            && std::fs::read_to_string(&console).is_ok_and(|c| c.contains("VZK-SSHD-START"))
+            && let Ok(c) = std::fs::read_to_string(&console)
         {
-            ph.sshd = secs(SystemTime::now());
+            let c = strip_ansi(&c);
+            let now = secs(SystemTime::now());
+            if ph.init == 0.0 && g.init_marker.is_some_and(|m| c.contains(m)) {
+                ph.init = now;
+            }
+            if c.contains("VZK-SSHD-START") {
+                ph.sshd = now;
+            }
         }
         if let Ok(p) = pods.get(name).await {
             let now = secs(SystemTime::now());
@@ -250,10 +302,10 @@ async fn main() {
     let id = cp.node_identity(node);
     let registry = Registry::start();
     let target_tmp = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/tmp");
-    let g = guest(&target_tmp);
     let work = tempfile::tempdir().unwrap_or_else(|e| die(e));
-    let img = work.path().join("image");
-    g.image_dir(&img);
+    let bg = BenchGuest::from_env(&target_tmp, work.path());
+    let img = bg.image_dir.clone();
+    let g = guest(&target_tmp);
     let image = format!("{}/bench/guest:v1", registry.addr);
     let bin = env!("CARGO_BIN_EXE_vz-kubelet");
     let st = Command::new(bin)
@@ -373,18 +425,18 @@ async fn main() {
     }
 
     // Warm the image cache, then measure.
-    let _ = start_pod(&pods, &events, "warm", node, &image, &data, &log).await;
+    let _ = start_pod(&pods, &events, "warm", node, &image, &bg, &data, &log).await;
     delete_and_wait(&pods, "warm").await;
     let mut rows = Vec::new();
     for i in 0..runs {
         let name = format!("run-{i}");
-        rows.push(start_pod(&pods, &events, &name, node, &image, &data, &log).await);
+        rows.push(start_pod(&pods, &events, &name, node, &image, &bg, &data, &log).await);
         delete_and_wait(&pods, &name).await;
     }
 
     // Two VM pods at once: the agent's RSS.
-    let _ = start_pod(&pods, &events, "pair-a", node, &image, &data, &log).await;
-    let _ = start_pod(&pods, &events, "pair-b", node, &image, &data, &log).await;
+    let _ = start_pod(&pods, &events, "pair-a", node, &image, &bg, &data, &log).await;
+    let _ = start_pod(&pods, &events, "pair-b", node, &image, &bg, &data, &log).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_two = proc_field(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
     let hwm = proc_field(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
@@ -398,6 +450,8 @@ async fn main() {
     let launch = col(&|p| p.started - p.created);
     let boot_ip = col(&|p| p.ip - p.started);
     let boot_sshd = col(&|p| p.sshd - p.started);
+    let boot_init = col(&|p| p.init - p.started);
+    let init_sshd = col(&|p| p.sshd - p.init);
     let ssh_ready = col(&|p| p.ready - p.sshd);
     let total = col(&|p| p.ready - p.apply);
     let ssh_guest = col(&|p| {
@@ -410,7 +464,10 @@ async fn main() {
     let agent_share = col(&|p| (p.ready - p.apply) - (p.sshd - p.started));
     let agent_net = agent_share - ssh_guest;
 
-    println!("\n## vz-kubelet pod start-up (warm cache, accel={accel}, median of {runs})\n");
+    println!(
+        "\n## vz-kubelet pod start-up (warm cache, accel={accel}, {}, median of {runs})\n",
+        bg.name
+    );
     println!("| phase | seconds |");
     println!("|---|---|");
     println!("| API create → first pull event (watch, admission to provider) | {admit:.3} |");
@@ -420,6 +477,12 @@ async fn main() {
     println!(
         "| Started → pod IP in the API (guest DHCP, agent discovery, status write) | {boot_ip:.3} |"
     );
+    if bg.init_marker.is_some() {
+        println!(
+            "| Started → guest init (systemd) starts (firmware, kernel, initrd) | {boot_init:.3} |"
+        );
+        println!("| guest init starts → sshd up (systemd units, cloud-init) | {init_sshd:.3} |");
+    }
     println!("| Started → guest sshd up (the guest's own boot) | {boot_sshd:.3} |");
     println!(
         "| guest sshd up → Ready in the API (SSH, volume mounts, status write) | {ssh_ready:.3} |"
