@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::{Cluster, public_of, ssh_with, text, wait_until, wait_until_or};
+use support::{Cluster, public_of, text, wait_until, wait_until_or};
 use vzk_testenv::strip_ansi;
 
 /// A pod of the Debian image: 1 GiB (cloud-init is Python), one CPU, 60 s of grace so
@@ -215,12 +215,7 @@ async fn a_debian_guest_with_systemd_and_cloud_init_runs_the_whole_path() {
     );
     assert!(!keys.contains(&public_of(&a_key)), "alpha's key in {keys}");
     let b_ip = c.jsonpath("pod/beta", "{.status.podIP}");
-    assert!(b_ip.parse::<std::net::Ipv4Addr>().is_ok(), "podIP {b_ip:?}");
-    let (ok, err) = ssh_with(&c.netns.name, &b_key, &b_ip);
-    assert!(ok, "beta with its own key: {err}");
-    let (ok, err) = ssh_with(&c.netns.name, &a_key, &b_ip);
-    assert!(!ok, "beta must refuse alpha's key");
-    assert!(err.contains("Permission denied"), "{err}");
+    support::assert_only_own_key_opens(&c.netns.name, &b_ip, &b_key, &a_key);
 
     // Graceful delete: follow alpha's console while deleting it.
     let followed_path = c.work.path().join("alpha-followed.log");

@@ -12,7 +12,7 @@ mod support;
 
 use std::path::PathBuf;
 
-use support::{Cluster, public_of, ssh_with, text};
+use support::{Cluster, public_of, text};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_pod_gets_its_own_key_and_host_name_and_no_other_pods_key_opens_it() {
@@ -50,12 +50,7 @@ async fn each_pod_gets_its_own_key_and_host_name_and_no_other_pods_key_opens_it(
     }
     // From the VMs' network: beta takes its own key and refuses alpha's.
     let b_ip = c.jsonpath("pod/beta", "{.status.podIP}");
-    assert!(b_ip.parse::<std::net::Ipv4Addr>().is_ok(), "podIP {b_ip:?}");
-    let (ok, err) = ssh_with(&c.netns.name, &b_key, &b_ip);
-    assert!(ok, "beta with its own key: {err}");
-    let (ok, err) = ssh_with(&c.netns.name, &a_key, &b_ip);
-    assert!(!ok, "beta must refuse alpha's key");
-    assert!(err.contains("Permission denied"), "{err}");
+    support::assert_only_own_key_opens(&c.netns.name, &b_ip, &b_key, &a_key);
 
     // The key goes with the pod.
     let a_dir = pods_dir.join(c.uid("alpha"));

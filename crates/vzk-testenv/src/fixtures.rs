@@ -19,24 +19,31 @@ pub struct Guest {
     pub openssh_key: PathBuf,
 }
 
+/// Runs `scripts/<script> dir` (a cached guest build); panics with its output if it fails.
+fn build_into(script: &str, dir: &Path) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts")
+        .join(script);
+    let out = Command::new("bash")
+        .arg(&path)
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", path.display()));
+    assert!(
+        out.status.success(),
+        "{script}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Builds (or finds cached under `cache_dir/vzk-test-guest`) the test guest once per
 /// process. Pass `env!("CARGO_TARGET_TMPDIR")` so every test binary shares one cache.
 pub fn guest(cache_dir: &Path) -> &'static Guest {
     static G: OnceLock<Guest> = OnceLock::new();
     G.get_or_init(|| {
         let dir = cache_dir.join("vzk-test-guest");
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-test-guest.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg(&dir)
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "build-test-guest.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        build_into("build-test-guest.sh", &dir);
         let openssh_key =
             std::env::temp_dir().join(format!("vzk-guest-key-{}", std::process::id()));
         let _ = std::fs::remove_file(&openssh_key);
@@ -91,19 +98,7 @@ pub fn debian_guest(cache_dir: &Path) -> &'static Path {
     static G: OnceLock<PathBuf> = OnceLock::new();
     G.get_or_init(|| {
         let dir = cache_dir.join("vzk-debian-guest");
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-debian-guest.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg(&dir)
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "build-debian-guest.sh: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        build_into("build-debian-guest.sh", &dir);
         dir
     })
 }

@@ -135,6 +135,16 @@ pub(crate) fn public_of(key: &Path) -> String {
         .join(" ")
 }
 
+/// From the VMs' network namespace, the guest at `ip` lets `own` in and refuses `other`.
+pub(crate) fn assert_only_own_key_opens(netns: &str, ip: &str, own: &Path, other: &Path) {
+    assert!(ip.parse::<std::net::Ipv4Addr>().is_ok(), "podIP {ip:?}");
+    let (ok, err) = ssh_with(netns, own, ip);
+    assert!(ok, "{ip} with its own key: {err}");
+    let (ok, err) = ssh_with(netns, other, ip);
+    assert!(!ok, "{ip} must refuse the other pod's key");
+    assert!(err.contains("Permission denied"), "{err}");
+}
+
 /// `ssh -i key root@ip true` from the VMs' namespace; returns (success, stderr).
 pub(crate) fn ssh_with(netns: &str, key: &Path, ip: &str) -> (bool, String) {
     let out = Command::new("ip")
