@@ -105,7 +105,7 @@ pub(crate) struct Shared {
     pub(crate) nat_bridge: Option<String>,
     /// Gives back the NAT leases of removed VMs (with a NAT network).
     pub(crate) nat_leases: Option<LeaseReleaser>,
-    pub(crate) ovmf_code: Option<PathBuf>,
+    pub(crate) ovmf: Option<Ovmf>,
     /// What makes this backend's TAP names its own: its state dir (see
     /// [`crate::net::tap::tap_name`]).
     pub(crate) tap_scope: String,
@@ -121,11 +121,49 @@ pub struct QemuBackend {
     vms: Mutex<HashMap<String, Weak<QemuVm>>>,
 }
 
-const OVMF_CANDIDATES: &[&str] = &[
-    "/usr/share/OVMF/OVMF_CODE.fd",
-    "/usr/share/ovmf/OVMF.fd",
-    "/usr/share/qemu/OVMF.fd",
+/// UEFI firmware for QEMU: OVMF's code image and the template of its variable store,
+/// as Debian's `ovmf` package installs them (a pair must match in size).
+const OVMF_CANDIDATES: &[(&str, &str)] = &[
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    ),
+    (
+        "/usr/share/OVMF/OVMF_CODE.fd",
+        "/usr/share/OVMF/OVMF_VARS.fd",
+    ),
 ];
+
+/// OVMF's code image and variable-store template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ovmf {
+    pub(crate) code: PathBuf,
+    pub(crate) vars_template: PathBuf,
+}
+
+impl Ovmf {
+    /// The first installed pair of `candidates`.
+    fn find(candidates: &[(&str, &str)]) -> Option<Ovmf> {
+        candidates
+            .iter()
+            .map(|(c, v)| Ovmf {
+                code: PathBuf::from(c),
+                vars_template: PathBuf::from(v),
+            })
+            .find(|o| o.code.is_file() && o.vars_template.is_file())
+    }
+
+    /// Makes a VM's variable store from the template unless it exists (a VM's EFI
+    /// variables, boot entries included, outlive a restart of the same VM).
+    pub(crate) fn ensure_variable_store(&self, store: &std::path::Path) -> std::io::Result<()> {
+        if store.exists() {
+            return Ok(());
+        }
+        let tmp = store.with_extension("fd.tmp");
+        std::fs::copy(&self.vars_template, &tmp)?;
+        std::fs::rename(&tmp, store)
+    }
+}
 
 impl QemuBackend {
     /// Checks whether QEMU can run here, and with which accelerator.
@@ -184,12 +222,9 @@ impl QemuBackend {
             }
             unavailable(format!("its NAT network: {text}"))
         })?;
-        let ovmf_code = OVMF_CANDIDATES
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists());
+        let ovmf = Ovmf::find(OVMF_CANDIDATES);
         let mut boot_kinds = vec![BootKind::LinuxKernel];
-        if ovmf_code.is_some() {
+        if ovmf.is_some() {
             boot_kinds.push(BootKind::Efi);
         }
         let caps = Capabilities {
@@ -224,7 +259,7 @@ impl QemuBackend {
                     NatConfig::lease_file(&nat_dir),
                 )
             }),
-            ovmf_code,
+            ovmf,
             tap_scope,
         });
         Ok(Self {
@@ -376,5 +411,35 @@ impl Hypervisor for QemuBackend {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn ovmf_is_a_code_and_template_pair_and_a_vm_gets_its_own_variable_store_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n).display().to_string();
+        std::fs::write(p("CODE_4M.fd"), b"code").unwrap();
+        std::fs::write(p("CODE.fd"), b"code").unwrap();
+        std::fs::write(p("VARS.fd"), b"template").unwrap();
+        // The first pair lacks its template: the second is taken.
+        let (c4, v4, c, v) = (p("CODE_4M.fd"), p("VARS_4M.fd"), p("CODE.fd"), p("VARS.fd"));
+        let ovmf = Ovmf::find(&[(&c4, &v4), (&c, &v)]).unwrap();
+        assert_eq!(ovmf.code, dir.path().join("CODE.fd"));
+        assert_eq!(Ovmf::find(&[(&c4, &v4)]), None);
+
+        let store = dir.path().join("vm/efi-vars.fd");
+        std::fs::create_dir_all(store.parent().unwrap()).unwrap();
+        ovmf.ensure_variable_store(&store).unwrap();
+        assert_eq!(std::fs::read(&store).unwrap(), b"template");
+        // The guest's writes stay: an existing store is never replaced.
+        std::fs::write(&store, b"boot entries").unwrap();
+        ovmf.ensure_variable_store(&store).unwrap();
+        assert_eq!(std::fs::read(&store).unwrap(), b"boot entries");
+        assert!(!dir.path().join("vm/efi-vars.fd.tmp").exists());
     }
 }

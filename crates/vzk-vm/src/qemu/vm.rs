@@ -35,7 +35,7 @@ use crate::hypervisor::{BackendKind, BoxError, HostUsage, Vm, VmError, VmState};
 use crate::mac::MacAddr;
 use crate::net::release::Lease;
 use crate::net::{discovery, link, tap};
-use crate::spec::{NetworkAttachment, VmSpec};
+use crate::spec::{BootSpec, NetworkAttachment, VmSpec};
 
 /// How long QEMU may take to open its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -460,11 +460,21 @@ impl Vm for QemuVm {
         let listener = std::os::unix::net::UnixListener::bind(&qmp_socket)
             .map_err(|e| self.fail_start(format!("binding {}: {e}", qmp_socket.display())))?;
         let qmp_fd = TAP_FD_BASE + i32::try_from(fds.len()).unwrap_or(0);
+        if let (BootSpec::Efi { variable_store }, Some(ovmf)) = (&self.spec.boot, &self.shared.ovmf)
+        {
+            ovmf.ensure_variable_store(variable_store).map_err(|e| {
+                self.fail_start(format!(
+                    "making the EFI variable store {} from {}: {e}",
+                    variable_store.display(),
+                    ovmf.vars_template.display()
+                ))
+            })?;
+        }
         let paths = QemuPaths {
             qmp_socket,
             qmp_fd: Some(qmp_fd),
             pid_file: self.dir.pid_file(),
-            ovmf_code: self.shared.ovmf_code.clone(),
+            ovmf_code: self.shared.ovmf.as_ref().map(|o| o.code.clone()),
         };
         let args = qemu_args(&self.spec, self.shared.accel, &paths)
             .map_err(|e| self.fail_start(e.to_string()))?;
