@@ -10,7 +10,9 @@
 //! configMap volume is mounted by the agent inside the systemd guest; a second pod of
 //! the same image refuses the first pod's key; `kubectl delete` shuts systemd down
 //! cleanly through the ACPI power button (its console, followed to the end, shows the
-//! kernel's power-down and the agent's event names the ACPI path).
+//! kernel's power-down and the agent's event names the ACPI path). A third pod runs the
+//! EFI variant of the image (GPT, GRUB on the EFI system partition, no kernel in the
+//! image), booted through OVMF.
 //!
 //! Real components: a private kube-apiserver, the agent binary, QEMU (TCG) in a network
 //! namespace of the test's, the registry, OpenSSH's client from inside that namespace.
@@ -60,9 +62,13 @@ fn json_merge(v: &mut serde_json::Value, patch: serde_json::Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_debian_guest_with_systemd_and_cloud_init_runs_the_whole_path() {
     let dir = vzk_testenv::debian_guest(Path::new(env!("CARGO_TARGET_TMPDIR")));
-    let c = Cluster::start("deb", &["--max-vms", "2"]).await;
+    let c = Cluster::start("deb", &["--max-vms", "3"]).await;
     let image = format!("{}/deb/debian:12", c.registry.addr);
     support::push_dir(c.work.path(), dir, &image);
+    // The same root filesystem on a GPT disk with GRUB on its EFI system partition and
+    // no kernel in the image: the agent boots it by EFI (OVMF).
+    let efi_image = format!("{}/deb/debian:12-efi", c.registry.addr);
+    support::push_dir(c.work.path(), &dir.join("efi"), &efi_image);
 
     let user_data = |who: &str| {
         format!(
@@ -112,7 +118,8 @@ async fn a_debian_guest_with_systemd_and_cloud_init_runs_the_whole_path() {
     );
     c.apply(&alpha);
     c.apply(&beta);
-    for pod in ["alpha", "beta"] {
+    c.apply(&debian_pod(&c, "gamma", &efi_image, serde_json::json!({})));
+    for pod in ["alpha", "beta", "gamma"] {
         c.wait_pod_ready(pod);
     }
 
@@ -152,8 +159,29 @@ async fn a_debian_guest_with_systemd_and_cloud_init_runs_the_whole_path() {
     let out = exec("alpha", &["/no/such/command"]);
     assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
 
+    // gamma came up through EFI firmware and GRUB; alpha by direct kernel boot.
+    let out = exec("gamma", &["test", "-d", "/sys/firmware/efi"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "gamma booted by EFI: {}",
+        text(&out.stderr)
+    );
+    let out = exec("alpha", &["test", "-d", "/sys/firmware/efi"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "alpha booted its kernel directly"
+    );
+    let out = exec("gamma", &["cat", "/proc/cmdline"]);
+    assert!(
+        text(&out.stdout).contains("root=LABEL=root"),
+        "{}",
+        text(&out.stdout)
+    );
+
     // cloud-init took the pod's host name and user-data from the seed.
-    for pod in ["alpha", "beta"] {
+    for pod in ["alpha", "beta", "gamma"] {
         let out = exec(pod, &["hostname"]);
         assert_eq!(text(&out.stdout).trim(), pod, "{}", text(&out.stderr));
     }
