@@ -213,10 +213,24 @@ fn async_stream_follow(
                 }
                 tokio::select! {
                     () = stop.cancelled() => {
+                        // The VM has ended: what it wrote since the last read is the end
+                        // of its console (the guest's power-down lines), read before ending.
+                        let mut rest = Vec::new();
+                        let read = async {
+                            file.seek(std::io::SeekFrom::Start(off)).await?;
+                            file.read_to_end(&mut rest).await
+                        }
+                        .await;
+                        if let Ok(n) = read {
+                            off += n as u64;
+                            partial.extend_from_slice(&rest);
+                        }
                         let out = if partial.is_empty() {
                             Vec::new()
                         } else {
-                            prefix(&[partial.as_slice()], timestamps, Utc::now())
+                            let lines: Vec<&[u8]> =
+                                partial.split_inclusive(|b| *b == b'\n').collect();
+                            prefix(&lines, timestamps, Utc::now())
                         };
                         return Some((Ok(out), (file, off, Vec::new(), stop, true)));
                     }
@@ -284,6 +298,45 @@ mod tests {
         assert_eq!(next.as_deref(), Some(&b"login: "[..]), "cut at 12 bytes");
         stop.cancel();
         assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn follow_delivers_what_the_vm_wrote_just_before_it_ended() {
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("tempdir")
+        };
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "boot\n").ok();
+        let stop = CancellationToken::new();
+        let opts = LogOptions {
+            follow: true,
+            ..Default::default()
+        };
+        let mut s = match console_logs(path.clone(), opts, stop.clone()).await {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            s.next().await.and_then(Result::ok).as_deref(),
+            Some(&b"boot\n"[..])
+        );
+        // The follow has read everything and waits for its next poll.
+        let waiting = tokio::time::timeout(Duration::from_millis(30), s.next()).await;
+        assert!(waiting.is_err(), "nothing new yet");
+        // The guest's last lines land, then the VM ends before that poll.
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{e}"));
+        f.write_all(b"System Power Off\nreboot: Power down")
+            .unwrap_or_else(|e| panic!("{e}"));
+        stop.cancel();
+        let mut rest = Vec::new();
+        while let Some(chunk) = s.next().await {
+            rest.extend_from_slice(&chunk.unwrap_or_else(|e| panic!("{e}")));
+        }
+        assert_eq!(rest, b"System Power Off\nreboot: Power down");
     }
 
     #[test]
