@@ -15,7 +15,8 @@
 //! `VZK_BENCH_RUNS` (default 5) sets the number of measured pods; `VZK_BENCH_IDLE_ONLY=1`
 //! measures only the idle agent (no VM is started); `VZK_BENCH_GUEST=debian` boots the
 //! real Debian guest (systemd, OpenSSH, cloud-init; `scripts/build-debian-guest.sh`, 1 GiB)
-//! instead of the busybox test guest, its boot split at systemd's start and OpenSSH's.
+//! instead of the busybox test guest, its boot split at systemd's start and OpenSSH's;
+//! `debian-efi` boots the same guest through OVMF and GRUB.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,12 +40,18 @@ struct BenchGuest {
 }
 
 impl BenchGuest {
-    /// `VZK_BENCH_GUEST`: `test` (default) or `debian`.
+    /// `VZK_BENCH_GUEST`: `test` (default), `debian` or `debian-efi`.
     fn from_env(target_tmp: &Path, work: &Path) -> BenchGuest {
         match std::env::var("VZK_BENCH_GUEST").as_deref() {
             Ok("debian") => BenchGuest {
-                name: "Debian 12 (systemd, OpenSSH, cloud-init)",
+                name: "Debian 12 (systemd, OpenSSH, cloud-init), direct kernel boot",
                 image_dir: debian_guest(target_tmp).to_path_buf(),
+                memory: "1Gi",
+                init_marker: Some("Welcome to Debian"),
+            },
+            Ok("debian-efi") => BenchGuest {
+                name: "Debian 12 (systemd, OpenSSH, cloud-init), EFI boot (OVMF, GRUB)",
+                image_dir: debian_guest(target_tmp).join("efi"),
                 memory: "1Gi",
                 init_marker: Some("Welcome to Debian"),
             },
@@ -479,7 +486,7 @@ async fn main() {
     );
     if bg.init_marker.is_some() {
         println!(
-            "| Started → guest init (systemd) starts (firmware, kernel, initrd) | {boot_init:.3} |"
+            "| Started → guest init (systemd) starts (firmware, loader, kernel, initrd) | {boot_init:.3} |"
         );
         println!("| guest init starts → sshd up (systemd units, cloud-init) | {init_sshd:.3} |");
     }
