@@ -196,8 +196,8 @@ kubectl top pod demo-vm --containers || { tail -20 "$METRICS_SERVER_LOG"; exit 1
 
 if [ "$debian" = 1 ]; then
   say "Debian 12 guest (systemd, OpenSSH, cloud-init), built from Debian's packages"
-  bash scripts/build-debian-guest.sh "$root/target/vzk-debian-guest" | tail -1
-  "$bin/vz-kubelet" image push --root "$work/images" --plain-http "$root/target/vzk-debian-guest" \
+  bash scripts/build-debian-guest.sh "$root/target/tmp/vzk-debian-guest" | tail -1
+  "$bin/vz-kubelet" image push --root "$work/images" --plain-http "$root/target/tmp/vzk-debian-guest" \
     "$registry/demo/debian:12"
   sed "s#REGISTRY#$registry#" examples/debian-pod.yaml | kubectl apply -f -
   kubectl wait --for=condition=Ready pod/debian-vm --timeout=300s || {
