@@ -164,6 +164,22 @@ pub async fn console_logs(
     Ok(head.chain(tail).boxed())
 }
 
+/// Appends what `file` holds from `off` on to `buf`; returns how many bytes.
+async fn append_from(
+    file: &mut tokio::fs::File,
+    off: u64,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    file.seek(std::io::SeekFrom::Start(off)).await?;
+    file.read_to_end(buf).await
+}
+
+/// `text` line by line, each prefixed as `timestamps` asks (the last may lack its `\n`).
+fn prefixed_lines(text: &[u8], timestamps: bool) -> Vec<u8> {
+    let lines: Vec<&[u8]> = text.split_inclusive(|b| *b == b'\n').collect();
+    prefix(&lines, timestamps, Utc::now())
+}
+
 /// New content of `file` from `offset` while following; empty when not following.
 fn async_stream_follow(
     file: tokio::fs::File,
@@ -189,24 +205,15 @@ fn async_stream_follow(
                 {
                     off = 0;
                 }
-                let mut buf = Vec::new();
-                let read = async {
-                    file.seek(std::io::SeekFrom::Start(off)).await?;
-                    file.read_to_end(&mut buf).await
-                }
-                .await;
-                match read {
+                match append_from(&mut file, off, &mut partial).await {
                     Err(e) => return Some((Err(e), (file, off, partial, stop, true))),
                     Ok(0) => {}
                     Ok(n) => {
                         off += n as u64;
-                        partial.extend_from_slice(&buf);
                         // Emit complete lines; keep a partial line for the next round.
                         if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
                             let rest = partial.split_off(end + 1);
-                            let lines: Vec<&[u8]> =
-                                partial.split_inclusive(|b| *b == b'\n').collect();
-                            let out = prefix(&lines, timestamps, Utc::now());
+                            let out = prefixed_lines(&partial, timestamps);
                             return Some((Ok(out), (file, off, rest, stop, false)));
                         }
                     }
@@ -215,23 +222,10 @@ fn async_stream_follow(
                     () = stop.cancelled() => {
                         // The VM has ended: what it wrote since the last read is the end
                         // of its console (the guest's power-down lines), read before ending.
-                        let mut rest = Vec::new();
-                        let read = async {
-                            file.seek(std::io::SeekFrom::Start(off)).await?;
-                            file.read_to_end(&mut rest).await
-                        }
-                        .await;
-                        if let Ok(n) = read {
+                        if let Ok(n) = append_from(&mut file, off, &mut partial).await {
                             off += n as u64;
-                            partial.extend_from_slice(&rest);
                         }
-                        let out = if partial.is_empty() {
-                            Vec::new()
-                        } else {
-                            let lines: Vec<&[u8]> =
-                                partial.split_inclusive(|b| *b == b'\n').collect();
-                            prefix(&lines, timestamps, Utc::now())
-                        };
+                        let out = prefixed_lines(&partial, timestamps);
                         return Some((Ok(out), (file, off, Vec::new(), stop, true)));
                     }
                     () = tokio::time::sleep(FOLLOW_POLL) => {}
