@@ -14,7 +14,7 @@
 #
 # The guest's boot script (guest/rc, run by busybox init) loads the virtio modules, reads a cloud-init NoCloud
 # seed disk if one is attached (its host name, and its SSH keys added to root's; a stand-in for cloud-init in
-# this busybox guest), runs udhcpc on eth0, starts dropbear on port 22 and powers off on the ACPI power button. Kernel command line flags:
+# this busybox guest), runs udhcpc on eth0 and on any NIC plugged in later (guest/net-hotplug), starts dropbear on port 22 and powers off on the ACPI power button. Kernel command line flags:
 #   vzk.ignore_acpi=1   ignore the power button (for force-stop tests)
 # It prints "VZK-SSHD-START uptime=<secs>" to the console when sshd starts.
 #
@@ -95,7 +95,8 @@ cp "$guest_dir/init" "$r/init"
 cp "$guest_dir/rc" "$r/etc/rc"
 cp "$guest_dir/inittab" "$r/etc/inittab"
 cp "$guest_dir/udhcpc.script" "$r/etc/udhcpc.script"
-chmod 755 "$r/init" "$r/etc/rc" "$r/etc/udhcpc.script"
+cp "$guest_dir/net-hotplug" "$r/etc/net-hotplug"
+chmod 755 "$r/init" "$r/etc/rc" "$r/etc/udhcpc.script" "$r/etc/net-hotplug"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$r/etc/passwd"
 printf 'root:x:0:\n' >"$r/etc/group"
 printf '/bin/sh\n' >"$r/etc/shells"

@@ -49,6 +49,7 @@ fn spec(id: &str) -> VmSpec {
         nics: vec![],
         shared_dirs: vec![],
         console_log: None,
+        snapshot: None,
     }
 }
 

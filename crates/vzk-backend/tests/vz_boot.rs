@@ -56,6 +56,7 @@ async fn a_linux_guest_boots_answers_ssh_and_is_readopted_after_an_agent_restart
         }],
         shared_dirs: vec![],
         console_log: Some(state.path().join("console.log")),
+        snapshot: None,
     };
     let vm = hv.create(spec).await.expect("create");
     vm.start().await.expect("start");

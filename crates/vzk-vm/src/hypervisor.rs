@@ -34,7 +34,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::spec::{BootKind, DiskFormat, NetworkAttachment, VmSpec};
+use crate::spec::{
+    BootKind, DiskFormat, NetworkAttachment, SNAPSHOT_HOTPLUG_PORTS, SnapshotSpec, VmSpec,
+};
 
 /// A boxed error cause from a backend.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -113,6 +115,12 @@ pub struct Capabilities {
     pub max_running_vms: Option<u32>,
     /// Whether VMs keep running when the agent exits (and can be adopted again).
     pub vms_outlive_agent: bool,
+    /// Whether VMs can be saved as templates ([`Vm::save_state`]) and started by restoring
+    /// one ([`SnapshotSpec`]).
+    pub snapshots: bool,
+    /// The backend's own version (`QEMU emulator version 7.2.22`, the macOS build): a
+    /// saved machine state is only restored by the version that wrote it.
+    pub version: String,
 }
 
 impl Capabilities {
@@ -169,6 +177,23 @@ impl Capabilities {
         }
         if !spec.shared_dirs.is_empty() && !self.shared_dirs {
             return unsupported("shared directories".into());
+        }
+        if let Some(snapshot) = &spec.snapshot {
+            if !self.snapshots {
+                return unsupported("machine-state snapshots".into());
+            }
+            let plugged = spec.nics.len() + spec.shared_dirs.len();
+            if plugged > SNAPSHOT_HOTPLUG_PORTS {
+                return invalid(format!(
+                    "{plugged} NICs and shared directories exceed the snapshot layout's \
+                     {SNAPSHOT_HOTPLUG_PORTS} hot-plug ports"
+                ));
+            }
+            if let SnapshotSpec::Restore { state } = snapshot
+                && !state.is_file()
+            {
+                return invalid(format!("saved state {} is not a file", state.display()));
+            }
         }
         Ok(())
     }
@@ -296,6 +321,17 @@ pub enum VmError {
         #[source]
         source: BoxError,
     },
+    /// Saving or restoring the machine state failed.
+    #[error("{operation} of VM {id} failed")]
+    Snapshot {
+        /// The VM id.
+        id: String,
+        /// `saving the state` or `restoring the state`.
+        operation: &'static str,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
     /// Removing the VM's state failed.
     #[error("removing VM {id} failed")]
     Remove {
@@ -388,6 +424,20 @@ pub trait Vm: Send + Sync + 'static {
 
     /// Ends the VM now. A no-op once the VM is in a final state.
     async fn force_stop(&self) -> Result<(), VmError>;
+
+    /// Saves the running machine as a template, to the `state` file its
+    /// [`SnapshotSpec::Template`] names, and ends the VM (state
+    /// `Stopped`). Valid only for a VM created with [`SnapshotSpec::Template`] and running:
+    /// its NICs and shared directories are unplugged first (the guest sees them go), the
+    /// vCPUs stopped, the disks flushed, then the memory and device state written. The
+    /// disks must be kept unchanged beside the file: a restore needs both.
+    async fn save_state(&self) -> Result<(), VmError> {
+        Err(VmError::Snapshot {
+            id: self.id().to_owned(),
+            operation: "saving the state",
+            source: "this backend cannot save machine state".into(),
+        })
+    }
 
     /// Releases everything the VM holds on the host (state dir, TAP, leases). The VM must
     /// be in a final state; call [`Vm::force_stop`] first otherwise.
@@ -544,6 +594,8 @@ mod tests {
             shared_dirs: false,
             max_running_vms: None,
             vms_outlive_agent: true,
+            snapshots: false,
+            version: String::new(),
         }
     }
 
@@ -568,6 +620,7 @@ mod tests {
             }],
             shared_dirs: vec![],
             console_log: None,
+            snapshot: None,
         }
     }
 
@@ -597,6 +650,36 @@ mod tests {
             c.check(&s),
             Err(HypervisorError::Unsupported { .. })
         ));
+        let mut s = spec();
+        s.snapshot = Some(SnapshotSpec::Template {
+            state: "/t/state".into(),
+        });
+        assert!(
+            matches!(c.check(&s), Err(HypervisorError::Unsupported { feature, .. }) if feature == "machine-state snapshots")
+        );
+        let c2 = Capabilities {
+            snapshots: true,
+            shared_dirs: true,
+            ..caps()
+        };
+        assert!(c2.check(&s).is_ok());
+        for i in 0..SNAPSHOT_HOTPLUG_PORTS {
+            s.shared_dirs.push(crate::spec::SharedDirSpec {
+                tag: format!("t{i}"),
+                host_path: "/".into(),
+                read_only: true,
+            });
+        }
+        assert!(
+            matches!(c2.check(&s), Err(HypervisorError::InvalidSpec { message, .. }) if message.contains("hot-plug ports"))
+        );
+        let mut s = spec();
+        s.snapshot = Some(SnapshotSpec::Restore {
+            state: "/nonexistent/state".into(),
+        });
+        assert!(
+            matches!(c2.check(&s), Err(HypervisorError::InvalidSpec { message, .. }) if message.contains("not a file"))
+        );
         let mut s = spec();
         s.nics[0].mac = MacAddr([0x03, 0, 0, 0, 0, 1]);
         assert!(matches!(

@@ -53,5 +53,6 @@ pub use hypervisor::{
 };
 pub use mac::MacAddr;
 pub use spec::{
-    BootKind, BootSpec, DiskFormat, DiskSpec, NetworkAttachment, NicSpec, SharedDirSpec, VmSpec,
+    BootKind, BootSpec, DiskFormat, DiskSpec, NetworkAttachment, NicSpec, SNAPSHOT_HOTPLUG_PORTS,
+    SharedDirSpec, SnapshotSpec, VmSpec,
 };

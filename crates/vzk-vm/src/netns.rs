@@ -212,6 +212,11 @@ impl Vm for NetnsVm {
         self.rt.run(async move { vm.force_stop().await }).await
     }
 
+    async fn save_state(&self) -> Result<(), VmError> {
+        let vm = self.inner.clone();
+        self.rt.run(async move { vm.save_state().await }).await
+    }
+
     async fn remove(&self) -> Result<(), VmError> {
         let vm = self.inner.clone();
         self.rt.run(async move { vm.remove().await }).await

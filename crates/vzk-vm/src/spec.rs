@@ -37,7 +37,42 @@ pub struct VmSpec {
     /// for the VM container). `None`: the console is discarded.
     #[serde(default)]
     pub console_log: Option<PathBuf>,
+    /// Whether the VM takes part in machine-state snapshots (`None`: an ordinary boot).
+    #[serde(default)]
+    pub snapshot: Option<SnapshotSpec>,
 }
+
+/// A VM's part in machine-state snapshots (start by restore).
+///
+/// A template and the VMs restored from it share one machine layout: what differs per VM
+/// (its NICs and shared directories) sits on hot-plug ports, so the template unplugs it
+/// before its state is saved and a restored VM plugs in its own (a new MAC address, so a
+/// new DHCP lease) after the state is loaded. The guest must bring up a NIC that appears
+/// while it runs (the test guest does; so do ifupdown's `allow-hotplug`, networkd and
+/// NetworkManager).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "camelCase")]
+pub enum SnapshotSpec {
+    /// Booted to become a template: [`Vm::save_state`](crate::Vm::save_state) may be called
+    /// once the guest is ready, and writes the machine to `state`.
+    #[serde(rename_all = "camelCase")]
+    Template {
+        /// Where the saved machine state goes.
+        state: PathBuf,
+    },
+    /// Restored from a template's saved state instead of booted. The spec's disks must be
+    /// (copy-on-write clones of) the template's disks at the moment of the save, in the
+    /// same order, and its boot, CPUs and memory the template's.
+    #[serde(rename_all = "camelCase")]
+    Restore {
+        /// The saved machine state ([`Vm::save_state`](crate::Vm::save_state)'s file).
+        state: PathBuf,
+    },
+}
+
+/// How many hot-plug ports a snapshot layout has: a VM restored from a template can be
+/// given this many NICs and shared directories together.
+pub const SNAPSHOT_HOTPLUG_PORTS: usize = 6;
 
 /// How a guest boots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +265,9 @@ mod tests {
                 read_only: true,
             }],
             console_log: Some("/log".into()),
+            snapshot: Some(SnapshotSpec::Restore {
+                state: "/t/state".into(),
+            }),
         };
         let json = serde_json::to_string(&spec).unwrap_or_default();
         assert!(json.contains("\"mode\":\"bridged\""), "{json}");

@@ -103,6 +103,8 @@ fn caps() -> Capabilities {
         shared_dirs: false,
         max_running_vms: None,
         vms_outlive_agent: true,
+        snapshots: false,
+        version: String::new(),
     }
 }
 
@@ -120,6 +122,7 @@ fn spec() -> VmSpec {
         nics: vec![],
         shared_dirs: vec![],
         console_log: None,
+        snapshot: None,
     }
 }
 

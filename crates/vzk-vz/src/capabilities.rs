@@ -32,6 +32,8 @@ pub fn capabilities(bounds: &Bounds, apple_silicon: bool) -> Capabilities {
         shared_dirs: true,
         max_running_vms: Some(MAX_MACOS_VMS),
         vms_outlive_agent: false,
+        snapshots: false,
+        version: String::new(),
     }
 }
 
@@ -63,6 +65,7 @@ mod tests {
             nics: vec![],
             shared_dirs: vec![],
             console_log: None,
+            snapshot: None,
         }
     }
 

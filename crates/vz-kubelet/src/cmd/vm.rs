@@ -249,6 +249,7 @@ pub(crate) async fn run(args: VmArgs) -> anyhow::Result<()> {
                 }],
                 shared_dirs: vec![],
                 console_log: r.console.clone(),
+                snapshot: None,
             };
             let vm: Arc<dyn Vm> = backend.create(spec).await.context("creating the VM")?;
             vm.start().await.context("starting the VM")?;

@@ -48,6 +48,8 @@ impl FakeHypervisor {
                 shared_dirs: true,
                 max_running_vms: None,
                 vms_outlive_agent: false,
+                snapshots: false,
+                version: String::new(),
             },
         }
     }

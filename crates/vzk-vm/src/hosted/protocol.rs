@@ -66,6 +66,8 @@ pub enum Op {
     ConsolePath,
     /// The host process's usage and the inner VM's.
     Usage,
+    /// [`crate::Vm::save_state`].
+    SaveState,
 }
 
 /// Every op name, for error messages.
@@ -80,6 +82,7 @@ const OP_NAMES: &[&str] = &[
     "remove",
     "consolePath",
     "usage",
+    "saveState",
 ];
 
 impl Op {
@@ -96,6 +99,7 @@ impl Op {
             Self::Remove => "remove",
             Self::ConsolePath => "consolePath",
             Self::Usage => "usage",
+            Self::SaveState => "saveState",
         }
     }
 
@@ -104,6 +108,7 @@ impl Op {
         match self {
             Self::RequestStop => "request stop",
             Self::ForceStop => "force stop",
+            Self::SaveState => "saving the state",
             other => other.name(),
         }
     }
@@ -176,6 +181,7 @@ pub fn parse_request(frame: &[u8]) -> Result<(u64, Op), (Option<u64>, WireError)
         "remove" => Op::Remove,
         "consolePath" => Op::ConsolePath,
         "usage" => Op::Usage,
+        "saveState" => Op::SaveState,
         other => {
             let shown: String = other.chars().take(64).collect();
             return Err((
@@ -416,6 +422,11 @@ impl WireError {
                     Op::Start => VmError::Start { id, source },
                     Op::RequestStop => VmError::RequestStop { id, source },
                     Op::Remove => VmError::Remove { id, source },
+                    Op::SaveState => VmError::Snapshot {
+                        id,
+                        operation: "saving the state",
+                        source,
+                    },
                     _ => VmError::ForceStop { id, source },
                 }
             }

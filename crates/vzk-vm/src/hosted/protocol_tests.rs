@@ -20,6 +20,7 @@ fn every_op_round_trips() {
         Op::Start,
         Op::RequestStop,
         Op::ForceStop,
+        Op::SaveState,
         Op::Remove,
         Op::ConsolePath,
         Op::Usage,

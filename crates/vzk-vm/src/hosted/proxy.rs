@@ -211,6 +211,11 @@ fn op_error(id: &str, op: Op, e: HostedError) -> VmError {
         Op::Start => VmError::Start { id, source },
         Op::RequestStop => VmError::RequestStop { id, source },
         Op::Remove => VmError::Remove { id, source },
+        Op::SaveState => VmError::Snapshot {
+            id,
+            operation: "saving the state",
+            source,
+        },
         _ => VmError::ForceStop { id, source },
     }
 }
@@ -318,6 +323,10 @@ impl Vm for HostedVm {
             return Ok(());
         }
         self.op(Op::ForceStop).await
+    }
+
+    async fn save_state(&self) -> Result<(), VmError> {
+        self.op(Op::SaveState).await
     }
 
     async fn remove(&self) -> Result<(), VmError> {

@@ -467,6 +467,10 @@ async fn answer(op: Op, shared: &Shared) -> Outcome {
             tracing::info!(vm.id = vm.id(), "force stop");
             done(vm.force_stop().await)
         }
+        Op::SaveState => {
+            tracing::info!(vm.id = vm.id(), "save state");
+            done(vm.save_state().await)
+        }
         Op::Remove => {
             let r = vm.remove().await;
             if r.is_ok() {

@@ -27,6 +27,7 @@ pub(crate) fn spec(id: &str) -> VmSpec {
         nics: vec![],
         shared_dirs: vec![],
         console_log: Some("/tmp/console.log".into()),
+        snapshot: None,
     }
 }
 

@@ -161,6 +161,7 @@ impl NatConfig {
                     .join(",")
             ),
             "--dhcp-authoritative".into(),
+            "--no-ping".into(),
             format!("--dhcp-leasefile={}", Self::lease_file(dir).display()),
             format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
             "--user=root".into(),

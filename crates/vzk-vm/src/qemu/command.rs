@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use super::probe::Accel;
-use crate::spec::{BootSpec, VmSpec};
+use crate::spec::{BootSpec, SNAPSHOT_HOTPLUG_PORTS, SnapshotSpec, VmSpec};
 
 /// The first fd number TAPs are passed on (NIC `i` is `TAP_FD_BASE + i`).
 pub const TAP_FD_BASE: i32 = 3;
@@ -146,14 +146,38 @@ pub fn qemu_args(
             &format!("virtio-blk-pci,drive=disk{i}"),
         ]);
     }
+    // A snapshot layout: the same hot-plug ports and VM generation ID device for a
+    // template and every VM restored from it, so the saved device tree matches.
+    if spec.snapshot.is_some() {
+        for port in 0..SNAPSHOT_HOTPLUG_PORTS {
+            push(&[
+                "-device",
+                &format!(
+                    "pcie-root-port,id={},chassis={},port={}",
+                    hotplug_port(port),
+                    port + 1,
+                    port + 0x10
+                ),
+            ]);
+        }
+        push(&["-device", "vmgenid,id=vmgenid0,guid=auto"]);
+    }
+    // A restored VM gets its devices plugged after the state is loaded
+    // (`hotplug_devices`): here only their host ends.
+    let plugged_later = matches!(spec.snapshot, Some(SnapshotSpec::Restore { .. }));
     for (i, n) in spec.nics.iter().enumerate() {
         let fd = TAP_FD_BASE + i32::try_from(i).unwrap_or(i32::MAX - TAP_FD_BASE);
-        push(&[
-            "-netdev",
-            &format!("tap,id=net{i},fd={fd}"),
-            "-device",
-            &format!("virtio-net-pci,netdev=net{i},mac={}", n.mac),
-        ]);
+        push(&["-netdev", &format!("tap,id=net{i},fd={fd}")]);
+        if !plugged_later {
+            let bus = match spec.snapshot {
+                Some(_) => format!(",id={},bus={}", nic_id(i), hotplug_port(i)),
+                None => String::new(),
+            };
+            push(&[
+                "-device",
+                &format!("virtio-net-pci,netdev=net{i},mac={}{bus}", n.mac),
+            ]);
+        }
     }
     for (i, s) in spec.shared_dirs.iter().enumerate() {
         if s.tag.contains(',') {
@@ -166,11 +190,80 @@ pub fn qemu_args(
                 opt_path(&s.host_path)?,
                 if s.read_only { ",readonly=on" } else { "" }
             ),
-            "-device",
-            &format!("virtio-9p-pci,fsdev=fs{i},mount_tag={}", s.tag),
         ]);
+        if !plugged_later {
+            let bus = match spec.snapshot {
+                Some(_) => format!(
+                    ",id={},bus={}",
+                    share_id(i),
+                    hotplug_port(spec.nics.len() + i)
+                ),
+                None => String::new(),
+            };
+            push(&[
+                "-device",
+                &format!("virtio-9p-pci,fsdev=fs{i},mount_tag={}{bus}", s.tag),
+            ]);
+        }
+    }
+    if plugged_later {
+        // Paused until the state is loaded and the devices plugged (then `cont`).
+        push(&["-incoming", "defer", "-S"]);
     }
     Ok(a)
+}
+
+/// The id of hot-plug port `i` of a snapshot layout.
+pub fn hotplug_port(i: usize) -> String {
+    format!("vzkport{i}")
+}
+
+/// The device id of NIC `i` in a snapshot layout.
+pub fn nic_id(i: usize) -> String {
+    format!("vzknic{i}")
+}
+
+/// The device id of shared directory `i` in a snapshot layout.
+pub fn share_id(i: usize) -> String {
+    format!("vzkshare{i}")
+}
+
+/// The `device_add` arguments that plug a restored VM's NICs and shared directories into
+/// its hot-plug ports, in port order (NICs first). Empty for other VMs.
+pub fn hotplug_devices(spec: &VmSpec) -> Vec<serde_json::Value> {
+    if !matches!(spec.snapshot, Some(SnapshotSpec::Restore { .. })) {
+        return Vec::new();
+    }
+    let nics = spec.nics.iter().enumerate().map(|(i, n)| {
+        serde_json::json!({
+            "driver": "virtio-net-pci",
+            "id": nic_id(i),
+            "netdev": format!("net{i}"),
+            "mac": n.mac.to_string(),
+            "bus": hotplug_port(i),
+        })
+    });
+    let shares = spec.shared_dirs.iter().enumerate().map(|(i, s)| {
+        serde_json::json!({
+            "driver": "virtio-9p-pci",
+            "id": share_id(i),
+            "fsdev": format!("fs{i}"),
+            "mount_tag": s.tag,
+            "bus": hotplug_port(spec.nics.len() + i),
+        })
+    });
+    nics.chain(shares).collect()
+}
+
+/// The ids of the devices a template unplugs before its state is saved.
+pub fn template_unplug_ids(spec: &VmSpec) -> Vec<String> {
+    if !matches!(spec.snapshot, Some(SnapshotSpec::Template { .. })) {
+        return Vec::new();
+    }
+    (0..spec.nics.len())
+        .map(nic_id)
+        .chain((0..spec.shared_dirs.len()).map(share_id))
+        .collect()
 }
 
 #[cfg(test)]
@@ -239,6 +332,7 @@ mod tests {
                 read_only: true,
             }],
             console_log: Some("/log/console.log".into()),
+            snapshot: None,
         }
     }
 
@@ -265,6 +359,78 @@ mod tests {
             .unwrap_or_default()
             .join(" ");
         assert!(kvm.contains("accel=kvm -cpu host"));
+    }
+
+    #[test]
+    fn a_template_and_its_restore_share_one_machine_layout() {
+        let mut t = spec();
+        t.snapshot = Some(SnapshotSpec::Template {
+            state: "/t/state".into(),
+        });
+        let mut r = spec();
+        r.snapshot = Some(SnapshotSpec::Restore {
+            state: "/t/state".into(),
+        });
+        r.nics[0].mac = MacAddr([2, 0, 0, 0, 0, 9]);
+        let ta = qemu_args(&t, Accel::Tcg, &paths()).unwrap_or_default();
+        let ra = qemu_args(&r, Accel::Tcg, &paths()).unwrap_or_default();
+        // What QEMU puts on the root bus (in command-line order) is the same for both:
+        // every -device that has no bus= of a hot-plug port.
+        let root_devices = |a: &[String]| -> Vec<String> {
+            a.windows(2)
+                .filter(|w| w[0] == "-device" && !w[1].contains("bus=vzkport"))
+                .map(|w| w[1].clone())
+                .collect()
+        };
+        assert_eq!(root_devices(&ta), root_devices(&ra));
+        let ta = ta.join(" ");
+        let ra = ra.join(" ");
+        assert!(
+            ta.contains("pcie-root-port,id=vzkport0,chassis=1,port=16"),
+            "{ta}"
+        );
+        assert!(
+            ta.contains("pcie-root-port,id=vzkport5,chassis=6,port=21"),
+            "{ta}"
+        );
+        assert!(ta.contains("vmgenid,id=vmgenid0,guid=auto"), "{ta}");
+        assert!(
+            ta.contains("virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01,id=vzknic0,bus=vzkport0"),
+            "{ta}"
+        );
+        assert!(
+            ta.contains("mount_tag=data,id=vzkshare0,bus=vzkport2"),
+            "{ta}"
+        );
+        assert!(!ta.contains("-incoming"), "{ta}");
+        // The restore has the host ends only, and waits for its state.
+        assert!(ra.contains("-netdev tap,id=net0,fd=3"), "{ra}");
+        assert!(!ra.contains("virtio-net-pci"), "{ra}");
+        assert!(!ra.contains("virtio-9p-pci"), "{ra}");
+        assert!(ra.contains("-fsdev local,id=fs0,path=/srv"), "{ra}");
+        assert!(ra.ends_with("-incoming defer -S"), "{ra}");
+        let plug = hotplug_devices(&r);
+        assert_eq!(plug.len(), 3);
+        assert_eq!(plug[0]["mac"], "02:00:00:00:00:09");
+        assert_eq!(plug[0]["bus"], "vzkport0");
+        assert_eq!(plug[1]["id"], "vzknic1");
+        assert_eq!(plug[2]["driver"], "virtio-9p-pci");
+        assert_eq!(plug[2]["mount_tag"], "data");
+        assert_eq!(plug[2]["bus"], "vzkport2");
+        assert!(hotplug_devices(&t).is_empty());
+        assert_eq!(
+            template_unplug_ids(&t),
+            vec!["vzknic0", "vzknic1", "vzkshare0"]
+        );
+        assert!(template_unplug_ids(&r).is_empty());
+        // An ordinary VM has no snapshot layout.
+        let plain = qemu_args(&spec(), Accel::Tcg, &paths())
+            .unwrap_or_default()
+            .join(" ");
+        assert!(
+            !plain.contains("pcie-root-port") && !plain.contains("vmgenid"),
+            "{plain}"
+        );
     }
 
     #[test]

@@ -240,6 +240,8 @@ impl QemuBackend {
             shared_dirs: true,
             max_running_vms: None,
             vms_outlive_agent: true,
+            snapshots: true,
+            version: version.to_string(),
         };
         tracing::info!(backend = "qemu", version = %version, accel = accel.as_str(), nat = nat.is_some(), "hypervisor ready");
         let tap_scope = config
@@ -281,6 +283,12 @@ impl QemuBackend {
     pub fn start_timings(&self, id: &str) -> Option<StartTimings> {
         let vm = self.vms.lock().ok()?.get(id)?.upgrade()?;
         vm.start_timings()
+    }
+
+    /// The handle of VM `id` (created or adopted by this backend and still alive), for
+    /// what only QEMU has (its QMP connection, its state dir).
+    pub fn handle(&self, id: &str) -> Option<Arc<QemuVm>> {
+        self.vms.lock().ok()?.get(id)?.upgrade()
     }
 
     /// The NAT network, if configured.

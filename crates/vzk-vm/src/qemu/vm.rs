@@ -28,14 +28,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::Shared;
-use super::command::{QemuPaths, TAP_FD_BASE, qemu_args};
+use super::command::{QemuPaths, TAP_FD_BASE, hotplug_devices, qemu_args, template_unplug_ids};
 use super::qmp::{QmpClient, QmpEvent};
 use super::statedir::StateDir;
 use crate::hypervisor::{BackendKind, BoxError, HostUsage, Vm, VmError, VmState};
 use crate::mac::MacAddr;
 use crate::net::release::Lease;
 use crate::net::{discovery, link, tap};
-use crate::spec::{BootSpec, NetworkAttachment, VmSpec};
+use crate::spec::{BootSpec, NetworkAttachment, SnapshotSpec, VmSpec};
 
 /// How long QEMU may take to open its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -52,6 +52,8 @@ pub struct StartTimings {
     pub spawn: Duration,
     /// From the spawn to a negotiated QMP connection (QEMU's own start-up included).
     pub qmp_connect: Duration,
+    /// A restore only: loading the saved state, plugging the VM's own devices, `cont`.
+    pub restore: Duration,
     /// `query-status` and the state change to `Running`.
     pub running: Duration,
     /// All of `start()`.
@@ -537,6 +539,21 @@ impl Vm for QemuVm {
             *q = Some(qmp.clone());
         }
         self.spawn_tasks(Some(child), pid, events);
+        if let Some(SnapshotSpec::Restore { state }) = &self.spec.snapshot
+            && let Err(e) = self.restore(&qmp, state).await
+        {
+            let _ = qmp.quit().await;
+            let reason = format!("restoring {}: {e}", state.display());
+            self.set_state(VmState::Failed {
+                reason: reason.clone(),
+            });
+            return Err(VmError::Snapshot {
+                id: self.spec.id.clone(),
+                operation: "restoring the state",
+                source: msg(reason),
+            });
+        }
+        let restored = Instant::now();
         if qmp.query_status().await.is_ok_and(|s| s == "running") {
             self.set_state(VmState::Running);
         }
@@ -545,7 +562,8 @@ impl Vm for QemuVm {
             plug_nics: plugged - started,
             spawn: spawned_at - plugged,
             qmp_connect: connected - spawned_at,
-            running: done - connected,
+            restore: restored - connected,
+            running: done - restored,
             total: done - started,
         };
         if let Ok(mut t) = self.timings.lock() {
@@ -633,6 +651,109 @@ impl Vm for QemuVm {
         })
     }
 
+    async fn save_state(&self) -> Result<(), VmError> {
+        let fail = |e: String| VmError::Snapshot {
+            id: self.spec.id.clone(),
+            operation: "saving the state",
+            source: msg(e),
+        };
+        let state = self.state.borrow().clone();
+        let path = match &self.spec.snapshot {
+            Some(SnapshotSpec::Template { state: path }) if state == VmState::Running => path,
+            _ => {
+                return Err(VmError::InvalidState {
+                    id: self.spec.id.clone(),
+                    operation: "save the state of (a running template VM only)",
+                    state,
+                });
+            }
+        };
+        let qmp = self.qmp().ok_or_else(|| fail("no QMP connection".into()))?;
+        let tmp = path.with_extension("partial");
+        let uri = exec_uri("cat > ", &tmp).map_err(fail)?;
+        // 1. The guest lets go of the devices that are each VM's own.
+        let ids = template_unplug_ids(&self.spec);
+        for id in &ids {
+            qmp.execute("device_del", Some(serde_json::json!({ "id": id })))
+                .await
+                .map_err(|e| fail(format!("unplugging {id}: {e}")))?;
+        }
+        let deadline = Instant::now() + UNPLUG_TIMEOUT;
+        loop {
+            let present = qmp
+                .execute(
+                    "qom-list",
+                    Some(serde_json::json!({ "path": "/machine/peripheral" })),
+                )
+                .await
+                .map_err(|e| fail(format!("listing devices: {e}")))?;
+            let names: Vec<&str> = present
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.get("name").and_then(serde_json::Value::as_str))
+                .collect();
+            let left: Vec<&String> = ids
+                .iter()
+                .filter(|id| names.contains(&id.as_str()))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!(
+                    "the guest did not release {left:?} within {UNPLUG_TIMEOUT:?} \
+                     (does its kernel support PCI hot-unplug?)"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // 2. vCPUs stopped, then one pass of memory and devices into the file.
+        qmp.execute("stop", None)
+            .await
+            .map_err(|e| fail(format!("stop: {e}")))?;
+        let _ = qmp
+            .execute(
+                "migrate-set-parameters",
+                Some(serde_json::json!({ "max-bandwidth": 1u64 << 40 })),
+            )
+            .await;
+        qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+            .await
+            .map_err(|e| fail(format!("migrate: {e}")))?;
+        let deadline = Instant::now() + MIGRATE_TIMEOUT;
+        loop {
+            let info = qmp
+                .execute("query-migrate", None)
+                .await
+                .map_err(|e| fail(format!("query-migrate: {e}")))?;
+            match info.get("status").and_then(serde_json::Value::as_str) {
+                Some("completed") => break,
+                Some(s @ ("failed" | "cancelled")) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(fail(format!(
+                        "migration {s}: {}",
+                        info.get("error-desc")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or("no reason given")
+                    )));
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(fail(format!("not done within {MIGRATE_TIMEOUT:?}")));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| fail(format!("keeping {}: {e}", path.display())))?;
+        tracing::info!(vm.id = %self.spec.id, path = %path.display(), "machine state saved");
+        // 3. The template VM has done its work.
+        self.force_stop().await
+    }
+
     async fn remove(&self) -> Result<(), VmError> {
         let state = self.state.borrow().clone();
         if !state.is_final() && state != VmState::Created {
@@ -652,6 +773,59 @@ impl Vm for QemuVm {
             id: self.spec.id.clone(),
             source: boxed(e),
         })
+    }
+}
+
+/// How long a template's guest may take to release its unplugged devices.
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long saving or loading a machine state may take.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// An `exec:` migration URI running `/bin/sh -c '<command>'<path>'` (the path single-quoted).
+fn exec_uri(command: &str, path: &std::path::Path) -> Result<String, String> {
+    let p = path.display().to_string();
+    if p.contains('\'') || p.contains('\n') {
+        return Err(format!("path {p:?} cannot be quoted for QEMU's exec: URI"));
+    }
+    Ok(format!("exec:{command}'{p}'"))
+}
+
+impl QemuVm {
+    /// Loads the saved state into the QEMU just launched (`-incoming defer -S`), plugs in
+    /// this VM's own NICs and shared directories, and lets the vCPUs run.
+    async fn restore(&self, qmp: &QmpClient, state: &std::path::Path) -> Result<(), String> {
+        let uri = exec_uri("cat ", state)?;
+        qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+            .await
+            .map_err(|e| format!("migrate-incoming: {e}"))?;
+        // QEMU exits if the stream cannot be loaded; else the run state leaves `inmigrate`.
+        let deadline = Instant::now() + MIGRATE_TIMEOUT;
+        loop {
+            match qmp.query_status().await {
+                Ok(s) if s == "inmigrate" => {}
+                Ok(_) => break,
+                Err(e) => {
+                    return Err(format!(
+                        "QEMU did not load it ({e}); qemu.log: {}",
+                        self.dir.qemu_log_tail(500)
+                    ));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not loaded within {MIGRATE_TIMEOUT:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for dev in hotplug_devices(&self.spec) {
+            let id = dev.get("id").cloned().unwrap_or_default();
+            qmp.execute("device_add", Some(dev))
+                .await
+                .map_err(|e| format!("plugging {id}: {e}"))?;
+        }
+        qmp.execute("cont", None)
+            .await
+            .map_err(|e| format!("cont: {e}"))?;
+        Ok(())
     }
 }
 

@@ -182,6 +182,7 @@ pub fn guest_spec(
         }],
         shared_dirs: vec![],
         console_log: Some(state.join(format!("{id}.console.log"))),
+        snapshot: None,
     }
 }
 

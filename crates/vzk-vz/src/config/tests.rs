@@ -36,6 +36,7 @@ fn mac_spec() -> VmSpec {
         }],
         shared_dirs: vec![],
         console_log: None,
+        snapshot: None,
     }
 }
 
@@ -62,6 +63,7 @@ fn linux_spec() -> VmSpec {
         }],
         shared_dirs: vec![],
         console_log: Some("/pods/uid/console.log".into()),
+        snapshot: None,
     }
 }
 
