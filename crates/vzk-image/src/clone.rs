@@ -99,8 +99,33 @@ impl Cloner {
     /// Clone a raw disk to `dest` (replaced if it exists). The base is only read; on
     /// failure nothing is left at `dest`.
     pub fn clone_disk(&self, base: &Path, dest: &Path) -> Result<CloneKind> {
+        self.clone_layer(base, "raw", dest).map(|(kind, _)| kind)
+    }
+
+    /// Clone a disk of format `base_format` (`raw` or `qcow2`, e.g. a template's own
+    /// clone) to `dest`, replaced if it exists: a reflink keeps the format, an overlay is
+    /// qcow2 backed by `base`. Returns how, and the clone's format. The base is only
+    /// read; on failure nothing is left at `dest`.
+    pub fn clone_layer(
+        &self,
+        base: &Path,
+        base_format: &str,
+        dest: &Path,
+    ) -> Result<(CloneKind, &'static str)> {
+        if !matches!(base_format, "raw" | "qcow2") {
+            return Err(ImageError::CloneUnsupported {
+                path: dest.to_path_buf(),
+                reason: format!("a base disk in format {base_format:?}"),
+            });
+        }
         remove_if_exists(dest)?;
-        let made = self.make_clone(base, dest);
+        let made = self.make_clone(base, base_format, dest).map(|kind| {
+            let format = match kind {
+                CloneKind::Reflink if base_format == "qcow2" => "qcow2",
+                k => k.qemu_format(),
+            };
+            (kind, format)
+        });
         if made.is_err() {
             // Nothing half-made stays behind (a disk that filled up mid-way, say).
             let _ = std::fs::remove_file(dest);
@@ -108,7 +133,7 @@ impl Cloner {
         made
     }
 
-    fn make_clone(&self, base: &Path, dest: &Path) -> Result<CloneKind> {
+    fn make_clone(&self, base: &Path, base_format: &str, dest: &Path) -> Result<CloneKind> {
         match self.kind {
             CloneKind::Reflink => {
                 reflink_copy::reflink(base, dest).map_err(|e| ImageError::CloneUnsupported {
@@ -119,7 +144,7 @@ impl Cloner {
             CloneKind::Qcow2Overlay => {
                 let base_abs = std::fs::canonicalize(base).io("resolve", base)?;
                 let out = Command::new(&self.qemu_img)
-                    .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                    .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
                     .arg(&base_abs)
                     .arg(dest)
                     .output()

@@ -82,6 +82,12 @@ pub struct ProviderArgs {
     /// Memory in MiB when neither the pod nor the image says.
     #[arg(long, env = "VZK_DEFAULT_MEMORY_MIB", default_value_t = 512)]
     pub default_memory_mib: u64,
+
+    /// Start pods by restoring a booted VM (a template per image and VM shape, made in
+    /// the background by the first pod of each) instead of booting them; see
+    /// `vzk_provider::templates`. Pods opt out with `vz-kubelet.io/snapshot-start: "false"`.
+    #[arg(long, env = "VZK_SNAPSHOT_START")]
+    pub snapshot_start: bool,
 }
 
 impl ProviderArgs {
@@ -103,6 +109,7 @@ impl ProviderArgs {
             docker_optional: false,
             default_cpus: 1,
             default_memory_mib: 512,
+            snapshot_start: false,
         }
     }
 }

@@ -143,6 +143,8 @@ mod tests {
             shared_dirs: true,
             max_running_vms: None,
             vms_outlive_agent: true,
+            snapshots: false,
+            version: String::new(),
         }
     }
 

@@ -30,6 +30,22 @@ pub trait ImageSource: Send + Sync + 'static {
     /// A writable copy-on-write clone of `image`'s disk at `dest` (the base is never
     /// written), and its format.
     fn clone_disk(&self, image: &LocalImage, dest: &Path) -> Result<DiskFormat, ImageSourceError>;
+    /// A writable copy-on-write clone at `dest` of `base`, a disk of `format` that is no
+    /// image's (a template's disk), and the clone's format.
+    fn clone_file(
+        &self,
+        base: &Path,
+        format: DiskFormat,
+        dest: &Path,
+    ) -> Result<DiskFormat, ImageSourceError>;
+}
+
+fn disk_format(name: &str) -> DiskFormat {
+    if name == "qcow2" {
+        DiskFormat::Qcow2
+    } else {
+        DiskFormat::Raw
+    }
 }
 
 /// The image crate's store: a digest-verified cache pulled from registries, disks cloned
@@ -70,10 +86,16 @@ impl ImageSource for StoreSource {
 
     fn clone_disk(&self, image: &LocalImage, dest: &Path) -> Result<DiskFormat, ImageSourceError> {
         let kind = self.cloner.clone_disk(&image.disk(), dest)?;
-        Ok(if kind.qemu_format() == "qcow2" {
-            DiskFormat::Qcow2
-        } else {
-            DiskFormat::Raw
-        })
+        Ok(disk_format(kind.qemu_format()))
+    }
+
+    fn clone_file(
+        &self,
+        base: &Path,
+        format: DiskFormat,
+        dest: &Path,
+    ) -> Result<DiskFormat, ImageSourceError> {
+        let (_, made) = self.cloner.clone_layer(base, &format.to_string(), dest)?;
+        Ok(disk_format(made))
     }
 }

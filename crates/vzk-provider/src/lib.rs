@@ -72,6 +72,7 @@ mod restart;
 pub mod sidecars;
 pub mod slots;
 pub mod status;
+pub mod templates;
 pub mod vm_limit;
 pub mod volumes;
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 use vzk_core::PodEvent;
 use vzk_image::{PullOptions, PullPolicy, Reference};
-use vzk_vm::{DiskSpec, MacAddr, NicSpec, VmSpec};
+use vzk_vm::{DiskSpec, MacAddr, NicSpec, SnapshotSpec, VmSpec};
 
 use crate::metrics::{StartClock, StartPhase};
 use crate::provider::Inner;
@@ -174,6 +174,16 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     // 3. A VM slot, then 4. the disk's clone. A clone that fails (the disk full, the
     // file system refusing) is retried with back-off, the slot given back meanwhile, as
     // the kubelet retries CreateContainerError.
+    // 2c. Start by restore, where the node does and a template is ready.
+    let mut restore = super::restore::choose(
+        &inner,
+        &e,
+        &image,
+        &image_name,
+        &boot.spec,
+        res.cpus,
+        res.memory_bytes,
+    );
     let mut clone_backoff = Duration::from_secs(10);
     let (disk_path, format) = loop {
         let slot = match inner.slots.try_acquire() {
@@ -194,6 +204,32 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         *lock(&e.slot) = Some(slot);
         inner.waiting(&e, "ContainerCreating", "");
         let dest = e.dir.join("disk");
+        if let Some(t) = &restore {
+            // The clone's base is a hard link of the template's disk kept in the pod's
+            // dir: a template removed (broken, rebuilt) while the pod runs leaves the
+            // pod's disk whole.
+            let base = e.dir.join("template-disk");
+            let _ = std::fs::remove_file(&base);
+            let base = match std::fs::hard_link(t.disk(), &base) {
+                Ok(()) => base,
+                Err(err) => {
+                    warn!(pod = %e.key, error = %err, "linking the template's disk; using it in place");
+                    t.disk()
+                }
+            };
+            match inner.images.clone_file(&base, t.meta.disk_format, &dest) {
+                Ok(format) => break (dest, format),
+                Err(err) => {
+                    super::restore::restore_failed(
+                        &inner,
+                        &e,
+                        t,
+                        &format!("cloning its disk: {}", error_chain(err.as_ref())),
+                    );
+                    restore = None;
+                }
+            }
+        }
         match inner.images.clone_disk(&image, &dest) {
             Ok(format) => break (dest, format),
             Err(err) => {
@@ -249,7 +285,11 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             return;
         }
     }
-    let spec = VmSpec {
+    // A restore needs the template's devices: its disk and a seed in their places.
+    if restore.is_some() && disks.len() != 2 {
+        restore = None;
+    }
+    let mut spec = VmSpec {
         id: vm_id(&e.key.uid),
         cpus: res.cpus,
         memory_bytes: res.memory_bytes,
@@ -261,16 +301,20 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         }],
         shared_dirs,
         console_log: Some(e.console_log()),
+        snapshot: restore
+            .as_ref()
+            .map(|t| SnapshotSpec::Restore { state: t.state() }),
     };
 
     // 5. Create and start, under the create lock so deletion sees the VM.
     let guard = e.create_lock.clone().lock_owned().await;
     let hv = inner.hv.clone();
     let entry = e.clone();
-    let created = detached(async move {
+    let first = spec.clone();
+    let mut created = detached(async move {
         let _guard = guard;
         let vm = hv
-            .create(spec)
+            .create(first)
             .await
             .map_err(|err| ("CreateContainerError", error_chain(&err)))?;
         *lock(&entry.vm) = Some(vm.clone());
@@ -283,6 +327,24 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         Ok::<_, (&'static str, String)>(vm)
     })
     .await;
+    // A restore that failed boots cold: the image's disk cloned again, the VM made anew.
+    if let (Some(t), Err((reason, msg))) = (&restore, &created)
+        && *reason != "VMLimitReached"
+    {
+        super::restore::restore_failed(&inner, &e, t, msg);
+        spec.snapshot = None;
+        let dest = spec.disks[0].path.clone();
+        created = match inner.images.clone_disk(&image, &dest) {
+            Ok(format) => {
+                spec.disks[0].format = format;
+                super::supervise::reboot(&inner, &e, spec).await
+            }
+            Err(err) => Err((
+                "CreateContainerError",
+                format!("cloning the VM disk: {}", error_chain(err.as_ref())),
+            )),
+        };
+    }
     let vm = match created {
         Ok(vm) => {
             lock(&inner.vm_limit).started();
@@ -323,10 +385,18 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             ),
         ),
     );
-    inner.event(
-        &e,
-        PodEvent::normal("Started", format!("Started VM {}", vm.id())),
-    );
+    let started = match &vm.spec().snapshot {
+        Some(SnapshotSpec::Restore { .. }) => format!(
+            "Started VM {} by restoring template {}",
+            vm.id(),
+            restore
+                .as_ref()
+                .map(|t| t.meta.key.id())
+                .unwrap_or_default()
+        ),
+        _ => format!("Started VM {}", vm.id()),
+    };
+    inner.event(&e, PodEvent::normal("Started", started));
     // The VM runs: the guest side observes the rest of this start.
     stop_on_early_return.0 = None;
     watch_vm(inner, e, vm, c0.lifecycle.and_then(|l| l.post_start)).await;

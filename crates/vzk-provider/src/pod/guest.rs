@@ -66,6 +66,12 @@ pub(super) async fn guest(
     if let Some(c) = &clock {
         c.phase(StartPhase::Ip);
     }
+    // A restored guest is the template's until it is made the pod's own.
+    if let Some(vzk_vm::SnapshotSpec::Restore { state }) = &vm.spec().snapshot
+        && let Err(msg) = super::restore::reidentify(e, vm, ip, state, left()).await
+    {
+        return not_ready(format!("Re-identifying the restored VM failed: {msg}"));
+    }
     let session = GuestSession::new(
         std::net::SocketAddr::from((ip, 22)),
         e.creds.clone(),

@@ -282,6 +282,7 @@ pub(crate) async fn run_adopted(inner: Arc<Inner>, e: Arc<PodEntry>, vm: Arc<dyn
 
 mod create;
 mod guest;
+mod restore;
 mod stop;
 mod supervise;
 

@@ -71,7 +71,10 @@ pub(super) async fn watch_vm(
         None => ContainerProbes::default(),
     };
     let restarts = Restarts::new(e.pod.spec.as_ref().and_then(|s| s.restart_policy.clone()));
-    let spec = vm.spec().clone();
+    // A restart boots the pod's disk cold (a reboot): restoring the template's memory
+    // over a disk the pod has written would corrupt it.
+    let mut spec = vm.spec().clone();
+    spec.snapshot = None;
     let mut c = VmContainer {
         inner,
         e,

@@ -16,7 +16,7 @@ use crate::pod::error_chain;
 
 impl Inner {
     /// SSH credentials for a pod: container 0's `VZ_SSH_*` env, then the flags.
-    pub(super) fn credentials(&self, pod: &Pod) -> Result<Credentials, ProviderError> {
+    pub(crate) fn credentials(&self, pod: &Pod) -> Result<Credentials, ProviderError> {
         let env: BTreeMap<String, String> = pod
             .spec
             .as_ref()

@@ -87,6 +87,8 @@ impl TestHv {
                 shared_dirs: true,
                 max_running_vms: None,
                 vms_outlive_agent: true,
+                snapshots: false,
+                version: String::new(),
             },
             log: Arc::new(CallLog::default()),
             vms: Mutex::new(Vec::new()),
@@ -288,6 +290,16 @@ impl ImageSource for TestImages {
     fn clone_disk(&self, image: &LocalImage, dest: &Path) -> Result<DiskFormat, ImageSourceError> {
         std::fs::copy(image.disk(), dest)?;
         Ok(DiskFormat::Raw)
+    }
+
+    fn clone_file(
+        &self,
+        base: &Path,
+        format: DiskFormat,
+        dest: &Path,
+    ) -> Result<DiskFormat, ImageSourceError> {
+        std::fs::copy(base, dest)?;
+        Ok(format)
     }
 }
 

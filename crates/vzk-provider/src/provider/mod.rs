@@ -75,6 +75,8 @@ pub(crate) struct Inner {
     pub(crate) sidecars: crate::sidecars::Sidecars,
     /// Pulls, start phases, boots ([`crate::metrics`]).
     pub(crate) metrics: crate::metrics::ProviderMetrics,
+    /// Templates for start by restore ([`crate::templates`]).
+    pub(crate) templates: Arc<crate::templates::Templates>,
 }
 
 /// Written into a pod's dir when its deletion begins: a pod dir holding it is never
@@ -212,6 +214,7 @@ impl VmProvider {
             vm_limit: Mutex::new(crate::vm_limit::VmLimit::default()),
             sidecars,
             metrics: crate::metrics::ProviderMetrics::default(),
+            templates: Arc::default(),
         });
         let h = hv.clone();
         let adopted = detached(async move { h.adopt_existing().await })

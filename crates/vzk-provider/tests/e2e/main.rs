@@ -8,6 +8,7 @@
 mod init;
 mod probes;
 mod sidecars;
+mod snapshot;
 mod support;
 mod volumes;
 

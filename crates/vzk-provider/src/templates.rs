@@ -1,0 +1,732 @@
+//! Start by restore (issue 18): a booted, SSH-ready VM saved once per image and VM shape
+//! (a *template*), and each later pod of that image and shape restored from it instead of
+//! booted.
+//!
+//! * **Where:** `<image dir>/templates/<id>/` in the image cache: `state` (the saved
+//!   machine), `disk` (the template's disk clone, frozen at the save: each restored pod
+//!   gets a copy-on-write clone of it), `console.log` (the template's boot), `ssh_ed25519`
+//!   (the template's login key, the node's only), `ssh_host_key` (the host key its guest
+//!   showed) and `template.json` (what it was made from, the state's size and SHA-256),
+//!   written last. A template lives and dies with its image: pinned while a pod uses the
+//!   image, removed with it.
+//! * **When it is valid:** `template.json` must name the same image digest, backend and
+//!   version, accelerator, CPUs, memory, boot and layout ([`TemplateKey`]); the state file
+//!   must have its recorded size and digest (checked once per agent process). Anything
+//!   else is a broken template: the pod boots cold with a `RestoreFailed` event and the
+//!   template is removed (then rebuilt).
+//! * **What makes a restored VM its own:** its NIC is plugged in after the state is
+//!   loaded, with a new MAC (so a new DHCP lease); QEMU gives it a new VM generation ID
+//!   (the guest kernel reseeds its RNG); then, over SSH with the template's key and its
+//!   pinned host key, [`reidentify_script`] sets the clock, the host name, a new machine
+//!   id, mixes fresh host randomness into the RNG, swaps the template's login key for the
+//!   pod's and makes new SSH host keys. The pod's seed disk (its own host name and key)
+//!   takes the template's place, so a reboot of the pod comes up as the pod.
+//! * **Who is restored:** pods of a node started with `--snapshot-start`, whose backend can
+//!   ([`vzk_vm::Capabilities::snapshots`]), that boot a Linux kernel, and that give no
+//!   cloud-init user-data of their own (it would not run: the template's cloud-init has
+//!   run). The annotation `vz-kubelet.io/snapshot-start: "false"` boots a pod cold.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use vzk_guest::{GuestConfig, GuestSession, HostKeyStore, PodIdentity};
+use vzk_image::LocalImage;
+use vzk_vm::cloud_init::NoCloudSeed;
+use vzk_vm::{
+    BootSpec, Capabilities, DiskFormat, DiskSpec, MacAddr, NicSpec, SnapshotSpec, Vm, VmSpec,
+};
+
+use crate::identity::{CLOUD_INIT_ANNOTATION, USER_DATA_ANNOTATION, USER_DATA_FROM_ANNOTATION};
+
+/// `"false"`: this pod boots cold even where the node starts pods by restore.
+pub const SNAPSHOT_ANNOTATION: &str = "vz-kubelet.io/snapshot-start";
+
+/// Bumped when what a template holds or how it is laid out changes: older templates are
+/// then rebuilt, never restored.
+const LAYOUT: u32 = 1;
+
+const META: &str = "template.json";
+const STATE: &str = "state";
+const DISK: &str = "disk";
+const SEED: &str = "cidata.img";
+const KEY: &str = "ssh_ed25519";
+const HOST_KEY: &str = "ssh_host_key";
+const CONSOLE: &str = "console.log";
+
+/// What a template was made from: a template is restored only where all of it matches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateKey {
+    /// The image's manifest digest.
+    pub image_digest: String,
+    /// `qemu` / `vz`.
+    pub backend: String,
+    /// The backend's version (a saved state is only loaded by the version that wrote it).
+    pub backend_version: String,
+    /// `kvm`, `tcg`, `vz`.
+    pub accelerator: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest memory.
+    pub memory_bytes: u64,
+    /// How the guest booted.
+    pub boot: BootSpec,
+    /// The user the agent logs in as (the template's key is that user's).
+    pub ssh_user: String,
+    /// [`LAYOUT`].
+    pub layout: u32,
+}
+
+impl TemplateKey {
+    /// The key of `image` booted with `boot` at `cpus`/`memory_bytes` on `caps`.
+    pub fn new(
+        image: &LocalImage,
+        caps: &Capabilities,
+        cpus: u32,
+        memory_bytes: u64,
+        boot: &BootSpec,
+        ssh_user: &str,
+    ) -> Self {
+        Self {
+            image_digest: image.digest.clone(),
+            backend: caps.backend.to_string(),
+            backend_version: caps.version.clone(),
+            accelerator: caps.accelerator.clone(),
+            cpus,
+            memory_bytes,
+            boot: boot.clone(),
+            ssh_user: ssh_user.to_owned(),
+            layout: LAYOUT,
+        }
+    }
+
+    /// The template's directory name: 16 hex digits of the key's SHA-256.
+    pub fn id(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(&Sha256::digest(&json)[..8])
+    }
+}
+
+/// `template.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateMeta {
+    /// What it was made from.
+    pub key: TemplateKey,
+    /// The size of `state`.
+    pub state_bytes: u64,
+    /// `sha256:<hex>` of `state`.
+    pub state_digest: String,
+    /// The format of `disk`.
+    pub disk_format: DiskFormat,
+    /// When it was saved (RFC 3339).
+    pub created: String,
+    /// How long its guest took from launch to SSH (what a restore saves), ms.
+    pub boot_ms: u64,
+}
+
+/// A valid template on disk.
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its `template.json`.
+    pub meta: TemplateMeta,
+}
+
+impl Template {
+    /// The saved machine state.
+    pub fn state(&self) -> PathBuf {
+        self.dir.join(STATE)
+    }
+    /// The disk a pod's clone is made from.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join(DISK)
+    }
+    /// The template guest's host key, pinned for the re-identification login.
+    pub fn host_key(&self) -> PathBuf {
+        self.dir.join(HOST_KEY)
+    }
+    /// The template's login key.
+    pub fn identity(&self) -> Result<PodIdentity, String> {
+        PodIdentity::load_or_create(&self.dir.join(KEY), "")
+            .map_err(|e| format!("the template's SSH key: {}", crate::pod::error_chain(&e)))
+    }
+    /// The template's boot console.
+    pub fn console(&self) -> PathBuf {
+        self.dir.join(CONSOLE)
+    }
+    /// The template a restored VM's state file belongs to.
+    pub fn dir_of_state(state: &Path) -> Option<&Path> {
+        state.parent()
+    }
+}
+
+/// The templates of this node: lookups (with the state digest checked once per process)
+/// and the builds under way.
+#[derive(Debug, Default)]
+pub struct Templates {
+    building: Mutex<HashSet<PathBuf>>,
+    verified: Mutex<HashSet<(PathBuf, u64, SystemTime)>>,
+}
+
+/// Where `image`'s template with `key` lives.
+pub fn dir_for(image: &LocalImage, key: &TemplateKey) -> PathBuf {
+    image.dir.join("templates").join(key.id())
+}
+
+/// Why a pod boots cold on a node that starts pods by restore (`None`: it may restore).
+pub fn ineligible(pod: &k8s_openapi::api::core::v1::Pod, boot: &BootSpec) -> Option<String> {
+    let annotations = pod.metadata.annotations.as_ref();
+    let get = |k: &str| annotations.and_then(|a| a.get(k));
+    if get(SNAPSHOT_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("false")) {
+        return Some(format!(
+            "the pod opts out ({SNAPSHOT_ANNOTATION}: \"false\")"
+        ));
+    }
+    if !matches!(boot, BootSpec::LinuxKernel { .. }) {
+        return Some("only guests booted from a Linux kernel are restored so far".into());
+    }
+    if get(CLOUD_INIT_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("false")) {
+        return Some(format!(
+            "the pod has no cloud-init seed ({CLOUD_INIT_ANNOTATION}: \"false\")"
+        ));
+    }
+    for a in [USER_DATA_ANNOTATION, USER_DATA_FROM_ANNOTATION] {
+        if get(a).is_some() {
+            return Some(format!(
+                "the pod gives cloud-init user-data ({a}), which runs only in a first boot"
+            ));
+        }
+    }
+    None
+}
+
+impl Templates {
+    /// The valid template at `dir` for `key`: `Ok(None)` when there is none, `Err` (with
+    /// why) when one is there but broken or made for something else.
+    pub fn lookup(&self, dir: &Path, key: &TemplateKey) -> Result<Option<Template>, String> {
+        let meta_path = dir.join(META);
+        let text = match std::fs::read(&meta_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("reading {}: {e}", meta_path.display())),
+        };
+        let meta: TemplateMeta = serde_json::from_slice(&text)
+            .map_err(|e| format!("{} is not a template description: {e}", meta_path.display()))?;
+        if meta.key != *key {
+            return Err(format!(
+                "template {} was made for another image, backend or VM shape",
+                dir.display()
+            ));
+        }
+        let t = Template {
+            dir: dir.to_path_buf(),
+            meta,
+        };
+        let state = t.state();
+        let m = std::fs::metadata(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+        if m.len() != t.meta.state_bytes {
+            return Err(format!(
+                "{} has {} bytes, the template recorded {}",
+                state.display(),
+                m.len(),
+                t.meta.state_bytes
+            ));
+        }
+        let stamp = (
+            state.clone(),
+            m.len(),
+            m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        );
+        if !crate::pod::lock(&self.verified).contains(&stamp) {
+            let digest = file_digest(&state)?;
+            if digest != t.meta.state_digest {
+                return Err(format!(
+                    "{} has digest {digest}, the template recorded {}",
+                    state.display(),
+                    t.meta.state_digest
+                ));
+            }
+            crate::pod::lock(&self.verified).insert(stamp);
+        }
+        if !t.disk().is_file() {
+            return Err(format!("{} is missing", t.disk().display()));
+        }
+        Ok(Some(t))
+    }
+
+    /// Removes a broken template (a later pod rebuilds it).
+    pub fn discard(&self, dir: &Path) {
+        if let Err(e) = std::fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing a broken template");
+        }
+    }
+
+    /// Marks a build of `dir` as under way; `None` when one already is. The build ends
+    /// when the returned guard drops.
+    pub fn begin_build(self: &Arc<Self>, dir: &Path) -> Option<BuildGuard> {
+        let mut b = crate::pod::lock(&self.building);
+        if !b.insert(dir.to_path_buf()) {
+            return None;
+        }
+        Some(BuildGuard {
+            templates: self.clone(),
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+/// A template build under way (see [`Templates::begin_build`]).
+#[derive(Debug)]
+pub struct BuildGuard {
+    templates: Arc<Templates>,
+    dir: PathBuf,
+}
+
+impl Drop for BuildGuard {
+    fn drop(&mut self) {
+        crate::pod::lock(&self.templates.building).remove(&self.dir);
+    }
+}
+
+/// `sha256:<hex>` of a file.
+fn file_digest(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// What building a template needs from the provider.
+pub struct BuildInput<'a> {
+    /// The hypervisor.
+    pub hv: Arc<dyn vzk_vm::Hypervisor>,
+    /// The image.
+    pub image: &'a LocalImage,
+    /// The template's key.
+    pub key: TemplateKey,
+    /// Makes the template's disk: a copy-on-write clone of the image's disk at the path.
+    pub clone_disk: &'a (dyn Fn(&Path) -> Result<DiskFormat, String> + Sync),
+    /// The NIC's attachment.
+    pub network: vzk_vm::NetworkAttachment,
+    /// The node's SSH credentials (the template's key is tried first).
+    pub creds: vzk_guest::Credentials,
+    /// Launch → SSH budget.
+    pub ready_timeout: Duration,
+}
+
+/// Boots the image, waits for its SSH, saves the machine and keeps it as `dir_for(key)`.
+/// On failure nothing is left behind.
+pub async fn build(input: BuildInput<'_>) -> Result<Template, String> {
+    let final_dir = dir_for(input.image, &input.key);
+    let work = final_dir.with_extension(format!("partial-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let result = build_in(&input, &work).await;
+    match result {
+        Ok(meta) => {
+            let _ = std::fs::remove_dir_all(&final_dir);
+            std::fs::rename(&work, &final_dir).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&work);
+                format!("keeping the template at {}: {e}", final_dir.display())
+            })?;
+            Ok(Template {
+                dir: final_dir,
+                meta,
+            })
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
+}
+
+async fn build_in(input: &BuildInput<'_>, work: &Path) -> Result<TemplateMeta, String> {
+    let id = input.key.id();
+    let key = PodIdentity::load_or_create(&work.join(KEY), &format!("vz-kubelet template {id}"))
+        .map_err(|e| format!("the template's SSH key: {}", crate::pod::error_chain(&e)))?;
+    let disk = work.join(DISK);
+    let disk_format = (input.clone_disk)(&disk)?;
+    let seed = NoCloudSeed {
+        instance_id: format!("vzk-template-{id}"),
+        hostname: "vzk-template".into(),
+        user: input.creds.user().to_string(),
+        authorized_keys: vec![key.public_openssh().to_string()],
+        user_data: None,
+    };
+    let seed_path = work.join(SEED);
+    seed.write(&seed_path)
+        .map_err(|e| format!("writing the template's seed: {e}"))?;
+    let spec = VmSpec {
+        id: format!("tmpl-{id}"),
+        cpus: input.key.cpus,
+        memory_bytes: input.key.memory_bytes,
+        boot: input.key.boot.clone(),
+        disks: vec![
+            DiskSpec {
+                path: disk,
+                read_only: false,
+                format: disk_format,
+            },
+            DiskSpec {
+                path: seed_path,
+                read_only: true,
+                format: DiskFormat::Raw,
+            },
+        ],
+        nics: vec![NicSpec {
+            mac: MacAddr::random(),
+            attachment: input.network.clone(),
+        }],
+        shared_dirs: vec![],
+        console_log: Some(work.join(CONSOLE)),
+        snapshot: Some(SnapshotSpec::Template {
+            state: work.join(STATE),
+        }),
+    };
+    let vm = input
+        .hv
+        .create(spec)
+        .await
+        .map_err(|e| format!("creating the template VM: {}", crate::pod::error_chain(&e)))?;
+    let saved = boot_and_save(input, &vm, &key, work).await;
+    if saved.is_err() {
+        let _ = vm.force_stop().await;
+    }
+    if let Err(e) = vm.remove().await {
+        tracing::warn!(vm = vm.id(), error = %e, "removing the template VM");
+    }
+    let boot_ms = saved?;
+    let state = work.join(STATE);
+    let state_bytes = std::fs::metadata(&state)
+        .map_err(|e| format!("{}: {e}", state.display()))?
+        .len();
+    let meta = TemplateMeta {
+        key: input.key.clone(),
+        state_bytes,
+        state_digest: file_digest(&state)?,
+        disk_format,
+        created: chrono::Utc::now().to_rfc3339(),
+        boot_ms,
+    };
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| e.to_string())?;
+    std::fs::write(work.join(META), json).map_err(|e| format!("writing {META}: {e}"))?;
+    Ok(meta)
+}
+
+async fn boot_and_save(
+    input: &BuildInput<'_>,
+    vm: &Arc<dyn Vm>,
+    key: &PodIdentity,
+    work: &Path,
+) -> Result<u64, String> {
+    let t0 = tokio::time::Instant::now();
+    vm.start()
+        .await
+        .map_err(|e| format!("starting the template VM: {}", crate::pod::error_chain(&e)))?;
+    let ip = vzk_vm::wait_for_ip(vm.as_ref(), input.ready_timeout)
+        .await
+        .map_err(|e| format!("the template VM's address: {}", crate::pod::error_chain(&e)))?;
+    let session = GuestSession::new(
+        std::net::SocketAddr::from((ip, 22)),
+        input.creds.clone().with_first_key(key.private_key()),
+        HostKeyStore::file(work.join(HOST_KEY)),
+        GuestConfig::from_env(),
+    );
+    let through = vm.clone();
+    session.connect_with(Arc::new(move |addr| {
+        let vm = through.clone();
+        Box::pin(async move { vm.connect(addr).await })
+    }));
+    let left = input.ready_timeout.saturating_sub(t0.elapsed());
+    session
+        .wait_ready(left)
+        .await
+        .map_err(|e| format!("the template VM's SSH: {}", vzk_guest::ErrorChain(&e)))?;
+    let boot_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+    // What the guest has written reaches the disk before the disk is frozen.
+    let argv = vec!["sync".to_owned()];
+    let out = session
+        .output(&argv)
+        .await
+        .map_err(|e| format!("sync in the template VM: {}", vzk_guest::ErrorChain(&e)))?;
+    if !out.status.success() {
+        return Err(format!(
+            "sync in the template VM exited {}",
+            out.status.code
+        ));
+    }
+    session.close();
+    vm.save_state()
+        .await
+        .map_err(|e| crate::pod::error_chain(&e))?;
+    Ok(boot_ms)
+}
+
+/// What makes a restored guest the pod's own: the shell script run (as the SSH user,
+/// privileged steps through `sudo -n` when that is not root) right after the restore.
+pub fn reidentify_script(
+    hostname: &str,
+    pod_key: &str,
+    template_key: &str,
+    now: SystemTime,
+) -> String {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let q = |s: &str| vzk_guest::quote::quote_word(s);
+    // The template key's base64 body identifies its authorized_keys line.
+    let template_body = template_key
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or(template_key);
+    let machine_id = hex::encode(rand::random::<[u8; 16]>());
+    let seed = hex::encode(rand::random::<[u8; 64]>());
+    format!(
+        r#"S=; [ "$(id -u)" = 0 ] || S="sudo -n"
+t0=$(cut -d' ' -f1 /proc/uptime)
+$S date -s @{secs}.{nanos:09} >/dev/null 2>&1 || $S date -s @{rounded} >/dev/null
+$S hostname {host}
+echo {host} | $S tee /etc/hostname >/dev/null
+[ -f /etc/hosts ] && $S sed -i 's/\bvzk-template\b/'{host}'/g' /etc/hosts
+printf %s {seed} | $S tee /dev/urandom >/dev/null
+[ -f /etc/machine-id ] && echo {machine_id} | $S tee /etc/machine-id >/dev/null
+mkdir -p ~/.ssh && chmod 700 ~/.ssh
+{{ grep -vF {template_body} ~/.ssh/authorized_keys 2>/dev/null; echo {pod_key}; }} > ~/.ssh/authorized_keys.vzk
+chmod 600 ~/.ssh/authorized_keys.vzk && mv ~/.ssh/authorized_keys.vzk ~/.ssh/authorized_keys
+if [ -d /etc/dropbear ]; then $S rm -f /etc/dropbear/dropbear_*_host_key; fi
+if [ -f /etc/ssh/sshd_config ] && command -v ssh-keygen >/dev/null; then
+  for t in ed25519 ecdsa; do
+    if [ -f /etc/ssh/ssh_host_${{t}}_key ]; then
+      $S rm -f /etc/ssh/ssh_host_${{t}}_key /etc/ssh/ssh_host_${{t}}_key.pub
+      $S ssh-keygen -q -t $t -N '' -f /etc/ssh/ssh_host_${{t}}_key
+    fi
+  done
+  if [ -f /etc/ssh/ssh_host_rsa_key ]; then
+    $S rm -f /etc/ssh/ssh_host_rsa_key /etc/ssh/ssh_host_rsa_key.pub
+    ( $S ssh-keygen -q -t rsa -N '' -f /etc/ssh/ssh_host_rsa_key && $S kill -HUP $(cat /run/sshd.pid 2>/dev/null) ) >/dev/null 2>&1 </dev/null &
+  fi
+  $S systemctl reload ssh 2>/dev/null || $S kill -HUP $(cat /run/sshd.pid 2>/dev/null) 2>/dev/null || true
+fi
+echo "vz-kubelet: re-identified as {host} (uptime $t0 s)" | $S tee /dev/kmsg >/dev/null 2>&1 || true
+"#,
+        secs = since.as_secs(),
+        nanos = since.subsec_nanos(),
+        rounded = (since + Duration::from_millis(500)).as_secs(),
+        host = q(hostname),
+        seed = q(&seed),
+        machine_id = q(&machine_id),
+        template_body = q(template_body),
+        pod_key = q(pod_key),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(dir: &Path) -> LocalImage {
+        LocalImage {
+            digest: "sha256:abc".into(),
+            reference: "r/i:1".into(),
+            dir: dir.to_path_buf(),
+            format: vzk_image::Format::Vzk,
+            config: serde_json::from_str(r#"{"os":"linux","cpuCount":1,"memorySize":268435456}"#)
+                .unwrap_or_default(),
+        }
+    }
+
+    fn caps() -> Capabilities {
+        Capabilities {
+            backend: vzk_vm::BackendKind::Qemu,
+            accelerator: "tcg".into(),
+            hardware_accelerated: false,
+            cpus: (1, 4),
+            memory_bytes: (1, u64::MAX),
+            boot_kinds: vec![vzk_vm::BootKind::LinuxKernel],
+            disk_formats: vec![DiskFormat::Qcow2],
+            nat: true,
+            bridged: true,
+            shared_dirs: true,
+            max_running_vms: None,
+            vms_outlive_agent: true,
+            snapshots: true,
+            version: "QEMU emulator version 7.2.22".into(),
+        }
+    }
+
+    fn boot() -> BootSpec {
+        BootSpec::LinuxKernel {
+            kernel: "/img/kernel".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+        }
+    }
+
+    #[test]
+    fn the_key_changes_with_whatever_a_saved_state_depends_on() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let img = image(dir.path());
+        let k = TemplateKey::new(&img, &caps(), 1, 256 << 20, &boot(), "root");
+        assert_eq!(k.id().len(), 16);
+        assert_eq!(
+            k.id(),
+            TemplateKey::new(&img, &caps(), 1, 256 << 20, &boot(), "root").id()
+        );
+        let mut other_version = caps();
+        other_version.version = "QEMU emulator version 8.2.0".into();
+        let variants = [
+            TemplateKey::new(&img, &caps(), 2, 256 << 20, &boot(), "root"),
+            TemplateKey::new(&img, &caps(), 1, 512 << 20, &boot(), "root"),
+            TemplateKey::new(&img, &other_version, 1, 256 << 20, &boot(), "root"),
+            TemplateKey::new(&img, &caps(), 1, 256 << 20, &boot(), "admin"),
+            TemplateKey {
+                image_digest: "sha256:def".into(),
+                ..k.clone()
+            },
+        ];
+        for v in variants {
+            assert_ne!(v.id(), k.id(), "{v:?}");
+        }
+        assert!(dir_for(&img, &k).starts_with(dir.path().join("templates")));
+    }
+
+    fn write_template(dir: &Path, key: &TemplateKey, state: &[u8]) {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.join(STATE), state).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.join(DISK), b"disk").unwrap_or_else(|e| panic!("{e}"));
+        let meta = TemplateMeta {
+            key: key.clone(),
+            state_bytes: state.len() as u64,
+            state_digest: format!("sha256:{}", hex::encode(Sha256::digest(state))),
+            disk_format: DiskFormat::Qcow2,
+            created: "2026-12-07T00:00:00Z".into(),
+            boot_ms: 10_000,
+        };
+        std::fs::write(
+            dir.join(META),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn a_template_is_used_only_when_whole_and_made_for_this_key() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let img = image(tmp.path());
+        let key = TemplateKey::new(&img, &caps(), 1, 256 << 20, &boot(), "root");
+        let dir = dir_for(&img, &key);
+        let t = Templates::default();
+        assert!(matches!(t.lookup(&dir, &key), Ok(None)));
+        write_template(&dir, &key, b"machine state");
+        let found = t.lookup(&dir, &key);
+        assert!(
+            matches!(&found, Ok(Some(x)) if x.state() == dir.join(STATE)),
+            "{found:?}"
+        );
+
+        // Another shape: refused, saying so.
+        let other = TemplateKey::new(&img, &caps(), 2, 256 << 20, &boot(), "root");
+        let err = t.lookup(&dir, &other).err().unwrap_or_default();
+        assert!(err.contains("another image, backend or VM shape"), "{err}");
+
+        // Same size, other bytes: the digest catches it (a fresh process, nothing verified).
+        std::fs::write(dir.join(STATE), b"machine-state").unwrap_or_else(|e| panic!("{e}"));
+        let err = Templates::default()
+            .lookup(&dir, &key)
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("digest"), "{err}");
+        // Truncated: the size catches it.
+        std::fs::write(dir.join(STATE), b"machine").unwrap_or_else(|e| panic!("{e}"));
+        let err = t.lookup(&dir, &key).err().unwrap_or_default();
+        assert!(err.contains("bytes"), "{err}");
+        // Not JSON.
+        std::fs::write(dir.join(META), b"{").unwrap_or_else(|e| panic!("{e}"));
+        let err = t.lookup(&dir, &key).err().unwrap_or_default();
+        assert!(err.contains("not a template description"), "{err}");
+        t.discard(&dir);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn only_one_build_per_template_at_a_time() {
+        let t = Arc::new(Templates::default());
+        let g = t.begin_build(Path::new("/x"));
+        assert!(g.is_some());
+        assert!(t.begin_build(Path::new("/x")).is_none());
+        assert!(t.begin_build(Path::new("/y")).is_some());
+        drop(g);
+        assert!(t.begin_build(Path::new("/x")).is_some());
+    }
+
+    #[test]
+    fn who_is_restored() {
+        let pod = |ann: &[(&str, &str)]| k8s_openapi::api::core::v1::Pod {
+            metadata: kube::api::ObjectMeta {
+                annotations: Some(
+                    ann.iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(ineligible(&pod(&[]), &boot()), None);
+        for (a, want) in [
+            ((SNAPSHOT_ANNOTATION, "false"), "opts out"),
+            ((CLOUD_INIT_ANNOTATION, "false"), "no cloud-init seed"),
+            ((USER_DATA_ANNOTATION, "#cloud-config\n"), "user-data"),
+            ((USER_DATA_FROM_ANNOTATION, "cfg"), "user-data"),
+        ] {
+            let why = ineligible(&pod(&[a]), &boot()).unwrap_or_default();
+            assert!(why.contains(want), "{a:?}: {why}");
+        }
+        assert_eq!(
+            ineligible(&pod(&[(SNAPSHOT_ANNOTATION, "true")]), &boot()),
+            None
+        );
+        let efi = BootSpec::Efi {
+            variable_store: "/v".into(),
+        };
+        assert!(ineligible(&pod(&[]), &efi).is_some());
+    }
+
+    #[test]
+    fn the_reidentify_script_sets_clock_name_keys_and_quotes_what_it_is_given() {
+        let now = SystemTime::UNIX_EPOCH + Duration::new(1_765_000_000, 123_000_000);
+        let s = reidentify_script(
+            "pod-a",
+            "ssh-ed25519 AAAApod pod",
+            "ssh-ed25519 AAAAtemplate vz-kubelet template",
+            now,
+        );
+        assert!(s.contains("date -s @1765000000.123000000"), "{s}");
+        assert!(s.contains("date -s @1765000000 "), "{s}");
+        assert!(s.contains("hostname 'pod-a'"), "{s}");
+        assert!(s.contains("grep -vF 'AAAAtemplate'"), "{s}");
+        assert!(s.contains("echo 'ssh-ed25519 AAAApod pod'"), "{s}");
+        assert!(s.contains("rm -f /etc/dropbear/dropbear_*_host_key"), "{s}");
+        // A hostile host name stays one word.
+        let s = reidentify_script("a'; rm -rf /", "k", "t", now);
+        assert!(s.contains(r"hostname 'a'\''; rm -rf /'"), "{s}");
+    }
+}

@@ -1,0 +1,259 @@
+//! Start by restore end to end (issue 18): a node started with `--snapshot-start` boots
+//! the first pod of an image cold and makes a template of it in the background; two
+//! pods created at once are then restored from it, each with its own MAC, address, host
+//! name, clock and disk, with the pod's own volumes plugged in; a pod that opts out
+//! boots cold; a template whose saved state was tampered with is refused with an event,
+//! the pod boots cold, and the template is made again.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
+
+use super::support::*;
+use super::{BOOT, exec, is_ready, vm_pod};
+
+/// `(reason, message)` of the events regarding pod `name`.
+async fn events_of(
+    events: &Api<k8s_openapi::api::events::v1::Event>,
+    name: &str,
+) -> Vec<(String, String)> {
+    let list = events.list(&ListParams::default()).await.unwrap();
+    list.items
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|o| o.name.as_deref()) == Some(name))
+        .map(|e| {
+            (
+                e.reason.clone().unwrap_or_default(),
+                e.note.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+async fn wait_event(
+    events: &Api<k8s_openapi::api::events::v1::Event>,
+    name: &str,
+    reason: &str,
+    timeout: Duration,
+) -> String {
+    wait_for(timeout, &format!("event {reason} of {name}"), || async {
+        events_of(events, name)
+            .await
+            .into_iter()
+            .find(|(r, _)| r == reason)
+            .map(|(_, m)| m)
+    })
+    .await
+}
+
+async fn create_ready(pods: &Api<Pod>, pod: &Pod) -> Pod {
+    pods.create(&PostParams::default(), pod).await.unwrap();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    wait_for(BOOT, &format!("{name} Ready"), || async {
+        pods.get(&name).await.ok().filter(is_ready)
+    })
+    .await
+}
+
+fn pod_ip(p: &Pod) -> String {
+    p.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .unwrap_or_default()
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_start_by_restore_with_their_own_identity_and_fall_back_to_a_cold_boot() {
+    let env = TestNode::start("snap", |a| {
+        a.snapshot_start = true;
+        a.max_vms = 3;
+    })
+    .await;
+    let image = env.push_guest("snap-guest", "").await;
+    let TestNode {
+        ns,
+        pods,
+        events,
+        provider,
+        node,
+        data,
+        ..
+    } = env;
+
+    // 1. The first pod boots cold; its template is made meanwhile.
+    let first = create_ready(&pods, &vm_pod("first", &node, &image)).await;
+    let started = wait_event(&events, "first", "Started", Duration::from_secs(10)).await;
+    assert!(!started.contains("restoring"), "{started}");
+    let building = wait_event(
+        &events,
+        "first",
+        "BuildingTemplate",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(building.contains("1 vCPU, 256 MiB"), "{building}");
+    let ready = wait_for(BOOT, "the template", || async {
+        events_of(&events, "first")
+            .await
+            .into_iter()
+            .find(|(r, _)| r == "TemplateReady" || r == "TemplateFailed")
+    })
+    .await;
+    assert_eq!(ready.0, "TemplateReady", "{}", ready.1);
+    eprintln!("template: {}", ready.1);
+    let templates: Vec<_> = walk(&data.join("images"), "template.json");
+    assert_eq!(templates.len(), 1, "{templates:?}");
+    let tdir = templates[0].parent().unwrap().to_owned();
+    let disk_sum = sha256_of(&tdir.join("disk"));
+    delete_pod(&pods, "first", 0, Duration::from_secs(60)).await;
+
+    // 2. Two pods at once, both restored.
+    let t0 = std::time::Instant::now();
+    for name in ["a", "b"] {
+        pods.create(&PostParams::default(), &vm_pod(name, &node, &image))
+            .await
+            .unwrap();
+    }
+    let mut ready = Vec::new();
+    for name in ["a", "b"] {
+        ready.push(
+            wait_for(BOOT, &format!("{name} Ready"), || async {
+                pods.get(name).await.ok().filter(is_ready)
+            })
+            .await,
+        );
+    }
+    eprintln!("a and b Ready {:?} after their creation", t0.elapsed());
+    for name in ["a", "b"] {
+        let started = wait_event(&events, name, "Started", Duration::from_secs(10)).await;
+        assert!(
+            started.contains("by restoring template"),
+            "{name}: {started}"
+        );
+    }
+    assert_ne!(pod_ip(&ready[0]), pod_ip(&ready[1]));
+    assert_ne!(pod_ip(&ready[0]), pod_ip(&first));
+    let mut macs = Vec::new();
+    for name in ["a", "b"] {
+        let before = unix_now();
+        let (code, out) = exec(
+            &provider,
+            &ns,
+            name,
+            "hostname; cat /sys/class/net/eth0/address; date +%s",
+        )
+        .await;
+        let after = unix_now();
+        assert_eq!(code, 0, "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.first().copied(), Some(name), "{out}");
+        macs.push(lines[1].to_owned());
+        let guest: f64 = lines[2].trim().parse().unwrap();
+        // `date +%s` truncates: the guest's clock is right within a second.
+        assert!(
+            guest >= before.floor() - 1.0 && guest <= after + 1.0,
+            "{name}: guest clock {guest}, host {before}..{after}"
+        );
+        // The pod's volumes were plugged in after the restore and mounted.
+        let (code, out) = exec(
+            &provider,
+            &ns,
+            name,
+            "cat /var/run/secrets/kubernetes.io/serviceaccount/namespace",
+        )
+        .await;
+        assert_eq!((code, out.trim()), (0, ns.as_str()), "{name}");
+    }
+    assert_ne!(macs[0], macs[1]);
+    // The template's login key is gone from the guest; the pod's own is there.
+    let (code, out) = exec(&provider, &ns, "a", "cat /root/.ssh/authorized_keys").await;
+    assert_eq!(code, 0);
+    assert!(!out.contains("vz-kubelet template"), "{out}");
+    // Writes stay in each pod's own disk.
+    let (code, _) = exec(&provider, &ns, "a", "echo from-a > /root/only-a; sync").await;
+    assert_eq!(code, 0);
+    let (code, _) = exec(&provider, &ns, "b", "test -e /root/only-a").await;
+    assert_eq!(code, 1, "b sees a's file");
+    assert_eq!(
+        sha256_of(&tdir.join("disk")),
+        disk_sum,
+        "the template's disk changed"
+    );
+    for name in ["a", "b"] {
+        delete_pod(&pods, name, 0, Duration::from_secs(60)).await;
+    }
+
+    // 3. A pod that opts out boots cold; a tampered template is refused and rebuilt.
+    let state = tdir.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&state, &bytes).unwrap();
+    let mut cold = vm_pod("cold", &node, &image);
+    cold.metadata.annotations = Some(
+        [(
+            "vz-kubelet.io/snapshot-start".to_owned(),
+            "false".to_owned(),
+        )]
+        .into_iter()
+        .collect(),
+    );
+    create_ready(&pods, &cold).await;
+    let started = wait_event(&events, "cold", "Started", Duration::from_secs(10)).await;
+    assert!(!started.contains("restoring"), "{started}");
+    assert!(
+        !events_of(&events, "cold")
+            .await
+            .iter()
+            .any(|(r, _)| r == "RestoreFailed"),
+        "an opted-out pod never looks at a template"
+    );
+    create_ready(&pods, &vm_pod("c", &node, &image)).await;
+    let refused = wait_event(&events, "c", "RestoreFailed", Duration::from_secs(10)).await;
+    assert!(refused.contains("digest"), "{refused}");
+    let started = wait_event(&events, "c", "Started", Duration::from_secs(10)).await;
+    assert!(!started.contains("restoring"), "{started}");
+    wait_event(&events, "c", "BuildingTemplate", Duration::from_secs(10)).await;
+    wait_event(&events, "c", "TemplateReady", BOOT).await;
+    for name in ["cold", "c"] {
+        delete_pod(&pods, name, 0, Duration::from_secs(60)).await;
+    }
+    wait_all_released(&provider, Duration::from_secs(60)).await;
+}
+
+/// Files named `name` under `dir`, at any depth.
+fn walk(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p, name));
+        } else if p.file_name().is_some_and(|n| n == name) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn sha256_of(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
