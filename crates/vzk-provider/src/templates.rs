@@ -45,6 +45,13 @@ use crate::identity::{CLOUD_INIT_ANNOTATION, USER_DATA_ANNOTATION, USER_DATA_FRO
 /// `"false"`: this pod boots cold even where the node starts pods by restore.
 pub const SNAPSHOT_ANNOTATION: &str = "vz-kubelet.io/snapshot-start";
 
+/// The VM id of a template build is this and the template's id.
+pub const VM_ID_PREFIX: &str = "tmpl-";
+
+/// After a failed build, the same template is not tried again for this long (a guest that
+/// cannot be saved would otherwise cost a boot per pod).
+const RETRY_AFTER: Duration = Duration::from_secs(30 * 60);
+
 /// Bumped when what a template holds or how it is laid out changes: older templates are
 /// then rebuilt, never restored.
 const LAYOUT: u32 = 1;
@@ -171,6 +178,7 @@ impl Template {
 #[derive(Debug, Default)]
 pub struct Templates {
     building: Mutex<HashSet<PathBuf>>,
+    failed: Mutex<std::collections::HashMap<PathBuf, std::time::Instant>>,
     verified: Mutex<HashSet<(PathBuf, u64, SystemTime)>>,
 }
 
@@ -272,6 +280,12 @@ impl Templates {
     /// Marks a build of `dir` as under way; `None` when one already is. The build ends
     /// when the returned guard drops.
     pub fn begin_build(self: &Arc<Self>, dir: &Path) -> Option<BuildGuard> {
+        if crate::pod::lock(&self.failed)
+            .get(dir)
+            .is_some_and(|t| t.elapsed() < RETRY_AFTER)
+        {
+            return None;
+        }
         let mut b = crate::pod::lock(&self.building);
         if !b.insert(dir.to_path_buf()) {
             return None;
@@ -280,6 +294,14 @@ impl Templates {
             templates: self.clone(),
             dir: dir.to_path_buf(),
         })
+    }
+}
+
+impl BuildGuard {
+    /// The build failed: the same template is not built again for a while.
+    pub fn failed(&self) {
+        crate::pod::lock(&self.templates.failed)
+            .insert(self.dir.clone(), std::time::Instant::now());
     }
 }
 
@@ -336,6 +358,15 @@ pub struct BuildInput<'a> {
 /// On failure nothing is left behind.
 pub async fn build(input: BuildInput<'_>) -> Result<Template, String> {
     let final_dir = dir_for(input.image, &input.key);
+    // What an interrupted build (an agent that died) left.
+    if let (Some(parent), Some(name)) = (final_dir.parent(), final_dir.file_name()) {
+        let stale = format!("{}.partial-", name.to_string_lossy());
+        for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&stale) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let work = final_dir.with_extension(format!("partial-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let result = build_in(&input, &work).await;
@@ -375,7 +406,7 @@ async fn build_in(input: &BuildInput<'_>, work: &Path) -> Result<TemplateMeta, S
     seed.write(&seed_path)
         .map_err(|e| format!("writing the template's seed: {e}"))?;
     let spec = VmSpec {
-        id: format!("tmpl-{id}"),
+        id: format!("{VM_ID_PREFIX}{id}"),
         cpus: input.key.cpus,
         memory_bytes: input.key.memory_bytes,
         boot: input.key.boot.clone(),
@@ -674,7 +705,14 @@ mod tests {
         assert!(t.begin_build(Path::new("/x")).is_none());
         assert!(t.begin_build(Path::new("/y")).is_some());
         drop(g);
-        assert!(t.begin_build(Path::new("/x")).is_some());
+        let g = t.begin_build(Path::new("/x"));
+        assert!(g.is_some());
+        // A failed build is not retried at once.
+        if let Some(g) = g {
+            g.failed();
+        }
+        assert!(t.begin_build(Path::new("/x")).is_none());
+        assert!(t.begin_build(Path::new("/y")).is_some());
     }
 
     #[test]

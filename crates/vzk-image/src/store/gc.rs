@@ -114,17 +114,46 @@ impl ImageStore {
     }
 }
 
-/// (allocated bytes, apparent bytes) of a directory's files.
+/// (allocated bytes, apparent bytes) of a directory's files, those of its directories
+/// included (an image's start-by-restore templates count against the cache budget).
 pub(super) fn usage(dir: &Path) -> (u64, u64) {
     let mut a = 0;
     let mut s = 0;
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
-            if let Ok(m) = e.metadata() {
-                a += m.blocks() * 512;
-                s += m.len();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => {
+                    let (da, ds) = usage(&e.path());
+                    a += da;
+                    s += ds;
+                }
+                Ok(t) if t.is_file() => {
+                    if let Ok(m) = e.metadata() {
+                        a += m.blocks() * 512;
+                        s += m.len();
+                    }
+                }
+                _ => {}
             }
         }
     }
     (a, s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usage;
+
+    #[test]
+    fn usage_counts_the_files_of_subdirectories_too() {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.path().join("disk.img"), vec![1u8; 1000])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let t = d.path().join("templates").join("abc");
+        std::fs::create_dir_all(&t).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(t.join("state"), vec![2u8; 500]).unwrap_or_else(|e| panic!("{e}"));
+        let (allocated, apparent) = usage(d.path());
+        assert_eq!(apparent, 1500);
+        assert!(allocated >= 1500, "{allocated}");
+    }
 }

@@ -120,7 +120,6 @@ fn spawn_build(
     );
     let (inner, e, image) = (inner.clone(), e.clone(), image.clone());
     tokio::spawn(async move {
-        let _guard = guard;
         let _pin = pin;
         let images = inner.images.clone();
         let base = image.clone();
@@ -156,6 +155,7 @@ fn spawn_build(
                 );
             }
             Err(why) => {
+                guard.failed();
                 warn!(template = %id, error = %why, "template build failed");
                 inner.event(
                     &e,
@@ -186,6 +186,7 @@ pub(super) async fn reidentify(
         )
         .map_err(|err| err.to_string())?,
     };
+    info!(pod = %e.key, uid = %e.key.uid, template = %t.meta.key.id(), "re-identifying restored guest");
     let template_key = t.identity()?;
     let pod_key = PodIdentity::load_or_create(&e.dir.join(crate::identity::KEY_FILE), "")
         .map_err(|err| format!("the pod's SSH key: {}", error_chain(&err)))?;
@@ -229,5 +230,6 @@ pub(super) async fn reidentify(
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
+    info!(pod = %e.key, uid = %e.key.uid, "restored guest re-identified");
     Ok(())
 }

@@ -495,6 +495,18 @@ impl Inner {
     /// Re-adopts a VM a previous agent left.
     async fn adopt(self: &Arc<Self>, vm: Arc<dyn Vm>) {
         let id = vm.id().to_owned();
+        if id.starts_with(crate::templates::VM_ID_PREFIX) {
+            // A template build the previous agent did not finish: its files are gone with
+            // it (a later pod starts the build again).
+            warn!(vm.id = %id, "removing the VM of an unfinished template build");
+            let v = vm.clone();
+            let _ = detached(async move {
+                let _ = v.force_stop().await;
+                v.remove().await
+            })
+            .await;
+            return;
+        }
         let Some(uid) = uid_of(&id).map(str::to_owned) else {
             return;
         };
