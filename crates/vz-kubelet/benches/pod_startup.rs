@@ -17,6 +17,12 @@
 //! real Debian guest (systemd, OpenSSH, cloud-init; `scripts/build-debian-guest.sh`, 1 GiB)
 //! instead of the busybox test guest, its boot split at systemd's start and OpenSSH's;
 //! `debian-efi` boots the same guest through OVMF and GRUB.
+//!
+//! `VZK_BENCH_START=restore` compares the two ways to start a pod in one run: the agent runs
+//! with `--snapshot-start`, the warm-up pod's template is made, then `VZK_BENCH_RUNS` pods
+//! boot cold (annotated `vz-kubelet.io/snapshot-start: "false"`) and as many are restored,
+//! each split into clone, launch (QEMU + state load + plugging), address, re-identification
+//! and SSH → Ready.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -106,9 +112,15 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn pod(name: &str, node: &str, image: &str, memory: &str) -> Pod {
+    // `cold-*` pods opt out of start by restore (VZK_BENCH_START=restore).
+    let annotations = if name.starts_with("cold-") {
+        serde_json::json!({ "vz-kubelet.io/snapshot-start": "false" })
+    } else {
+        serde_json::json!({})
+    };
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": { "name": name },
+        "metadata": { "name": name, "annotations": annotations },
         "spec": {
             "nodeName": node,
             "tolerations": [{ "operator": "Exists" }],
@@ -144,6 +156,10 @@ struct Phases {
     /// Agent log: first SSH dial to the guest, and the host key check (end of key exchange).
     dial: f64,
     handshake: f64,
+    /// A restore: re-identification began and ended (agent log); the Started event's text.
+    reid_from: f64,
+    reid_to: f64,
+    started_note: String,
 }
 
 /// Times of the agent's JSON log lines with `message` that contain `needle`, in order.
@@ -237,7 +253,10 @@ async fn start_pod(
             Some("Pulling") => ph.pulling = t,
             Some("Pulled") => ph.pulled = t,
             Some("Created") => ph.created = t,
-            Some("Started") if ph.started == 0.0 => ph.started = t,
+            Some("Started") if ph.started == 0.0 => {
+                ph.started = t;
+                ph.started_note = ev.note.clone().unwrap_or_default();
+            }
             _ => {}
         }
     }
@@ -254,6 +273,14 @@ async fn start_pod(
             .rfind(|t| *t >= ph.apply && *t <= ph.handshake)
             .unwrap_or(0.0);
     }
+    ph.reid_from = log_times(log, "re-identifying restored guest", &uid)
+        .into_iter()
+        .next()
+        .unwrap_or(0.0);
+    ph.reid_to = log_times(log, "restored guest re-identified", &uid)
+        .into_iter()
+        .next()
+        .unwrap_or(0.0);
     // A cache hit has no Pulling event (as with the kubelet): only "already present".
     if ph.pulling == 0.0 {
         ph.pulling = ph.pulled;
@@ -327,6 +354,7 @@ async fn main() {
     if !st.success() {
         die("image push failed");
     }
+    let restore_mode = std::env::var("VZK_BENCH_START").as_deref() == Ok("restore");
     let netns = Netns::new();
     let data = work.path().join("data");
     let log = work.path().join("agent.log");
@@ -364,6 +392,7 @@ async fn main() {
         .arg("--ssh-private-key-path")
         .arg(&g.openssh_key)
         .args(["--log-format", "json"])
+        .args(restore_mode.then_some("--snapshot-start"))
         .stdout(Stdio::null())
         .stderr(logf)
         .spawn()
@@ -385,10 +414,12 @@ async fn main() {
     }
 
     // Idle with no pod: settle, then RSS, CPU and API writes over 60 s.
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    // (Not in the restore comparison, which does not print it.)
+    let idle_secs = if restore_mode { 0 } else { 60 };
+    tokio::time::sleep(Duration::from_secs(idle_secs / 4)).await;
     let idle_from = k8s_openapi::jiff::Timestamp::now();
     let cpu0 = cpu_seconds(pid);
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
     let idle_cpu_pct = (cpu_seconds(pid) - cpu0) / 60.0 * 100.0;
     let idle_to = k8s_openapi::jiff::Timestamp::now();
     let mib = |key: &str| proc_field(pid, key).unwrap_or(0) as f64 / 1024.0;
@@ -433,7 +464,100 @@ async fn main() {
 
     // Warm the image cache, then measure.
     let _ = start_pod(&pods, &events, "warm", node, &image, &bg, &data, &log).await;
+    if restore_mode {
+        // The warm-up pod's template, made in the background.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let list = events
+                .list(&ListParams::default().fields("regarding.name=warm"))
+                .await
+                .unwrap_or_else(|e| die(format!("events: {e}")));
+            let reasons: Vec<String> = list.items.iter().filter_map(|e| e.reason.clone()).collect();
+            if reasons.iter().any(|r| r == "TemplateReady") {
+                break;
+            }
+            if reasons.iter().any(|r| r == "TemplateFailed") || Instant::now() > deadline {
+                die(format!("no template: events of warm {reasons:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     delete_and_wait(&pods, "warm").await;
+    if restore_mode {
+        let mut cold = Vec::new();
+        let mut restored = Vec::new();
+        for i in 0..runs {
+            for (name, rows) in [
+                (format!("cold-{i}"), &mut cold),
+                (format!("run-{i}"), &mut restored),
+            ] {
+                rows.push(start_pod(&pods, &events, &name, node, &image, &bg, &data, &log).await);
+                delete_and_wait(&pods, &name).await;
+            }
+        }
+        if let Some(p) = restored
+            .iter()
+            .find(|p| !p.started_note.contains("restoring"))
+        {
+            die(format!("a pod was not restored: {}", p.started_note));
+        }
+        if let Some(p) = cold.iter().find(|p| p.started_note.contains("restoring")) {
+            die(format!("an opted-out pod was restored: {}", p.started_note));
+        }
+        let med =
+            |rows: &[Phases], f: &dyn Fn(&Phases) -> f64| median(rows.iter().map(f).collect());
+        println!(
+            "\n## vz-kubelet pod start: cold boot vs restore (warm cache, accel={accel}, {}, median of {runs} each, same run)\n",
+            bg.name
+        );
+        println!("| phase | cold boot (s) | restore (s) |");
+        println!("|---|---|---|");
+        let row = |label: &str, f: &dyn Fn(&Phases) -> f64| {
+            println!(
+                "| {label} | {:.3} | {:.3} |",
+                med(&cold, f),
+                med(&restored, f)
+            );
+        };
+        row("API create → Pulled (admission, image cache)", &|p| {
+            p.pulled - p.apply
+        });
+        row("Pulled → Created (volumes, disk clone, seed)", &|p| {
+            p.created - p.pulled
+        });
+        row(
+            "Created → Started (QEMU launch; restore: + state load + NIC plug)",
+            &|p| p.started - p.created,
+        );
+        row(
+            "Started → pod IP in the API (boot or hot-plug, DHCP, discovery)",
+            &|p| p.ip - p.started,
+        );
+        println!(
+            "| pod IP → re-identified (restore: SSH as the template, clock, names, keys) | — | {:.3} |",
+            med(&restored, &|p| if p.reid_to > 0.0 {
+                p.reid_to - p.ip.min(p.reid_from)
+            } else {
+                0.0
+            })
+        );
+        row(
+            "pod IP → Ready in the API (cold: the rest of the boot, SSH)",
+            &|p| p.ready - p.ip,
+        );
+        let (c, r) = (
+            med(&cold, &|p| p.ready - p.apply),
+            med(&restored, &|p| p.ready - p.apply),
+        );
+        println!("| **total create → Ready** | {c:.3} | {r:.3} |");
+        println!(
+            "\nrestore / cold = {:.3} (goal ≤ 0.15); restore create → Ready {r:.3} s (goal ≤ 1.5 s)",
+            r / c
+        );
+        drop(agent);
+        drop(netns);
+        return;
+    }
     let mut rows = Vec::new();
     for i in 0..runs {
         let name = format!("run-{i}");
