@@ -522,11 +522,12 @@ async fn main() {
         row("API create → Pulled (admission, image cache)", &|p| {
             p.pulled - p.apply
         });
-        row("Pulled → Created (volumes, disk clone, seed)", &|p| {
-            p.created - p.pulled
-        });
         row(
-            "Created → Started (QEMU launch; restore: + state load + NIC plug)",
+            "Pulled → Created (volumes, disk clone, seed, QEMU launch; restore: + state load, NIC plug)",
+            &|p| p.created - p.pulled,
+        );
+        row(
+            "Created → Started (both events follow the launch)",
             &|p| p.started - p.created,
         );
         row(
