@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use russh::client::Msg;
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Pty, Sig};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 use vzk_core::streams::{AttachIo, ExitStatus, TermSize};
@@ -276,8 +276,12 @@ fn spawn_stdin(
             debug!(error = %e, "writing shell preamble failed");
             return;
         }
-        if let Some(mut stdin) = stdin {
-            match tokio::io::copy(&mut stdin, &mut w).await {
+        if let Some(stdin) = stdin {
+            // A large buffer: each write becomes SSH packets of the peer's maximum size
+            // (32 KiB for OpenSSH) instead of one per 8 KiB (`tokio::io::copy`'s buffer);
+            // every packet costs russh an allocation, a queued message and a MAC.
+            let mut stdin = BufReader::with_capacity(crate::session::COPY_BUFFER, stdin);
+            match tokio::io::copy_buf(&mut stdin, &mut w).await {
                 Ok(bytes) => debug!(bytes, "stdin ended"),
                 Err(e) => debug!(error = %e, "stdin copy stopped"),
             }

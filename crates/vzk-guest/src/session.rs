@@ -369,9 +369,14 @@ impl GuestSession {
             })
             .await?;
         let mut remote = channel.into_stream();
-        let copied = tokio::io::copy_bidirectional(&mut stream, &mut remote)
-            .await
-            .map_err(|source| GuestError::Forward { port, source })?;
+        let copied = tokio::io::copy_bidirectional_with_sizes(
+            &mut stream,
+            &mut remote,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        )
+        .await
+        .map_err(|source| GuestError::Forward { port, source })?;
         debug!(guest.addr = %self.inner.addr, port, to_guest = copied.0, from_guest = copied.1, "port forward done");
         Ok(copied)
     }
@@ -580,6 +585,9 @@ impl GuestSession {
 }
 
 const CAPTURE_LIMIT: usize = 16 << 20;
+/// Buffer of the copies into SSH channels (exec stdin, port-forward): large enough that
+/// every write fills a whole SSH packet (the peer's maximum, 32 KiB for OpenSSH).
+pub(crate) const COPY_BUFFER: usize = 64 * 1024;
 /// Attempts of an idempotent command whose session the server drops unstarted.
 const UNSTARTED_ATTEMPTS: u64 = 3;
 const READY_POLL: Duration = Duration::from_millis(250);

@@ -7,6 +7,7 @@ pub mod fuzz;
 mod host;
 pub mod metrics;
 mod query;
+mod readahead;
 mod routes;
 pub mod server;
 pub mod spdy;

@@ -336,6 +336,7 @@ async fn serve_conn(
     (handshakes, reloader): (Arc<tls::HandshakeLog>, Arc<CertReloader>),
 ) {
     let _ = tcp.set_nodelay(true);
+    let tcp = crate::readahead::ReadAhead::new(tcp);
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(error)) => {

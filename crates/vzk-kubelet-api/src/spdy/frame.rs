@@ -343,9 +343,23 @@ impl Decoder for FrameDecoder {
     }
 }
 
+/// Writes the 8-byte header of a DATA frame of `len` bytes (at most [`MAX_PAYLOAD`]).
+pub fn put_data_header<B: BufMut>(dst: &mut B, stream_id: u32, fin: bool, len: usize) {
+    dst.put_u32(stream_id & 0x7fff_ffff);
+    dst.put_u32((u32::from(u8::from(fin)) << 24) | (len & MAX_PAYLOAD) as u32);
+}
+
+/// Sets the length of the DATA frame whose 8-byte header starts `header` (at most
+/// [`MAX_PAYLOAD`]; the flags are kept).
+pub(crate) fn set_data_len(header: &mut [u8], len: usize) {
+    if let Some(l) = header.get_mut(5..8) {
+        l.copy_from_slice(&((len & MAX_PAYLOAD) as u32).to_be_bytes()[1..]);
+    }
+}
+
 impl FrameEncoder {
-    fn put_control(
-        dst: &mut BytesMut,
+    fn put_control<B: BufMut>(
+        dst: &mut B,
         frame_type: u16,
         flags: u8,
         payload: &[u8],
@@ -353,7 +367,6 @@ impl FrameEncoder {
         if payload.len() > MAX_PAYLOAD {
             return Err(FrameError::TooLarge(payload.len()));
         }
-        dst.reserve(8 + payload.len());
         dst.put_u16(0x8000 | VERSION);
         dst.put_u16(frame_type);
         dst.put_u32((u32::from(flags) << 24) | payload.len() as u32);
@@ -361,13 +374,13 @@ impl FrameEncoder {
         Ok(())
     }
 
-    fn put_headers(
+    fn put_headers<B: BufMut>(
         &mut self,
         frame_type: u16,
         flags: u8,
         prefix: &[u8],
         headers: &Headers,
-        dst: &mut BytesMut,
+        dst: &mut B,
     ) -> Result<(), FrameError> {
         let mut payload = prefix.to_vec();
         self.deflate
@@ -381,6 +394,17 @@ impl Encoder<Frame> for FrameEncoder {
     type Error = FrameError;
 
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        if let Frame::Data { data, .. } = &frame {
+            dst.reserve(8 + data.len());
+        }
+        self.encode_into(frame, dst)
+    }
+}
+
+impl FrameEncoder {
+    /// Appends `frame` to `dst` (any buffer: the session encodes into a `Vec<u8>` it
+    /// reuses).
+    pub fn encode_into<B: BufMut>(&mut self, frame: Frame, dst: &mut B) -> Result<(), FrameError> {
         match frame {
             Frame::Data {
                 stream_id,
@@ -390,9 +414,7 @@ impl Encoder<Frame> for FrameEncoder {
                 if data.len() > MAX_PAYLOAD {
                     return Err(FrameError::TooLarge(data.len()));
                 }
-                dst.reserve(8 + data.len());
-                dst.put_u32(stream_id & 0x7fff_ffff);
-                dst.put_u32((u32::from(u8::from(fin)) << 24) | data.len() as u32);
+                put_data_header(dst, stream_id, fin, data.len());
                 dst.put_slice(&data);
                 Ok(())
             }

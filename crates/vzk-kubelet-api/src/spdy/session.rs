@@ -17,6 +17,11 @@
 //!   WINDOW_UPDATEs, RST_STREAMs, GOAWAY): each takes [`CONTROL_CREDIT`] of the same
 //!   outbound credit, so a peer that sends without reading stalls its own reads instead
 //!   of growing the queue.
+//! * Outbound frames are encoded straight into one session buffer (a stream's write is
+//!   copied once, into it) that the writer task swaps for its spare and writes in one
+//!   go: no allocation per frame, one TLS write per batch. While the writer is busy,
+//!   consecutive writes of one stream grow the DATA frame still waiting in the buffer
+//!   (up to [`SessionConfig::max_data_frame`]) instead of adding frames.
 //! * PINGs from the peer are echoed; GOAWAY stops new streams; EOF or a framing error
 //!   ends the session: reads see EOF, writes fail with `BrokenPipe`.
 //! * Dropping a [`SpdyStream`] half-closes it (empty DATA + FIN) unless it was reset;
@@ -31,15 +36,17 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinHandle;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::PollSemaphore;
 use tracing::{debug, trace, warn};
 
-use super::frame::{FLAG_FIN, Frame, FrameDecoder, FrameEncoder, rst};
+use super::frame::{
+    FLAG_FIN, Frame, FrameDecoder, FrameEncoder, MAX_PAYLOAD, put_data_header, rst, set_data_len,
+};
 use super::headers::{HeaderError, Headers};
 
 /// Limits of a session.
@@ -49,7 +56,7 @@ pub struct SessionConfig {
     pub inbound_frames_per_stream: usize,
     /// Outbound bytes queued for the writer task before stream writes wait.
     pub outbound_queue_bytes: usize,
-    /// Largest DATA frame we send.
+    /// Largest DATA frame we send (at most 2^24 − 1; Go's spdystream takes any).
     pub max_data_frame: usize,
     /// Streams announced but not yet taken by [`Session::next_stream`].
     pub pending_streams: usize,
@@ -60,7 +67,7 @@ impl Default for SessionConfig {
         Self {
             inbound_frames_per_stream: 16,
             outbound_queue_bytes: 1 << 20,
-            max_data_frame: 32 * 1024,
+            max_data_frame: 256 * 1024,
             pending_streams: 64,
         }
     }
@@ -78,9 +85,30 @@ pub enum SessionError {
 /// wire, rounded up; the queue entry itself is a few dozen bytes).
 pub const CONTROL_CREDIT: usize = 32;
 
-enum Outgoing {
-    Frame { frame: Frame, credit: usize },
-    Close,
+/// Bytes of the transport read at a time (at least; a large frame reads more).
+const READ_BUFFER: usize = 64 * 1024;
+/// Capacity the writer's two buffers keep once the session has been idle for
+/// [`IDLE_RELEASE`] (a burst grows them to the largest batch it wrote).
+const IDLE_KEEP: usize = 64 * 1024;
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Received bytes acknowledged by WINDOW_UPDATE once this many accumulate (per stream and
+/// for the session): half of SPDY/3.1's default 64 KiB window, so a strict peer never
+/// waits on us.
+const WINDOW_UPDATE_EVERY: u32 = 32 * 1024;
+
+/// What the writer task has yet to write: encoded frames, in order.
+struct Outbound {
+    buf: Vec<u8>,
+    encoder: FrameEncoder,
+    /// Outbound credit held by the bytes in `buf` (returned once they are written).
+    credit: usize,
+    /// The last frame in `buf` is a DATA frame of this stream starting at this offset,
+    /// and may grow.
+    open_data: Option<(u32, usize)>,
+    /// The writer is to stop once `buf` is written.
+    close: bool,
+    /// The writer is gone: nothing queued will be written.
+    dead: bool,
 }
 
 #[derive(Debug, Default)]
@@ -91,15 +119,75 @@ struct StreamState {
 }
 
 struct Shared {
-    out: mpsc::UnboundedSender<Outgoing>,
+    out: Mutex<Outbound>,
+    wake_writer: Notify,
     credit: Arc<Semaphore>,
     streams: Mutex<HashMap<u32, Arc<StreamState>>>,
     max_data_frame: usize,
 }
 
 impl Shared {
+    /// Runs `f` on the outbound buffer unless the writer is gone, then wakes the writer.
+    fn with_out<R>(&self, f: impl FnOnce(&mut Outbound) -> R) -> Option<R> {
+        let r = {
+            let mut out = self.out.lock().ok()?;
+            if out.dead {
+                return None;
+            }
+            f(&mut out)
+        };
+        self.wake_writer.notify_one();
+        Some(r)
+    }
+
+    /// Queues `frame` holding `credit`; `false` when the session's writer is gone.
+    fn queue(&self, frame: Frame, credit: usize) -> bool {
+        self.with_out(|out| {
+            out.open_data = None;
+            out.credit += credit;
+            let Outbound { buf, encoder, .. } = out;
+            if let Err(error) = encoder.encode_into(frame, buf) {
+                warn!(%error, "spdy: cannot encode a frame");
+            }
+        })
+        .is_some()
+    }
+
     fn send(&self, frame: Frame) -> bool {
-        self.out.send(Outgoing::Frame { frame, credit: 0 }).is_ok()
+        self.queue(frame, 0)
+    }
+
+    /// Appends `data` to stream `id` (its credit already taken): grows the stream's DATA
+    /// frame at the end of the buffer when there is one, else starts a frame.
+    fn queue_data(&self, id: u32, data: &[u8]) -> bool {
+        let max = self.max_data_frame;
+        self.with_out(|out| {
+            out.credit += data.len();
+            if let Some((sid, at)) = out.open_data
+                && sid == id
+                && let Some(header) = out.buf.get_mut(at..at + 8)
+            {
+                let len = u32::from_be_bytes([0, header[5], header[6], header[7]]) as usize;
+                if len + data.len() <= max {
+                    set_data_len(header, len + data.len());
+                    out.buf.extend_from_slice(data);
+                    return;
+                }
+            }
+            let at = out.buf.len();
+            put_data_header(&mut out.buf, id, false, data.len());
+            out.buf.extend_from_slice(data);
+            out.open_data = Some((id, at));
+        })
+        .is_some()
+    }
+
+    /// Asks the writer to stop once what is queued is written.
+    fn close(&self) {
+        if let Ok(mut out) = self.out.lock() {
+            out.close = true;
+        }
+        self.wake_writer.notify_one();
     }
 
     /// Queues a control frame answering the peer once outbound credit allows it; `false`
@@ -110,12 +198,7 @@ impl Shared {
             Ok(permit) => permit.forget(),
             Err(_) => return false,
         }
-        self.out
-            .send(Outgoing::Frame {
-                frame,
-                credit: CONTROL_CREDIT,
-            })
-            .is_ok()
+        self.queue(frame, CONTROL_CREDIT)
     }
 
     fn forget_if_done(&self, id: u32, st: &StreamState) {
@@ -158,21 +241,28 @@ impl Session {
     {
         let encoder = FrameEncoder::new().map_err(SessionError::CreateCompressor)?;
         let (rd, wr) = tokio::io::split(io);
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            out: out_tx,
-            credit: Arc::new(Semaphore::new(config.outbound_queue_bytes)),
+            out: Mutex::new(Outbound {
+                buf: Vec::new(),
+                encoder,
+                credit: 0,
+                open_data: None,
+                close: false,
+                dead: false,
+            }),
+            wake_writer: Notify::new(),
+            credit: Arc::new(Semaphore::new(config.outbound_queue_bytes.max(1))),
             streams: Mutex::new(HashMap::new()),
-            max_data_frame: config.max_data_frame.max(1),
+            // A write waits for credit of its size: never more than there is.
+            max_data_frame: config
+                .max_data_frame
+                .min(config.outbound_queue_bytes)
+                .clamp(1, MAX_PAYLOAD),
         });
         let (accept_tx, incoming) = mpsc::channel(config.pending_streams.max(1));
-        let writer = tokio::spawn(write_loop(
-            FramedWrite::new(wr, encoder),
-            out_rx,
-            shared.clone(),
-        ));
+        let writer = tokio::spawn(write_loop(wr, shared.clone()));
         let reader = tokio::spawn(read_loop(
-            FramedRead::new(rd, FrameDecoder::new()),
+            FramedRead::with_capacity(rd, FrameDecoder::new(), READ_BUFFER),
             shared.clone(),
             accept_tx,
             config,
@@ -194,7 +284,7 @@ impl Session {
     /// Flushes what is queued, resets streams we did not finish, and closes the
     /// transport.
     pub async fn close(mut self) {
-        let _ = self.shared.out.send(Outgoing::Close);
+        self.shared.close();
         if let Some(w) = self.writer.take() {
             let _ = w.await;
         }
@@ -204,7 +294,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let _ = self.shared.out.send(Outgoing::Close);
+        self.shared.close();
         self.reader.abort();
     }
 }
@@ -216,6 +306,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     config: SessionConfig,
 ) {
     let mut inbound: HashMap<u32, mpsc::Sender<Bytes>> = HashMap::new();
+    // Received bytes not yet acknowledged by WINDOW_UPDATE: per stream, and the session's.
+    let mut unacked: HashMap<u32, u32> = HashMap::new();
+    let mut session_unacked = 0u32;
     let mut accept = Some(accept_tx);
     let mut last_id = 0u32;
     while let Some(next) = frames.next().await {
@@ -301,21 +394,33 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 {
                     trace!(stream_id, "spdy: data for a stream nobody reads, dropped");
                 }
-                if len > 0 {
-                    let stream = Frame::WindowUpdate {
-                        stream_id,
-                        delta: len,
-                    };
-                    let session = Frame::WindowUpdate {
+                if len > 0 && !fin {
+                    let pending = unacked.entry(stream_id).or_insert(0);
+                    *pending = pending.saturating_add(len);
+                    if *pending >= WINDOW_UPDATE_EVERY {
+                        let delta = std::mem::take(pending);
+                        if !shared
+                            .answer(Frame::WindowUpdate { stream_id, delta })
+                            .await
+                        {
+                            break;
+                        }
+                    }
+                }
+                session_unacked = session_unacked.saturating_add(len);
+                if session_unacked >= WINDOW_UPDATE_EVERY {
+                    let delta = std::mem::take(&mut session_unacked);
+                    let update = Frame::WindowUpdate {
                         stream_id: 0,
-                        delta: len,
+                        delta,
                     };
-                    if !(shared.answer(stream).await && shared.answer(session).await) {
+                    if !shared.answer(update).await {
                         break;
                     }
                 }
                 if fin {
                     inbound.remove(&stream_id);
+                    unacked.remove(&stream_id);
                     let st = shared
                         .streams
                         .lock()
@@ -330,6 +435,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Frame::RstStream { stream_id, status } => {
                 debug!(stream_id, status, "spdy: stream reset by peer");
                 inbound.remove(&stream_id);
+                unacked.remove(&stream_id);
                 let st = shared
                     .streams
                     .lock()
@@ -359,30 +465,51 @@ async fn read_loop<R: AsyncRead + Unpin>(
     shared.reset_all();
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut sink: FramedWrite<W, FrameEncoder>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    shared: Arc<Shared>,
-) {
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
+    let mut spare: Vec<u8> = Vec::new();
     let mut failed = false;
-    while let Some(msg) = rx.recv().await {
-        match msg {
-            Outgoing::Frame { frame, credit } => {
-                let res = if rx.is_empty() {
-                    sink.send(frame).await
-                } else {
-                    sink.feed(frame).await
-                };
-                if credit > 0 {
-                    shared.credit.add_permits(credit);
-                }
-                if let Err(error) = res {
-                    debug!(%error, "spdy: writing to the peer failed");
-                    failed = true;
-                    break;
-                }
+    loop {
+        let (credit, close) = {
+            let Ok(mut out) = shared.out.lock() else {
+                failed = true;
+                break;
+            };
+            std::mem::swap(&mut out.buf, &mut spare);
+            out.open_data = None;
+            (std::mem::take(&mut out.credit), out.close)
+        };
+        if spare.is_empty() {
+            if close {
+                break;
             }
-            Outgoing::Close => break,
+            let woken = tokio::time::timeout(IDLE_RELEASE, shared.wake_writer.notified()).await;
+            if woken.is_err() {
+                // Idle: give back what a burst grew, then wait as long as it takes.
+                if spare.capacity() > IDLE_KEEP {
+                    spare = Vec::new();
+                }
+                if let Ok(mut out) = shared.out.lock()
+                    && out.buf.is_empty()
+                    && out.buf.capacity() > IDLE_KEEP
+                {
+                    out.buf = Vec::new();
+                }
+                shared.wake_writer.notified().await;
+            }
+            continue;
+        }
+        let res = match wr.write_all(&spare).await {
+            Ok(()) => wr.flush().await,
+            Err(e) => Err(e),
+        };
+        spare.clear();
+        if credit > 0 {
+            shared.credit.add_permits(credit);
+        }
+        if let Err(error) = res {
+            debug!(%error, "spdy: writing to the peer failed");
+            failed = true;
+            break;
         }
     }
     if !failed {
@@ -393,20 +520,29 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             .unwrap_or_default();
         for (id, st) in open {
             if !st.local_fin.load(Ordering::Acquire) && !st.reset.load(Ordering::Acquire) {
-                let _ = sink
-                    .feed(Frame::RstStream {
-                        stream_id: id,
-                        status: rst::CANCEL,
-                    })
-                    .await;
+                shared.send(Frame::RstStream {
+                    stream_id: id,
+                    status: rst::CANCEL,
+                });
             }
         }
-        let _ = sink.flush().await;
-        let _ = sink.get_mut().shutdown().await;
+        let last = shared
+            .out
+            .lock()
+            .map(|mut out| std::mem::take(&mut out.buf))
+            .unwrap_or_default();
+        if !last.is_empty() {
+            let _ = wr.write_all(&last).await;
+        }
+        let _ = wr.flush().await;
+        let _ = wr.shutdown().await;
+    }
+    if let Ok(mut out) = shared.out.lock() {
+        out.dead = true;
+        out.buf = Vec::new();
     }
     shared.reset_all();
     shared.credit.close();
-    rx.close();
 }
 
 /// A stream the peer opened, waiting to be accepted or rejected. Dropping it refuses
@@ -564,17 +700,7 @@ impl AsyncWrite for SpdyStream {
             return Poll::Ready(Err(broken()));
         };
         permit.forget();
-        let frame = Frame::Data {
-            stream_id: self.id,
-            fin: false,
-            data: Bytes::copy_from_slice(&data[..n]),
-        };
-        if self
-            .shared
-            .out
-            .send(Outgoing::Frame { frame, credit: n })
-            .is_err()
-        {
+        if !self.shared.queue_data(self.id, &data[..n]) {
             return Poll::Ready(Err(broken()));
         }
         Poll::Ready(Ok(n))

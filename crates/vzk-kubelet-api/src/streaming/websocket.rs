@@ -13,18 +13,28 @@
 //!   messages (boundaries arbitrary), served by [`super::portforward`]; otherwise the
 //!   channel protocol: `?port=` list, data channel `2i`, error channel `2i+1`, each first
 //!   carrying the port as u16 little-endian.
+//!
+//! Bytes travel without intermediate pipes: a process's output is a [`ChannelWriter`]
+//! whose every write becomes one message (one copy), a client's input reaches the
+//! process through a [`ChannelReader`] of the received payloads (no copy until the
+//! process reads it), and the writer task batches messages into the transport, flushing
+//! only when its queue runs dry.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
@@ -32,6 +42,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_util::sync::PollSender;
 use tracing::{Instrument, debug, info_span};
 use vzk_core::PodKey;
 use vzk_core::streams::{AttachIo, BoxReader, BoxWriter, TermSize};
@@ -61,6 +72,13 @@ const PORTFORWARD_WS_PROTOCOLS: [&str; 4] = [
     "portforward.k8s.io",
 ];
 const BUF: usize = 64 * 1024;
+/// Largest payload of one message we send.
+const MAX_MESSAGE: usize = 1 << 20;
+/// Bytes the tunnel reads from its SPDY session at a time (at most).
+const TUNNEL_READ: usize = 256 * 1024;
+/// Received messages queued for a process's input before the reader stops reading
+/// (few: a client's message may be large).
+const INPUT_QUEUE: usize = 4;
 
 fn offered(headers: &HeaderMap) -> Vec<String> {
     headers
@@ -179,7 +197,13 @@ fn spawn_writer(mut sink: Sink, mut rx: mpsc::Receiver<Message>) -> JoinHandle<S
         let mut closed = false;
         while let Some(m) = rx.recv().await {
             closed = matches!(m, Message::Close(_));
-            if sink.send(m).await.is_err() || closed {
+            // Batch what is queued into the transport; flush once the queue runs dry.
+            let res = if closed || rx.is_empty() {
+                sink.send(m).await
+            } else {
+                sink.feed(m).await
+            };
+            if res.is_err() || closed {
                 break;
             }
         }
@@ -226,23 +250,124 @@ impl Framing {
     }
 }
 
-/// Copies a reader into `channel` messages until EOF.
-async fn pump_out<R: AsyncRead + Unpin>(
-    mut r: R,
+fn broken() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "websocket closed")
+}
+
+/// A process's output as `channel` messages: each write is one message (at most
+/// [`MAX_MESSAGE`] bytes), queued for the writer task.
+pub(crate) struct ChannelWriter {
+    tx: PollSender<Message>,
     channel: u8,
     f: Framing,
-    tx: mpsc::Sender<Message>,
-) {
-    let mut buf = vec![0u8; BUF];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if tx.send(f.encode(channel, &buf[..n])).await.is_err() {
-                    return;
-                }
+}
+
+impl ChannelWriter {
+    fn new(tx: mpsc::Sender<Message>, channel: u8, f: Framing) -> Self {
+        Self {
+            tx: PollSender::new(tx),
+            channel,
+            f,
+        }
+    }
+}
+
+impl AsyncWrite for ChannelWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        ready!(self.tx.poll_reserve(cx)).map_err(|_| broken())?;
+        let n = data.len().min(MAX_MESSAGE);
+        let m = self.f.encode(self.channel, &data[..n]);
+        self.tx.send_item(m).map_err(|_| broken())?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tx.close();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A process's input: the payloads the reader task received, read in place; EOF once
+/// the sender is dropped.
+pub(crate) struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    buf: Bytes,
+}
+
+impl ChannelReader {
+    fn new() -> (mpsc::Sender<Bytes>, Self) {
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        (
+            tx,
+            Self {
+                rx,
+                buf: Bytes::new(),
+            },
+        )
+    }
+}
+
+impl AsyncRead for ChannelReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.buf.is_empty() {
+            match ready!(self.rx.poll_recv(cx)) {
+                Some(b) => self.buf = b,
+                None => return Poll::Ready(Ok(())),
             }
         }
+        let n = self.buf.len().min(out.remaining());
+        let chunk = self.buf.split_to(n);
+        out.put_slice(&chunk);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// One forwarded port of the channel protocol: input from the data channel, output to it.
+struct ChannelPipe {
+    rd: ChannelReader,
+    wr: ChannelWriter,
+}
+
+impl AsyncRead for ChannelPipe {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.rd).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for ChannelPipe {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.wr).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.wr).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.wr).poll_shutdown(cx)
     }
 }
 
@@ -304,8 +429,8 @@ async fn serve_remote_command(
     let _ = out_tx.send(f.encode(ready, &[])).await;
 
     let (stdin_w, stdin_r) = if req.stdin {
-        let (a, b) = tokio::io::duplex(BUF);
-        (Some(a), Some(b))
+        let (tx, rx) = ChannelReader::new();
+        (Some(tx), Some(rx))
     } else {
         (None, None)
     };
@@ -322,7 +447,8 @@ async fn serve_remote_command(
             match ch {
                 0 => {
                     if let Some(w) = stdin_w.as_mut()
-                        && w.write_all(&payload).await.is_err()
+                        && !payload.is_empty()
+                        && w.send(payload).await.is_err()
                     {
                         stdin_w = None;
                     }
@@ -345,15 +471,10 @@ async fn serve_remote_command(
         }
         stream
     });
-    let mut pumps = Vec::new();
-    let mut out_writer = |want: bool, channel: u8| -> Option<BoxWriter> {
-        want.then(|| {
-            let (w, r) = tokio::io::duplex(BUF);
-            // No `[255, channel]` close signal: kubectl 1.37 logs it as an unknown stream;
-            // the end of output is implied by the status on channel 3.
-            pumps.push(tokio::spawn(pump_out(r, channel, f, out_tx.clone())));
-            Box::pin(w) as BoxWriter
-        })
+    // No `[255, channel]` close signal: kubectl 1.37 logs it as an unknown stream; the
+    // end of output is implied by the status on channel 3.
+    let out_writer = |want: bool, channel: u8| -> Option<BoxWriter> {
+        want.then(|| Box::pin(ChannelWriter::new(out_tx.clone(), channel, f)) as BoxWriter)
     };
     let stdout = out_writer(req.stdout, 1);
     let stderr = out_writer(req.stderr && !req.tty, 2);
@@ -365,9 +486,6 @@ async fn serve_remote_command(
         resize: req.tty.then_some(resize_rx),
     };
     let outcome = remotecommand::run_provider(&st, &req, io).await;
-    for p in pumps {
-        let _ = p.await;
-    }
     let msg = if v4plus {
         Some(status::v4_status(&outcome))
     } else {
@@ -404,7 +522,7 @@ pub(crate) async fn port_forward(st: AppState, pod: PodKey, mut req: Request) ->
         info_span!("portforward_ws", pod.ns = %pod.namespace, pod.name = %pod.name, protocol);
     spawn_socket(on, span, move |socket| async move {
         if tunnel {
-            let (ours, theirs) = tokio::io::duplex(BUF);
+            let (ours, theirs) = tokio::io::duplex(TUNNEL_READ);
             let bridge = tokio::spawn(bridge_bytes(socket, ours));
             super::portforward::serve(theirs, st, pod, Transport::WebSocket).await;
             let _ = bridge.await;
@@ -453,13 +571,18 @@ async fn bridge_bytes(socket: Socket, io: DuplexStream) {
         let _ = w.shutdown().await;
         stream
     });
-    let mut buf = vec![0u8; BUF];
+    // Read straight into the message's buffer (whatever the session wrote, up to
+    // TUNNEL_READ): one message per read.
+    let mut buf = BytesMut::new();
     loop {
-        match r.read(&mut buf).await {
+        if buf.capacity() < BUF {
+            buf.reserve(TUNNEL_READ);
+        }
+        match r.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => {
+            Ok(_) => {
                 if tx
-                    .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+                    .send(Message::Binary(buf.split().freeze()))
                     .await
                     .is_err()
                 {
@@ -493,17 +616,18 @@ async fn serve_port_channels(
         for ch in [data_ch, err_ch] {
             let _ = out_tx.send(f.encode(ch, &port.to_le_bytes())).await;
         }
-        let (ours, theirs) = tokio::io::duplex(BUF);
-        let (r, w) = tokio::io::split(ours);
-        inputs.push(Some(w));
+        let (input, rd) = ChannelReader::new();
+        inputs.push(Some(input));
+        let pipe = ChannelPipe {
+            rd,
+            wr: ChannelWriter::new(out_tx.clone(), data_ch, f),
+        };
         let (st, pod, tx) = (st.clone(), pod.clone(), out_tx.clone());
         forwards.push(tokio::spawn(async move {
-            let pump = tokio::spawn(pump_out(r, data_ch, f, tx.clone()));
-            if let Err(e) = st.runtime.port_forward(&pod, port, Box::pin(theirs)).await {
+            if let Err(e) = st.runtime.port_forward(&pod, port, Box::pin(pipe)).await {
                 let msg = super::portforward::error_message(&pod, port, &e);
                 let _ = tx.send(f.encode(err_ch, msg.as_bytes())).await;
             }
-            let _ = pump.await;
         }));
     }
     drop(out_tx);
@@ -521,14 +645,14 @@ async fn serve_port_channels(
             }
             if let Some(slot) = inputs.get_mut(usize::from(ch / 2))
                 && let Some(w) = slot.as_mut()
-                && w.write_all(&payload).await.is_err()
+                && !payload.is_empty()
+                && w.send(payload).await.is_err()
             {
                 *slot = None;
             }
         }
-        for w in inputs.iter_mut().flatten() {
-            let _ = w.shutdown().await;
-        }
+        // Dropping the senders is EOF for the forwards' input.
+        inputs.clear();
         let _ = done_tx.send(());
         stream
     });

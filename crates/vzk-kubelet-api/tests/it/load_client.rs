@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -84,7 +84,18 @@ pub(crate) async fn tls(
 
 /// Sends an SPDY upgrade request for `path` and reads the 101; returns the codec halves
 /// (bytes read past the response head are already in the decoder's buffer).
-pub(crate) async fn upgrade(mut s: Tls, path: &str, protocol: &str) -> Result<(Out, In), String> {
+#[allow(clippy::type_complexity)]
+pub(crate) async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    path: &str,
+    protocol: &str,
+) -> Result<
+    (
+        FramedWrite<WriteHalf<S>, FrameEncoder>,
+        FramedRead<ReadHalf<S>, FrameDecoder>,
+    ),
+    String,
+> {
     s.write_all(format!("POST {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {protocol}\r\n\r\n").as_bytes())
         .await
         .map_err(|e| format!("send upgrade: {e}"))?;

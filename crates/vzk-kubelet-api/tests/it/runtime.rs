@@ -75,8 +75,11 @@ fn format_line(opts: &LogOptions, t: DateTime<Utc>, l: &str) -> Bytes {
     }
 }
 
+/// Copy buffers, as large as vzk-guest's (exec stdin, port-forward).
+const COPY_BUFFER: usize = 64 * 1024;
+
 async fn copy_out(mut r: impl tokio::io::AsyncRead + Unpin, mut w: BoxWriter) {
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = vec![0u8; COPY_BUFFER];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -90,8 +93,9 @@ async fn copy_out(mut r: impl tokio::io::AsyncRead + Unpin, mut w: BoxWriter) {
     let _ = w.shutdown().await;
 }
 
-async fn copy_in(mut r: BoxReader, mut w: impl tokio::io::AsyncWrite + Unpin) {
-    let _ = tokio::io::copy(&mut r, &mut w).await;
+async fn copy_in(r: BoxReader, mut w: impl tokio::io::AsyncWrite + Unpin) {
+    let mut r = tokio::io::BufReader::with_capacity(COPY_BUFFER, r);
+    let _ = tokio::io::copy_buf(&mut r, &mut w).await;
     let _ = w.shutdown().await;
 }
 
@@ -301,7 +305,13 @@ impl StreamingRuntime for ProcessRuntime {
             .map_err(|e| {
                 ProviderError::failed("ConnectionRefused", format!("127.0.0.1:{port}: {e}"))
             })?;
-        let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+        let _ = tokio::io::copy_bidirectional_with_sizes(
+            &mut stream,
+            &mut tcp,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        )
+        .await;
         Ok(())
     }
 
