@@ -531,17 +531,18 @@ pub fn reidentify_script(
     let machine_id = hex::encode(rand::random::<[u8; 16]>());
     let seed = hex::encode(rand::random::<[u8; 64]>());
     format!(
-        r#"S=; [ "$(id -u)" = 0 ] || S="sudo -n"
+        r#"fail() {{ echo "re-identification: $1" >&2; exit 1; }}
+S=; [ "$(id -u)" = 0 ] || S="sudo -n"
 t0=$(cut -d' ' -f1 /proc/uptime)
-$S date -s @{secs}.{nanos:09} >/dev/null 2>&1 || $S date -s @{rounded} >/dev/null
-$S hostname {host}
-echo {host} | $S tee /etc/hostname >/dev/null
+$S date -s @{secs}.{nanos:09} >/dev/null 2>&1 || $S date -s @{rounded} >/dev/null || fail "setting the clock"
+$S hostname {host} || fail "setting the host name"
+echo {host} | $S tee /etc/hostname >/dev/null || fail "writing /etc/hostname"
 [ -f /etc/hosts ] && $S sed -i 's/\bvzk-template\b/'{host}'/g' /etc/hosts
 printf %s {seed} | $S tee /dev/urandom >/dev/null
 [ -f /etc/machine-id ] && echo {machine_id} | $S tee /etc/machine-id >/dev/null
 mkdir -p ~/.ssh && chmod 700 ~/.ssh
 {{ grep -vF {template_body} ~/.ssh/authorized_keys 2>/dev/null; echo {pod_key}; }} > ~/.ssh/authorized_keys.vzk
-chmod 600 ~/.ssh/authorized_keys.vzk && mv ~/.ssh/authorized_keys.vzk ~/.ssh/authorized_keys
+chmod 600 ~/.ssh/authorized_keys.vzk && mv ~/.ssh/authorized_keys.vzk ~/.ssh/authorized_keys || fail "installing the pod's key"
 if [ -d /etc/dropbear ]; then $S rm -f /etc/dropbear/dropbear_*_host_key; fi
 if [ -f /etc/ssh/sshd_config ] && command -v ssh-keygen >/dev/null; then
   for t in ed25519 ecdsa; do
@@ -763,6 +764,13 @@ mod tests {
         assert!(s.contains("grep -vF 'AAAAtemplate'"), "{s}");
         assert!(s.contains("echo 'ssh-ed25519 AAAApod pod'"), "{s}");
         assert!(s.contains("rm -f /etc/dropbear/dropbear_*_host_key"), "{s}");
+        assert!(s.contains("|| fail \"setting the clock\""), "{s}");
+        // It parses as a POSIX shell script.
+        let parsed = std::process::Command::new("sh")
+            .args(["-n", "-c", &s])
+            .status()
+            .is_ok_and(|st| st.success());
+        assert!(parsed, "{s}");
         // A hostile host name stays one word.
         let s = reidentify_script("a'; rm -rf /", "k", "t", now);
         assert!(s.contains(r"hostname 'a'\''; rm -rf /'"), "{s}");
