@@ -171,9 +171,6 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     // 2b. Volumes (FailedMount events and retries, like the kubelet).
     let shared_dirs = crate::volumes::prepare_with_retry(&inner, &e).await;
 
-    // 3. A VM slot, then 4. the disk's clone. A clone that fails (the disk full, the
-    // file system refusing) is retried with back-off, the slot given back meanwhile, as
-    // the kubelet retries CreateContainerError.
     // 2c. Start by restore, where the node does and a template is ready.
     let mut restore = super::restore::choose(
         &inner,
@@ -184,6 +181,9 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         res.cpus,
         res.memory_bytes,
     );
+    // 3. A VM slot, then 4. the disk's clone. A clone that fails (the disk full, the
+    // file system refusing) is retried with back-off, the slot given back meanwhile, as
+    // the kubelet retries CreateContainerError.
     let mut clone_backoff = Duration::from_secs(10);
     let (disk_path, format) = loop {
         let slot = match inner.slots.try_acquire() {
@@ -285,9 +285,21 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             return;
         }
     }
-    // A restore needs the template's devices: its disk and a seed in their places.
+    // A restore needs the template's devices: its disk and a seed in their places. A
+    // pod without a seed boots cold from the image's disk, never from the template's
+    // (whose guest holds the template's login key).
     if restore.is_some() && disks.len() != 2 {
         restore = None;
+        match inner.images.clone_disk(&image, &disks[0].path) {
+            Ok(format) => disks[0].format = format,
+            Err(err) => {
+                let msg = format!("cloning the VM disk: {}", error_chain(err.as_ref()));
+                inner.event(&e, PodEvent::warning("Failed", msg.clone()));
+                inner.waiting(&e, "CreateContainerError", msg);
+                lock(&e.slot).take();
+                return;
+            }
+        }
     }
     let mut spec = VmSpec {
         id: vm_id(&e.key.uid),
