@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use vzk_guest::{GuestConfig, GuestSession, HostKeyStore, PodIdentity};
+use vzk_guest::{HostKeyStore, PodIdentity};
 use vzk_image::LocalImage;
 use vzk_vm::cloud_init::NoCloudSeed;
 use vzk_vm::{
@@ -146,6 +146,22 @@ pub struct Template {
 }
 
 impl Template {
+    /// The template at `dir` as its `template.json` describes it (`Ok(None)`: none there).
+    pub fn load(dir: &Path) -> Result<Option<Template>, String> {
+        let meta_path = dir.join(META);
+        let text = match std::fs::read(&meta_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("reading {}: {e}", meta_path.display())),
+        };
+        let meta = serde_json::from_slice(&text)
+            .map_err(|e| format!("{} is not a template description: {e}", meta_path.display()))?;
+        Ok(Some(Template {
+            dir: dir.to_path_buf(),
+            meta,
+        }))
+    }
+
     /// The saved machine state.
     pub fn state(&self) -> PathBuf {
         self.dir.join(STATE)
@@ -218,24 +234,15 @@ impl Templates {
     /// The valid template at `dir` for `key`: `Ok(None)` when there is none, `Err` (with
     /// why) when one is there but broken or made for something else.
     pub fn lookup(&self, dir: &Path, key: &TemplateKey) -> Result<Option<Template>, String> {
-        let meta_path = dir.join(META);
-        let text = match std::fs::read(&meta_path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("reading {}: {e}", meta_path.display())),
+        let Some(t) = Template::load(dir)? else {
+            return Ok(None);
         };
-        let meta: TemplateMeta = serde_json::from_slice(&text)
-            .map_err(|e| format!("{} is not a template description: {e}", meta_path.display()))?;
-        if meta.key != *key {
+        if t.meta.key != *key {
             return Err(format!(
                 "template {} was made for another image, backend or VM shape",
                 dir.display()
             ));
         }
-        let t = Template {
-            dir: dir.to_path_buf(),
-            meta,
-        };
         let state = t.state();
         let m = std::fs::metadata(&state).map_err(|e| format!("{}: {e}", state.display()))?;
         if m.len() != t.meta.state_bytes {
@@ -475,17 +482,12 @@ async fn boot_and_save(
     let ip = vzk_vm::wait_for_ip(vm.as_ref(), input.ready_timeout)
         .await
         .map_err(|e| format!("the template VM's address: {}", crate::pod::error_chain(&e)))?;
-    let session = GuestSession::new(
-        std::net::SocketAddr::from((ip, 22)),
+    let session = crate::pod::guest_session(
+        vm,
+        ip,
         input.creds.clone().with_first_key(key.private_key()),
         HostKeyStore::file(work.join(HOST_KEY)),
-        GuestConfig::from_env(),
     );
-    let through = vm.clone();
-    session.connect_with(Arc::new(move |addr| {
-        let vm = through.clone();
-        Box::pin(async move { vm.connect(addr).await })
-    }));
     let left = input.ready_timeout.saturating_sub(t0.elapsed());
     session
         .wait_ready(left)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use vzk_core::PodEvent;
-use vzk_guest::{GuestConfig, GuestSession, HostKeyStore};
+use vzk_guest::{GuestSession, HostKeyStore};
 use vzk_vm::Vm;
 
 use crate::metrics::StartPhase;
@@ -72,17 +72,12 @@ pub(super) async fn guest(
     {
         return not_ready(format!("Re-identifying the restored VM failed: {msg}"));
     }
-    let session = GuestSession::new(
-        std::net::SocketAddr::from((ip, 22)),
+    let session = guest_session(
+        vm,
+        ip,
         e.creds.clone(),
         HostKeyStore::file(e.dir.join("ssh_host_key")),
-        GuestConfig::from_env(),
     );
-    let through = vm.clone();
-    session.connect_with(Arc::new(move |addr| {
-        let vm = through.clone();
-        Box::pin(async move { vm.connect(addr).await })
-    }));
     *lock(&e.session) = Some(session.clone());
     let timeout = left();
     let s = session.clone();

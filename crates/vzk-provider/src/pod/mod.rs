@@ -30,6 +30,27 @@ use crate::provider::Inner;
 use crate::slots::Slot;
 use crate::status::{PodView, VmHistory, VmPhase, pod_status};
 
+/// An SSH session to port 22 of `ip`, dialled through `vm` (where the VM's network is).
+pub(crate) fn guest_session(
+    vm: &Arc<dyn Vm>,
+    ip: std::net::Ipv4Addr,
+    creds: vzk_guest::Credentials,
+    host_keys: vzk_guest::HostKeyStore,
+) -> GuestSession {
+    let session = GuestSession::new(
+        std::net::SocketAddr::from((ip, 22)),
+        creds,
+        host_keys,
+        vzk_guest::GuestConfig::from_env(),
+    );
+    let through = vm.clone();
+    session.connect_with(Arc::new(move |addr| {
+        let vm = through.clone();
+        Box::pin(async move { vm.connect(addr).await })
+    }));
+    session
+}
+
 /// The VM id of a pod UID.
 pub(crate) fn vm_id(uid: &str) -> String {
     format!("vzk-{uid}")

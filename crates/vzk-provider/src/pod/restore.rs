@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 use vzk_core::PodEvent;
-use vzk_guest::{GuestConfig, GuestSession, HostKeyStore, PodIdentity};
+use vzk_guest::{HostKeyStore, PodIdentity};
 use vzk_image::LocalImage;
 use vzk_vm::{BootSpec, Vm};
 
@@ -179,28 +179,17 @@ pub(super) async fn reidentify(
     timeout: Duration,
 ) -> Result<(), String> {
     let dir = Template::dir_of_state(state).ok_or("the saved state has no template directory")?;
-    let t = Template {
-        dir: dir.to_path_buf(),
-        meta: serde_json::from_slice(
-            &std::fs::read(dir.join("template.json")).map_err(|err| err.to_string())?,
-        )
-        .map_err(|err| err.to_string())?,
-    };
+    let t = Template::load(dir)?.ok_or("its template is gone")?;
     info!(pod = %e.key, uid = %e.key.uid, template = %t.meta.key.id(), "re-identifying restored guest");
     let template_key = t.identity()?;
     let pod_key = PodIdentity::load_or_create(&e.dir.join(crate::identity::KEY_FILE), "")
         .map_err(|err| format!("the pod's SSH key: {}", error_chain(&err)))?;
-    let session = GuestSession::new(
-        std::net::SocketAddr::from((ip, 22)),
+    let session = super::guest_session(
+        vm,
+        ip,
         e.creds.clone().with_first_key(template_key.private_key()),
         HostKeyStore::file(t.host_key()),
-        GuestConfig::from_env(),
     );
-    let through = vm.clone();
-    session.connect_with(Arc::new(move |addr| {
-        let vm = through.clone();
-        Box::pin(async move { vm.connect(addr).await })
-    }));
     let s = session.clone();
     super::detached(async move { s.wait_ready(timeout).await })
         .await
