@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{ImageError, IoContext as _, Result};
+use crate::store::LocalImage;
 
 /// How a clone was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +101,43 @@ impl Cloner {
     /// failure nothing is left at `dest`.
     pub fn clone_disk(&self, base: &Path, dest: &Path) -> Result<CloneKind> {
         self.clone_layer(base, "raw", dest).map(|(kind, _)| kind)
+    }
+
+    /// Clone `image`'s disk to `dest`: [`Cloner::clone_disk`] of the cached file, or for
+    /// an image whose disk is still served on demand ([`LocalImage::lazy`]), a qcow2
+    /// overlay backed by its NBD export (whatever the detected mechanism: a reflink of
+    /// a file still being filled would copy its holes).
+    pub fn clone_image(&self, image: &LocalImage, dest: &Path) -> Result<CloneKind> {
+        let Some(lazy) = &image.lazy else {
+            return self.clone_disk(&image.disk(), dest);
+        };
+        remove_if_exists(dest)?;
+        if cfg!(target_os = "macos") {
+            return Err(ImageError::CloneUnsupported {
+                path: dest.to_path_buf(),
+                reason: "a disk served on demand needs the QEMU backend".into(),
+            });
+        }
+        let out = Command::new(&self.qemu_img)
+            .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b"])
+            .arg(lazy.nbd_url())
+            .arg(dest)
+            .arg(lazy.disk().size().to_string())
+            .output()
+            .io("run qemu-img for", dest)?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(dest);
+            return Err(ImageError::CloneUnsupported {
+                path: dest.to_path_buf(),
+                reason: format!(
+                    "qemu-img create over {} failed ({}): {}",
+                    lazy.nbd_url(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(CloneKind::Qcow2Overlay)
     }
 
     /// Clone a disk of format `base_format` (`raw` or `qcow2`, e.g. a template's own

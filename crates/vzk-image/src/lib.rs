@@ -58,10 +58,12 @@ pub mod convert;
 pub mod create;
 pub mod error;
 mod fetch;
+pub mod frame_index;
 pub mod hosts;
 pub mod import;
 pub mod keyring;
 pub mod layout;
+pub mod lazy;
 pub mod mac_platform;
 pub mod manifest;
 pub mod media_types;
@@ -84,12 +86,15 @@ pub use error::{ImageError, Result};
 pub use fetch::{decode_gzip_members, is_zero};
 pub use hosts::{HostDefaults, HostsError, RegistryHosts};
 pub use keyring::{Credentials, Keyring, PullSecret};
+pub use lazy::{LazyDisk, LazyOptions, LazyState, LazyStats};
 pub use mac_platform::{ImageConfigError, MacImageConfig};
 pub use manifest::Format;
 pub use progress::{LogProgress, NoProgress, Progress};
 pub use push::{PushOptions, PushReport, push};
 pub use reference::Reference;
 pub use registry::RegistryOptions;
-pub use store::{ImageInfo, ImageStore, LocalImage, PinGuard, PullOptions, PullPolicy};
+pub use store::{
+    ImageInfo, ImageStore, LazyImage, LazyPull, LocalImage, PinGuard, PullOptions, PullPolicy,
+};
 #[doc(hidden)]
 pub use zstd_frames::decode_zstd_frames;

@@ -157,6 +157,8 @@ pub struct Plan {
     pub config: Descriptor,
     /// The other files (disk, aux, kernel, initrd), config excluded.
     pub files: Vec<FilePlan>,
+    /// The disk's frame index (vzk images pushed with one), for lazy disks.
+    pub frame_index: Option<Descriptor>,
 }
 
 impl Plan {
@@ -256,7 +258,21 @@ pub fn plan(m: &Manifest, reference: &str) -> Result<Plan> {
         format.get_or_insert(Format::Agoda);
     }
     let mut by_role: BTreeMap<Role, Vec<(Encoding, &Descriptor)>> = BTreeMap::new();
+    let mut frame_index: Option<Descriptor> = None;
     for d in &m.layers {
+        if d.media_type == mt::VZK_DISK_FRAMES {
+            if frame_index.is_some() {
+                return Err(invalid("more than one frame-index layer".into()));
+            }
+            if d.size > crate::frame_index::MAX_INDEX_BYTES {
+                return Err(invalid(format!(
+                    "a frame index of {} bytes is too large",
+                    d.size
+                )));
+            }
+            frame_index = Some(d.clone());
+            continue;
+        }
         let (role, enc) =
             mt::classify(&d.media_type).ok_or_else(|| ImageError::UnsupportedMediaType {
                 reference: reference.to_string(),
@@ -319,10 +335,17 @@ pub fn plan(m: &Manifest, reference: &str) -> Result<Plan> {
     if format == Format::Agoda && !files.iter().any(|f| f.role == Role::Aux) {
         return Err(invalid("no aux.img layer".into()));
     }
+    if frame_index.is_some() && format != Format::Vzk {
+        return Err(invalid(format!(
+            "a frame index in an image of the {} format",
+            format.as_str()
+        )));
+    }
     Ok(Plan {
         format,
         config,
         files,
+        frame_index,
     })
 }
 

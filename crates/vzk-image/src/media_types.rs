@@ -41,6 +41,8 @@
 //! | kernel chunks (Linux) | `application/vnd.vz-kubelet.vm.kernel.v1+zstd` ([`VZK_KERNEL`]), title `kernel` |
 //! | initrd chunks (Linux, optional) | `application/vnd.vz-kubelet.vm.initrd.v1+zstd` ([`VZK_INITRD`]), title `initrd` |
 //!
+//! | disk frame index (optional; lazy disks) | `application/vnd.vz-kubelet.vm.disk.frames.v1` ([`VZK_DISK_FRAMES`]), title `disk.frames`, binary, see [`crate::frame_index`]; at most one, the last layer |
+//!
 //! Annotations on every chunk layer (all required, decimal strings for numbers):
 //!
 //! | annotation | meaning |
@@ -141,6 +143,10 @@ pub const VZK_AUX: &str = "application/vnd.vz-kubelet.vm.aux.v1+zstd";
 pub const VZK_KERNEL: &str = "application/vnd.vz-kubelet.vm.kernel.v1+zstd";
 /// vzk: a zstd chunk of `initrd` (Linux flavour, optional).
 pub const VZK_INITRD: &str = "application/vnd.vz-kubelet.vm.initrd.v1+zstd";
+/// vzk: the disk's frame index (see [`crate::frame_index`]); not a file of the image.
+pub const VZK_DISK_FRAMES: &str = "application/vnd.vz-kubelet.vm.disk.frames.v1";
+/// vzk: title of the frame-index layer.
+pub const VZK_DISK_FRAMES_TITLE: &str = "disk.frames";
 /// vzk: chunk offset in the file (decimal).
 pub const VZK_CHUNK_OFFSET: &str = "io.github.vz-kubelet.chunk.offset";
 /// vzk: uncompressed chunk size (decimal).

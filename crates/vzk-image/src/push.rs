@@ -30,6 +30,7 @@ use sha2::{Digest as _, Sha256};
 use crate::config::{GuestOs, VmConfig};
 use crate::content_digest::{Algorithm, ContentHasher};
 use crate::error::{ImageError, IoContext as _, Result};
+use crate::frame_index::{FrameEntry, FrameIndex};
 use crate::layout::{LayoutRef, OciLayout};
 use crate::manifest::{Descriptor, Format, Manifest, Platform};
 use crate::media_types::{self as mt, Role};
@@ -138,6 +139,8 @@ struct Prepared {
     udigest: String,
     /// A staged blob of ours, deleted after upload (not a file of the image directory).
     staged: bool,
+    /// Its zstd frames (vzk chunks), for the disk's frame index.
+    frames: Vec<FrameEntry>,
 }
 
 /// Where a push writes.
@@ -414,7 +417,8 @@ pub async fn push_to(dir: &Path, dest: &Destination, opts: &PushOptions) -> Resu
                 }
                 res?;
                 let desc = layer_descriptor(format, role, &prepared, offset, len, file_size);
-                Ok::<_, ImageError>((idx, desc))
+                let frames = (role == Role::Disk).then_some(prepared.frames);
+                Ok::<_, ImageError>((idx, desc, frames))
             }
         })
         .buffer_unordered(opts.concurrency.max(1))
@@ -422,8 +426,45 @@ pub async fn push_to(dir: &Path, dest: &Destination, opts: &PushOptions) -> Resu
         .await;
     progress.finish();
     let mut layers = result?;
-    layers.sort_by_key(|(i, _)| *i);
-    let mut layers: Vec<Descriptor> = layers.into_iter().map(|(_, d)| d).collect();
+    layers.sort_by_key(|(i, _, _)| *i);
+    let mut disk_frames = Vec::new();
+    let mut layers: Vec<Descriptor> = layers
+        .into_iter()
+        .map(|(_, d, frames)| {
+            disk_frames.extend(frames);
+            d
+        })
+        .collect();
+    // The vzk disk's frame index (lazy disks fetch single frames by it), the last layer.
+    if format == Format::Vzk {
+        let bytes = FrameIndex {
+            frame_size: crate::zstd_frames::FRAME as u32,
+            chunks: disk_frames,
+        }
+        .encode();
+        let path = work.join(mt::VZK_DISK_FRAMES_TITLE);
+        std::fs::write(&path, &bytes).io("write", &path)?;
+        let p = Prepared {
+            digest: sha256_digest(&bytes),
+            size: bytes.len() as u64,
+            udigest: String::new(),
+            path,
+            staged: true,
+            frames: Vec::new(),
+        };
+        upload(&reg, &p, &seen, &stats).await?;
+        layers.push(Descriptor {
+            media_type: mt::VZK_DISK_FRAMES.to_string(),
+            digest: p.digest,
+            size: p.size,
+            data: None,
+            platform: None,
+            annotations: Some(BTreeMap::from([(
+                mt::ANNOTATION_TITLE.to_string(),
+                mt::VZK_DISK_FRAMES_TITLE.to_string(),
+            )])),
+        });
+    }
 
     // config.json
     let cfg_media = match format {
@@ -456,6 +497,7 @@ pub async fn push_to(dir: &Path, dest: &Destination, opts: &PushOptions) -> Resu
         size: cfg_desc.size,
         udigest: cfg_desc.digest.clone(),
         staged: false,
+        frames: Vec::new(),
     };
     let res = upload(&reg, &cfg_prepared, &seen, &stats).await;
     let stub = if res.is_ok() && format == Format::Tart {
@@ -473,6 +515,7 @@ pub async fn push_to(dir: &Path, dest: &Destination, opts: &PushOptions) -> Resu
             udigest: String::new(),
             path,
             staged: true,
+            frames: Vec::new(),
         };
         upload(&reg, &p, &seen, &stats).await.map(|()| Some(p))
     } else {
@@ -820,6 +863,8 @@ fn zstd_chunk(
     // decoded byte, and BLAKE3 does that at several times SHA-256's speed.
     let mut uh = ContentHasher::new(Algorithm::Blake3);
     let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(FRAME));
+    let mut frames = Vec::new();
+    // READ_BLOCK is a multiple of FRAME: every piece but a chunk's last is a whole frame.
     for_each_block(&src, path, offset, len, progress, |block| {
         uh.update(block);
         for piece in block.chunks(FRAME) {
@@ -827,6 +872,10 @@ fn zstd_chunk(
             enc.compress_to_buffer(piece, &mut frame)
                 .io("compress", path)?;
             hw.write_all(&frame).io("write", out)?;
+            frames.push(FrameEntry {
+                clen: frame.len() as u32,
+                digest: *blake3::hash(piece).as_bytes(),
+            });
         }
         Ok(())
     })?;
@@ -837,6 +886,7 @@ fn zstd_chunk(
         size: hw.count,
         udigest: uh.finish(),
         staged: true,
+        frames,
     })
 }
 
@@ -883,6 +933,7 @@ fn lz4_chunk(
         size: hw.count,
         udigest: format!("sha256:{}", hex::encode(uh.finalize())),
         staged: true,
+        frames: Vec::new(),
     })
 }
 
@@ -903,6 +954,7 @@ fn stored_file(path: &Path, progress: &dyn Progress) -> Result<Prepared> {
         digest,
         size: h.count,
         staged: false,
+        frames: Vec::new(),
     })
 }
 
@@ -997,6 +1049,7 @@ fn gzip_file(
         size: hw.count,
         udigest: format!("sha256:{}", hex::encode(uh.finalize())),
         staged: true,
+        frames: Vec::new(),
     })
 }
 

@@ -392,11 +392,75 @@ impl Registry {
         let what = format!("GET blob {digest}");
         let (i, (resp, partial)) = self
             .on_hosts(PULL, Kind::Blob, &what, |ep| {
-                Box::pin(ep.get_blob(digest, offset, &what))
+                Box::pin(ep.get_blob(digest, offset, None, &what))
             })
             .await?;
         self.record(Kind::Blob, i, Some(digest));
         Ok((resp, partial, i))
+    }
+
+    /// Bytes `[start, end)` of a blob, by one `Range` request (`end > start`). A
+    /// registry that answers with anything but exactly that range is an error: the
+    /// caller verifies what it gets against its own digests.
+    pub async fn get_blob_range(&self, digest: &str, start: u64, end: u64) -> Result<Bytes> {
+        let what = format!("GET blob {digest} bytes {start}-{}", end.saturating_sub(1));
+        if end <= start {
+            return Err(ImageError::Registry {
+                registry: self.registry.clone(),
+                what,
+                detail: "an empty range".into(),
+            });
+        }
+        let (i, (resp, partial)) = self
+            .on_hosts(PULL, Kind::Blob, &what, |ep| {
+                Box::pin(ep.get_blob(digest, start, Some(end), &what))
+            })
+            .await?;
+        self.record(Kind::Blob, i, Some(digest));
+        let whole = start == 0 && resp.content_length() == Some(end);
+        if !partial && !whole {
+            return Err(ImageError::Registry {
+                registry: self.registry.clone(),
+                what,
+                detail: format!(
+                    "the registry does not serve byte ranges (status {})",
+                    resp.status()
+                ),
+            });
+        }
+        let want = end - start;
+        let mut body = resp;
+        let mut out = bytes::BytesMut::with_capacity(want as usize);
+        loop {
+            match body.chunk().await {
+                Ok(Some(c)) => {
+                    if out.len() as u64 + c.len() as u64 > want {
+                        return Err(ImageError::Registry {
+                            registry: self.registry.clone(),
+                            what,
+                            detail: format!("more than the {want} bytes asked for"),
+                        });
+                    }
+                    out.extend_from_slice(&c);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(ImageError::Registry {
+                        registry: self.registry.clone(),
+                        what,
+                        detail: format!("reading the body: {e}"),
+                    });
+                }
+            }
+        }
+        if out.len() as u64 != want {
+            return Err(ImageError::Registry {
+                registry: self.registry.clone(),
+                what,
+                detail: format!("{} bytes of the {want} asked for", out.len()),
+            });
+        }
+        Ok(out.freeze())
     }
 
     /// Whether a blob exists (on the host pushes go to).

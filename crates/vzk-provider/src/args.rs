@@ -88,6 +88,48 @@ pub struct ProviderArgs {
     /// `vzk_provider::templates`. Pods opt out with `vz-kubelet.io/snapshot-start: "false"`.
     #[arg(long, env = "VZK_SNAPSHOT_START")]
     pub snapshot_start: bool,
+
+    /// Boot before the download ends: a pod's VM disk is served on demand (NBD, fetched
+    /// frame by frame from the registry) while the image downloads in the background.
+    /// Needs a vzk image pushed with a frame index and the QEMU backend; others are
+    /// pulled in full first. `off`; `opt-in`: pods annotated
+    /// `vz-kubelet.io/lazy-disk: "true"`; `on`: every pod but those annotated "false".
+    #[arg(long, env = "VZK_LAZY_DISKS", value_enum, default_value_t = LazyDisks::Off)]
+    pub lazy_disks: LazyDisks,
+
+    /// Bytes per second a lazy disk's background download may take (0: no limit). The
+    /// guest's own reads are never limited and always go first.
+    #[arg(long, env = "VZK_LAZY_BACKGROUND_BYTES_PER_SEC", default_value_t = 0)]
+    pub lazy_background_rate: u64,
+}
+
+/// When pods' disks are served on demand ([`ProviderArgs::lazy_disks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LazyDisks {
+    /// Never: every image is pulled in full before its first pod boots.
+    #[default]
+    Off,
+    /// For pods annotated `vz-kubelet.io/lazy-disk: "true"`.
+    OptIn,
+    /// For every pod but those annotated `vz-kubelet.io/lazy-disk: "false"`.
+    On,
+}
+
+/// The pod annotation that opts a pod in or out of a lazy disk.
+pub const LAZY_DISK_ANNOTATION: &str = "vz-kubelet.io/lazy-disk";
+
+impl LazyDisks {
+    /// Whether a pod with these annotations gets a lazy disk.
+    pub fn applies(self, annotations: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+        let said = annotations
+            .and_then(|a| a.get(LAZY_DISK_ANNOTATION))
+            .map(|v| v.trim().to_ascii_lowercase());
+        match self {
+            LazyDisks::Off => false,
+            LazyDisks::OptIn => said.as_deref() == Some("true"),
+            LazyDisks::On => said.as_deref() != Some("false"),
+        }
+    }
 }
 
 impl ProviderArgs {
@@ -110,11 +152,21 @@ impl ProviderArgs {
             default_cpus: 1,
             default_memory_mib: 512,
             snapshot_start: false,
+            lazy_disks: LazyDisks::Off,
+            lazy_background_rate: 0,
         }
     }
 }
 
 impl ProviderArgs {
+    /// How lazy disks fetch, per the flags.
+    pub fn lazy_options(&self) -> vzk_image::LazyOptions {
+        vzk_image::LazyOptions {
+            background_rate: (self.lazy_background_rate > 0).then_some(self.lazy_background_rate),
+            ..Default::default()
+        }
+    }
+
     /// The registry hosts configuration: `--registry-config-dir` (which must exist), else
     /// the default directory if there is one.
     pub fn registry_hosts(&self) -> Result<RegistryHosts, HostsError> {

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use vzk_image::{Cloner, ImageStore, LocalImage, PullOptions, Reference};
+use vzk_image::{Cloner, ImageStore, LazyOptions, LazyPull, LocalImage, PullOptions, Reference};
 use vzk_vm::DiskFormat;
 
 /// An error of an image source (its chain is reported in events and statuses).
@@ -25,7 +25,16 @@ pub trait ImageSource: Send + Sync + 'static {
         reference: &Reference,
         opts: &PullOptions,
     ) -> Result<LocalImage, ImageSourceError>;
-    /// Keeps `image` from being evicted while the pin lives (a pod uses it).
+    /// The image with its disk served on demand while it downloads, or from the cache;
+    /// [`LazyPull::Unsupported`] says why not (then [`ImageSource::pull`] it).
+    async fn pull_lazy(
+        &self,
+        reference: &Reference,
+        opts: &PullOptions,
+        lazy: &LazyOptions,
+    ) -> Result<LazyPull, ImageSourceError>;
+    /// Keeps `image` from being evicted while the pin lives (a pod uses it); for an
+    /// image whose disk is served on demand, keeps its server running.
     fn pin(&self, image: &LocalImage) -> Result<ImagePin, ImageSourceError>;
     /// A writable copy-on-write clone of `image`'s disk at `dest` (the base is never
     /// written), and its format.
@@ -80,12 +89,24 @@ impl ImageSource for StoreSource {
         Ok(self.store.pull(reference, opts).await?)
     }
 
+    async fn pull_lazy(
+        &self,
+        reference: &Reference,
+        opts: &PullOptions,
+        lazy: &LazyOptions,
+    ) -> Result<LazyPull, ImageSourceError> {
+        Ok(self.store.pull_lazy(reference, opts, lazy).await?)
+    }
+
     fn pin(&self, image: &LocalImage) -> Result<ImagePin, ImageSourceError> {
+        if let Some(lazy) = &image.lazy {
+            return Ok(Box::new(lazy.clone()));
+        }
         Ok(Box::new(self.store.pin(image)?))
     }
 
     fn clone_disk(&self, image: &LocalImage, dest: &Path) -> Result<DiskFormat, ImageSourceError> {
-        let kind = self.cloner.clone_disk(&image.disk(), dest)?;
+        let kind = self.cloner.clone_image(image, dest)?;
         Ok(disk_format(kind.qemu_format()))
     }
 

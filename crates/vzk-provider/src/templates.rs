@@ -584,6 +584,7 @@ mod tests {
             format: vzk_image::Format::Vzk,
             config: serde_json::from_str(r#"{"os":"linux","cpuCount":1,"memorySize":268435456}"#)
                 .unwrap_or_default(),
+            lazy: None,
         }
     }
 

@@ -357,20 +357,23 @@ impl Endpoint {
             .map(str::to_string))
     }
 
+    /// GET a blob from `offset`, up to `end` (exclusive) when given: a `Range` request
+    /// unless the whole blob is asked for.
     pub(super) async fn get_blob(
         &self,
         digest: &str,
         offset: u64,
+        end: Option<u64>,
         what: &str,
     ) -> Result<(Response, bool)> {
         let url = self.url(&format!("blobs/{digest}"));
         let resp = self
             .send(what, &|| {
                 let rb = self.http.get(&url);
-                if offset > 0 {
-                    rb.header(RANGE, format!("bytes={offset}-"))
-                } else {
-                    rb
+                match end {
+                    Some(end) => rb.header(RANGE, format!("bytes={offset}-{}", end - 1)),
+                    None if offset > 0 => rb.header(RANGE, format!("bytes={offset}-")),
+                    None => rb,
                 }
             })
             .await?;

@@ -94,6 +94,7 @@ impl ImageStore {
             dir,
             format: meta.format,
             config,
+            lazy: None,
         }))
     }
 

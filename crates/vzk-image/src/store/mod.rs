@@ -32,6 +32,7 @@
 
 mod cache;
 mod gc;
+mod lazy;
 mod pull;
 
 use std::collections::HashMap;
@@ -50,6 +51,7 @@ use crate::reference::Reference;
 
 pub use cache::{ImageInfo, PinGuard};
 pub use gc::PruneReport;
+pub use lazy::{LazyImage, LazyPull};
 pub use pull::{PullOptions, PullPolicy};
 
 /// What `meta.json` records about a cached image.
@@ -76,6 +78,9 @@ pub struct LocalImage {
     pub format: Format,
     /// Its `config.json`.
     pub config: VmConfig,
+    /// Set while its disk is still being fetched ([`ImageStore::pull_lazy`]): the disk is
+    /// served over NBD, and `dir` holds every other file.
+    pub lazy: Option<Arc<LazyImage>>,
 }
 
 impl LocalImage {
@@ -108,6 +113,8 @@ struct Inner {
     root: PathBuf,
     budget: u64,
     inflight: Mutex<HashMap<String, (u64, SharedPull)>>,
+    /// Images whose disks are served while they download, by digest.
+    lazy: Mutex<HashMap<String, std::sync::Weak<LazyImage>>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -139,6 +146,7 @@ impl ImageStore {
                 root,
                 budget,
                 inflight: Mutex::new(HashMap::new()),
+                lazy: Mutex::new(HashMap::new()),
                 next_id: Default::default(),
             }),
         };

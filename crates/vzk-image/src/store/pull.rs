@@ -85,7 +85,7 @@ impl std::fmt::Debug for PullOptions {
 }
 
 impl PullOptions {
-    fn registry_options(&self) -> RegistryOptions {
+    pub(super) fn registry_options(&self) -> RegistryOptions {
         RegistryOptions {
             credentials: self.credentials.clone(),
             plain_http: self.plain_http,
@@ -165,25 +165,7 @@ impl ImageStore {
             tracing::debug!(reference = %reference, hosts = ?reg.host_urls(), "hosts to try, in order");
         }
         let name = reference.to_string();
-        let mut fetched = reg.get_manifest(reference.manifest_ref()).await?;
-        let is_index = fetched.media_type.starts_with(mt::OCI_INDEX)
-            || fetched.media_type.starts_with(mt::DOCKER_MANIFEST_LIST)
-            || serde_json::from_slice::<serde_json::Value>(&fetched.bytes)
-                .is_ok_and(|v| v.get("manifests").is_some());
-        if is_index {
-            let index: Index = serde_json::from_slice(&fetched.bytes).map_err(|e| {
-                ImageError::InvalidManifest {
-                    reference: name.clone(),
-                    reason: format!("not a valid index: {e}"),
-                }
-            })?;
-            let chosen =
-                pick_platform(&index.manifests).ok_or_else(|| ImageError::InvalidManifest {
-                    reference: name.clone(),
-                    reason: "the index lists no manifest for a VM platform".into(),
-                })?;
-            fetched = reg.get_manifest(&chosen.digest).await?;
-        }
+        let fetched = self.resolve(&reg, reference).await?;
         let digest = fetched.digest.clone();
         if let Some(img) = self.load(&digest, &name)? {
             self.write_ref(reference, &digest)?;
@@ -251,43 +233,7 @@ impl ImageStore {
                 return Err(self.no_space(e, &name, plan.uncompressed_size()));
             }
         };
-        let install = || -> Result<()> {
-            std::fs::write(work.join("manifest.json"), &fetched.bytes)
-                .io("write", work.join("manifest.json"))?;
-            let meta = Meta {
-                reference: name.clone(),
-                format: plan.format,
-                pulled_at: chrono::Utc::now().to_rfc3339(),
-                boot_id: boot_id(),
-            };
-            let meta_bytes = serde_json::to_vec_pretty(&meta).map_err(|e| ImageError::Io {
-                op: "serialise",
-                path: work.join("meta.json"),
-                source: std::io::Error::other(e),
-            })?;
-            std::fs::write(work.join("meta.json"), meta_bytes)
-                .io("write", work.join("meta.json"))?;
-            File::create(work.join(".pin")).io("create", work.join(".pin"))?;
-            if boot_id().is_none() {
-                persist(&work)?;
-            }
-            let dest = self.image_dir(&digest);
-            std::fs::rename(&work, &dest).io("install", &dest)?;
-            let parent = dest.parent().unwrap_or(&dest);
-            File::open(parent)
-                .and_then(|f| f.sync_all())
-                .io("fsync", parent)?;
-            if boot_id().is_some() {
-                let dest = dest.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = persist(&dest) {
-                        tracing::warn!(path = %dest.display(), error = %e, "background fsync of a pulled image failed");
-                    }
-                });
-            }
-            Ok(())
-        };
-        if let Err(e) = install() {
+        if let Err(e) = self.install(&work, &fetched.bytes, &name, plan.format, &digest) {
             let _ = std::fs::remove_dir_all(&work);
             return Err(self.no_space(e, &name, plan.uncompressed_size()));
         }
@@ -312,7 +258,82 @@ impl ImageStore {
             dir,
             format: plan.format,
             config,
+            lazy: None,
         })
+    }
+
+    /// The manifest `reference` names; from an index, the one for this host's platform.
+    pub(super) async fn resolve(
+        &self,
+        reg: &Registry,
+        reference: &Reference,
+    ) -> Result<crate::registry::FetchedManifest> {
+        let name = reference.to_string();
+        let mut fetched = reg.get_manifest(reference.manifest_ref()).await?;
+        let is_index = fetched.media_type.starts_with(mt::OCI_INDEX)
+            || fetched.media_type.starts_with(mt::DOCKER_MANIFEST_LIST)
+            || serde_json::from_slice::<serde_json::Value>(&fetched.bytes)
+                .is_ok_and(|v| v.get("manifests").is_some());
+        if is_index {
+            let index: Index = serde_json::from_slice(&fetched.bytes).map_err(|e| {
+                ImageError::InvalidManifest {
+                    reference: name.clone(),
+                    reason: format!("not a valid index: {e}"),
+                }
+            })?;
+            let chosen =
+                pick_platform(&index.manifests).ok_or_else(|| ImageError::InvalidManifest {
+                    reference: name.clone(),
+                    reason: "the index lists no manifest for a VM platform".into(),
+                })?;
+            fetched = reg.get_manifest(&chosen.digest).await?;
+        }
+        Ok(fetched)
+    }
+
+    /// Move a complete, verified pull directory `work` into the cache as the image
+    /// `digest` (with its manifest bytes and metadata), durably.
+    pub(super) fn install(
+        &self,
+        work: &Path,
+        manifest: &[u8],
+        name: &str,
+        format: crate::manifest::Format,
+        digest: &str,
+    ) -> Result<()> {
+        std::fs::write(work.join("manifest.json"), manifest)
+            .io("write", work.join("manifest.json"))?;
+        let meta = Meta {
+            reference: name.to_owned(),
+            format,
+            pulled_at: chrono::Utc::now().to_rfc3339(),
+            boot_id: boot_id(),
+        };
+        let meta_bytes = serde_json::to_vec_pretty(&meta).map_err(|e| ImageError::Io {
+            op: "serialise",
+            path: work.join("meta.json"),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(work.join("meta.json"), meta_bytes).io("write", work.join("meta.json"))?;
+        File::create(work.join(".pin")).io("create", work.join(".pin"))?;
+        if boot_id().is_none() {
+            persist(work)?;
+        }
+        let dest = self.image_dir(digest);
+        std::fs::rename(work, &dest).io("install", &dest)?;
+        let parent = dest.parent().unwrap_or(&dest);
+        File::open(parent)
+            .and_then(|f| f.sync_all())
+            .io("fsync", parent)?;
+        if boot_id().is_some() {
+            let dest = dest.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = persist(&dest) {
+                    tracing::warn!(path = %dest.display(), error = %e, "background fsync of a pulled image failed");
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Turns a "no space left on device" anywhere in `e` into [`ImageError::NoSpace`]

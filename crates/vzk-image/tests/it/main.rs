@@ -8,6 +8,7 @@ mod create;
 #[cfg(target_os = "linux")]
 mod diskfull;
 mod faults;
+mod lazy;
 mod mirrors;
 mod roundtrip;
 mod support;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 use vzk_core::PodEvent;
-use vzk_image::{PullOptions, PullPolicy, Reference};
+use vzk_image::{LazyPull, PullOptions, PullPolicy, Reference};
 use vzk_vm::{DiskSpec, MacAddr, NicSpec, SnapshotSpec, VmSpec};
 
 use crate::metrics::{StartClock, StartPhase};
@@ -46,6 +46,12 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
 
     // 1. Pull (with back-off, like the kubelet).
     let policy = PullPolicy::from_k8s(c0.image_pull_policy.as_deref(), &reference);
+    // Boot before the download ends, where the node and the pod want it.
+    let lazy = policy != PullPolicy::Never
+        && inner
+            .args
+            .lazy_disks
+            .applies(e.pod.metadata.annotations.as_ref());
     let mut backoff = Duration::from_secs(10);
     let image = loop {
         // Credentials under the image's registry are for it; mirrors get what is stored
@@ -73,7 +79,48 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             );
         }
         let t0 = Instant::now();
-        match inner.images.pull(&reference, &opts).await {
+        let pulled = if lazy && !(cached && policy == PullPolicy::IfNotPresent) {
+            match inner
+                .images
+                .pull_lazy(&reference, &opts, &inner.args.lazy_options())
+                .await
+            {
+                Ok(LazyPull::Lazy(img) | LazyPull::Cached(img)) => Ok(img),
+                Ok(LazyPull::Unsupported { reason }) => {
+                    inner.event(
+                        &e,
+                        PodEvent::normal(
+                            "LazyDiskUnavailable",
+                            format!(
+                                "Pulling image \"{image_name}\" in full before booting: {reason}"
+                            ),
+                        ),
+                    );
+                    inner.images.pull(&reference, &opts).await
+                }
+                Err(err) => Err(err),
+            }
+        } else {
+            inner.images.pull(&reference, &opts).await
+        };
+        match pulled {
+            Ok(img) if img.lazy.is_some() => {
+                inner
+                    .metrics
+                    .pull(img.format.as_str(), true, t0.elapsed(), dir_bytes(&img.dir));
+                clock.phase(StartPhase::Pull);
+                inner.event(
+                    &e,
+                    PodEvent::normal(
+                        "Pulled",
+                        format!(
+                            "Serving image \"{image_name}\" on demand while it downloads (ready to boot in {:.3}s)",
+                            t0.elapsed().as_secs_f64()
+                        ),
+                    ),
+                );
+                break img;
+            }
             Ok(img) => {
                 let fetched = !(cached && policy == PullPolicy::IfNotPresent);
                 let bytes = if fetched { dir_bytes(&img.dir) } else { 0 };
@@ -133,6 +180,9 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     match inner.images.pin(&image) {
         Ok(p) => *lock(&e.pin) = Some(p),
         Err(err) => warn!(pod = %e.key, error = %err, "cannot pin the image"),
+    }
+    if let Some(l) = &image.lazy {
+        *lock(&e.lazy_disk) = Some(l.disk().state());
     }
 
     // 2. What to boot.

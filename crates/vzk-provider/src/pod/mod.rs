@@ -83,6 +83,8 @@ pub(crate) struct PodEntry {
     pub(crate) create_lock: Arc<tokio::sync::Mutex<()>>,
     pub(crate) slot: Mutex<Option<Slot>>,
     pub(crate) pin: Mutex<Option<crate::images::ImagePin>>,
+    /// The state of the VM's disk while it is served on demand (a lazy image).
+    pub(crate) lazy_disk: Mutex<Option<tokio::sync::watch::Receiver<vzk_image::LazyState>>>,
     /// Restarts, last state and `started` of container 0.
     pub(crate) history: Mutex<VmHistory>,
     /// Containers 1..N (Docker side-cars) and the init containers.
@@ -141,6 +143,7 @@ impl PodEntry {
             create_lock: Arc::new(tokio::sync::Mutex::new(())),
             slot: Mutex::new(None),
             pin: Mutex::new(None),
+            lazy_disk: Mutex::new(None),
             history: Mutex::new(VmHistory::default()),
             sidecars,
             init,

@@ -33,6 +33,10 @@ pub(super) fn choose(
     if !inner.args.snapshot_start || !caps.snapshots {
         return None;
     }
+    if image.lazy.is_some() {
+        info!(pod = %e.key, "booting cold: the image's disk is served on demand while it downloads");
+        return None;
+    }
     if let Some(why) = templates::ineligible(&e.pod, boot) {
         info!(pod = %e.key, %why, "booting cold");
         return None;

@@ -29,6 +29,9 @@ pub(super) enum RunEnd {
         /// The grace for the stop.
         grace: Duration,
     },
+    /// The VM's disk, served on demand, failed for good (the registry gone past the
+    /// retries, a frame that failed verification): the guest cannot be trusted to go on.
+    DiskFailed(String),
 }
 
 /// The pod's `terminationGracePeriodSeconds` (default 30 s).
@@ -163,8 +166,10 @@ impl Supervised for VmContainer {
                 ready: false,
             },
         );
+        let lazy_disk = lock(&e.lazy_disk).clone();
         let end = tokio::select! {
             s = final_state(vm.clone()) => RunEnd::Exited(s),
+            reason = lazy_disk_failed(lazy_disk) => RunEnd::DiskFailed(reason),
             k = guest(inner, e, &vm, self.post_start.clone(), &started_at, ran_since, &self.probes) => k,
         };
         let (exit_code, reason, message) = match end {
@@ -174,6 +179,15 @@ impl Supervised for VmContainer {
                     PodEvent::warning("Failed", format!("VM ended: {reason}")),
                 );
                 (1, "Error".to_owned(), Some(reason))
+            }
+            RunEnd::DiskFailed(reason) => {
+                let msg = format!("the VM's disk, served on demand, failed: {reason}");
+                inner.event(e, PodEvent::warning("LazyDiskFailed", msg.clone()));
+                let _ = vm.force_stop().await;
+                if let Some(s) = e.session() {
+                    s.close();
+                }
+                (1, "LazyDiskFailed".to_owned(), Some(msg))
             }
             RunEnd::Exited(_) => (
                 0,
@@ -238,6 +252,30 @@ impl Supervised for VmContainer {
                 crash_loop_message(delay, &e.container, &e.key),
             );
         }
+    }
+}
+
+/// The reason a lazy disk failed, when it does (never for a disk that is not lazy, or
+/// that completes).
+async fn lazy_disk_failed(
+    rx: Option<tokio::sync::watch::Receiver<vzk_image::LazyState>>,
+) -> String {
+    let Some(mut rx) = rx else {
+        return std::future::pending().await;
+    };
+    let failed = match rx
+        .wait_for(|s| matches!(s, vzk_image::LazyState::Failed(_)))
+        .await
+    {
+        Ok(s) => match &*s {
+            vzk_image::LazyState::Failed(r) => Some(r.clone()),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    match failed {
+        Some(r) => r,
+        None => std::future::pending().await,
     }
 }
 

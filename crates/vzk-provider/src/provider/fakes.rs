@@ -280,6 +280,19 @@ impl ImageSource for TestImages {
             dir: self.dir.clone(),
             format: Format::Vzk,
             config,
+            lazy: None,
+        })
+    }
+
+    async fn pull_lazy(
+        &self,
+        reference: &Reference,
+        _opts: &PullOptions,
+        _lazy: &vzk_image::LazyOptions,
+    ) -> Result<vzk_image::LazyPull, ImageSourceError> {
+        self.log.push(format!("pull_lazy {reference}"));
+        Ok(vzk_image::LazyPull::Unsupported {
+            reason: "the test image source serves no disk on demand".into(),
         })
     }
 

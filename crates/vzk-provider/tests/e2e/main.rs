@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod init;
+mod lazy;
 mod probes;
 mod sidecars;
 mod snapshot;

@@ -8,44 +8,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 
 use super::support::*;
 use super::{BOOT, exec, is_ready, vm_pod};
-
-/// `(reason, message)` of the events regarding pod `name`.
-async fn events_of(
-    events: &Api<k8s_openapi::api::events::v1::Event>,
-    name: &str,
-) -> Vec<(String, String)> {
-    let list = events.list(&ListParams::default()).await.unwrap();
-    list.items
-        .iter()
-        .filter(|e| e.regarding.as_ref().and_then(|o| o.name.as_deref()) == Some(name))
-        .map(|e| {
-            (
-                e.reason.clone().unwrap_or_default(),
-                e.note.clone().unwrap_or_default(),
-            )
-        })
-        .collect()
-}
-
-async fn wait_event(
-    events: &Api<k8s_openapi::api::events::v1::Event>,
-    name: &str,
-    reason: &str,
-    timeout: Duration,
-) -> String {
-    wait_for(timeout, &format!("event {reason} of {name}"), || async {
-        events_of(events, name)
-            .await
-            .into_iter()
-            .find(|(r, _)| r == reason)
-            .map(|(_, m)| m)
-    })
-    .await
-}
 
 async fn create_ready(pods: &Api<Pod>, pod: &Pod) -> Pod {
     pods.create(&PostParams::default(), pod).await.unwrap();
@@ -227,33 +193,4 @@ async fn pods_start_by_restore_with_their_own_identity_and_fall_back_to_a_cold_b
         delete_pod(&pods, name, 0, Duration::from_secs(60)).await;
     }
     wait_all_released(&provider, Duration::from_secs(60)).await;
-}
-
-/// Files named `name` under `dir`, at any depth.
-fn walk(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p, name));
-        } else if p.file_name().is_some_and(|n| n == name) {
-            out.push(p);
-        }
-    }
-    out
-}
-
-fn sha256_of(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
 }

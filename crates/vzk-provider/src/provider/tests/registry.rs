@@ -105,3 +105,71 @@ async fn a_bad_hosts_toml_stops_the_provider_naming_file_and_line() {
         "{err:?}"
     );
 }
+
+/// `--lazy-disks` and the pod annotation decide who asks for a disk served on demand; an
+/// image that cannot be served so is pulled in full, with an event saying why.
+#[tokio::test(start_paused = true)]
+async fn lazy_disks_flag_and_annotation_choose_who_asks_for_a_lazy_disk() {
+    fn annotated(name: &str, value: Option<&str>) -> Pod {
+        let mut p = pod(name, "Always");
+        if let Some(v) = value {
+            p.metadata.annotations = Some(
+                [(crate::args::LAZY_DISK_ANNOTATION.to_owned(), v.to_owned())]
+                    .into_iter()
+                    .collect(),
+            );
+        }
+        p
+    }
+    for (mode, pods) in [
+        (
+            "off",
+            vec![("plain", None, false), ("asks", Some("true"), false)],
+        ),
+        (
+            "opt-in",
+            vec![("plain", None, false), ("asks", Some("true"), true)],
+        ),
+        (
+            "on",
+            vec![("plain", None, true), ("declines", Some("false"), false)],
+        ),
+    ] {
+        let h = harness(Opts {
+            extra_args: vec!["--lazy-disks".into(), mode.into()],
+            ..Opts::default()
+        })
+        .await;
+        for (name, value, lazy) in pods {
+            let p = annotated(name, value);
+            let (seen, seen_events) = (h.hv.log.calls().len(), h.events.lock().unwrap().len());
+            h.provider.create_pod(&p).await.unwrap();
+            h.until(&p, "VM running", running).await;
+            let calls = h.hv.log.calls()[seen..].to_vec();
+            let asked = calls.iter().filter(|c| c.starts_with("pull_lazy")).count();
+            let pulls = calls.iter().filter(|c| c.starts_with("pull ")).count();
+            assert_eq!(asked, usize::from(lazy), "{mode} {name}: {calls:?}");
+            assert_eq!(
+                pulls, 1,
+                "{mode} {name}: always one full pull here: {calls:?}"
+            );
+            let said: Vec<_> = h.events.lock().unwrap()[seen_events..]
+                .iter()
+                .filter(|(_, e)| e.reason == "LazyDiskUnavailable")
+                .cloned()
+                .collect();
+            assert_eq!(said.len(), usize::from(lazy), "{mode} {name}");
+            if lazy {
+                assert!(
+                    said[0].1.message.contains("serves no disk on demand"),
+                    "{:?}",
+                    said[0].1
+                );
+            }
+            h.provider
+                .delete_pod(&p, Duration::from_secs(1))
+                .await
+                .unwrap();
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! [`ImageStore::pull_lazy`]: an image usable before its disk is downloaded.
+//!
+//! The small files (config, kernel, initrd, aux) are pulled as usual; the disk becomes a
+//! [`LazyDisk`] served over NBD on a Unix socket ([`LazyImage::nbd_url`]), which a pod's
+//! qcow2 overlay uses as its backing file ([`crate::Cloner::clone_image`]).
+//! Meanwhile the rest of the disk is fetched in the background; once every chunk matched
+//! its digest the directory's files are hard-linked into the cache, which then holds an
+//! ordinary image, bit-identical to a full pull's. Running pods keep their NBD server
+//! (it reads the same inode) until the last of them is gone.
+//!
+//! Only vzk images pushed with a frame index can be served this way; for the others
+//! the caller is told why ([`LazyPull::Unsupported`]) and pulls in full.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{ImageStore, LocalImage};
+use crate::error::{ImageError, IoContext as _, Result};
+use crate::frame_index::FrameIndex;
+use crate::lazy::{LazyDisk, LazyOptions, LazyState};
+use crate::manifest::{self, Format};
+use crate::media_types::Role;
+use crate::progress::NoProgress;
+use crate::reference::Reference;
+use crate::registry::Registry;
+
+use super::pull::{PullOptions, PullPolicy};
+
+/// What [`ImageStore::pull_lazy`] gave.
+#[derive(Debug)]
+pub enum LazyPull {
+    /// The image was in the cache already.
+    Cached(LocalImage),
+    /// Its disk is served on demand ([`LocalImage::lazy`] is set).
+    Lazy(LocalImage),
+    /// It cannot be served lazily: pull it in full.
+    Unsupported {
+        /// Why not.
+        reason: String,
+    },
+}
+
+/// An image whose disk is being fetched, and the NBD server that serves it.
+pub struct LazyImage {
+    disk: Arc<LazyDisk>,
+    socket: PathBuf,
+    work: PathBuf,
+    digest: String,
+    shutdown: CancellationToken,
+    _work_lock: File,
+}
+
+impl std::fmt::Debug for LazyImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyImage")
+            .field("digest", &self.digest)
+            .field("socket", &self.socket)
+            .field("disk", &self.disk)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for LazyImage {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let _ = std::fs::remove_file(&self.socket);
+        // The cache holds hard links of whatever completed; the rest goes.
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+impl LazyImage {
+    /// The disk.
+    pub fn disk(&self) -> &Arc<LazyDisk> {
+        &self.disk
+    }
+    /// Where QEMU reads the disk: `nbd+unix:///disk?socket=<path>`.
+    pub fn nbd_url(&self) -> String {
+        format!("nbd+unix:///disk?socket={}", self.socket.display())
+    }
+    /// The NBD server's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+struct DiskExport(Arc<LazyDisk>);
+
+#[async_trait::async_trait]
+impl vzk_nbd::Export for DiskExport {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_at(offset, buf).await
+    }
+}
+
+/// A Unix socket path for image `hex` that fits `sun_path` (108 bytes): under the
+/// store's root when short enough, else the temp dir.
+fn socket_path(root: &Path, hex: &str) -> PathBuf {
+    let name = format!(
+        "nbd-{}-{:08x}.sock",
+        &hex[..hex.len().min(16)],
+        rand::random::<u32>()
+    );
+    let p = root.join("tmp").join(&name);
+    if p.as_os_str().len() < 100 {
+        p
+    } else {
+        std::env::temp_dir().join(name)
+    }
+}
+
+impl ImageStore {
+    /// The image, from the cache if it is there, else with its disk served on demand
+    /// while the rest downloads (see the module docs). Concurrent calls for one image
+    /// share one lazy disk.
+    pub async fn pull_lazy(
+        &self,
+        reference: &Reference,
+        opts: &PullOptions,
+        lazy: &LazyOptions,
+    ) -> Result<LazyPull> {
+        if opts.policy != PullPolicy::Always
+            && let Some(img) = self.get(reference)?
+        {
+            return Ok(LazyPull::Cached(img));
+        }
+        if opts.policy == PullPolicy::Never {
+            return Err(ImageError::NotPresent {
+                reference: reference.to_string(),
+            });
+        }
+        let name = reference.to_string();
+        let reg = Arc::new(Registry::new(reference, &opts.registry_options(), false)?);
+        let fetched = self.resolve(&reg, reference).await?;
+        let digest = fetched.digest.clone();
+        if let Some(img) = self.load(&digest, &name)? {
+            self.write_ref(reference, &digest)?;
+            return Ok(LazyPull::Cached(img));
+        }
+        let m = manifest::parse_manifest(&fetched.bytes, &name)?;
+        let plan = manifest::plan(&m, &name)?;
+        let unsupported = |reason: &str| {
+            Ok(LazyPull::Unsupported {
+                reason: reason.to_owned(),
+            })
+        };
+        if plan.format != Format::Vzk {
+            return unsupported(&format!(
+                "an image of the {} format has no frame index",
+                plan.format.as_str()
+            ));
+        }
+        let Some(index_desc) = plan.frame_index.clone() else {
+            return unsupported("the image was pushed without a frame index");
+        };
+        let Some(disk_plan) = plan.file(Role::Disk).cloned() else {
+            return unsupported("the image has no disk");
+        };
+        // One lazy disk per image in this process.
+        let live = {
+            let mut map = self.inner.lazy.lock().map_err(|_| ImageError::Cancelled)?;
+            map.retain(|_, w| w.strong_count() > 0);
+            map.get(&digest).and_then(Weak::upgrade)
+        };
+        if let Some(l) = live
+            && !matches!(&*l.disk.state().borrow(), LazyState::Failed(_))
+        {
+            let config = load_config(&l.work)?;
+            return Ok(LazyPull::Lazy(LocalImage {
+                digest,
+                reference: name,
+                dir: l.work.clone(),
+                format: plan.format,
+                config,
+                lazy: Some(l),
+            }));
+        }
+        if self.inner.budget != u64::MAX {
+            self.gc_to(self.inner.budget.saturating_sub(plan.uncompressed_size()))?;
+        }
+        // The manifest's pull lock, held until the image is installed: a full pull of
+        // it (here or in another process) waits for this one.
+        let hex = digest.trim_start_matches("sha256:").to_string();
+        let lock_path = self.tmp().join(format!("{hex}.lock"));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .io("create", &lock_path)?;
+        if lock.try_lock().is_err() {
+            return unsupported("another pull of this image is under way");
+        }
+        let work = self.tmp().join(format!("{hex}.{}", rand::random::<u32>()));
+        std::fs::create_dir(&work).io("create", &work)?;
+        let work_lock = File::create(work.join(".lock")).io("create", work.join(".lock"))?;
+        work_lock.lock().io("lock", work.join(".lock"))?;
+        let cleanup = |e: ImageError| {
+            let _ = std::fs::remove_dir_all(&work);
+            e
+        };
+        // The index, verified against the manifest.
+        let index_bytes = crate::fetch::fetch_small(
+            &reg,
+            &index_desc.digest,
+            index_desc.size,
+            crate::frame_index::MAX_INDEX_BYTES,
+        )
+        .await
+        .map_err(cleanup)?;
+        let frames = FrameIndex::decode(&index_bytes)
+            .and_then(|idx| idx.map(&disk_plan))
+            .map_err(|reason| {
+                cleanup(ImageError::InvalidManifest {
+                    reference: name.clone(),
+                    reason: format!("frame index {}: {reason}", index_desc.digest),
+                })
+            })?;
+        // Everything but the disk, in full.
+        let mut small = plan.clone();
+        small.files.retain(|f| f.role != Role::Disk);
+        let config = crate::pull::pull_into(
+            reg.clone(),
+            &small,
+            &work,
+            crate::pull::default_concurrency(),
+            Arc::new(NoProgress),
+            &Default::default(),
+        )
+        .await
+        .map_err(cleanup)?;
+        let disk_path = work.join(Role::Disk.file_name());
+        let disk = LazyDisk::create(
+            reg.clone(),
+            disk_plan.parts.clone(),
+            frames,
+            &disk_path,
+            disk_plan.size,
+            lazy.clone(),
+        )
+        .io("create", &disk_path)
+        .map_err(cleanup)?;
+        let disk = Arc::new(disk);
+        // The registry must serve byte ranges: one read of the first frame with data.
+        if let Some(at) = disk.first_data_offset() {
+            let mut b = [0u8; 1];
+            if let Err(e) = disk.read_at(at, &mut b).await {
+                let _ = std::fs::remove_dir_all(&work);
+                return unsupported(&format!("a first ranged read failed: {e}"));
+            }
+        }
+        let socket = socket_path(self.root(), &hex);
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .io("listen", &socket)
+            .map_err(cleanup)?;
+        let shutdown = CancellationToken::new();
+        let export: Arc<dyn vzk_nbd::Export> = Arc::new(DiskExport(disk.clone()));
+        {
+            let shutdown = shutdown.clone();
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                if let Err(e) = vzk_nbd::serve(
+                    listener,
+                    export,
+                    vzk_nbd::ServerOptions::default(),
+                    shutdown,
+                )
+                .await
+                {
+                    tracing::warn!(socket = %socket.display(), error = %e, "NBD server ended");
+                }
+            });
+        }
+        let image = Arc::new(LazyImage {
+            disk: disk.clone(),
+            socket,
+            work: work.clone(),
+            digest: digest.clone(),
+            shutdown,
+            _work_lock: work_lock,
+        });
+        if let Ok(mut map) = self.inner.lazy.lock() {
+            map.insert(digest.clone(), Arc::downgrade(&image));
+        }
+        tracing::info!(reference = %name, %digest, nbd = %image.nbd_url(), size = disk_plan.size, "serving the image's disk on demand while it downloads");
+        // The background completion keeps the image alive until it is installed.
+        {
+            let store = self.clone();
+            let image = image.clone();
+            let reference = reference.clone();
+            let (manifest_bytes, name, digest) =
+                (fetched.bytes.to_vec(), name.clone(), digest.clone());
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let res = match image.disk.complete().await {
+                    Ok(()) => store
+                        .install_lazy(&image.work, &manifest_bytes, &name, &digest)
+                        .and_then(|()| store.write_ref(&reference, &digest)),
+                    Err(reason) => Err(ImageError::InvalidManifest {
+                        reference: name.clone(),
+                        reason,
+                    }),
+                };
+                drop(lock);
+                let _ = std::fs::remove_file(&lock_path);
+                match res {
+                    Ok(()) => {
+                        tracing::info!(reference = %name, %digest, seconds = started.elapsed().as_secs_f64(), stats = ?image.disk.stats(), "lazily served image complete and in the cache")
+                    }
+                    Err(e) => {
+                        tracing::warn!(reference = %name, %digest, error = %e, "lazily served image did not complete")
+                    }
+                }
+            });
+        }
+        Ok(LazyPull::Lazy(LocalImage {
+            digest,
+            reference: name,
+            dir: work,
+            format: plan.format,
+            config,
+            lazy: Some(image),
+        }))
+    }
+
+    /// Install the files of a completed lazy image: hard links in a new pull directory,
+    /// moved into the cache (the lazy directory stays for the pods that use it).
+    fn install_lazy(&self, work: &Path, manifest: &[u8], name: &str, digest: &str) -> Result<()> {
+        let hex = digest.trim_start_matches("sha256:");
+        let dir = self.tmp().join(format!("{hex}.{}", rand::random::<u32>()));
+        std::fs::create_dir(&dir).io("create", &dir)?;
+        let res = (|| {
+            let lock = File::create(dir.join(".lock")).io("create", dir.join(".lock"))?;
+            lock.lock().io("lock", dir.join(".lock"))?;
+            for role in [
+                Role::Config,
+                Role::Kernel,
+                Role::Initrd,
+                Role::Aux,
+                Role::Disk,
+            ] {
+                let from = work.join(role.file_name());
+                if from.exists() {
+                    let to = dir.join(role.file_name());
+                    std::fs::hard_link(&from, &to).io("link", &to)?;
+                }
+            }
+            self.install(&dir, manifest, name, Format::Vzk, digest)
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        res
+    }
+}
+
+fn load_config(dir: &Path) -> Result<crate::config::VmConfig> {
+    let p = dir.join(Role::Config.file_name());
+    let bytes = std::fs::read(&p).io("read", &p)?;
+    serde_json::from_slice(&bytes).map_err(|e| ImageError::Io {
+        op: "parse",
+        path: p,
+        source: std::io::Error::other(e),
+    })
+}

@@ -1,0 +1,324 @@
+//! Lazy disks: an image whose disk is served (over real NBD, read by real QEMU tools)
+//! before its download ends, completed in the background into an ordinary cached image.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use vzk_image::manifest::Manifest;
+use vzk_image::media_types as mt;
+use vzk_image::{
+    Cloner, ImageStore, LazyOptions, LazyPull, LazyState, LocalImage, PushOptions, Reference, push,
+};
+
+use crate::support::*;
+
+async fn pushed(
+    reg: &TestRegistry,
+    src: &Path,
+    tag: &str,
+    format: vzk_image::Format,
+) -> (Reference, Manifest) {
+    let r = Reference::parse(&format!("{}/vm/lazy:{tag}", reg.addr)).expect("ref");
+    let rep = push(
+        src,
+        &r,
+        &PushOptions {
+            format,
+            chunk_size: 4 << 20,
+            registry: plain(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("push");
+    (r, serde_json::from_slice(&rep.manifest).expect("manifest"))
+}
+
+fn lazy_image(p: LazyPull) -> LocalImage {
+    match p {
+        LazyPull::Lazy(img) => img,
+        other => panic!("want a lazy image, got {other:?}"),
+    }
+}
+
+async fn wait_state(img: &LocalImage, done: impl Fn(&LazyState) -> bool) -> LazyState {
+    let lazy = img.lazy.as_ref().expect("lazy");
+    let mut rx = lazy.disk().state();
+    tokio::time::timeout(Duration::from_secs(120), rx.wait_for(|s| done(s)))
+        .await
+        .expect("state reached in time")
+        .expect("state channel")
+        .clone()
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_is_served_before_the_pull_ends_and_completes_bit_identical() {
+    let reg = registry(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 40 << 20);
+    let (r, m) = pushed(&reg, &src, "v1", vzk_image::Format::Vzk).await;
+    assert_eq!(
+        m.layers.last().map(|l| l.media_type.as_str()),
+        Some(mt::VZK_DISK_FRAMES),
+        "a vzk push carries the frame index last"
+    );
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    // The background completion slowed to a trickle: what the reads get, they fetch.
+    let opts = LazyOptions {
+        background_rate: Some(64 << 10),
+        background_request: 1 << 20,
+        ..Default::default()
+    };
+    let img = lazy_image(
+        store
+            .pull_lazy(&r, &pull_opts(), &opts)
+            .await
+            .expect("lazy pull"),
+    );
+    let lazy = img.lazy.clone().expect("lazy");
+    assert!(
+        img.kernel().is_some() && img.initrd().is_some(),
+        "small files are local"
+    );
+    assert!(
+        store.get(&r).expect("get").is_none(),
+        "not cached before it completes"
+    );
+    // A pod's clone: a qcow2 overlay over the NBD export, read in full by QEMU.
+    let overlay = tmp.path().join("pod-disk.qcow2");
+    let cloner = Cloner::with_kind(vzk_image::CloneKind::Reflink);
+    cloner.clone_image(&img, &overlay).expect("clone over NBD");
+    let before = lazy.disk().stats();
+    run(Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+        .arg(&overlay)
+        .arg(src.join("disk.img")));
+    let after = lazy.disk().stats();
+    assert!(
+        after.guest_frames > before.guest_frames,
+        "QEMU's reads fetched frames on demand: {before:?} → {after:?}"
+    );
+    // Writes go to the overlay, never to the served disk.
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0xab 1M 64k"])
+        .arg(&overlay));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0xab 1M 64k"])
+        .arg(&overlay));
+    // Direct reads agree with the source at odd offsets, across frame boundaries.
+    let want = std::fs::read(src.join("disk.img")).expect("src");
+    for (at, len) in [
+        (0usize, 512usize),
+        ((1 << 20) - 100, 300),
+        ((7 << 20) + 5, 3 << 20),
+        (want.len() - 17, 17),
+    ] {
+        let mut buf = vec![0u8; len];
+        lazy.disk()
+            .read_at(at as u64, &mut buf)
+            .await
+            .expect("read");
+        assert!(buf == want[at..at + len], "bytes at {at}+{len}");
+    }
+    let mut past = [0u8; 2];
+    assert!(
+        lazy.disk()
+            .read_at(want.len() as u64 - 1, &mut past)
+            .await
+            .is_err()
+    );
+    // Another pod of the image gets the same lazy disk.
+    let again = lazy_image(
+        store
+            .pull_lazy(&r, &pull_opts(), &opts)
+            .await
+            .expect("again"),
+    );
+    assert_eq!(again.lazy.expect("lazy").socket(), lazy.socket());
+    // Completion: an ordinary cached image, identical to a full pull.
+    let state = wait_state(&img, |s| !matches!(s, LazyState::Filling { .. })).await;
+    assert_eq!(state, LazyState::Complete);
+    let cached = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(c) = store.get(&r).expect("get") {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("installed");
+    assert!(cached.lazy.is_none());
+    assert_same_file(&cached.disk(), &src.join("disk.img"));
+    let full = ImageStore::open(tmp.path().join("full"), u64::MAX).expect("store");
+    let pulled = full.pull(&r, &pull_opts()).await.expect("full pull");
+    for f in [
+        "disk.img",
+        "kernel",
+        "initrd",
+        "config.json",
+        "manifest.json",
+    ] {
+        assert_same_file(&cached.dir.join(f), &pulled.dir.join(f));
+    }
+    assert!(matches!(
+        store
+            .pull_lazy(&r, &pull_opts(), &opts)
+            .await
+            .expect("cached"),
+        LazyPull::Cached(_)
+    ));
+    // The running pod's overlay still reads through its NBD server.
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0xab 1M 64k"])
+        .arg(&overlay));
+    let socket = lazy.socket().to_path_buf();
+    drop((img, lazy));
+    assert!(
+        !socket.exists(),
+        "the last user gone, the server and socket go"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_frame_is_never_served_and_nothing_is_cached() {
+    let reg = registry(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 16 << 20);
+    let (r, m) = pushed(&reg, &src, "bad", vzk_image::Format::Vzk).await;
+    let victim = m
+        .layers
+        .iter()
+        .filter(|l| l.media_type == mt::VZK_DISK)
+        .max_by_key(|l| l.size)
+        .expect("chunk");
+    let path = reg.blob_path(&victim.digest);
+    let mut bytes = std::fs::read(&path).expect("blob");
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&path, bytes).expect("tamper");
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    let img = lazy_image(
+        store
+            .pull_lazy(
+                &r,
+                &pull_opts(),
+                &LazyOptions {
+                    background_rate: Some(1 << 10),
+                    background_request: 1 << 20,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("lazy pull"),
+    );
+    let lazy = img.lazy.clone().expect("lazy");
+    let want = std::fs::read(src.join("disk.img")).expect("src");
+    let mut errors = Vec::new();
+    for at in (0..want.len()).step_by(1 << 20) {
+        let mut buf = vec![0u8; 1 << 20];
+        match lazy.disk().read_at(at as u64, &mut buf).await {
+            Ok(()) => assert!(
+                buf == want[at..at + buf.len()],
+                "a served frame is right ({at})"
+            ),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    assert!(!errors.is_empty(), "the tampered frame is refused");
+    assert!(
+        errors.iter().any(|e| e.contains("not served")),
+        "{errors:?}"
+    );
+    let state = wait_state(&img, |s| matches!(s, LazyState::Failed(_))).await;
+    assert!(
+        matches!(&state, LazyState::Failed(r) if r.contains(&victim.digest)),
+        "{state:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(store.get(&r).expect("get").is_none(), "nothing is cached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_gone_mid_boot_fails_reads_after_retries() {
+    let mut reg = registry(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 16 << 20);
+    let (r, _) = pushed(&reg, &src, "gone", vzk_image::Format::Vzk).await;
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    let img = lazy_image(
+        store
+            .pull_lazy(
+                &r,
+                &pull_opts(),
+                &LazyOptions {
+                    attempts: 3,
+                    backoff: Duration::from_millis(50),
+                    background_rate: Some(1 << 10),
+                    background_request: 1 << 20,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("lazy pull"),
+    );
+    let lazy = img.lazy.clone().expect("lazy");
+    reg.stop();
+    let mut buf = vec![0u8; 4096];
+    let err = lazy
+        .disk()
+        .read_at(12 << 20, &mut buf)
+        .await
+        .expect_err("the registry is gone");
+    assert!(err.to_string().contains("failed 3 times"), "{err}");
+    let state = wait_state(&img, |s| matches!(s, LazyState::Failed(_))).await;
+    assert!(
+        matches!(&state, LazyState::Failed(r) if r.contains("failed 3 times")),
+        "{state:?}"
+    );
+    // Later reads fail at once with the same reason, never with made-up bytes.
+    let err2 = lazy
+        .disk()
+        .read_at(13 << 20, &mut buf)
+        .await
+        .expect_err("failed disk");
+    assert!(
+        matches!(&state, LazyState::Failed(r) if *r == err2.to_string()),
+        "{err2}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn formats_without_a_frame_index_are_pulled_in_full() {
+    let reg = registry(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    macos_image(&src, 4 << 20);
+    let (r, _) = pushed(&reg, &src, "agoda", vzk_image::Format::Agoda).await;
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    match store
+        .pull_lazy(&r, &pull_opts(), &LazyOptions::default())
+        .await
+        .expect("answer")
+    {
+        LazyPull::Unsupported { reason } => assert!(reason.contains("agoda"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
