@@ -25,13 +25,16 @@
 //! and SSH → Ready.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use vzk_testenv::{ControlPlane, Netns, Registry, debian_guest, free_port, guest, strip_ansi};
+
+mod common;
+use common::{AgentProc, delete_and_wait, die, is_ready, median};
 
 /// The guest the bench boots.
 struct BenchGuest {
@@ -76,11 +79,6 @@ impl BenchGuest {
             )),
         }
     }
-}
-
-fn die(msg: impl std::fmt::Display) -> ! {
-    eprintln!("pod_startup: {msg}");
-    std::process::exit(1)
 }
 
 fn secs(t: SystemTime) -> f64 {
@@ -132,13 +130,6 @@ fn pod(name: &str, node: &str, image: &str, memory: &str) -> Pod {
         }
     }))
     .unwrap_or_else(|e| die(e))
-}
-
-fn is_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 #[derive(Default, Clone)]
@@ -286,40 +277,6 @@ async fn start_pod(
         ph.pulling = ph.pulled;
     }
     ph
-}
-
-async fn delete_and_wait(pods: &Api<Pod>, name: &str) {
-    let _ = pods
-        .delete(name, &DeleteParams::default().grace_period(5))
-        .await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while pods.get_opt(name).await.ok().flatten().is_some() {
-        if Instant::now() > deadline {
-            die(format!("{name} not deleted in 120 s"));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-struct AgentProc(Child);
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 #[tokio::main]

@@ -40,6 +40,31 @@ pub struct Cloner {
     qemu_img: PathBuf,
 }
 
+/// How long QEMU waits for a lazily served disk's server to come back (an agent
+/// restarting) before a read fails.
+pub const LAZY_RECONNECT_SECS: u32 = 60;
+
+/// Whether the qcow2 file at `path` is backed by a disk served over NBD
+/// ([`Cloner::clone_image`] of a lazy image): read from its header.
+pub fn is_served_over_nbd(path: &Path) -> bool {
+    use std::io::Read as _;
+    let mut head = vec![0u8; 64 << 10];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .unwrap_or(0);
+    let head = &head[..n];
+    if head.len() < 20 || &head[..4] != b"QFI\xfb" {
+        return false;
+    }
+    let at = u64::from_be_bytes(head[8..16].try_into().unwrap_or_default()) as usize;
+    let len = u32::from_be_bytes(head[16..20].try_into().unwrap_or_default()) as usize;
+    let Some(name) = head.get(at..at.saturating_add(len)) else {
+        return false;
+    };
+    let name = String::from_utf8_lossy(name);
+    name.starts_with("nbd") || (name.starts_with("json:") && name.contains("\"driver\":\"nbd\""))
+}
+
 /// Small files (e.g. a 32 MiB `aux.img`) may be copied outright when reflinks are
 /// unavailable; anything larger must be cloned.
 pub const MAX_COPY_BYTES: u64 = 256 << 20;
@@ -120,7 +145,7 @@ impl Cloner {
         }
         let out = Command::new(&self.qemu_img)
             .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b"])
-            .arg(lazy.nbd_url())
+            .arg(lazy.qemu_backing(LAZY_RECONNECT_SECS))
             .arg(dest)
             .arg(lazy.disk().size().to_string())
             .output()

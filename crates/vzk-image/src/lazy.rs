@@ -151,6 +151,30 @@ impl LazyDisk {
         Ok(disk)
     }
 
+    /// A disk already complete on local storage (a cached image's), served as it is: for
+    /// pods whose disks were served on demand by an agent before this one.
+    pub(crate) fn local(reg: Arc<Registry>, path: &Path) -> std::io::Result<LazyDisk> {
+        let file = std::fs::File::open(path)?;
+        let size = file.metadata()?.len();
+        let (state, _) = watch::channel(LazyState::Complete);
+        Ok(LazyDisk {
+            reg,
+            parts: Vec::new(),
+            frames: Vec::new(),
+            cells: Vec::new(),
+            file,
+            path: path.to_path_buf(),
+            size,
+            opts: LazyOptions::default(),
+            state,
+            present: AtomicU64::new(size),
+            guest_reads: AtomicUsize::new(0),
+            guest_bytes: AtomicU64::new(0),
+            guest_frames: AtomicU64::new(0),
+            background_bytes: AtomicU64::new(0),
+        })
+    }
+
     /// Where the first frame with data starts (`None`: the disk is all zeros).
     pub fn first_data_offset(&self) -> Option<u64> {
         self.frames.iter().find(|f| !f.zero).map(|f| f.offset)
@@ -213,8 +237,8 @@ impl LazyDisk {
                     ),
                 )
             })?;
-        if buf.is_empty() {
-            return Ok(());
+        if buf.is_empty() || self.frames.is_empty() {
+            return self.file.read_exact_at(buf, offset);
         }
         let first = self.frame_at(offset);
         let last = self.frame_at(end - 1);

@@ -71,6 +71,9 @@ pub struct PushOptions {
     pub extra_tags: Vec<String>,
     /// Progress (uncompressed bytes processed).
     pub progress: Option<Arc<dyn Progress>>,
+    /// vzk: push the disk's frame index (see [`crate::frame_index`]; default on). Agents
+    /// older than it refuse an image that carries it.
+    pub frame_index: bool,
 }
 
 impl Default for PushOptions {
@@ -89,6 +92,7 @@ impl Default for PushOptions {
             work_dir: None,
             extra_tags: Vec::new(),
             progress: None,
+            frame_index: true,
         }
     }
 }
@@ -436,7 +440,7 @@ pub async fn push_to(dir: &Path, dest: &Destination, opts: &PushOptions) -> Resu
         })
         .collect();
     // The vzk disk's frame index (lazy disks fetch single frames by it), the last layer.
-    if format == Format::Vzk {
+    if format == Format::Vzk && opts.frame_index {
         let bytes = FrameIndex {
             frame_size: crate::zstd_frames::FRAME as u32,
             chunks: disk_frames,

@@ -33,6 +33,14 @@ pub trait ImageSource: Send + Sync + 'static {
         opts: &PullOptions,
         lazy: &LazyOptions,
     ) -> Result<LazyPull, ImageSourceError>;
+    /// Serve `reference`'s disk again for a pod whose disk a previous agent served on
+    /// demand (its QEMU reconnects to the same socket): the image, its `lazy` set.
+    async fn reserve_lazy(
+        &self,
+        reference: &Reference,
+        opts: &PullOptions,
+        lazy: &LazyOptions,
+    ) -> Result<LocalImage, ImageSourceError>;
     /// Keeps `image` from being evicted while the pin lives (a pod uses it); for an
     /// image whose disk is served on demand, keeps its server running.
     fn pin(&self, image: &LocalImage) -> Result<ImagePin, ImageSourceError>;
@@ -96,6 +104,15 @@ impl ImageSource for StoreSource {
         lazy: &LazyOptions,
     ) -> Result<LazyPull, ImageSourceError> {
         Ok(self.store.pull_lazy(reference, opts, lazy).await?)
+    }
+
+    async fn reserve_lazy(
+        &self,
+        reference: &Reference,
+        opts: &PullOptions,
+        lazy: &LazyOptions,
+    ) -> Result<LocalImage, ImageSourceError> {
+        Ok(self.store.reserve_lazy(reference, opts, lazy).await?)
     }
 
     fn pin(&self, image: &LocalImage) -> Result<ImagePin, ImageSourceError> {

@@ -144,6 +144,9 @@ pub struct RegistryConfig {
     /// Run as a pull-through cache of this registry URL (`proxy.remoteurl`); such a
     /// registry refuses pushes.
     pub proxy_remote_url: Option<String>,
+    /// Run inside this network namespace (`ip netns` name), listening on this address
+    /// of it (e.g. one end of a veth pair the caller made), instead of on loopback.
+    pub netns: Option<(String, String)>,
 }
 
 /// A `docker-registry` (Debian's distribution v2) on a free loopback port, killed on drop.
@@ -152,6 +155,7 @@ pub struct RegistryConfig {
 #[derive(Debug)]
 pub struct Registry {
     child: Child,
+    netns: Option<String>,
     /// `127.0.0.1:<port>`.
     pub addr: String,
     /// Its working directory (config, storage under `data/`, `registry.log`).
@@ -176,7 +180,10 @@ impl Registry {
     /// Starts a registry configured by `config` and waits until it accepts connections.
     pub fn start_with(config: &RegistryConfig) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = match &config.netns {
+            Some((_, ip)) => format!("{ip}:5000"),
+            None => format!("127.0.0.1:{}", free_port()),
+        };
         let mut auth_cfg = String::new();
         if let Some((user, password)) = &config.auth {
             let out = Command::new("htpasswd")
@@ -211,21 +218,34 @@ impl Registry {
         );
         std::fs::write(dir.path().join("config.yml"), cfg)
             .unwrap_or_else(|e| panic!("registry config: {e}"));
-        let child = Self::spawn(dir.path());
-        let reg = Self { child, addr, dir };
+        let netns = config.netns.as_ref().map(|(n, _)| n.clone());
+        let child = Self::spawn(dir.path(), netns.as_deref());
+        let reg = Self {
+            child,
+            netns,
+            addr,
+            dir,
+        };
         reg.wait_listening();
         reg
     }
 
-    fn spawn(dir: &Path) -> Child {
+    fn spawn(dir: &Path, netns: Option<&str>) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("registry.log"))
             .unwrap_or_else(|e| panic!("registry log: {e}"));
         let bin = std::env::var("VZK_DOCKER_REGISTRY").unwrap_or_else(|_| "docker-registry".into());
-        Command::new(&bin)
-            .arg("serve")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.arg("serve")
             .arg(dir.join("config.yml"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -257,7 +277,7 @@ impl Registry {
     /// (after [`Registry::stop`]); waits until it accepts connections.
     pub fn restart(&mut self) {
         self.stop();
-        self.child = Self::spawn(self.dir.path());
+        self.child = Self::spawn(self.dir.path(), self.netns.as_deref());
         self.wait_listening();
     }
 

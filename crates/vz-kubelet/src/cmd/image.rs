@@ -108,6 +108,10 @@ struct PushFlags {
     /// agoda: put config.json in the manifest config (the e2e helper's layout) instead of a layer.
     #[arg(long)]
     config_as_config: bool,
+    /// vzk: leave out the disk's frame index (lazy disks need it; agents older than it
+    /// refuse images that carry it).
+    #[arg(long)]
+    no_frame_index: bool,
     /// Extra tags for the same manifest.
     #[arg(long = "tag")]
     tags: Vec<String>,
@@ -422,6 +426,7 @@ impl PushFlags {
             work_dir: Some(work_dir),
             extra_tags: self.tags.clone(),
             progress: Some(progress()),
+            frame_index: !self.no_frame_index,
             ..Default::default()
         };
         if let Some(c) = self.concurrency {

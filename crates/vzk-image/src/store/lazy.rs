@@ -47,10 +47,12 @@ pub enum LazyPull {
 pub struct LazyImage {
     disk: Arc<LazyDisk>,
     socket: PathBuf,
-    work: PathBuf,
+    /// The download's directory (removed with the image); none when serving a cached
+    /// image.
+    work: Option<PathBuf>,
     digest: String,
     shutdown: CancellationToken,
-    _work_lock: File,
+    _work_lock: Option<File>,
 }
 
 impl std::fmt::Debug for LazyImage {
@@ -68,7 +70,9 @@ impl Drop for LazyImage {
         self.shutdown.cancel();
         let _ = std::fs::remove_file(&self.socket);
         // The cache holds hard links of whatever completed; the rest goes.
-        let _ = std::fs::remove_dir_all(&self.work);
+        if let Some(w) = &self.work {
+            let _ = std::fs::remove_dir_all(w);
+        }
     }
 }
 
@@ -80,6 +84,20 @@ impl LazyImage {
     /// Where QEMU reads the disk: `nbd+unix:///disk?socket=<path>`.
     pub fn nbd_url(&self) -> String {
         format!("nbd+unix:///disk?socket={}", self.socket.display())
+    }
+    /// The disk as a QEMU block spec (a `json:` file name) that reconnects for up to
+    /// `reconnect_secs` when the server goes away (an agent restarting).
+    pub fn qemu_backing(&self, reconnect_secs: u32) -> String {
+        let spec = serde_json::json!({
+            "driver": "raw",
+            "file": {
+                "driver": "nbd",
+                "server": {"type": "unix", "path": self.socket},
+                "export": "disk",
+                "reconnect-delay": reconnect_secs,
+            },
+        });
+        format!("json:{spec}")
     }
     /// The NBD server's socket.
     pub fn socket(&self) -> &Path {
@@ -99,14 +117,13 @@ impl vzk_nbd::Export for DiskExport {
     }
 }
 
-/// A Unix socket path for image `hex` that fits `sun_path` (108 bytes): under the
-/// store's root when short enough, else the temp dir.
+/// The Unix socket of image `hex`'s NBD server in the store at `root`: under the root
+/// when short enough for `sun_path` (108 bytes), else the temp dir (named after the root
+/// too). The same for every agent on that store, so that an agent started after
+/// another serves its pods' disks where their QEMU reconnects to.
 fn socket_path(root: &Path, hex: &str) -> PathBuf {
-    let name = format!(
-        "nbd-{}-{:08x}.sock",
-        &hex[..hex.len().min(16)],
-        rand::random::<u32>()
-    );
+    let store = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
+    let name = format!("nbd-{}-{}.sock", &hex[..hex.len().min(16)], &store[..8]);
     let p = root.join("tmp").join(&name);
     if p.as_os_str().len() < 100 {
         p
@@ -170,12 +187,13 @@ impl ImageStore {
         };
         if let Some(l) = live
             && !matches!(&*l.disk.state().borrow(), LazyState::Failed(_))
+            && let Some(work) = l.work.clone()
         {
-            let config = load_config(&l.work)?;
+            let config = load_config(&work)?;
             return Ok(LazyPull::Lazy(LocalImage {
                 digest,
                 reference: name,
-                dir: l.work.clone(),
+                dir: work,
                 format: plan.format,
                 config,
                 lazy: Some(l),
@@ -255,11 +273,73 @@ impl ImageStore {
                 return unsupported(&format!("a first ranged read failed: {e}"));
             }
         }
-        let socket = socket_path(self.root(), &hex);
-        let _ = std::fs::remove_file(&socket);
-        let listener = tokio::net::UnixListener::bind(&socket)
-            .io("listen", &socket)
+        let image = self
+            .start_serving(disk.clone(), &digest, Some(work.clone()), Some(work_lock))
             .map_err(cleanup)?;
+        tracing::info!(reference = %name, %digest, nbd = %image.nbd_url(), size = disk_plan.size, "serving the image's disk on demand while it downloads");
+        // The background completion keeps the image alive until it is installed.
+        {
+            let store = self.clone();
+            let image = image.clone();
+            let reference = reference.clone();
+            let work = work.clone();
+            let (manifest_bytes, name, digest) =
+                (fetched.bytes.to_vec(), name.clone(), digest.clone());
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let res = match image.disk.complete().await {
+                    Ok(()) => store
+                        .install_lazy(&work, &manifest_bytes, &name, &digest)
+                        .and_then(|()| store.write_ref(&reference, &digest)),
+                    Err(reason) => Err(ImageError::InvalidManifest {
+                        reference: name.clone(),
+                        reason,
+                    }),
+                };
+                drop(lock);
+                let _ = std::fs::remove_file(&lock_path);
+                match res {
+                    Ok(()) => {
+                        let st = image.disk.stats();
+                        tracing::info!(
+                            reference = %name,
+                            %digest,
+                            seconds = started.elapsed().as_secs_f64(),
+                            guest_bytes = st.guest_bytes,
+                            guest_frames = st.guest_frames,
+                            background_bytes = st.background_bytes,
+                            "lazily served image complete and in the cache"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(reference = %name, %digest, error = %e, "lazily served image did not complete")
+                    }
+                }
+            });
+        }
+        Ok(LazyPull::Lazy(LocalImage {
+            digest,
+            reference: name,
+            dir: work,
+            format: plan.format,
+            config,
+            lazy: Some(image),
+        }))
+    }
+
+    /// Serve `disk` over NBD at the image's socket; the image is registered as live.
+    fn start_serving(
+        &self,
+        disk: Arc<LazyDisk>,
+        digest: &str,
+        work: Option<PathBuf>,
+        work_lock: Option<File>,
+    ) -> Result<Arc<LazyImage>> {
+        let hex = digest.trim_start_matches("sha256:");
+        let socket = socket_path(self.root(), hex);
+        // A socket left by an agent before this one.
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket).io("listen", &socket)?;
         let shutdown = CancellationToken::new();
         let export: Arc<dyn vzk_nbd::Export> = Arc::new(DiskExport(disk.clone()));
         {
@@ -279,55 +359,57 @@ impl ImageStore {
             });
         }
         let image = Arc::new(LazyImage {
-            disk: disk.clone(),
+            disk,
             socket,
-            work: work.clone(),
-            digest: digest.clone(),
+            work,
+            digest: digest.to_owned(),
             shutdown,
             _work_lock: work_lock,
         });
         if let Ok(mut map) = self.inner.lazy.lock() {
-            map.insert(digest.clone(), Arc::downgrade(&image));
+            map.insert(digest.to_owned(), Arc::downgrade(&image));
         }
-        tracing::info!(reference = %name, %digest, nbd = %image.nbd_url(), size = disk_plan.size, "serving the image's disk on demand while it downloads");
-        // The background completion keeps the image alive until it is installed.
-        {
-            let store = self.clone();
-            let image = image.clone();
-            let reference = reference.clone();
-            let (manifest_bytes, name, digest) =
-                (fetched.bytes.to_vec(), name.clone(), digest.clone());
-            tokio::spawn(async move {
-                let started = std::time::Instant::now();
-                let res = match image.disk.complete().await {
-                    Ok(()) => store
-                        .install_lazy(&image.work, &manifest_bytes, &name, &digest)
-                        .and_then(|()| store.write_ref(&reference, &digest)),
-                    Err(reason) => Err(ImageError::InvalidManifest {
-                        reference: name.clone(),
-                        reason,
-                    }),
-                };
-                drop(lock);
-                let _ = std::fs::remove_file(&lock_path);
-                match res {
-                    Ok(()) => {
-                        tracing::info!(reference = %name, %digest, seconds = started.elapsed().as_secs_f64(), stats = ?image.disk.stats(), "lazily served image complete and in the cache")
-                    }
-                    Err(e) => {
-                        tracing::warn!(reference = %name, %digest, error = %e, "lazily served image did not complete")
-                    }
-                }
-            });
-        }
-        Ok(LazyPull::Lazy(LocalImage {
-            digest,
-            reference: name,
-            dir: work,
-            format: plan.format,
-            config,
-            lazy: Some(image),
-        }))
+        Ok(image)
+    }
+
+    /// Serve the disk of `reference` again for pods a previous agent served it to (their
+    /// QEMU reconnects to the same socket): from the cache when the image completed,
+    /// else on demand again ([`ImageStore::pull_lazy`]). Returns the image, `lazy` set.
+    pub async fn reserve_lazy(
+        &self,
+        reference: &Reference,
+        opts: &PullOptions,
+        lazy: &LazyOptions,
+    ) -> Result<LocalImage> {
+        let opts = PullOptions {
+            policy: PullPolicy::IfNotPresent,
+            ..opts.clone()
+        };
+        let mut img = match self.pull_lazy(reference, &opts, lazy).await? {
+            LazyPull::Lazy(img) => return Ok(img),
+            LazyPull::Cached(img) => img,
+            LazyPull::Unsupported { reason } => {
+                return Err(ImageError::InvalidManifest {
+                    reference: reference.to_string(),
+                    reason: format!("cannot serve its disk on demand again: {reason}"),
+                });
+            }
+        };
+        let live = {
+            let mut map = self.inner.lazy.lock().map_err(|_| ImageError::Cancelled)?;
+            map.retain(|_, w| w.strong_count() > 0);
+            map.get(&img.digest).and_then(Weak::upgrade)
+        };
+        let served = match live {
+            Some(l) => l,
+            None => {
+                let reg = Arc::new(Registry::new(reference, &opts.registry_options(), false)?);
+                let disk = LazyDisk::local(reg, &img.disk()).io("open", img.disk())?;
+                self.start_serving(Arc::new(disk), &img.digest, None, None)?
+            }
+        };
+        img.lazy = Some(served);
+        Ok(img)
     }
 
     /// Install the files of a completed lazy image: hard links in a new pull directory,

@@ -321,4 +321,123 @@ async fn formats_without_a_frame_index_are_pulled_in_full() {
         LazyPull::Unsupported { reason } => assert!(reason.contains("agoda"), "{reason}"),
         other => panic!("{other:?}"),
     }
+    // A vzk image pushed without its index (as before it existed).
+    let lsrc = tmp.path().join("linux");
+    linux_image(&lsrc, 4 << 20);
+    let r = Reference::parse(&format!("{}/vm/lazy:noindex", reg.addr)).expect("ref");
+    let rep = push(
+        &lsrc,
+        &r,
+        &PushOptions {
+            frame_index: false,
+            registry: plain(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("push");
+    let m: Manifest = serde_json::from_slice(&rep.manifest).expect("manifest");
+    assert!(m.layers.iter().all(|l| l.media_type != mt::VZK_DISK_FRAMES));
+    match store
+        .pull_lazy(&r, &pull_opts(), &LazyOptions::default())
+        .await
+        .expect("answer")
+    {
+        LazyPull::Unsupported { reason } => {
+            assert!(reason.contains("without a frame index"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// An agent restart: the server of a running pod's disk goes away with the first agent's
+/// store; a second store on the same root serves the disk again (from the cache, the
+/// image having completed) where the pod's QEMU reconnects, and its reads go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agent_serves_the_disk_again_where_qemu_reconnects() {
+    use std::io::BufRead as _;
+    let reg = registry(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 16 << 20);
+    let (r, _) = pushed(&reg, &src, "again", vzk_image::Format::Vzk).await;
+    let root = tmp.path().join("cache");
+    let first = ImageStore::open(&root, u64::MAX).expect("store");
+    let img = lazy_image(
+        first
+            .pull_lazy(&r, &pull_opts(), &LazyOptions::default())
+            .await
+            .expect("lazy pull"),
+    );
+    let overlay = tmp.path().join("pod-disk.qcow2");
+    Cloner::with_kind(vzk_image::CloneKind::Reflink)
+        .clone_image(&img, &overlay)
+        .expect("clone over NBD");
+    assert!(vzk_image::clone::is_served_over_nbd(&overlay));
+    assert!(!vzk_image::clone::is_served_over_nbd(&src.join("disk.img")));
+    // A long-lived reader: one read, a pause (the agent restarts), another read.
+    let mut qemu = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "read 0 1M",
+            "-c",
+            "sleep 4000",
+            "-c",
+            "read 9M 1M",
+        ])
+        .arg(&overlay)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    let mut out = std::io::BufReader::new(qemu.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("first read");
+    assert!(
+        line.starts_with("read 1048576/1048576 bytes at offset 0"),
+        "{line}"
+    );
+    wait_state(&img, |s| *s == LazyState::Complete).await;
+    let cached_at = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if first.get(&r).expect("get").is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(cached_at.is_ok(), "installed");
+    // The first agent goes: its server and socket with it.
+    let socket = img.lazy.as_ref().expect("lazy").socket().to_path_buf();
+    drop(img);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!socket.exists());
+    // The second agent serves it again, at the same place.
+    let second = ImageStore::open(&root, u64::MAX).expect("store");
+    let again = second
+        .reserve_lazy(&r, &pull_opts(), &LazyOptions::default())
+        .await
+        .expect("served again");
+    let lazy = again.lazy.as_ref().expect("served");
+    assert_eq!(lazy.socket(), socket);
+    assert_eq!(*lazy.disk().state().borrow(), LazyState::Complete);
+    let status = tokio::task::spawn_blocking(move || {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).expect("output");
+        (qemu.wait().expect("qemu-io"), rest)
+    })
+    .await
+    .expect("join");
+    assert!(status.0.success(), "{status:?}");
+    assert!(
+        status
+            .1
+            .contains("read 1048576/1048576 bytes at offset 9437184"),
+        "the read after the restart: {}",
+        status.1
+    );
 }

@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 use vzk_core::{PodEvent, PodKey};
 use vzk_guest::GuestSession;
 use vzk_vm::Vm;
@@ -300,6 +300,52 @@ pub(crate) async fn run_new(inner: Arc<Inner>, e: Arc<PodEntry>) {
 }
 
 /// The lifecycle task of a re-adopted VM (run by [`PodEntry::spawn`]).
+/// Serves the disk of a re-adopted pod again, which an agent before this one served on
+/// demand; a failure is a `LazyDiskFailed` event (the VM's reads of its image then fail
+/// once QEMU stops waiting for the server).
+pub(crate) async fn reserve_lazy_disk(inner: Arc<Inner>, e: Arc<PodEntry>) {
+    let Some(image) = e.container0().and_then(|c| c.image.clone()) else {
+        return;
+    };
+    let res = match vzk_image::Reference::parse(&image) {
+        Ok(reference) => {
+            let (keyring, _) = inner.pull_keyring(&e.pod).await;
+            let opts = vzk_image::PullOptions {
+                credentials: keyring.lookup(&reference),
+                plain_http: inner.plain_http(&reference),
+                hosts: inner.registry_hosts.clone(),
+                keyring,
+                ..Default::default()
+            };
+            inner
+                .images
+                .reserve_lazy(&reference, &opts, &inner.args.lazy_options())
+                .await
+        }
+        Err(err) => Err(err.into()),
+    };
+    match res {
+        Ok(img) => {
+            if let Some(l) = &img.lazy {
+                *lock(&e.lazy_disk) = Some(l.disk().state());
+                tracing::info!(pod = %e.key, nbd = %l.nbd_url(), "serving the VM's disk again");
+            }
+            match inner.images.pin(&img) {
+                Ok(p) => *lock(&e.pin) = Some(p),
+                Err(err) => warn!(pod = %e.key, error = %err, "cannot pin the image"),
+            }
+        }
+        Err(err) => {
+            let msg = format!(
+                "the VM's disk was served on demand by the agent before this one and cannot be served again: {}",
+                error_chain(err.as_ref())
+            );
+            warn!(pod = %e.key, error = %msg, "lazy disk lost");
+            inner.event(&e, PodEvent::warning("LazyDiskFailed", msg));
+        }
+    }
+}
+
 pub(crate) async fn run_adopted(inner: Arc<Inner>, e: Arc<PodEntry>, vm: Arc<dyn Vm>) {
     watch_vm(inner, e, vm, None).await;
 }

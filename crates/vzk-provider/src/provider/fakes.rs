@@ -296,6 +296,16 @@ impl ImageSource for TestImages {
         })
     }
 
+    async fn reserve_lazy(
+        &self,
+        reference: &Reference,
+        _opts: &PullOptions,
+        _lazy: &vzk_image::LazyOptions,
+    ) -> Result<LocalImage, ImageSourceError> {
+        self.log.push(format!("reserve_lazy {reference}"));
+        Err("the test image source serves no disk on demand".into())
+    }
+
     fn pin(&self, _image: &LocalImage) -> Result<ImagePin, ImageSourceError> {
         Ok(Box::new(()))
     }

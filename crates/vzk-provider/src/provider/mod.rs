@@ -538,7 +538,16 @@ impl Inner {
         crate::volumes::readopt(self, &e.pod).await;
         info!(pod = %e.key, vm.id = %id, "re-adopted a running VM");
         lock(&self.pods).insert(uid, e.clone());
-        e.spawn(pod::run_adopted(self.clone(), e.clone(), vm));
+        // A disk the agent before this one served on demand is served again (where its
+        // QEMU reconnects) before the pod is watched.
+        let lazy = vzk_image::clone::is_served_over_nbd(&e.dir.join("disk"));
+        let (inner, entry) = (self.clone(), e.clone());
+        e.spawn(async move {
+            if lazy {
+                pod::reserve_lazy_disk(inner.clone(), entry.clone()).await;
+            }
+            pod::run_adopted(inner, entry, vm).await;
+        });
         crate::init::adopt(self, &e);
         crate::sidecars::start(self, &e, true);
     }

@@ -33,7 +33,12 @@ fn disk_bytes(mib: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-async fn push_image(env: &TestNode, name: &str, disk: &[u8]) -> (String, serde_json::Value) {
+async fn push_image(
+    env: &TestNode,
+    name: &str,
+    disk: &[u8],
+    frame_index: bool,
+) -> (String, serde_json::Value) {
     let dir = env.tmp.path().join("images").join(name);
     guest_image_dir(&dir);
     std::fs::write(dir.join("disk.img"), disk).unwrap();
@@ -43,6 +48,7 @@ async fn push_image(env: &TestNode, name: &str, disk: &[u8]) -> (String, serde_j
         &Reference::parse(&image).unwrap(),
         &PushOptions {
             chunk_size: 4 << 20,
+            frame_index,
             registry: RegistryOptions {
                 plain_http: true,
                 ..Default::default()
@@ -84,32 +90,11 @@ async fn a_pod_boots_before_its_image_is_downloaded_and_the_image_completes() {
     })
     .await;
     let disk = disk_bytes(12, 7);
-    let (image, _) = push_image(&env, "lazy-guest", &disk).await;
+    let (image, _) = push_image(&env, "lazy-guest", &disk, true).await;
     let bad_disk = disk_bytes(12, 9);
-    let (bad_image, bad_manifest) = push_image(&env, "lazy-bad", &bad_disk).await;
-    // An image as pushed before frame indexes: the same manifest without the index.
-    let (old_image, mut old_manifest) = push_image(&env, "lazy-old", &disk_bytes(4, 11)).await;
-    old_manifest["layers"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|l| l["mediaType"] != vzk_image::media_types::VZK_DISK_FRAMES);
-    let old_ref = Reference::parse(&old_image).unwrap();
-    vzk_image::registry::Registry::new(
-        &old_ref,
-        &RegistryOptions {
-            plain_http: true,
-            ..Default::default()
-        },
-        true,
-    )
-    .unwrap()
-    .put_manifest(
-        "v1",
-        &serde_json::to_vec(&old_manifest).unwrap(),
-        vzk_image::media_types::OCI_MANIFEST,
-    )
-    .await
-    .unwrap();
+    let (bad_image, bad_manifest) = push_image(&env, "lazy-bad", &bad_disk, true).await;
+    // An image as pushed before frame indexes.
+    let (old_image, _) = push_image(&env, "lazy-old", &disk_bytes(4, 11), false).await;
     let TestNode {
         ns,
         pods,
