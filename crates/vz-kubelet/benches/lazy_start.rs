@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
-use vzk_testenv::{ControlPlane, Netns, Registry, RegistryConfig, free_port, guest};
+use vzk_testenv::{ControlPlane, Netns, Registry, RegistryConfig, guest};
 
 mod common;
-use common::{AgentProc, delete_and_wait, die, is_ready, median};
+use common::{AgentSetup, delete_and_wait, die, is_ready, median, spawn_agent};
 
 fn run(cmd: &mut Command) {
     match cmd.status() {
@@ -265,52 +265,18 @@ async fn main() {
     let netns = Netns::new();
     let data = work.path().join("data");
     let log = work.path().join("agent.log");
-    let logf = std::fs::File::create(&log).unwrap_or_else(|e| die(e));
-    let accel = std::env::var("VZK_ACCEL").unwrap_or_else(|_| "tcg".into());
-    let child = Command::new(bin)
-        .args([
-            "run",
-            "--node-name",
-            node,
-            "--node-ip",
-            "127.0.0.1",
-            "--accel",
-            &accel,
-        ])
-        .arg("--kubeconfig")
-        .arg(&id.kubeconfig)
-        .arg("--client-ca-file")
-        .arg(cp.ca_cert_path())
-        .args([
-            "--kubelet-port",
-            &free_port().to_string(),
-            "--listen-address",
-            "127.0.0.1",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .args([
-            "--vm-netns",
-            &netns.name,
-            "--insecure-registry",
-            &registry.addr,
-        ])
-        .args([
-            "--ssh-user",
-            "root",
-            "--max-vms",
-            "1",
-            "--lazy-disks",
-            "opt-in",
-        ])
-        .arg("--ssh-private-key-path")
-        .arg(&g.openssh_key)
-        .args(["--log-format", "json"])
-        .stdout(Stdio::null())
-        .stderr(logf)
-        .spawn()
-        .unwrap_or_else(|e| die(e));
-    let _agent = AgentProc(child);
+    let _agent = spawn_agent(
+        &AgentSetup {
+            cp: &cp,
+            id: &id,
+            data: &data,
+            netns: &netns.name,
+            registry: &registry.addr,
+            ssh_key: &g.openssh_key,
+            log: &log,
+        },
+        &["--max-vms", "1", "--lazy-disks", "opt-in"],
+    );
     let admin = cp.admin_client().await;
     let ns = cp.create_namespace("bench").await;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);

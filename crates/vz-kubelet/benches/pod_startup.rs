@@ -31,10 +31,10 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, PostParams};
-use vzk_testenv::{ControlPlane, Netns, Registry, debian_guest, free_port, guest, strip_ansi};
+use vzk_testenv::{ControlPlane, Netns, Registry, debian_guest, guest, strip_ansi};
 
 mod common;
-use common::{AgentProc, delete_and_wait, die, is_ready, median};
+use common::{AgentSetup, delete_and_wait, die, is_ready, median, spawn_agent};
 
 /// The guest the bench boots.
 struct BenchGuest {
@@ -315,46 +315,23 @@ async fn main() {
     let netns = Netns::new();
     let data = work.path().join("data");
     let log = work.path().join("agent.log");
-    let logf = std::fs::File::create(&log).unwrap_or_else(|e| die(e));
     let accel = std::env::var("VZK_ACCEL").unwrap_or_else(|_| "tcg".into());
-    let child = Command::new(bin)
-        .args([
-            "run",
-            "--node-name",
-            node,
-            "--node-ip",
-            "127.0.0.1",
-            "--accel",
-            &accel,
-        ])
-        .arg("--kubeconfig")
-        .arg(&id.kubeconfig)
-        .arg("--client-ca-file")
-        .arg(cp.ca_cert_path())
-        .args([
-            "--kubelet-port",
-            &free_port().to_string(),
-            "--listen-address",
-            "127.0.0.1",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .args([
-            "--vm-netns",
-            &netns.name,
-            "--insecure-registry",
-            &registry.addr,
-        ])
-        .args(["--ssh-user", "root", "--max-vms", "2"])
-        .arg("--ssh-private-key-path")
-        .arg(&g.openssh_key)
-        .args(["--log-format", "json"])
-        .args(restore_mode.then_some("--snapshot-start"))
-        .stdout(Stdio::null())
-        .stderr(logf)
-        .spawn()
-        .unwrap_or_else(|e| die(e));
-    let agent = AgentProc(child);
+    let mut extra = vec!["--max-vms", "2"];
+    if restore_mode {
+        extra.push("--snapshot-start");
+    }
+    let agent = spawn_agent(
+        &AgentSetup {
+            cp: &cp,
+            id: &id,
+            data: &data,
+            netns: &netns.name,
+            registry: &registry.addr,
+            ssh_key: &g.openssh_key,
+            log: &log,
+        },
+        &extra,
+    );
     let pid = agent.0.id();
 
     let admin = cp.admin_client().await;

@@ -35,6 +35,55 @@ pub(crate) async fn delete_and_wait(pods: &Api<Pod>, name: &str) {
     }
 }
 
+/// Where a bench's agent runs and what it pulls from.
+pub(crate) struct AgentSetup<'a> {
+    pub(crate) cp: &'a vzk_testenv::ControlPlane,
+    pub(crate) id: &'a vzk_testenv::NodeIdentity,
+    pub(crate) data: &'a std::path::Path,
+    /// The VMs' network namespace.
+    pub(crate) netns: &'a str,
+    /// The registry (`host:port`, plain HTTP).
+    pub(crate) registry: &'a str,
+    /// The guest's SSH key.
+    pub(crate) ssh_key: &'a std::path::Path,
+    /// Its stderr (the JSON log).
+    pub(crate) log: &'a std::path::Path,
+}
+
+/// Starts `vz-kubelet run` (the bench's own build) as the setup's node, root SSH into
+/// the guests, JSON logs, TCG unless `VZK_ACCEL` says otherwise, with `extra` flags.
+pub(crate) fn spawn_agent(s: &AgentSetup<'_>, extra: &[&str]) -> AgentProc {
+    let logf = std::fs::File::create(s.log).unwrap_or_else(|e| die(e));
+    let accel = std::env::var("VZK_ACCEL").unwrap_or_else(|_| "tcg".into());
+    let child = Command::new(env!("CARGO_BIN_EXE_vz-kubelet"))
+        .args([
+            "run",
+            "--node-name",
+            &s.id.node_name,
+            "--node-ip",
+            "127.0.0.1",
+        ])
+        .args(["--accel", &accel])
+        .arg("--kubeconfig")
+        .arg(&s.id.kubeconfig)
+        .arg("--client-ca-file")
+        .arg(s.cp.ca_cert_path())
+        .args(["--kubelet-port", &vzk_testenv::free_port().to_string()])
+        .args(["--listen-address", "127.0.0.1"])
+        .arg("--data-dir")
+        .arg(s.data)
+        .args(["--vm-netns", s.netns, "--insecure-registry", s.registry])
+        .args(["--ssh-user", "root", "--log-format", "json"])
+        .arg("--ssh-private-key-path")
+        .arg(s.ssh_key)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(logf)
+        .spawn()
+        .unwrap_or_else(|e| die(e));
+    AgentProc(child)
+}
+
 /// The agent process: SIGTERM on drop, SIGKILL after 20 s.
 pub(crate) struct AgentProc(pub(crate) Child);
 

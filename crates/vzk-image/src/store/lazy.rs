@@ -205,20 +205,11 @@ impl ImageStore {
         // The manifest's pull lock, held until the image is installed: a full pull of
         // it (here or in another process) waits for this one.
         let hex = digest.trim_start_matches("sha256:").to_string();
-        let lock_path = self.tmp().join(format!("{hex}.lock"));
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .io("create", &lock_path)?;
+        let (lock, lock_path) = self.manifest_lock(&hex)?;
         if lock.try_lock().is_err() {
             return unsupported("another pull of this image is under way");
         }
-        let work = self.tmp().join(format!("{hex}.{}", rand::random::<u32>()));
-        std::fs::create_dir(&work).io("create", &work)?;
-        let work_lock = File::create(work.join(".lock")).io("create", work.join(".lock"))?;
-        work_lock.lock().io("lock", work.join(".lock"))?;
+        let (work, work_lock) = self.work_dir(&hex)?;
         let cleanup = |e: ImageError| {
             let _ = std::fs::remove_dir_all(&work);
             e
@@ -415,12 +406,8 @@ impl ImageStore {
     /// Install the files of a completed lazy image: hard links in a new pull directory,
     /// moved into the cache (the lazy directory stays for the pods that use it).
     fn install_lazy(&self, work: &Path, manifest: &[u8], name: &str, digest: &str) -> Result<()> {
-        let hex = digest.trim_start_matches("sha256:");
-        let dir = self.tmp().join(format!("{hex}.{}", rand::random::<u32>()));
-        std::fs::create_dir(&dir).io("create", &dir)?;
+        let (dir, _lock) = self.work_dir(digest.trim_start_matches("sha256:"))?;
         let res = (|| {
-            let lock = File::create(dir.join(".lock")).io("create", dir.join(".lock"))?;
-            lock.lock().io("lock", dir.join(".lock"))?;
             for role in [
                 Role::Config,
                 Role::Kernel,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::FutureExt as _;
@@ -180,13 +180,7 @@ impl ImageStore {
         }
         // One pull per manifest across processes.
         let hex = digest.trim_start_matches("sha256:").to_string();
-        let lock_path = self.tmp().join(format!("{hex}.lock"));
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .io("create", &lock_path)?;
+        let (lock, lock_path) = self.manifest_lock(&hex)?;
         let lock = tokio::task::spawn_blocking(move || lock.lock().map(|_| lock))
             .await
             .map_err(|_| ImageError::Cancelled)?
@@ -195,10 +189,7 @@ impl ImageStore {
             self.write_ref(reference, &digest)?;
             return Ok(img);
         }
-        let work = self.tmp().join(format!("{hex}.{}", rand::random::<u32>()));
-        std::fs::create_dir(&work).io("create", &work)?;
-        let work_lock = File::create(work.join(".lock")).io("create", work.join(".lock"))?;
-        work_lock.lock().io("lock", work.join(".lock"))?;
+        let (work, work_lock) = self.work_dir(&hex)?;
         progress.begin(&name, plan.compressed_size());
         let started = std::time::Instant::now();
         // Only chunked formats can reuse chunks: no manifests are read for the others.
@@ -260,6 +251,29 @@ impl ImageStore {
             config,
             lazy: None,
         })
+    }
+
+    /// The file whose lock makes one pull per manifest (`hex`) across processes, and its
+    /// path; not locked yet.
+    pub(super) fn manifest_lock(&self, hex: &str) -> Result<(File, PathBuf)> {
+        let path = self.tmp().join(format!("{hex}.lock"));
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .io("create", &path)?;
+        Ok((f, path))
+    }
+
+    /// A new pull directory for manifest `hex` under `tmp/`, locked (so that a store
+    /// opened meanwhile leaves it alone) while the returned file lives.
+    pub(super) fn work_dir(&self, hex: &str) -> Result<(PathBuf, File)> {
+        let work = self.tmp().join(format!("{hex}.{}", rand::random::<u32>()));
+        std::fs::create_dir(&work).io("create", &work)?;
+        let lock = File::create(work.join(".lock")).io("create", work.join(".lock"))?;
+        lock.lock().io("lock", work.join(".lock"))?;
+        Ok((work, lock))
     }
 
     /// The manifest `reference` names; from an index, the one for this host's platform.

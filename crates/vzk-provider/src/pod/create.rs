@@ -46,12 +46,27 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
 
     // 1. Pull (with back-off, like the kubelet).
     let policy = PullPolicy::from_k8s(c0.image_pull_policy.as_deref(), &reference);
-    // Boot before the download ends, where the node and the pod want it.
-    let lazy = policy != PullPolicy::Never
+    // Boot before the download ends, where the node and the pod want it and the backend
+    // can (QEMU: an overlay over the NBD export).
+    let mut lazy = policy != PullPolicy::Never
         && inner
             .args
             .lazy_disks
             .applies(e.pod.metadata.annotations.as_ref());
+    if lazy && inner.hv.capabilities().backend == vzk_vm::BackendKind::Vz {
+        lazy = false;
+        if inner.images.cached(&reference).is_none() {
+            inner.event(
+                &e,
+                PodEvent::normal(
+                    "LazyDiskUnavailable",
+                    format!(
+                        "Pulling image \"{image_name}\" in full before booting: Virtualization.framework VMs boot no disk served on demand yet"
+                    ),
+                ),
+            );
+        }
+    }
     let mut backoff = Duration::from_secs(10);
     let image = loop {
         // Credentials under the image's registry are for it; mirrors get what is stored

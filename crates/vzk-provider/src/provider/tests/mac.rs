@@ -119,3 +119,31 @@ async fn a_request_below_the_images_minimum_is_refused_naming_it() {
     let vm = h.hv.vm(&vm_id(&q)).unwrap();
     assert_eq!((vm.spec().cpus, vm.spec().memory_bytes), (4, 8 << 30));
 }
+
+/// On a Mac `--lazy-disks on` pulls in full (VZ has no overlay over an NBD export yet),
+/// and says so.
+#[tokio::test(start_paused = true)]
+async fn lazy_disks_fall_back_to_a_full_pull_on_a_mac() {
+    let h = harness(Opts {
+        mac_host: true,
+        mac_image: Some(reference_config()),
+        extra_args: vec!["--lazy-disks".into(), "on".into()],
+        ..Opts::default()
+    })
+    .await;
+    let p = pod("mac", "Always");
+    h.provider.create_pod(&p).await.unwrap();
+    h.until(&p, "VM running", running).await;
+    let calls = h.hv.log.calls();
+    assert!(
+        !calls.iter().any(|c| c.starts_with("pull_lazy")),
+        "{calls:?}"
+    );
+    let said = h.events("LazyDiskUnavailable");
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].1.message.contains("Virtualization.framework"),
+        "{:?}",
+        said[0].1
+    );
+}
