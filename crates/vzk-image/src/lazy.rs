@@ -273,7 +273,7 @@ impl LazyDisk {
                 self.guest_bytes
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 self.guest_frames.fetch_add(1, Ordering::Relaxed);
-                self.store(i, &bytes)
+                self.store(i, bytes).await
             })
             .await
             .map(|_| ())
@@ -310,10 +310,34 @@ impl LazyDisk {
         }
     }
 
-    /// Decode and verify frame `i` from its compressed bytes, then write it.
-    fn store(&self, i: usize, compressed: &[u8]) -> Result<(), String> {
+    /// Decode and verify frame `i` from its compressed bytes (on a blocking thread: a
+    /// MiB of zstd and BLAKE3), then write it.
+    async fn store(&self, i: usize, compressed: bytes::Bytes) -> Result<(), String> {
         let f = &self.frames[i];
-        let err = |what: String| {
+        let (len, digest) = (f.len as usize, f.digest);
+        let checked = tokio::task::spawn_blocking(move || {
+            let decoded = zstd::bulk::decompress(&compressed, len)
+                .map_err(|e| format!("does not decode: {e}"))?;
+            if decoded.len() != len {
+                return Err(format!("decodes to {} bytes, not {len}", decoded.len()));
+            }
+            let got = blake3::hash(&decoded);
+            if got.as_bytes() != &digest {
+                return Err(format!(
+                    "fails verification (BLAKE3 {got}, the index says {})",
+                    hex::encode(digest)
+                ));
+            }
+            Ok(decoded)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("was not decoded: {e}")));
+        let written = checked.and_then(|decoded| {
+            self.file
+                .write_all_at(&decoded, f.offset)
+                .map_err(|e| format!("cannot be written to {}: {e}", self.path.display()))
+        });
+        if let Err(what) = written {
             let reason = format!(
                 "the frame at disk offset {} (bytes {}-{} of chunk {}) {what}; it is not served",
                 f.offset,
@@ -322,27 +346,8 @@ impl LazyDisk {
                 self.parts[f.part].desc.digest
             );
             self.fail(&reason);
-            reason
-        };
-        let decoded = zstd::bulk::decompress(compressed, f.len as usize)
-            .map_err(|e| err(format!("does not decode: {e}")))?;
-        if decoded.len() != f.len as usize {
-            return Err(err(format!(
-                "decodes to {} bytes, not {}",
-                decoded.len(),
-                f.len
-            )));
+            return Err(reason);
         }
-        let got = blake3::hash(&decoded);
-        if got.as_bytes() != &f.digest {
-            return Err(err(format!(
-                "fails verification (BLAKE3 {got}, the index says {})",
-                hex::encode(f.digest)
-            )));
-        }
-        self.file
-            .write_all_at(&decoded, f.offset)
-            .map_err(|e| err(format!("cannot be written to {}: {e}", self.path.display())))?;
         let present =
             self.present.fetch_add(u64::from(f.len), Ordering::Relaxed) + u64::from(f.len);
         self.state.send_if_modified(|s| match s {
@@ -395,9 +400,9 @@ impl LazyDisk {
             for k in i..j {
                 let fk = &self.frames[k];
                 let at = (fk.coffset - f.coffset) as usize;
-                let piece = &bytes[at..at + fk.clen as usize];
+                let piece = bytes.slice(at..at + fk.clen as usize);
                 self.cells[k]
-                    .get_or_try_init(|| async { self.store(k, piece) })
+                    .get_or_try_init(|| self.store(k, piece))
                     .await?;
             }
             taken += bytes.len() as u64;
