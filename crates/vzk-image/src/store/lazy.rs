@@ -179,7 +179,9 @@ impl ImageStore {
         let Some(disk_plan) = plan.file(Role::Disk).cloned() else {
             return unsupported("the image has no disk");
         };
-        // One lazy disk per image in this process.
+        // One lazy disk per image in this process: starts are one at a time (they take a
+        // manifest, an index and the small files), and a start finds the one before.
+        let _starting = self.inner.lazy_start.lock().await;
         let live = {
             let mut map = self.inner.lazy.lock().map_err(|_| ImageError::Cancelled)?;
             map.retain(|_, w| w.strong_count() > 0);

@@ -115,6 +115,9 @@ struct Inner {
     inflight: Mutex<HashMap<String, (u64, SharedPull)>>,
     /// Images whose disks are served while they download, by digest.
     lazy: Mutex<HashMap<String, std::sync::Weak<LazyImage>>>,
+    /// Held while a lazy disk is being started, so that pods asking for one image at
+    /// once share one.
+    lazy_start: tokio::sync::Mutex<()>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -147,6 +150,7 @@ impl ImageStore {
                 budget,
                 inflight: Mutex::new(HashMap::new()),
                 lazy: Mutex::new(HashMap::new()),
+                lazy_start: tokio::sync::Mutex::new(()),
                 next_id: Default::default(),
             }),
         };

@@ -441,3 +441,25 @@ async fn a_new_agent_serves_the_disk_again_where_qemu_reconnects() {
         status.1
     );
 }
+
+/// Two pods asking for one image at once share one lazy disk (one server, one download).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pods_share_one_lazy_disk() {
+    let reg = registry(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 8 << 20);
+    let (r, _) = pushed(&reg, &src, "both", vzk_image::Format::Vzk).await;
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    let (opts, po) = (LazyOptions::default(), pull_opts());
+    let (a, b) = tokio::join!(
+        store.pull_lazy(&r, &po, &opts),
+        store.pull_lazy(&r, &po, &opts)
+    );
+    let (a, b) = (lazy_image(a.expect("a")), lazy_image(b.expect("b")));
+    assert_eq!(
+        a.lazy.as_ref().expect("a").socket(),
+        b.lazy.as_ref().expect("b").socket()
+    );
+    assert_eq!(a.dir, b.dir);
+}
