@@ -28,7 +28,9 @@ use kube::api::{Api, PostParams};
 use vzk_testenv::{ControlPlane, Netns, Registry, RegistryConfig, guest};
 
 mod common;
-use common::{AgentSetup, delete_and_wait, die, is_ready, median, spawn_agent};
+use common::{
+    AgentSetup, delete_and_wait, die, env_or, is_ready, median, spawn_agent, wait_node_registered,
+};
 
 fn run(cmd: &mut Command) {
     match cmd.status() {
@@ -217,14 +219,8 @@ async fn main() {
     rustls::crypto::aws_lc_rs::default_provider()
         .install_default()
         .ok();
-    let runs: usize = std::env::var("VZK_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let gib: u64 = std::env::var("VZK_BENCH_LAZY_GIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let runs: usize = env_or("VZK_BENCH_RUNS", 3);
+    let gib: u64 = env_or("VZK_BENCH_LAZY_GIB", 2);
     let rates: Vec<String> = std::env::var("VZK_BENCH_RATES")
         .unwrap_or_else(|_| "1gbit,200mbit".into())
         .split(',')
@@ -280,14 +276,7 @@ async fn main() {
     let admin = cp.admin_client().await;
     let ns = cp.create_namespace("bench").await;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while nodes.get_opt(node).await.ok().flatten().is_none() {
-        if Instant::now() > deadline {
-            die("node did not register");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_node_registered(&admin, node).await;
 
     // Baseline: the image cached (the first pod pulls it unshaped and is not counted).
     let mut n = 0;

@@ -34,7 +34,9 @@ use kube::api::{Api, ListParams, PostParams};
 use vzk_testenv::{ControlPlane, Netns, Registry, debian_guest, guest, strip_ansi};
 
 mod common;
-use common::{AgentSetup, delete_and_wait, die, is_ready, median, spawn_agent};
+use common::{
+    AgentSetup, delete_and_wait, die, env_or, is_ready, median, spawn_agent, wait_node_registered,
+};
 
 /// The guest the bench boots.
 struct BenchGuest {
@@ -284,10 +286,7 @@ async fn main() {
     rustls::crypto::aws_lc_rs::default_provider()
         .install_default()
         .ok();
-    let runs: usize = std::env::var("VZK_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let runs: usize = env_or("VZK_BENCH_RUNS", 5);
     let cp = ControlPlane::start().unwrap_or_else(|e| die(vzk_testenv::error_chain(&e)));
     let node = "bench-node";
     let id = cp.node_identity(node);
@@ -338,14 +337,7 @@ async fn main() {
     let ns = cp.create_namespace("bench").await;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
     let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while nodes.get_opt(node).await.ok().flatten().is_none() {
-        if Instant::now() > deadline {
-            die("node did not register");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_node_registered(&admin, node).await;
 
     // Idle with no pod: settle, then RSS, CPU and API writes over 60 s.
     // (Not in the restore comparison, which does not print it.)

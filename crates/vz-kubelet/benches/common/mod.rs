@@ -106,3 +106,23 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
+
+/// `name` from the environment, parsed, else `default`.
+pub(crate) fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Waits (up to 60 s) until the agent has registered `node`.
+pub(crate) async fn wait_node_registered(admin: &kube::Client, node: &str) {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nodes.get_opt(node).await.ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            die("node did not register");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -57,20 +57,7 @@ async fn corrupt_blob_is_rejected_and_nothing_cached() {
     let src = tmp.path().join("src");
     linux_image(&src, 6 << 20);
     let (r, m) = pushed(&reg, &src, "good").await;
-    // Flip bytes in the middle of the largest disk chunk, in the registry's storage.
-    let victim = m
-        .layers
-        .iter()
-        .filter(|l| l.media_type == mt::VZK_DISK)
-        .max_by_key(|l| l.size)
-        .expect("chunk");
-    let path = reg.blob_path(&victim.digest);
-    let mut bytes = std::fs::read(&path).expect("blob");
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 64] {
-        *b ^= 0x5a;
-    }
-    std::fs::write(&path, bytes).expect("corrupt");
+    let victim = tamper_largest_disk_chunk(&reg, &m);
     let root = tmp.path().join("cache");
     let store = ImageStore::open(&root, u64::MAX).expect("store");
     let err = store
@@ -78,7 +65,7 @@ async fn corrupt_blob_is_rejected_and_nothing_cached() {
         .await
         .expect_err("corrupt blob");
     assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err:?}");
-    assert!(err.to_string().contains(&victim.digest), "{err}");
+    assert!(err.to_string().contains(&victim), "{err}");
     assert_nothing_cached(&root);
 }
 

@@ -200,19 +200,7 @@ async fn tampered_frame_is_never_served_and_nothing_is_cached() {
     let src = tmp.path().join("src");
     linux_image(&src, 16 << 20);
     let (r, m) = pushed(&reg, &src, "bad", vzk_image::Format::Vzk).await;
-    let victim = m
-        .layers
-        .iter()
-        .filter(|l| l.media_type == mt::VZK_DISK)
-        .max_by_key(|l| l.size)
-        .expect("chunk");
-    let path = reg.blob_path(&victim.digest);
-    let mut bytes = std::fs::read(&path).expect("blob");
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 64] {
-        *b ^= 0x5a;
-    }
-    std::fs::write(&path, bytes).expect("tamper");
+    let victim = tamper_largest_disk_chunk(&reg, &m);
     let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
     let img = lazy_image(
         store
@@ -248,7 +236,7 @@ async fn tampered_frame_is_never_served_and_nothing_is_cached() {
     );
     let state = wait_state(&img, |s| matches!(s, LazyState::Failed(_))).await;
     assert!(
-        matches!(&state, LazyState::Failed(r) if r.contains(&victim.digest)),
+        matches!(&state, LazyState::Failed(r) if r.contains(&victim)),
         "{state:?}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;

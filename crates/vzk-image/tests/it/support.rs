@@ -88,6 +88,28 @@ pub(crate) fn write_disk(path: &Path, size: u64, seed: u64) {
     }
 }
 
+/// Flips 64 bytes in the middle of the largest disk chunk of the vzk image `m`, in the
+/// registry's storage (which serves it as it is); returns that chunk's digest.
+pub(crate) fn tamper_largest_disk_chunk(
+    reg: &TestRegistry,
+    m: &vzk_image::manifest::Manifest,
+) -> String {
+    let victim = m
+        .layers
+        .iter()
+        .filter(|l| l.media_type == vzk_image::media_types::VZK_DISK)
+        .max_by_key(|l| l.size)
+        .expect("a disk chunk");
+    let path = reg.blob_path(&victim.digest);
+    let mut bytes = std::fs::read(&path).expect("blob");
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&path, bytes).expect("tamper");
+    victim.digest.clone()
+}
+
 /// A Linux image directory: kernel, initrd, disk.img, config.json.
 pub(crate) fn linux_image(dir: &Path, disk_size: u64) {
     std::fs::create_dir_all(dir).expect("mkdir");
