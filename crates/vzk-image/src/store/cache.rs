@@ -11,7 +11,6 @@ use serde::Serialize;
 
 use super::gc::usage;
 use super::{ImageStore, LocalImage, Meta};
-use crate::config::VmConfig;
 use crate::error::{ImageError, IoContext as _, Result};
 use crate::manifest::Format;
 use crate::reference::Reference;
@@ -74,15 +73,7 @@ impl ImageStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).io("read", meta_path),
         };
-        let cfg_path = dir.join("config.json");
-        let config: VmConfig = serde_json::from_slice(
-            &std::fs::read(&cfg_path).io("read", &cfg_path)?,
-        )
-        .map_err(|e| ImageError::Io {
-            op: "parse",
-            path: cfg_path,
-            source: std::io::Error::other(e),
-        })?;
+        let config = super::read_config(&dir)?;
         let reference = if reference.is_empty() {
             meta.reference
         } else {

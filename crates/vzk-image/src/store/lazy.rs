@@ -182,16 +182,12 @@ impl ImageStore {
         // One lazy disk per image in this process: starts are one at a time (they take a
         // manifest, an index and the small files), and a start finds the one before.
         let _starting = self.inner.lazy_start.lock().await;
-        let live = {
-            let mut map = self.inner.lazy.lock().map_err(|_| ImageError::Cancelled)?;
-            map.retain(|_, w| w.strong_count() > 0);
-            map.get(&digest).and_then(Weak::upgrade)
-        };
+        let live = self.live_lazy(&digest)?;
         if let Some(l) = live
             && !matches!(&*l.disk.state().borrow(), LazyState::Failed(_))
             && let Some(work) = l.work.clone()
         {
-            let config = load_config(&work)?;
+            let config = super::read_config(&work)?;
             return Ok(LazyPull::Lazy(LocalImage {
                 digest,
                 reference: name,
@@ -320,6 +316,13 @@ impl ImageStore {
         }))
     }
 
+    /// The image `digest` whose disk this store serves now, if any.
+    fn live_lazy(&self, digest: &str) -> Result<Option<Arc<LazyImage>>> {
+        let mut map = self.inner.lazy.lock().map_err(|_| ImageError::Cancelled)?;
+        map.retain(|_, w| w.strong_count() > 0);
+        Ok(map.get(digest).and_then(Weak::upgrade))
+    }
+
     /// Serve `disk` over NBD at the image's socket; the image is registered as live.
     fn start_serving(
         &self,
@@ -388,11 +391,7 @@ impl ImageStore {
                 });
             }
         };
-        let live = {
-            let mut map = self.inner.lazy.lock().map_err(|_| ImageError::Cancelled)?;
-            map.retain(|_, w| w.strong_count() > 0);
-            map.get(&img.digest).and_then(Weak::upgrade)
-        };
+        let live = self.live_lazy(&img.digest)?;
         let served = match live {
             Some(l) => l,
             None => {
@@ -430,14 +429,4 @@ impl ImageStore {
         }
         res
     }
-}
-
-fn load_config(dir: &Path) -> Result<crate::config::VmConfig> {
-    let p = dir.join(Role::Config.file_name());
-    let bytes = std::fs::read(&p).io("read", &p)?;
-    serde_json::from_slice(&bytes).map_err(|e| ImageError::Io {
-        op: "parse",
-        path: p,
-        source: std::io::Error::other(e),
-    })
 }

@@ -239,6 +239,17 @@ impl ImageStore {
     }
 }
 
+/// The `config.json` of an image directory.
+fn read_config(dir: &Path) -> Result<VmConfig> {
+    let path = dir.join(Role::Config.file_name());
+    let bytes = std::fs::read(&path).io("read", &path)?;
+    serde_json::from_slice(&bytes).map_err(|e| ImageError::Io {
+        op: "parse",
+        path,
+        source: std::io::Error::other(e),
+    })
+}
+
 /// The current kernel boot's id (Linux), if there is one.
 fn boot_id() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 use vzk_core::PodEvent;
-use vzk_image::{LazyPull, PullOptions, PullPolicy, Reference};
+use vzk_image::{LazyPull, PullPolicy, Reference};
 use vzk_vm::{DiskSpec, MacAddr, NicSpec, SnapshotSpec, VmSpec};
 
 use crate::metrics::{StartClock, StartPhase};
@@ -78,14 +78,7 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
                 PodEvent::warning("FailedToRetrieveImagePullSecret", errors.join("; ")),
             );
         }
-        let opts = PullOptions {
-            credentials: keyring.lookup(&reference),
-            policy,
-            plain_http: inner.plain_http(&reference),
-            hosts: inner.registry_hosts.clone(),
-            keyring,
-            ..Default::default()
-        };
+        let opts = inner.pull_options(&reference, keyring, policy);
         let cached = inner.images.cached(&reference).is_some();
         if !(cached && policy == PullPolicy::IfNotPresent) {
             inner.event(

@@ -310,13 +310,7 @@ pub(crate) async fn reserve_lazy_disk(inner: Arc<Inner>, e: Arc<PodEntry>) {
     let res = match vzk_image::Reference::parse(&image) {
         Ok(reference) => {
             let (keyring, _) = inner.pull_keyring(&e.pod).await;
-            let opts = vzk_image::PullOptions {
-                credentials: keyring.lookup(&reference),
-                plain_http: inner.plain_http(&reference),
-                hosts: inner.registry_hosts.clone(),
-                keyring,
-                ..Default::default()
-            };
+            let opts = inner.pull_options(&reference, keyring, vzk_image::PullPolicy::IfNotPresent);
             inner
                 .images
                 .reserve_lazy(&reference, &opts, &inner.args.lazy_options())

@@ -105,6 +105,24 @@ impl Inner {
         (ring, errors)
     }
 
+    /// How to pull `reference` with `keyring` (from [`Inner::pull_keyring`]) under
+    /// `policy`: its registry's credentials, plain HTTP where configured, the hosts.
+    pub(crate) fn pull_options(
+        &self,
+        reference: &Reference,
+        keyring: Keyring,
+        policy: vzk_image::PullPolicy,
+    ) -> vzk_image::PullOptions {
+        vzk_image::PullOptions {
+            credentials: keyring.lookup(reference),
+            policy,
+            plain_http: self.plain_http(reference),
+            hosts: self.registry_hosts.clone(),
+            keyring,
+            ..Default::default()
+        }
+    }
+
     /// Whether `reference`'s registry is spoken to over plain HTTP.
     pub(crate) fn plain_http(&self, reference: &Reference) -> bool {
         self.args
