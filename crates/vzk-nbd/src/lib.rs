@@ -1,12 +1,43 @@
-//! A small, read-only NBD (Network Block Device) server.
+//! A small NBD (Network Block Device) server on Unix sockets, for read-only and writable exports.
 //!
-//! A VM disk is served while its image is still being fetched: QEMU opens a qcow2 overlay whose
-//! backing file is `nbd+unix:///disk?socket=…`, served here from an async [`Export`]. Writes go to
-//! the overlay, so the export is read-only.
+//! - Read-only: a VM disk is served while its image is still being fetched. QEMU opens a qcow2
+//!   overlay whose backing file is `nbd+unix:///disk?socket=…`, served here from an async
+//!   [`Export`]; writes go to the overlay. The export is advertised `NBD_FLAG_READ_ONLY` and
+//!   write requests get `EPERM`.
+//! - Writable ([`Export::writable`]): a pod's own copy-on-write disk, attached directly as a raw
+//!   disk (Virtualization.framework's `VZNetworkBlockDeviceStorageDeviceAttachment`, or QEMU's
+//!   `-drive file=nbd+unix:///disk?socket=…,format=raw`). `NBD_CMD_WRITE`,
+//!   `NBD_CMD_WRITE_ZEROES`, `NBD_CMD_FLUSH` and the `NBD_CMD_FLAG_FUA` flag are served through
+//!   [`Export::write_at`], [`Export::write_zeroes`] and [`Export::flush`].
 //!
 //! Protocol: <https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>. Only the fixed
-//! newstyle handshake and simple replies are implemented; a read that fails in the export gets an
-//! `EIO` reply (never partial or wrong data) and the connection keeps serving.
+//! newstyle handshake and simple replies are implemented. Requests of a connection run
+//! concurrently and may be answered out of order. An export that fails a request gets an error
+//! reply for that request only (never partial or wrong data) and the connection keeps serving:
+//! `EIO` for reads; for writes and flushes `ENOSPC` (out of space), `EPERM` (permission denied)
+//! or `EIO`.
+//!
+//! Write ordering and durability:
+//! - A write's payload is read from the socket by the request loop (it follows the header); the
+//!   write then runs concurrently with the other requests, and its reply is sent only once
+//!   [`Export::write_at`] (and, with `NBD_CMD_FLAG_FUA`, a following [`Export::flush`]) returned.
+//! - `NBD_CMD_FLUSH` calls [`Export::flush`] once the request has been read. Every write the
+//!   client had seen a reply to when it sent the flush had returned from `write_at` by then, so
+//!   the export's contract (make durable whatever returned before the call) gives the protocol's
+//!   guarantee: the flush is answered only once all writes answered before it are durable.
+//!   Writes still in flight when the flush arrives may or may not be covered, as the protocol
+//!   allows.
+//! - The export is shared by every connection and advertised `NBD_FLAG_CAN_MULTI_CONN`: a write
+//!   that returned must be visible to reads of every connection, and a flush must cover writes
+//!   from every connection.
+//! - Nothing is flushed implicitly when a client disconnects.
+//!
+//! Size limits: reads and writes carry at most [`ServerOptions::max_request`] bytes (advertised as
+//! the maximum payload size). A larger write payload is still read and thrown away, and refused
+//! with `EINVAL`, if it is at most 32 MiB (the protocol says payloads up to 2^25 bytes SHOULD NOT
+//! be treated as a denial of service); beyond both limits the server hangs up
+//! ([`NbdError::RequestTooLarge`]), since it cannot answer without reading it all.
+//! `NBD_CMD_WRITE_ZEROES` has no payload and may cover any length within the export.
 
 use std::io;
 use std::sync::Arc;
@@ -39,6 +70,8 @@ mod proto {
     pub(crate) const FLAG_HAS_FLAGS: u16 = 1 << 0;
     pub(crate) const FLAG_READ_ONLY: u16 = 1 << 1;
     pub(crate) const FLAG_SEND_FLUSH: u16 = 1 << 2;
+    pub(crate) const FLAG_SEND_FUA: u16 = 1 << 3;
+    pub(crate) const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
     pub(crate) const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
     pub(crate) const OPT_EXPORT_NAME: u32 = 1;
@@ -66,9 +99,13 @@ mod proto {
     pub(crate) const CMD_TRIM: u16 = 4;
     pub(crate) const CMD_WRITE_ZEROES: u16 = 6;
 
+    pub(crate) const CMD_FLAG_FUA: u16 = 1 << 0;
+    pub(crate) const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+
     pub(crate) const EPERM: u32 = 1;
     pub(crate) const EIO: u32 = 5;
     pub(crate) const EINVAL: u32 = 22;
+    pub(crate) const ENOSPC: u32 = 28;
 }
 use proto::*;
 
@@ -76,15 +113,82 @@ use proto::*;
 const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Preferred block size advertised in `NBD_INFO_BLOCK_SIZE`.
 const PREFERRED_BLOCK: u32 = 4096;
+/// Write payloads up to this size are read (and thrown away) even above `max_request`: the
+/// protocol says a payload of at most 2^25 bytes SHOULD NOT be taken for a denial of service.
+const DISCARD_LIMIT: u32 = 1 << 25;
+/// Largest zero buffer [`Export::write_zeroes`]'s default writes at once.
+const ZERO_PIECE: u64 = 1 << 20;
 
-/// What an export reads from.
+/// What an export reads from and, if [`writable`](Export::writable), writes to.
+///
+/// Only [`size`](Export::size) and [`read_at`](Export::read_at) are required: the other methods
+/// default to a read-only export. The methods are called concurrently, by the requests of one
+/// connection and of several, possibly for overlapping ranges (a client must not assume any order
+/// between its requests in flight). A call may be dropped before it completes when its
+/// connection fails or the server shuts down; that request is then never answered, and the bytes
+/// of its range are unspecified, but the export must stay usable.
 #[async_trait::async_trait]
 pub trait Export: Send + Sync + 'static {
     /// Size of the export in bytes.
     fn size(&self) -> u64;
+
     /// Fill `buf` with the bytes at `offset` (`offset + buf.len() <= size`, checked by the server
     /// before calling). An error becomes an `EIO` reply to that request only.
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Whether clients may write. Asked once per connection, at the handshake. If false (the
+    /// default), the export is advertised read-only, write requests get `EPERM` and the write
+    /// methods are never called.
+    fn writable(&self) -> bool {
+        false
+    }
+
+    /// Write `buf` at `offset` (`buf` is not empty, at most `max_request` bytes, in bounds —
+    /// checked by the server before calling —, with any alignment). The request is answered once
+    /// this returns; from then on reads of every connection must see the new bytes. An error
+    /// becomes an error reply to that request only: `ENOSPC` for [`io::ErrorKind::StorageFull`],
+    /// `QuotaExceeded` or `FileTooLarge`, `EPERM` for `PermissionDenied`, else `EIO`.
+    ///
+    /// The default refuses with `PermissionDenied`.
+    async fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let _ = (offset, buf);
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the export is read-only",
+        ))
+    }
+
+    /// Make durable every write ([`write_at`](Export::write_at),
+    /// [`write_zeroes`](Export::write_zeroes)) that returned before this call, from any
+    /// connection. Called on writable exports for `NBD_CMD_FLUSH`, and after the write of a
+    /// request flagged `NBD_CMD_FLAG_FUA`, before answering it. Errors are mapped as for
+    /// `write_at`.
+    ///
+    /// The default does nothing (there is no cache, or durability does not matter).
+    async fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Make the `len` bytes at `offset` read as zeroes (`len > 0`, in bounds — checked by the
+    /// server —; `len` may exceed `max_request`, as the request has no payload). Errors are
+    /// mapped as for `write_at`.
+    ///
+    /// The default writes zero buffers of at most 1 MiB through [`write_at`](Export::write_at);
+    /// override it where zeroing can be cheaper (punching a hole in a file, marking blocks of an
+    /// overlay as zero).
+    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; len.min(ZERO_PIECE) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZERO_PIECE);
+            let at = offset
+                .checked_add(done)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range past the end"))?;
+            self.write_at(at, &zeroes[..n as usize]).await?;
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 /// Server settings.
@@ -92,7 +196,8 @@ pub trait Export: Send + Sync + 'static {
 pub struct ServerOptions {
     /// Name of the single export; the empty name (the default export) is accepted as well.
     pub export_name: String,
-    /// Largest read (and discarded write payload) a request may carry, in bytes; at least 4096.
+    /// Largest read or write a request may carry, in bytes; at least 4096. Advertised as the
+    /// maximum payload size; see the crate docs for larger write payloads.
     pub max_request: u32,
     /// Requests of one connection served concurrently; at least 1.
     pub max_in_flight: usize,
@@ -119,7 +224,7 @@ pub enum NbdError {
     UnknownExport(String),
     #[error("option of {0} bytes is too large")]
     OptionTooLarge(u32),
-    #[error("write request of {0} bytes exceeds the maximum request size")]
+    #[error("write payload of {0} bytes exceeds both the maximum request size and 32 MiB")]
     RequestTooLarge(u32),
     #[error("invalid server options: {0}")]
     InvalidOptions(&'static str),
@@ -176,6 +281,19 @@ fn validate(opts: &ServerOptions) -> Result<(), NbdError> {
     Ok(())
 }
 
+/// Transmission flags advertised for an export.
+fn transmission_flags(writable: bool) -> u16 {
+    if writable {
+        FLAG_HAS_FLAGS
+            | FLAG_SEND_FLUSH
+            | FLAG_SEND_FUA
+            | FLAG_SEND_WRITE_ZEROES
+            | FLAG_CAN_MULTI_CONN
+    } else {
+        FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN
+    }
+}
+
 /// Serve one already-accepted connection: handshake, then requests until `NBD_CMD_DISC` or EOF.
 /// Requests run concurrently (up to `max_in_flight`) and replies may go out of order.
 pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -184,11 +302,13 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send>(
     opts: &ServerOptions,
 ) -> Result<(), NbdError> {
     validate(opts)?;
+    let writable = export.writable();
+    let tflags = transmission_flags(writable);
     let mut stream = BufReader::new(stream);
-    if !handshake(&mut stream, export.size(), opts).await? {
+    if !handshake(&mut stream, export.size(), tflags, opts).await? {
         return Ok(());
     }
-    debug!(export = %opts.export_name, "nbd transmission phase");
+    debug!(export = %opts.export_name, writable, "nbd transmission phase");
     let (reader, writer) = tokio::io::split(stream);
     let mut writer = BufWriter::new(writer);
     let (tx, mut rx) = mpsc::channel::<Reply>(opts.max_in_flight + 1);
@@ -210,9 +330,9 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let _ = writer.shutdown().await;
         Ok::<_, NbdError>(())
     };
-    let reading = transmission(reader, export, opts, tx, &mut tasks);
+    let reading = transmission(reader, export, writable, opts, tx, &mut tasks);
     tokio::try_join!(reading, writing).map(|_| ())
-    // `tasks` is dropped here: on error, in-flight reads are aborted.
+    // `tasks` is dropped here: on error, in-flight requests are aborted.
 }
 
 /// One reply waiting for the writer; the permit bounds the requests in flight (and the memory).
@@ -227,6 +347,7 @@ struct Reply {
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     size: u64,
+    tflags: u16,
     opts: &ServerOptions,
 ) -> Result<bool, NbdError> {
     let mut hello = Vec::with_capacity(18);
@@ -243,7 +364,6 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         )));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
-    let tflags = FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN;
     let name_ok = |name: &[u8]| name.is_empty() || name == opts.export_name.as_bytes();
 
     loop {
@@ -363,11 +483,162 @@ async fn send_opt_reply<S: AsyncWrite + Unpin>(
     s.flush().await
 }
 
-/// Reads requests until `NBD_CMD_DISC` or EOF, answering directly or via a spawned read task.
-/// Returning drops `tx`; the writer then finishes once the in-flight tasks have replied.
+/// What to do with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// Answer at once with this error (0: success), without calling the export.
+    Reply(u32),
+    Read,
+    /// The payload, read by the request loop, is handed to [`Op::run`].
+    Write {
+        fua: bool,
+    },
+    WriteZeroes {
+        fua: bool,
+    },
+    Flush,
+}
+
+/// Checks a request against the export (its size, whether it is writable) and the options.
+fn check_request(
+    cmd: u16,
+    flags: u16,
+    offset: u64,
+    len: u32,
+    size: u64,
+    writable: bool,
+    max_request: u32,
+) -> Op {
+    let in_bounds = offset
+        .checked_add(len.into())
+        .is_some_and(|end| end <= size);
+    // NBD_FLAG_SEND_FUA (writable exports only) means accepting the FUA flag on any command.
+    let fua_ok = if writable { CMD_FLAG_FUA } else { 0 };
+    let flags_ok = |allowed: u16| flags & !allowed == 0;
+    let fua = flags & CMD_FLAG_FUA != 0;
+    match cmd {
+        CMD_READ if !flags_ok(fua_ok) || len == 0 || len > max_request || !in_bounds => {
+            Op::Reply(EINVAL)
+        }
+        CMD_READ => Op::Read,
+        // Read-only: exactly as before writes were supported.
+        CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM if !writable => Op::Reply(EPERM),
+        CMD_FLUSH if !writable => Op::Reply(0),
+        // The protocol says writes past the end SHOULD get ENOSPC (reads and trims EINVAL).
+        CMD_WRITE if !flags_ok(CMD_FLAG_FUA) || len == 0 || len > max_request => Op::Reply(EINVAL),
+        CMD_WRITE if !in_bounds => Op::Reply(ENOSPC),
+        CMD_WRITE => Op::Write { fua },
+        // NO_HOLE: zeroes are written or the equivalent, whatever the flag. FAST_ZERO is not
+        // advertised, so it is an unknown flag here.
+        CMD_WRITE_ZEROES if !flags_ok(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE) || len == 0 => {
+            Op::Reply(EINVAL)
+        }
+        CMD_WRITE_ZEROES if !in_bounds => Op::Reply(ENOSPC),
+        CMD_WRITE_ZEROES => Op::WriteZeroes { fua },
+        CMD_FLUSH if !flags_ok(CMD_FLAG_FUA) => Op::Reply(EINVAL),
+        CMD_FLUSH => Op::Flush,
+        // NBD_CMD_TRIM is not advertised for writable exports; CACHE, BLOCK_STATUS, unknown.
+        _ => Op::Reply(EINVAL),
+    }
+}
+
+/// The error code replied for a failed write or flush.
+fn write_error_code(e: &io::Error) -> u32 {
+    match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge => {
+            ENOSPC
+        }
+        io::ErrorKind::PermissionDenied => EPERM,
+        _ => EIO,
+    }
+}
+
+impl Op {
+    /// Runs a request on the export: the reply's error code and data.
+    async fn run(
+        self,
+        export: &dyn Export,
+        offset: u64,
+        len: u32,
+        payload: Vec<u8>,
+    ) -> (u32, Vec<u8>) {
+        let (what, result) = match self {
+            Op::Reply(error) => return (error, Vec::new()),
+            Op::Read => {
+                let mut data = vec![0u8; len as usize];
+                return match export.read_at(offset, &mut data).await {
+                    Ok(()) => (0, data),
+                    Err(e) => {
+                        warn!(offset, len, error = %e, "nbd export read failed");
+                        (EIO, Vec::new())
+                    }
+                };
+            }
+            Op::Write { fua } => (
+                "write",
+                write_then_flush(export.write_at(offset, &payload), export, fua).await,
+            ),
+            Op::WriteZeroes { fua } => (
+                "write zeroes",
+                write_then_flush(export.write_zeroes(offset, len.into()), export, fua).await,
+            ),
+            Op::Flush => ("flush", export.flush().await),
+        };
+        match result {
+            Ok(()) => (0, Vec::new()),
+            Err(e) => {
+                let code = write_error_code(&e);
+                warn!(offset, len, error = %e, code, "nbd export {what} failed");
+                (code, Vec::new())
+            }
+        }
+    }
+}
+
+/// Awaits a write, then with `fua` flushes it, before the request is answered.
+async fn write_then_flush(
+    write: impl Future<Output = io::Result<()>>,
+    export: &dyn Export,
+    fua: bool,
+) -> io::Result<()> {
+    write.await?;
+    if fua {
+        export.flush().await?;
+    }
+    Ok(())
+}
+
+/// Consumes the payload of an `NBD_CMD_WRITE`, which follows the header whatever the answer.
+/// Returns it if `keep` (and it fits `max_request`), else reads it in pieces and throws it away.
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: u32,
+    max_request: u32,
+    keep: bool,
+) -> Result<Vec<u8>, NbdError> {
+    if len > max_request.max(DISCARD_LIMIT) {
+        // Reading it all just to refuse it would be a denial of service: hang up.
+        return Err(NbdError::RequestTooLarge(len));
+    }
+    if keep && len <= max_request {
+        let mut payload = vec![0u8; len as usize];
+        reader.read_exact(&mut payload).await?;
+        return Ok(payload);
+    }
+    let copied = tokio::io::copy(&mut reader.take(len.into()), &mut tokio::io::sink()).await?;
+    if copied != u64::from(len) {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok(Vec::new())
+}
+
+/// Reads requests until `NBD_CMD_DISC` or EOF, answering directly or via a spawned task (reads,
+/// and on writable exports writes and flushes). Returning drops `tx`; the writer then finishes
+/// once the in-flight tasks have replied.
 async fn transmission<R: AsyncRead + Unpin>(
     reader: R,
     export: Arc<dyn Export>,
+    writable: bool,
     opts: &ServerOptions,
     tx: mpsc::Sender<Reply>,
     tasks: &mut JoinSet<()>,
@@ -397,71 +668,44 @@ async fn transmission<R: AsyncRead + Unpin>(
             debug!("nbd client disconnects");
             return Ok(());
         }
-        if cmd == CMD_WRITE {
-            // The payload follows the header whatever the answer: consume it to stay in sync.
-            if len > opts.max_request {
-                return Err(NbdError::RequestTooLarge(len));
-            }
-            let copied =
-                tokio::io::copy(&mut (&mut reader).take(len.into()), &mut tokio::io::sink())
-                    .await?;
-            if copied != u64::from(len) {
-                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
-            }
-        }
+        // Taken before a write's payload is buffered, so that the permits bound that memory too.
         // A closed semaphore or channel means the writer is gone: stop reading.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return Ok(());
         };
-        let error = match cmd {
-            CMD_READ => {
-                let in_bounds = offset
-                    .checked_add(len.into())
-                    .is_some_and(|end| end <= size);
-                if flags != 0 || len == 0 || len > opts.max_request || !in_bounds {
-                    EINVAL
-                } else {
-                    let (export, tx) = (export.clone(), tx.clone());
-                    tasks.spawn(async move {
-                        let mut data = vec![0u8; len as usize];
-                        let error = match export.read_at(offset, &mut data).await {
-                            Ok(()) => 0,
-                            Err(e) => {
-                                warn!(offset, len, error = %e, "nbd export read failed");
-                                data = Vec::new();
-                                EIO
-                            }
-                        };
-                        let _ = tx
-                            .send(Reply {
-                                error,
-                                handle,
-                                data,
-                                _permit: permit,
-                            })
-                            .await;
-                    });
-                    continue;
-                }
-            }
-            CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => EPERM,
-            CMD_FLUSH => 0,
-            _ => EINVAL,
+        let op = check_request(cmd, flags, offset, len, size, writable, opts.max_request);
+        let payload = if cmd == CMD_WRITE {
+            let keep = matches!(op, Op::Write { .. });
+            read_payload(&mut reader, len, opts.max_request, keep).await?
+        } else {
+            Vec::new()
         };
-        if error != 0 {
-            debug!(cmd, offset, len, error, "nbd request refused");
-        }
-        if tx
-            .send(Reply {
+        if let Op::Reply(error) = op {
+            if error != 0 {
+                debug!(cmd, flags, offset, len, error, "nbd request refused");
+            }
+            let reply = Reply {
                 error,
                 handle,
                 data: Vec::new(),
                 _permit: permit,
-            })
-            .await
-            .is_err()
-        {
-            return Ok(());
+            };
+            if tx.send(reply).await.is_err() {
+                return Ok(());
+            }
+            continue;
         }
+        let (export, tx) = (export.clone(), tx.clone());
+        tasks.spawn(async move {
+            let (error, data) = op.run(&*export, offset, len, payload).await;
+            let _ = tx
+                .send(Reply {
+                    error,
+                    handle,
+                    data,
+                    _permit: permit,
+                })
+                .await;
+        });
     }
 }
