@@ -55,6 +55,7 @@ pub mod clone;
 pub mod config;
 pub mod content_digest;
 pub mod convert;
+pub mod cow;
 pub mod create;
 pub mod error;
 mod fetch;
@@ -82,6 +83,7 @@ pub use serde_json;
 
 pub use clone::{CloneKind, Cloner};
 pub use config::{GuestOs, VmConfig};
+pub use cow::CowDisk;
 pub use error::{ImageError, Result};
 pub use fetch::{decode_gzip_members, is_zero};
 pub use hosts::{HostDefaults, HostsError, RegistryHosts};
@@ -94,7 +96,8 @@ pub use push::{PushOptions, PushReport, push};
 pub use reference::Reference;
 pub use registry::RegistryOptions;
 pub use store::{
-    ImageInfo, ImageStore, LazyImage, LazyPull, LocalImage, PinGuard, PullOptions, PullPolicy,
+    ImageInfo, ImageStore, LazyImage, LazyPull, LocalImage, NBD_EXPORT, PinGuard, PodDisk,
+    PullOptions, PullPolicy,
 };
 #[doc(hidden)]
 pub use zstd_frames::decode_zstd_frames;

@@ -2,7 +2,7 @@
 //! binary uses [`StoreSource`] (the image crate's cache, registry pulls and
 //! copy-on-write clones); tests pass a fake.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use vzk_image::{Cloner, ImageStore, LazyOptions, LazyPull, LocalImage, PullOptions, Reference};
@@ -45,8 +45,13 @@ pub trait ImageSource: Send + Sync + 'static {
     /// image whose disk is served on demand, keeps its server running.
     fn pin(&self, image: &LocalImage) -> Result<ImagePin, ImageSourceError>;
     /// A writable copy-on-write clone of `image`'s disk at `dest` (the base is never
-    /// written), and its format.
-    fn clone_disk(&self, image: &LocalImage, dest: &Path) -> Result<DiskFormat, ImageSourceError>;
+    /// written), in one of the `formats` the VM's backend attaches.
+    fn clone_disk(
+        &self,
+        image: &LocalImage,
+        dest: &Path,
+        formats: &[DiskFormat],
+    ) -> Result<PodDisk, ImageSourceError>;
     /// A writable copy-on-write clone at `dest` of `base`, a disk of `format` that is no
     /// image's (a template's disk), and the clone's format.
     fn clone_file(
@@ -55,6 +60,27 @@ pub trait ImageSource: Send + Sync + 'static {
         format: DiskFormat,
         dest: &Path,
     ) -> Result<DiskFormat, ImageSourceError>;
+}
+
+/// A pod's clone of an image's disk, as its VM attaches it.
+pub struct PodDisk {
+    /// The file (or, for [`DiskFormat::Nbd`], the server's socket).
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+    /// What serves it, where it is served rather than a file: the pod keeps it while
+    /// its VM may run.
+    pub server: Option<ImagePin>,
+}
+
+impl std::fmt::Debug for PodDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodDisk")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("served", &self.server.is_some())
+            .finish()
+    }
 }
 
 fn disk_format(name: &str) -> DiskFormat {
@@ -122,9 +148,38 @@ impl ImageSource for StoreSource {
         Ok(Box::new(self.store.pin(image)?))
     }
 
-    fn clone_disk(&self, image: &LocalImage, dest: &Path) -> Result<DiskFormat, ImageSourceError> {
+    fn clone_disk(
+        &self,
+        image: &LocalImage,
+        dest: &Path,
+        formats: &[DiskFormat],
+    ) -> Result<PodDisk, ImageSourceError> {
+        // A disk served on demand: QEMU reads a qcow2 overlay over the image's export;
+        // a backend without an overlay format (Virtualization.framework) attaches the
+        // pod's own writable export.
+        if let Some(lazy) = &image.lazy
+            && !formats.contains(&DiskFormat::Qcow2)
+        {
+            if !formats.contains(&DiskFormat::Nbd) {
+                return Err(
+                    "the VM backend attaches neither a qcow2 overlay nor an NBD disk, \
+                    so it cannot boot a disk served on demand"
+                        .into(),
+                );
+            }
+            let served = lazy.serve_writable(dest)?;
+            return Ok(PodDisk {
+                path: served.socket().to_path_buf(),
+                format: DiskFormat::Nbd,
+                server: Some(Box::new(served)),
+            });
+        }
         let kind = self.cloner.clone_image(image, dest)?;
-        Ok(disk_format(kind.qemu_format()))
+        Ok(PodDisk {
+            path: dest.to_path_buf(),
+            format: disk_format(kind.qemu_format()),
+            server: None,
+        })
     }
 
     fn clone_file(

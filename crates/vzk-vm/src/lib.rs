@@ -53,6 +53,6 @@ pub use hypervisor::{
 };
 pub use mac::MacAddr;
 pub use spec::{
-    BootKind, BootSpec, DiskFormat, DiskSpec, NetworkAttachment, NicSpec, SNAPSHOT_HOTPLUG_PORTS,
-    SharedDirSpec, SnapshotSpec, VmSpec,
+    BootKind, BootSpec, DiskFormat, DiskSpec, NBD_EXPORT, NetworkAttachment, NicSpec,
+    SNAPSHOT_HOTPLUG_PORTS, SharedDirSpec, SnapshotSpec, VmSpec,
 };

@@ -162,13 +162,20 @@ pub enum DiskFormat {
     Raw,
     /// A qcow2 image (QEMU only), e.g. an overlay over a cached base image.
     Qcow2,
+    /// No file: `path` is the Unix socket of an NBD server whose export [`NBD_EXPORT`]
+    /// is the raw disk (a pod's writable layer over an image served on demand).
+    Nbd,
 }
+
+/// The export name a [`DiskFormat::Nbd`] disk's server serves.
+pub const NBD_EXPORT: &str = "disk";
 
 impl std::fmt::Display for DiskFormat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Raw => "raw",
             Self::Qcow2 => "qcow2",
+            Self::Nbd => "nbd",
         })
     }
 }

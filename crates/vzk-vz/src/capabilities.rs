@@ -12,8 +12,10 @@ use crate::limits::Bounds;
 /// Concurrent macOS VMs a host may run (macOS license, enforced by the framework).
 pub const MAX_MACOS_VMS: u32 = 2;
 
-/// The backend's capabilities on a host with `bounds`.
-pub fn capabilities(bounds: &Bounds, apple_silicon: bool) -> Capabilities {
+/// The backend's capabilities on a host with `bounds`; `nbd_disks`: the framework has
+/// `VZNetworkBlockDeviceStorageDeviceAttachment` (macOS 14+), so a pod's disk may be
+/// served over NBD ([`DiskFormat::Nbd`]).
+pub fn capabilities(bounds: &Bounds, apple_silicon: bool, nbd_disks: bool) -> Capabilities {
     let clamp_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
     let mut boot_kinds = vec![BootKind::LinuxKernel, BootKind::Efi];
     if apple_silicon {
@@ -26,7 +28,11 @@ pub fn capabilities(bounds: &Bounds, apple_silicon: bool) -> Capabilities {
         cpus: (clamp_u32(bounds.min_cpus), clamp_u32(bounds.max_cpus)),
         memory_bytes: (bounds.min_memory, bounds.max_memory),
         boot_kinds,
-        disk_formats: vec![DiskFormat::Raw],
+        disk_formats: if nbd_disks {
+            vec![DiskFormat::Raw, DiskFormat::Nbd]
+        } else {
+            vec![DiskFormat::Raw]
+        },
         nat: true,
         bridged: true,
         shared_dirs: true,
@@ -76,9 +82,9 @@ mod tests {
             hardware_model: vec![1],
             machine_id: vec![1],
         };
-        let arm = capabilities(&BOUNDS, true);
+        let arm = capabilities(&BOUNDS, true, true);
         assert!(arm.check(&spec(mac_boot.clone(), DiskFormat::Raw)).is_ok());
-        let intel = capabilities(&BOUNDS, false);
+        let intel = capabilities(&BOUNDS, false, true);
         assert!(matches!(
             intel.check(&spec(mac_boot, DiskFormat::Raw)),
             Err(HypervisorError::Unsupported {
@@ -92,13 +98,22 @@ mod tests {
     }
 
     #[test]
-    fn qcow2_is_unsupported() {
-        let caps = capabilities(&BOUNDS, true);
+    fn qcow2_is_unsupported_and_nbd_only_where_the_framework_has_it() {
+        let caps = capabilities(&BOUNDS, true, true);
         let efi = BootSpec::Efi {
             variable_store: "/vars".into(),
         };
         assert!(matches!(
-            caps.check(&spec(efi, DiskFormat::Qcow2)),
+            caps.check(&spec(efi.clone(), DiskFormat::Qcow2)),
+            Err(HypervisorError::Unsupported {
+                backend: BackendKind::Vz,
+                ..
+            })
+        ));
+        assert!(caps.check(&spec(efi.clone(), DiskFormat::Nbd)).is_ok());
+        let macos13 = capabilities(&BOUNDS, true, false);
+        assert!(matches!(
+            macos13.check(&spec(efi, DiskFormat::Nbd)),
             Err(HypervisorError::Unsupported {
                 backend: BackendKind::Vz,
                 ..

@@ -11,7 +11,7 @@
 //! * boot: macOS ([`Platform::Mac`]: `VZMacOSBootLoader`, aux storage, hardware model,
 //!   machine identifier from the image or [fresh](MachineIdentifier::Fresh)), Linux
 //!   kernel (`VZLinuxBootLoader`) or EFI (`VZEFIBootLoader`, generic platform);
-//! * disks: raw images only, absolute paths, a boot disk for macOS and EFI;
+//! * disks: raw images or NBD sockets, absolute paths, a boot disk for macOS and EFI;
 //! * NICs: unicast MAC, NAT or bridged to a named interface;
 //! * shared directories: macOS guests get one virtio-fs device with the automount tag
 //!   and one entry per share (named by its tag, unique, no `/`); Linux guests get one
@@ -23,7 +23,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vzk_vm::{BootSpec, DiskFormat, MacAddr, NetworkAttachment, VmSpec};
+use vzk_vm::{BootSpec, DiskFormat, MacAddr, NBD_EXPORT, NetworkAttachment, VmSpec};
 
 use crate::limits::{Bounds, LimitsError};
 
@@ -37,7 +37,7 @@ pub enum ConfigError {
     #[error("CPU or memory request rejected")]
     Resources(#[source] LimitsError),
     /// A disk is not a raw image.
-    #[error("disk {index} is {format}; Virtualization.framework reads raw images only")]
+    #[error("disk {index} is {format}; Virtualization.framework reads raw images and NBD only")]
     DiskFormat {
         /// Position in `spec.disks`.
         index: usize,
@@ -142,13 +142,23 @@ pub enum Platform {
     },
 }
 
-/// A virtio block device on a disk image.
+/// A virtio block device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
-    /// The raw image.
-    pub path: PathBuf,
+    /// What it reads and writes.
+    pub source: DiskSource,
     /// Attach read-only.
     pub read_only: bool,
+}
+
+/// The attachment behind a [`Disk`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSource {
+    /// `VZDiskImageStorageDeviceAttachment`: a raw image file.
+    Image(PathBuf),
+    /// `VZNetworkBlockDeviceStorageDeviceAttachment` (macOS 14+): an NBD server, by its
+    /// URI (`nbd+unix:///disk?socket=/path`).
+    Nbd(String),
 }
 
 /// A virtio NIC.
@@ -268,15 +278,19 @@ pub fn derive(
         .iter()
         .enumerate()
         .map(|(index, d)| {
-            if d.format != DiskFormat::Raw {
-                return Err(ConfigError::DiskFormat {
-                    index,
-                    format: d.format,
-                });
-            }
             absolute("disk", &d.path)?;
+            let source = match d.format {
+                DiskFormat::Raw => DiskSource::Image(d.path.clone()),
+                DiskFormat::Nbd => DiskSource::Nbd(format!(
+                    "nbd+unix:///{NBD_EXPORT}?socket={}",
+                    d.path.display()
+                )),
+                format @ DiskFormat::Qcow2 => {
+                    return Err(ConfigError::DiskFormat { index, format });
+                }
+            };
             Ok(Disk {
-                path: d.path.clone(),
+                source,
                 read_only: d.read_only,
             })
         })

@@ -41,7 +41,7 @@ pub(crate) async fn macos(
         HostLimits, IpswSource, RestoreRequirements, StagedImage, fetch_ipsw, plan_macos,
     };
     use vzk_vm::{MacAddr, NetworkAttachment};
-    use vzk_vz::config::{Disk, Graphics, MachineIdentifier, Nic, Platform, VzConfig};
+    use vzk_vz::config::{Disk, DiskSource, Graphics, MachineIdentifier, Nic, Platform, VzConfig};
     use vzk_vz::macos::install;
 
     let ipsw = fetch_ipsw(&IpswSource::parse(c.ipsw), c.cache, &*progress)
@@ -77,7 +77,7 @@ pub(crate) async fn macos(
             machine_identifier: MachineIdentifier::FromImage(machine_id.clone()),
         },
         disks: vec![Disk {
-            path: staged.disk(),
+            source: DiskSource::Image(staged.disk()),
             read_only: false,
         }],
         nics: vec![Nic {

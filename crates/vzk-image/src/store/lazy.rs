@@ -18,6 +18,7 @@ use std::sync::{Arc, Weak};
 use tokio_util::sync::CancellationToken;
 
 use super::{ImageStore, LocalImage};
+use crate::cow::CowDisk;
 use crate::error::{ImageError, IoContext as _, Result};
 use crate::frame_index::FrameIndex;
 use crate::lazy::{LazyDisk, LazyOptions, LazyState};
@@ -83,7 +84,7 @@ impl LazyImage {
     }
     /// Where QEMU reads the disk: `nbd+unix:///disk?socket=<path>`.
     pub fn nbd_url(&self) -> String {
-        format!("nbd+unix:///disk?socket={}", self.socket.display())
+        nbd_url(&self.socket)
     }
     /// The disk as a QEMU block spec (a `json:` file name) that reconnects for up to
     /// `reconnect_secs` when the server goes away (an agent restarting).
@@ -93,7 +94,7 @@ impl LazyImage {
             "file": {
                 "driver": "nbd",
                 "server": {"type": "unix", "path": self.socket},
-                "export": "disk",
+                "export": NBD_EXPORT,
                 "reconnect-delay": reconnect_secs,
             },
         });
@@ -102,6 +103,116 @@ impl LazyImage {
     /// The NBD server's socket.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// A pod's own writable disk over this image's, its data in `data` (created, or
+    /// emptied), served over NBD on a socket of its own beside the image's (see
+    /// [`crate::cow`]). Needs a Tokio runtime.
+    pub fn serve_writable(self: &Arc<Self>, data: &Path) -> Result<PodDisk> {
+        let disk = Arc::new(CowDisk::create(self.disk.clone(), data).io("create", data)?);
+        let tag = blake3::hash(data.as_os_str().as_encoded_bytes()).to_hex();
+        let socket = self
+            .socket
+            .with_file_name(format!("nbd-pod-{}.sock", &tag[..16]));
+        let shutdown = CancellationToken::new();
+        serve_at(&socket, Arc::new(CowExport(disk.clone())), shutdown.clone())?;
+        Ok(PodDisk {
+            disk,
+            socket,
+            shutdown,
+            _image: self.clone(),
+        })
+    }
+}
+
+/// A pod's writable disk over a lazily served image ([`LazyImage::serve_writable`]):
+/// its own NBD server on a Unix socket, for backends with no overlay format
+/// (Virtualization.framework). Serving stops when this is dropped.
+pub struct PodDisk {
+    disk: Arc<CowDisk>,
+    socket: PathBuf,
+    shutdown: CancellationToken,
+    _image: Arc<LazyImage>,
+}
+
+impl std::fmt::Debug for PodDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodDisk")
+            .field("socket", &self.socket)
+            .field("disk", &self.disk)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PodDisk {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl PodDisk {
+    /// The pod's layer.
+    pub fn disk(&self) -> &Arc<CowDisk> {
+        &self.disk
+    }
+    /// The NBD server's socket (export [`NBD_EXPORT`]).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+    /// `nbd+unix:///disk?socket=<path>`, as Virtualization.framework and QEMU take it.
+    pub fn nbd_url(&self) -> String {
+        nbd_url(&self.socket)
+    }
+}
+
+/// The name of the export every NBD server of the store serves.
+pub const NBD_EXPORT: &str = "disk";
+
+fn nbd_url(socket: &Path) -> String {
+    format!("nbd+unix:///{NBD_EXPORT}?socket={}", socket.display())
+}
+
+/// Serve `export` at `socket` until `shutdown`; a socket left there (by an agent before
+/// this one) is replaced.
+fn serve_at(
+    socket: &Path,
+    export: Arc<dyn vzk_nbd::Export>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket).io("listen", socket)?;
+    let socket = socket.to_path_buf();
+    tokio::spawn(async move {
+        let opts = vzk_nbd::ServerOptions {
+            export_name: NBD_EXPORT.to_owned(),
+            ..Default::default()
+        };
+        if let Err(e) = vzk_nbd::serve(listener, export, opts, shutdown).await {
+            tracing::warn!(socket = %socket.display(), error = %e, "NBD server ended");
+        }
+    });
+    Ok(())
+}
+
+struct CowExport(Arc<CowDisk>);
+
+#[async_trait::async_trait]
+impl vzk_nbd::Export for CowExport {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_at(offset, buf).await
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    async fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_at(offset, buf).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        self.0.flush().await
     }
 }
 
@@ -333,27 +444,12 @@ impl ImageStore {
     ) -> Result<Arc<LazyImage>> {
         let hex = digest.trim_start_matches("sha256:");
         let socket = socket_path(self.root(), hex);
-        // A socket left by an agent before this one.
-        let _ = std::fs::remove_file(&socket);
-        let listener = tokio::net::UnixListener::bind(&socket).io("listen", &socket)?;
         let shutdown = CancellationToken::new();
-        let export: Arc<dyn vzk_nbd::Export> = Arc::new(DiskExport(disk.clone()));
-        {
-            let shutdown = shutdown.clone();
-            let socket = socket.clone();
-            tokio::spawn(async move {
-                if let Err(e) = vzk_nbd::serve(
-                    listener,
-                    export,
-                    vzk_nbd::ServerOptions::default(),
-                    shutdown,
-                )
-                .await
-                {
-                    tracing::warn!(socket = %socket.display(), error = %e, "NBD server ended");
-                }
-            });
-        }
+        serve_at(
+            &socket,
+            Arc::new(DiskExport(disk.clone())),
+            shutdown.clone(),
+        )?;
         let image = Arc::new(LazyImage {
             disk,
             socket,

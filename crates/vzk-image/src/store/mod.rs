@@ -51,7 +51,7 @@ use crate::reference::Reference;
 
 pub use cache::{ImageInfo, PinGuard};
 pub use gc::PruneReport;
-pub use lazy::{LazyImage, LazyPull};
+pub use lazy::{LazyImage, LazyPull, NBD_EXPORT, PodDisk};
 pub use pull::{PullOptions, PullPolicy};
 
 /// What `meta.json` records about a cached image.

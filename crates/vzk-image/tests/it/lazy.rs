@@ -451,3 +451,123 @@ async fn concurrent_pods_share_one_lazy_disk() {
     );
     assert_eq!(a.dir, b.dir);
 }
+
+/// A pod's writable NBD disk (for backends without an overlay format): what the pod
+/// writes, at any alignment, it reads back; bytes around a partial write come from the
+/// image; another pod of the image sees none of it; the served image and the completed
+/// cache are never written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_writable_nbd_disk_keeps_its_writes_to_itself() {
+    let reg = registry(false);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    linux_image(&src, 24 << 20);
+    let (r, _) = pushed(&reg, &src, "cow", vzk_image::Format::Vzk).await;
+    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
+    // Slow enough that the writes below meet frames not yet fetched.
+    let opts = LazyOptions {
+        background_rate: Some(4 << 20),
+        background_request: 1 << 20,
+        ..Default::default()
+    };
+    let img = lazy_image(
+        store
+            .pull_lazy(&r, &pull_opts(), &opts)
+            .await
+            .expect("lazy pull"),
+    );
+    let lazy = img.lazy.clone().expect("lazy");
+    let a = lazy
+        .serve_writable(&tmp.path().join("a.disk"))
+        .expect("pod a");
+    let b = lazy
+        .serve_writable(&tmp.path().join("b.disk"))
+        .expect("pod b");
+    assert_ne!(a.socket(), b.socket());
+    let source = std::fs::read(src.join("disk.img")).expect("src");
+    let mut want = source.clone();
+    // QEMU's NBD client writes: unaligned (partial first and last blocks), aligned,
+    // one byte, the last bytes of the disk, then a flush.
+    let end = source.len();
+    let writes: [(usize, usize, u8); 4] = [
+        ((1 << 20) + 100, 9000, 0xab),
+        (3 << 20, 64 << 10, 0xcd),
+        ((17 << 20) + 4095, 1, 0xef),
+        (end - 700, 700, 0x11),
+    ];
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for (at, len, p) in writes {
+        cmd.args(["-c", &format!("write -P {p:#x} {at} {len}")]);
+        want[at..at + len].fill(p);
+    }
+    cmd.args(["-c", "flush"]).arg(a.nbd_url());
+    run(&mut cmd);
+    // Read back through a new connection, whole: the writes and the image around them.
+    let out_a = tmp.path().join("a.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(a.nbd_url())
+        .arg(&out_a));
+    assert!(
+        std::fs::read(&out_a).expect("a") == want,
+        "pod a reads its writes and the image"
+    );
+    assert!(
+        a.disk().written_bytes() >= 4 * 4096,
+        "{}",
+        a.disk().written_bytes()
+    );
+    let out_b = tmp.path().join("b.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(b.nbd_url())
+        .arg(&out_b));
+    assert!(
+        std::fs::read(&out_b).expect("b") == source,
+        "pod b sees none of a's writes"
+    );
+    assert_eq!(b.disk().written_bytes(), 0);
+    // Writes into two halves of one block no pod wrote yet, at once: both stay.
+    let c = vzk_image::CowDisk::create(lazy.disk().clone(), &tmp.path().join("c.disk"))
+        .expect("layer c");
+    let at = 9 << 20;
+    let (x, y) = (vec![0x21u8; 2048], vec![0x42u8; 2048]);
+    let (rx, ry) = tokio::join!(c.write_at(at, &x), c.write_at(at + 2048, &y));
+    rx.expect("write x");
+    ry.expect("write y");
+    let mut back = vec![0u8; 8192];
+    c.read_at(at - 2048, &mut back).await.expect("read back");
+    assert!(back[..2048] == source[(at - 2048) as usize..at as usize]);
+    assert!(back[2048..4096].iter().all(|b| *b == 0x21));
+    assert!(back[4096..6144].iter().all(|b| *b == 0x42));
+    assert!(back[6144..] == source[(at + 4096) as usize..(at + 6144) as usize]);
+    assert!(
+        c.write_at(source.len() as u64 - 1, &[0, 0]).await.is_err(),
+        "a write past the end is refused"
+    );
+    // The image completes, bit-identical: no pod's write reached it.
+    assert_eq!(
+        wait_state(&img, |s| !matches!(s, LazyState::Filling { .. })).await,
+        LazyState::Complete
+    );
+    let cached = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(i) = store.get(&r).expect("get") {
+                break i;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("cached");
+    assert!(std::fs::read(cached.disk()).expect("cached disk") == source);
+    // A pod's layer still reads right over the completed image; dropped, its socket goes.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c"])
+        .arg(format!("read -P 0xcd {} 65536", 3 << 20))
+        .arg(a.nbd_url()));
+    let socket = a.socket().to_path_buf();
+    drop(a);
+    assert!(!socket.exists());
+}

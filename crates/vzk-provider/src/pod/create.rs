@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 use vzk_core::PodEvent;
 use vzk_image::{LazyPull, PullPolicy, Reference};
-use vzk_vm::{DiskSpec, MacAddr, NicSpec, SnapshotSpec, VmSpec};
+use vzk_vm::{DiskFormat, DiskSpec, MacAddr, NicSpec, SnapshotSpec, VmSpec};
 
 use crate::metrics::{StartClock, StartPhase};
 use crate::provider::Inner;
@@ -47,13 +47,15 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     // 1. Pull (with back-off, like the kubelet).
     let policy = PullPolicy::from_k8s(c0.image_pull_policy.as_deref(), &reference);
     // Boot before the download ends, where the node and the pod want it and the backend
-    // can (QEMU: an overlay over the NBD export).
+    // can (QEMU: a qcow2 overlay over the image's NBD export; Virtualization.framework:
+    // the pod's own writable NBD export).
     let mut lazy = policy != PullPolicy::Never
         && inner
             .args
             .lazy_disks
             .applies(e.pod.metadata.annotations.as_ref());
-    if lazy && inner.hv.capabilities().backend == vzk_vm::BackendKind::Vz {
+    let formats = &inner.hv.capabilities().disk_formats;
+    if lazy && !formats.contains(&DiskFormat::Qcow2) && !formats.contains(&DiskFormat::Nbd) {
         lazy = false;
         if inner.images.cached(&reference).is_none() {
             inner.event(
@@ -61,7 +63,8 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
                 PodEvent::normal(
                     "LazyDiskUnavailable",
                     format!(
-                        "Pulling image \"{image_name}\" in full before booting: Virtualization.framework VMs boot no disk served on demand yet"
+                        "Pulling image \"{image_name}\" in full before booting: this node's {} VMs attach no disk served over NBD (Virtualization.framework needs macOS 14)",
+                        inner.hv.capabilities().backend
                     ),
                 ),
             );
@@ -288,8 +291,8 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
                 }
             }
         }
-        match inner.images.clone_disk(&image, &dest) {
-            Ok(format) => break (dest, format),
+        match clone_pod_disk(&inner, &e, &image) {
+            Ok(disk) => break disk,
             Err(err) => {
                 let msg = format!(
                     "cloning the VM disk: {} (retrying in {} s)",
@@ -348,8 +351,8 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     // (whose guest holds the template's login key).
     if restore.is_some() && disks.len() != 2 {
         restore = None;
-        match inner.images.clone_disk(&image, &disks[0].path) {
-            Ok(format) => disks[0].format = format,
+        match clone_pod_disk(&inner, &e, &image) {
+            Ok((path, format)) => (disks[0].path, disks[0].format) = (path, format),
             Err(err) => {
                 let msg = format!("cloning the VM disk: {}", error_chain(err.as_ref()));
                 inner.event(&e, PodEvent::warning("Failed", msg.clone()));
@@ -403,10 +406,9 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     {
         super::restore::restore_failed(&inner, &e, t, msg);
         spec.snapshot = None;
-        let dest = spec.disks[0].path.clone();
-        created = match inner.images.clone_disk(&image, &dest) {
-            Ok(format) => {
-                spec.disks[0].format = format;
+        created = match clone_pod_disk(&inner, &e, &image) {
+            Ok((path, format)) => {
+                (spec.disks[0].path, spec.disks[0].format) = (path, format);
                 super::supervise::reboot(&inner, &e, spec).await
             }
             Err(err) => Err((
@@ -484,4 +486,20 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// The pod's clone of `image`'s disk at `disk` in its dir, in a format the backend
+/// attaches; a server it needs is kept with the pod. Returns what the VM attaches.
+fn clone_pod_disk(
+    inner: &Inner,
+    e: &PodEntry,
+    image: &vzk_image::LocalImage,
+) -> Result<(std::path::PathBuf, DiskFormat), crate::images::ImageSourceError> {
+    let disk = inner.images.clone_disk(
+        image,
+        &e.dir.join("disk"),
+        &inner.hv.capabilities().disk_formats,
+    )?;
+    *lock(&e.disk_server) = disk.server;
+    Ok((disk.path, disk.format))
 }

@@ -85,6 +85,9 @@ pub(crate) struct PodEntry {
     pub(crate) pin: Mutex<Option<crate::images::ImagePin>>,
     /// The state of the VM's disk while it is served on demand (a lazy image).
     pub(crate) lazy_disk: Mutex<Option<tokio::sync::watch::Receiver<vzk_image::LazyState>>>,
+    /// The server of the pod's own disk, where its clone is served rather than a file
+    /// (an NBD disk for Virtualization.framework).
+    pub(crate) disk_server: Mutex<Option<crate::images::ImagePin>>,
     /// Restarts, last state and `started` of container 0.
     pub(crate) history: Mutex<VmHistory>,
     /// Containers 1..N (Docker side-cars) and the init containers.
@@ -144,6 +147,7 @@ impl PodEntry {
             slot: Mutex::new(None),
             pin: Mutex::new(None),
             lazy_disk: Mutex::new(None),
+            disk_server: Mutex::new(None),
             history: Mutex::new(VmHistory::default()),
             sidecars,
             init,

@@ -127,10 +127,18 @@ fn spawn_build(
         let _pin = pin;
         let images = inner.images.clone();
         let base = image.clone();
-        let clone = move |dest: &Path| {
-            images
-                .clone_disk(&base, dest)
-                .map_err(|err| format!("cloning the image's disk: {}", error_chain(err.as_ref())))
+        let formats = inner.hv.capabilities().disk_formats.clone();
+        // Templates are made of cached images only, whose clones are files.
+        let clone = move |dest: &Path| match images.clone_disk(&base, dest, &formats) {
+            Ok(d) if d.server.is_none() && d.path == dest => Ok(d.format),
+            Ok(d) => Err(format!(
+                "the image's disk is served ({}), not a file a template can keep",
+                d.path.display()
+            )),
+            Err(err) => Err(format!(
+                "cloning the image's disk: {}",
+                error_chain(err.as_ref())
+            )),
         };
         let id = key.id();
         let built = templates::build(BuildInput {

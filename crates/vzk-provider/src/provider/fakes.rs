@@ -81,7 +81,7 @@ impl TestHv {
                 cpus: (1, 8),
                 memory_bytes: (64 << 20, 8 << 30),
                 boot_kinds: vec![BootKind::LinuxKernel],
-                disk_formats: vec![DiskFormat::Raw],
+                disk_formats: vec![DiskFormat::Raw, DiskFormat::Qcow2, DiskFormat::Nbd],
                 nat: true,
                 bridged: false,
                 shared_dirs: true,
@@ -96,9 +96,14 @@ impl TestHv {
         }
     }
 
-    /// A Virtualization.framework-like backend: macOS, Linux kernel and EFI boots.
-    pub(super) fn mac() -> Self {
+    /// A Virtualization.framework-like backend: macOS, Linux kernel and EFI boots; raw
+    /// disks, and with `nbd` (macOS 14+) NBD disks.
+    pub(super) fn mac(nbd: bool) -> Self {
         let mut hv = Self::new(true);
+        hv.caps.disk_formats = vec![DiskFormat::Raw];
+        if nbd {
+            hv.caps.disk_formats.push(DiskFormat::Nbd);
+        }
         hv.caps.backend = BackendKind::Vz;
         hv.caps.boot_kinds = vec![BootKind::MacOs, BootKind::LinuxKernel, BootKind::Efi];
         hv.caps.max_running_vms = Some(2);
@@ -310,9 +315,18 @@ impl ImageSource for TestImages {
         Ok(Box::new(()))
     }
 
-    fn clone_disk(&self, image: &LocalImage, dest: &Path) -> Result<DiskFormat, ImageSourceError> {
+    fn clone_disk(
+        &self,
+        image: &LocalImage,
+        dest: &Path,
+        _formats: &[DiskFormat],
+    ) -> Result<crate::images::PodDisk, ImageSourceError> {
         std::fs::copy(image.disk(), dest)?;
-        Ok(DiskFormat::Raw)
+        Ok(crate::images::PodDisk {
+            path: dest.to_path_buf(),
+            format: DiskFormat::Raw,
+            server: None,
+        })
     }
 
     fn clone_file(

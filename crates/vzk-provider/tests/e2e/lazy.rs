@@ -6,11 +6,13 @@
 //! naming the frame's chunk, and an image pushed without a frame index is pulled in full
 //! first, with an event saying so.
 
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use vzk_image::{PushOptions, Reference, RegistryOptions};
+use vzk_vm::{Capabilities, DiskFormat, DiskSpec, Hypervisor, HypervisorError, Vm, VmSpec};
 
 use super::support::*;
 use super::{BOOT, exec, is_ready, vm_pod};
@@ -185,14 +187,24 @@ async fn a_pod_boots_before_its_image_is_downloaded_and_the_image_completes() {
     )
     .await
     .unwrap();
-    wait_for(BOOT, "bad Ready", || async {
-        pods.get("bad").await.ok().filter(is_ready)
+    // The background download may meet the tampered frame before the guest is Ready
+    // (a slow boot): either way the pod must fail with the reason.
+    let ready = wait_for(BOOT, "bad Ready or terminated", || async {
+        let p = pods.get("bad").await.ok()?;
+        if is_ready(&p) {
+            Some(true)
+        } else {
+            terminated(&p).map(|_| false)
+        }
     })
     .await;
-    // Reading the whole disk meets the tampered frame (if the background did not first).
-    // The exec may end with the VM (stopped for the failed disk): its result is moot.
-    let dd = ["sh", "-c", "dd if=/dev/vda of=/dev/null bs=1048576"];
-    let _ = exec_argv(provider, &super::container(ns, "bad"), &dd).await;
+    if ready {
+        // Reading the whole disk meets the tampered frame (if the background did not
+        // first). The exec may end with the VM (stopped for the failed disk): its result
+        // is moot.
+        let dd = ["sh", "-c", "dd if=/dev/vda of=/dev/null bs=1048576"];
+        let _ = exec_argv(provider, &super::container(ns, "bad"), &dd).await;
+    }
     let t = wait_for(Duration::from_secs(60), "bad terminated", || async {
         pods.get("bad").await.ok().as_ref().and_then(terminated)
     })
@@ -221,6 +233,152 @@ async fn a_pod_boots_before_its_image_is_downloaded_and_the_image_completes() {
     assert_eq!(cached().len(), 2, "the full pull is cached");
     delete_pod(pods, "old", 0, Duration::from_secs(60)).await;
     wait_all_released(provider, Duration::from_secs(60)).await;
+}
+
+/// QEMU seen as a Virtualization.framework host sees disks: raw files and NBD, no
+/// overlay format. The VMs it makes are QEMU's; the disk specs they got are kept.
+struct NoOverlayFormat {
+    qemu: Arc<dyn Hypervisor>,
+    caps: Capabilities,
+    disks: Mutex<Vec<DiskSpec>>,
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for NoOverlayFormat {
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+    async fn create(&self, spec: VmSpec) -> Result<Arc<dyn Vm>, HypervisorError> {
+        self.caps.check(&spec)?;
+        self.disks
+            .lock()
+            .unwrap()
+            .extend(spec.disks.iter().cloned());
+        self.qemu.create(spec).await
+    }
+    async fn adopt_existing(&self) -> Result<Vec<Arc<dyn Vm>>, HypervisorError> {
+        self.qemu.adopt_existing().await
+    }
+    async fn health(&self) -> Result<(), String> {
+        self.qemu.health().await
+    }
+}
+
+/// On a backend with no overlay format (Virtualization.framework), a pod's disk served
+/// on demand is the pod's own writable NBD export: the guest boots, reads the image,
+/// writes that persist in the pod's layer alone; the image completes unwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_overlay_format_the_pod_writes_its_own_nbd_layer() {
+    let seen: Arc<OnceLock<Arc<NoOverlayFormat>>> = Arc::new(OnceLock::new());
+    let keep = seen.clone();
+    let env = TestNode::start_on(
+        "lazyvz",
+        |a| {
+            a.lazy_disks = vzk_provider::args::LazyDisks::On;
+            a.lazy_background_rate = 256 << 10;
+        },
+        move |qemu| {
+            let mut caps = qemu.capabilities().clone();
+            caps.disk_formats = vec![DiskFormat::Raw, DiskFormat::Nbd];
+            let hv = Arc::new(NoOverlayFormat {
+                qemu,
+                caps,
+                disks: Mutex::new(Vec::new()),
+            });
+            let _ = keep.set(hv.clone());
+            hv
+        },
+    )
+    .await;
+    let disk = disk_bytes(12, 5);
+    let (image, _) = push_image(&env, "lazy-vz", &disk, true).await;
+    let TestNode {
+        ns,
+        pods,
+        events,
+        provider,
+        node,
+        data,
+        ..
+    } = &env;
+    pods.create(&PostParams::default(), &vm_pod("v", node, &image))
+        .await
+        .unwrap();
+    let pulled = wait_event(events, "v", "Pulled", BOOT).await;
+    assert!(pulled.contains("on demand"), "{pulled}");
+    wait_for(BOOT, "v Ready", || async {
+        pods.get("v").await.ok().filter(is_ready)
+    })
+    .await;
+    let hv = seen.get().expect("the provider's hypervisor");
+    let vda = hv.disks.lock().unwrap()[0].clone();
+    assert_eq!(vda.format, DiskFormat::Nbd, "{vda:?}");
+    assert!(!vda.read_only);
+    // The guest reads the image through the pod's layer.
+    let mib = |skip: usize, count: usize| sha256_hex(&disk[skip << 20..(skip + count) << 20]);
+    let read = |skip: usize, count: usize| {
+        format!("dd if=/dev/vda bs=1048576 skip={skip} count={count} 2>/dev/null | sha256sum")
+    };
+    let (code, out) = exec(provider, ns, "v", &read(4, 3)).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.split_whitespace().next(), Some(mib(4, 3).as_str()));
+    // It writes into its disk (mid-block, so the layer completes the block from the
+    // image), syncs, drops its cache and reads the write back.
+    let mark = "pod-v-was-here";
+    let at = (5 << 20) + 1000;
+    let script = format!(
+        "printf {mark} | dd of=/dev/vda bs=1 seek={at} conv=notrunc 2>/dev/null && sync && \
+         echo 3 > /proc/sys/vm/drop_caches && dd if=/dev/vda bs=1 skip={at} count={} 2>/dev/null",
+        mark.len()
+    );
+    let (code, out) = exec(provider, ns, "v", &script).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out, mark);
+    let (code, out) = exec(provider, ns, "v", &read(5, 1)).await;
+    assert_eq!(code, 0, "{out}");
+    let mut want = disk[5 << 20..6 << 20].to_vec();
+    want[1000..1000 + mark.len()].copy_from_slice(mark.as_bytes());
+    assert_eq!(
+        out.split_whitespace().next(),
+        Some(sha256_hex(&want).as_str()),
+        "the block around the write is the image's"
+    );
+    // The write is in the pod's own data file; the image completes without it.
+    let layer = walk(&data.join("pods"), "disk");
+    assert_eq!(layer.len(), 1, "{layer:?}");
+    let bytes = std::fs::read(&layer[0]).unwrap();
+    assert_eq!(&bytes[at..at + mark.len()], mark.as_bytes());
+    let cached = || walk(&data.join("images/images/sha256"), "disk.img");
+    let done = wait_for(
+        Duration::from_secs(120),
+        "the image in the cache",
+        || async { cached().into_iter().next() },
+    )
+    .await;
+    assert_eq!(
+        sha256_of(&done),
+        sha256_hex(&disk),
+        "no pod write in the image"
+    );
+    // The pod's write outlives the image's completion.
+    let (code, out) = exec(provider, ns, "v", &read(5, 1)).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.split_whitespace().next(),
+        Some(sha256_hex(&want).as_str())
+    );
+    delete_pod(pods, "v", 0, Duration::from_secs(60)).await;
+    wait_all_released(provider, Duration::from_secs(60)).await;
+    let sockets: Vec<_> = std::fs::read_dir(data.join("images/tmp"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("nbd-pod-"))
+        .collect();
+    assert!(
+        sockets.is_empty(),
+        "the pod's server is gone with it: {sockets:?}"
+    );
 }
 
 fn sha256_hex(b: &[u8]) -> String {

@@ -23,6 +23,7 @@ use vzk_node::pods::PodControllerConfig;
 use vzk_node::{NodeConfig, NodeController, PodController};
 use vzk_provider::{ProviderArgs, VmProvider};
 use vzk_testenv::{ControlPlane, NodeIdentity};
+use vzk_vm::Hypervisor;
 
 pub use vzk_testenv::{Guest, Netns, Registry};
 
@@ -57,6 +58,15 @@ pub struct TestNode {
 impl TestNode {
     /// Starts the node, its provider with [`args`] changed by `tweak`.
     pub async fn start(prefix: &str, tweak: impl FnOnce(&mut ProviderArgs)) -> TestNode {
+        Self::start_on(prefix, tweak, |hv| hv).await
+    }
+
+    /// [`TestNode::start`] with the provider's hypervisor (QEMU) seen through `wrap`.
+    pub async fn start_on(
+        prefix: &str,
+        tweak: impl FnOnce(&mut ProviderArgs),
+        wrap: impl FnOnce(Arc<dyn Hypervisor>) -> Arc<dyn Hypervisor>,
+    ) -> TestNode {
         let cp = ControlPlane::shared();
         let registry = Registry::start();
         let tmp = tempfile::tempdir().unwrap();
@@ -66,7 +76,7 @@ impl TestNode {
         let id = cp.node_identity(&node);
         let mut provider_args = args(&data, &registry.addr);
         tweak(&mut provider_args);
-        let provider = start_provider(provider_args.clone(), &netns, &id).await;
+        let provider = start_provider_on(provider_args.clone(), &netns, &id, wrap).await;
         let agent = Agent::start(&id, provider.clone()).await;
         let ns = cp.create_namespace(prefix).await;
         let admin = cp.admin_client().await;
@@ -131,6 +141,16 @@ pub fn args(data: &Path, registry: &str) -> ProviderArgs {
 /// The provider on this host's backend (QEMU, its VMs in `netns`), as `vz-kubelet run`
 /// builds it, as node `id`.
 pub async fn start_provider(a: ProviderArgs, netns: &Netns, id: &NodeIdentity) -> Arc<VmProvider> {
+    start_provider_on(a, netns, id, |hv| hv).await
+}
+
+/// [`start_provider`] with the hypervisor seen through `wrap`.
+pub async fn start_provider_on(
+    a: ProviderArgs,
+    netns: &Netns,
+    id: &NodeIdentity,
+    wrap: impl FnOnce(Arc<dyn Hypervisor>) -> Arc<dyn Hypervisor>,
+) -> Arc<VmProvider> {
     let backend = vzk_backend::BackendArgs {
         vm_netns: Some(netns.name.clone()),
         ..Default::default()
@@ -139,9 +159,15 @@ pub async fn start_provider(a: ProviderArgs, netns: &Netns, id: &NodeIdentity) -
         .await
         .unwrap();
     let client = id.client().await;
-    VmProvider::new(a, &id.node_name, "127.0.0.1".parse().unwrap(), client, hv)
-        .await
-        .unwrap()
+    VmProvider::new(
+        a,
+        &id.node_name,
+        "127.0.0.1".parse().unwrap(),
+        client,
+        wrap(hv),
+    )
+    .await
+    .unwrap()
 }
 
 /// An agent restart: `agent` stopped as a kill would (VMs and side-cars keep running),

@@ -8,10 +8,13 @@
 use std::path::{Path, PathBuf};
 
 use super::probe::Accel;
-use crate::spec::{BootSpec, SNAPSHOT_HOTPLUG_PORTS, SnapshotSpec, VmSpec};
+use crate::spec::{BootSpec, DiskFormat, NBD_EXPORT, SNAPSHOT_HOTPLUG_PORTS, SnapshotSpec, VmSpec};
 
 /// The first fd number TAPs are passed on (NIC `i` is `TAP_FD_BASE + i`).
 pub const TAP_FD_BASE: i32 = 3;
+/// How long QEMU waits for an NBD disk's server to come back (an agent restarting)
+/// before failing the guest's requests.
+pub const NBD_RECONNECT_SECS: u32 = 60;
 
 /// Host files the command line refers to besides the spec's.
 #[derive(Debug, Clone)]
@@ -134,12 +137,18 @@ pub fn qemu_args(
         BootSpec::MacOs { .. } => return Err(CommandError::MacOsGuest),
     }
     for (i, d) in spec.disks.iter().enumerate() {
+        let file = match d.format {
+            // QEMU's NBD client, reconnecting while the server restarts.
+            DiskFormat::Nbd => format!(
+                "format=raw,file.driver=nbd,file.server.type=unix,file.server.path={},file.export={NBD_EXPORT},file.reconnect-delay={NBD_RECONNECT_SECS}",
+                opt_path(&d.path)?
+            ),
+            f => format!("file={},format={f}", opt_path(&d.path)?),
+        };
         push(&[
             "-drive",
             &format!(
-                "file={},if=none,id=disk{i},format={},readonly={},cache=writeback,discard=unmap",
-                opt_path(&d.path)?,
-                d.format,
+                "{file},if=none,id=disk{i},readonly={},cache=writeback,discard=unmap",
                 if d.read_only { "on" } else { "off" }
             ),
             "-device",
@@ -348,7 +357,7 @@ mod tests {
             "-pidfile /s/qemu.pid",
             "file,id=console,path=/log/console.log,append=on -serial chardev:console",
             "-kernel /k -initrd /i -append console=ttyS0 x=1",
-            "file=/d.qcow2,if=none,id=disk0,format=qcow2,readonly=off",
+            "file=/d.qcow2,format=qcow2,if=none,id=disk0,readonly=off",
             "-netdev tap,id=net0,fd=3 -device virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01",
             "-netdev tap,id=net1,fd=4 -device virtio-net-pci,netdev=net1,mac=02:00:00:00:00:02",
             "local,id=fs0,path=/srv,security_model=none,readonly=on -device virtio-9p-pci,fsdev=fs0,mount_tag=data",
@@ -359,6 +368,24 @@ mod tests {
             .unwrap_or_default()
             .join(" ");
         assert!(kvm.contains("accel=kvm -cpu host"));
+    }
+
+    #[test]
+    fn an_nbd_disk_is_qemus_nbd_client_on_the_socket() {
+        let mut s = spec();
+        s.disks[0] = DiskSpec {
+            path: "/run/nbd-pod-1.sock".into(),
+            read_only: false,
+            format: DiskFormat::Nbd,
+        };
+        let a = qemu_args(&s, Accel::Tcg, &paths())
+            .unwrap_or_default()
+            .join(" ");
+        let want = "-drive format=raw,file.driver=nbd,file.server.type=unix,\
+            file.server.path=/run/nbd-pod-1.sock,file.export=disk,file.reconnect-delay=60,\
+            if=none,id=disk0,readonly=off";
+        assert!(a.contains(want), "missing {want:?} in {a}");
+        assert!(!a.contains("file=/run"), "{a}");
     }
 
     #[test]

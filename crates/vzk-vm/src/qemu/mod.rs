@@ -234,7 +234,7 @@ impl QemuBackend {
             cpus: (1, config.max_cpus),
             memory_bytes: (32 << 20, config.max_memory_bytes),
             boot_kinds,
-            disk_formats: vec![DiskFormat::Raw, DiskFormat::Qcow2],
+            disk_formats: vec![DiskFormat::Raw, DiskFormat::Qcow2, DiskFormat::Nbd],
             nat: nat.is_some(),
             bridged: true,
             shared_dirs: true,

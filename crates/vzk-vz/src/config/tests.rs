@@ -95,7 +95,7 @@ fn macos_guest_gets_the_reference_machine() {
     assert_eq!(
         cfg.disks,
         vec![Disk {
-            path: "/cache/clone/disk.img".into(),
+            source: DiskSource::Image("/cache/clone/disk.img".into()),
             read_only: false
         }]
     );
@@ -280,6 +280,32 @@ fn resources_are_checked_against_bounds() {
         ),
         "{err:?}"
     );
+}
+
+#[test]
+fn an_nbd_disk_becomes_the_nbd_attachment_on_its_socket() {
+    let mut spec = linux_spec();
+    spec.disks[0] = DiskSpec {
+        path: "/var/lib/vzk/images/tmp/nbd-pod-0123.sock".into(),
+        read_only: false,
+        format: DiskFormat::Nbd,
+    };
+    let cfg = derive(&spec, &VzOptions::default(), &BOUNDS).expect("derive");
+    assert_eq!(
+        cfg.disks,
+        vec![Disk {
+            source: DiskSource::Nbd(
+                "nbd+unix:///disk?socket=/var/lib/vzk/images/tmp/nbd-pod-0123.sock".into()
+            ),
+            read_only: false
+        }]
+    );
+    // Its socket is a path like any disk's: relative ones are refused.
+    spec.disks[0].path = "nbd.sock".into();
+    assert!(matches!(
+        derive(&spec, &VzOptions::default(), &BOUNDS),
+        Err(ConfigError::RelativePath { what: "disk", .. })
+    ));
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use objc2::AnyThread;
 use objc2::rc::Retained;
-use objc2_foundation::{NSArray, NSData, NSDictionary, NSString};
+use objc2_foundation::{NSArray, NSData, NSDictionary, NSString, NSURL};
 use objc2_virtualization::{
     VZBridgedNetworkDeviceAttachment, VZBridgedNetworkInterface,
     VZDirectorySharingDeviceConfiguration, VZDiskImageStorageDeviceAttachment, VZEFIBootLoader,
@@ -19,19 +19,22 @@ use objc2_virtualization::{
     VZKeyboardConfiguration, VZLinuxBootLoader, VZMACAddress, VZMacAuxiliaryStorage,
     VZMacGraphicsDeviceConfiguration, VZMacGraphicsDisplayConfiguration, VZMacHardwareModel,
     VZMacMachineIdentifier, VZMacOSBootLoader, VZMacPlatformConfiguration,
-    VZMultipleDirectoryShare, VZNATNetworkDeviceAttachment, VZNetworkDeviceConfiguration,
+    VZMultipleDirectoryShare, VZNATNetworkDeviceAttachment,
+    VZNetworkBlockDeviceStorageDeviceAttachment, VZNetworkDeviceConfiguration,
     VZPointingDeviceConfiguration, VZSerialPortConfiguration, VZSharedDirectory,
-    VZSingleDirectoryShare, VZStorageDeviceConfiguration, VZUSBKeyboardConfiguration,
-    VZUSBScreenCoordinatePointingDeviceConfiguration, VZVirtioBlockDeviceConfiguration,
-    VZVirtioConsoleDeviceSerialPortConfiguration, VZVirtioEntropyDeviceConfiguration,
-    VZVirtioFileSystemDeviceConfiguration, VZVirtioGraphicsDeviceConfiguration,
-    VZVirtioGraphicsScanoutConfiguration, VZVirtioNetworkDeviceConfiguration,
-    VZVirtualMachineConfiguration,
+    VZSingleDirectoryShare, VZStorageDeviceAttachment, VZStorageDeviceConfiguration,
+    VZUSBKeyboardConfiguration, VZUSBScreenCoordinatePointingDeviceConfiguration,
+    VZVirtioBlockDeviceConfiguration, VZVirtioConsoleDeviceSerialPortConfiguration,
+    VZVirtioEntropyDeviceConfiguration, VZVirtioFileSystemDeviceConfiguration,
+    VZVirtioGraphicsDeviceConfiguration, VZVirtioGraphicsScanoutConfiguration,
+    VZVirtioNetworkDeviceConfiguration, VZVirtualMachineConfiguration,
 };
 use vzk_vm::NetworkAttachment;
 
 use super::ns::{FrameworkError, UrlError, dir_url, file_url};
-use crate::config::{Graphics, MachineIdentifier, Platform, ShareDevice, ShareTag, VzConfig};
+use crate::config::{
+    DiskSource, Graphics, MachineIdentifier, Platform, ShareDevice, ShareTag, VzConfig,
+};
 use crate::limits::Bounds;
 
 /// Why the framework objects could not be built.
@@ -63,6 +66,21 @@ pub enum BuildError {
     Disk {
         /// The image.
         path: PathBuf,
+        /// The framework's error.
+        #[source]
+        source: FrameworkError,
+    },
+    /// An NBD disk's URI is not a valid `NSURL`.
+    #[error("NBD disk URI {uri:?} is not a valid URL")]
+    NbdUrl {
+        /// The URI.
+        uri: String,
+    },
+    /// Attaching an NBD disk failed.
+    #[error("attaching the NBD disk {uri} failed")]
+    NbdDisk {
+        /// Its URI.
+        uri: String,
         /// The framework's error.
         #[source]
         source: FrameworkError,
@@ -125,16 +143,36 @@ pub fn configuration(
             .disks
             .iter()
             .map(|d| {
-                let url = file_url(&d.path).map_err(BuildError::Url)?;
-                let attachment = VZDiskImageStorageDeviceAttachment::initWithURL_readOnly_error(
-                    VZDiskImageStorageDeviceAttachment::alloc(),
-                    &url,
-                    d.read_only,
-                )
-                .map_err(|e| BuildError::Disk {
-                    path: d.path.clone(),
-                    source: FrameworkError::from_ns(&e),
-                })?;
+                let attachment: Retained<VZStorageDeviceAttachment> = match &d.source {
+                    DiskSource::Image(path) => {
+                        let url = file_url(path).map_err(BuildError::Url)?;
+                        Retained::into_super(
+                            VZDiskImageStorageDeviceAttachment::initWithURL_readOnly_error(
+                                VZDiskImageStorageDeviceAttachment::alloc(),
+                                &url,
+                                d.read_only,
+                            )
+                            .map_err(|e| BuildError::Disk {
+                                path: path.clone(),
+                                source: FrameworkError::from_ns(&e),
+                            })?,
+                        )
+                    }
+                    DiskSource::Nbd(uri) => {
+                        let url = NSURL::URLWithString(&NSString::from_str(uri))
+                            .ok_or_else(|| BuildError::NbdUrl { uri: uri.clone() })?;
+                        Retained::into_super(
+                            VZNetworkBlockDeviceStorageDeviceAttachment::initWithURL_error(
+                                VZNetworkBlockDeviceStorageDeviceAttachment::alloc(),
+                                &url,
+                            )
+                            .map_err(|e| BuildError::NbdDisk {
+                                uri: uri.clone(),
+                                source: FrameworkError::from_ns(&e),
+                            })?,
+                        )
+                    }
+                };
                 let dev = VZVirtioBlockDeviceConfiguration::initWithAttachment(
                     VZVirtioBlockDeviceConfiguration::alloc(),
                     &attachment,

@@ -30,6 +30,11 @@ pub struct VzHypervisor {
     discovery: Sources,
 }
 
+/// Whether the framework has `VZNetworkBlockDeviceStorageDeviceAttachment` (macOS 14+).
+fn nbd_attachment_available() -> bool {
+    objc2::runtime::AnyClass::get(c"VZNetworkBlockDeviceStorageDeviceAttachment").is_some()
+}
+
 fn supported() -> bool {
     // SAFETY: class property without preconditions.
     unsafe { VZVirtualMachine::isSupported() }
@@ -46,7 +51,11 @@ impl VzHypervisor {
         }
         let bounds = host_bounds();
         Ok(Self {
-            capabilities: capabilities(&bounds, cfg!(target_arch = "aarch64")),
+            capabilities: capabilities(
+                &bounds,
+                cfg!(target_arch = "aarch64"),
+                nbd_attachment_available(),
+            ),
             bounds,
             options,
             discovery: Sources::macos(),

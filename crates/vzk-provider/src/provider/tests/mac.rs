@@ -120,30 +120,39 @@ async fn a_request_below_the_images_minimum_is_refused_naming_it() {
     assert_eq!((vm.spec().cpus, vm.spec().memory_bytes), (4, 8 << 30));
 }
 
-/// On a Mac `--lazy-disks on` pulls in full (VZ has no overlay over an NBD export yet),
-/// and says so.
+/// On a Mac whose framework cannot attach NBD disks (before macOS 14) `--lazy-disks on`
+/// pulls in full, and says so; where it can, the pod asks for a disk served on demand.
 #[tokio::test(start_paused = true)]
-async fn lazy_disks_fall_back_to_a_full_pull_on_a_mac() {
-    let h = harness(Opts {
-        mac_host: true,
-        mac_image: Some(reference_config()),
-        extra_args: vec!["--lazy-disks".into(), "on".into()],
-        ..Opts::default()
-    })
-    .await;
-    let p = pod("mac", "Always");
-    h.provider.create_pod(&p).await.unwrap();
-    h.until(&p, "VM running", running).await;
-    let calls = h.hv.log.calls();
-    assert!(
-        !calls.iter().any(|c| c.starts_with("pull_lazy")),
-        "{calls:?}"
-    );
-    let said = h.events("LazyDiskUnavailable");
-    assert_eq!(said.len(), 1, "{said:?}");
-    assert!(
-        said[0].1.message.contains("Virtualization.framework"),
-        "{:?}",
-        said[0].1
-    );
+async fn lazy_disks_on_a_mac_need_nbd_attachments() {
+    for nbd in [false, true] {
+        let h = harness(Opts {
+            mac_host: true,
+            mac_nbd: nbd,
+            mac_image: Some(reference_config()),
+            extra_args: vec!["--lazy-disks".into(), "on".into()],
+            ..Opts::default()
+        })
+        .await;
+        let p = pod("mac", "Always");
+        h.provider.create_pod(&p).await.unwrap();
+        h.until(&p, "VM running", running).await;
+        let calls = h.hv.log.calls();
+        assert_eq!(
+            calls.iter().any(|c| c.starts_with("pull_lazy")),
+            nbd,
+            "nbd {nbd}: {calls:?}"
+        );
+        let said = h.events("LazyDiskUnavailable");
+        assert_eq!(said.len(), 1, "{said:?}");
+        let why = &said[0].1.message;
+        if nbd {
+            // The fake image source serves nothing on demand; it says so.
+            assert!(why.contains("serves no disk on demand"), "{why}");
+        } else {
+            assert!(
+                why.contains("attach no disk served over NBD") && why.contains("macOS 14"),
+                "{why}"
+            );
+        }
+    }
 }

@@ -40,6 +40,8 @@ struct Opts {
     engine: bool,
     /// The backend is Virtualization.framework-like (macOS boots).
     mac_host: bool,
+    /// That backend attaches NBD disks (macOS 14+).
+    mac_nbd: bool,
     /// The image is macOS, with this `config.json`.
     mac_image: Option<serde_json::Value>,
     /// More flags.
@@ -56,6 +58,7 @@ impl Default for Opts {
             acpi: true,
             engine: false,
             mac_host: false,
+            mac_nbd: false,
             mac_image: None,
             extra_args: Vec::new(),
             recorded: Vec::new(),
@@ -93,7 +96,7 @@ async fn try_harness(o: Opts) -> Result<Harness, crate::ProviderInitError> {
     let client =
         kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
     let hv = Arc::new(if o.mac_host {
-        TestHv::mac()
+        TestHv::mac(o.mac_nbd)
     } else {
         TestHv::new(o.acpi)
     });
