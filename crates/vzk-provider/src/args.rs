@@ -89,6 +89,19 @@ pub struct ProviderArgs {
     #[arg(long, env = "VZK_SNAPSHOT_START")]
     pub snapshot_start: bool,
 
+    /// Templates made ahead of time, when the agent starts (with `--snapshot-start`), so
+    /// that even the first pod of an image starts by restore: `IMAGE[,cpu=Q][,memory=Q]`
+    /// with the CPU and memory its pods ask for (Kubernetes quantities, as in their
+    /// `resources`; left out: what a pod asking for nothing gets). Repeat the flag, or
+    /// separate them by `;` in the variable.
+    #[arg(
+        long = "snapshot-template",
+        env = "VZK_SNAPSHOT_TEMPLATES",
+        value_delimiter = ';',
+        value_parser = TemplateAsk::parse
+    )]
+    pub snapshot_templates: Vec<TemplateAsk>,
+
     /// Boot before the download ends: a pod's VM disk is served on demand (NBD, fetched
     /// frame by frame from the registry) while the image downloads in the background.
     /// Needs a vzk image pushed with a frame index and the QEMU backend; others are
@@ -101,6 +114,64 @@ pub struct ProviderArgs {
     /// guest's own reads are never limited and always go first.
     #[arg(long, env = "VZK_LAZY_BACKGROUND_BYTES_PER_SEC", default_value_t = 0)]
     pub lazy_background_rate: u64,
+}
+
+/// A template to make ahead of time ([`ProviderArgs::snapshot_templates`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateAsk {
+    /// The image, as pods name it.
+    pub image: String,
+    /// The CPU quantity its pods ask for.
+    pub cpu: Option<String>,
+    /// The memory quantity its pods ask for.
+    pub memory: Option<String>,
+}
+
+impl TemplateAsk {
+    /// Parses `IMAGE[,cpu=Q][,memory=Q]`; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<TemplateAsk, String> {
+        let mut parts = text.trim().split(',').map(str::trim);
+        let image = parts.next().unwrap_or_default();
+        vzk_image::Reference::parse(image).map_err(|e| format!("image {image:?}: {e}"))?;
+        let mut ask = TemplateAsk {
+            image: image.to_owned(),
+            cpu: None,
+            memory: None,
+        };
+        for part in parts {
+            match part.split_once('=') {
+                Some(("cpu", q)) => {
+                    crate::resources::parse_cpus(q).map_err(|e| e.to_string())?;
+                    ask.cpu = Some(q.to_owned());
+                }
+                Some(("memory", q)) => {
+                    crate::resources::parse_bytes(q).map_err(|e| e.to_string())?;
+                    ask.memory = Some(q.to_owned());
+                }
+                _ => {
+                    return Err(format!(
+                        "{part:?}: expected cpu=QUANTITY or memory=QUANTITY after the image"
+                    ));
+                }
+            }
+        }
+        Ok(ask)
+    }
+
+    /// The container resources a pod asking for this shape has.
+    pub fn resources(&self) -> k8s_openapi::api::core::v1::ResourceRequirements {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let asked: std::collections::BTreeMap<String, Quantity> =
+            [("cpu", self.cpu.as_ref()), ("memory", self.memory.as_ref())]
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.to_owned(), Quantity(v?.clone()))))
+                .collect();
+        k8s_openapi::api::core::v1::ResourceRequirements {
+            limits: (!asked.is_empty()).then(|| asked.clone()),
+            requests: (!asked.is_empty()).then_some(asked),
+            ..Default::default()
+        }
+    }
 }
 
 /// When pods' disks are served on demand ([`ProviderArgs::lazy_disks`]).
@@ -152,6 +223,7 @@ impl ProviderArgs {
             default_cpus: 1,
             default_memory_mib: 512,
             snapshot_start: false,
+            snapshot_templates: Vec::new(),
             lazy_disks: LazyDisks::Off,
             lazy_background_rate: 0,
         }
@@ -198,6 +270,46 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: ProviderArgs,
+    }
+
+    #[test]
+    fn templates_made_ahead_parse_with_their_shape_and_bad_ones_are_refused() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--snapshot-template",
+            "reg.local:5000/ci/xcode:16,cpu=4,memory=8Gi",
+            "--snapshot-template",
+            "ghcr.io/a/b@sha256:0123456789012345678901234567890123456789012345678901234567890123",
+        ])
+        .map(|c| c.args.snapshot_templates)
+        .map_err(|e| e.to_string());
+        let asks = cli.expect("parses");
+        assert_eq!(asks.len(), 2);
+        assert_eq!(asks[0].image, "reg.local:5000/ci/xcode:16");
+        assert_eq!(
+            (asks[0].cpu.as_deref(), asks[0].memory.as_deref()),
+            (Some("4"), Some("8Gi"))
+        );
+        assert_eq!((asks[1].cpu.clone(), asks[1].memory.clone()), (None, None));
+        let r = asks[0].resources();
+        assert_eq!(r.limits, r.requests);
+        assert_eq!(
+            r.limits
+                .as_ref()
+                .and_then(|l| l.get("memory"))
+                .map(|q| q.0.as_str()),
+            Some("8Gi")
+        );
+        assert!(asks[1].resources().limits.is_none());
+        for (bad, says) in [
+            ("reg.local/x:1,cpu=1.5", "1.5"),
+            ("reg.local/x:1,memory=lots", "lots"),
+            ("reg.local/x:1,gpu=1", "gpu=1"),
+            ("UPPER/Case", "UPPER"),
+        ] {
+            let err = TemplateAsk::parse(bad).expect_err(bad);
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -356,6 +356,7 @@ mod supervise;
 
 use create::*;
 use guest::*;
+pub(crate) use restore::prepare_ahead;
 pub use stop::SHUTDOWN_COMMAND_ANNOTATION;
 pub(crate) use stop::{StopPath, stop_vm};
 pub(crate) use supervise::pod_grace;

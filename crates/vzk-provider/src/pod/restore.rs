@@ -125,32 +125,8 @@ fn spawn_build(
     let (inner, e, image) = (inner.clone(), e.clone(), image.clone());
     tokio::spawn(async move {
         let _pin = pin;
-        let images = inner.images.clone();
-        let base = image.clone();
-        let formats = inner.hv.capabilities().disk_formats.clone();
-        // Templates are made of cached images only, whose clones are files.
-        let clone = move |dest: &Path| match images.clone_disk(&base, dest, &formats) {
-            Ok(d) if d.server.is_none() && d.path == dest => Ok(d.format),
-            Ok(d) => Err(format!(
-                "the image's disk is served ({}), not a file a template can keep",
-                d.path.display()
-            )),
-            Err(err) => Err(format!(
-                "cloning the image's disk: {}",
-                error_chain(err.as_ref())
-            )),
-        };
         let id = key.id();
-        let built = templates::build(BuildInput {
-            hv: inner.hv.clone(),
-            image: &image,
-            key,
-            clone_disk: &clone,
-            network: inner.args.network.clone(),
-            creds,
-            ready_timeout: inner.ready_timeout,
-        })
-        .await;
+        let built = build(&inner, &image, key, creds).await;
         match built {
             Ok(t) => {
                 info!(template = %id, dir = %t.dir.display(), boot_ms = t.meta.boot_ms, bytes = t.meta.state_bytes, "template ready");
@@ -179,6 +155,171 @@ fn spawn_build(
             }
         }
     });
+}
+
+/// Makes the template of `key` (the caller holds its build guard and an image pin).
+async fn build(
+    inner: &Arc<Inner>,
+    image: &LocalImage,
+    key: TemplateKey,
+    creds: vzk_guest::Credentials,
+) -> Result<Template, String> {
+    let images = inner.images.clone();
+    let base = image.clone();
+    let formats = inner.hv.capabilities().disk_formats.clone();
+    // Templates are made of cached images only, whose clones are files.
+    let clone = move |dest: &Path| match images.clone_disk(&base, dest, &formats) {
+        Ok(d) if d.server.is_none() && d.path == dest => Ok(d.format),
+        Ok(d) => Err(format!(
+            "the image's disk is served ({}), not a file a template can keep",
+            d.path.display()
+        )),
+        Err(err) => Err(format!(
+            "cloning the image's disk: {}",
+            error_chain(err.as_ref())
+        )),
+    };
+    templates::build(BuildInput {
+        hv: inner.hv.clone(),
+        image,
+        key,
+        clone_disk: &clone,
+        network: inner.args.network.clone(),
+        creds,
+        ready_timeout: inner.ready_timeout,
+    })
+    .await
+}
+
+/// Templates made ahead of time ([`crate::args::ProviderArgs::snapshot_templates`]),
+/// one after another: each image pulled (retried with back-off while its registry does
+/// not answer), planned as a pod asking for that shape would be, and its template made
+/// unless a valid one is there. Ends when done or when `stop` fires.
+pub(crate) async fn prepare_ahead(inner: Arc<Inner>, stop: tokio_util::sync::CancellationToken) {
+    let asks = inner.args.snapshot_templates.clone();
+    if asks.is_empty() {
+        return;
+    }
+    if !inner.args.snapshot_start || !inner.hv.capabilities().snapshots {
+        warn!(
+            count = asks.len(),
+            "--snapshot-template ignored: it needs --snapshot-start and a backend that saves VMs"
+        );
+        return;
+    }
+    for ask in asks {
+        let mut backoff = Duration::from_secs(5);
+        loop {
+            let attempt = tokio::select! {
+                () = stop.cancelled() => return,
+                r = prepare_one(&inner, &ask) => r,
+            };
+            match attempt {
+                Ok(()) => break,
+                Err(Prepare::Retry(why)) => {
+                    warn!(image = %ask.image, error = %why, retry_in_secs = backoff.as_secs(), "template ahead of time: retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(300));
+                }
+                Err(Prepare::GiveUp(why)) => {
+                    warn!(image = %ask.image, error = %why, "template ahead of time: not made");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+enum Prepare {
+    /// Worth another try (a pull failed).
+    Retry(String),
+    /// Never going to work (the image cannot start by restore, the build failed).
+    GiveUp(String),
+}
+
+async fn prepare_one(inner: &Arc<Inner>, ask: &crate::args::TemplateAsk) -> Result<(), Prepare> {
+    use vzk_image::{PullPolicy, Reference};
+    let reference = Reference::parse(&ask.image).map_err(|e| Prepare::GiveUp(e.to_string()))?;
+    // What a pod asking for this shape, and nothing else, would be.
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "template-ahead", "namespace": "vz-kubelet"},
+        "spec": {"containers": [{"name": "vm", "image": ask.image, "resources": ask.resources()}]},
+    }))
+    .map_err(|e| Prepare::GiveUp(e.to_string()))?;
+    let (keyring, errors) = inner.pull_keyring(&pod).await;
+    if !errors.is_empty() {
+        return Err(Prepare::Retry(errors.join("; ")));
+    }
+    let opts = inner.pull_options(&reference, keyring, PullPolicy::IfNotPresent);
+    let image = inner
+        .images
+        .pull(&reference, &opts)
+        .await
+        .map_err(|e| Prepare::Retry(format!("pulling: {}", error_chain(e.as_ref()))))?;
+    let caps = inner.hv.capabilities();
+    let files = crate::boot::ImageFiles {
+        kernel: image.kernel(),
+        initrd: image.initrd(),
+        aux: image.aux(),
+    };
+    let scratch = inner.pods_dir.join(".template-ahead");
+    let boot = crate::boot::plan(&ask.image, &image.config, &files, caps, &scratch)
+        .map_err(|e| Prepare::GiveUp(e.to_string()))?;
+    if let Some(why) = templates::ineligible(&pod, &boot.spec) {
+        return Err(Prepare::GiveUp(why));
+    }
+    let res = crate::resources::vm_resources_for(
+        Some(&ask.resources()),
+        crate::resources::ImageShape::from(&image.config),
+        &inner.policy,
+    )
+    .map_err(|e| Prepare::GiveUp(e.to_string()))?;
+    let creds = inner
+        .credentials(&pod)
+        .map_err(|e| Prepare::GiveUp(e.to_string()))?;
+    let key = TemplateKey::new(
+        &image,
+        caps,
+        res.cpus,
+        res.memory_bytes,
+        &boot.spec,
+        creds.user(),
+    );
+    let id = key.id();
+    let dir = templates::dir_for(&image, &key);
+    match inner.templates.lookup(&dir, &key) {
+        Ok(Some(_)) => {
+            info!(image = %ask.image, template = %id, "template ahead of time: already there");
+            return Ok(());
+        }
+        Ok(None) => {}
+        Err(why) => {
+            warn!(image = %ask.image, template = %id, %why, "template ahead of time: the one there is broken; making it again");
+            inner.templates.discard(&dir);
+        }
+    }
+    let Some(guard) = inner.templates.begin_build(&dir) else {
+        info!(image = %ask.image, template = %id, "template ahead of time: being made already, or failed lately");
+        return Ok(());
+    };
+    let _pin = inner
+        .images
+        .pin(&image)
+        .map_err(|e| Prepare::Retry(format!("pinning the image: {}", error_chain(e.as_ref()))))?;
+    info!(image = %ask.image, template = %id, cpus = res.cpus, memory_mib = res.memory_bytes >> 20, "template ahead of time: making it");
+    match build(inner, &image, key, creds).await {
+        Ok(t) => {
+            info!(image = %ask.image, template = %id, boot_ms = t.meta.boot_ms, bytes = t.meta.state_bytes, "template ahead of time: ready");
+            Ok(())
+        }
+        Err(why) => {
+            guard.failed();
+            Err(Prepare::GiveUp(format!("making template {id}: {why}")))
+        }
+    }
 }
 
 /// Makes the restored guest the pod's own ([`templates::reidentify_script`]), logging in

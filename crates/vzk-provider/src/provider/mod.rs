@@ -77,6 +77,9 @@ pub(crate) struct Inner {
     pub(crate) metrics: crate::metrics::ProviderMetrics,
     /// Templates for start by restore ([`crate::templates`]).
     pub(crate) templates: Arc<crate::templates::Templates>,
+    /// Stops the provider's own background work (templates made ahead of time) when it
+    /// goes.
+    pub(crate) background: tokio_util::sync::CancellationToken,
 }
 
 /// Written into a pod's dir when its deletion begins: a pod dir holding it is never
@@ -215,6 +218,7 @@ impl VmProvider {
             sidecars,
             metrics: crate::metrics::ProviderMetrics::default(),
             templates: Arc::default(),
+            background: tokio_util::sync::CancellationToken::new(),
         });
         let h = hv.clone();
         let adopted = detached(async move { h.adopt_existing().await })
@@ -227,6 +231,10 @@ impl VmProvider {
         inner.adopt_lost().await;
         // Side-cars of pods no re-adopted VM belongs to are leftovers.
         crate::sidecars::cleanup_leftovers(&inner).await;
+        tokio::spawn(crate::pod::prepare_ahead(
+            inner.clone(),
+            inner.background.clone(),
+        ));
         Ok(Arc::new(VmProvider { inner }))
     }
 
@@ -287,6 +295,7 @@ impl VmProvider {
     /// `timeout`), leaving VMs and side-car containers running for the next agent to
     /// re-adopt. Returns whether every task returned in time.
     pub async fn shutdown(&self, timeout: Duration) -> bool {
+        self.inner.background.cancel();
         let entries: Vec<_> = lock(&self.inner.pods).values().cloned().collect();
         let all = futures::future::join_all(entries.iter().map(|e| e.cancel_tasks()));
         let done = tokio::time::timeout(timeout, all).await.is_ok();
@@ -304,6 +313,7 @@ impl Drop for VmProvider {
     /// Without [`VmProvider::shutdown`] (a test dropping the provider): cancels the pods'
     /// tasks without waiting; VMs keep running.
     fn drop(&mut self) {
+        self.inner.background.cancel();
         for e in lock(&self.inner.pods).values() {
             e.cancel.cancel();
         }

@@ -194,3 +194,48 @@ async fn pods_start_by_restore_with_their_own_identity_and_fall_back_to_a_cold_b
     }
     wait_all_released(&provider, Duration::from_secs(60)).await;
 }
+
+/// A template made ahead of time (`--snapshot-template IMAGE,cpu=…,memory=…`): the agent
+/// makes it on its own once the image can be pulled (its first pulls fail here: the
+/// image is pushed after the agent started), so the very first pod of that image and
+/// shape starts by restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_made_ahead_of_time_restores_the_first_pod() {
+    let env = TestNode::start("snapahead", |a| {
+        a.snapshot_start = true;
+        let image = format!("{}/vzk/ahead-guest:v1", a.insecure_registries[0]);
+        let ask = vzk_provider::args::TemplateAsk::parse(&format!("{image},cpu=1,memory=256Mi"));
+        a.snapshot_templates = vec![ask.unwrap()];
+    })
+    .await;
+    let image = env.push_guest("ahead-guest", "").await;
+    let TestNode {
+        pods,
+        events,
+        node,
+        data,
+        ..
+    } = env;
+    let made = wait_for(
+        Duration::from_secs(240),
+        "the template made ahead",
+        || async {
+            walk(&data.join("images"), "template.json")
+                .into_iter()
+                .next()
+        },
+    )
+    .await;
+    eprintln!("template made ahead: {}", made.display());
+    create_ready(&pods, &vm_pod("first", &node, &image)).await;
+    let started = wait_event(&events, "first", "Started", Duration::from_secs(10)).await;
+    assert!(started.contains("by restoring template"), "{started}");
+    let said = events_of(&events, "first").await;
+    assert!(
+        !said
+            .iter()
+            .any(|(r, _)| r == "BuildingTemplate" || r == "RestoreFailed"),
+        "{said:?}"
+    );
+    delete_pod(&pods, "first", 0, Duration::from_secs(60)).await;
+}
