@@ -409,7 +409,7 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         created = match clone_pod_disk(&inner, &e, &image) {
             Ok((path, format)) => {
                 (spec.disks[0].path, spec.disks[0].format) = (path, format);
-                super::supervise::reboot(&inner, &e, spec).await
+                super::supervise::reboot(&inner, &e, spec, super::supervise::Console::Discard).await
             }
             Err(err) => Err((
                 "CreateContainerError",

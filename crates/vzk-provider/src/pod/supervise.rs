@@ -124,7 +124,7 @@ impl Supervised for VmContainer {
         // Our handle must be the last one: the backend re-creates the VM under its id.
         self.vm = None;
         let vm = loop {
-            match reboot(inner, e, self.spec.clone()).await {
+            match reboot(inner, e, self.spec.clone(), Console::Previous).await {
                 Ok(v) => break v,
                 Err((reason, msg)) => {
                     inner.event(e, PodEvent::warning("Failed", format!("Error: {msg}")));
@@ -293,15 +293,27 @@ pub(super) async fn final_state(vm: Arc<dyn Vm>) -> VmState {
     }
 }
 
+/// What becomes of the ended boot's console log in [`reboot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Console {
+    /// It becomes the previous boot's log.
+    Previous,
+    /// It is removed.
+    Discard,
+}
+
 /// Boots the pod's VM again from `spec` (same disk clone, same MAC): removes the
 /// ended VM, creates and starts a new one under the create lock (so deletion always
 /// sees the current handle). The caller must hold no other handle on the old VM. The
 /// guest's host key pin is reset: a new boot may generate a new host key (a guest whose
-/// keys live in its initramfs does).
+/// keys live in its initramfs does). `Console::Previous`: the ended boot's console log
+/// becomes `kubectl logs --previous` (a restart); `Console::Discard`: it is dropped (a
+/// restore that failed before the guest ran: nothing of it is a previous boot).
 pub(super) async fn reboot(
     inner: &Arc<Inner>,
     e: &Arc<PodEntry>,
     spec: VmSpec,
+    console: Console,
 ) -> Result<Arc<dyn Vm>, (&'static str, String)> {
     if let Some(s) = lock(&e.session).take() {
         s.close();
@@ -322,12 +334,15 @@ pub(super) async fn reboot(
                 return Err(("CreateContainerError", error_chain(&err)));
             }
         }
-        // The ended boot's console becomes `kubectl logs --previous`; the new boot
-        // writes a fresh one.
-        if let Err(err) = std::fs::rename(entry.console_log(), entry.previous_console_log())
+        // The new boot writes a fresh console log.
+        let kept = match console {
+            Console::Previous => std::fs::rename(entry.console_log(), entry.previous_console_log()),
+            Console::Discard => std::fs::remove_file(entry.console_log()),
+        };
+        if let Err(err) = kept
             && err.kind() != std::io::ErrorKind::NotFound
         {
-            warn!(pod = %entry.key, error = %err, "keeping the previous boot's console log");
+            warn!(pod = %entry.key, error = %err, ?console, "setting the ended boot's console log aside");
         }
         let vm = hv
             .create(spec)
