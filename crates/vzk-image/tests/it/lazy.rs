@@ -35,6 +35,27 @@ async fn pushed(
     (r, serde_json::from_slice(&rep.manifest).expect("manifest"))
 }
 
+/// Background completion at `rate` bytes/s, 1 MiB at a time.
+fn trickle(rate: u64) -> LazyOptions {
+    LazyOptions {
+        background_rate: Some(rate),
+        background_request: 1 << 20,
+        ..Default::default()
+    }
+}
+
+/// A store in `dir/cache` and `r` pulled into it lazily.
+async fn pull_lazily(dir: &Path, r: &Reference, opts: &LazyOptions) -> (ImageStore, LocalImage) {
+    let store = ImageStore::open(dir.join("cache"), u64::MAX).expect("store");
+    let img = lazy_image(
+        store
+            .pull_lazy(r, &pull_opts(), opts)
+            .await
+            .expect("lazy pull"),
+    );
+    (store, img)
+}
+
 fn lazy_image(p: LazyPull) -> LocalImage {
     match p {
         LazyPull::Lazy(img) => img,
@@ -50,6 +71,20 @@ async fn wait_state(img: &LocalImage, done: impl Fn(&LazyState) -> bool) -> Lazy
         .expect("state reached in time")
         .expect("state channel")
         .clone()
+}
+
+/// The image once a completed lazy pull installed it in `store`.
+async fn wait_cached(store: &ImageStore, r: &Reference) -> LocalImage {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(c) = store.get(r).expect("get") {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("installed in the cache")
 }
 
 fn run(cmd: &mut Command) -> std::process::Output {
@@ -75,19 +110,9 @@ async fn disk_is_served_before_the_pull_ends_and_completes_bit_identical() {
         Some(mt::VZK_DISK_FRAMES),
         "a vzk push carries the frame index last"
     );
-    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
     // The background completion slowed to a trickle: what the reads get, they fetch.
-    let opts = LazyOptions {
-        background_rate: Some(64 << 10),
-        background_request: 1 << 20,
-        ..Default::default()
-    };
-    let img = lazy_image(
-        store
-            .pull_lazy(&r, &pull_opts(), &opts)
-            .await
-            .expect("lazy pull"),
-    );
+    let opts = trickle(64 << 10);
+    let (store, img) = pull_lazily(tmp.path(), &r, &opts).await;
     let lazy = img.lazy.clone().expect("lazy");
     assert!(
         img.kernel().is_some() && img.initrd().is_some(),
@@ -151,16 +176,7 @@ async fn disk_is_served_before_the_pull_ends_and_completes_bit_identical() {
     // Completion: an ordinary cached image, identical to a full pull.
     let state = wait_state(&img, |s| !matches!(s, LazyState::Filling { .. })).await;
     assert_eq!(state, LazyState::Complete);
-    let cached = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(c) = store.get(&r).expect("get") {
-                break c;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("installed");
+    let cached = wait_cached(&store, &r).await;
     assert!(cached.lazy.is_none());
     assert_same_file(&cached.disk(), &src.join("disk.img"));
     let full = ImageStore::open(tmp.path().join("full"), u64::MAX).expect("store");
@@ -201,21 +217,7 @@ async fn tampered_frame_is_never_served_and_nothing_is_cached() {
     linux_image(&src, 16 << 20);
     let (r, m) = pushed(&reg, &src, "bad", vzk_image::Format::Vzk).await;
     let victim = tamper_largest_disk_chunk(&reg, &m);
-    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
-    let img = lazy_image(
-        store
-            .pull_lazy(
-                &r,
-                &pull_opts(),
-                &LazyOptions {
-                    background_rate: Some(1 << 10),
-                    background_request: 1 << 20,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("lazy pull"),
-    );
+    let (store, img) = pull_lazily(tmp.path(), &r, &trickle(1 << 10)).await;
     let lazy = img.lazy.clone().expect("lazy");
     let want = std::fs::read(src.join("disk.img")).expect("src");
     let mut errors = Vec::new();
@@ -250,23 +252,12 @@ async fn registry_gone_mid_boot_fails_reads_after_retries() {
     let src = tmp.path().join("src");
     linux_image(&src, 16 << 20);
     let (r, _) = pushed(&reg, &src, "gone", vzk_image::Format::Vzk).await;
-    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
-    let img = lazy_image(
-        store
-            .pull_lazy(
-                &r,
-                &pull_opts(),
-                &LazyOptions {
-                    attempts: 3,
-                    backoff: Duration::from_millis(50),
-                    background_rate: Some(1 << 10),
-                    background_request: 1 << 20,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("lazy pull"),
-    );
+    let opts = LazyOptions {
+        attempts: 3,
+        backoff: Duration::from_millis(50),
+        ..trickle(1 << 10)
+    };
+    let (_store, img) = pull_lazily(tmp.path(), &r, &opts).await;
     let lazy = img.lazy.clone().expect("lazy");
     reg.stop();
     let mut buf = vec![0u8; 4096];
@@ -463,19 +454,8 @@ async fn a_pods_writable_nbd_disk_keeps_its_writes_to_itself() {
     let src = tmp.path().join("src");
     linux_image(&src, 24 << 20);
     let (r, _) = pushed(&reg, &src, "cow", vzk_image::Format::Vzk).await;
-    let store = ImageStore::open(tmp.path().join("cache"), u64::MAX).expect("store");
     // Slow enough that the writes below meet frames not yet fetched.
-    let opts = LazyOptions {
-        background_rate: Some(4 << 20),
-        background_request: 1 << 20,
-        ..Default::default()
-    };
-    let img = lazy_image(
-        store
-            .pull_lazy(&r, &pull_opts(), &opts)
-            .await
-            .expect("lazy pull"),
-    );
+    let (store, img) = pull_lazily(tmp.path(), &r, &trickle(4 << 20)).await;
     let lazy = img.lazy.clone().expect("lazy");
     let a = lazy
         .serve_writable(&tmp.path().join("a.disk"))
@@ -551,17 +531,8 @@ async fn a_pods_writable_nbd_disk_keeps_its_writes_to_itself() {
         wait_state(&img, |s| !matches!(s, LazyState::Filling { .. })).await,
         LazyState::Complete
     );
-    let cached = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(i) = store.get(&r).expect("get") {
-                break i;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("cached");
-    assert!(std::fs::read(cached.disk()).expect("cached disk") == source);
+    let cached = wait_cached(&store, &r).await;
+    assert_same_file(&cached.disk(), &src.join("disk.img"));
     // A pod's layer still reads right over the completed image; dropped, its socket goes.
     run(Command::new("qemu-io")
         .args(["-f", "raw", "-c"])
