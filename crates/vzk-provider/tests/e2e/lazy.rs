@@ -63,6 +63,21 @@ async fn push_image(
     (image, serde_json::from_slice(&rep.manifest).unwrap())
 }
 
+/// Creates pod `name` of `image` and waits until it is Ready, having been told its disk
+/// is served on demand.
+async fn ready_served_on_demand(env: &TestNode, name: &str, image: &str) {
+    env.pods
+        .create(&PostParams::default(), &vm_pod(name, &env.node, image))
+        .await
+        .unwrap();
+    let pulled = wait_event(&env.events, name, "Pulled", BOOT).await;
+    assert!(pulled.contains("on demand"), "{pulled}");
+    wait_for(BOOT, &format!("{name} Ready"), || async {
+        env.pods.get(name).await.ok().filter(is_ready)
+    })
+    .await;
+}
+
 fn never_restart(mut p: Pod) -> Pod {
     if let Some(s) = p.spec.as_mut() {
         s.restart_policy = Some("Never".into());
@@ -109,15 +124,7 @@ async fn a_pod_boots_before_its_image_is_downloaded_and_the_image_completes() {
     } = &env;
 
     // 1. The pod boots with its disk served on demand.
-    pods.create(&PostParams::default(), &vm_pod("a", node, &image))
-        .await
-        .unwrap();
-    let pulled = wait_event(events, "a", "Pulled", BOOT).await;
-    assert!(pulled.contains("on demand"), "{pulled}");
-    wait_for(BOOT, "a Ready", || async {
-        pods.get("a").await.ok().filter(is_ready)
-    })
-    .await;
+    ready_served_on_demand(&env, "a", &image).await;
     let cached = || walk(&data.join("images/images/sha256"), "disk.img");
     eprintln!("a Ready; cached images now: {:?}", cached());
     // The guest reads its disk (through NBD, fetched and verified frame by frame).
@@ -295,21 +302,11 @@ async fn without_an_overlay_format_the_pod_writes_its_own_nbd_layer() {
     let TestNode {
         ns,
         pods,
-        events,
         provider,
-        node,
         data,
         ..
     } = &env;
-    pods.create(&PostParams::default(), &vm_pod("v", node, &image))
-        .await
-        .unwrap();
-    let pulled = wait_event(events, "v", "Pulled", BOOT).await;
-    assert!(pulled.contains("on demand"), "{pulled}");
-    wait_for(BOOT, "v Ready", || async {
-        pods.get("v").await.ok().filter(is_ready)
-    })
-    .await;
+    ready_served_on_demand(&env, "v", &image).await;
     let hv = seen.get().expect("the provider's hypervisor");
     let vda = hv.disks.lock().unwrap()[0].clone();
     assert_eq!(vda.format, DiskFormat::Nbd, "{vda:?}");
