@@ -191,6 +191,9 @@ pub trait Export: Send + Sync + 'static {
     }
 }
 
+/// The export name of [`ServerOptions::default`].
+pub const DEFAULT_EXPORT: &str = "disk";
+
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -206,7 +209,7 @@ pub struct ServerOptions {
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
-            export_name: "disk".to_owned(),
+            export_name: DEFAULT_EXPORT.to_owned(),
             max_request: 32 << 20,
             max_in_flight: 16,
         }

@@ -54,5 +54,5 @@ pub use hypervisor::{
 pub use mac::MacAddr;
 pub use spec::{
     BootKind, BootSpec, DiskFormat, DiskSpec, NBD_EXPORT, NetworkAttachment, NicSpec,
-    SNAPSHOT_HOTPLUG_PORTS, SharedDirSpec, SnapshotSpec, VmSpec,
+    SNAPSHOT_HOTPLUG_PORTS, SharedDirSpec, SnapshotSpec, VmSpec, nbd_unix_url,
 };

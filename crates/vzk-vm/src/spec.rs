@@ -170,6 +170,12 @@ pub enum DiskFormat {
 /// The export name a [`DiskFormat::Nbd`] disk's server serves.
 pub const NBD_EXPORT: &str = "disk";
 
+/// The NBD URI of the export [`NBD_EXPORT`] on the Unix socket `socket`
+/// (`nbd+unix:///disk?socket=/path`).
+pub fn nbd_unix_url(socket: &std::path::Path) -> String {
+    format!("nbd+unix:///{NBD_EXPORT}?socket={}", socket.display())
+}
+
 impl std::fmt::Display for DiskFormat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

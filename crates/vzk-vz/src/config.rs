@@ -23,7 +23,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vzk_vm::{BootSpec, DiskFormat, MacAddr, NBD_EXPORT, NetworkAttachment, VmSpec};
+use vzk_vm::{BootSpec, DiskFormat, MacAddr, NetworkAttachment, VmSpec, nbd_unix_url};
 
 use crate::limits::{Bounds, LimitsError};
 
@@ -281,10 +281,7 @@ pub fn derive(
             absolute("disk", &d.path)?;
             let source = match d.format {
                 DiskFormat::Raw => DiskSource::Image(d.path.clone()),
-                DiskFormat::Nbd => DiskSource::Nbd(format!(
-                    "nbd+unix:///{NBD_EXPORT}?socket={}",
-                    d.path.display()
-                )),
+                DiskFormat::Nbd => DiskSource::Nbd(nbd_unix_url(&d.path)),
                 format @ DiskFormat::Qcow2 => {
                     return Err(ConfigError::DiskFormat { index, format });
                 }

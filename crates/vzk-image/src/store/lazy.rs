@@ -166,8 +166,8 @@ impl PodDisk {
     }
 }
 
-/// The name of the export every NBD server of the store serves.
-pub const NBD_EXPORT: &str = "disk";
+/// The name of the export every NBD server of the store serves (the server's default).
+pub const NBD_EXPORT: &str = vzk_nbd::DEFAULT_EXPORT;
 
 fn nbd_url(socket: &Path) -> String {
     format!("nbd+unix:///{NBD_EXPORT}?socket={}", socket.display())
@@ -184,10 +184,7 @@ fn serve_at(
     let listener = tokio::net::UnixListener::bind(socket).io("listen", socket)?;
     let socket = socket.to_path_buf();
     tokio::spawn(async move {
-        let opts = vzk_nbd::ServerOptions {
-            export_name: NBD_EXPORT.to_owned(),
-            ..Default::default()
-        };
+        let opts = vzk_nbd::ServerOptions::default();
         if let Err(e) = vzk_nbd::serve(listener, export, opts, shutdown).await {
             tracing::warn!(socket = %socket.display(), error = %e, "NBD server ended");
         }

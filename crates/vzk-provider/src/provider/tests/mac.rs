@@ -156,3 +156,9 @@ async fn lazy_disks_on_a_mac_need_nbd_attachments() {
         }
     }
 }
+
+/// The image store's NBD servers serve the export the VM runtime's NBD disks name.
+#[test]
+fn the_store_serves_the_export_vm_nbd_disks_name() {
+    assert_eq!(vzk_image::NBD_EXPORT, vzk_vm::NBD_EXPORT);
+}
