@@ -9,6 +9,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use russh::client::{self, AuthResult, Handle};
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
@@ -94,6 +98,57 @@ impl client::Handler for ClientHandler {
     }
 }
 
+/// The pause before the second TCP connect attempt of a dial; each later pause is
+/// twice the one before, up to [`CONNECT_GAP_MAX`].
+pub(crate) const CONNECT_GAP_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two connect attempts of one dial.
+pub(crate) const CONNECT_GAP_MAX: Duration = Duration::from_millis(800);
+/// How many connect attempts of one dial may be in flight at once.
+pub(crate) const CONNECT_ATTEMPTS_MAX: usize = 8;
+
+/// The TCP connection a dial runs over, to a guest that may not hold its address yet.
+///
+/// The host learns a guest's address from the DHCP exchange, a moment before the guest's
+/// DHCP client has put it on the NIC. A SYN sent in that moment is dropped without a
+/// reply, and the kernel sends it again only after its initial retransmission timeout of
+/// 1 s (then 3 s, 7 s …): every start paid that second. So while no attempt has answered,
+/// a fresh attempt (a fresh SYN) starts after 50 ms, then 100 ms, 200 ms … (doubling, at
+/// most 800 ms apart and 8 in flight). The first connection wins and the others are
+/// dropped; the first refusal or error ends the dial's connect (the caller retries).
+pub(crate) async fn connect_tcp(
+    addr: SocketAddr,
+    connector: Option<&Connector>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let attempt =
+        || -> futures::future::BoxFuture<'static, std::io::Result<tokio::net::TcpStream>> {
+            match connector {
+                Some(connect) => connect(addr),
+                None => Box::pin(tokio::net::TcpStream::connect(addr)),
+            }
+        };
+    let mut attempts = FuturesUnordered::new();
+    attempts.push(attempt());
+    let mut started = 1;
+    let mut gap = CONNECT_GAP_FIRST;
+    let mut next = tokio::time::Instant::now() + gap;
+    loop {
+        tokio::select! {
+            Some(result) = attempts.next() => {
+                if started > 1 {
+                    debug!(%addr, started, ok = result.is_ok(), "TCP connect answered after fresh attempts");
+                }
+                return result;
+            }
+            () = tokio::time::sleep_until(next), if started < CONNECT_ATTEMPTS_MAX => {
+                attempts.push(attempt());
+                started += 1;
+                gap = (gap * 2).min(CONNECT_GAP_MAX);
+                next += gap;
+            }
+        }
+    }
+}
+
 /// An authenticated connection.
 pub(crate) type Connection = Handle<ClientHandler>;
 
@@ -130,11 +185,9 @@ async fn dial_unbounded(
     let handler = ClientHandler {
         hostkeys: hostkeys.clone(),
     };
-    let stream = match connector {
-        Some(connect) => connect(addr).await,
-        None => tokio::net::TcpStream::connect(addr).await,
-    }
-    .map_err(|e| DialError::Handshake(russh::Error::IO(e)))?;
+    let stream = connect_tcp(addr, connector)
+        .await
+        .map_err(|e| DialError::Handshake(russh::Error::IO(e)))?;
     // What `client::connect` would do with `nodelay: true`.
     let _ = stream.set_nodelay(true);
     let mut handle = client::connect_stream(Arc::new(config), stream, handler)
@@ -183,4 +236,77 @@ async fn dial_unbounded(
         user: creds.user().to_owned(),
         tried: tried.join(","),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A connector whose first `drop_first` calls never answer (a dropped SYN) and whose
+    /// later ones do what `then` says; it counts its calls.
+    fn connector(
+        drop_first: usize,
+        then: impl Fn(
+            SocketAddr,
+        )
+            -> futures::future::BoxFuture<'static, std::io::Result<tokio::net::TcpStream>>
+        + Send
+        + Sync
+        + 'static,
+    ) -> (Connector, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let c: Connector = Arc::new(move |addr| {
+            if seen.fetch_add(1, Ordering::SeqCst) < drop_first {
+                Box::pin(futures::future::pending())
+            } else {
+                then(addr)
+            }
+        });
+        (c, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_attempt_overtakes_a_dropped_syn() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (c, calls) = connector(1, |a| Box::pin(tokio::net::TcpStream::connect(a)));
+        // Without a second attempt this waits for ever (the clock is paused and
+        // advances to the timeout).
+        let stream = tokio::time::timeout(Duration::from_secs(30), connect_tcp(addr, Some(&c)))
+            .await
+            .unwrap_or_else(|_| panic!("no attempt after the dropped one answered"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (_, peer) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(stream.local_addr().ok(), Some(peer));
+        assert!(calls.load(Ordering::SeqCst) >= 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_ends_the_connect_without_more_attempts() {
+        let (c, calls) = connector(0, |_| {
+            Box::pin(async { Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)) })
+        });
+        let addr = SocketAddr::from(([127, 0, 0, 1], 22));
+        let err = connect_tcp(addr, Some(&c))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a refused connect succeeded"));
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_guest_that_never_answers_gets_a_bounded_number_of_attempts() {
+        let (c, calls) = connector(usize::MAX, |_| Box::pin(futures::future::pending()));
+        let addr = SocketAddr::from(([127, 0, 0, 1], 22));
+        let r = tokio::time::timeout(Duration::from_secs(60), connect_tcp(addr, Some(&c))).await;
+        assert!(r.is_err(), "a connect nobody answered ended");
+        assert_eq!(calls.load(Ordering::SeqCst), CONNECT_ATTEMPTS_MAX);
+    }
 }

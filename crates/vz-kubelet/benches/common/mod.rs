@@ -1,6 +1,7 @@
 //! Helpers the benches share: fail loudly, wait for pods, stop the agent.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,8 @@ pub(crate) struct AgentSetup<'a> {
 /// the guests, JSON logs, TCG unless `VZK_ACCEL` says otherwise, with `extra` flags.
 pub(crate) fn spawn_agent(s: &AgentSetup<'_>, extra: &[&str]) -> AgentProc {
     let logf = std::fs::File::create(s.log).unwrap_or_else(|e| die(e));
+    // `VZK_BENCH_KEEP_LOG=FILE`: the agent's log is copied there when the agent stops.
+    let keep = std::env::var_os("VZK_BENCH_KEEP_LOG").map(|to| (s.log.to_path_buf(), to.into()));
     let accel = std::env::var("VZK_ACCEL").unwrap_or_else(|_| "tcg".into());
     let child = Command::new(env!("CARGO_BIN_EXE_vz-kubelet"))
         .args([
@@ -81,11 +84,12 @@ pub(crate) fn spawn_agent(s: &AgentSetup<'_>, extra: &[&str]) -> AgentProc {
         .stderr(logf)
         .spawn()
         .unwrap_or_else(|e| die(e));
-    AgentProc(child)
+    AgentProc(child, keep)
 }
 
-/// The agent process: SIGTERM on drop, SIGKILL after 20 s.
-pub(crate) struct AgentProc(pub(crate) Child);
+/// The agent process: SIGTERM on drop, SIGKILL after 20 s; then its log is copied
+/// where `VZK_BENCH_KEEP_LOG` said (from, to).
+pub(crate) struct AgentProc(pub(crate) Child, Option<(PathBuf, PathBuf)>);
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
@@ -98,6 +102,11 @@ impl Drop for AgentProc {
         }
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if let Some((from, to)) = &self.1
+            && let Err(e) = std::fs::copy(from, to)
+        {
+            eprintln!("keeping the agent's log at {}: {e}", to.display());
+        }
     }
 }
 

@@ -344,9 +344,11 @@ pub(super) async fn reidentify(
         HostKeyStore::file(t.host_key()),
     );
     let s = session.clone();
+    let t0 = std::time::Instant::now();
     super::detached(async move { s.wait_ready(timeout).await })
         .await
         .map_err(|err| format!("its SSH (as the template): {}", vzk_guest::ErrorChain(&err)))?;
+    let login = t0.elapsed();
     let script = templates::reidentify_script(
         &vzk_vm::cloud_init::hostname_of(&e.key.name),
         pod_key.public_openssh(),
@@ -372,6 +374,6 @@ pub(super) async fn reidentify(
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    info!(pod = %e.key, uid = %e.key.uid, "restored guest re-identified");
+    info!(pod = %e.key, uid = %e.key.uid, login_ms = login.as_millis(), script_ms = (t0.elapsed() - login).as_millis(), "restored guest re-identified");
     Ok(())
 }
