@@ -5,7 +5,7 @@
 #
 # Produces in OUTDIR:
 #   vmlinuz          Debian's kernel (from linux-image-amd64, downloaded, not installed)
-#   initramfs.gz     busybox-static + dropbear (+ libraries) + virtio/9p/ACPI modules + init
+#   initramfs.gz     busybox-static + dropbear, dropbearkey (+ libraries) + virtio/9p/ACPI modules + init
 #   disk.raw         a small raw disk (16 MiB, no filesystem) for virtio-blk tests
 #   id_ed25519       the root login key (dropbear format; unless a public key was given)
 #   id_ed25519.pub   its OpenSSH public key (what the guest's authorized_keys holds)
@@ -82,7 +82,9 @@ for m in $modules; do
 done
 echo "$modules" >"$r/etc/modules.order"
 cp /usr/sbin/dropbear "$r/usr/sbin/dropbear"
-ldd /usr/sbin/dropbear | awk '/=>/ {print $3} /ld-linux/ {print $1}' | while read -r lib; do
+# dropbearkey: a VM restored from a template makes its new host key at once and prints it.
+cp /usr/bin/dropbearkey "$r/usr/bin/dropbearkey"
+ldd /usr/sbin/dropbear /usr/bin/dropbearkey | awk '/=>/ {print $3} /ld-linux/ {print $1}' | while read -r lib; do
   [ -f "$lib" ] || continue
   mkdir -p "$r$(dirname "$lib")"
   cp -L "$lib" "$r$lib"

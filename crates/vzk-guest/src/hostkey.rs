@@ -50,6 +50,15 @@ pub enum HostKeyError {
         #[source]
         source: russh::keys::ssh_key::Error,
     },
+    /// A key given in OpenSSH format did not parse.
+    #[error("parsing host key {line:?}")]
+    ParseKey {
+        /// The text given.
+        line: String,
+        /// The parser's error.
+        #[source]
+        source: russh::keys::ssh_key::Error,
+    },
     /// The key could not be encoded for storage.
     #[error("encoding host key for pinning")]
     EncodeKey(#[source] russh::keys::ssh_key::Error),
@@ -125,6 +134,18 @@ impl HostKeyStore {
                 Ok(())
             }
         }
+    }
+
+    /// [`Self::verify_or_pin`] of a key learned another way than a handshake, given in
+    /// OpenSSH format (`ssh-ed25519 AAAA… [comment]`); e.g. the key a guest printed
+    /// over an authenticated connection right after making it.
+    pub fn verify_or_pin_openssh(&self, line: &str) -> Result<(), HostKeyError> {
+        let key =
+            PublicKey::from_openssh(line.trim()).map_err(|source| HostKeyError::ParseKey {
+                line: line.trim().chars().take(120).collect(),
+                source,
+            })?;
+        self.verify_or_pin(&key)
     }
 
     fn read_file(&self) -> Result<Option<PublicKey>, HostKeyError> {
@@ -234,5 +255,20 @@ mod tests {
             Err(HostKeyError::Mismatch { .. })
         ));
         assert!(store.clone().verify_or_pin(&key(KEY_B)).is_ok());
+    }
+
+    #[test]
+    fn a_key_told_in_openssh_format_is_pinned_like_a_presented_one() {
+        let store = HostKeyStore::in_memory();
+        assert!(store.verify_or_pin_openssh(&format!("{KEY_A}\n")).is_ok());
+        assert!(store.verify_or_pin(&key(KEY_A)).is_ok());
+        assert!(matches!(
+            store.verify_or_pin_openssh(KEY_B),
+            Err(HostKeyError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            HostKeyStore::in_memory().verify_or_pin_openssh("ssh-ed25519 not-base64"),
+            Err(HostKeyError::ParseKey { .. })
+        ));
     }
 }

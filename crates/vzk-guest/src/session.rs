@@ -353,6 +353,30 @@ impl GuestSession {
         }
     }
 
+    /// Dials now unless connected, polling every 250 ms while the guest does not answer,
+    /// until `timeout`; like [`Self::wait_ready`] but without running a command. Stops
+    /// early on a permanent error (rejected credentials, a changed host key).
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), GuestError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let err = match tokio::time::timeout_at(deadline, self.connection()).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) if e.is_permanent() || matches!(e, GuestError::Closed) => {
+                    return Err(e);
+                }
+                Ok(Err(e)) => e,
+                Err(_) => GuestError::ProbeFailed(-1),
+            };
+            if tokio::time::Instant::now() + READY_POLL >= deadline {
+                return Err(GuestError::NotReady {
+                    after: timeout,
+                    last: Box::new(err),
+                });
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
+    }
+
     /// Forwards one connection to TCP `port` on the guest's loopback through the SSH
     /// connection (`direct-tcpip`), copying both ways until both sides are done.
     /// Returns the bytes copied (to the guest, from the guest).
@@ -379,6 +403,46 @@ impl GuestSession {
         .map_err(|source| GuestError::Forward { port, source })?;
         debug!(guest.addr = %self.inner.addr, port, to_guest = copied.0, from_guest = copied.1, "port forward done");
         Ok(copied)
+    }
+
+    /// A session with other credentials and another host-key pin that takes over this
+    /// session's live connection, so the guest is not dialled again: its later dials
+    /// (after that connection ends) use `creds` and `hostkeys`. Meant for a guest whose
+    /// keys were just changed over this connection (a VM restored from a template,
+    /// reached with the template's key, made the pod's own). This session is closed; a
+    /// dial it had in flight is aborted (the new session dials afresh when used).
+    pub fn hand_over(&self, creds: Credentials, hostkeys: HostKeyStore) -> GuestSession {
+        let old = {
+            let mut st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *st, State::Closed)
+        };
+        let state = match old {
+            State::Connected(conn) if !conn.handle.is_closed() => State::Connected(conn),
+            State::Connected(conn) => {
+                spawn_disconnect(conn);
+                State::Idle
+            }
+            State::Dialing { abort, .. } => {
+                abort.abort();
+                State::Idle
+            }
+            State::Idle | State::Closed => State::Idle,
+        };
+        let connector = OnceLock::new();
+        if let Some(c) = self.inner.connector.get() {
+            let _ = connector.set(c.clone());
+        }
+        GuestSession {
+            inner: Arc::new(Inner {
+                addr: self.inner.addr,
+                creds,
+                hostkeys,
+                config: self.inner.config.clone(),
+                state: Mutex::new(state),
+                generations: AtomicU64::new(self.inner.generations.load(Ordering::Relaxed)),
+                connector,
+            }),
+        }
     }
 
     /// Closes the session: aborts a dial in flight, disconnects, and fails every

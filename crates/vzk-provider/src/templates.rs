@@ -545,7 +545,12 @@ printf %s {seed} | $S tee /dev/urandom >/dev/null
 mkdir -p ~/.ssh && chmod 700 ~/.ssh
 {{ grep -vF {template_body} ~/.ssh/authorized_keys 2>/dev/null; echo {pod_key}; }} > ~/.ssh/authorized_keys.vzk
 chmod 600 ~/.ssh/authorized_keys.vzk && mv ~/.ssh/authorized_keys.vzk ~/.ssh/authorized_keys || fail "installing the pod's key"
-if [ -d /etc/dropbear ]; then $S rm -f /etc/dropbear/dropbear_*_host_key; fi
+if [ -d /etc/dropbear ]; then
+  $S rm -f /etc/dropbear/dropbear_*_host_key
+  if command -v dropbearkey >/dev/null && pidof dropbear >/dev/null; then
+    $S dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key 2>/dev/null | {KEY_SED}
+  fi
+fi
 if [ -f /etc/ssh/sshd_config ] && command -v ssh-keygen >/dev/null; then
   for t in ed25519 ecdsa; do
     if [ -f /etc/ssh/ssh_host_${{t}}_key ]; then
@@ -558,6 +563,9 @@ if [ -f /etc/ssh/sshd_config ] && command -v ssh-keygen >/dev/null; then
     ( $S ssh-keygen -q -t rsa -N '' -f /etc/ssh/ssh_host_rsa_key && $S kill -HUP $(cat /run/sshd.pid 2>/dev/null) ) >/dev/null 2>&1 </dev/null &
   fi
   $S systemctl reload ssh 2>/dev/null || $S kill -HUP $(cat /run/sshd.pid 2>/dev/null) 2>/dev/null || true
+  if pidof sshd >/dev/null && [ -f /etc/ssh/ssh_host_ed25519_key.pub ]; then
+    {KEY_SED} /etc/ssh/ssh_host_ed25519_key.pub
+  fi
 fi
 echo "vz-kubelet: re-identified as {host} (uptime $t0 s)" | $S tee /dev/kmsg >/dev/null 2>&1 || true
 "#,
@@ -569,7 +577,25 @@ echo "vz-kubelet: re-identified as {host} (uptime $t0 s)" | $S tee /dev/kmsg >/d
         machine_id = q(&machine_id),
         template_body = q(template_body),
         pod_key = q(pod_key),
+        KEY_SED = KEY_SED,
     )
+}
+
+/// What [`reidentify_script`] prints before each new ed25519 host key of the SSH server
+/// it found running (dropbear's, made at once instead of on the next connection, or
+/// OpenSSH's).
+pub const HOST_KEY_MARK: &str = "vzk-host-key: ";
+
+/// The `sed` that turns an OpenSSH public-key line into [`HOST_KEY_MARK`] + type + key
+/// (the comment dropped).
+const KEY_SED: &str = r"sed -n 's|^\(ssh-ed25519 [A-Za-z0-9+/=]*\).*|vzk-host-key: \1|p'";
+
+/// The guest's new host key from the re-identification's output, if it printed exactly
+/// one (none: an SSH server the script does not know; two: it cannot tell which answers).
+pub fn new_host_key(stdout: &str) -> Option<&str> {
+    let mut keys = stdout.lines().filter_map(|l| l.strip_prefix(HOST_KEY_MARK));
+    let first = keys.next()?;
+    keys.all(|k| k == first).then_some(first)
 }
 
 #[cfg(test)]
@@ -767,6 +793,12 @@ mod tests {
         assert!(s.contains("grep -vF 'AAAAtemplate'"), "{s}");
         assert!(s.contains("echo 'ssh-ed25519 AAAApod pod'"), "{s}");
         assert!(s.contains("rm -f /etc/dropbear/dropbear_*_host_key"), "{s}");
+        assert!(
+            s.contains(&format!(
+                "dropbear_ed25519_host_key 2>/dev/null | {KEY_SED}"
+            )),
+            "{s}"
+        );
         assert!(s.contains("|| fail \"setting the clock\""), "{s}");
         // It parses as a POSIX shell script.
         let parsed = std::process::Command::new("sh")
@@ -777,5 +809,33 @@ mod tests {
         // A hostile host name stays one word.
         let s = reidentify_script("a'; rm -rf /", "k", "t", now);
         assert!(s.contains(r"hostname 'a'\''; rm -rf /'"), "{s}");
+    }
+
+    #[test]
+    fn the_new_host_key_is_read_from_what_the_script_printed() {
+        // The script's sed, on dropbearkey's output and on an OpenSSH .pub line.
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDyaEAu08gM4PmoDQTTuT5hMvg8s4xfSTCrFECp5Thng";
+        for text in [
+            format!("Public key portion is:\n{key} root@vm\nFingerprint: SHA256:h0w5\n"),
+            format!("{key} root@debian\n"),
+        ] {
+            let out = std::process::Command::new("sh")
+                .args(["-c", &format!("printf '%s' \"$0\" | {KEY_SED}"), &text])
+                .output()
+                .unwrap_or_else(|e| panic!("{e}"));
+            let out = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(out, format!("{HOST_KEY_MARK}{key}\n"));
+            assert_eq!(new_host_key(&format!("other\n{out}")), Some(key));
+        }
+        assert_eq!(new_host_key("nothing\n"), None);
+        let two = format!("{HOST_KEY_MARK}ssh-ed25519 AAAA1\n{HOST_KEY_MARK}ssh-ed25519 AAAA2\n");
+        assert_eq!(
+            new_host_key(&two),
+            None,
+            "two servers: which one answers is unknown"
+        );
+        let same = format!("{HOST_KEY_MARK}ssh-ed25519 AAAA1\n{HOST_KEY_MARK}ssh-ed25519 AAAA1\n");
+        assert_eq!(new_host_key(&same), Some("ssh-ed25519 AAAA1"));
     }
 }

@@ -216,3 +216,36 @@ async fn dials_through_the_given_connector() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_over_session_keeps_the_connection_and_redials_with_its_own_pin() {
+    let mut db = Dropbear::start();
+    let s = db.session();
+    let out = within(30, s.output(&["echo", "before"]))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(out.stdout, b"before\n");
+    let pin = db.dir.path().join("handed-over.pub");
+    let h = s.hand_over(db.creds(), HostKeyStore::file(&pin));
+    // The old session is closed; the new one runs on the same connection.
+    assert!(matches!(
+        within(30, s.output(&["true"])).await,
+        Err(GuestError::Closed)
+    ));
+    let out = within(30, h.output(&["echo", "handed"]))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(out.stdout, b"handed\n");
+    assert_eq!(db.connections(), 1, "{}", db.log());
+    assert!(!pin.exists(), "no dial, so nothing pinned yet");
+    // When that connection ends, the new session dials with its own host-key store.
+    db.restart();
+    let out = within(30, h.output(&["echo", "after"]))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(out.stdout, b"after\n");
+    assert_eq!(db.connections(), 2, "{}", db.log());
+    let pinned = std::fs::read_to_string(&pin).unwrap_or_else(|e| panic!("pin file: {e}"));
+    assert!(pinned.starts_with("ssh-ed25519 "), "{pinned}");
+    assert!(h.dial_count() > s.dial_count());
+}

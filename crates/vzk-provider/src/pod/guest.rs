@@ -66,22 +66,34 @@ pub(super) async fn guest(
     if let Some(c) = &clock {
         c.phase(StartPhase::Ip);
     }
-    // A restored guest is the template's until it is made the pod's own.
-    if let Some(vzk_vm::SnapshotSpec::Restore { state }) = &vm.spec().snapshot
-        && let Err(msg) = super::restore::reidentify(e, vm, ip, state, left()).await
-    {
-        return not_ready(format!("Re-identifying the restored VM failed: {msg}"));
-    }
-    let session = guest_session(
-        vm,
-        ip,
-        e.creds.clone(),
-        HostKeyStore::file(e.dir.join("ssh_host_key")),
-    );
+    // A restored guest is the template's until it is made the pod's own; the session
+    // that did that is the pod's (its commands just ran: SSH answers).
+    let restored = match &vm.spec().snapshot {
+        Some(vzk_vm::SnapshotSpec::Restore { state }) => {
+            match super::restore::reidentify(e, vm, ip, state, left()).await {
+                Ok(session) => Some(session),
+                Err(msg) => {
+                    return not_ready(format!("Re-identifying the restored VM failed: {msg}"));
+                }
+            }
+        }
+        _ => None,
+    };
+    let session = match &restored {
+        Some(s) => s.clone(),
+        None => guest_session(
+            vm,
+            ip,
+            e.creds.clone(),
+            HostKeyStore::file(e.dir.join(HOST_KEY_FILE)),
+        ),
+    };
     *lock(&e.session) = Some(session.clone());
     let timeout = left();
     let s = session.clone();
-    if let Err(err) = detached(async move { s.wait_ready(timeout).await }).await {
+    if restored.is_none()
+        && let Err(err) = detached(async move { s.wait_ready(timeout).await }).await
+    {
         return not_ready(format!(
             "Readiness probe failed: guest SSH did not answer: {}",
             vzk_guest::ErrorChain(&err)

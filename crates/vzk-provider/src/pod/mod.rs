@@ -30,6 +30,9 @@ use crate::provider::Inner;
 use crate::slots::Slot;
 use crate::status::{PodView, VmHistory, VmPhase, pod_status};
 
+/// The pod's pin of its guest's SSH host key, in the pod's directory.
+pub(crate) const HOST_KEY_FILE: &str = "ssh_host_key";
+
 /// An SSH session to port 22 of `ip`, dialled through `vm` (where the VM's network is).
 pub(crate) fn guest_session(
     vm: &Arc<dyn Vm>,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 use vzk_core::PodEvent;
-use vzk_guest::{HostKeyStore, PodIdentity};
+use vzk_guest::{GuestSession, HostKeyStore, PodIdentity};
 use vzk_image::LocalImage;
 use vzk_vm::{BootSpec, Vm};
 
@@ -323,14 +323,17 @@ async fn prepare_one(inner: &Arc<Inner>, ask: &crate::args::TemplateAsk) -> Resu
 }
 
 /// Makes the restored guest the pod's own ([`templates::reidentify_script`]), logging in
-/// with the template's key and pinning the template guest's host key.
+/// with the template's key and pinning the template guest's host key. Returns the pod's
+/// session, on the connection the script ran over (no second login): later dials use
+/// the pod's credentials and its own host-key pin, holding the guest's new key when the
+/// script printed it.
 pub(super) async fn reidentify(
     e: &PodEntry,
     vm: &Arc<dyn Vm>,
     ip: Ipv4Addr,
     state: &Path,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<GuestSession, String> {
     let dir = Template::dir_of_state(state).ok_or("the saved state has no template directory")?;
     let t = Template::load(dir)?.ok_or("its template is gone")?;
     info!(pod = %e.key, uid = %e.key.uid, template = %t.meta.key.id(), "re-identifying restored guest");
@@ -345,10 +348,16 @@ pub(super) async fn reidentify(
     );
     let s = session.clone();
     let t0 = std::time::Instant::now();
-    super::detached(async move { s.wait_ready(timeout).await })
-        .await
-        .map_err(|err| format!("its SSH (as the template): {}", vzk_guest::ErrorChain(&err)))?;
+    let connected = super::detached(async move { s.wait_connected(timeout).await }).await;
+    if let Err(err) = connected {
+        session.close();
+        return Err(format!(
+            "its SSH (as the template): {}",
+            vzk_guest::ErrorChain(&err)
+        ));
+    }
     let login = t0.elapsed();
+    // The clock is read once logged in, so it is set to within a command's start.
     let script = templates::reidentify_script(
         &vzk_vm::cloud_init::hostname_of(&e.key.name),
         pod_key.public_openssh(),
@@ -365,15 +374,37 @@ pub(super) async fn reidentify(
                 vzk_guest::ErrorChain(&err)
             )
         });
-    session.close();
-    let out = out?;
-    if !out.status.success() {
-        return Err(format!(
-            "the re-identification exited {}: {}",
-            out.status.code,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    let out = match out {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => {
+            session.close();
+            return Err(format!(
+                "the re-identification exited {}: {}",
+                out.status.code,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Err(msg) => {
+            session.close();
+            return Err(msg);
+        }
+    };
+    let pin = HostKeyStore::file(e.dir.join(super::HOST_KEY_FILE));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match templates::new_host_key(&stdout) {
+        Some(key) => {
+            if let Err(err) = pin.verify_or_pin_openssh(key) {
+                session.close();
+                return Err(format!(
+                    "pinning the guest's new host key: {}",
+                    vzk_guest::ErrorChain(&err)
+                ));
+            }
+        }
+        None => {
+            info!(pod = %e.key, uid = %e.key.uid, "the restored guest printed no new host key: the next dial pins the one it presents");
+        }
     }
     info!(pod = %e.key, uid = %e.key.uid, login_ms = login.as_millis(), script_ms = (t0.elapsed() - login).as_millis(), "restored guest re-identified");
-    Ok(())
+    Ok(session.hand_over(e.creds.clone(), pin))
 }

@@ -318,7 +318,7 @@ pub(super) async fn reboot(
     if let Some(s) = lock(&e.session).take() {
         s.close();
     }
-    let _ = std::fs::remove_file(e.dir.join("ssh_host_key"));
+    let _ = std::fs::remove_file(e.dir.join(crate::pod::HOST_KEY_FILE));
     let guard = e.create_lock.clone().lock_owned().await;
     let hv = inner.hv.clone();
     let entry = e.clone();

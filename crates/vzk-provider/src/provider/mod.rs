@@ -452,7 +452,7 @@ impl Inner {
                 *lock(&e.history) = history;
                 // A new VM from a fresh disk clone: a new guest host key, and the lost
                 // boot's console is the previous one (`kubectl logs --previous`).
-                let _ = std::fs::remove_file(e.dir.join("ssh_host_key"));
+                let _ = std::fs::remove_file(e.dir.join(crate::pod::HOST_KEY_FILE));
                 let _ = std::fs::rename(e.console_log(), e.previous_console_log());
                 warn!(pod = %e.key, "the pod's VM is gone: booting it again");
                 self.event(

@@ -139,6 +139,37 @@ async fn pods_start_by_restore_with_their_own_identity_and_fall_back_to_a_cold_b
         assert_eq!((code, out.trim()), (0, ns.as_str()), "{name}");
     }
     assert_ne!(macs[0], macs[1]);
+    // Each guest made a new host key during its re-identification, and the agent pinned
+    // that one for the pod's later dials (its session ran on the re-identification's
+    // connection): not the template guest's key, and not the other pod's.
+    let body = |line: &str| line.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let template_host_key = body(&std::fs::read_to_string(tdir.join("ssh_host_key")).unwrap());
+    let mut host_keys = Vec::new();
+    for (name, pod) in ["a", "b"].iter().zip(&ready) {
+        let uid = pod.metadata.uid.clone().unwrap();
+        let pinned = std::fs::read_to_string(data.join("pods").join(&uid).join("ssh_host_key"))
+            .unwrap_or_else(|e| panic!("{name}'s pinned host key: {e}"));
+        let (code, out) = exec(
+            &provider,
+            &ns,
+            name,
+            "dropbearkey -y -f /etc/dropbear/dropbear_ed25519_host_key | grep '^ssh-ed25519'",
+        )
+        .await;
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(
+            body(&pinned),
+            body(&out),
+            "{name}: pinned {pinned} but the guest has {out}"
+        );
+        assert_ne!(
+            body(&pinned),
+            template_host_key,
+            "{name} kept the template's host key"
+        );
+        host_keys.push(body(&pinned));
+    }
+    assert_ne!(host_keys[0], host_keys[1]);
     // The template's login key is gone from the guest; the pod's own is there.
     let (code, out) = exec(&provider, &ns, "a", "cat /root/.ssh/authorized_keys").await;
     assert_eq!(code, 0);
