@@ -11,8 +11,9 @@
 #   OUTDIR/efi  EFI boot (no kernel in the image): disk.img (GPT, SIZE: an EFI system
 #               partition with GRUB at EFI/BOOT/BOOTX64.EFI, then the root filesystem),
 #               config.json; booted by OVMF on QEMU. The guest takes the pod's SSH key, host name and user-data from
-# vz-kubelet's cloud-init seed (NoCloud) and its address by DHCP (cloud-init's fallback
-# network config); it has no password and no key of its own, and powers off on the
+# vz-kubelet's cloud-init seed (NoCloud) and an address by DHCP on every Ethernet NIC,
+# including one plugged in later (systemd-networkd; a VM restored from a template gets its
+# NIC that way); it has no password and no key of its own, and powers off on the
 # ACPI power button (systemd-logind). It prints "VZK-SSHD-START uptime=<secs>" to the
 # kernel log when OpenSSH has started.
 #
@@ -53,7 +54,7 @@ root="$work/root"
 # python3-cffi-backend: debootstrap does not resolve the virtual packages that
 # python3-cryptography (under cloud-init) depends on.
 # grub-efi-amd64-bin: to build the EFI image's loader (nothing is installed to a disk).
-pkgs=systemd-sysv,udev,dbus,openssh-server,cloud-init,python3-cffi-backend,ifupdown,isc-dhcp-client,linux-image-amd64,initramfs-tools,iproute2,sudo,grub-efi-amd64-bin
+pkgs=systemd-sysv,udev,dbus,openssh-server,cloud-init,python3-cffi-backend,linux-image-amd64,initramfs-tools,iproute2,sudo,grub-efi-amd64-bin
 debootstrap --variant=minbase --include="$pkgs" bookworm "$root" "$mirror"
 
 echo 'LABEL=root / ext4 defaults 0 1' >"$root/etc/fstab"
@@ -65,7 +66,24 @@ rm -f "$root"/etc/ssh/ssh_host_*
 cat >"$root/etc/cloud/cloud.cfg.d/90-vz-kubelet.cfg" <<'CFG'
 datasource_list: [NoCloud, None]
 ssh_genkeytypes: [ed25519, ecdsa]
+network: {config: disabled}
 CFG
+# The network: DHCP on every Ethernet NIC, whenever it appears, by systemd-networkd (not
+# cloud-init's fallback config, which names the NIC present at first boot). A VM restored
+# from a template loses the template's NIC and gets its own, with its own MAC: the client
+# identifier is that MAC, so two VMs restored from one template never share a lease (the
+# default, a DUID from the machine id, would be the template's for both).
+cat >"$root/etc/systemd/network/50-vz-kubelet.network" <<'NET'
+[Match]
+Type=ether
+
+[Network]
+DHCP=ipv4
+
+[DHCPv4]
+ClientIdentifier=mac
+NET
+chroot "$root" systemctl enable systemd-networkd.service
 # The kernel log (and so the console and `kubectl logs`) says when OpenSSH has started,
 # as the busybox test guest does: systemd stops printing unit status once the serial
 # getty owns the console. The pod_startup bench reads it.

@@ -290,3 +290,147 @@ async fn a_debian_guest_with_systemd_and_cloud_init_runs_the_whole_path() {
         "{stopped}"
     );
 }
+
+/// The Debian guest started by restore (issue 18): a template made ahead of time from the
+/// image (`--snapshot-template`), then two pods created at once, both restored from it.
+/// Each is its own although both come from one saved machine: its host name, its own NIC
+/// (a MAC of its own, plugged in after the restore and configured by systemd-networkd's
+/// DHCP) and address, new OpenSSH host keys, a new machine id, the host's clock; a file
+/// one writes is absent in the other; OpenSSH still answers after its keys changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debian_pods_restored_from_one_template_are_each_their_own() {
+    let dir = vzk_testenv::debian_guest(Path::new(env!("CARGO_TARGET_TMPDIR")));
+    let mut c = Cluster::start("debr", &["--snapshot-start", "--max-vms", "3"]).await;
+    let image = format!("{}/debr/debian:12", c.registry.addr);
+    support::push_dir(c.work.path(), dir, &image);
+    // The template of that image and the pods' shape, made when the agent starts.
+    c.stop_agent();
+    c.extra_args.extend([
+        "--snapshot-template".to_owned(),
+        format!("{image},cpu=1,memory=1Gi"),
+    ]);
+    c.start_agent();
+    let images = c.work.path().join("data/images");
+    let mut meta = None;
+    wait_until_or(
+        Duration::from_secs(900),
+        "the Debian template made ahead of time",
+        || {
+            meta = find_file(&images, "template.json");
+            meta.is_some()
+        },
+        || c.agent.as_ref().map(|a| a.log()).unwrap_or_default(),
+    );
+    let template = meta
+        .as_deref()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("template.json without a directory"))
+        .to_path_buf();
+    let template_host_key = std::fs::read_to_string(template.join("ssh_host_key"))
+        .unwrap_or_else(|e| panic!("the template's pinned host key: {e}"));
+    let key_body = |line: &str| line.split_whitespace().nth(1).unwrap_or("").to_owned();
+
+    for pod in ["one", "two"] {
+        c.apply(&debian_pod(&c, pod, &image, serde_json::json!({})));
+    }
+    for pod in ["one", "two"] {
+        c.wait_pod_ready(pod);
+    }
+    let exec = |pod: &str, cmd: &str| {
+        let out = c.kubectl(&["exec", pod, "--", "sh", "-c", cmd]);
+        assert!(out.status.success(), "{pod}: {cmd}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let mut seen = Vec::new();
+    for pod in ["one", "two"] {
+        let started = c.jsonpath(
+            "events",
+            &format!(
+                "{{range .items[?(@.involvedObject.name==\"{pod}\")]}}{{.reason}}: {{.message}}{{\"\\n\"}}{{end}}"
+            ),
+        );
+        assert!(
+            started
+                .lines()
+                .any(|l| l.starts_with("Started:") && l.contains("by restoring template")),
+            "{pod} was not restored:\n{started}"
+        );
+        assert!(!started.contains("RestoreFailed"), "{pod}:\n{started}");
+        assert_eq!(exec(pod, "hostname").trim(), pod);
+        assert_eq!(exec(pod, "systemctl is-active ssh").trim(), "active");
+        // The clock: the guest's within a second of the host's around the exec.
+        let before = now_secs();
+        let guest: f64 = exec(pod, "date +%s.%N")
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{pod}'s date: {e}"));
+        let after = now_secs();
+        assert!(
+            guest > before - 1.0 && guest < after + 1.0,
+            "{pod}'s clock {guest} vs the host's {before}..{after}"
+        );
+        let host_key = exec(pod, "cat /etc/ssh/ssh_host_ed25519_key.pub");
+        assert_ne!(
+            key_body(&host_key),
+            key_body(&template_host_key),
+            "{pod} kept the template's host key"
+        );
+        let mac = exec(
+            pod,
+            "for n in /sys/class/net/*; do [ \"${n##*/}\" = lo ] || cat $n/address; done",
+        );
+        let machine_id = exec(pod, "cat /etc/machine-id");
+        let ip = c.jsonpath(&format!("pod/{pod}"), "{.status.podIP}");
+        assert!(!ip.is_empty(), "{pod} has no IP");
+        assert!(
+            exec(pod, "ip -4 -o addr show").contains(&format!("inet {ip}/")),
+            "{pod}'s NIC lacks {ip}"
+        );
+        seen.push((ip, mac.trim().to_owned(), machine_id, key_body(&host_key)));
+    }
+    let (one, two) = (&seen[0], &seen[1]);
+    assert_ne!(one.0, two.0, "both pods have one IP");
+    assert_ne!(one.1, two.1, "both pods have one MAC");
+    assert_ne!(one.2, two.2, "both pods have one machine id");
+    assert_ne!(one.3, two.3, "both pods have one host key");
+    exec("one", "echo mine > /root/only-in-one && sync");
+    assert_eq!(
+        exec(
+            "two",
+            "test -e /root/only-in-one && echo there || echo absent"
+        )
+        .trim(),
+        "absent"
+    );
+    for pod in ["one", "two"] {
+        let out = c.kubectl(&["delete", "pod", pod, "--wait=true", "--timeout=180s"]);
+        assert!(out.status.success(), "delete {pod}: {}", text(&out.stderr));
+    }
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The first file called `name` under `root` (depth first), if any, outside the
+/// directories of templates still being made (`<id>.partial-<rand>`).
+fn find_file(root: &Path, name: &str) -> Option<std::path::PathBuf> {
+    let entries = std::fs::read_dir(root).ok()?;
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if e.file_name().to_string_lossy().contains(".partial-") {
+                continue;
+            }
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
+}

@@ -19,8 +19,10 @@
 //!   (the guest kernel reseeds its RNG); then, over SSH with the template's key and its
 //!   pinned host key, [`reidentify_script`] sets the clock, the host name, a new machine
 //!   id, mixes fresh host randomness into the RNG, swaps the template's login key for the
-//!   pod's and makes new SSH host keys. The pod's seed disk (its own host name and key)
-//!   takes the template's place, so a reboot of the pod comes up as the pod.
+//!   pod's and makes new SSH host keys, printing the new ed25519 one, which the agent pins
+//!   for the pod. That connection becomes the pod's session (one login per restore); later
+//!   dials use the pod's key. The pod's seed disk (its own host name and key) takes the
+//!   template's place, so a reboot of the pod comes up as the pod.
 //! * **Who is restored:** pods of a node started with `--snapshot-start`, whose backend can
 //!   ([`vzk_vm::Capabilities::snapshots`]), that boot a Linux kernel, and that give no
 //!   cloud-init user-data of their own (it would not run: the template's cloud-init has
@@ -548,7 +550,7 @@ chmod 600 ~/.ssh/authorized_keys.vzk && mv ~/.ssh/authorized_keys.vzk ~/.ssh/aut
 if [ -d /etc/dropbear ]; then
   $S rm -f /etc/dropbear/dropbear_*_host_key
   if command -v dropbearkey >/dev/null && pidof dropbear >/dev/null; then
-    $S dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key 2>/dev/null | {KEY_SED}
+    ( $S dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key 2>/dev/null | {KEY_SED} > ~/{NEW_HOST_KEY_FILE}.new && mv ~/{NEW_HOST_KEY_FILE}.new ~/{NEW_HOST_KEY_FILE} ) </dev/null >/dev/null 2>&1 &
   fi
 fi
 if [ -f /etc/ssh/sshd_config ] && command -v ssh-keygen >/dev/null; then
@@ -578,13 +580,23 @@ echo "vz-kubelet: re-identified as {host} (uptime $t0 s)" | $S tee /dev/kmsg >/d
         template_body = q(template_body),
         pod_key = q(pod_key),
         KEY_SED = KEY_SED,
+        NEW_HOST_KEY_FILE = NEW_HOST_KEY_FILE,
     )
 }
 
-/// What [`reidentify_script`] prints before each new ed25519 host key of the SSH server
-/// it found running (dropbear's, made at once instead of on the next connection, or
-/// OpenSSH's).
+/// What [`reidentify_script`] prints before the new ed25519 host key of OpenSSH (made
+/// at once), and writes before dropbear's into [`NEW_HOST_KEY_FILE`].
 pub const HOST_KEY_MARK: &str = "vzk-host-key: ";
+
+/// Where, in the SSH user's home, [`reidentify_script`] leaves dropbear's new host key,
+/// made in the background (under emulation it takes longer than the rest of the script)
+/// instead of on the next connection, so that the agent can read and pin it
+/// ([`NEW_HOST_KEY_READ`]).
+pub const NEW_HOST_KEY_FILE: &str = ".vzk-new-host-key";
+
+/// The command that prints (and removes) [`NEW_HOST_KEY_FILE`] once it is there.
+pub const NEW_HOST_KEY_READ: &str =
+    "cat ~/.vzk-new-host-key 2>/dev/null && rm -f ~/.vzk-new-host-key";
 
 /// The `sed` that turns an OpenSSH public-key line into [`HOST_KEY_MARK`] + type + key
 /// (the comment dropped).

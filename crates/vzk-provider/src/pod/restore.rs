@@ -348,7 +348,10 @@ pub(super) async fn reidentify(
     );
     let s = session.clone();
     let t0 = std::time::Instant::now();
-    let connected = super::detached(async move { s.wait_connected(timeout).await }).await;
+    // Logged in and one command run: the script's own start is then quick, so the clock
+    // it carries (read just before) is not stale by a first command's start-up (over a
+    // second for OpenSSH with PAM under emulation).
+    let connected = super::detached(async move { s.wait_ready(timeout).await }).await;
     if let Err(err) = connected {
         session.close();
         return Err(format!(
@@ -357,7 +360,6 @@ pub(super) async fn reidentify(
         ));
     }
     let login = t0.elapsed();
-    // The clock is read once logged in, so it is set to within a command's start.
     let script = templates::reidentify_script(
         &vzk_vm::cloud_init::hostname_of(&e.key.name),
         pod_key.public_openssh(),
@@ -391,20 +393,58 @@ pub(super) async fn reidentify(
     };
     let pin = HostKeyStore::file(e.dir.join(super::HOST_KEY_FILE));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    match templates::new_host_key(&stdout) {
-        Some(key) => {
-            if let Err(err) = pin.verify_or_pin_openssh(key) {
-                session.close();
-                return Err(format!(
-                    "pinning the guest's new host key: {}",
-                    vzk_guest::ErrorChain(&err)
-                ));
-            }
-        }
-        None => {
-            info!(pod = %e.key, uid = %e.key.uid, "the restored guest printed no new host key: the next dial pins the one it presents");
-        }
+    // OpenSSH's new key, printed at once (dropbear's comes later, see below).
+    if let Some(key) = templates::new_host_key(&stdout)
+        && let Err(err) = pin.verify_or_pin_openssh(key)
+    {
+        session.close();
+        return Err(format!(
+            "pinning the guest's new host key: {}",
+            vzk_guest::ErrorChain(&err)
+        ));
     }
     info!(pod = %e.key, uid = %e.key.uid, login_ms = login.as_millis(), script_ms = (t0.elapsed() - login).as_millis(), "restored guest re-identified");
-    Ok(session.hand_over(e.creds.clone(), pin))
+    let pod_session = session.hand_over(e.creds.clone(), pin.clone());
+    if templates::new_host_key(&stdout).is_none() {
+        tokio::spawn(pin_reported_host_key(
+            pod_session.clone(),
+            pin,
+            e.key.to_string(),
+        ));
+    }
+    Ok(pod_session)
+}
+
+/// When the re-identification left dropbear's new host key to be made in the background
+/// ([`templates::NEW_HOST_KEY_FILE`]): reads it over the pod's session a few times, 0.5 s
+/// then doubling to 8 s apart, and pins it in place of any pin (a dial in between may
+/// have pinned what it saw while the key changed). Without it, the next dial pins what
+/// the guest presents. Ends with the session.
+async fn pin_reported_host_key(session: GuestSession, pin: HostKeyStore, pod: String) {
+    let argv = vec![
+        "sh".to_owned(),
+        "-c".to_owned(),
+        templates::NEW_HOST_KEY_READ.to_owned(),
+    ];
+    let mut wait = Duration::from_millis(500);
+    while wait <= Duration::from_secs(8) {
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+        let out = match session.output(&argv).await {
+            Ok(out) => out,
+            Err(vzk_guest::GuestError::Closed) => return,
+            Err(err) => {
+                warn!(%pod, error = %vzk_guest::ErrorChain(&err), "reading the restored guest's new host key");
+                continue;
+            }
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if let Some(key) = templates::new_host_key(&stdout) {
+            if let Err(err) = pin.replace_openssh(key) {
+                warn!(%pod, error = %vzk_guest::ErrorChain(&err), "pinning the restored guest's new host key");
+            }
+            return;
+        }
+    }
+    info!(%pod, "the restored guest reported no new host key: the next dial pins the one it presents");
 }
