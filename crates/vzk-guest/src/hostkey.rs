@@ -148,22 +148,6 @@ impl HostKeyStore {
         self.verify_or_pin(&key)
     }
 
-    /// Pins `line` (OpenSSH format) in place of whatever is pinned: for a key the guest
-    /// itself reported over an authenticated connection after changing it, which is
-    /// better evidence than a first connect that may have come while it changed.
-    pub fn replace_openssh(&self, line: &str) -> Result<(), HostKeyError> {
-        let key =
-            PublicKey::from_openssh(line.trim()).map_err(|source| HostKeyError::ParseKey {
-                line: line.trim().chars().take(120).collect(),
-                source,
-            })?;
-        let mut guard = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
-        self.write_file(&key)?;
-        info!(pin = ?self.path, fingerprint = %fingerprint(&key), "pinned guest host key reported by the guest");
-        *guard = Some(key);
-        Ok(())
-    }
-
     fn read_file(&self) -> Result<Option<PublicKey>, HostKeyError> {
         let Some(path) = &self.path else {
             return Ok(None);
@@ -285,14 +269,6 @@ mod tests {
         assert!(matches!(
             HostKeyStore::in_memory().verify_or_pin_openssh("ssh-ed25519 not-base64"),
             Err(HostKeyError::ParseKey { .. })
-        ));
-        // A key the guest reported replaces the pin (and a clone sees it).
-        let clone = store.clone();
-        assert!(store.replace_openssh(KEY_B).is_ok());
-        assert!(clone.verify_or_pin(&key(KEY_B)).is_ok());
-        assert!(matches!(
-            clone.verify_or_pin(&key(KEY_A)),
-            Err(HostKeyError::Mismatch { .. })
         ));
     }
 }

@@ -353,6 +353,30 @@ impl GuestSession {
         }
     }
 
+    /// Dials now unless connected, polling every 250 ms while the guest does not answer,
+    /// until `timeout`; like [`Self::wait_ready`] but without running a command. Stops
+    /// early on a permanent error (rejected credentials, a changed host key).
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), GuestError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let err = match tokio::time::timeout_at(deadline, self.connection()).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) if e.is_permanent() || matches!(e, GuestError::Closed) => {
+                    return Err(e);
+                }
+                Ok(Err(e)) => e,
+                Err(_) => GuestError::ProbeFailed(-1),
+            };
+            if tokio::time::Instant::now() + READY_POLL >= deadline {
+                return Err(GuestError::NotReady {
+                    after: timeout,
+                    last: Box::new(err),
+                });
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
+    }
+
     /// Forwards one connection to TCP `port` on the guest's loopback through the SSH
     /// connection (`direct-tcpip`), copying both ways until both sides are done.
     /// Returns the bytes copied (to the guest, from the guest).

@@ -19,10 +19,8 @@
 //!   (the guest kernel reseeds its RNG); then, over SSH with the template's key and its
 //!   pinned host key, [`reidentify_script`] sets the clock, the host name, a new machine
 //!   id, mixes fresh host randomness into the RNG, swaps the template's login key for the
-//!   pod's and makes new SSH host keys, printing the new ed25519 one, which the agent pins
-//!   for the pod. That connection becomes the pod's session (one login per restore); later
-//!   dials use the pod's key. The pod's seed disk (its own host name and key) takes the
-//!   template's place, so a reboot of the pod comes up as the pod.
+//!   pod's and makes new SSH host keys. The pod's seed disk (its own host name and key)
+//!   takes the template's place, so a reboot of the pod comes up as the pod.
 //! * **Who is restored:** pods of a node started with `--snapshot-start`, whose backend can
 //!   ([`vzk_vm::Capabilities::snapshots`]), that boot a Linux kernel, and that give no
 //!   cloud-init user-data of their own (it would not run: the template's cloud-init has
@@ -517,15 +515,7 @@ async fn boot_and_save(
 
 /// What makes a restored guest the pod's own: the shell script run (as the SSH user,
 /// privileged steps through `sudo -n` when that is not root) right after the restore.
-pub fn reidentify_script(
-    hostname: &str,
-    pod_key: &str,
-    template_key: &str,
-    now: SystemTime,
-) -> String {
-    let since = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+pub fn reidentify_script(hostname: &str, pod_key: &str, template_key: &str) -> String {
     let q = |s: &str| vzk_guest::quote::quote_word(s);
     // The template key's base64 body identifies its authorized_keys line.
     let template_body = template_key
@@ -538,7 +528,9 @@ pub fn reidentify_script(
         r#"fail() {{ echo "re-identification: $1" >&2; exit 1; }}
 S=; [ "$(id -u)" = 0 ] || S="sudo -n"
 t0=$(cut -d' ' -f1 /proc/uptime)
-$S date -s @{secs}.{nanos:09} >/dev/null 2>&1 || $S date -s @{rounded} >/dev/null || fail "setting the clock"
+echo {CLOCK_ASK}
+read -r now rounded || fail "reading the clock"
+$S date -s "@$now" >/dev/null 2>&1 || $S date -s "@$rounded" >/dev/null || fail "setting the clock"
 $S hostname {host} || fail "setting the host name"
 echo {host} | $S tee /etc/hostname >/dev/null || fail "writing /etc/hostname"
 [ -f /etc/hosts ] && $S sed -i 's/\bvzk-template\b/'{host}'/g' /etc/hosts
@@ -550,7 +542,7 @@ chmod 600 ~/.ssh/authorized_keys.vzk && mv ~/.ssh/authorized_keys.vzk ~/.ssh/aut
 if [ -d /etc/dropbear ]; then
   $S rm -f /etc/dropbear/dropbear_*_host_key
   if command -v dropbearkey >/dev/null && pidof dropbear >/dev/null; then
-    ( $S dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key 2>/dev/null | {KEY_SED} > ~/{NEW_HOST_KEY_FILE}.new && mv ~/{NEW_HOST_KEY_FILE}.new ~/{NEW_HOST_KEY_FILE} ) </dev/null >/dev/null 2>&1 &
+    $S dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key 2>/dev/null | {KEY_SED}
   fi
 fi
 if [ -f /etc/ssh/sshd_config ] && command -v ssh-keygen >/dev/null; then
@@ -571,32 +563,40 @@ if [ -f /etc/ssh/sshd_config ] && command -v ssh-keygen >/dev/null; then
 fi
 echo "vz-kubelet: re-identified as {host} (uptime $t0 s)" | $S tee /dev/kmsg >/dev/null 2>&1 || true
 "#,
-        secs = since.as_secs(),
-        nanos = since.subsec_nanos(),
-        rounded = (since + Duration::from_millis(500)).as_secs(),
+        CLOCK_ASK = CLOCK_ASK,
         host = q(hostname),
         seed = q(&seed),
         machine_id = q(&machine_id),
         template_body = q(template_body),
         pod_key = q(pod_key),
         KEY_SED = KEY_SED,
-        NEW_HOST_KEY_FILE = NEW_HOST_KEY_FILE,
     )
 }
 
-/// What [`reidentify_script`] prints before the new ed25519 host key of OpenSSH (made
-/// at once), and writes before dropbear's into [`NEW_HOST_KEY_FILE`].
+/// The line [`reidentify_script`] prints once it runs, asking for the host's clock: the
+/// agent answers on its stdin with [`clock_answer`], read at that moment, so the time set
+/// is not stale by however long the command took to start (over a second for a first
+/// command on OpenSSH with PAM under emulation).
+pub const CLOCK_ASK: &str = "vzk-clock?";
+
+/// The answer to [`CLOCK_ASK`]: `secs.nanos rounded-secs` (the second for a `date` that
+/// takes whole seconds only) and a newline.
+pub fn clock_answer(now: SystemTime) -> String {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "{}.{:09} {}\n",
+        since.as_secs(),
+        since.subsec_nanos(),
+        (since + Duration::from_millis(500)).as_secs()
+    )
+}
+
+/// What [`reidentify_script`] prints before each new ed25519 host key of the SSH server
+/// it found running (dropbear's, made at once instead of on the next connection, or
+/// OpenSSH's).
 pub const HOST_KEY_MARK: &str = "vzk-host-key: ";
-
-/// Where, in the SSH user's home, [`reidentify_script`] leaves dropbear's new host key,
-/// made in the background (under emulation it takes longer than the rest of the script)
-/// instead of on the next connection, so that the agent can read and pin it
-/// ([`NEW_HOST_KEY_READ`]).
-pub const NEW_HOST_KEY_FILE: &str = ".vzk-new-host-key";
-
-/// The command that prints (and removes) [`NEW_HOST_KEY_FILE`] once it is there.
-pub const NEW_HOST_KEY_READ: &str =
-    "cat ~/.vzk-new-host-key 2>/dev/null && rm -f ~/.vzk-new-host-key";
 
 /// The `sed` that turns an OpenSSH public-key line into [`HOST_KEY_MARK`] + type + key
 /// (the comment dropped).
@@ -792,15 +792,21 @@ mod tests {
 
     #[test]
     fn the_reidentify_script_sets_clock_name_keys_and_quotes_what_it_is_given() {
-        let now = SystemTime::UNIX_EPOCH + Duration::new(1_765_000_000, 123_000_000);
+        let now = SystemTime::UNIX_EPOCH + Duration::new(1_765_000_000, 623_000_000);
         let s = reidentify_script(
             "pod-a",
             "ssh-ed25519 AAAApod pod",
             "ssh-ed25519 AAAAtemplate vz-kubelet template",
-            now,
         );
-        assert!(s.contains("date -s @1765000000.123000000"), "{s}");
-        assert!(s.contains("date -s @1765000000 "), "{s}");
+        assert_eq!(clock_answer(now), "1765000000.623000000 1765000001\n");
+        // It asks for the clock, reads the answer and sets it (with whole seconds if the
+        // guest's date takes no fraction).
+        assert!(
+            s.contains(&format!("echo {CLOCK_ASK}\nread -r now rounded")),
+            "{s}"
+        );
+        assert!(s.contains(r#"date -s "@$now""#), "{s}");
+        assert!(s.contains(r#"date -s "@$rounded""#), "{s}");
         assert!(s.contains("hostname 'pod-a'"), "{s}");
         assert!(s.contains("grep -vF 'AAAAtemplate'"), "{s}");
         assert!(s.contains("echo 'ssh-ed25519 AAAApod pod'"), "{s}");
@@ -819,7 +825,7 @@ mod tests {
             .is_ok_and(|st| st.success());
         assert!(parsed, "{s}");
         // A hostile host name stays one word.
-        let s = reidentify_script("a'; rm -rf /", "k", "t", now);
+        let s = reidentify_script("a'; rm -rf /", "k", "t");
         assert!(s.contains(r"hostname 'a'\''; rm -rf /'"), "{s}");
     }
 

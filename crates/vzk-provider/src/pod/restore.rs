@@ -348,10 +348,7 @@ pub(super) async fn reidentify(
     );
     let s = session.clone();
     let t0 = std::time::Instant::now();
-    // Logged in and one command run: the script's own start is then quick, so the clock
-    // it carries (read just before) is not stale by a first command's start-up (over a
-    // second for OpenSSH with PAM under emulation).
-    let connected = super::detached(async move { s.wait_ready(timeout).await }).await;
+    let connected = super::detached(async move { s.wait_connected(timeout).await }).await;
     if let Err(err) = connected {
         session.close();
         return Err(format!(
@@ -364,87 +361,95 @@ pub(super) async fn reidentify(
         &vzk_vm::cloud_init::hostname_of(&e.key.name),
         pod_key.public_openssh(),
         template_key.public_openssh(),
-        std::time::SystemTime::now(),
     );
-    let argv = vec!["sh".to_owned(), "-c".to_owned(), script];
     let s = session.clone();
-    let out = super::detached(async move { s.output(&argv).await })
-        .await
-        .map_err(|err| {
-            format!(
-                "running the re-identification: {}",
-                vzk_guest::ErrorChain(&err)
-            )
-        });
-    let out = match out {
-        Ok(out) if out.status.success() => out,
-        Ok(out) => {
-            session.close();
-            return Err(format!(
-                "the re-identification exited {}: {}",
-                out.status.code,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+    let ran = tokio::time::timeout(
+        timeout.saturating_sub(login),
+        super::detached(async move { run_reidentify(&s, script).await }),
+    )
+    .await
+    .unwrap_or_else(|_| Err("it did not finish within the ready timeout".to_owned()));
+    let stdout = match ran {
+        Ok(stdout) => stdout,
         Err(msg) => {
             session.close();
             return Err(msg);
         }
     };
     let pin = HostKeyStore::file(e.dir.join(super::HOST_KEY_FILE));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // OpenSSH's new key, printed at once (dropbear's comes later, see below).
-    if let Some(key) = templates::new_host_key(&stdout)
-        && let Err(err) = pin.verify_or_pin_openssh(key)
-    {
-        session.close();
-        return Err(format!(
-            "pinning the guest's new host key: {}",
-            vzk_guest::ErrorChain(&err)
-        ));
-    }
-    info!(pod = %e.key, uid = %e.key.uid, login_ms = login.as_millis(), script_ms = (t0.elapsed() - login).as_millis(), "restored guest re-identified");
-    let pod_session = session.hand_over(e.creds.clone(), pin.clone());
-    if templates::new_host_key(&stdout).is_none() {
-        tokio::spawn(pin_reported_host_key(
-            pod_session.clone(),
-            pin,
-            e.key.to_string(),
-        ));
-    }
-    Ok(pod_session)
-}
-
-/// When the re-identification left dropbear's new host key to be made in the background
-/// ([`templates::NEW_HOST_KEY_FILE`]): reads it over the pod's session a few times, 0.5 s
-/// then doubling to 8 s apart, and pins it in place of any pin (a dial in between may
-/// have pinned what it saw while the key changed). Without it, the next dial pins what
-/// the guest presents. Ends with the session.
-async fn pin_reported_host_key(session: GuestSession, pin: HostKeyStore, pod: String) {
-    let argv = vec![
-        "sh".to_owned(),
-        "-c".to_owned(),
-        templates::NEW_HOST_KEY_READ.to_owned(),
-    ];
-    let mut wait = Duration::from_millis(500);
-    while wait <= Duration::from_secs(8) {
-        tokio::time::sleep(wait).await;
-        wait *= 2;
-        let out = match session.output(&argv).await {
-            Ok(out) => out,
-            Err(vzk_guest::GuestError::Closed) => return,
-            Err(err) => {
-                warn!(%pod, error = %vzk_guest::ErrorChain(&err), "reading the restored guest's new host key");
-                continue;
+    match templates::new_host_key(&stdout) {
+        Some(key) => {
+            if let Err(err) = pin.verify_or_pin_openssh(key) {
+                session.close();
+                return Err(format!(
+                    "pinning the guest's new host key: {}",
+                    vzk_guest::ErrorChain(&err)
+                ));
             }
-        };
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if let Some(key) = templates::new_host_key(&stdout) {
-            if let Err(err) = pin.replace_openssh(key) {
-                warn!(%pod, error = %vzk_guest::ErrorChain(&err), "pinning the restored guest's new host key");
-            }
-            return;
+        }
+        None => {
+            info!(pod = %e.key, uid = %e.key.uid, "the restored guest printed no new host key: the next dial pins the one it presents");
         }
     }
-    info!(%pod, "the restored guest reported no new host key: the next dial pins the one it presents");
+    info!(pod = %e.key, uid = %e.key.uid, login_ms = login.as_millis(), script_ms = (t0.elapsed() - login).as_millis(), "restored guest re-identified");
+    Ok(session.hand_over(e.creds.clone(), pin))
+}
+
+/// Runs the re-identification script, answering its [`templates::CLOCK_ASK`] with the
+/// host's clock read at that moment. Its stdout (without that line) if it exited 0.
+async fn run_reidentify(session: &GuestSession, script: String) -> Result<String, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let (to_guest, stdin) = tokio::io::duplex(4096);
+    let mut to_guest = Some(to_guest);
+    let (stdout, from_guest) = tokio::io::duplex(64 * 1024);
+    let (stderr, mut errors) = tokio::io::duplex(64 * 1024);
+    let io = vzk_core::streams::AttachIo {
+        stdin: Some(Box::pin(stdin)),
+        stdout: Some(Box::pin(stdout)),
+        stderr: Some(Box::pin(stderr)),
+        tty: false,
+        resize: None,
+    };
+    let argv = vec!["sh".to_owned(), "-c".to_owned(), script];
+    let s = session.clone();
+    let exec = tokio::spawn(async move { s.exec(&argv, io).await });
+    let stderr_all = tokio::spawn(async move {
+        let mut all = Vec::new();
+        let _ = (&mut errors).take(1 << 20).read_to_end(&mut all).await;
+        all
+    });
+    let mut lines = tokio::io::BufReader::new(from_guest).lines();
+    let mut out = String::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line == templates::CLOCK_ASK
+            && let Some(mut w) = to_guest.take()
+        {
+            let now = templates::clock_answer(std::time::SystemTime::now());
+            // A failed write shows as the script's own failure to read the clock. Then
+            // stdin ends: nothing after the clock reads it.
+            let _ = w.write_all(now.as_bytes()).await;
+            let _ = w.shutdown().await;
+        } else if out.len() < 1 << 20 {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    let status = exec
+        .await
+        .map_err(|err| format!("running the re-identification: {err}"))?
+        .map_err(|err| {
+            format!(
+                "running the re-identification: {}",
+                vzk_guest::ErrorChain(&err)
+            )
+        })?;
+    let errors = stderr_all.await.unwrap_or_default();
+    if !status.success() {
+        return Err(format!(
+            "the re-identification exited {}: {}",
+            status.code,
+            String::from_utf8_lossy(&errors).trim()
+        ));
+    }
+    Ok(out)
 }

@@ -139,22 +139,16 @@ async fn pods_start_by_restore_with_their_own_identity_and_fall_back_to_a_cold_b
         assert_eq!((code, out.trim()), (0, ns.as_str()), "{name}");
     }
     assert_ne!(macs[0], macs[1]);
-    // Each guest made a new host key after its re-identification, and the agent pinned
-    // that one for the pod's later dials (its session runs on the re-identification's
+    // Each guest made a new host key during its re-identification, and the agent pinned
+    // that one for the pod's later dials (its session ran on the re-identification's
     // connection): not the template guest's key, and not the other pod's.
     let body = |line: &str| line.split_whitespace().nth(1).unwrap_or("").to_owned();
     let template_host_key = body(&std::fs::read_to_string(tdir.join("ssh_host_key")).unwrap());
     let mut host_keys = Vec::new();
     for (name, pod) in ["a", "b"].iter().zip(&ready) {
         let uid = pod.metadata.uid.clone().unwrap();
-        // dropbear's key is made in the background: pinned shortly after Ready.
-        let pin = data.join("pods").join(&uid).join("ssh_host_key");
-        let pinned = wait_for(
-            Duration::from_secs(30),
-            &format!("{name}'s pin"),
-            || async { std::fs::read_to_string(&pin).ok() },
-        )
-        .await;
+        let pinned = std::fs::read_to_string(data.join("pods").join(&uid).join("ssh_host_key"))
+            .unwrap_or_else(|e| panic!("{name}'s pinned host key: {e}"));
         let (code, out) = exec(
             &provider,
             &ns,
