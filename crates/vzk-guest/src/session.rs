@@ -335,35 +335,29 @@ impl GuestSession {
     /// Polls [`Self::ready`] every 250 ms until it succeeds or `timeout` expires.
     /// Stops early on a permanent error (rejected credentials, changed host key).
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), GuestError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let err = match tokio::time::timeout_at(deadline, self.probe()).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) if e.is_permanent() => return Err(e),
-                Ok(Err(e)) => e,
-                Err(_) => GuestError::ProbeFailed(-1),
-            };
-            if tokio::time::Instant::now() + READY_POLL >= deadline {
-                return Err(GuestError::NotReady {
-                    after: timeout,
-                    last: Box::new(err),
-                });
-            }
-            tokio::time::sleep(READY_POLL).await;
-        }
+        self.poll(timeout, || self.probe()).await
     }
 
     /// Dials now unless connected, polling every 250 ms while the guest does not answer,
     /// until `timeout`; like [`Self::wait_ready`] but without running a command. Stops
     /// early on a permanent error (rejected credentials, a changed host key).
     pub async fn wait_connected(&self, timeout: Duration) -> Result<(), GuestError> {
+        self.poll(timeout, || async { self.connection().await.map(|_| ()) })
+            .await
+    }
+
+    /// Runs `attempt` every 250 ms until it succeeds, fails permanently or `timeout`
+    /// expires (then [`GuestError::NotReady`] with the last error).
+    async fn poll<F, Fut>(&self, timeout: Duration, mut attempt: F) -> Result<(), GuestError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), GuestError>>,
+    {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let err = match tokio::time::timeout_at(deadline, self.connection()).await {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) if e.is_permanent() || matches!(e, GuestError::Closed) => {
-                    return Err(e);
-                }
+            let err = match tokio::time::timeout_at(deadline, attempt()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) if e.is_permanent() => return Err(e),
                 Ok(Err(e)) => e,
                 Err(_) => GuestError::ProbeFailed(-1),
             };

@@ -66,16 +66,10 @@ async fn concurrent_callers_share_one_dial() {
 async fn reconnects_after_the_server_restarts() {
     let mut db = Dropbear::start();
     let s = db.session();
-    let out = within(30, s.output(&["echo", "before"]))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
-    assert_eq!(out.stdout, b"before\n");
+    echoes(&s, "before").await;
     // Kill the server and every connection it had; start it again.
     db.restart();
-    let out = within(30, s.output(&["echo", "after"]))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
-    assert_eq!(out.stdout, b"after\n");
+    echoes(&s, "after").await;
     assert_eq!(s.dial_count(), 2);
     assert_eq!(db.connections(), 2, "{}", db.log());
     // And it stays on the new connection.
@@ -221,10 +215,7 @@ async fn dials_through_the_given_connector() {
 async fn a_handed_over_session_keeps_the_connection_and_redials_with_its_own_pin() {
     let mut db = Dropbear::start();
     let s = db.session();
-    let out = within(30, s.output(&["echo", "before"]))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
-    assert_eq!(out.stdout, b"before\n");
+    echoes(&s, "before").await;
     let pin = db.dir.path().join("handed-over.pub");
     let h = s.hand_over(db.creds(), HostKeyStore::file(&pin));
     // The old session is closed; the new one runs on the same connection.
@@ -232,20 +223,22 @@ async fn a_handed_over_session_keeps_the_connection_and_redials_with_its_own_pin
         within(30, s.output(&["true"])).await,
         Err(GuestError::Closed)
     ));
-    let out = within(30, h.output(&["echo", "handed"]))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
-    assert_eq!(out.stdout, b"handed\n");
+    echoes(&h, "handed").await;
     assert_eq!(db.connections(), 1, "{}", db.log());
     assert!(!pin.exists(), "no dial, so nothing pinned yet");
     // When that connection ends, the new session dials with its own host-key store.
     db.restart();
-    let out = within(30, h.output(&["echo", "after"]))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
-    assert_eq!(out.stdout, b"after\n");
+    echoes(&h, "after").await;
     assert_eq!(db.connections(), 2, "{}", db.log());
     let pinned = std::fs::read_to_string(&pin).unwrap_or_else(|e| panic!("pin file: {e}"));
     assert!(pinned.starts_with("ssh-ed25519 "), "{pinned}");
     assert!(h.dial_count() > s.dial_count());
+}
+
+/// Runs `echo word` in the guest and checks what came back.
+async fn echoes(s: &GuestSession, word: &str) {
+    let out = within(30, s.output(&["echo", word]))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(out.stdout, format!("{word}\n").as_bytes());
 }
