@@ -418,7 +418,9 @@ async fn run_reidentify(session: &GuestSession, script: String) -> Result<String
         let _ = (&mut errors).take(1 << 20).read_to_end(&mut all).await;
         all
     });
-    let mut lines = tokio::io::BufReader::new(from_guest).lines();
+    // Bounded: past 4 MiB (a guest that never ends a line) the output is cut off, and
+    // the command fails writing it.
+    let mut lines = tokio::io::BufReader::new(from_guest.take(4 << 20)).lines();
     let mut out = String::new();
     while let Ok(Some(line)) = lines.next_line().await {
         if line == templates::CLOCK_ASK
