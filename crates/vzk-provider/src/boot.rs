@@ -144,6 +144,7 @@ mod tests {
             max_running_vms: None,
             vms_outlive_agent: true,
             snapshots: false,
+            snapshot_devices: vzk_vm::SnapshotDevices::HotPlug,
             version: String::new(),
         }
     }

@@ -14,8 +14,14 @@
 //!   must have its recorded size and digest (checked once per agent process). Anything
 //!   else is a broken template: the pod boots cold with a `RestoreFailed` event and the
 //!   template is removed (then rebuilt).
+//! * **Kept NICs:** a backend that keeps the NIC in the saved machine
+//!   ([`vzk_vm::SnapshotDevices::Kept`], Virtualization.framework) restores only with the
+//!   template's MAC. There an image of one shape has up to [`kept_slots`] templates, each
+//!   with its own MAC ([`KeptNic`], [`TemplateMeta::macs`]); a pod takes the first whose
+//!   MAC no other pod holds ([`Templates::pick_kept`]) until it is deleted, and a pod
+//!   finding all held boots cold while the next template is made.
 //! * **What makes a restored VM its own:** its NIC is plugged in after the state is
-//!   loaded, with a new MAC (so a new DHCP lease); QEMU gives it a new VM generation ID
+//!   loaded, with a new MAC (so a new DHCP lease; with kept NICs, the template's MAC); QEMU gives it a new VM generation ID
 //!   (the guest kernel reseeds its RNG); then, over SSH with the template's key and its
 //!   pinned host key, [`reidentify_script`] sets the clock, the host name, a new machine
 //!   id, mixes fresh host randomness into the RNG, swaps the template's login key for the
@@ -37,7 +43,8 @@ use vzk_guest::{HostKeyStore, PodIdentity};
 use vzk_image::LocalImage;
 use vzk_vm::cloud_init::NoCloudSeed;
 use vzk_vm::{
-    BootSpec, Capabilities, DiskFormat, DiskSpec, MacAddr, NicSpec, SnapshotSpec, Vm, VmSpec,
+    BootSpec, Capabilities, DiskFormat, DiskSpec, MacAddr, NetworkAttachment, NicSpec,
+    SnapshotSpec, Vm, VmSpec,
 };
 
 use crate::identity::{CLOUD_INIT_ANNOTATION, USER_DATA_ANNOTATION, USER_DATA_FROM_ANNOTATION};
@@ -86,6 +93,21 @@ pub struct TemplateKey {
     pub ssh_user: String,
     /// [`LAYOUT`].
     pub layout: u32,
+    /// On a backend that keeps a template's NIC in its saved machine
+    /// ([`vzk_vm::SnapshotDevices::Kept`]): the NIC's attachment and which of the image's
+    /// templates this is (each has its own MAC, and a MAC runs in one VM at a time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_nic: Option<KeptNic>,
+}
+
+/// The part of a [`TemplateKey`] for a backend that keeps the NIC in the saved machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeptNic {
+    /// The NIC's attachment (part of the saved machine).
+    pub network: NetworkAttachment,
+    /// 0, 1, …: the template's place among the image's templates of this shape.
+    pub slot: u32,
 }
 
 impl TemplateKey {
@@ -108,6 +130,19 @@ impl TemplateKey {
             boot: boot.clone(),
             ssh_user: ssh_user.to_owned(),
             layout: LAYOUT,
+            kept_nic: None,
+        }
+    }
+
+    /// This key for template `slot` of a backend that keeps the NIC, attached to
+    /// `network`, in the saved machine.
+    pub fn kept(&self, network: &NetworkAttachment, slot: u32) -> Self {
+        Self {
+            kept_nic: Some(KeptNic {
+                network: network.clone(),
+                slot,
+            }),
+            ..self.clone()
         }
     }
 
@@ -134,6 +169,10 @@ pub struct TemplateMeta {
     pub created: String,
     /// How long its guest took from launch to SSH (what a restore saves), ms.
     pub boot_ms: u64,
+    /// The MACs of the NICs saved in the machine, which a VM restored from it must have
+    /// ([`KeptNic`]; empty where NICs are plugged in after the restore).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub macs: Vec<MacAddr>,
 }
 
 /// A valid template on disk.
@@ -196,11 +235,34 @@ pub struct Templates {
     building: Mutex<HashSet<PathBuf>>,
     failed: Mutex<std::collections::HashMap<PathBuf, std::time::Instant>>,
     verified: Mutex<HashSet<(PathBuf, u64, SystemTime)>>,
+    /// MACs of templates with kept NICs, by the pod restored with each: a MAC runs in
+    /// one VM at a time.
+    claims: Mutex<std::collections::HashMap<MacAddr, String>>,
+}
+
+/// What [`Templates::pick_kept`] found among an image's templates with kept NICs.
+#[derive(Debug, Default)]
+pub struct KeptPick {
+    /// The template to restore from, its MAC now claimed for the pod.
+    pub restore: Option<Template>,
+    /// The first slot with no template, to build (only when nothing can be restored).
+    pub build: Option<usize>,
+    /// Slots whose template is broken (removed here), and why.
+    pub broken: Vec<(usize, String)>,
 }
 
 /// Where `image`'s template with `key` lives.
 pub fn dir_for(image: &LocalImage, key: &TemplateKey) -> PathBuf {
     image.dir.join("templates").join(key.id())
+}
+
+/// How many templates with kept NICs ([`KeptNic`]) an image of one shape may have: one
+/// per VM that may run at once on this node (`node_vms`, and the backend's own limit),
+/// since each restored VM holds its template's MAC; at most 4.
+pub fn kept_slots(caps: &Capabilities, node_vms: u32) -> u32 {
+    node_vms
+        .min(caps.max_running_vms.unwrap_or(u32::MAX))
+        .clamp(1, 4)
 }
 
 /// Why a pod boots cold on a node that starts pods by restore (`None`: it may restore).
@@ -273,6 +335,48 @@ impl Templates {
             return Err(format!("{} is missing", t.disk().display()));
         }
         Ok(Some(t))
+    }
+
+    /// On a backend that keeps NICs in saved machines: the first valid template of
+    /// `slots` (`(dir, key)` in slot order) whose MAC no other pod holds, its MAC
+    /// claimed for pod `uid` until [`Templates::release`]. Broken templates are removed;
+    /// when none can be restored, the first slot without a template is named for a build.
+    pub fn pick_kept(&self, slots: &[(PathBuf, TemplateKey)], uid: &str) -> KeptPick {
+        let mut pick = KeptPick::default();
+        let mut missing = None;
+        for (i, (dir, key)) in slots.iter().enumerate() {
+            match self.lookup(dir, key) {
+                Ok(Some(t)) => {
+                    let Some(mac) = t.meta.macs.first().copied() else {
+                        pick.broken
+                            .push((i, "it records no MAC for its kept NIC".into()));
+                        self.discard(dir);
+                        missing = missing.or(Some(i));
+                        continue;
+                    };
+                    let mut claims = crate::pod::lock(&self.claims);
+                    if claims.contains_key(&mac) {
+                        continue;
+                    }
+                    claims.insert(mac, uid.to_owned());
+                    pick.restore = Some(t);
+                    return pick;
+                }
+                Ok(None) => missing = missing.or(Some(i)),
+                Err(why) => {
+                    pick.broken.push((i, why));
+                    self.discard(dir);
+                    missing = missing.or(Some(i));
+                }
+            }
+        }
+        pick.build = missing;
+        pick
+    }
+
+    /// Gives back the template MACs pod `uid` holds (its VM is gone, or it boots cold).
+    pub fn release(&self, uid: &str) {
+        crate::pod::lock(&self.claims).retain(|_, holder| holder != uid);
     }
 
     /// Removes a broken template (a later pod rebuilds it).
@@ -412,6 +516,7 @@ async fn build_in(input: &BuildInput<'_>, work: &Path) -> Result<TemplateMeta, S
     let seed_path = work.join(SEED);
     seed.write(&seed_path)
         .map_err(|e| format!("writing the template's seed: {e}"))?;
+    let mac = MacAddr::random();
     let spec = VmSpec {
         id: format!("{VM_ID_PREFIX}{id}"),
         cpus: input.key.cpus,
@@ -430,7 +535,7 @@ async fn build_in(input: &BuildInput<'_>, work: &Path) -> Result<TemplateMeta, S
             },
         ],
         nics: vec![NicSpec {
-            mac: MacAddr::random(),
+            mac,
             attachment: input.network.clone(),
         }],
         shared_dirs: vec![],
@@ -463,6 +568,11 @@ async fn build_in(input: &BuildInput<'_>, work: &Path) -> Result<TemplateMeta, S
         disk_format,
         created: chrono::Utc::now().to_rfc3339(),
         boot_ms,
+        macs: if input.key.kept_nic.is_some() {
+            vec![mac]
+        } else {
+            Vec::new()
+        },
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| e.to_string())?;
     std::fs::write(work.join(META), json).map_err(|e| format!("writing {META}: {e}"))?;
@@ -641,6 +751,7 @@ mod tests {
             max_running_vms: None,
             vms_outlive_agent: true,
             snapshots: true,
+            snapshot_devices: vzk_vm::SnapshotDevices::HotPlug,
             version: "QEMU emulator version 7.2.22".into(),
         }
     }
@@ -682,6 +793,10 @@ mod tests {
     }
 
     fn write_template(dir: &Path, key: &TemplateKey, state: &[u8]) {
+        write_template_with(dir, key, state, Vec::new());
+    }
+
+    fn write_template_with(dir: &Path, key: &TemplateKey, state: &[u8], macs: Vec<MacAddr>) {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(dir.join(STATE), state).unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(dir.join(DISK), b"disk").unwrap_or_else(|e| panic!("{e}"));
@@ -692,6 +807,7 @@ mod tests {
             disk_format: DiskFormat::Qcow2,
             created: "2026-12-07T00:00:00Z".into(),
             boot_ms: 10_000,
+            macs,
         };
         std::fs::write(
             dir.join(META),
@@ -737,6 +853,94 @@ mod tests {
         assert!(err.contains("not a template description"), "{err}");
         t.discard(&dir);
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn kept_nic_keys_differ_by_slot_and_network_and_leave_hot_plug_keys_as_they_were() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let img = image(tmp.path());
+        let k = TemplateKey::new(&img, &caps(), 1, 256 << 20, &boot(), "root");
+        // A hot-plug key's JSON has no trace of the new field: existing templates keep
+        // their ids.
+        let json = serde_json::to_string(&k).unwrap_or_default();
+        assert!(!json.contains("keptNic"), "{json}");
+        let back: TemplateKey = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, k);
+        let nat = NetworkAttachment::Nat;
+        let bridged = NetworkAttachment::Bridged {
+            interface: "en0".into(),
+        };
+        let ids = [
+            k.id(),
+            k.kept(&nat, 0).id(),
+            k.kept(&nat, 1).id(),
+            k.kept(&bridged, 0).id(),
+        ];
+        for (i, a) in ids.iter().enumerate() {
+            for b in &ids[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(k.kept(&nat, 1).id(), k.kept(&nat, 1).id());
+    }
+
+    #[test]
+    fn a_kept_nic_template_serves_one_pod_at_a_time_and_the_next_slot_is_built() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let img = image(tmp.path());
+        let base = TemplateKey::new(&img, &caps(), 1, 256 << 20, &boot(), "root");
+        let slots: Vec<_> = (0..2)
+            .map(|i| {
+                let k = base.kept(&NetworkAttachment::Nat, i);
+                (dir_for(&img, &k), k)
+            })
+            .collect();
+        let t = Templates::default();
+        // Nothing there: build slot 0, restore nothing.
+        let p = t.pick_kept(&slots, "pod-a");
+        assert!(p.restore.is_none());
+        assert_eq!(p.build, Some(0));
+        let mac0 = MacAddr([2, 0, 0, 0, 0, 0xa0]);
+        write_template_with(&slots[0].0, &slots[0].1, b"state 0", vec![mac0]);
+        // Pod A gets slot 0 and its MAC.
+        let p = t.pick_kept(&slots, "pod-a");
+        let got = p.restore.map(|x| (x.dir, x.meta.macs));
+        assert_eq!(got, Some((slots[0].0.clone(), vec![mac0])));
+        assert_eq!(p.build, None);
+        // Pod B: slot 0's MAC is A's, so B boots cold and slot 1 is built.
+        let p = t.pick_kept(&slots, "pod-b");
+        assert!(p.restore.is_none());
+        assert_eq!(p.build, Some(1));
+        let mac1 = MacAddr([2, 0, 0, 0, 0, 0xa1]);
+        write_template_with(&slots[1].0, &slots[1].1, b"state 1", vec![mac1]);
+        let p = t.pick_kept(&slots, "pod-b");
+        assert_eq!(p.restore.map(|x| x.meta.macs), Some(vec![mac1]));
+        // Both held: C boots cold and nothing more is built (one per VM slot).
+        let p = t.pick_kept(&slots, "pod-c");
+        assert!(p.restore.is_none() && p.build.is_none() && p.broken.is_empty());
+        // A is deleted: its MAC is free again, for C.
+        t.release("pod-a");
+        let p = t.pick_kept(&slots, "pod-c");
+        assert_eq!(p.restore.map(|x| x.meta.macs), Some(vec![mac0]));
+        // A template that records no MAC (or is broken) is removed and rebuilt.
+        t.release("pod-b");
+        write_template_with(&slots[1].0, &slots[1].1, b"state 1", Vec::new());
+        let p = t.pick_kept(&slots, "pod-d");
+        assert!(p.restore.is_none());
+        assert_eq!(p.broken.len(), 1);
+        assert_eq!(p.broken[0].0, 1);
+        assert_eq!(p.build, Some(1));
+        assert!(!slots[1].0.exists());
+    }
+
+    #[test]
+    fn one_kept_nic_template_per_vm_that_may_run() {
+        let mut c = caps();
+        assert_eq!(kept_slots(&c, 2), 2);
+        assert_eq!(kept_slots(&c, 0), 1);
+        assert_eq!(kept_slots(&c, 64), 4);
+        c.max_running_vms = Some(2);
+        assert_eq!(kept_slots(&c, 10), 2);
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub struct Capabilities {
     /// Whether VMs can be saved as templates ([`Vm::save_state`]) and started by restoring
     /// one ([`SnapshotSpec`]).
     pub snapshots: bool,
+    /// How a VM restored from a template gets devices of its own (when [`Self::snapshots`]).
+    pub snapshot_devices: SnapshotDevices,
     /// The backend's own version (`QEMU emulator version 7.2.22`, the macOS build): a
     /// saved machine state is only restored by the version that wrote it.
     pub version: String,
@@ -189,6 +191,13 @@ impl Capabilities {
                      {SNAPSHOT_HOTPLUG_PORTS} hot-plug ports"
                 ));
             }
+            if self.snapshot_devices == SnapshotDevices::Kept && !spec.shared_dirs.is_empty() {
+                return unsupported(
+                    "shared directories in a saved or restored VM (its devices are part of \
+                     the saved machine)"
+                        .into(),
+                );
+            }
             if let SnapshotSpec::Restore { state } = snapshot
                 && !state.is_file()
             {
@@ -197,6 +206,21 @@ impl Capabilities {
         }
         Ok(())
     }
+}
+
+/// How a backend gives a VM restored from a template devices of its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SnapshotDevices {
+    /// NICs and shared directories sit on hot-plug ports: a template unplugs them before
+    /// its state is saved, and a restored VM plugs in its own (any MAC) after the state is
+    /// loaded (QEMU).
+    #[default]
+    HotPlug,
+    /// NICs are part of the saved machine: a VM restored from a template must have the
+    /// template's NICs, with the same MACs, and neither has shared directories
+    /// (Virtualization.framework refuses a restore whose MAC differs, and plugs nothing
+    /// into a running VM). The caller keeps two VMs of one MAC from running at once.
+    Kept,
 }
 
 /// Why a backend is or is not usable on this host: each backend has a run-time probe
@@ -595,6 +619,7 @@ mod tests {
             max_running_vms: None,
             vms_outlive_agent: true,
             snapshots: false,
+            snapshot_devices: SnapshotDevices::HotPlug,
             version: String::new(),
         }
     }
@@ -672,6 +697,28 @@ mod tests {
         }
         assert!(
             matches!(c2.check(&s), Err(HypervisorError::InvalidSpec { message, .. }) if message.contains("hot-plug ports"))
+        );
+        // A backend that keeps a template's devices takes its NICs but no shared dirs.
+        let kept = Capabilities {
+            snapshot_devices: SnapshotDevices::Kept,
+            ..c2.clone()
+        };
+        s.shared_dirs.truncate(1);
+        assert!(c2.check(&s).is_ok());
+        assert!(
+            matches!(kept.check(&s), Err(HypervisorError::Unsupported { feature, .. }) if feature.starts_with("shared directories in a saved"))
+        );
+        s.shared_dirs.clear();
+        assert!(kept.check(&s).is_ok());
+        s.snapshot = None;
+        s.shared_dirs.push(crate::spec::SharedDirSpec {
+            tag: "t".into(),
+            host_path: "/".into(),
+            read_only: true,
+        });
+        assert!(
+            kept.check(&s).is_ok(),
+            "an ordinary VM keeps its shared dirs"
         );
         let mut s = spec();
         s.snapshot = Some(SnapshotSpec::Restore {

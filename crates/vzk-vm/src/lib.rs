@@ -48,8 +48,9 @@ pub mod qemu;
 pub mod spec;
 
 pub use hypervisor::{
-    BackendKind, Capabilities, HostUsage, Hypervisor, HypervisorError, ProbeReport, StopOutcome,
-    Vm, VmError, VmState, stop_gracefully, wait_for_ip, wait_for_state,
+    BackendKind, Capabilities, HostUsage, Hypervisor, HypervisorError, ProbeReport,
+    SnapshotDevices, StopOutcome, Vm, VmError, VmState, stop_gracefully, wait_for_ip,
+    wait_for_state,
 };
 pub use mac::MacAddr;
 pub use spec::{

@@ -104,6 +104,7 @@ fn caps() -> Capabilities {
         max_running_vms: None,
         vms_outlive_agent: true,
         snapshots: false,
+        snapshot_devices: vzk_vm::SnapshotDevices::HotPlug,
         version: String::new(),
     }
 }

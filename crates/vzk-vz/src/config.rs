@@ -243,8 +243,13 @@ pub struct VzConfig {
     pub serial_log: Option<PathBuf>,
     /// USB keyboard and pointing device (macOS guests, for VNC later).
     pub input_devices: bool,
-    /// A virtio entropy device (Linux guests).
+    /// A virtio entropy device (Linux guests, except in saved machines: the framework
+    /// could not save one on macOS 14, as Tart found).
     pub entropy: bool,
+    /// The machine is saved or restored ([`vzk_vm::SnapshotSpec`]): the build checks
+    /// `validateSaveRestoreSupport`, so a template that could never be saved fails at
+    /// once instead of after its boot.
+    pub save_restore: bool,
 }
 
 impl VzConfig {
@@ -331,7 +336,8 @@ pub fn derive(
         graphics,
         serial_log: spec.console_log.clone(),
         input_devices: mac,
-        entropy: !mac,
+        entropy: !mac && spec.snapshot.is_none(),
+        save_restore: spec.snapshot.is_some(),
     })
 }
 

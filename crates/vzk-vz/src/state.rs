@@ -8,7 +8,10 @@
 //!   backend never does), so later observations cannot leave them.
 //!
 //! The framework's other states (`Paused`, `Pausing`, `Resuming`, `Saving`,
-//! `Restoring`) are never requested by this backend; seeing one maps to
+//! `Restoring`) belong to saving a template and restoring a pod from one: while a save is
+//! under way ([`StateTracker::save_requested`]) they are [`VmState::Stopping`] (the VM
+//! ends after it); while a restore is ([`StateTracker::restore_requested`]) they are
+//! [`VmState::Starting`], until the VM runs. Seen at any other time, they map to
 //! [`VmState::Failed`], as in the reference implementation. `Error` is `Failed`.
 //! The delegate's `guestDidStop` is [`StopEvent::GuestStopped`] (→ `Stopped`);
 //! `didStopWithError` is [`StopEvent::Error`] (→ `Failed` with the error's text).
@@ -78,6 +81,14 @@ pub enum StopEvent {
 pub struct StateTracker {
     state: VmState,
     started: bool,
+    suspend: Option<Suspend>,
+}
+
+/// A save or restore under way, during which paused states are expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Suspend {
+    Saving,
+    Restoring,
 }
 
 impl Default for StateTracker {
@@ -85,6 +96,7 @@ impl Default for StateTracker {
         Self {
             state: VmState::Created,
             started: false,
+            suspend: None,
         }
     }
 }
@@ -99,6 +111,30 @@ impl StateTracker {
     pub fn start_requested(&mut self) -> Option<VmState> {
         self.started = true;
         self.set(VmState::Starting)
+    }
+
+    /// Records that a restore from a saved state was issued (instead of a start): the
+    /// VM is `Starting` through `Restoring`, `Paused` and `Resuming` until it runs.
+    pub fn restore_requested(&mut self) -> Option<VmState> {
+        self.suspend = Some(Suspend::Restoring);
+        self.start_requested()
+    }
+
+    /// Records that the running VM is being paused and saved, to be stopped after: it
+    /// is `Stopping` through `Pausing`, `Paused` and `Saving`.
+    pub fn save_requested(&mut self) -> Option<VmState> {
+        self.suspend = Some(Suspend::Saving);
+        match self.state {
+            VmState::Running => self.set(VmState::Stopping),
+            _ => None,
+        }
+    }
+
+    /// Records that a save failed (the VM may still be paused): the VM is `Failed`, and
+    /// the caller stops it.
+    pub fn save_failed(&mut self, reason: String) -> Option<VmState> {
+        self.suspend = None;
+        self.set(VmState::Failed { reason })
     }
 
     /// Records that a stop was issued.
@@ -116,8 +152,26 @@ impl StateTracker {
 
     /// Records a polled `VZVirtualMachine.state`. Returns the new state if it changed.
     pub fn observe(&mut self, vz: VzState) -> Option<VmState> {
-        let next = match vz {
-            VzState::Stopped if !self.started => VmState::Created,
+        let next = match (vz, self.suspend) {
+            (VzState::Pausing | VzState::Paused | VzState::Saving, Some(Suspend::Saving)) => {
+                VmState::Stopping
+            }
+            (
+                VzState::Restoring | VzState::Paused | VzState::Resuming,
+                Some(Suspend::Restoring),
+            ) => VmState::Starting,
+            _ => Self::plain(vz, self.started),
+        };
+        if matches!(vz, VzState::Running | VzState::Stopped | VzState::Error) {
+            self.suspend = None;
+        }
+        self.set(next)
+    }
+
+    /// The state a framework state means outside a save or restore.
+    fn plain(vz: VzState, started: bool) -> VmState {
+        match vz {
+            VzState::Stopped if !started => VmState::Created,
             VzState::Stopped => VmState::Stopped,
             VzState::Starting => VmState::Starting,
             VzState::Running => VmState::Running,
@@ -128,8 +182,7 @@ impl StateTracker {
             other => VmState::Failed {
                 reason: format!("unexpected Virtualization.framework state {other:?}"),
             },
-        };
-        self.set(next)
+        }
     }
 
     /// Records a delegate stop callback. Returns the new state if it changed.
@@ -271,6 +324,59 @@ mod tests {
                 "{vz:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_restore_is_starting_until_the_vm_runs() {
+        let mut t = StateTracker::default();
+        assert_eq!(t.restore_requested(), Some(VmState::Starting));
+        for vz in [VzState::Restoring, VzState::Paused, VzState::Resuming] {
+            assert_eq!(t.observe(vz), None, "{vz:?}");
+            assert_eq!(t.state(), &VmState::Starting);
+        }
+        assert_eq!(t.observe(VzState::Running), Some(VmState::Running));
+        // Running, a pause nobody asked for is a failure again.
+        assert!(matches!(
+            t.observe(VzState::Paused),
+            Some(VmState::Failed { .. })
+        ));
+        // A restore the framework refused: the VM stays stopped, which is final.
+        let mut t = StateTracker::default();
+        t.restore_requested();
+        assert_eq!(
+            t.start_failed("VZErrorRestore".into()),
+            Some(VmState::Failed {
+                reason: "VZErrorRestore".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_save_is_stopping_until_the_vm_stops() {
+        let mut t = StateTracker::default();
+        t.start_requested();
+        t.observe(VzState::Running);
+        assert_eq!(t.save_requested(), Some(VmState::Stopping));
+        for vz in [
+            VzState::Pausing,
+            VzState::Paused,
+            VzState::Saving,
+            VzState::Paused,
+        ] {
+            assert_eq!(t.observe(vz), None, "{vz:?}");
+        }
+        assert_eq!(t.stop_requested(), None);
+        assert_eq!(t.observe(VzState::Stopped), Some(VmState::Stopped));
+        // A failed save fails the VM (paused, it is then stopped by the caller).
+        let mut t = StateTracker::default();
+        t.start_requested();
+        t.observe(VzState::Running);
+        t.save_requested();
+        t.observe(VzState::Paused);
+        assert!(matches!(
+            t.save_failed("VZErrorSave".into()),
+            Some(VmState::Failed { .. })
+        ));
     }
 
     #[test]

@@ -93,6 +93,7 @@ pub(crate) async fn macos(
         serial_log: None,
         input_devices: true,
         entropy: false,
+        save_restore: false,
     };
     const STEPS: u64 = 1000;
     progress.begin(&format!("install macOS {}", plan.version), STEPS);

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::{info, warn};
 use vzk_core::PodEvent;
 use vzk_image::{LazyPull, PullPolicy, Reference};
-use vzk_vm::{DiskFormat, DiskSpec, MacAddr, NicSpec, SnapshotSpec, VmSpec};
+use vzk_vm::{DiskFormat, DiskSpec, MacAddr, NicSpec, SnapshotDevices, SnapshotSpec, VmSpec};
 
 use crate::metrics::{StartClock, StartPhase};
 use crate::provider::Inner;
@@ -232,16 +232,24 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     // 2b. Volumes (FailedMount events and retries, like the kubelet).
     let shared_dirs = crate::volumes::prepare_with_retry(&inner, &e).await;
 
-    // 2c. Start by restore, where the node does and a template is ready.
-    let mut restore = super::restore::choose(
-        &inner,
-        &e,
-        &image,
-        &image_name,
-        &boot.spec,
-        res.cpus,
-        res.memory_bytes,
-    );
+    // (A backend that keeps the template's devices gives a restored VM none of its own.)
+    let kept = inner.hv.capabilities().snapshot_devices == SnapshotDevices::Kept;
+    let choose_restore = || {
+        if kept && !shared_dirs.is_empty() && inner.args.snapshot_start {
+            info!(pod = %e.key, "booting cold: this backend cannot give a restored VM shared directories");
+            return None;
+        }
+        super::restore::choose(
+            &inner,
+            &e,
+            &image,
+            &image_name,
+            &boot.spec,
+            res.cpus,
+            res.memory_bytes,
+        )
+    };
+    let (mut restore, mut chosen) = (None, false);
     // 3. A VM slot, then 4. the disk's clone. A clone that fails (the disk full, the
     // file system refusing) is retried with back-off, the slot given back meanwhile, as
     // the kubelet retries CreateContainerError.
@@ -264,6 +272,13 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         };
         *lock(&e.slot) = Some(slot);
         inner.waiting(&e, "ContainerCreating", "");
+        // 2c. Start by restore, where the node does and a template is ready: chosen
+        // once the VM slot is held (a template's MAC, where the backend keeps it, may
+        // have been given back while this pod waited for the slot).
+        if !chosen {
+            chosen = true;
+            restore = choose_restore();
+        }
         let dest = e.dir.join("disk");
         if let Some(t) = &restore {
             // The clone's base is a hard link of the template's disk kept in the pod's
@@ -351,6 +366,7 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     // (whose guest holds the template's login key).
     if restore.is_some() && disks.len() != 2 {
         restore = None;
+        inner.templates.release(&e.key.uid);
         match clone_pod_disk(&inner, &e, &image) {
             Ok((path, format)) => (disks[0].path, disks[0].format) = (path, format),
             Err(err) => {
@@ -368,8 +384,12 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         memory_bytes: res.memory_bytes,
         boot: boot.spec,
         disks,
+        // A template whose NIC is part of its saved machine is restored with its MAC.
         nics: vec![NicSpec {
-            mac: MacAddr::random(),
+            mac: restore
+                .as_ref()
+                .and_then(|t| t.meta.macs.first().copied())
+                .unwrap_or_else(MacAddr::random),
             attachment: inner.args.network.clone(),
         }],
         shared_dirs,
@@ -406,6 +426,10 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     {
         super::restore::restore_failed(&inner, &e, t, msg);
         spec.snapshot = None;
+        // The template's MAC was given back: the cold boot gets one of its own.
+        if !t.meta.macs.is_empty() {
+            spec.nics[0].mac = MacAddr::random();
+        }
         created = match clone_pod_disk(&inner, &e, &image) {
             Ok((path, format)) => {
                 (spec.disks[0].path, spec.disks[0].format) = (path, format);

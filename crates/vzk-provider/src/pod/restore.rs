@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use vzk_core::PodEvent;
 use vzk_guest::{GuestSession, HostKeyStore, PodIdentity};
 use vzk_image::LocalImage;
-use vzk_vm::{BootSpec, Vm};
+use vzk_vm::{BootSpec, SnapshotDevices, Vm};
 
 use crate::provider::Inner;
 use crate::templates::{self, BuildInput, Template, TemplateKey};
@@ -42,6 +42,9 @@ pub(super) fn choose(
         return None;
     }
     let key = TemplateKey::new(image, caps, cpus, memory_bytes, boot, e.creds.user());
+    if caps.snapshot_devices == SnapshotDevices::Kept {
+        return choose_kept(inner, e, image, image_name, &key);
+    }
     let dir = templates::dir_for(image, &key);
     match inner.templates.lookup(&dir, &key) {
         Ok(Some(t)) => Some(t),
@@ -50,21 +53,62 @@ pub(super) fn choose(
             None
         }
         Err(why) => {
-            inner.event(
-                e,
-                PodEvent::warning(
-                    "RestoreFailed",
-                    format!(
-                        "Not restoring from template {}: {why}; booting cold",
-                        key.id()
-                    ),
-                ),
-            );
+            not_restoring(inner, e, &key, &why);
             inner.templates.discard(&dir);
             spawn_build(inner, e, image, image_name, key);
             None
         }
     }
+}
+
+/// [`choose`] on a backend that keeps the NIC in the saved machine
+/// ([`SnapshotDevices::Kept`]): the pod gets the first of the image's templates whose MAC
+/// no running pod holds, and its VM that MAC; with none free, another template is made
+/// (up to one per VM the node may run) and the pod boots cold.
+fn choose_kept(
+    inner: &Arc<Inner>,
+    e: &Arc<PodEntry>,
+    image: &LocalImage,
+    image_name: &str,
+    key: &TemplateKey,
+) -> Option<Template> {
+    let network = &inner.args.network;
+    let n = templates::kept_slots(inner.hv.capabilities(), inner.slots.capacity());
+    let slots: Vec<_> = (0..n)
+        .map(|i| {
+            let k = key.kept(network, i);
+            (templates::dir_for(image, &k), k)
+        })
+        .collect();
+    let pick = inner.templates.pick_kept(&slots, &e.key.uid);
+    for (i, why) in &pick.broken {
+        if let Some((_, k)) = slots.get(*i) {
+            not_restoring(inner, e, k, why);
+        }
+    }
+    if pick.restore.is_none() {
+        match pick.build.and_then(|i| slots.get(i)) {
+            Some((_, k)) => spawn_build(inner, e, image, image_name, k.clone()),
+            None => {
+                info!(pod = %e.key, templates = n, "booting cold: every template's MAC is in use")
+            }
+        }
+    }
+    pick.restore
+}
+
+/// The `RestoreFailed` event of a broken template found before a restore.
+fn not_restoring(inner: &Inner, e: &PodEntry, key: &TemplateKey, why: &str) {
+    inner.event(
+        e,
+        PodEvent::warning(
+            "RestoreFailed",
+            format!(
+                "Not restoring from template {}: {why}; booting cold",
+                key.id()
+            ),
+        ),
+    );
 }
 
 /// A restore that failed: the template is dropped (a later pod rebuilds it).
@@ -80,6 +124,7 @@ pub(super) fn restore_failed(inner: &Inner, e: &PodEntry, t: &Template, why: &st
         ),
     );
     inner.templates.discard(&t.dir);
+    inner.templates.release(&e.key.uid);
 }
 
 /// Makes the template of `key` in the background unless one is being made.
@@ -280,7 +325,7 @@ async fn prepare_one(inner: &Arc<Inner>, ask: &crate::args::TemplateAsk) -> Resu
     let creds = inner
         .credentials(&pod)
         .map_err(|e| Prepare::GiveUp(e.to_string()))?;
-    let key = TemplateKey::new(
+    let mut key = TemplateKey::new(
         &image,
         caps,
         res.cpus,
@@ -288,6 +333,9 @@ async fn prepare_one(inner: &Arc<Inner>, ask: &crate::args::TemplateAsk) -> Resu
         &boot.spec,
         creds.user(),
     );
+    if caps.snapshot_devices == SnapshotDevices::Kept {
+        key = key.kept(&inner.args.network, 0);
+    }
     let id = key.id();
     let dir = templates::dir_for(&image, &key);
     match inner.templates.lookup(&dir, &key) {

@@ -88,6 +88,7 @@ impl TestHv {
                 max_running_vms: None,
                 vms_outlive_agent: true,
                 snapshots: false,
+                snapshot_devices: vzk_vm::SnapshotDevices::HotPlug,
                 version: String::new(),
             },
             log: Arc::new(CallLog::default()),

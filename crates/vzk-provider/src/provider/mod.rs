@@ -727,6 +727,7 @@ impl PodLifecycle for VmProvider {
         // The VM is gone: stop refreshing its volumes and remove them.
         self.inner.volumes.teardown(&key.uid).await;
         lock(&e.slot).take();
+        self.inner.templates.release(&key.uid);
         lock(&e.disk_server).take();
         lock(&e.pin).take();
         if let Err(err) = std::fs::remove_dir_all(&e.dir) {

@@ -270,3 +270,147 @@ async fn a_template_made_ahead_of_time_restores_the_first_pod() {
     );
     delete_pod(&pods, "first", 0, Duration::from_secs(60)).await;
 }
+
+/// QEMU seen as a backend that keeps a template's NIC in its saved machine, as
+/// Virtualization.framework does (its restore refuses another MAC). QEMU itself still
+/// plugs the NIC after the restore, which is how a restore with the template's MAC is
+/// checked here end to end.
+struct KeptNics {
+    qemu: std::sync::Arc<dyn vzk_vm::Hypervisor>,
+    caps: vzk_vm::Capabilities,
+}
+
+#[async_trait::async_trait]
+impl vzk_vm::Hypervisor for KeptNics {
+    fn capabilities(&self) -> &vzk_vm::Capabilities {
+        &self.caps
+    }
+    async fn create(
+        &self,
+        spec: vzk_vm::VmSpec,
+    ) -> Result<std::sync::Arc<dyn vzk_vm::Vm>, vzk_vm::HypervisorError> {
+        self.caps.check(&spec)?;
+        self.qemu.create(spec).await
+    }
+    async fn adopt_existing(
+        &self,
+    ) -> Result<Vec<std::sync::Arc<dyn vzk_vm::Vm>>, vzk_vm::HypervisorError> {
+        self.qemu.adopt_existing().await
+    }
+    async fn health(&self) -> Result<(), String> {
+        self.qemu.health().await
+    }
+}
+
+/// The MAC a template recorded for its kept NIC.
+fn template_mac(meta: &std::path::Path) -> String {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
+    json["macs"][0].as_str().unwrap_or_default().to_owned()
+}
+
+/// On a backend that keeps the NIC in the saved machine, a pod restored from a template
+/// runs with the template's MAC; while one pod holds it, the next pod boots cold and a
+/// second template (its own MAC) is made; a deleted pod gives its MAC back; a pod with
+/// volumes (shared directories) boots cold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_kept_nics_each_template_mac_runs_in_one_pod_at_a_time() {
+    let env = TestNode::start_on(
+        "snapkept",
+        |a| {
+            a.snapshot_start = true;
+            a.max_vms = 2;
+        },
+        |qemu| {
+            let mut caps = qemu.capabilities().clone();
+            caps.snapshot_devices = vzk_vm::SnapshotDevices::Kept;
+            std::sync::Arc::new(KeptNics { qemu, caps })
+        },
+    )
+    .await;
+    let image = env.push_guest("kept-guest", "").await;
+    let TestNode {
+        ns,
+        pods,
+        events,
+        provider,
+        node,
+        data,
+        ..
+    } = &env;
+    let plain = |name: &str| {
+        let mut p = vm_pod(name, node, &image);
+        if let Some(s) = p.spec.as_mut() {
+            s.automount_service_account_token = Some(false);
+        }
+        p
+    };
+    let guest_mac = |name: &'static str| async move {
+        let (code, out) = exec(provider, ns, name, "cat /sys/class/net/eth0/address").await;
+        assert_eq!(code, 0, "{out}");
+        out.trim().to_owned()
+    };
+    let restored = |name: &'static str| async move {
+        let started = wait_event(events, name, "Started", Duration::from_secs(10)).await;
+        let all = events_of(events, name).await;
+        eprintln!("{name}: {all:?}");
+        started.contains("by restoring template")
+    };
+    let template_ready = |name: &'static str| async move {
+        let r = wait_for(BOOT, "the template", || async {
+            events_of(events, name)
+                .await
+                .into_iter()
+                .find(|(r, _)| r == "TemplateReady" || r == "TemplateFailed")
+        })
+        .await;
+        assert_eq!(r.0, "TemplateReady", "{}", r.1);
+    };
+
+    // 1. The first pod boots cold and template slot 0 is made, recording its MAC.
+    create_ready(pods, &plain("first")).await;
+    assert!(!restored("first").await);
+    template_ready("first").await;
+    let metas = walk(&data.join("images"), "template.json");
+    assert_eq!(metas.len(), 1, "{metas:?}");
+    let mac0 = template_mac(&metas[0]);
+    assert_eq!(mac0.len(), 17, "{mac0:?}");
+    delete_pod(pods, "first", 0, Duration::from_secs(60)).await;
+
+    // 2. a is restored with slot 0's MAC; b, while a holds it, boots cold with a MAC of
+    // its own, and slot 1 is made.
+    create_ready(pods, &plain("a")).await;
+    assert!(restored("a").await);
+    assert_eq!(guest_mac("a").await, mac0);
+    let (code, out) = exec(provider, ns, "a", "hostname").await;
+    assert_eq!((code, out.trim()), (0, "a"));
+    create_ready(pods, &plain("b")).await;
+    assert!(!restored("b").await);
+    assert_ne!(guest_mac("b").await, mac0);
+    template_ready("b").await;
+    let metas = walk(&data.join("images"), "template.json");
+    assert_eq!(metas.len(), 2, "{metas:?}");
+    let macs: Vec<String> = metas.iter().map(|m| template_mac(m)).collect();
+    assert!(macs.contains(&mac0), "{macs:?}");
+    let mac1 = macs.into_iter().find(|m| *m != mac0).unwrap();
+
+    // 3. b gone, c takes slot 1 (a still holds slot 0); a gone, d gets slot 0 back.
+    delete_pod(pods, "b", 0, Duration::from_secs(60)).await;
+    create_ready(pods, &plain("c")).await;
+    assert!(restored("c").await);
+    assert_eq!(guest_mac("c").await, mac1);
+    delete_pod(pods, "a", 0, Duration::from_secs(60)).await;
+    create_ready(pods, &plain("d")).await;
+    assert!(restored("d").await);
+    assert_eq!(guest_mac("d").await, mac0);
+    delete_pod(pods, "d", 0, Duration::from_secs(60)).await;
+
+    // 4. A pod with a volume boots cold (a restored VM here gets no shared directories),
+    // though slot 0 is free.
+    create_ready(pods, &vm_pod("vol", node, &image)).await;
+    assert!(!restored("vol").await);
+    assert_ne!(guest_mac("vol").await, mac0);
+    for name in ["c", "vol"] {
+        delete_pod(pods, name, 0, Duration::from_secs(60)).await;
+    }
+    wait_all_released(provider, Duration::from_secs(60)).await;
+}

@@ -49,6 +49,7 @@ impl FakeHypervisor {
                 max_running_vms: None,
                 vms_outlive_agent: false,
                 snapshots: false,
+                snapshot_devices: crate::SnapshotDevices::HotPlug,
                 version: String::new(),
             },
         }

@@ -241,6 +241,7 @@ impl QemuBackend {
             max_running_vms: None,
             vms_outlive_agent: true,
             snapshots: true,
+            snapshot_devices: crate::SnapshotDevices::HotPlug,
             version: version.to_string(),
         };
         tracing::info!(backend = "qemu", version = %version, accel = accel.as_str(), nat = nat.is_some(), "hypervisor ready");

@@ -389,3 +389,27 @@ fn bad_share_tags_are_rejected() {
         Err(ConfigError::DuplicateShareTag { tag }) if tag == "d"
     ));
 }
+
+#[test]
+fn a_saved_or_restored_machine_is_checked_for_saving_and_has_no_entropy_device() {
+    let plain = ok(&linux_spec(), &VzOptions::default());
+    assert!(plain.entropy);
+    assert!(!plain.save_restore);
+    for snapshot in [
+        vzk_vm::SnapshotSpec::Template {
+            state: "/t/state".into(),
+        },
+        vzk_vm::SnapshotSpec::Restore {
+            state: "/t/state".into(),
+        },
+    ] {
+        let mut spec = linux_spec();
+        spec.snapshot = Some(snapshot);
+        let cfg = ok(&spec, &VzOptions::default());
+        assert!(!cfg.entropy, "{spec:?}");
+        assert!(cfg.save_restore);
+        // Everything a guest sees besides stays as in an ordinary boot.
+        assert_eq!(cfg.nics, plain.nics);
+        assert_eq!(cfg.disks, plain.disks);
+    }
+}

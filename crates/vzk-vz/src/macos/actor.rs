@@ -40,6 +40,10 @@ pub enum Command {
     ForceStop,
     /// Drop the framework objects.
     Release,
+    /// `pauseWithCompletionHandler:`, `saveMachineStateToURL:`, then a stop.
+    SaveState,
+    /// `restoreMachineStateFromURL:`, then `resumeWithCompletionHandler:`.
+    Restore,
 }
 
 /// Why a command failed.
@@ -214,6 +218,46 @@ impl Actor {
         }
     }
 
+    /// Pauses the running VM, writes its machine state to `path` and stops it (a
+    /// template's end). On failure the VM is `Failed` and may still be paused: stop it.
+    /// `None` if the VM was released.
+    pub async fn save_state(&self, path: &std::path::Path) -> Option<Result<(), CommandError>> {
+        self.suspend(Command::SaveState, path).await
+    }
+
+    /// Restores this (never started) VM from the machine state at `path` and resumes it:
+    /// the start of a VM restored from a template. `None` if the VM was released.
+    pub async fn restore(&self, path: &std::path::Path) -> Option<Result<(), CommandError>> {
+        self.suspend(Command::Restore, path).await
+    }
+
+    async fn suspend(
+        &self,
+        command: Command,
+        path: &std::path::Path,
+    ) -> Option<Result<(), CommandError>> {
+        let (tx, rx) = oneshot::channel::<Reply>();
+        let (slot, states, path) = (self.slot.clone(), self.states.clone(), path.to_path_buf());
+        self.queue.exec_async(move || {
+            let guard = slot.0.borrow();
+            let Some(machine) = guard.as_ref() else {
+                return;
+            };
+            let url = match super::ns::file_url(&path) {
+                Ok(u) => u,
+                Err(e) => {
+                    let _ = tx.send(Err(CommandError::Url(e)));
+                    return;
+                }
+            };
+            match command {
+                Command::SaveState => save(&machine.vm, &states, &url, tx),
+                _ => restore(&machine.vm, &states, &url, tx),
+            }
+        });
+        rx.await.ok()
+    }
+
     /// Executes `command` on the queue and awaits its outcome; `None` if the VM was
     /// released.
     pub async fn send(&self, command: Command) -> Option<Result<(), CommandError>> {
@@ -294,8 +338,101 @@ fn execute(
                 let _ = reply.send(Ok(()));
             }
         }
-        Command::Release => {}
+        Command::Release | Command::SaveState | Command::Restore => {
+            let _ = reply.send(Err(CommandError::NotPossible(command)));
+        }
     }
+}
+
+/// A completion block that calls `then` once with the framework's outcome. Runs on the
+/// VM's queue, as every completion handler of a VM created with a queue does.
+fn once(then: impl FnOnce(Result<(), FrameworkError>) + 'static) -> RcBlock<dyn Fn(*mut NSError)> {
+    let then = Cell::new(Some(then));
+    RcBlock::new(move |error: *mut NSError| {
+        // SAFETY: the framework passes null or a valid `NSError` for the duration of
+        // the call.
+        let outcome = match unsafe { error.as_ref() } {
+            None => Ok(()),
+            Some(e) => Err(FrameworkError::from_ns(e)),
+        };
+        if let Some(then) = then.take() {
+            then(outcome);
+        }
+    })
+}
+
+/// Pause, save to `url`, stop: runs on the VM's queue. Each step starts in the previous
+/// one's completion handler; the first failure ends the chain with the VM `Failed`.
+fn save(
+    vm: &Retained<VZVirtualMachine>,
+    states: &Arc<StatePublisher>,
+    url: &Retained<objc2_foundation::NSURL>,
+    reply: oneshot::Sender<Reply>,
+) {
+    // SAFETY: a property read on the VM's queue.
+    if !unsafe { vm.canPause() } {
+        let _ = reply.send(Err(CommandError::NotPossible(Command::SaveState)));
+        return;
+    }
+    states.apply(StateTracker::save_requested);
+    let fail = {
+        let states = states.clone();
+        move |e: FrameworkError, reply: oneshot::Sender<Reply>| {
+            states.apply(|t| t.save_failed(e.to_string()));
+            let _ = reply.send(Err(CommandError::Framework(e)));
+        }
+    };
+    let (vm2, states2, url) = (vm.clone(), states.clone(), url.clone());
+    let paused = once(move |outcome| {
+        if let Err(e) = outcome {
+            return fail(e, reply);
+        }
+        let (vm3, states3) = (vm2.clone(), states2.clone());
+        let saved = once(move |outcome| {
+            if let Err(e) = outcome {
+                return fail(e, reply);
+            }
+            // The state is on disk: the template VM's part is over.
+            let stopped = completion(&vm3, &states3, reply, |_, _| None);
+            // SAFETY: on the VM's queue, with a block of the declared signature.
+            unsafe { vm3.stopWithCompletionHandler(&stopped) };
+        });
+        // SAFETY: on the VM's queue (a completion handler), the VM paused, with a block
+        // of the declared signature.
+        unsafe { vm2.saveMachineStateToURL_completionHandler(&url, &saved) };
+    });
+    // SAFETY: on the VM's queue, with a block of the declared signature.
+    unsafe { vm.pauseWithCompletionHandler(&paused) };
+}
+
+/// Restore from `url`, then resume: runs on the VM's queue.
+fn restore(
+    vm: &Retained<VZVirtualMachine>,
+    states: &Arc<StatePublisher>,
+    url: &Retained<objc2_foundation::NSURL>,
+    reply: oneshot::Sender<Reply>,
+) {
+    // SAFETY: a property read on the VM's queue.
+    if !unsafe { vm.canStart() } {
+        let _ = reply.send(Err(CommandError::NotPossible(Command::Restore)));
+        return;
+    }
+    states.apply(StateTracker::restore_requested);
+    let (vm2, states2) = (vm.clone(), states.clone());
+    let restored = once(move |outcome| {
+        if let Err(e) = outcome {
+            states2.apply(|t| t.start_failed(e.to_string()));
+            let _ = reply.send(Err(CommandError::Framework(e)));
+            return;
+        }
+        let resumed = completion(&vm2, &states2, reply, StateTracker::start_failed);
+        // SAFETY: on the VM's queue (a completion handler), the VM paused by the
+        // restore, with a block of the declared signature.
+        unsafe { vm2.resumeWithCompletionHandler(&resumed) };
+    });
+    // SAFETY: on the VM's queue, the VM never started, with a block of the declared
+    // signature.
+    unsafe { vm.restoreMachineStateFromURL_completionHandler(url, &restored) };
 }
 
 /// A completion handler that records the outcome and replies once.

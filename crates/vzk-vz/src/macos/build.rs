@@ -111,6 +111,9 @@ pub enum BuildError {
     /// `validate()` rejected the configuration.
     #[error("the VM configuration is invalid")]
     Validate(#[source] FrameworkError),
+    /// `validateSaveRestoreSupport()` rejected a machine that is to be saved or restored.
+    #[error("the VM configuration cannot be saved or restored")]
+    SaveRestore(#[source] FrameworkError),
 }
 
 /// The framework's CPU and memory bounds on this host.
@@ -242,6 +245,10 @@ pub fn configuration(
 
         cfg.validateWithError()
             .map_err(|e| BuildError::Validate(FrameworkError::from_ns(&e)))?;
+        if config.save_restore {
+            cfg.validateSaveRestoreSupportWithError()
+                .map_err(|e| BuildError::SaveRestore(FrameworkError::from_ns(&e)))?;
+        }
         Ok(cfg)
     }
 }

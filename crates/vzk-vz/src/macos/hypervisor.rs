@@ -16,7 +16,7 @@ use vzk_vm::{BackendKind, Capabilities, Hypervisor, HypervisorError, ProbeReport
 
 use super::build::host_bounds;
 use super::vm::VzVm;
-use crate::capabilities::capabilities;
+use crate::capabilities::{HostFeatures, capabilities};
 use crate::config::{VzOptions, derive};
 use crate::discovery::watch::Sources;
 use crate::limits::Bounds;
@@ -33,6 +33,44 @@ pub struct VzHypervisor {
 /// Whether the framework has `VZNetworkBlockDeviceStorageDeviceAttachment` (macOS 14+).
 fn nbd_attachment_available() -> bool {
     objc2::runtime::AnyClass::get(c"VZNetworkBlockDeviceStorageDeviceAttachment").is_some()
+}
+
+/// Whether `VZVirtualMachine` can save and restore its machine state (macOS 14+).
+fn save_restore_available() -> bool {
+    objc2::runtime::AnyClass::get(c"VZVirtualMachine").is_some_and(|c| {
+        c.responds_to(objc2::sel!(restoreMachineStateFromURL:completionHandler:))
+            && c.responds_to(objc2::sel!(saveMachineStateToURL:completionHandler:))
+    })
+}
+
+/// The host's macOS build (`sysctl kern.osversion`, e.g. `23F79`); empty if unreadable.
+#[cfg(target_os = "macos")]
+fn os_build() -> String {
+    let mut buf = [0u8; 64];
+    let mut len = buf.len();
+    // SAFETY: a NUL-terminated name, a buffer of `len` bytes and its length; no new value.
+    let rc = unsafe {
+        libc::sysctlbyname(
+            c"kern.osversion".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return String::new();
+    }
+    let text = buf.get(..len).unwrap_or_default();
+    String::from_utf8_lossy(text)
+        .trim_end_matches('\0')
+        .to_owned()
+}
+
+/// (The type-check of this layer on other hosts: there is no macOS build.)
+#[cfg(not(target_os = "macos"))]
+fn os_build() -> String {
+    String::new()
 }
 
 fn supported() -> bool {
@@ -53,8 +91,12 @@ impl VzHypervisor {
         Ok(Self {
             capabilities: capabilities(
                 &bounds,
-                cfg!(target_arch = "aarch64"),
-                nbd_attachment_available(),
+                &HostFeatures {
+                    apple_silicon: cfg!(target_arch = "aarch64"),
+                    nbd_disks: nbd_attachment_available(),
+                    save_restore: save_restore_available(),
+                    os_build: os_build(),
+                },
             ),
             bounds,
             options,

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use vzk_vm::{NetworkAttachment, VmError, VmSpec, VmState};
+use vzk_vm::{NetworkAttachment, SnapshotSpec, VmError, VmSpec, VmState};
 
 use super::actor::{Actor, Command, CommandError, CreateError};
 use super::bpf;
@@ -175,7 +175,12 @@ impl vzk_vm::Vm for VzVm {
             });
         }
         let id = self.spec.id.clone();
-        match self.actor.send(Command::Start).await {
+        // A VM restored from a template starts by loading its saved state.
+        let outcome = match &self.spec.snapshot {
+            Some(SnapshotSpec::Restore { state }) => self.actor.restore(state).await,
+            _ => self.actor.send(Command::Start).await,
+        };
+        match outcome {
             Some(Ok(())) => {}
             Some(Err(CommandError::Framework(e)))
                 if crate::limits::is_vm_limit_error(&e.domain, e.code) =>
@@ -201,6 +206,33 @@ impl vzk_vm::Vm for VzVm {
         }
         self.start_discovery();
         Ok(())
+    }
+
+    async fn save_state(&self) -> Result<(), VmError> {
+        let id = self.spec.id.clone();
+        let operation = "saving the state";
+        let Some(SnapshotSpec::Template { state }) = &self.spec.snapshot else {
+            return Err(VmError::Snapshot {
+                id,
+                operation,
+                source: "the VM was not created as a template".into(),
+            });
+        };
+        // The framework keeps the NICs in the saved machine (SnapshotDevices::Kept):
+        // nothing is unplugged first.
+        match self.actor.save_state(state).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(VmError::Snapshot {
+                id,
+                operation,
+                source: Box::new(e),
+            }),
+            None => Err(VmError::InvalidState {
+                id,
+                operation,
+                state: self.states.current(),
+            }),
+        }
     }
 
     async fn request_stop(&self) -> Result<(), VmError> {
