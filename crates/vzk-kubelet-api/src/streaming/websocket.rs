@@ -29,12 +29,12 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
@@ -71,11 +71,8 @@ const PORTFORWARD_WS_PROTOCOLS: [&str; 4] = [
     "v4.base64.channel.k8s.io",
     "portforward.k8s.io",
 ];
-const BUF: usize = 64 * 1024;
 /// Largest payload of one message we send.
 const MAX_MESSAGE: usize = 1 << 20;
-/// Bytes the tunnel reads from its SPDY session at a time (at most).
-const TUNNEL_READ: usize = 256 * 1024;
 /// Received messages queued for a process's input before the reader stops reading
 /// (few: a client's message may be large).
 const INPUT_QUEUE: usize = 4;
@@ -258,7 +255,8 @@ fn broken() -> io::Error {
 /// [`MAX_MESSAGE`] bytes), queued for the writer task.
 pub(crate) struct ChannelWriter {
     tx: PollSender<Message>,
-    channel: u8,
+    /// `None`: the bytes are the whole binary message (the SPDY tunnel).
+    channel: Option<u8>,
     f: Framing,
 }
 
@@ -266,8 +264,17 @@ impl ChannelWriter {
     fn new(tx: mpsc::Sender<Message>, channel: u8, f: Framing) -> Self {
         Self {
             tx: PollSender::new(tx),
-            channel,
+            channel: Some(channel),
             f,
+        }
+    }
+
+    /// Each write one binary message of its bytes, with no channel byte.
+    fn raw(tx: mpsc::Sender<Message>) -> Self {
+        Self {
+            tx: PollSender::new(tx),
+            channel: None,
+            f: Framing { base64: false },
         }
     }
 }
@@ -283,7 +290,10 @@ impl AsyncWrite for ChannelWriter {
         }
         ready!(self.tx.poll_reserve(cx)).map_err(|_| broken())?;
         let n = data.len().min(MAX_MESSAGE);
-        let m = self.f.encode(self.channel, &data[..n]);
+        let m = match self.channel {
+            Some(ch) => self.f.encode(ch, &data[..n]),
+            None => Message::Binary(Bytes::copy_from_slice(&data[..n])),
+        };
         self.tx.send_item(m).map_err(|_| broken())?;
         Poll::Ready(Ok(n))
     }
@@ -522,10 +532,7 @@ pub(crate) async fn port_forward(st: AppState, pod: PodKey, mut req: Request) ->
         info_span!("portforward_ws", pod.ns = %pod.namespace, pod.name = %pod.name, protocol);
     spawn_socket(on, span, move |socket| async move {
         if tunnel {
-            let (ours, theirs) = tokio::io::duplex(TUNNEL_READ);
-            let bridge = tokio::spawn(bridge_bytes(socket, ours));
-            super::portforward::serve(theirs, st, pod, Transport::WebSocket).await;
-            let _ = bridge.await;
+            serve_tunnel(socket, st, pod).await;
         } else {
             let f = Framing {
                 base64: protocol.is_some_and(|p| p.contains("base64")),
@@ -554,44 +561,35 @@ pub(crate) fn parse_ports(raw: Option<&str>) -> Result<Vec<u16>, Refusal> {
     Ok(ports)
 }
 
-/// Joins a WebSocket's binary payloads into a byte stream (both ways).
-async fn bridge_bytes(socket: Socket, io: DuplexStream) {
+/// The SPDY-in-WebSocket tunnel: the SPDY session reads the received binary payloads
+/// as they came (no copy until it reads them) and each of its writes (one batch of
+/// frames) becomes one binary message (one copy), with no byte pipe between.
+async fn serve_tunnel(socket: Socket, st: AppState, pod: PodKey) {
     let (sink, mut stream) = socket.split();
-    let (mut r, mut w) = tokio::io::split(io);
-    let (tx, rx) = mpsc::channel::<Message>(8);
-    let writer = spawn_writer(sink, rx);
+    let (out_tx, out_rx) = mpsc::channel::<Message>(8);
+    let writer = spawn_writer(sink, out_rx);
+    let (input, rd) = ChannelReader::new();
     let reader = tokio::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
             match msg {
-                Message::Binary(b) if w.write_all(&b).await.is_err() => break,
+                Message::Binary(b) => {
+                    if !b.is_empty() && input.send(b).await.is_err() {
+                        break;
+                    }
+                }
                 Message::Close(_) => break,
                 _ => {}
             }
         }
-        let _ = w.shutdown().await;
+        // Dropping the sender is EOF for the session.
+        drop(input);
         stream
     });
-    // Read straight into the message's buffer (whatever the session wrote, up to
-    // TUNNEL_READ): one message per read.
-    let mut buf = BytesMut::new();
-    loop {
-        if buf.capacity() < BUF {
-            buf.reserve(TUNNEL_READ);
-        }
-        match r.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {
-                if tx
-                    .send(Message::Binary(buf.split().freeze()))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        }
-    }
-    drop(tx);
+    let pipe = ChannelPipe {
+        rd,
+        wr: ChannelWriter::raw(out_tx),
+    };
+    super::portforward::serve(pipe, st, pod, Transport::WebSocket).await;
     finish(writer, reader).await;
 }
 
