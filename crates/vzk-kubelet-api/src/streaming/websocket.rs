@@ -571,14 +571,13 @@ async fn serve_tunnel(socket: Socket, st: AppState, pod: PodKey) {
     let (input, rd) = ChannelReader::new();
     let reader = tokio::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
-            match msg {
-                Message::Binary(b) => {
-                    if !b.is_empty() && input.send(b).await.is_err() {
-                        break;
-                    }
-                }
+            let b = match msg {
+                Message::Binary(b) => b,
                 Message::Close(_) => break,
-                _ => {}
+                _ => continue,
+            };
+            if !b.is_empty() && input.send(b).await.is_err() {
+                break;
             }
         }
         // Dropping the sender is EOF for the session.
