@@ -305,32 +305,7 @@ impl Templates {
                 dir.display()
             ));
         }
-        let state = t.state();
-        let m = std::fs::metadata(&state).map_err(|e| format!("{}: {e}", state.display()))?;
-        if m.len() != t.meta.state_bytes {
-            return Err(format!(
-                "{} has {} bytes, the template recorded {}",
-                state.display(),
-                m.len(),
-                t.meta.state_bytes
-            ));
-        }
-        let stamp = (
-            state.clone(),
-            m.len(),
-            m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-        );
-        if !crate::pod::lock(&self.verified).contains(&stamp) {
-            let digest = file_digest(&state)?;
-            if digest != t.meta.state_digest {
-                return Err(format!(
-                    "{} has digest {digest}, the template recorded {}",
-                    state.display(),
-                    t.meta.state_digest
-                ));
-            }
-            crate::pod::lock(&self.verified).insert(stamp);
-        }
+        self.verify_state(&t)?;
         if !t.disk().is_file() {
             return Err(format!("{} is missing", t.disk().display()));
         }
@@ -377,6 +352,69 @@ impl Templates {
     /// Gives back the template MACs pod `uid` holds (its VM is gone, or it boots cold).
     pub fn release(&self, uid: &str) {
         crate::pod::lock(&self.claims).retain(|_, holder| holder != uid);
+    }
+
+    /// Checks `t`'s saved state against its recorded size and SHA-256; the digest is
+    /// computed once per state file (path, size, mtime) and process.
+    pub fn verify_state(&self, t: &Template) -> Result<(), String> {
+        let state = t.state();
+        let m = std::fs::metadata(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+        if m.len() != t.meta.state_bytes {
+            return Err(format!(
+                "{} has {} bytes, the template recorded {}",
+                state.display(),
+                m.len(),
+                t.meta.state_bytes
+            ));
+        }
+        let stamp = (
+            state.clone(),
+            m.len(),
+            m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        );
+        if !crate::pod::lock(&self.verified).contains(&stamp) {
+            let digest = file_digest(&state)?;
+            if digest != t.meta.state_digest {
+                return Err(format!(
+                    "{} has digest {digest}, the template recorded {}",
+                    state.display(),
+                    t.meta.state_digest
+                ));
+            }
+            crate::pod::lock(&self.verified).insert(stamp);
+        }
+        Ok(())
+    }
+
+    /// Records the state of a template this process has just made (and hashed) as
+    /// verified, so its first restore does not hash it again.
+    pub fn trust(&self, t: &Template) {
+        let state = t.state();
+        if let Ok(m) = std::fs::metadata(&state)
+            && m.len() == t.meta.state_bytes
+        {
+            let mtime = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            crate::pod::lock(&self.verified).insert((state, m.len(), mtime));
+        }
+    }
+
+    /// Verifies, ahead of the pods, the saved states of every template in the image
+    /// cache at `images_dir` (a state of several GiB takes seconds to hash, which the
+    /// first restore after an agent start would otherwise wait for). Broken ones are
+    /// only logged: their first lookup refuses and removes them.
+    pub fn verify_all(&self, images_dir: &Path) {
+        for dir in template_dirs(images_dir, 5) {
+            match Template::load(&dir) {
+                Ok(Some(t)) => match self.verify_state(&t) {
+                    Ok(()) => tracing::debug!(template = %dir.display(), "template state verified"),
+                    Err(why) => {
+                        tracing::warn!(template = %dir.display(), %why, "template state does not match its record")
+                    }
+                },
+                Ok(None) => {}
+                Err(why) => tracing::warn!(template = %dir.display(), %why, "unreadable template"),
+            }
+        }
     }
 
     /// Removes a broken template (a later pod rebuilds it).
@@ -427,6 +465,32 @@ impl Drop for BuildGuard {
     fn drop(&mut self) {
         crate::pod::lock(&self.templates.building).remove(&self.dir);
     }
+}
+
+/// The directories of templates (`templates/<id>`) under `root`, looked for at most
+/// `depth` directories down (the image cache's layout is its own).
+fn template_dirs(root: &Path, depth: usize) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_name() == "templates" {
+            let children = std::fs::read_dir(&path).into_iter().flatten().flatten();
+            found.extend(
+                children
+                    .map(|c| c.path())
+                    .filter(|p| p.join(META).is_file()),
+            );
+        } else if depth > 1 {
+            found.extend(template_dirs(&path, depth - 1));
+        }
+    }
+    found
 }
 
 /// `sha256:<hex>` of a file.
@@ -623,9 +687,16 @@ async fn boot_and_save(
     Ok(boot_ms)
 }
 
-/// What makes a restored guest the pod's own: the shell script run (as the SSH user,
-/// privileged steps through `sudo -n` when that is not root) right after the restore.
-pub fn reidentify_script(hostname: &str, pod_key: &str, template_key: &str) -> String {
+/// What makes a restored guest the pod's own: the shell script run (as the SSH user
+/// `user`, privileged steps through `sudo -n` when that is not root) right after the
+/// restore.
+///
+/// Every guest process start costs tens of milliseconds under emulation, on the path a
+/// pod waits on: the script uses shell built-ins where it can (files written by
+/// redirection when root, `/proc/uptime` and keys read with `read`, the login key
+/// filtered by a `case` loop), and starts about six processes on a guest logged into as
+/// root (`date`, `sed`, `rm`, `pidof`, `dropbearkey`, `mv`).
+pub fn reidentify_script(user: &str, hostname: &str, pod_key: &str, template_key: &str) -> String {
     let q = |s: &str| vzk_guest::quote::quote_word(s);
     // The template key's base64 body identifies its authorized_keys line.
     let template_body = template_key
@@ -634,25 +705,33 @@ pub fn reidentify_script(hostname: &str, pod_key: &str, template_key: &str) -> S
         .unwrap_or(template_key);
     let machine_id = hex::encode(rand::random::<[u8; 16]>());
     let seed = hex::encode(rand::random::<[u8; 64]>());
+    // A root login needs no `id` to know it.
+    let who = if user == "root" {
+        "S="
+    } else {
+        r#"S=; [ "$(id -u)" = 0 ] || S="sudo -n""#
+    };
     format!(
         r#"fail() {{ echo "re-identification: $1" >&2; exit 1; }}
-S=; [ "$(id -u)" = 0 ] || S="sudo -n"
-t0=$(cut -d' ' -f1 /proc/uptime)
+{who}
+put() {{ if [ -z "$S" ]; then printf '%s\n' "$2" > "$1"; else printf '%s\n' "$2" | $S tee "$1" >/dev/null; fi; }}
+{MARK_FN}
+read -r t0 _ < /proc/uptime
 echo {CLOCK_ASK}
 read -r now rounded || fail "reading the clock"
 $S date -s "@$now" >/dev/null 2>&1 || $S date -s "@$rounded" >/dev/null || fail "setting the clock"
-$S hostname {host} || fail "setting the host name"
-echo {host} | $S tee /etc/hostname >/dev/null || fail "writing /etc/hostname"
+if [ -z "$S" ]; then put /proc/sys/kernel/hostname {host}; else $S hostname {host}; fi || fail "setting the host name"
+put /etc/hostname {host} || fail "writing /etc/hostname"
 [ -f /etc/hosts ] && $S sed -i 's/\bvzk-template\b/'{host}'/g' /etc/hosts
-printf %s {seed} | $S tee /dev/urandom >/dev/null
-[ -f /etc/machine-id ] && echo {machine_id} | $S tee /etc/machine-id >/dev/null
-mkdir -p ~/.ssh && chmod 700 ~/.ssh
-{{ grep -vF {template_body} ~/.ssh/authorized_keys 2>/dev/null; echo {pod_key}; }} > ~/.ssh/authorized_keys.vzk
-chmod 600 ~/.ssh/authorized_keys.vzk && mv ~/.ssh/authorized_keys.vzk ~/.ssh/authorized_keys || fail "installing the pod's key"
+put /dev/urandom {seed}
+[ -f /etc/machine-id ] && put /etc/machine-id {machine_id}
 if [ -d /etc/dropbear ]; then
   $S rm -f /etc/dropbear/dropbear_*_host_key
   if command -v dropbearkey >/dev/null && pidof dropbear >/dev/null; then
-    $S dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key 2>/dev/null | {KEY_SED}
+    k=$($S dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key 2>/dev/null)
+    mark <<VZK_KEY
+$k
+VZK_KEY
   fi
 fi
 if [ -f /etc/ssh/sshd_config ] && command -v ssh-keygen >/dev/null; then
@@ -668,18 +747,43 @@ if [ -f /etc/ssh/sshd_config ] && command -v ssh-keygen >/dev/null; then
   fi
   $S systemctl reload ssh 2>/dev/null || $S kill -HUP $(cat /run/sshd.pid 2>/dev/null) 2>/dev/null || true
   if pidof sshd >/dev/null && [ -f /etc/ssh/ssh_host_ed25519_key.pub ]; then
-    {KEY_SED} /etc/ssh/ssh_host_ed25519_key.pub
+    mark < /etc/ssh/ssh_host_ed25519_key.pub
   fi
 fi
-echo "vz-kubelet: re-identified as {host} (uptime $t0 s)" | $S tee /dev/kmsg >/dev/null 2>&1 || true
+{KEYS_PART}
+put /dev/kmsg "vz-kubelet: re-identified as "{host}" (uptime $t0 s)" 2>/dev/null || true
 "#,
         CLOCK_ASK = CLOCK_ASK,
+        MARK_FN = mark_fn(),
+        KEYS_PART = login_key_swap(template_body, pod_key),
         host = q(hostname),
         seed = q(&seed),
         machine_id = q(&machine_id),
+    )
+}
+
+/// The shell function `mark` of [`reidentify_script`]: prints [`HOST_KEY_MARK`] + type +
+/// key for each ed25519 public-key line on its input (the comment dropped).
+fn mark_fn() -> String {
+    format!(
+        r#"mark() {{ while read -r t b _ || [ -n "$t" ]; do if [ "$t" = ssh-ed25519 ]; then echo "{HOST_KEY_MARK}$t $b"; fi; done; }}"#
+    )
+}
+
+/// The part of [`reidentify_script`] that swaps the template's login key (the line
+/// holding `template_body`) for `pod_key` in `~/.ssh/authorized_keys`, as the SSH user,
+/// the new file made 0600 (and `~/.ssh` 0700, if it is made) and moved into place.
+fn login_key_swap(template_body: &str, pod_key: &str) -> String {
+    let q = |s: &str| vzk_guest::quote::quote_word(s);
+    format!(
+        r#"umask 077
+[ -d ~/.ssh ] || mkdir ~/.ssh || fail "making ~/.ssh"
+{{ if [ -f ~/.ssh/authorized_keys ]; then
+    while IFS= read -r l || [ -n "$l" ]; do case $l in *{template_body}*) ;; *) printf '%s\n' "$l" ;; esac; done < ~/.ssh/authorized_keys
+  fi
+  printf '%s\n' {pod_key}; }} > ~/.ssh/authorized_keys.vzk && mv ~/.ssh/authorized_keys.vzk ~/.ssh/authorized_keys || fail "installing the pod's key""#,
         template_body = q(template_body),
         pod_key = q(pod_key),
-        KEY_SED = KEY_SED,
     )
 }
 
@@ -707,10 +811,6 @@ pub fn clock_answer(now: SystemTime) -> String {
 /// it found running (dropbear's, made at once instead of on the next connection, or
 /// OpenSSH's).
 pub const HOST_KEY_MARK: &str = "vzk-host-key: ";
-
-/// The `sed` that turns an OpenSSH public-key line into [`HOST_KEY_MARK`] + type + key
-/// (the comment dropped).
-const KEY_SED: &str = r"sed -n 's|^\(ssh-ed25519 [A-Za-z0-9+/=]*\).*|vzk-host-key: \1|p'";
 
 /// The guest's new host key from the re-identification's output, if it printed exactly
 /// one (none: an SSH server the script does not know; two: it cannot tell which answers).
@@ -944,6 +1044,38 @@ mod tests {
     }
 
     #[test]
+    fn states_are_verified_ahead_of_the_pods_and_a_fresh_build_is_trusted() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        // The cache's own layout, a few directories down.
+        let img = image(&tmp.path().join("images/sha256/abc"));
+        let good = TemplateKey::new(&img, &caps(), 1, 256 << 20, &boot(), "root");
+        let bad = TemplateKey::new(&img, &caps(), 2, 256 << 20, &boot(), "root");
+        write_template(&dir_for(&img, &good), &good, b"good state");
+        write_template(&dir_for(&img, &bad), &bad, b"bad state");
+        std::fs::write(dir_for(&img, &bad).join(STATE), b"bad STATE")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(template_dirs(tmp.path(), 5).len(), 2);
+        assert!(template_dirs(tmp.path(), 2).is_empty(), "deeper than 2");
+        let t = Templates::default();
+        t.verify_all(tmp.path());
+        let verified = crate::pod::lock(&t.verified).clone();
+        assert_eq!(verified.len(), 1, "{verified:?}");
+        assert!(
+            verified
+                .iter()
+                .any(|(p, ..)| p.starts_with(dir_for(&img, &good)))
+        );
+        // A build this process made is trusted without hashing.
+        let fresh = Templates::default();
+        let made = Template::load(&dir_for(&img, &good))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("the template"));
+        fresh.trust(&made);
+        assert_eq!(*crate::pod::lock(&fresh.verified), verified);
+    }
+
+    #[test]
     fn only_one_build_per_template_at_a_time() {
         let t = Arc::new(Templates::default());
         let g = t.begin_build(Path::new("/x"));
@@ -998,6 +1130,7 @@ mod tests {
     fn the_reidentify_script_sets_clock_name_keys_and_quotes_what_it_is_given() {
         let now = SystemTime::UNIX_EPOCH + Duration::new(1_765_000_000, 623_000_000);
         let s = reidentify_script(
+            "root",
             "pod-a",
             "ssh-ed25519 AAAApod pod",
             "ssh-ed25519 AAAAtemplate vz-kubelet template",
@@ -1011,43 +1144,103 @@ mod tests {
         );
         assert!(s.contains(r#"date -s "@$now""#), "{s}");
         assert!(s.contains(r#"date -s "@$rounded""#), "{s}");
-        assert!(s.contains("hostname 'pod-a'"), "{s}");
-        assert!(s.contains("grep -vF 'AAAAtemplate'"), "{s}");
-        assert!(s.contains("echo 'ssh-ed25519 AAAApod pod'"), "{s}");
-        assert!(s.contains("rm -f /etc/dropbear/dropbear_*_host_key"), "{s}");
+        // Root needs no `id` and writes files by redirection; another user asks `id`.
+        assert!(s.starts_with("fail() {") && s.contains("\nS=\n"), "{s}");
+        assert!(!s.contains("id -u"), "{s}");
+        assert!(s.contains("put /proc/sys/kernel/hostname 'pod-a'"), "{s}");
+        assert!(s.contains("put /etc/hostname 'pod-a'"), "{s}");
+        let admin = reidentify_script("admin", "pod-a", "k", "t");
         assert!(
-            s.contains(&format!(
-                "dropbear_ed25519_host_key 2>/dev/null | {KEY_SED}"
-            )),
+            admin.contains(r#"[ "$(id -u)" = 0 ] || S="sudo -n""#),
+            "{admin}"
+        );
+        assert!(s.contains("*'AAAAtemplate'*) ;;"), "{s}");
+        assert!(
+            s.contains("printf '%s\\n' 'ssh-ed25519 AAAApod pod'"),
             "{s}"
         );
+        assert!(s.contains("rm -f /etc/dropbear/dropbear_*_host_key"), "{s}");
         assert!(s.contains("|| fail \"setting the clock\""), "{s}");
         // It parses as a POSIX shell script.
-        let parsed = std::process::Command::new("sh")
-            .args(["-n", "-c", &s])
-            .status()
-            .is_ok_and(|st| st.success());
-        assert!(parsed, "{s}");
+        for script in [&s, &admin] {
+            let parsed = std::process::Command::new("sh")
+                .args(["-n", "-c", script])
+                .status()
+                .is_ok_and(|st| st.success());
+            assert!(parsed, "{script}");
+        }
         // A hostile host name stays one word.
-        let s = reidentify_script("a'; rm -rf /", "k", "t");
-        assert!(s.contains(r"hostname 'a'\''; rm -rf /'"), "{s}");
+        let s = reidentify_script("root", "a'; rm -rf /", "k", "t");
+        assert!(s.contains(r"put /etc/hostname 'a'\''; rm -rf /'"), "{s}");
+    }
+
+    /// Runs `script` with `sh` in `home` (as HOME), returning its stdout.
+    fn run_sh(script: &str, home: &Path, stdin: &str) -> String {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", script])
+            .env("HOME", home)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(mut i) = child.stdin.take() {
+            i.write_all(stdin.as_bytes())
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.status.success(), "{script}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn the_login_key_swap_keeps_other_keys_and_makes_private_files() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let home = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let fail = "fail() { echo \"$1\" >&2; exit 1; }\n";
+        let swap = login_key_swap("AAAAtemplate", "ssh-ed25519 AAAApod pod");
+        // No ~/.ssh yet: made 0700, the file 0600 with the pod's key alone.
+        run_sh(&format!("{fail}{swap}"), home.path(), "");
+        let ssh = home.path().join(".ssh");
+        let mode = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0)
+        };
+        assert_eq!(mode(&ssh), 0o700);
+        let keys = ssh.join("authorized_keys");
+        assert_eq!(mode(&keys), 0o600);
+        assert_eq!(
+            std::fs::read_to_string(&keys).unwrap_or_default(),
+            "ssh-ed25519 AAAApod pod\n"
+        );
+        // The template's line goes; others stay, the last one even without a newline.
+        std::fs::write(
+            &keys,
+            "ssh-rsa AAAAother ops@x\nssh-ed25519 AAAAtemplate vz-kubelet template\n# note\nssh-ed25519 AAAAlast",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        run_sh(&format!("{fail}{swap}"), home.path(), "");
+        assert_eq!(
+            std::fs::read_to_string(&keys).unwrap_or_default(),
+            "ssh-rsa AAAAother ops@x\n# note\nssh-ed25519 AAAAlast\nssh-ed25519 AAAApod pod\n"
+        );
+        assert!(!ssh.join("authorized_keys.vzk").exists());
     }
 
     #[test]
     fn the_new_host_key_is_read_from_what_the_script_printed() {
-        // The script's sed, on dropbearkey's output and on an OpenSSH .pub line.
+        // The script's `mark`, on dropbearkey's output and on an OpenSSH .pub line.
         let key =
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDyaEAu08gM4PmoDQTTuT5hMvg8s4xfSTCrFECp5Thng";
+        let home = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         for text in [
             format!("Public key portion is:\n{key} root@vm\nFingerprint: SHA256:h0w5\n"),
             format!("{key} root@debian\n"),
+            key.to_string(),
         ] {
-            let out = std::process::Command::new("sh")
-                .args(["-c", &format!("printf '%s' \"$0\" | {KEY_SED}"), &text])
-                .output()
-                .unwrap_or_else(|e| panic!("{e}"));
-            let out = String::from_utf8_lossy(&out.stdout);
-            assert_eq!(out, format!("{HOST_KEY_MARK}{key}\n"));
+            let out = run_sh(&format!("{}\nmark", mark_fn()), home.path(), &text);
+            assert_eq!(out, format!("{HOST_KEY_MARK}{key}\n"), "{text:?}");
             assert_eq!(new_host_key(&format!("other\n{out}")), Some(key));
         }
         assert_eq!(new_host_key("nothing\n"), None);

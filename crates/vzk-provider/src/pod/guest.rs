@@ -66,39 +66,39 @@ pub(super) async fn guest(
     if let Some(c) = &clock {
         c.phase(StartPhase::Ip);
     }
-    // A restored guest is the template's until it is made the pod's own; the session
-    // that did that is the pod's (its commands just ran: SSH answers).
-    let restored = match &vm.spec().snapshot {
+    // A restored guest is the template's until it is made the pod's own: the session
+    // that did that is the pod's (its commands just ran: SSH answers). A booted guest's
+    // session is the pod's while its SSH is waited for.
+    let session = match &vm.spec().snapshot {
         Some(vzk_vm::SnapshotSpec::Restore { state }) => {
             match super::restore::reidentify(e, vm, ip, state, left()).await {
-                Ok(session) => Some(session),
+                Ok(session) => {
+                    *lock(&e.session) = Some(session.clone());
+                    session
+                }
                 Err(msg) => {
                     return not_ready(format!("Re-identifying the restored VM failed: {msg}"));
                 }
             }
         }
-        _ => None,
+        _ => {
+            let session = guest_session(
+                vm,
+                ip,
+                e.creds.clone(),
+                HostKeyStore::file(e.dir.join(HOST_KEY_FILE)),
+            );
+            *lock(&e.session) = Some(session.clone());
+            let (s, timeout) = (session.clone(), left());
+            if let Err(err) = detached(async move { s.wait_ready(timeout).await }).await {
+                return not_ready(format!(
+                    "Readiness probe failed: guest SSH did not answer: {}",
+                    vzk_guest::ErrorChain(&err)
+                ));
+            }
+            session
+        }
     };
-    let session = match &restored {
-        Some(s) => s.clone(),
-        None => guest_session(
-            vm,
-            ip,
-            e.creds.clone(),
-            HostKeyStore::file(e.dir.join(HOST_KEY_FILE)),
-        ),
-    };
-    *lock(&e.session) = Some(session.clone());
-    let timeout = left();
-    let s = session.clone();
-    if restored.is_none()
-        && let Err(err) = detached(async move { s.wait_ready(timeout).await }).await
-    {
-        return not_ready(format!(
-            "Readiness probe failed: guest SSH did not answer: {}",
-            vzk_guest::ErrorChain(&err)
-        ));
-    }
     if let Some(c) = &clock {
         c.phase(StartPhase::Ssh);
     }

@@ -224,7 +224,7 @@ async fn build(
             error_chain(err.as_ref())
         )),
     };
-    templates::build(BuildInput {
+    let t = templates::build(BuildInput {
         hv: inner.hv.clone(),
         image,
         key,
@@ -233,7 +233,9 @@ async fn build(
         creds,
         ready_timeout: inner.ready_timeout,
     })
-    .await
+    .await?;
+    inner.templates.trust(&t);
+    Ok(t)
 }
 
 /// Templates made ahead of time ([`crate::args::ProviderArgs::snapshot_templates`]),
@@ -394,53 +396,50 @@ pub(super) async fn reidentify(
         e.creds.clone().with_first_key(template_key.private_key()),
         HostKeyStore::file(t.host_key()),
     );
-    let s = session.clone();
-    let t0 = std::time::Instant::now();
-    let connected = super::detached(async move { s.wait_connected(timeout).await }).await;
-    if let Err(err) = connected {
-        session.close();
-        return Err(format!(
-            "its SSH (as the template): {}",
-            vzk_guest::ErrorChain(&err)
-        ));
-    }
-    let login = t0.elapsed();
-    let script = templates::reidentify_script(
-        &vzk_vm::cloud_init::hostname_of(&e.key.name),
-        pod_key.public_openssh(),
-        template_key.public_openssh(),
-    );
-    let s = session.clone();
-    let ran = tokio::time::timeout(
-        timeout.saturating_sub(login),
-        super::detached(async move { run_reidentify(&s, script).await }),
-    )
-    .await
-    .unwrap_or_else(|_| Err("it did not finish within the ready timeout".to_owned()));
-    let stdout = match ran {
-        Ok(stdout) => stdout,
-        Err(msg) => {
-            session.close();
-            return Err(msg);
-        }
-    };
-    let pin = HostKeyStore::file(e.dir.join(super::HOST_KEY_FILE));
-    match templates::new_host_key(&stdout) {
-        Some(key) => {
-            if let Err(err) = pin.verify_or_pin_openssh(key) {
-                session.close();
-                return Err(format!(
+    // Every failure below closes the template's session; success hands it to the pod.
+    let outcome = async {
+        let s = session.clone();
+        let t0 = std::time::Instant::now();
+        super::detached(async move { s.wait_connected(timeout).await })
+            .await
+            .map_err(|err| format!("its SSH (as the template): {}", vzk_guest::ErrorChain(&err)))?;
+        let login = t0.elapsed();
+        let script = templates::reidentify_script(
+            e.creds.user(),
+            &vzk_vm::cloud_init::hostname_of(&e.key.name),
+            pod_key.public_openssh(),
+            template_key.public_openssh(),
+        );
+        let s = session.clone();
+        let stdout = tokio::time::timeout(
+            timeout.saturating_sub(login),
+            super::detached(async move { run_reidentify(&s, script).await }),
+        )
+        .await
+        .unwrap_or_else(|_| Err("it did not finish within the ready timeout".to_owned()))?;
+        let pin = HostKeyStore::file(e.dir.join(super::HOST_KEY_FILE));
+        match templates::new_host_key(&stdout) {
+            Some(key) => pin.verify_or_pin_openssh(key).map_err(|err| {
+                format!(
                     "pinning the guest's new host key: {}",
                     vzk_guest::ErrorChain(&err)
-                ));
+                )
+            })?,
+            None => {
+                info!(pod = %e.key, uid = %e.key.uid, "the restored guest printed no new host key: the next dial pins the one it presents");
             }
         }
-        None => {
-            info!(pod = %e.key, uid = %e.key.uid, "the restored guest printed no new host key: the next dial pins the one it presents");
+        info!(pod = %e.key, uid = %e.key.uid, login_ms = login.as_millis(), script_ms = (t0.elapsed() - login).as_millis(), "restored guest re-identified");
+        Ok::<_, String>(pin)
+    }
+    .await;
+    match outcome {
+        Ok(pin) => Ok(session.hand_over(e.creds.clone(), pin)),
+        Err(msg) => {
+            session.close();
+            Err(msg)
         }
     }
-    info!(pod = %e.key, uid = %e.key.uid, login_ms = login.as_millis(), script_ms = (t0.elapsed() - login).as_millis(), "restored guest re-identified");
-    Ok(session.hand_over(e.creds.clone(), pin))
 }
 
 /// Runs the re-identification script, answering its [`templates::CLOCK_ASK`] with the

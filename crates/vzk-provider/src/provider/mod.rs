@@ -231,6 +231,11 @@ impl VmProvider {
         inner.adopt_lost().await;
         // Side-cars of pods no re-adopted VM belongs to are leftovers.
         crate::sidecars::cleanup_leftovers(&inner).await;
+        if inner.args.snapshot_start {
+            let (templates, images_dir) =
+                (inner.templates.clone(), inner.args.data_dir.join("images"));
+            tokio::task::spawn_blocking(move || templates.verify_all(&images_dir));
+        }
         tokio::spawn(crate::pod::prepare_ahead(
             inner.clone(),
             inner.background.clone(),
