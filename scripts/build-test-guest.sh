@@ -119,7 +119,7 @@ chmod 600 "$r/root/.ssh/authorized_keys"
 # 4. Pack.
 (cd "$r" && find . -print0 | cpio --null -o -H newc -R 0:0 --quiet) | gzip -1 >"$out/initramfs.gz.new"
 truncate -s 16M "$out/disk.raw.new"
-printf 'console=ttyS0 panic=-1 quiet loglevel=3 random.trust_cpu=on\n' >"$out/cmdline"
+printf 'console=ttyS0 panic=-1 quiet loglevel=3 random.trust_cpu=on init_on_free=1\n' >"$out/cmdline"
 mv "$out/vmlinuz.new" "$out/vmlinuz"
 mv "$out/initramfs.gz.new" "$out/initramfs.gz"
 mv "$out/disk.raw.new" "$out/disk.raw"

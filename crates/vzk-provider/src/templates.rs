@@ -27,10 +27,17 @@
 //!   id, mixes fresh host randomness into the RNG, swaps the template's login key for the
 //!   pod's and makes new SSH host keys. The pod's seed disk (its own host name and key)
 //!   takes the template's place, so a reboot of the pod comes up as the pod.
+//! * **macOS guests** (Virtualization.framework): no seed; the template runs on its own
+//!   copy of the image's auxiliary storage (`aux.img`, kept beside the state and copied
+//!   into each restored pod), is keyed by the image's ([`key_boot`]), and is logged into
+//!   with the image's own user; [`reidentify_script_macos`] sets the clock, the `scutil`
+//!   names and new SSH host keys.
 //! * **Who is restored:** pods of a node started with `--snapshot-start`, whose backend can
-//!   ([`vzk_vm::Capabilities::snapshots`]), that boot a Linux kernel, and that give no
-//!   cloud-init user-data of their own (it would not run: the template's cloud-init has
-//!   run). The annotation `vz-kubelet.io/snapshot-start: "false"` boots a pod cold.
+//!   ([`vzk_vm::Capabilities::snapshots`]), that boot a Linux kernel and give no cloud-init
+//!   user-data of their own (it would not run: the template's cloud-init has run), or that
+//!   boot macOS. The annotation `vz-kubelet.io/snapshot-start: "false"` boots a pod cold.
+//!   A template's VM takes one of the node's VM slots while it is made (none free: no
+//!   build now; a later pod tries again).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -70,6 +77,7 @@ const SEED: &str = "cidata.img";
 const KEY: &str = "ssh_ed25519";
 const HOST_KEY: &str = "ssh_host_key";
 const CONSOLE: &str = "console.log";
+const AUX: &str = "aux.img";
 
 /// What a template was made from: a template is restored only where all of it matches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +226,11 @@ impl Template {
         PodIdentity::load_or_create(&self.dir.join(KEY), "")
             .map_err(|e| format!("the template's SSH key: {}", crate::pod::error_chain(&e)))
     }
+    /// A macOS template's auxiliary storage (NVRAM) as it was at the save: a pod restored
+    /// from it gets a copy.
+    pub fn aux(&self) -> PathBuf {
+        self.dir.join(AUX)
+    }
     /// The template's boot console.
     pub fn console(&self) -> PathBuf {
         self.dir.join(CONSOLE)
@@ -265,6 +278,35 @@ pub fn kept_slots(caps: &Capabilities, node_vms: u32) -> u32 {
         .clamp(1, 4)
 }
 
+/// The boot a template is keyed by (and built with) for a pod planned as `plan`: a
+/// macOS guest's auxiliary storage is the image's, not the pod's copy of it.
+pub fn key_boot(plan: &crate::boot::BootPlan) -> BootSpec {
+    match (&plan.spec, &plan.clone) {
+        (
+            BootSpec::MacOs {
+                hardware_model,
+                machine_id,
+                ..
+            },
+            Some((image_aux, _)),
+        ) => BootSpec::MacOs {
+            aux_storage: image_aux.clone(),
+            hardware_model: hardware_model.clone(),
+            machine_id: machine_id.clone(),
+        },
+        (spec, _) => spec.clone(),
+    }
+}
+
+/// How many disks a VM of `boot` restored from a template has, in the template's order:
+/// the disk, and for a Linux guest its NoCloud seed.
+pub fn disk_count(boot: &BootSpec) -> usize {
+    match boot {
+        BootSpec::MacOs { .. } => 1,
+        _ => 2,
+    }
+}
+
 /// Why a pod boots cold on a node that starts pods by restore (`None`: it may restore).
 pub fn ineligible(pod: &k8s_openapi::api::core::v1::Pod, boot: &BootSpec) -> Option<String> {
     let annotations = pod.metadata.annotations.as_ref();
@@ -274,8 +316,13 @@ pub fn ineligible(pod: &k8s_openapi::api::core::v1::Pod, boot: &BootSpec) -> Opt
             "the pod opts out ({SNAPSHOT_ANNOTATION}: \"false\")"
         ));
     }
-    if !matches!(boot, BootSpec::LinuxKernel { .. }) {
-        return Some("only guests booted from a Linux kernel are restored so far".into());
+    match boot {
+        // Logged into with the image's own user; nothing of cloud-init applies.
+        BootSpec::MacOs { .. } => return None,
+        BootSpec::Efi { .. } => {
+            return Some("guests booted by EFI firmware are not restored so far".into());
+        }
+        BootSpec::LinuxKernel { .. } => {}
     }
     if get(CLOUD_INIT_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("false")) {
         return Some(format!(
@@ -308,6 +355,9 @@ impl Templates {
         self.verify_state(&t)?;
         if !t.disk().is_file() {
             return Err(format!("{} is missing", t.disk().display()));
+        }
+        if matches!(key.boot, BootSpec::MacOs { .. }) && !t.aux().is_file() {
+            return Err(format!("{} is missing", t.aux().display()));
         }
         Ok(Some(t))
     }
@@ -570,34 +620,55 @@ async fn build_in(input: &BuildInput<'_>, work: &Path) -> Result<TemplateMeta, S
         .map_err(|e| format!("the template's SSH key: {}", crate::pod::error_chain(&e)))?;
     let disk = work.join(DISK);
     let disk_format = (input.clone_disk)(&disk)?;
-    let seed = NoCloudSeed {
-        instance_id: format!("vzk-template-{id}"),
-        hostname: "vzk-template".into(),
-        user: input.creds.user().to_string(),
-        authorized_keys: vec![key.public_openssh().to_string()],
-        user_data: None,
+    let mut disks = vec![DiskSpec {
+        path: disk,
+        read_only: false,
+        format: disk_format,
+    }];
+    let boot = match &input.key.boot {
+        // A macOS guest writes its auxiliary storage: the template runs on its own copy
+        // of the image's, kept beside the state.
+        BootSpec::MacOs {
+            aux_storage,
+            hardware_model,
+            machine_id,
+        } => {
+            let aux = work.join(AUX);
+            std::fs::copy(aux_storage, &aux)
+                .map_err(|e| format!("copying {}: {e}", aux_storage.display()))?;
+            BootSpec::MacOs {
+                aux_storage: aux,
+                hardware_model: hardware_model.clone(),
+                machine_id: machine_id.clone(),
+            }
+        }
+        // A Linux guest takes the template's login key and name from a NoCloud seed.
+        other => {
+            let seed = NoCloudSeed {
+                instance_id: format!("vzk-template-{id}"),
+                hostname: "vzk-template".into(),
+                user: input.creds.user().to_string(),
+                authorized_keys: vec![key.public_openssh().to_string()],
+                user_data: None,
+            };
+            let seed_path = work.join(SEED);
+            seed.write(&seed_path)
+                .map_err(|e| format!("writing the template's seed: {e}"))?;
+            disks.push(DiskSpec {
+                path: seed_path,
+                read_only: true,
+                format: DiskFormat::Raw,
+            });
+            other.clone()
+        }
     };
-    let seed_path = work.join(SEED);
-    seed.write(&seed_path)
-        .map_err(|e| format!("writing the template's seed: {e}"))?;
     let mac = MacAddr::random();
     let spec = VmSpec {
         id: format!("{VM_ID_PREFIX}{id}"),
         cpus: input.key.cpus,
         memory_bytes: input.key.memory_bytes,
-        boot: input.key.boot.clone(),
-        disks: vec![
-            DiskSpec {
-                path: disk,
-                read_only: false,
-                format: disk_format,
-            },
-            DiskSpec {
-                path: seed_path,
-                read_only: true,
-                format: DiskFormat::Raw,
-            },
-        ],
+        boot,
+        disks,
         nics: vec![NicSpec {
             mac,
             attachment: input.network.clone(),
@@ -694,8 +765,9 @@ async fn boot_and_save(
 /// Every guest process start costs tens of milliseconds under emulation, on the path a
 /// pod waits on: the script uses shell built-ins where it can (files written by
 /// redirection when root, `/proc/uptime` and keys read with `read`, the login key
-/// filtered by a `case` loop), and starts about six processes on a guest logged into as
-/// root (`date`, `sed`, `rm`, `pidof`, `dropbearkey`, `mv`).
+/// filtered by a `case` loop, running servers found in `/proc/*/comm`), and starts four
+/// processes on a guest logged into as root (`date`, `rm`, `dropbearkey`, `mv`; `sed`
+/// too where `/etc/hosts` names the template).
 pub fn reidentify_script(user: &str, hostname: &str, pod_key: &str, template_key: &str) -> String {
     let q = |s: &str| vzk_guest::quote::quote_word(s);
     // The template key's base64 body identifies its authorized_keys line.
@@ -715,6 +787,8 @@ pub fn reidentify_script(user: &str, hostname: &str, pod_key: &str, template_key
         r#"fail() {{ echo "re-identification: $1" >&2; exit 1; }}
 {who}
 put() {{ if [ -z "$S" ]; then printf '%s\n' "$2" > "$1"; else printf '%s\n' "$2" | $S tee "$1" >/dev/null; fi; }}
+running() {{ for c in /proc/[0-9]*/comm; do read -r n < "$c" 2>/dev/null && [ "$n" = "$1" ] && return 0; done; return 1; }}
+has() {{ while read -r l; do case $l in *"$1"*) return 0 ;; esac; done < "$2"; return 1; }}
 {MARK_FN}
 read -r t0 _ < /proc/uptime
 echo {CLOCK_ASK}
@@ -722,12 +796,12 @@ read -r now rounded || fail "reading the clock"
 $S date -s "@$now" >/dev/null 2>&1 || $S date -s "@$rounded" >/dev/null || fail "setting the clock"
 if [ -z "$S" ]; then put /proc/sys/kernel/hostname {host}; else $S hostname {host}; fi || fail "setting the host name"
 put /etc/hostname {host} || fail "writing /etc/hostname"
-[ -f /etc/hosts ] && $S sed -i 's/\bvzk-template\b/'{host}'/g' /etc/hosts
+[ -f /etc/hosts ] && has vzk-template /etc/hosts && $S sed -i 's/\bvzk-template\b/'{host}'/g' /etc/hosts
 put /dev/urandom {seed}
 [ -f /etc/machine-id ] && put /etc/machine-id {machine_id}
 if [ -d /etc/dropbear ]; then
   $S rm -f /etc/dropbear/dropbear_*_host_key
-  if command -v dropbearkey >/dev/null && pidof dropbear >/dev/null; then
+  if command -v dropbearkey >/dev/null && running dropbear; then
     k=$($S dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key 2>/dev/null)
     mark <<VZK_KEY
 $k
@@ -746,7 +820,7 @@ if [ -f /etc/ssh/sshd_config ] && command -v ssh-keygen >/dev/null; then
     ( $S ssh-keygen -q -t rsa -N '' -f /etc/ssh/ssh_host_rsa_key && $S kill -HUP $(cat /run/sshd.pid 2>/dev/null) ) >/dev/null 2>&1 </dev/null &
   fi
   $S systemctl reload ssh 2>/dev/null || $S kill -HUP $(cat /run/sshd.pid 2>/dev/null) 2>/dev/null || true
-  if pidof sshd >/dev/null && [ -f /etc/ssh/ssh_host_ed25519_key.pub ]; then
+  if running sshd && [ -f /etc/ssh/ssh_host_ed25519_key.pub ]; then
     mark < /etc/ssh/ssh_host_ed25519_key.pub
   fi
 fi
@@ -784,6 +858,44 @@ fn login_key_swap(template_body: &str, pod_key: &str) -> String {
   printf '%s\n' {pod_key}; }} > ~/.ssh/authorized_keys.vzk && mv ~/.ssh/authorized_keys.vzk ~/.ssh/authorized_keys || fail "installing the pod's key""#,
         template_body = q(template_body),
         pod_key = q(pod_key),
+    )
+}
+
+/// [`reidentify_script`] for a macOS guest (logged into with the image's own user, so
+/// no login key is swapped): the clock (BSD `date`, whole seconds), the three names
+/// `scutil` keeps, fresh randomness for the kernel's pool, and new SSH host keys (the
+/// next connection's `sshd`, started per connection by launchd, uses them; the new
+/// ed25519 key is printed for the agent to pin).
+pub fn reidentify_script_macos(user: &str, hostname: &str) -> String {
+    let q = |s: &str| vzk_guest::quote::quote_word(s);
+    let seed = hex::encode(rand::random::<[u8; 64]>());
+    let who = if user == "root" {
+        "S="
+    } else {
+        r#"S=; [ "$(id -u)" = 0 ] || S="sudo -n""#
+    };
+    format!(
+        r#"fail() {{ echo "re-identification: $1" >&2; exit 1; }}
+{who}
+{MARK_FN}
+echo {CLOCK_ASK}
+read -r now rounded || fail "reading the clock"
+$S date -f %s "$rounded" >/dev/null || fail "setting the clock"
+for n in HostName LocalHostName ComputerName; do
+  $S scutil --set $n {host} || fail "setting the $n"
+done
+printf '%s\n' {seed} | $S tee /dev/random >/dev/null
+for t in ed25519 ecdsa rsa; do
+  $S rm -f /etc/ssh/ssh_host_${{t}}_key /etc/ssh/ssh_host_${{t}}_key.pub
+done
+$S ssh-keygen -A >/dev/null || fail "making new SSH host keys"
+mark < /etc/ssh/ssh_host_ed25519_key.pub
+$S logger "vz-kubelet: re-identified as "{host} || true
+"#,
+        CLOCK_ASK = CLOCK_ASK,
+        MARK_FN = mark_fn(),
+        host = q(hostname),
+        seed = q(&seed),
     )
 }
 
@@ -1124,6 +1236,151 @@ mod tests {
             variable_store: "/v".into(),
         };
         assert!(ineligible(&pod(&[]), &efi).is_some());
+        // A macOS guest is restored (cloud-init's annotations do not concern it) unless
+        // the pod opts out.
+        let mac = mac_boot("/img/aux.img");
+        assert_eq!(ineligible(&pod(&[]), &mac), None);
+        assert_eq!(
+            ineligible(&pod(&[(CLOUD_INIT_ANNOTATION, "false")]), &mac),
+            None
+        );
+        assert!(ineligible(&pod(&[(SNAPSHOT_ANNOTATION, "false")]), &mac).is_some());
+    }
+
+    fn mac_boot(aux: &str) -> BootSpec {
+        BootSpec::MacOs {
+            aux_storage: aux.into(),
+            hardware_model: b"hw".to_vec(),
+            machine_id: b"id".to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_macos_template_is_keyed_by_the_images_aux_storage_not_the_pods_copy() {
+        let plan = |pod: &str| crate::boot::BootPlan {
+            spec: mac_boot(&format!("/pods/{pod}/aux.img")),
+            clone: Some(("/img/aux.img".into(), format!("/pods/{pod}/aux.img").into())),
+        };
+        assert_eq!(key_boot(&plan("a")), mac_boot("/img/aux.img"));
+        assert_eq!(key_boot(&plan("a")), key_boot(&plan("b")));
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let img = image(tmp.path());
+        let key = |p: &crate::boot::BootPlan| {
+            TemplateKey::new(&img, &caps(), 1, 256 << 20, &key_boot(p), "admin").id()
+        };
+        assert_eq!(key(&plan("a")), key(&plan("b")));
+        let linux = crate::boot::BootPlan {
+            spec: boot(),
+            clone: None,
+        };
+        assert_eq!(key_boot(&linux), boot());
+        assert_eq!(disk_count(&boot()), 2, "disk and seed");
+        assert_eq!(disk_count(&mac_boot("/a")), 1, "no seed");
+        // A macOS template without its aux storage is broken.
+        let k = TemplateKey::new(
+            &img,
+            &caps(),
+            1,
+            256 << 20,
+            &mac_boot("/img/aux.img"),
+            "admin",
+        );
+        let dir = dir_for(&img, &k);
+        write_template(&dir, &k, b"state");
+        let t = Templates::default();
+        let err = t.lookup(&dir, &k).err().unwrap_or_default();
+        assert!(err.contains("aux.img is missing"), "{err}");
+        std::fs::write(dir.join(AUX), b"nvram").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(t.lookup(&dir, &k), Ok(Some(_))));
+    }
+
+    #[test]
+    fn the_macos_reidentify_script_sets_clock_names_and_new_host_keys() {
+        use std::os::unix::fs::PermissionsExt as _;
+        // Run with stand-ins for the macOS commands (each logs its arguments) and the
+        // SSH directory in a temporary one.
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let bin = tmp.path().join("bin");
+        let ssh = tmp.path().join("ssh");
+        std::fs::create_dir_all(&bin).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(&ssh).unwrap_or_else(|e| panic!("{e}"));
+        let log = tmp.path().join("calls");
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFreshKey";
+        for (cmd, body) in [
+            ("date", String::new()),
+            ("scutil", String::new()),
+            ("tee", "cat > /dev/null".to_owned()),
+            ("logger", String::new()),
+            ("id", "echo 501".to_owned()),
+            ("sudo", r#"[ "$1" = -n ] && shift; "$@""#.to_owned()),
+            (
+                "ssh-keygen",
+                format!(
+                    "echo '{key} root@mac' > {}/ssh_host_ed25519_key.pub",
+                    ssh.display()
+                ),
+            ),
+        ] {
+            let path = bin.join(cmd);
+            std::fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\necho \"{cmd} $*\" >> {}\n{body}\n",
+                    log.display()
+                ),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        std::fs::write(
+            ssh.join("ssh_host_ed25519_key.pub"),
+            "ssh-ed25519 AAAAold t\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let script = reidentify_script_macos("admin", "pod-m")
+            .replace("/etc/ssh", &ssh.display().to_string());
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                if let Some(mut i) = c.stdin.take() {
+                    i.write_all(b"1765000000.600000000 1765000001\n")?;
+                }
+                c.wait_with_output()
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.status.success(), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.starts_with(CLOCK_ASK), "{stdout}");
+        assert_eq!(new_host_key(&stdout), Some(key), "{stdout}");
+        let calls = std::fs::read_to_string(&log).unwrap_or_default();
+        let expected = [
+            "id -u",
+            "sudo -n date -f %s 1765000001",
+            "date -f %s 1765000001",
+            "sudo -n scutil --set HostName pod-m",
+            "scutil --set HostName pod-m",
+            "sudo -n scutil --set LocalHostName pod-m",
+            "scutil --set LocalHostName pod-m",
+            "sudo -n scutil --set ComputerName pod-m",
+            "scutil --set ComputerName pod-m",
+            "sudo -n tee /dev/random",
+            "tee /dev/random",
+        ];
+        let got: Vec<&str> = calls.lines().collect();
+        assert_eq!(&got[..expected.len()], expected, "{calls}");
+        assert!(calls.contains("ssh-keygen -A"), "{calls}");
+        assert!(
+            calls.contains("logger vz-kubelet: re-identified as pod-m"),
+            "{calls}"
+        );
+        // The old keys were removed before the new ones were made.
+        assert!(!ssh.join("ssh_host_rsa_key").exists());
     }
 
     #[test]
@@ -1191,6 +1448,32 @@ mod tests {
         let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
         assert!(out.status.success(), "{script}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn the_scripts_helpers_find_running_servers_and_words_in_files() {
+        let home = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = reidentify_script("root", "p", "k", "t");
+        // The helpers as the script defines them, run on this host's /proc.
+        let helpers: String = s
+            .lines()
+            .filter(|l| l.starts_with("running() ") || l.starts_with("has() "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(helpers.lines().count(), 2, "{s}");
+        let hosts = home.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.1.1 vzk-template\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let out = run_sh(
+            &format!(
+                "{helpers}running sh && echo sh; running no-such-server-x || echo none; \
+                 has vzk-template {h} && echo named; has pod-z {h} || echo unnamed",
+                h = hosts.display()
+            ),
+            home.path(),
+            "",
+        );
+        assert_eq!(out, "sh\nnone\nnamed\nunnamed\n");
     }
 
     #[test]

@@ -234,6 +234,7 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
 
     // (A backend that keeps the template's devices gives a restored VM none of its own.)
     let kept = inner.hv.capabilities().snapshot_devices == SnapshotDevices::Kept;
+    let key_boot = crate::templates::key_boot(&boot);
     let choose_restore = || {
         if kept && !shared_dirs.is_empty() && inner.args.snapshot_start {
             info!(pod = %e.key, "booting cold: this backend cannot give a restored VM shared directories");
@@ -244,7 +245,7 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             &e,
             &image,
             &image_name,
-            &boot.spec,
+            &key_boot,
             res.cpus,
             res.memory_bytes,
         )
@@ -325,9 +326,14 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     };
     clock.phase(StartPhase::Clone);
     crate::crash::point("create:cloned");
-    // 4b. The per-pod copy the boot needs (a macOS guest writes its aux storage/NVRAM).
-    // std::fs::copy clones on APFS (clonefile), so this costs no space there.
-    if let Some((from, to)) = &boot.clone
+    // 4b. The per-pod copy the boot needs (a macOS guest writes its aux storage/NVRAM;
+    // a restored one gets the template's, as it was at the save). std::fs::copy clones
+    // on APFS (clonefile), so this costs no space there.
+    let boot_copy = match (&restore, &boot.clone) {
+        (Some(t), Some((_, to))) => Some((t.aux(), to.clone())),
+        (_, copy) => copy.clone(),
+    };
+    if let Some((from, to)) = &boot_copy
         && let Err(err) = std::fs::copy(from, to)
     {
         let msg = format!(
@@ -361,10 +367,10 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
             return;
         }
     }
-    // A restore needs the template's devices: its disk and a seed in their places. A
-    // pod without a seed boots cold from the image's disk, never from the template's
-    // (whose guest holds the template's login key).
-    if restore.is_some() && disks.len() != 2 {
+    // A restore needs the template's devices: its disk and (Linux) a seed in their
+    // places. A pod without a seed boots cold from the image's disk, never from the
+    // template's (whose guest holds the template's login key).
+    if restore.is_some() && disks.len() != crate::templates::disk_count(&boot.spec) {
         restore = None;
         inner.templates.release(&e.key.uid);
         match clone_pod_disk(&inner, &e, &image) {
@@ -429,6 +435,12 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
         // The template's MAC was given back: the cold boot gets one of its own.
         if !t.meta.macs.is_empty() {
             spec.nics[0].mac = MacAddr::random();
+        }
+        // And the image's aux storage, not the template's.
+        if let Some((from, to)) = &boot.clone
+            && let Err(err) = std::fs::copy(from, to)
+        {
+            warn!(pod = %e.key, error = %err, "copying the image's aux storage for the cold boot");
         }
         created = match clone_pod_disk(&inner, &e, &image) {
             Ok((path, format)) => {

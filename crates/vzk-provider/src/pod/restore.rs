@@ -139,6 +139,11 @@ fn spawn_build(
     let Some(guard) = inner.templates.begin_build(&dir) else {
         return;
     };
+    // The template's VM counts against the node's VMs (a Mac runs two at most).
+    let Some(slot) = inner.slots.try_acquire() else {
+        info!(pod = %e.key, template = %key.id(), "no VM slot free for a template build now; a later pod tries again");
+        return;
+    };
     // The node's own login (without the pod's key: a template never sees the pod's).
     let creds = match inner.credentials(&e.pod) {
         Ok(c) => c,
@@ -169,7 +174,7 @@ fn spawn_build(
     );
     let (inner, e, image) = (inner.clone(), e.clone(), image.clone());
     tokio::spawn(async move {
-        let _pin = pin;
+        let (_pin, _slot) = (pin, slot);
         let id = key.id();
         let built = build(&inner, &image, key, creds).await;
         match built {
@@ -332,7 +337,7 @@ async fn prepare_one(inner: &Arc<Inner>, ask: &crate::args::TemplateAsk) -> Resu
         caps,
         res.cpus,
         res.memory_bytes,
-        &boot.spec,
+        &templates::key_boot(&boot),
         creds.user(),
     );
     if caps.snapshot_devices == SnapshotDevices::Kept {
@@ -359,6 +364,10 @@ async fn prepare_one(inner: &Arc<Inner>, ask: &crate::args::TemplateAsk) -> Resu
         .images
         .pin(&image)
         .map_err(|e| Prepare::Retry(format!("pinning the image: {}", error_chain(e.as_ref()))))?;
+    // The template's VM counts against the node's VMs.
+    let Some(_slot) = inner.slots.acquire().await else {
+        return Err(Prepare::GiveUp("the node is shutting down".into()));
+    };
     info!(image = %ask.image, template = %id, cpus = res.cpus, memory_mib = res.memory_bytes >> 20, "template ahead of time: making it");
     match build(inner, &image, key, creds).await {
         Ok(t) => {
@@ -404,12 +413,16 @@ pub(super) async fn reidentify(
             .await
             .map_err(|err| format!("its SSH (as the template): {}", vzk_guest::ErrorChain(&err)))?;
         let login = t0.elapsed();
-        let script = templates::reidentify_script(
-            e.creds.user(),
-            &vzk_vm::cloud_init::hostname_of(&e.key.name),
-            pod_key.public_openssh(),
-            template_key.public_openssh(),
-        );
+        let hostname = vzk_vm::cloud_init::hostname_of(&e.key.name);
+        let script = match vm.spec().boot {
+            BootSpec::MacOs { .. } => templates::reidentify_script_macos(e.creds.user(), &hostname),
+            _ => templates::reidentify_script(
+                e.creds.user(),
+                &hostname,
+                pod_key.public_openssh(),
+                template_key.public_openssh(),
+            ),
+        };
         let s = session.clone();
         let stdout = tokio::time::timeout(
             timeout.saturating_sub(login),

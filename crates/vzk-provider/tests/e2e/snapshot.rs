@@ -318,7 +318,8 @@ async fn with_kept_nics_each_template_mac_runs_in_one_pod_at_a_time() {
         "snapkept",
         |a| {
             a.snapshot_start = true;
-            a.max_vms = 2;
+            // Two pods and a template build at once.
+            a.max_vms = 3;
         },
         |qemu| {
             let mut caps = qemu.capabilities().clone();
@@ -376,14 +377,24 @@ async fn with_kept_nics_each_template_mac_runs_in_one_pod_at_a_time() {
     assert_eq!(mac0.len(), 17, "{mac0:?}");
     delete_pod(pods, "first", 0, Duration::from_secs(60)).await;
 
+    // A deleted pod holds its MAC until its VM is gone (the API object goes at once:
+    // grace 0), which is when the provider removes the pod's directory.
+    let gone = |pod: Pod| async move {
+        let dir = data.join("pods").join(pod.metadata.uid.unwrap_or_default());
+        wait_for(Duration::from_secs(60), "the VM gone", || async {
+            (!dir.exists()).then_some(())
+        })
+        .await;
+    };
+
     // 2. a is restored with slot 0's MAC; b, while a holds it, boots cold with a MAC of
     // its own, and slot 1 is made.
-    create_ready(pods, &plain("a")).await;
+    let a = create_ready(pods, &plain("a")).await;
     assert!(restored("a").await);
     assert_eq!(guest_mac("a").await, mac0);
     let (code, out) = exec(provider, ns, "a", "hostname").await;
     assert_eq!((code, out.trim()), (0, "a"));
-    create_ready(pods, &plain("b")).await;
+    let b = create_ready(pods, &plain("b")).await;
     assert!(!restored("b").await);
     assert_ne!(guest_mac("b").await, mac0);
     template_ready("b").await;
@@ -395,10 +406,12 @@ async fn with_kept_nics_each_template_mac_runs_in_one_pod_at_a_time() {
 
     // 3. b gone, c takes slot 1 (a still holds slot 0); a gone, d gets slot 0 back.
     delete_pod(pods, "b", 0, Duration::from_secs(60)).await;
+    gone(b).await;
     create_ready(pods, &plain("c")).await;
     assert!(restored("c").await);
     assert_eq!(guest_mac("c").await, mac1);
     delete_pod(pods, "a", 0, Duration::from_secs(60)).await;
+    gone(a).await;
     create_ready(pods, &plain("d")).await;
     assert!(restored("d").await);
     assert_eq!(guest_mac("d").await, mac0);
