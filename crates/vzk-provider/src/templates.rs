@@ -777,19 +777,11 @@ pub fn reidentify_script(user: &str, hostname: &str, pod_key: &str, template_key
         .unwrap_or(template_key);
     let machine_id = hex::encode(rand::random::<[u8; 16]>());
     let seed = hex::encode(rand::random::<[u8; 64]>());
-    // A root login needs no `id` to know it.
-    let who = if user == "root" {
-        "S="
-    } else {
-        r#"S=; [ "$(id -u)" = 0 ] || S="sudo -n""#
-    };
     format!(
-        r#"fail() {{ echo "re-identification: $1" >&2; exit 1; }}
-{who}
+        r#"{PROLOGUE}
 put() {{ if [ -z "$S" ]; then printf '%s\n' "$2" > "$1"; else printf '%s\n' "$2" | $S tee "$1" >/dev/null; fi; }}
 running() {{ for c in /proc/[0-9]*/comm; do read -r n < "$c" 2>/dev/null && [ "$n" = "$1" ] && return 0; done; return 1; }}
 has() {{ while read -r l; do case $l in *"$1"*) return 0 ;; esac; done < "$2"; return 1; }}
-{MARK_FN}
 read -r t0 _ < /proc/uptime
 echo {CLOCK_ASK}
 read -r now rounded || fail "reading the clock"
@@ -827,8 +819,8 @@ fi
 {KEYS_PART}
 put /dev/kmsg "vz-kubelet: re-identified as "{host}" (uptime $t0 s)" 2>/dev/null || true
 "#,
+        PROLOGUE = prologue(user),
         CLOCK_ASK = CLOCK_ASK,
-        MARK_FN = mark_fn(),
         KEYS_PART = login_key_swap(template_body, pod_key),
         host = q(hostname),
         seed = q(&seed),
@@ -869,15 +861,8 @@ fn login_key_swap(template_body: &str, pod_key: &str) -> String {
 pub fn reidentify_script_macos(user: &str, hostname: &str) -> String {
     let q = |s: &str| vzk_guest::quote::quote_word(s);
     let seed = hex::encode(rand::random::<[u8; 64]>());
-    let who = if user == "root" {
-        "S="
-    } else {
-        r#"S=; [ "$(id -u)" = 0 ] || S="sudo -n""#
-    };
     format!(
-        r#"fail() {{ echo "re-identification: $1" >&2; exit 1; }}
-{who}
-{MARK_FN}
+        r#"{PROLOGUE}
 echo {CLOCK_ASK}
 read -r now rounded || fail "reading the clock"
 $S date -f %s "$rounded" >/dev/null || fail "setting the clock"
@@ -892,10 +877,24 @@ $S ssh-keygen -A >/dev/null || fail "making new SSH host keys"
 mark < /etc/ssh/ssh_host_ed25519_key.pub
 $S logger "vz-kubelet: re-identified as "{host} || true
 "#,
+        PROLOGUE = prologue(user),
         CLOCK_ASK = CLOCK_ASK,
-        MARK_FN = mark_fn(),
         host = q(hostname),
         seed = q(&seed),
+    )
+}
+
+/// The start of both re-identification scripts: `fail`, `S` (`sudo -n` unless root; a
+/// root login needs no `id` to know it) and [`mark_fn`].
+fn prologue(user: &str) -> String {
+    let who = if user == "root" {
+        "S="
+    } else {
+        r#"S=; [ "$(id -u)" = 0 ] || S="sudo -n""#
+    };
+    format!(
+        "fail() {{ echo \"re-identification: $1\" >&2; exit 1; }}\n{who}\n{}",
+        mark_fn()
     )
 }
 
