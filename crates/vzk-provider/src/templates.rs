@@ -363,10 +363,16 @@ impl Templates {
     }
 
     /// On a backend that keeps NICs in saved machines: the first valid template of
-    /// `slots` (`(dir, key)` in slot order) whose MAC no other pod holds, its MAC
-    /// claimed for pod `uid` until [`Templates::release`]. Broken templates are removed;
-    /// when none can be restored, the first slot without a template is named for a build.
-    pub fn pick_kept(&self, slots: &[(PathBuf, TemplateKey)], uid: &str) -> KeptPick {
+    /// `slots` (`(dir, key)` in slot order) whose MAC no other pod holds and no VM in
+    /// `running` has (VMs adopted after an agent restart hold no claim), its MAC claimed
+    /// for pod `uid` until [`Templates::release`]. Broken templates are removed; when
+    /// none can be restored, the first slot without a template is named for a build.
+    pub fn pick_kept(
+        &self,
+        slots: &[(PathBuf, TemplateKey)],
+        running: &HashSet<MacAddr>,
+        uid: &str,
+    ) -> KeptPick {
         let mut pick = KeptPick::default();
         let mut missing = None;
         for (i, (dir, key)) in slots.iter().enumerate() {
@@ -380,7 +386,7 @@ impl Templates {
                         continue;
                     };
                     let mut claims = crate::pod::lock(&self.claims);
-                    if claims.contains_key(&mac) {
+                    if claims.contains_key(&mac) || running.contains(&mac) {
                         continue;
                     }
                     claims.insert(mac, uid.to_owned());
@@ -1107,36 +1113,41 @@ mod tests {
             })
             .collect();
         let t = Templates::default();
+        let none = HashSet::new();
         // Nothing there: build slot 0, restore nothing.
-        let p = t.pick_kept(&slots, "pod-a");
+        let p = t.pick_kept(&slots, &none, "pod-a");
         assert!(p.restore.is_none());
         assert_eq!(p.build, Some(0));
         let mac0 = MacAddr([2, 0, 0, 0, 0, 0xa0]);
         write_template_with(&slots[0].0, &slots[0].1, b"state 0", vec![mac0]);
         // Pod A gets slot 0 and its MAC.
-        let p = t.pick_kept(&slots, "pod-a");
+        let p = t.pick_kept(&slots, &none, "pod-a");
         let got = p.restore.map(|x| (x.dir, x.meta.macs));
         assert_eq!(got, Some((slots[0].0.clone(), vec![mac0])));
         assert_eq!(p.build, None);
         // Pod B: slot 0's MAC is A's, so B boots cold and slot 1 is built.
-        let p = t.pick_kept(&slots, "pod-b");
+        let p = t.pick_kept(&slots, &none, "pod-b");
         assert!(p.restore.is_none());
         assert_eq!(p.build, Some(1));
         let mac1 = MacAddr([2, 0, 0, 0, 0, 0xa1]);
         write_template_with(&slots[1].0, &slots[1].1, b"state 1", vec![mac1]);
-        let p = t.pick_kept(&slots, "pod-b");
+        let p = t.pick_kept(&slots, &none, "pod-b");
         assert_eq!(p.restore.map(|x| x.meta.macs), Some(vec![mac1]));
         // Both held: C boots cold and nothing more is built (one per VM slot).
-        let p = t.pick_kept(&slots, "pod-c");
+        let p = t.pick_kept(&slots, &none, "pod-c");
         assert!(p.restore.is_none() && p.build.is_none() && p.broken.is_empty());
-        // A is deleted: its MAC is free again, for C.
+        // A is deleted: its MAC is free again, for C, unless a running VM (adopted after
+        // an agent restart, so without a claim) has it.
         t.release("pod-a");
-        let p = t.pick_kept(&slots, "pod-c");
+        let adopted: HashSet<MacAddr> = [mac0].into_iter().collect();
+        let p = t.pick_kept(&slots, &adopted, "pod-c");
+        assert!(p.restore.is_none() && p.build.is_none());
+        let p = t.pick_kept(&slots, &none, "pod-c");
         assert_eq!(p.restore.map(|x| x.meta.macs), Some(vec![mac0]));
         // A template that records no MAC (or is broken) is removed and rebuilt.
         t.release("pod-b");
         write_template_with(&slots[1].0, &slots[1].1, b"state 1", Vec::new());
-        let p = t.pick_kept(&slots, "pod-d");
+        let p = t.pick_kept(&slots, &none, "pod-d");
         assert!(p.restore.is_none());
         assert_eq!(p.broken.len(), 1);
         assert_eq!(p.broken[0].0, 1);

@@ -16,7 +16,7 @@ use vzk_vm::{BootSpec, SnapshotDevices, Vm};
 use crate::provider::Inner;
 use crate::templates::{self, BuildInput, Template, TemplateKey};
 
-use super::{PodEntry, error_chain};
+use super::{PodEntry, error_chain, lock};
 
 /// The template `e` is restored from, if the node starts pods by restore and a valid
 /// one is there; else `None` (a cold boot), after starting a build where there is none.
@@ -80,7 +80,15 @@ fn choose_kept(
             (templates::dir_for(image, &k), k)
         })
         .collect();
-    let pick = inner.templates.pick_kept(&slots, &e.key.uid);
+    // The MACs of the node's VMs (adopted ones hold no claim); the pods' map is not
+    // held while each VM is looked at.
+    let entries: Vec<Arc<PodEntry>> = lock(&inner.pods).values().cloned().collect();
+    let running: std::collections::HashSet<vzk_vm::MacAddr> = entries
+        .iter()
+        .filter_map(|p| lock(&p.vm).clone())
+        .flat_map(|vm| vm.spec().nics.iter().map(|n| n.mac).collect::<Vec<_>>())
+        .collect();
+    let pick = inner.templates.pick_kept(&slots, &running, &e.key.uid);
     for (i, why) in &pick.broken {
         if let Some((_, k)) = slots.get(*i) {
             not_restoring(inner, e, k, why);
