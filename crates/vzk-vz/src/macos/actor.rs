@@ -73,6 +73,14 @@ pub enum CreateError {
 
 type Reply = Result<(), CommandError>;
 
+/// [`save`] or [`restore`]: a chain of framework calls on a state file, run on the queue.
+type StateFileChain = fn(
+    &Retained<VZVirtualMachine>,
+    &Arc<StatePublisher>,
+    &Retained<objc2_foundation::NSURL>,
+    oneshot::Sender<Reply>,
+);
+
 /// Objects confined to one VM's serial dispatch queue.
 struct OnQueue<T>(T);
 
@@ -222,19 +230,20 @@ impl Actor {
     /// template's end). On failure the VM is `Failed` and may still be paused: stop it.
     /// `None` if the VM was released.
     pub async fn save_state(&self, path: &std::path::Path) -> Option<Result<(), CommandError>> {
-        self.suspend(Command::SaveState, path).await
+        self.with_state_file(path, save).await
     }
 
     /// Restores this (never started) VM from the machine state at `path` and resumes it:
     /// the start of a VM restored from a template. `None` if the VM was released.
     pub async fn restore(&self, path: &std::path::Path) -> Option<Result<(), CommandError>> {
-        self.suspend(Command::Restore, path).await
+        self.with_state_file(path, restore).await
     }
 
-    async fn suspend(
+    /// Runs `chain` (`save` or `restore`) on the VM's queue with the state file's URL.
+    async fn with_state_file(
         &self,
-        command: Command,
         path: &std::path::Path,
+        chain: StateFileChain,
     ) -> Option<Result<(), CommandError>> {
         let (tx, rx) = oneshot::channel::<Reply>();
         let (slot, states, path) = (self.slot.clone(), self.states.clone(), path.to_path_buf());
@@ -243,16 +252,11 @@ impl Actor {
             let Some(machine) = guard.as_ref() else {
                 return;
             };
-            let url = match super::ns::file_url(&path) {
-                Ok(u) => u,
+            match super::ns::file_url(&path) {
+                Ok(url) => chain(&machine.vm, &states, &url, tx),
                 Err(e) => {
                     let _ = tx.send(Err(CommandError::Url(e)));
-                    return;
                 }
-            };
-            match command {
-                Command::SaveState => save(&machine.vm, &states, &url, tx),
-                _ => restore(&machine.vm, &states, &url, tx),
             }
         });
         rx.await.ok()
