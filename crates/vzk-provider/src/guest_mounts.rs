@@ -42,8 +42,14 @@ impl ShareFs {
     }
 }
 
-/// A shell test for "`path` is a mount point": its `/proc/mounts` field (octal escapes
-/// for space, tab, newline and backslash) between spaces (busybox has no `mountpoint`).
+/// The shell function `mounted PATH` of the Linux scripts: whether PATH (escaped as in
+/// `/proc/mounts`, see [`is_mounted`]) is a mount point. A loop of built-ins: busybox has no
+/// `mountpoint`, and each process start costs tens of milliseconds in an emulated guest,
+/// on the path a pod waits on.
+const MOUNTED_FN: &str = r#"mounted() { while read -r _ m _; do [ "$m" = "$1" ] && return 0; done < /proc/mounts; return 1; }"#;
+
+/// A shell test for "`path` is a mount point" (with [`MOUNTED_FN`] defined): its
+/// `/proc/mounts` field, with octal escapes for space, tab, newline and backslash.
 pub(crate) fn is_mounted(path: &str) -> String {
     let mut esc = String::with_capacity(path.len());
     for c in path.chars() {
@@ -55,7 +61,13 @@ pub(crate) fn is_mounted(path: &str) -> String {
             c => esc.push(c),
         }
     }
-    format!("grep -qsF {} /proc/mounts", quote_word(&format!(" {esc} ")))
+    format!("mounted {}", quote_word(&esc))
+}
+
+/// `mkdir -p DIR` unless it is a directory already (a test is a built-in; `mkdir` is a
+/// process).
+fn ensure_dir(quoted: &str) -> String {
+    format!("{{ [ -d {quoted} ] || mkdir -p {quoted}; }}")
 }
 
 /// The 9p script (Linux on QEMU).
@@ -73,7 +85,7 @@ pub fn script(fs: ShareFs, mounts: &[GuestMount], automount_dir: &str) -> String
 
 /// Linux guests: mount each share (9p or virtio-fs), bind-mount file sub-paths.
 fn linux_script(fs: ShareFs, mounts: &[GuestMount]) -> String {
-    let mut lines = vec!["set -e".to_owned()];
+    let mut lines = vec!["set -e".to_owned(), MOUNTED_FN.to_owned()];
     for m in mounts {
         let ro = if m.read_only { ",ro" } else { "" };
         let opts = match fs {
@@ -84,8 +96,9 @@ fn linux_script(fs: ShareFs, mounts: &[GuestMount]) -> String {
         let tag = quote_word(&m.tag);
         match &m.file {
             None => lines.push(format!(
-                "{} || {{ mkdir -p {target} && mount -t {opts} {tag} {target}; }}",
-                is_mounted(&m.mount_path)
+                "{} || {{ {} && mount -t {opts} {tag} {target}; }}",
+                is_mounted(&m.mount_path),
+                ensure_dir(&target)
             )),
             Some(rel) => {
                 let staging = format!("{GUEST_STAGING_DIR}/{}", m.tag);
@@ -97,12 +110,14 @@ fn linux_script(fs: ShareFs, mounts: &[GuestMount]) -> String {
                         .map_or_else(|| "/".to_owned(), |p| p.display().to_string()),
                 );
                 lines.push(format!(
-                    "{} || {{ mkdir -p {st} && mount -t {opts} {tag} {st}; }}",
-                    is_mounted(&staging)
+                    "{} || {{ {} && mount -t {opts} {tag} {st}; }}",
+                    is_mounted(&staging),
+                    ensure_dir(&st)
                 ));
                 lines.push(format!(
-                    "{} || {{ mkdir -p {parent} && touch {target} && mount --bind {src} {target}; }}",
-                    is_mounted(&m.mount_path)
+                    "{} || {{ {} && {{ [ -e {target} ] || touch {target}; }} && mount --bind {src} {target}; }}",
+                    is_mounted(&m.mount_path),
+                    ensure_dir(&parent)
                 ));
             }
         }
@@ -188,11 +203,40 @@ mod tests {
             "/unused",
         );
         assert!(
-            s.contains("mkdir -p '/data' && mount -t virtiofs 'vzk0' '/data';"),
+            s.contains("mkdir -p '/data'; } && mount -t virtiofs 'vzk0' '/data';"),
             "{s}"
         );
         assert!(s.contains("mount -t virtiofs -o ro 'vzk1' '/cfg';"), "{s}");
         assert!(!s.contains("9p"), "{s}");
+    }
+
+    /// `mounted`, run by a real `sh` against a stand-in mount table (the function's own
+    /// text with `/proc/mounts` replaced), finds escaped paths and nothing else.
+    #[test]
+    fn mounted_reads_the_mount_table_with_builtins() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let table = dir.path().join("mounts");
+        std::fs::write(
+            &table,
+            "proc /proc proc rw 0 0\nvzk0 /a\\040b\\134c 9p ro 0 0\nvzk1 /data 9p rw 0 0\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let f = MOUNTED_FN.replace("/proc/mounts", &table.display().to_string());
+        let check = |path: &str| {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("{f}\n{}", is_mounted(path)))
+                .status()
+                .unwrap_or_else(|e| panic!("{e}"))
+                .success()
+        };
+        assert!(check("/data"));
+        assert!(check("/a b\\c"), "an escaped path");
+        assert!(check("/proc"));
+        assert!(!check("/dat"), "a prefix is not a mount point");
+        assert!(!check("/data/x"));
+        assert!(!check("9p"), "other fields are not paths");
+        assert!(!check("/a b"));
     }
 
     /// The macOS script, run by a real `sh` against a stand-in automount directory.

@@ -47,7 +47,11 @@ async fn kube_api_access_and_config_map_volumes_inside_the_vm() {
             "containers": [{
                 "name": "vm", "image": image, "imagePullPolicy": "IfNotPresent",
                 "resources": {"requests": {"cpu": "1", "memory": "256Mi"}},
-                "volumeMounts": [{"name": "cfg", "mountPath": "/etc/app"}]
+                "volumeMounts": [
+                    {"name": "cfg", "mountPath": "/etc/app"},
+                    // One key as a file, into a directory the guest does not have.
+                    {"name": "cfg", "mountPath": "/opt/greet/hello.txt", "subPath": "greeting"}
+                ]
             }],
             "volumes": [{"name": "cfg", "configMap": {"name": "app"}}]
         }
@@ -90,6 +94,8 @@ async fn kube_api_access_and_config_map_volumes_inside_the_vm() {
     assert_eq!((code, got_ns.as_str()), (0, ns.as_str()));
     let (code, greeting) = exec(&provider, &ns, "vol", "cat /etc/app/greeting").await;
     assert_eq!((code, greeting.as_str()), (0, "hello from a configmap\n"));
+    let (code, file) = exec(&provider, &ns, "vol", "cat /opt/greet/hello.txt").await;
+    assert_eq!((code, file.as_str()), (0, "hello from a configmap\n"));
     // Mounted with 9p, read-only.
     let (code, mounts) = exec(&provider, &ns, "vol", "cat /proc/mounts").await;
     assert_eq!(code, 0);
