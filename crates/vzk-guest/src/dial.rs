@@ -98,13 +98,23 @@ impl client::Handler for ClientHandler {
     }
 }
 
-/// The pause before the second TCP connect attempt of a dial; each later pause is
-/// twice the one before, up to [`CONNECT_GAP_MAX`].
-pub(crate) const CONNECT_GAP_FIRST: Duration = Duration::from_millis(50);
+/// The pause between the first TCP connect attempts of a dial ([`CONNECT_GAPS_EVEN`] of
+/// them); each later pause is twice the one before, up to [`CONNECT_GAP_MAX`].
+pub(crate) const CONNECT_GAP_FIRST: Duration = Duration::from_millis(25);
+/// How many pauses are [`CONNECT_GAP_FIRST`] before they start doubling: the address
+/// usually comes up within about 100 ms of the DHCP exchange, and a connect that lands
+/// the moment after waits no longer than one short gap.
+pub(crate) const CONNECT_GAPS_EVEN: usize = 4;
 /// The longest pause between two connect attempts of one dial.
 pub(crate) const CONNECT_GAP_MAX: Duration = Duration::from_millis(800);
 /// How many connect attempts of one dial may be in flight at once.
-pub(crate) const CONNECT_ATTEMPTS_MAX: usize = 8;
+pub(crate) const CONNECT_ATTEMPTS_MAX: usize = 12;
+
+/// The pause after the `started`-th connect attempt (1-based) before the next one.
+fn connect_gap(started: usize) -> Duration {
+    let doublings = started.saturating_sub(CONNECT_GAPS_EVEN).min(16);
+    (CONNECT_GAP_FIRST * (1u32 << doublings)).min(CONNECT_GAP_MAX)
+}
 
 /// The TCP connection a dial runs over, to a guest that may not hold its address yet.
 ///
@@ -112,9 +122,9 @@ pub(crate) const CONNECT_ATTEMPTS_MAX: usize = 8;
 /// DHCP client has put it on the NIC. A SYN sent in that moment is dropped without a
 /// reply, and the kernel sends it again only after its initial retransmission timeout of
 /// 1 s (then 3 s, 7 s …): every start paid that second. So while no attempt has answered,
-/// a fresh attempt (a fresh SYN) starts after 50 ms, then 100 ms, 200 ms … (doubling, at
-/// most 800 ms apart and 8 in flight). The first connection wins and the others are
-/// dropped; the first refusal or error ends the dial's connect (the caller retries).
+/// a fresh attempt (a fresh SYN) starts every 25 ms for the first 100 ms, then after 50 ms,
+/// 100 ms … (doubling, at most 800 ms apart and 12 in flight). The first connection wins
+/// and the others are dropped; the first refusal or error ends the dial's connect (the caller retries).
 pub(crate) async fn connect_tcp(
     addr: SocketAddr,
     connector: Option<&Connector>,
@@ -129,8 +139,7 @@ pub(crate) async fn connect_tcp(
     let mut attempts = FuturesUnordered::new();
     attempts.push(attempt());
     let mut started = 1;
-    let mut gap = CONNECT_GAP_FIRST;
-    let mut next = tokio::time::Instant::now() + gap;
+    let mut next = tokio::time::Instant::now() + connect_gap(started);
     loop {
         tokio::select! {
             Some(result) = attempts.next() => {
@@ -142,8 +151,7 @@ pub(crate) async fn connect_tcp(
             () = tokio::time::sleep_until(next), if started < CONNECT_ATTEMPTS_MAX => {
                 attempts.push(attempt());
                 started += 1;
-                gap = (gap * 2).min(CONNECT_GAP_MAX);
-                next += gap;
+                next += connect_gap(started);
             }
         }
     }
@@ -308,5 +316,27 @@ mod tests {
         let r = tokio::time::timeout(Duration::from_secs(60), connect_tcp(addr, Some(&c))).await;
         assert!(r.is_err(), "a connect nobody answered ended");
         assert_eq!(calls.load(Ordering::SeqCst), CONNECT_ATTEMPTS_MAX);
+    }
+
+    /// The attempts start 25 ms apart for the first 100 ms, then the gaps double up to
+    /// 800 ms.
+    #[tokio::test(start_paused = true)]
+    async fn attempts_follow_the_schedule() {
+        let t0 = tokio::time::Instant::now();
+        let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = times.clone();
+        let c: Connector = Arc::new(move |_| {
+            if let Ok(mut t) = seen.lock() {
+                t.push(t0.elapsed().as_millis());
+            }
+            Box::pin(futures::future::pending())
+        });
+        let addr = SocketAddr::from(([127, 0, 0, 1], 22));
+        let _ = tokio::time::timeout(Duration::from_secs(10), connect_tcp(addr, Some(&c))).await;
+        let got = times.lock().map(|t| t.clone()).unwrap_or_default();
+        assert_eq!(
+            got,
+            [0, 25, 50, 75, 100, 150, 250, 450, 850, 1650, 2450, 3250]
+        );
     }
 }
