@@ -51,7 +51,7 @@ use vzk_image::LocalImage;
 use vzk_vm::cloud_init::NoCloudSeed;
 use vzk_vm::{
     BootSpec, Capabilities, DiskFormat, DiskSpec, MacAddr, NetworkAttachment, NicSpec,
-    SnapshotSpec, Vm, VmSpec,
+    SnapshotDevices, SnapshotSpec, Vm, VmSpec,
 };
 
 use crate::identity::{CLOUD_INIT_ANNOTATION, USER_DATA_ANNOTATION, USER_DATA_FROM_ANNOTATION};
@@ -308,7 +308,18 @@ pub fn disk_count(boot: &BootSpec) -> usize {
 }
 
 /// Why a pod boots cold on a node that starts pods by restore (`None`: it may restore).
-pub fn ineligible(pod: &k8s_openapi::api::core::v1::Pod, boot: &BootSpec) -> Option<String> {
+/// `devices` is the backend's [`SnapshotDevices`]; `shares`: whether the pod's VM gets
+/// shared directories (its volumes), which a backend that keeps the template's devices
+/// cannot give a restored VM.
+pub fn ineligible(
+    pod: &k8s_openapi::api::core::v1::Pod,
+    boot: &BootSpec,
+    devices: SnapshotDevices,
+    shares: bool,
+) -> Option<String> {
+    if devices == SnapshotDevices::Kept && shares {
+        return Some("this backend cannot give a restored VM shared directories".into());
+    }
     let annotations = pod.metadata.annotations.as_ref();
     let get = |k: &str| annotations.and_then(|a| a.get(k));
     if get(SNAPSHOT_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("false")) {
@@ -771,8 +782,9 @@ async fn boot_and_save(
 /// Every guest process start costs tens of milliseconds under emulation, on the path a
 /// pod waits on: the script uses shell built-ins where it can (files written by
 /// redirection when root, `/proc/uptime` and keys read with `read`, the login key
-/// filtered by a `case` loop, running servers found in `/proc/*/comm`), and starts four
-/// processes on a guest logged into as root (`date`, `rm`, `dropbearkey`, `mv`; `sed`
+/// filtered by a `case` loop and written in place, running servers found in
+/// `/proc/*/comm`), and starts three
+/// processes on a guest logged into as root (`date`, `rm`, `dropbearkey`; `sed`
 /// too where `/etc/hosts` names the template).
 pub fn reidentify_script(user: &str, hostname: &str, pod_key: &str, template_key: &str) -> String {
     let q = |s: &str| vzk_guest::quote::quote_word(s);
@@ -843,17 +855,21 @@ fn mark_fn() -> String {
 }
 
 /// The part of [`reidentify_script`] that swaps the template's login key (the line
-/// holding `template_body`) for `pod_key` in `~/.ssh/authorized_keys`, as the SSH user,
-/// the new file made 0600 (and `~/.ssh` 0700, if it is made) and moved into place.
+/// holding `template_body`) for `pod_key` in `~/.ssh/authorized_keys`, as the SSH user:
+/// the other lines are read into the shell first, then the file is rewritten in place
+/// (no `mv`: one process fewer; the guest is this pod's own clone and nothing else logs
+/// in meanwhile). A file it makes is 0600 (and `~/.ssh` 0700, if it is made).
 fn login_key_swap(template_body: &str, pod_key: &str) -> String {
     let q = |s: &str| vzk_guest::quote::quote_word(s);
     format!(
         r#"umask 077
 [ -d ~/.ssh ] || mkdir ~/.ssh || fail "making ~/.ssh"
-{{ if [ -f ~/.ssh/authorized_keys ]; then
-    while IFS= read -r l || [ -n "$l" ]; do case $l in *{template_body}*) ;; *) printf '%s\n' "$l" ;; esac; done < ~/.ssh/authorized_keys
-  fi
-  printf '%s\n' {pod_key}; }} > ~/.ssh/authorized_keys.vzk && mv ~/.ssh/authorized_keys.vzk ~/.ssh/authorized_keys || fail "installing the pod's key""#,
+k=
+if [ -f ~/.ssh/authorized_keys ]; then
+  while IFS= read -r l || [ -n "$l" ]; do case $l in *{template_body}*) ;; *) k="$k$l
+" ;; esac; done < ~/.ssh/authorized_keys
+fi
+printf '%s%s\n' "$k" {pod_key} > ~/.ssh/authorized_keys || fail "installing the pod's key""#,
         template_body = q(template_body),
         pod_key = q(pod_key),
     )
@@ -1228,33 +1244,42 @@ mod tests {
             },
             ..Default::default()
         };
-        assert_eq!(ineligible(&pod(&[]), &boot()), None);
+        const HOT: SnapshotDevices = SnapshotDevices::HotPlug;
+        assert_eq!(ineligible(&pod(&[]), &boot(), HOT, false), None);
         for (a, want) in [
             ((SNAPSHOT_ANNOTATION, "false"), "opts out"),
             ((CLOUD_INIT_ANNOTATION, "false"), "no cloud-init seed"),
             ((USER_DATA_ANNOTATION, "#cloud-config\n"), "user-data"),
             ((USER_DATA_FROM_ANNOTATION, "cfg"), "user-data"),
         ] {
-            let why = ineligible(&pod(&[a]), &boot()).unwrap_or_default();
+            let why = ineligible(&pod(&[a]), &boot(), HOT, false).unwrap_or_default();
             assert!(why.contains(want), "{a:?}: {why}");
         }
         assert_eq!(
-            ineligible(&pod(&[(SNAPSHOT_ANNOTATION, "true")]), &boot()),
+            ineligible(&pod(&[(SNAPSHOT_ANNOTATION, "true")]), &boot(), HOT, false),
             None
         );
         let efi = BootSpec::Efi {
             variable_store: "/v".into(),
         };
-        assert!(ineligible(&pod(&[]), &efi).is_some());
+        assert!(ineligible(&pod(&[]), &efi, HOT, false).is_some());
         // A macOS guest is restored (cloud-init's annotations do not concern it) unless
         // the pod opts out.
         let mac = mac_boot("/img/aux.img");
-        assert_eq!(ineligible(&pod(&[]), &mac), None);
+        assert_eq!(ineligible(&pod(&[]), &mac, HOT, false), None);
         assert_eq!(
-            ineligible(&pod(&[(CLOUD_INIT_ANNOTATION, "false")]), &mac),
+            ineligible(&pod(&[(CLOUD_INIT_ANNOTATION, "false")]), &mac, HOT, false),
             None
         );
-        assert!(ineligible(&pod(&[(SNAPSHOT_ANNOTATION, "false")]), &mac).is_some());
+        assert!(ineligible(&pod(&[(SNAPSHOT_ANNOTATION, "false")]), &mac, HOT, false).is_some());
+        // Shared directories: hot-plugged into a restored VM, or (kept devices) not at all.
+        assert_eq!(ineligible(&pod(&[]), &boot(), HOT, true), None);
+        assert_eq!(
+            ineligible(&pod(&[]), &mac, SnapshotDevices::Kept, false),
+            None
+        );
+        let why = ineligible(&pod(&[]), &mac, SnapshotDevices::Kept, true).unwrap_or_default();
+        assert!(why.contains("shared directories"), "{why}");
     }
 
     fn mac_boot(aux: &str) -> BootSpec {
@@ -1423,7 +1448,7 @@ mod tests {
         );
         assert!(s.contains("*'AAAAtemplate'*) ;;"), "{s}");
         assert!(
-            s.contains("printf '%s\\n' 'ssh-ed25519 AAAApod pod'"),
+            s.contains("printf '%s%s\\n' \"$k\" 'ssh-ed25519 AAAApod pod'"),
             "{s}"
         );
         assert!(s.contains("rm -f /etc/dropbear/dropbear_*_host_key"), "{s}");
@@ -1518,7 +1543,16 @@ mod tests {
             std::fs::read_to_string(&keys).unwrap_or_default(),
             "ssh-rsa AAAAother ops@x\n# note\nssh-ed25519 AAAAlast\nssh-ed25519 AAAApod pod\n"
         );
-        assert!(!ssh.join("authorized_keys.vzk").exists());
+        // A file of another mode keeps it (rewritten in place).
+        std::fs::write(&keys, "ssh-ed25519 AAAAtemplate t\n").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o640))
+            .unwrap_or_else(|e| panic!("{e}"));
+        run_sh(&format!("{fail}{swap}"), home.path(), "");
+        assert_eq!(mode(&keys), 0o640);
+        assert_eq!(
+            std::fs::read_to_string(&keys).unwrap_or_default(),
+            "ssh-ed25519 AAAApod pod\n"
+        );
     }
 
     #[test]

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::warn;
 use vzk_core::PodEvent;
 use vzk_image::{LazyPull, PullPolicy, Reference};
-use vzk_vm::{DiskFormat, DiskSpec, MacAddr, NicSpec, SnapshotDevices, SnapshotSpec, VmSpec};
+use vzk_vm::{DiskFormat, DiskSpec, MacAddr, NicSpec, SnapshotSpec, VmSpec};
 
 use crate::metrics::{StartClock, StartPhase};
 use crate::provider::Inner;
@@ -232,22 +232,16 @@ pub(super) async fn create_and_watch(inner: Arc<Inner>, e: Arc<PodEntry>) {
     // 2b. Volumes (FailedMount events and retries, like the kubelet).
     let shared_dirs = crate::volumes::prepare_with_retry(&inner, &e).await;
 
-    // (A backend that keeps the template's devices gives a restored VM none of its own.)
-    let kept = inner.hv.capabilities().snapshot_devices == SnapshotDevices::Kept;
     let key_boot = crate::templates::key_boot(&boot);
     let choose_restore = || {
-        if kept && !shared_dirs.is_empty() && inner.args.snapshot_start {
-            info!(pod = %e.key, "booting cold: this backend cannot give a restored VM shared directories");
-            return None;
-        }
         super::restore::choose(
             &inner,
             &e,
             &image,
             &image_name,
             &key_boot,
-            res.cpus,
-            res.memory_bytes,
+            res,
+            !shared_dirs.is_empty(),
         )
     };
     let (mut restore, mut chosen) = (None, false);

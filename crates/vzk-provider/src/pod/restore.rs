@@ -14,20 +14,22 @@ use vzk_image::LocalImage;
 use vzk_vm::{BootSpec, SnapshotDevices, Vm};
 
 use crate::provider::Inner;
+use crate::resources::VmResources;
 use crate::templates::{self, BuildInput, Template, TemplateKey};
 
 use super::{PodEntry, error_chain, lock};
 
 /// The template `e` is restored from, if the node starts pods by restore and a valid
 /// one is there; else `None` (a cold boot), after starting a build where there is none.
+/// `shares`: whether the pod's VM gets shared directories.
 pub(super) fn choose(
     inner: &Arc<Inner>,
     e: &Arc<PodEntry>,
     image: &LocalImage,
     image_name: &str,
     boot: &BootSpec,
-    cpus: u32,
-    memory_bytes: u64,
+    res: VmResources,
+    shares: bool,
 ) -> Option<Template> {
     let caps = inner.hv.capabilities();
     if !inner.args.snapshot_start || !caps.snapshots {
@@ -37,11 +39,18 @@ pub(super) fn choose(
         info!(pod = %e.key, "booting cold: the image's disk is served on demand while it downloads");
         return None;
     }
-    if let Some(why) = templates::ineligible(&e.pod, boot) {
+    if let Some(why) = templates::ineligible(&e.pod, boot, caps.snapshot_devices, shares) {
         info!(pod = %e.key, %why, "booting cold");
         return None;
     }
-    let key = TemplateKey::new(image, caps, cpus, memory_bytes, boot, e.creds.user());
+    let key = TemplateKey::new(
+        image,
+        caps,
+        res.cpus,
+        res.memory_bytes,
+        boot,
+        e.creds.user(),
+    );
     if caps.snapshot_devices == SnapshotDevices::Kept {
         return choose_kept(inner, e, image, image_name, &key);
     }
@@ -328,7 +337,8 @@ async fn prepare_one(inner: &Arc<Inner>, ask: &crate::args::TemplateAsk) -> Resu
     let scratch = inner.pods_dir.join(".template-ahead");
     let boot = crate::boot::plan(&ask.image, &image.config, &files, caps, &scratch)
         .map_err(|e| Prepare::GiveUp(e.to_string()))?;
-    if let Some(why) = templates::ineligible(&pod, &boot.spec) {
+    // (Shares are the pods' own: a template is made without any.)
+    if let Some(why) = templates::ineligible(&pod, &boot.spec, caps.snapshot_devices, false) {
         return Err(Prepare::GiveUp(why));
     }
     let res = crate::resources::vm_resources_for(
