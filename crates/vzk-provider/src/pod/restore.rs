@@ -114,32 +114,25 @@ fn choose_kept(
     pick.restore
 }
 
-/// The `RestoreFailed` event of a broken template found before a restore.
-fn not_restoring(inner: &Inner, e: &PodEntry, key: &TemplateKey, why: &str) {
+/// The `RestoreFailed` event: the template `id` was not restored from, and why.
+fn restore_failed_event(inner: &Inner, e: &PodEntry, id: &str, why: &str) {
     inner.event(
         e,
         PodEvent::warning(
             "RestoreFailed",
-            format!(
-                "Not restoring from template {}: {why}; booting cold",
-                key.id()
-            ),
+            format!("Restoring from template {id} failed: {why}; booting cold"),
         ),
     );
 }
 
+/// A broken template found before a restore.
+fn not_restoring(inner: &Inner, e: &PodEntry, key: &TemplateKey, why: &str) {
+    restore_failed_event(inner, e, &key.id(), why);
+}
+
 /// A restore that failed: the template is dropped (a later pod rebuilds it).
 pub(super) fn restore_failed(inner: &Inner, e: &PodEntry, t: &Template, why: &str) {
-    inner.event(
-        e,
-        PodEvent::warning(
-            "RestoreFailed",
-            format!(
-                "Restoring from template {} failed: {why}; booting cold",
-                t.meta.key.id()
-            ),
-        ),
-    );
+    restore_failed_event(inner, e, &t.meta.key.id(), why);
     inner.templates.discard(&t.dir);
     inner.templates.release(&e.key.uid);
 }

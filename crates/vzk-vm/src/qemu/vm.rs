@@ -795,6 +795,7 @@ impl QemuVm {
     /// this VM's own NICs and shared directories, and lets the vCPUs run.
     async fn restore(&self, qmp: &QmpClient, state: &std::path::Path) -> Result<(), String> {
         let uri = exec_uri("cat ", state)?;
+        let t0 = Instant::now();
         qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
             .await
             .map_err(|e| format!("migrate-incoming: {e}"))?;
@@ -816,6 +817,7 @@ impl QemuVm {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let loaded = t0.elapsed();
         for dev in hotplug_devices(&self.spec) {
             let id = dev.get("id").cloned().unwrap_or_default();
             qmp.execute("device_add", Some(dev))
@@ -825,6 +827,12 @@ impl QemuVm {
         qmp.execute("cont", None)
             .await
             .map_err(|e| format!("cont: {e}"))?;
+        tracing::info!(
+            vm.id = %self.spec.id,
+            load_ms = loaded.as_millis(),
+            plug_and_run_ms = (t0.elapsed() - loaded).as_millis(),
+            "VM restored"
+        );
         Ok(())
     }
 }
