@@ -462,6 +462,17 @@ impl Vm for QemuVm {
         let listener = std::os::unix::net::UnixListener::bind(&qmp_socket)
             .map_err(|e| self.fail_start(format!("binding {}: {e}", qmp_socket.display())))?;
         let qmp_fd = TAP_FD_BASE + i32::try_from(fds.len()).unwrap_or(0);
+        // A restore's state is read by QEMU itself from this fd (`fd:` migration), not
+        // through a `cat` and a pipe.
+        let state_file = match &self.spec.snapshot {
+            Some(SnapshotSpec::Restore { state }) => {
+                Some(std::fs::File::open(state).map_err(|e| {
+                    self.fail_start(format!("opening the saved state {}: {e}", state.display()))
+                })?)
+            }
+            _ => None,
+        };
+        let state_fd = state_file.as_ref().map(|_| qmp_fd + 1);
         if let (BootSpec::Efi { variable_store }, Some(ovmf)) = (&self.spec.boot, &self.shared.ovmf)
         {
             ovmf.ensure_variable_store(variable_store).map_err(|e| {
@@ -499,6 +510,7 @@ impl Vm for QemuVm {
         let mappings = fds
             .into_iter()
             .chain(std::iter::once(OwnedFd::from(listener)))
+            .chain(state_file.map(OwnedFd::from))
             .zip(TAP_FD_BASE..)
             .map(|(parent_fd, child_fd)| FdMapping {
                 parent_fd,
@@ -508,8 +520,8 @@ impl Vm for QemuVm {
         cmd.fd_mappings(mappings)
             .map_err(|e| self.fail_start(e.to_string()))?;
         let spawned = cmd.spawn();
-        // Our copies of the TAP fds and the QMP listener close with the command; QEMU
-        // holds its own.
+        // Our copies of the TAP fds, the QMP listener and the state file close with the
+        // command; QEMU holds its own.
         drop(cmd);
         let mut child = spawned.map_err(|e| {
             self.fail_start(format!("spawning {}: {e}", self.shared.binary.display()))
@@ -540,7 +552,7 @@ impl Vm for QemuVm {
         }
         self.spawn_tasks(Some(child), pid, events);
         if let Some(SnapshotSpec::Restore { state }) = &self.spec.snapshot
-            && let Err(e) = self.restore(&qmp, state).await
+            && let Err(e) = self.restore(&qmp, state_fd).await
         {
             let _ = qmp.quit().await;
             let reason = format!("restoring {}: {e}", state.display());
@@ -791,10 +803,12 @@ fn exec_uri(command: &str, path: &std::path::Path) -> Result<String, String> {
 }
 
 impl QemuVm {
-    /// Loads the saved state into the QEMU just launched (`-incoming defer -S`), plugs in
-    /// this VM's own NICs and shared directories, and lets the vCPUs run.
-    async fn restore(&self, qmp: &QmpClient, state: &std::path::Path) -> Result<(), String> {
-        let uri = exec_uri("cat ", state)?;
+    /// Loads the saved state into the QEMU just launched (`-incoming defer -S`) from the
+    /// file it was given on fd `state_fd`, plugs in this VM's own NICs and shared
+    /// directories, and lets the vCPUs run.
+    async fn restore(&self, qmp: &QmpClient, state_fd: Option<i32>) -> Result<(), String> {
+        let fd = state_fd.ok_or("no saved state was handed to QEMU")?;
+        let uri = format!("fd:{fd}");
         let t0 = Instant::now();
         qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
             .await
