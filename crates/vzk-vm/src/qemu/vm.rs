@@ -551,8 +551,8 @@ impl Vm for QemuVm {
             *q = Some(qmp.clone());
         }
         self.spawn_tasks(Some(child), pid, events);
-        if let Some(SnapshotSpec::Restore { state }) = &self.spec.snapshot
-            && let Err(e) = self.restore(&qmp, state_fd).await
+        if let (Some(SnapshotSpec::Restore { state }), Some(fd)) = (&self.spec.snapshot, state_fd)
+            && let Err(e) = self.restore(&qmp, fd).await
         {
             let _ = qmp.quit().await;
             let reason = format!("restoring {}: {e}", state.display());
@@ -806,9 +806,8 @@ impl QemuVm {
     /// Loads the saved state into the QEMU just launched (`-incoming defer -S`) from the
     /// file it was given on fd `state_fd`, plugs in this VM's own NICs and shared
     /// directories, and lets the vCPUs run.
-    async fn restore(&self, qmp: &QmpClient, state_fd: Option<i32>) -> Result<(), String> {
-        let fd = state_fd.ok_or("no saved state was handed to QEMU")?;
-        let uri = format!("fd:{fd}");
+    async fn restore(&self, qmp: &QmpClient, state_fd: i32) -> Result<(), String> {
+        let uri = format!("fd:{state_fd}");
         let t0 = Instant::now();
         qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
             .await
