@@ -9,7 +9,7 @@ pub use frame::{Frame, FrameDecoder, FrameEncoder, FrameError};
 pub use headers::{HeaderError, Headers};
 pub mod session;
 
-pub use session::{IncomingStream, Session, SessionConfig, SessionError, SpdyStream};
+pub use session::{BatchWriter, IncomingStream, Session, SessionConfig, SessionError, SpdyStream};
 
 #[cfg(test)]
 mod frame_tests;

@@ -19,9 +19,10 @@
 //!   of growing the queue.
 //! * Outbound frames are encoded straight into one session buffer (a stream's write is
 //!   copied once, into it) that the writer task swaps for its spare and writes in one
-//!   go: no allocation per frame, one TLS write per batch. While the writer is busy,
-//!   consecutive writes of one stream grow the DATA frame still waiting in the buffer
-//!   (up to [`SessionConfig::max_data_frame`]) instead of adding frames.
+//!   go: no allocation per frame, one TLS write per batch (or, through a
+//!   [`BatchWriter`] of messages, the batch's buffer becomes the message). While the
+//!   writer is busy, consecutive writes of one stream grow the DATA frame still waiting
+//!   in the buffer (up to [`SessionConfig::max_data_frame`]) instead of adding frames.
 //! * PINGs from the peer are echoed; GOAWAY stops new streams; EOF or a framing error
 //!   ends the session: reads see EOF, writes fail with `BrokenPipe`.
 //! * Dropping a [`SpdyStream`] half-closes it (empty DATA + FIN) unless it was reset;
@@ -70,6 +71,37 @@ impl Default for SessionConfig {
             max_data_frame: 256 * 1024,
             pending_streams: 64,
         }
+    }
+}
+
+/// Where a session's writer task puts its encoded frames: one batch at a time, in order.
+///
+/// [`Session::start`] writes batches to an `AsyncWrite` (one `write_all` and a flush
+/// each). A transport of messages (the SPDY-in-WebSocket tunnel) takes the batch's buffer
+/// instead of copying it: [`Session::start_with`].
+pub trait BatchWriter: Send + 'static {
+    /// Writes all of `batch`. The writer may take the buffer; `batch` is cleared after.
+    fn write_batch(&mut self, batch: &mut Vec<u8>) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// The session has been idle a while: give back memory kept for the next batches.
+    fn idle(&mut self) {}
+
+    /// Ends the transport once the last batch is written.
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// A [`BatchWriter`] over a byte stream.
+struct IoWriter<W>(W);
+
+impl<W: AsyncWrite + Unpin + Send + 'static> BatchWriter for IoWriter<W> {
+    async fn write_batch(&mut self, batch: &mut Vec<u8>) -> io::Result<()> {
+        self.0.write_all(batch).await?;
+        self.0.flush().await
+    }
+
+    async fn close(&mut self) {
+        let _ = self.0.flush().await;
+        let _ = self.0.shutdown().await;
     }
 }
 
@@ -239,8 +271,17 @@ impl Session {
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let encoder = FrameEncoder::new().map_err(SessionError::CreateCompressor)?;
         let (rd, wr) = tokio::io::split(io);
+        Self::start_with(rd, IoWriter(wr), config)
+    }
+
+    /// Starts serving a SPDY connection that arrives on `rd` and leaves through `wr`.
+    pub fn start_with<R, W>(rd: R, wr: W, config: SessionConfig) -> Result<Self, SessionError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: BatchWriter,
+    {
+        let encoder = FrameEncoder::new().map_err(SessionError::CreateCompressor)?;
         let shared = Arc::new(Shared {
             out: Mutex::new(Outbound {
                 buf: Vec::new(),
@@ -465,7 +506,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     shared.reset_all();
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
+async fn write_loop<W: BatchWriter>(mut wr: W, shared: Arc<Shared>) {
     let mut spare: Vec<u8> = Vec::new();
     let mut failed = false;
     loop {
@@ -488,6 +529,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
                 if spare.capacity() > IDLE_KEEP {
                     spare = Vec::new();
                 }
+                wr.idle();
                 if let Ok(mut out) = shared.out.lock()
                     && out.buf.is_empty()
                     && out.buf.capacity() > IDLE_KEEP
@@ -498,10 +540,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
             }
             continue;
         }
-        let res = match wr.write_all(&spare).await {
-            Ok(()) => wr.flush().await,
-            Err(e) => Err(e),
-        };
+        let res = wr.write_batch(&mut spare).await;
         spare.clear();
         if credit > 0 {
             shared.credit.add_permits(credit);
@@ -526,16 +565,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
                 });
             }
         }
-        let last = shared
+        let mut last = shared
             .out
             .lock()
             .map(|mut out| std::mem::take(&mut out.buf))
             .unwrap_or_default();
         if !last.is_empty() {
-            let _ = wr.write_all(&last).await;
+            let _ = wr.write_batch(&mut last).await;
         }
-        let _ = wr.flush().await;
-        let _ = wr.shutdown().await;
+        wr.close().await;
     }
     if let Ok(mut out) = shared.out.lock() {
         out.dead = true;

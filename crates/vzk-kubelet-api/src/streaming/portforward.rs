@@ -21,7 +21,7 @@ use vzk_core::ProviderError;
 use crate::metrics::{StreamKind, Transport};
 use crate::server::AppState;
 use crate::spdy::frame::rst;
-use crate::spdy::{IncomingStream, Session, SessionConfig, SpdyStream};
+use crate::spdy::{IncomingStream, Session, SessionConfig, SessionError, SpdyStream};
 
 struct Pending {
     port: u16,
@@ -84,8 +84,24 @@ pub(crate) async fn serve<T>(io: T, st: AppState, pod: PodKey, transport: Transp
 where
     T: AsyncRead + AsyncWrite + Send + 'static,
 {
+    serve_session(
+        Session::start(io, SessionConfig::default()),
+        st,
+        pod,
+        transport,
+    )
+    .await
+}
+
+/// Serves one port-forward SPDY session, started by the caller on its transport.
+pub(crate) async fn serve_session(
+    session: Result<Session, SessionError>,
+    st: AppState,
+    pod: PodKey,
+    transport: Transport,
+) {
     let _open = st.metrics.session(StreamKind::PortForward, transport);
-    let mut session = match Session::start(io, SessionConfig::default()) {
+    let mut session = match session {
         Ok(s) => s,
         Err(error) => {
             warn!(error = %crate::error_chain(&error), "portforward: cannot start SPDY session");

@@ -22,6 +22,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
 use axum::extract::Request;
@@ -53,6 +54,7 @@ use super::{ExecRequest, remotecommand};
 use crate::metrics::{StreamKind, Transport};
 use crate::query;
 use crate::server::AppState;
+use crate::spdy::{BatchWriter, Session, SessionConfig};
 
 /// remotecommand sub-protocols we speak, newest first.
 pub(crate) const REMOTECOMMAND_WS_PROTOCOLS: [&str; 5] = [
@@ -264,8 +266,7 @@ fn broken() -> io::Error {
 /// [`MAX_MESSAGE`] bytes), queued for the writer task.
 pub(crate) struct ChannelWriter {
     tx: PollSender<Message>,
-    /// `None`: the bytes are the whole binary message (the SPDY tunnel).
-    channel: Option<u8>,
+    channel: u8,
     f: Framing,
 }
 
@@ -273,17 +274,8 @@ impl ChannelWriter {
     fn new(tx: mpsc::Sender<Message>, channel: u8, f: Framing) -> Self {
         Self {
             tx: PollSender::new(tx),
-            channel: Some(channel),
+            channel,
             f,
-        }
-    }
-
-    /// Each write one binary message of its bytes, with no channel byte.
-    fn raw(tx: mpsc::Sender<Message>) -> Self {
-        Self {
-            tx: PollSender::new(tx),
-            channel: None,
-            f: Framing { base64: false },
         }
     }
 }
@@ -299,10 +291,7 @@ impl AsyncWrite for ChannelWriter {
         }
         ready!(self.tx.poll_reserve(cx)).map_err(|_| broken())?;
         let n = data.len().min(MAX_MESSAGE);
-        let m = match self.channel {
-            Some(ch) => self.f.encode(ch, &data[..n]),
-            None => Message::Binary(Bytes::copy_from_slice(&data[..n])),
-        };
+        let m = self.f.encode(self.channel, &data[..n]);
         self.tx.send_item(m).map_err(|_| broken())?;
         Poll::Ready(Ok(n))
     }
@@ -570,9 +559,79 @@ pub(crate) fn parse_ports(raw: Option<&str>) -> Result<Vec<u16>, Refusal> {
     Ok(ports)
 }
 
+/// The SPDY session's batches as binary messages: each batch's buffer becomes the
+/// message (split at [`MAX_MESSAGE`]), with no copy. The buffers come back once the
+/// writer task has written their messages, for the session's next batches: no
+/// allocation per batch, and no fresh pages to fault in.
+struct MessageBatches {
+    tx: mpsc::Sender<Message>,
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+/// Buffers kept for reuse at most (one being encoded into, one in flight, one written).
+const SPARE_BATCHES: usize = 2;
+
+/// A batch in a message: its buffer goes back to the spares when the message is dropped.
+struct Lent {
+    buf: Vec<u8>,
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        if let Ok(mut spare) = self.spare.lock()
+            && spare.len() < SPARE_BATCHES
+        {
+            spare.push(buf);
+        }
+    }
+}
+
+impl BatchWriter for MessageBatches {
+    async fn write_batch(&mut self, batch: &mut Vec<u8>) -> io::Result<()> {
+        let next = self
+            .spare
+            .lock()
+            .ok()
+            .and_then(|mut s| s.pop())
+            .unwrap_or_default();
+        let lent = Lent {
+            buf: std::mem::replace(batch, next),
+            spare: self.spare.clone(),
+        };
+        let mut bytes = Bytes::from_owner(lent);
+        while !bytes.is_empty() {
+            let part = bytes.split_to(bytes.len().min(MAX_MESSAGE));
+            self.tx
+                .send(Message::Binary(part))
+                .await
+                .map_err(|_| broken())?;
+        }
+        Ok(())
+    }
+
+    fn idle(&mut self) {
+        if let Ok(mut s) = self.spare.lock() {
+            s.clear();
+        }
+    }
+
+    async fn close(&mut self) {
+        // The writer task sends Close once every sender is gone: the session's ends with it.
+    }
+}
+
 /// The SPDY-in-WebSocket tunnel: the SPDY session reads the received binary payloads
-/// as they came (no copy until it reads them) and each of its writes (one batch of
-/// frames) becomes one binary message (one copy), with no byte pipe between.
+/// as they came (no copy until it reads them) and each batch of frames it writes
+/// becomes a binary message as it is (no copy), with no byte pipe between.
 async fn serve_tunnel(socket: Socket, st: AppState, pod: PodKey) {
     let (sink, mut stream) = socket.split();
     let (out_tx, out_rx) = mpsc::channel::<Message>(8);
@@ -593,11 +652,12 @@ async fn serve_tunnel(socket: Socket, st: AppState, pod: PodKey) {
         drop(input);
         stream
     });
-    let pipe = ChannelPipe {
-        rd,
-        wr: ChannelWriter::raw(out_tx),
+    let batches = MessageBatches {
+        tx: out_tx,
+        spare: Arc::default(),
     };
-    super::portforward::serve(pipe, st, pod, Transport::WebSocket).await;
+    let session = Session::start_with(rd, batches, SessionConfig::default());
+    super::portforward::serve_session(session, st, pod, Transport::WebSocket).await;
     finish(writer, reader).await;
 }
 
@@ -674,4 +734,51 @@ async fn serve_port_channels(
     }
     aborts.iter().for_each(tokio::task::AbortHandle::abort);
     finish(writer, reader).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(m: Message) -> Bytes {
+        match m {
+            Message::Binary(b) => b,
+            other => panic!("not binary: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_become_messages_and_their_buffers_come_back() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut w = MessageBatches {
+            tx,
+            spare: Arc::default(),
+        };
+        let mut batch = b"first batch".to_vec();
+        w.write_batch(&mut batch).await.expect("written");
+        assert!(batch.is_empty(), "the batch was taken");
+        assert_eq!(payload(rx.recv().await.expect("a message")), "first batch");
+        // The message is gone: its buffer is a spare now, and the next batch gets it.
+        assert_eq!(w.spare.lock().expect("lock").len(), 1);
+        let mut batch = vec![7u8; MAX_MESSAGE + 10];
+        w.write_batch(&mut batch).await.expect("written");
+        assert!(batch.capacity() >= 11, "a returned buffer, not a new one");
+        // A batch larger than a message is split without a copy, in order.
+        let a = payload(rx.recv().await.expect("first part"));
+        let b = payload(rx.recv().await.expect("second part"));
+        assert_eq!((a.len(), b.len()), (MAX_MESSAGE, 10));
+        assert!(a.iter().chain(b.iter()).all(|&x| x == 7));
+        drop((a, b));
+        let kept = w.spare.lock().expect("lock").len();
+        assert!((1..=SPARE_BATCHES).contains(&kept), "kept {kept}");
+        w.idle();
+        assert!(
+            w.spare.lock().expect("lock").is_empty(),
+            "idle frees spares"
+        );
+        // A writer task that is gone fails the write.
+        drop(rx);
+        let mut batch = b"late".to_vec();
+        assert!(w.write_batch(&mut batch).await.is_err());
+    }
 }
