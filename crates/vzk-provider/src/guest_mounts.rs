@@ -48,9 +48,10 @@ impl ShareFs {
 /// on the path a pod waits on.
 const MOUNTED_FN: &str = r#"mounted() { while read -r _ m _; do [ "$m" = "$1" ] && return 0; done < /proc/mounts; return 1; }"#;
 
-/// A shell test for "`path` is a mount point" (with [`MOUNTED_FN`] defined): its
-/// `/proc/mounts` field, with octal escapes for space, tab, newline and backslash.
-pub(crate) fn is_mounted(path: &str) -> String {
+/// A call of [`MOUNTED_FN`] testing "`path` is a mount point": only for a script that
+/// defines the function first, as [`linux_script`] does. The path as `/proc/mounts`
+/// writes it, with octal escapes for space, tab, newline and backslash.
+fn is_mounted(path: &str) -> String {
     let mut esc = String::with_capacity(path.len());
     for c in path.chars() {
         match c {
@@ -230,6 +231,7 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"))
                 .success()
         };
+        assert_eq!(is_mounted("/a b\\c"), "mounted '/a\\040b\\134c'");
         assert!(check("/data"));
         assert!(check("/a b\\c"), "an escaped path");
         assert!(check("/proc"));
