@@ -36,7 +36,7 @@ use futures::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -629,36 +629,93 @@ impl BatchWriter for MessageBatches {
     }
 }
 
-/// The SPDY-in-WebSocket tunnel: the SPDY session reads the received binary payloads
-/// as they came (no copy until it reads them) and each batch of frames it writes
-/// becomes a binary message as it is (no copy), with no byte pipe between.
-async fn serve_tunnel(socket: Socket, st: AppState, pod: PodKey) {
-    let (sink, mut stream) = socket.split();
-    let (out_tx, out_rx) = mpsc::channel::<Message>(8);
-    let writer = spawn_writer(sink, out_rx);
-    let (input, rd) = ChannelReader::new();
-    let reader = tokio::spawn(async move {
-        while let Some(Ok(msg)) = stream.next().await {
-            let b = match msg {
-                Message::Binary(b) => b,
-                Message::Close(_) => break,
-                _ => continue,
+/// The client's binary messages as one byte stream, read by the SPDY session straight
+/// off the socket (no task or queue between); EOF at the client's Close. When dropped
+/// (the session ended) it hands the socket's read side back through `back`, with whether
+/// the client's Close was seen, for [`finish_tunnel`].
+struct MessageReader {
+    stream: Option<Source>,
+    buf: Bytes,
+    closed: bool,
+    back: Option<oneshot::Sender<(Source, bool)>>,
+}
+
+impl AsyncRead for MessageReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.buf.is_empty() {
+            if self.closed {
+                return Poll::Ready(Ok(()));
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                return Poll::Ready(Ok(()));
             };
-            if !b.is_empty() && input.send(b).await.is_err() {
-                break;
+            match ready!(stream.poll_next_unpin(cx)) {
+                Some(Ok(Message::Binary(b))) => self.buf = b,
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => self.closed = true,
+                Some(Ok(_)) => {}
             }
         }
-        // Dropping the sender is EOF for the session.
-        drop(input);
-        stream
-    });
+        let n = self.buf.len().min(out.remaining());
+        let chunk = self.buf.split_to(n);
+        out.put_slice(&chunk);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for MessageReader {
+    fn drop(&mut self) {
+        if let (Some(stream), Some(back)) = (self.stream.take(), self.back.take()) {
+            let _ = back.send((stream, self.closed));
+        }
+    }
+}
+
+/// [`finish`] for the tunnel: the read side comes back from the session's reader; if the
+/// client's Close was not seen yet, wait (briefly) for it.
+async fn finish_tunnel(writer: JoinHandle<Sink>, back: oneshot::Receiver<(Source, bool)>) {
+    let Ok(sink) = writer.await else { return };
+    let closed = async {
+        let (mut stream, mut closed) = back.await.ok()?;
+        while !closed {
+            match stream.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => closed = true,
+                Some(Ok(_)) => {}
+            }
+        }
+        Some(stream)
+    };
+    if let Ok(Some(stream)) = tokio::time::timeout(std::time::Duration::from_secs(2), closed).await
+        && let Ok(mut ws) = sink.reunite(stream)
+    {
+        let _ = ws.get_mut().shutdown().await;
+    }
+}
+
+/// The SPDY-in-WebSocket tunnel: the SPDY session reads the received binary payloads
+/// straight off the socket (no copy until it reads them, no task between) and each batch
+/// of frames it writes becomes a binary message as it is (no copy).
+async fn serve_tunnel(socket: Socket, st: AppState, pod: PodKey) {
+    let (sink, stream) = socket.split();
+    let (out_tx, out_rx) = mpsc::channel::<Message>(8);
+    let writer = spawn_writer(sink, out_rx);
+    let (back, came_back) = oneshot::channel();
+    let rd = MessageReader {
+        stream: Some(stream),
+        buf: Bytes::new(),
+        closed: false,
+        back: Some(back),
+    };
     let batches = MessageBatches {
         tx: out_tx,
         spare: Arc::default(),
     };
     let session = Session::start_with(rd, batches, SessionConfig::default());
     super::portforward::serve_session(session, st, pod, Transport::WebSocket).await;
-    finish(writer, reader).await;
+    finish_tunnel(writer, came_back).await;
 }
 
 async fn serve_port_channels(
