@@ -289,9 +289,16 @@ async fn dropping_the_exec_kills_the_remote_process() {
         }
     })
     .await;
-    // The connection survives the cancel.
+    // The session survives the cancel. Its connection does too, but now and then dropbear
+    // drops the whole connection in the cancel race (as in
+    // `commands_started_while_a_cancel_lands_still_run`; seen in CI on a loaded machine,
+    // 2026-12-08): the session then re-dials once, transparently.
     assert!(s.ready().await);
-    assert_eq!(s.dial_count(), 1);
+    let dials = s.dial_count();
+    assert!(
+        dials <= 2,
+        "{dials} dials: a cancel costs at most one re-dial"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
