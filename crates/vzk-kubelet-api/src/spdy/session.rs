@@ -700,6 +700,12 @@ fn broken() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "spdy stream closed")
 }
 
+/// Serves a read from `buf`, received bytes held without a copy: as much as fits.
+pub(crate) fn read_from(buf: &mut Bytes, out: &mut ReadBuf<'_>) {
+    let n = buf.len().min(out.remaining());
+    out.put_slice(&buf.split_to(n));
+}
+
 impl AsyncRead for SpdyStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -712,9 +718,7 @@ impl AsyncRead for SpdyStream {
                 None => return Poll::Ready(Ok(())),
             }
         }
-        let n = self.buf.len().min(out.remaining());
-        let chunk = self.buf.split_to(n);
-        out.put_slice(&chunk);
+        read_from(&mut self.buf, out);
         Poll::Ready(Ok(()))
     }
 }

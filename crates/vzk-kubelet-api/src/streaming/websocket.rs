@@ -54,6 +54,7 @@ use super::{ExecRequest, remotecommand};
 use crate::metrics::{StreamKind, Transport};
 use crate::query;
 use crate::server::AppState;
+use crate::spdy::session::read_from;
 use crate::spdy::{BatchWriter, Session, SessionConfig};
 
 /// remotecommand sub-protocols we speak, newest first.
@@ -338,9 +339,7 @@ impl AsyncRead for ChannelReader {
                 None => return Poll::Ready(Ok(())),
             }
         }
-        let n = self.buf.len().min(out.remaining());
-        let chunk = self.buf.split_to(n);
-        out.put_slice(&chunk);
+        read_from(&mut self.buf, out);
         Poll::Ready(Ok(()))
     }
 }
@@ -568,7 +567,7 @@ struct MessageBatches {
     spare: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
-/// Buffers kept for reuse at most (one being encoded into, one in flight, one written).
+/// Buffers kept for reuse at most (the one a message just gave back, and one more).
 const SPARE_BATCHES: usize = 2;
 
 /// A batch in a message: its buffer goes back to the spares when the message is dropped.
@@ -659,9 +658,7 @@ impl AsyncRead for MessageReader {
                 Some(Ok(_)) => {}
             }
         }
-        let n = self.buf.len().min(out.remaining());
-        let chunk = self.buf.split_to(n);
-        out.put_slice(&chunk);
+        read_from(&mut self.buf, out);
         Poll::Ready(Ok(()))
     }
 }
